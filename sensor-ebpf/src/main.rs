@@ -1,0 +1,18 @@
+//! Kernel programs of the sensor. One module per signal; `transport` and `agg` are shared.
+#![no_std]
+#![no_main]
+
+mod agg;
+mod oom;
+mod transport;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// GPL-compatible: `bpf_probe_read_kernel`, `bpf_get_stack` and perf output are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

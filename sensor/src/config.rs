@@ -1,0 +1,437 @@
+//! Daemon configuration: YAML file, embedded default, and flags with the same names.
+//!
+//! Every key has a default and an empty file is valid. Errors name the file, the key path
+//! and what is wrong, because a DaemonSet that crash-loops on "invalid type" helps nobody.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::{Path, PathBuf}, time::Duration};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The configuration `sensor run` uses when no `--config` is given.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../default-config.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {file}: cannot read: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("config {file}: key '{key}': {reason}")]
+    Key { file: String, key: String, reason: String },
+    #[error("config {file}: {reason}")]
+    Syntax { file: String, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Fail startup unless every enabled probe attaches with its preferred hook.
+    pub strict: bool,
+    /// Kernel BTF to read struct offsets from (default /sys/kernel/btf/vmlinux).
+    pub btf_path: Option<PathBuf>,
+    /// Tracefs root; found or mounted automatically when unset.
+    pub tracefs_path: Option<PathBuf>,
+    /// Pages per CPU of each perf ring (power of two).
+    pub perf_ring_pages: usize,
+    pub probes: Probes,
+    pub limits: Limits,
+    pub alerting: Alerting,
+    pub checks: Vec<Check>,
+    pub events: EventsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:9442".parse().expect("static address parses"),
+            strict: false,
+            btf_path: None,
+            tracefs_path: None,
+            perf_ring_pages: 64,
+            probes: Probes::default(),
+            limits: Limits::default(),
+            alerting: Alerting::default(),
+            checks: Vec::new(),
+            events: EventsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Probes {
+    pub oom: ProbeToggle,
+    pub memcg: ProbeToggle,
+    pub tcp: TcpProbe,
+}
+
+impl Default for Probes {
+    fn default() -> Self {
+        Probes { oom: ProbeToggle::default(), memcg: ProbeToggle::default(), tcp: TcpProbe::default() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbeToggle {
+    pub enabled: bool,
+}
+
+impl Default for ProbeToggle {
+    fn default() -> Self {
+        ProbeToggle { enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TcpProbe {
+    pub enabled: bool,
+    /// Destination groups: name -> `CIDR[:port]`.
+    pub destinations: BTreeMap<String, Destination>,
+}
+
+impl Default for TcpProbe {
+    fn default() -> Self {
+        TcpProbe { enabled: true, destinations: BTreeMap::new() }
+    }
+}
+
+/// `10.0.0.0/8:5432`, `0.0.0.0/0:53`, `[fd00::/8]:443`, or a CIDR without port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct Destination {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+    pub port: Option<u16>,
+}
+
+impl From<Destination> for String {
+    fn from(d: Destination) -> String {
+        let net = format!("{}/{}", d.addr, d.prefix);
+        match (d.port, d.addr.is_ipv6()) {
+            (Some(p), true) => format!("[{net}]:{p}"),
+            (Some(p), false) => format!("{net}:{p}"),
+            (None, _) => net,
+        }
+    }
+}
+
+impl std::str::FromStr for Destination {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (net, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (net, tail) = rest.split_once(']').ok_or("missing ']' after IPv6 network")?;
+            let port = match tail.strip_prefix(':') {
+                Some(p) => Some(p),
+                None if tail.is_empty() => None,
+                None => return Err(format!("unexpected '{tail}' after ']'")),
+            };
+            (net, port)
+        } else {
+            match s.rsplit_once(':') {
+                Some((n, p)) if !n.contains(':') => (n, Some(p)),
+                _ => (s, None),
+            }
+        };
+        let (addr, prefix) = net.split_once('/').ok_or("expected CIDR such as 10.0.0.0/8")?;
+        let addr: std::net::IpAddr = addr.parse().map_err(|e| format!("bad address '{addr}': {e}"))?;
+        let prefix: u8 = prefix.parse().map_err(|_| format!("bad prefix length '{prefix}'"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(format!("prefix /{prefix} is longer than {max}"));
+        }
+        let port = match port {
+            Some(p) => Some(p.parse::<u16>().map_err(|_| format!("bad port '{p}'"))?),
+            None => None,
+        };
+        Ok(Destination { addr, prefix, port })
+    }
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// At most this many workloads per metric family; the rest fold into `cgroup="other"`.
+    pub workloads_per_metric: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { workloads_per_metric: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Alerting {
+    pub availability_threshold: f64,
+    #[serde(with = "duration")]
+    pub window: Duration,
+    pub webhook: Option<String>,
+}
+
+impl Default for Alerting {
+    fn default() -> Self {
+        Alerting { availability_threshold: 0.8, window: Duration::from_secs(120), webhook: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Recent events kept for `/api/v1/events`.
+    pub history: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig { history: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckType {
+    Http,
+    Websocket,
+}
+
+/// A synthetic check as the conventions define it; validated here, run by the checks slice.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: CheckType,
+    pub url: String,
+    #[serde(default = "default_interval", with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "default_timeout", with = "duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub expect: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub gauges: Vec<serde_yaml_ng::Value>,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Durations as `10s`, `2m`, `1h` (humantime syntax).
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("bad duration '{s}' ({e}); use e.g. 10s, 2m, 1h")))
+    }
+}
+
+impl Config {
+    /// Parses YAML text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        // An empty file, or one with only comments, is a valid config of all defaults.
+        let probe: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)
+            .map_err(|e| ConfigError::Syntax { file: file.to_string(), reason: e.to_string() })?;
+        if probe.is_null() {
+            return Ok(Config::default());
+        }
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if key.is_empty() || key == "." {
+                ConfigError::Syntax { file: file.to_string(), reason: inner }
+            } else {
+                ConfigError::Key { file: file.to_string(), key, reason: inner }
+            }
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Checks that serde cannot express: ranges and cross-field rules.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let key_err = |key: &str, reason: String| ConfigError::Key {
+            file: file.to_string(),
+            key: key.to_string(),
+            reason,
+        };
+        if !(0.0..=1.0).contains(&self.alerting.availability_threshold) {
+            return Err(key_err(
+                "alerting.availability_threshold",
+                format!("{} is outside 0..1", self.alerting.availability_threshold),
+            ));
+        }
+        if self.limits.workloads_per_metric == 0 {
+            return Err(key_err("limits.workloads_per_metric", "must be at least 1".into()));
+        }
+        if !self.perf_ring_pages.is_power_of_two() {
+            return Err(key_err(
+                "perf_ring_pages",
+                format!("{} is not a power of two", self.perf_ring_pages),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in self.checks.iter().enumerate() {
+            if c.name.trim().is_empty() {
+                return Err(key_err(&format!("checks[{i}].name"), "must not be empty".into()));
+            }
+            if !seen.insert(c.name.as_str()) {
+                return Err(key_err(
+                    &format!("checks[{i}].name"),
+                    format!("check '{}' is defined twice", c.name),
+                ));
+            }
+            let schemes: &[&str] = match c.kind {
+                CheckType::Http => &["http://", "https://"],
+                CheckType::Websocket => &["ws://", "wss://"],
+            };
+            if !schemes.iter().any(|s| c.url.starts_with(s)) {
+                return Err(key_err(
+                    &format!("checks[{i}].url"),
+                    format!("check '{}': '{}' must start with {}", c.name, c.url, schemes.join(" or ")),
+                ));
+            }
+            if c.interval.is_zero() || c.timeout.is_zero() {
+                return Err(key_err(
+                    &format!("checks[{i}]"),
+                    format!("check '{}': interval and timeout must be positive", c.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "test.yaml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_and_comment_only_are_defaults() {
+        assert_eq!(Config::parse("", "x").unwrap(), Config::default());
+        assert_eq!(Config::parse("# nothing\n", "x").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = Config::parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert!(c.probes.oom.enabled);
+        assert_eq!(c.listen.port(), 9442);
+    }
+
+    #[test]
+    fn conventions_example_parses() {
+        let text = r#"
+listen: 0.0.0.0:9442
+probes:
+  oom: {enabled: true}
+  memcg: {enabled: true}
+  tcp:
+    enabled: true
+    destinations: {postgres: "10.0.0.0/8:5432", dns: "0.0.0.0/0:53"}
+limits: {workloads_per_metric: 1000}
+alerting: {availability_threshold: 0.8, window: 2m, webhook: null}
+checks:
+  - {name: shop, type: http, url: "https://shop.example/health", interval: 10s, timeout: 5s,
+     expect: {status: [200], body_regex: "ok"}}
+  - name: inventory
+    type: websocket
+    url: "ws://127.0.0.1:8080/"
+    interval: 30s
+    gauges: [{name: inventory, labels: [store, model], value: inventory}]
+"#;
+        let c = Config::parse(text, "x").unwrap();
+        assert_eq!(c.alerting.window, Duration::from_secs(120));
+        assert_eq!(c.checks.len(), 2);
+        assert_eq!(c.checks[1].timeout, Duration::from_secs(5));
+        let pg = &c.probes.tcp.destinations["postgres"];
+        assert_eq!((pg.prefix, pg.port), (8, Some(5432)));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = err("probes:\n  oom:\n    enabeld: true\n");
+        assert!(e.starts_with("config test.yaml: key 'probes.oom"), "{e}");
+        assert!(e.contains("unknown field `enabeld`"), "{e}");
+        let e = err("lisen: 1.2.3.4:5\n");
+        assert!(e.contains("unknown field `lisen`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let e = err("probes:\n  oom: {enabled: maybe}\n");
+        assert!(e.contains("key 'probes.oom.enabled'"), "{e}");
+        let e = err("listen: not-an-address\n");
+        assert!(e.contains("key 'listen'"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_ranges() {
+        let e = err("alerting: {window: 2 fortnights}\n");
+        assert!(e.contains("key 'alerting.window'") && e.contains("bad duration"), "{e}");
+        let e = err("alerting: {availability_threshold: 1.5}\n");
+        assert!(e.contains("alerting.availability_threshold") && e.contains("outside 0..1"), "{e}");
+        let e = err("perf_ring_pages: 3\n");
+        assert!(e.contains("power of two"), "{e}");
+    }
+
+    #[test]
+    fn bad_destination() {
+        let e = err("probes: {tcp: {destinations: {pg: \"10.0.0.0/33:5432\"}}}\n");
+        assert!(e.contains("probes.tcp.destinations.pg") && e.contains("longer than 32"), "{e}");
+        let e = err("probes: {tcp: {destinations: {pg: \"10.0.0.0/8:99999\"}}}\n");
+        assert!(e.contains("bad port"), "{e}");
+        let d: Destination = "[fd00::/8]:443".parse().unwrap();
+        assert_eq!((d.prefix, d.port), (8, Some(443)));
+        let d: Destination = "::1/128".parse().unwrap();
+        assert_eq!(d.port, None);
+    }
+
+    #[test]
+    fn checks_validated_by_name() {
+        let e = err("checks: [{name: a, type: http, url: 'ftp://x'}]\n");
+        assert!(e.contains("checks[0].url") && e.contains("check 'a'"), "{e}");
+        let e = err("checks: [{name: a, type: http, url: 'http://x'}, {name: a, type: http, url: 'http://y'}]\n");
+        assert!(e.contains("defined twice"), "{e}");
+        let e = err("checks: [{name: a, type: gopher, url: 'http://x'}]\n");
+        assert!(e.contains("checks[0].type"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_has_location() {
+        let e = err("probes: [unclosed\n");
+        assert!(e.starts_with("config test.yaml:") && e.contains("line"), "{e}");
+    }
+}

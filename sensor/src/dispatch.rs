@@ -1,0 +1,34 @@
+//! Routes decoded records to their slice and counts what arrives and what fails to decode.
+
+use std::sync::Arc;
+
+use crate::{
+    decode::{Record, decode},
+    metrics::SelfMetrics,
+    oom::OomSlice,
+    transport::Sink,
+};
+
+pub struct Dispatcher {
+    pub metrics: Arc<SelfMetrics>,
+    pub oom: OomSlice,
+}
+
+impl Sink for Dispatcher {
+    fn sample(&self, bytes: &[u8]) {
+        match decode(bytes) {
+            Ok(Record::OomKill(r)) => {
+                self.metrics.events_total.with_label_values(&["oom"]).inc();
+                self.oom.handle(&r);
+            }
+            Err(e) => {
+                self.metrics.decode_errors_total.with_label_values(&[e.probe()]).inc();
+                tracing::debug!(error = %e, len = bytes.len(), "skipped undecodable record");
+            }
+        }
+    }
+
+    fn ring_lost(&self, cpu: u32, count: u64) {
+        tracing::warn!(cpu, count, "perf ring overflowed; the losses are in sensor_events_lost_total{{reason=\"buffer_full\"}}");
+    }
+}

@@ -1,0 +1,147 @@
+//! `sensor doctor`: what this kernel supports and which hook each probe would use, and why.
+
+use serde::Serialize;
+
+use crate::{
+    kernel::{self, features::Support, privileges::Caps},
+    loader::{self, KernelContext, LoadOptions},
+    probe::{HookAttempt, ProbeReport, ProbeState},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kernel_release: String,
+    pub btf: Component,
+    pub tracefs: Component,
+    pub privileged: bool,
+    pub program_types: Vec<Support>,
+    pub map_types: Vec<Support>,
+    pub attach: Vec<Support>,
+    pub probes: Vec<ProbeReport>,
+    /// True when `probes` come from real load+attach attempts, false when only prechecked.
+    pub attach_tested: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Component {
+    pub available: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Builds the report; when privileged it really loads and attaches (then detaches), so what
+/// doctor says is what `run` will do.
+pub fn report(opts: &LoadOptions) -> Report {
+    let kctx = KernelContext::discover(opts);
+    let privileged = Caps::current().map(|c| c.can_trace()).unwrap_or(false);
+    let (probes, attach_tested) = if privileged {
+        match loader::load(&kctx, opts) {
+            Ok(l) => (l.reports, true),
+            Err(e) => (
+                loader::registry()
+                    .iter()
+                    .map(|s| ProbeReport {
+                        probe: s.name,
+                        state: ProbeState::Unsupported { reason: e.to_string() },
+                        attempts: Vec::new(),
+                    })
+                    .collect(),
+                true,
+            ),
+        }
+    } else {
+        (
+            loader::registry()
+                .iter()
+                .map(|s| ProbeReport {
+                    probe: s.name,
+                    state: ProbeState::Unsupported { reason: crate::kernel::privileges::NEEDS.to_string() },
+                    attempts: s
+                        .hooks
+                        .iter()
+                        .map(|h| HookAttempt { hook: h.kind, target: h.target, ok: false, error: Some("not tested: unprivileged".into()) })
+                        .collect(),
+                })
+                .collect(),
+            false,
+        )
+    };
+    Report {
+        kernel_release: kernel::release(),
+        btf: match &kctx.btf {
+            Ok(b) => Component { available: true, path: Some(b.path.display().to_string()), error: None },
+            Err(e) => Component { available: false, path: None, error: Some(e.clone()) },
+        },
+        tracefs: match &kctx.tracefs {
+            Ok(t) => Component {
+                available: true,
+                path: Some(t.root.display().to_string()),
+                error: t.mounted_by_sensor.then(|| "was not mounted; mounted by the sensor".to_string()),
+            },
+            Err(e) => Component { available: false, path: None, error: Some(e.clone()) },
+        },
+        privileged,
+        program_types: kctx.features.program_types.clone(),
+        map_types: kctx.features.map_types.clone(),
+        attach: kctx.features.attach.clone(),
+        probes,
+        attach_tested,
+    }
+}
+
+fn yn(s: &Support) -> String {
+    if s.supported {
+        "yes".to_string()
+    } else {
+        format!("NO   {}", s.detail.as_deref().unwrap_or(""))
+    }
+}
+
+pub fn render_text(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let comp = |c: &Component| match (&c.path, &c.error, c.available) {
+        (Some(p), Some(note), true) => format!("{p} ({note})"),
+        (Some(p), None, true) => p.clone(),
+        (_, Some(e), false) => format!("UNAVAILABLE: {e}"),
+        _ => "unavailable".to_string(),
+    };
+    let _ = writeln!(o, "kernel       {}", r.kernel_release);
+    let _ = writeln!(o, "btf          {}", comp(&r.btf));
+    let _ = writeln!(o, "tracefs      {}", comp(&r.tracefs));
+    let _ = writeln!(
+        o,
+        "privileges   {}",
+        if r.privileged { "ok (CAP_BPF + CAP_PERFMON, or root)" } else { "MISSING: the sensor needs CAP_BPF and CAP_PERFMON, or root; attachment not tested" }
+    );
+    for (title, list) in [("program types", &r.program_types), ("map types", &r.map_types), ("attach mechanisms", &r.attach)] {
+        let _ = writeln!(o, "\n{title}");
+        for s in list.iter() {
+            let _ = writeln!(o, "  {:<24} {}", s.name, yn(s));
+        }
+    }
+    let _ = writeln!(o, "\nprobes");
+    for p in &r.probes {
+        let summary = match &p.state {
+            ProbeState::Attached { hook } => {
+                let t = p.attempts.iter().find(|a| a.ok).map_or("", |a| a.target);
+                format!("ATTACHED     uses {} {t} (preferred hook)", hook.label())
+            }
+            ProbeState::Degraded { hook, .. } => {
+                let t = p.attempts.iter().find(|a| a.ok).map_or("", |a| a.target);
+                let unavailable: Vec<&str> = p.attempts.iter().filter(|a| !a.ok).map(|a| a.hook.label()).collect();
+                format!("DEGRADED     uses {} {t}: {} unavailable on this kernel", hook.label(), unavailable.join(" and "))
+            }
+            ProbeState::Unsupported { reason } => format!("UNSUPPORTED  {reason}"),
+            ProbeState::Disabled => "DISABLED     by configuration".to_string(),
+        };
+        let _ = writeln!(o, "  {:<8} {summary}", p.probe);
+        for a in &p.attempts {
+            let what = if a.ok { "attached".to_string() } else { format!("unavailable: {}", a.error.as_deref().unwrap_or("")) };
+            let _ = writeln!(o, "           {:<11} {:<20} {what}", a.hook.label(), a.target);
+        }
+    }
+    o
+}

@@ -1,0 +1,67 @@
+//! The daemon's HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/api/v1/*`.
+
+use std::sync::{
+    Arc, RwLock,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus::Registry;
+use serde::Deserialize;
+
+use crate::{events::EventHub, probe::ProbeReport};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Registry,
+    pub hub: Arc<EventHub>,
+    pub reports: Arc<RwLock<Vec<ProbeReport>>>,
+    /// Set once probes are attached and readers run.
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/probes", get(probes))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    // Gathering reads kernel maps; keep it off the async workers.
+    let body = tokio::task::spawn_blocking(move || crate::metrics::render(&s.registry))
+        .await
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let reports = s.reports.read().map(|r| r.clone()).unwrap_or_default();
+    let ready = s.ready.load(Ordering::Acquire);
+    let body = serde_json::json!({ "ready": ready, "probes": reports });
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body))
+}
+
+#[derive(Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn events(State(s): State<AppState>, Query(q): Query<Since>) -> impl IntoResponse {
+    Json(s.hub.since(q.since))
+}
+
+async fn probes(State(s): State<AppState>) -> impl IntoResponse {
+    Json(s.reports.read().map(|r| r.clone()).unwrap_or_default())
+}

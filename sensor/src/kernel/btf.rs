@@ -1,0 +1,139 @@
+//! Struct member offsets from the running kernel's BTF, so kernel programs never carry
+//! compiled-in offsets (Rust eBPF has no CO-RE relocations).
+
+use std::path::{Path, PathBuf};
+
+use btf_rs::{Btf, Type};
+
+pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("cannot read BTF from {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("BTF struct {strukt} has no member {member}")]
+    NoMember { strukt: String, member: String },
+    #[error("BTF member {strukt}.{member} is a bitfield")]
+    Bitfield { strukt: String, member: String },
+    #[error("BTF lookup failed: {0}")]
+    Lookup(String),
+}
+
+/// Parsed kernel BTF plus where it came from.
+pub struct KernelBtf {
+    pub path: PathBuf,
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn open(path: Option<&Path>) -> Result<KernelBtf, BtfError> {
+        let path = path.map_or_else(|| PathBuf::from(DEFAULT_BTF), Path::to_path_buf);
+        let btf = Btf::from_file(&path)
+            .map_err(|e| BtfError::Open { path: path.clone(), reason: e.to_string() })?;
+        Ok(KernelBtf { path, btf })
+    }
+
+    /// Byte offset of `member` in `struct strukt`, looking through anonymous struct/union
+    /// members (task_struct nests most fields in them).
+    pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        let types = self
+            .btf
+            .resolve_types_by_name(strukt)
+            .map_err(|_| BtfError::NoStruct(strukt.to_string()))?;
+        for t in types {
+            if let Type::Struct(s) = t {
+                if let Some(bits) = self.find_member(&s, member, 0)? {
+                    if bits % 8 != 0 {
+                        return Err(BtfError::Bitfield {
+                            strukt: strukt.to_string(),
+                            member: member.to_string(),
+                        });
+                    }
+                    return Ok(bits / 8);
+                }
+                return Err(BtfError::NoMember {
+                    strukt: strukt.to_string(),
+                    member: member.to_string(),
+                });
+            }
+        }
+        Err(BtfError::NoStruct(strukt.to_string()))
+    }
+
+    /// Whether a function of that name exists (a precondition for fentry).
+    pub fn has_func(&self, name: &str) -> bool {
+        self.btf
+            .resolve_types_by_name(name)
+            .map(|ts| ts.iter().any(|t| matches!(t, Type::Func(_))))
+            .unwrap_or(false)
+    }
+
+    fn find_member(
+        &self,
+        s: &btf_rs::Struct,
+        member: &str,
+        base_bits: u32,
+    ) -> Result<Option<u32>, BtfError> {
+        for m in &s.members {
+            let name = self.btf.resolve_name(m).unwrap_or_default();
+            let here = base_bits + m.bit_offset();
+            if name == member {
+                return Ok(Some(here));
+            }
+            if name.is_empty() {
+                let mut ty = self
+                    .btf
+                    .resolve_chained_type(m)
+                    .map_err(|e| BtfError::Lookup(e.to_string()))?;
+                // Skip typedefs/qualifiers down to the aggregate.
+                for _ in 0..8 {
+                    match ty {
+                        Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) => {
+                            let next = match ty.as_btf_type() {
+                                Some(bt) => self.btf.resolve_chained_type(bt),
+                                None => break,
+                            };
+                            ty = next.map_err(|e| BtfError::Lookup(e.to_string()))?;
+                        }
+                        _ => break,
+                    }
+                }
+                let inner = match ty {
+                    Type::Struct(inner) | Type::Union(inner) => inner,
+                    _ => continue,
+                };
+                if let Some(found) = self.find_member(&inner, member, here)? {
+                    return Ok(Some(found));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads the host's BTF when it has one; the offsets are checked against each other, not
+    /// against constants, so this holds on any kernel.
+    #[test]
+    fn resolves_task_struct_members_when_btf_present() {
+        let Ok(btf) = KernelBtf::open(None) else {
+            eprintln!("no {DEFAULT_BTF}; skipping");
+            return;
+        };
+        let pid = btf.member_offset("task_struct", "pid").unwrap();
+        let tgid = btf.member_offset("task_struct", "tgid").unwrap();
+        assert_eq!(tgid, pid + 4, "pid_t pid; pid_t tgid; are adjacent");
+        assert!(btf.member_offset("task_struct", "comm").unwrap() > tgid);
+        assert!(matches!(
+            btf.member_offset("task_struct", "no_such_member"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(btf.member_offset("no_such_struct_xyz", "a"), Err(BtfError::NoStruct(_))));
+        assert!(btf.has_func("oom_kill_process"));
+    }
+}

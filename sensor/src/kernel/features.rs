@@ -1,0 +1,116 @@
+//! Feature probes: what this kernel lets us load and attach, asked of the kernel itself
+//! (never inferred from its version).
+
+use std::path::Path;
+
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{is_map_supported, is_program_supported},
+};
+use serde::Serialize;
+
+/// One yes/no answer with the reason when it is no.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Support {
+    pub name: &'static str,
+    pub supported: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Support {
+    fn yes(name: &'static str) -> Support {
+        Support { name, supported: true, detail: None }
+    }
+    fn no(name: &'static str, detail: impl Into<String>) -> Support {
+        Support { name, supported: false, detail: Some(detail.into()) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelFeatures {
+    pub program_types: Vec<Support>,
+    pub map_types: Vec<Support>,
+    /// Attach mechanisms that a loadable program type still needs (kprobe PMU, BTF, ...).
+    pub attach: Vec<Support>,
+}
+
+impl KernelFeatures {
+    pub fn probe(btf_available: bool) -> KernelFeatures {
+        let program_types = [
+            ("tracepoint", ProgramType::TracePoint),
+            ("raw_tracepoint", ProgramType::RawTracePoint),
+            ("kprobe", ProgramType::KProbe),
+            ("tracing (fentry/fexit)", ProgramType::Tracing),
+        ]
+        .into_iter()
+        .map(|(name, t)| match is_program_supported(t) {
+            Ok(true) => Support::yes(name),
+            Ok(false) => Support::no(name, "the kernel refuses this program type"),
+            Err(e) => Support::no(name, format!("the kernel refuses this program type: {}", error_chain(&e))),
+        })
+        .collect();
+        let map_types = [
+            ("perf_event_array", MapType::PerfEventArray),
+            ("ringbuf", MapType::RingBuf),
+            ("percpu_array", MapType::PerCpuArray),
+            ("percpu_hash", MapType::PerCpuHash),
+            ("hash", MapType::Hash),
+            ("lru_hash", MapType::LruHash),
+        ]
+        .into_iter()
+        .map(|(name, t)| match is_map_supported(t) {
+            Ok(true) => Support::yes(name),
+            Ok(false) => Support::no(name, "the kernel refuses this map type"),
+            Err(e) => Support::no(name, format!("probe failed: {}", error_chain(&e))),
+        })
+        .collect();
+        let mut attach = Vec::new();
+        attach.push(kprobe_attach_support());
+        attach.push(if btf_available {
+            Support::yes("btf")
+        } else {
+            Support::no("btf", "no kernel BTF (/sys/kernel/btf/vmlinux or --btf-path)")
+        });
+        KernelFeatures { program_types, map_types, attach }
+    }
+
+    pub fn program(&self, name: &str) -> Option<&Support> {
+        self.program_types.iter().find(|s| s.name.starts_with(name))
+    }
+
+    pub fn attach(&self, name: &str) -> Option<&Support> {
+        self.attach.iter().find(|s| s.name == name)
+    }
+}
+
+/// `e` and its sources, joined: aya's top-level messages omit the errno.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// kprobes attach through the `kprobe` perf PMU, or through tracefs `kprobe_events` on old
+/// kernels; with neither, a loadable kprobe program still cannot attach.
+fn kprobe_attach_support() -> Support {
+    let pmu = Path::new("/sys/bus/event_source/devices/kprobe/type");
+    if pmu.exists() {
+        return Support::yes("kprobe_attach");
+    }
+    for t in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if Path::new(t).join("kprobe_events").exists() {
+            return Support::yes("kprobe_attach");
+        }
+    }
+    Support::no(
+        "kprobe_attach",
+        "no kprobe PMU (/sys/bus/event_source/devices/kprobe) and no tracefs kprobe_events: this kernel was built without CONFIG_KPROBE_EVENTS",
+    )
+}

@@ -1,0 +1,14 @@
+//! What the running kernel offers: release, privileges, tracefs, BTF and BPF feature probes.
+
+pub mod btf;
+pub mod clock;
+pub mod features;
+pub mod privileges;
+pub mod tracefs;
+
+/// `uname -r` of the running kernel.
+pub fn release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}

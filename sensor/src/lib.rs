@@ -1,0 +1,20 @@
+//! The sensor daemon: kernel probes in, Prometheus metrics and events out.
+//!
+//! Layout follows the data path: `kernel` (what the host offers) -> `loader` (attach with the
+//! best hook) -> `transport` (per-CPU rings) -> `decode` -> `dispatch` -> per-signal slices
+//! (`oom`, ...) -> `metrics` / `events` -> `http`.
+
+pub mod agg;
+pub mod config;
+pub mod decode;
+pub mod dispatch;
+pub mod doctor;
+pub mod events;
+pub mod http;
+pub mod kernel;
+pub mod loader;
+pub mod metrics;
+pub mod oom;
+pub mod probe;
+pub mod run;
+pub mod transport;

@@ -1,0 +1,197 @@
+//! Loads the embedded eBPF object and attaches each enabled probe with the best hook this
+//! kernel accepts, recording every attempt so `doctor`, `/metrics` and logs agree.
+
+use std::path::PathBuf;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{FEntry, KProbe, RawTracePoint, TracePoint},
+};
+
+use crate::{
+    kernel::{btf::KernelBtf, features::KernelFeatures, tracefs::Tracefs},
+    oom,
+    probe::{HookAttempt, HookKind, HookSpec, ProbeReport, ProbeSpec},
+};
+
+/// The kernel programs, built by `build.rs` and embedded so the binary is self-contained.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sensor"));
+
+/// Every probe this build knows, in registration order.
+pub fn registry() -> &'static [ProbeSpec] {
+    &[oom::SPEC]
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading the eBPF object failed: {0}")]
+    Object(#[from] aya::EbpfError),
+}
+
+/// What the loader learned about the kernel before loading anything.
+pub struct KernelContext {
+    pub features: KernelFeatures,
+    pub tracefs: Result<Tracefs, String>,
+    pub btf: Result<KernelBtf, String>,
+    /// The same BTF in aya's form, needed to load fentry programs.
+    pub aya_btf: Option<aya::Btf>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub btf_path: Option<PathBuf>,
+    pub tracefs_path: Option<PathBuf>,
+    /// Probe names to skip (disabled in the configuration).
+    pub disabled: Vec<&'static str>,
+}
+
+impl KernelContext {
+    pub fn discover(opts: &LoadOptions) -> KernelContext {
+        let btf = KernelBtf::open(opts.btf_path.as_deref()).map_err(|e| e.to_string());
+        let aya_btf = match &opts.btf_path {
+            Some(p) => aya::Btf::parse_file(p, aya::Endianness::default()).ok(),
+            None => aya::Btf::from_sys_fs().ok(),
+        };
+        let features = KernelFeatures::probe(btf.is_ok());
+        let tracefs = Tracefs::locate(opts.tracefs_path.as_deref()).map_err(|e| e.to_string());
+        KernelContext { features, tracefs, btf, aya_btf }
+    }
+}
+
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub reports: Vec<ProbeReport>,
+}
+
+/// Loads the object with layouts for this kernel and attaches every enabled probe.
+pub fn load(kctx: &KernelContext, opts: &LoadOptions) -> Result<Loaded, LoadError> {
+    let layouts = oom::Layouts::discover(kctx);
+    for n in &layouts.notes {
+        tracing::warn!(note = %n, "OOM layout is partial");
+    }
+    let mut loader = EbpfLoader::new();
+    loader.btf(kctx.aya_btf.as_ref());
+    layouts.apply(&mut loader);
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    let mut reports = Vec::new();
+    for spec in registry() {
+        if opts.disabled.contains(&spec.name) {
+            reports.push(ProbeReport::disabled(spec.name));
+            continue;
+        }
+        reports.push(attach_probe(&mut ebpf, kctx, spec));
+    }
+    Ok(Loaded { ebpf, reports })
+}
+
+fn attach_probe(ebpf: &mut Ebpf, kctx: &KernelContext, spec: &ProbeSpec) -> ProbeReport {
+    let mut attempts = Vec::new();
+    for hook in spec.hooks {
+        let res = precheck(kctx, hook).and_then(|()| attach_hook(ebpf, kctx, hook));
+        let ok = res.is_ok();
+        attempts.push(HookAttempt { hook: hook.kind, target: hook.target, ok, error: res.err() });
+        if ok {
+            break;
+        }
+    }
+    ProbeReport::from_attempts(spec.name, attempts)
+}
+
+/// Cheap checks that explain a failure better than the syscall error would.
+fn precheck(kctx: &KernelContext, hook: &HookSpec) -> Result<(), String> {
+    let unsupported = |name: &str| -> Option<String> {
+        match kctx.features.program(name) {
+            Some(s) if !s.supported => Some(format!(
+                "{} programs unavailable: {}",
+                name,
+                s.detail.as_deref().unwrap_or("unsupported")
+            )),
+            _ => None,
+        }
+    };
+    match hook.kind {
+        HookKind::Fentry => {
+            if let Some(e) = unsupported("tracing") {
+                return Err(e);
+            }
+            match &kctx.btf {
+                Err(e) => Err(format!("fentry needs kernel BTF: {e}")),
+                Ok(b) if !b.has_func(hook.target) => {
+                    Err(format!("function {} not in kernel BTF", hook.target))
+                }
+                Ok(_) => Ok(()),
+            }
+        }
+        HookKind::Kprobe => {
+            if let Some(e) = unsupported("kprobe") {
+                return Err(e);
+            }
+            match kctx.features.attach("kprobe_attach") {
+                Some(s) if !s.supported => {
+                    Err(format!("kprobes cannot attach: {}", s.detail.as_deref().unwrap_or("")))
+                }
+                _ => Ok(()),
+            }
+        }
+        HookKind::Tracepoint => {
+            if let Some(e) = unsupported("tracepoint") {
+                return Err(e);
+            }
+            let tfs = kctx.tracefs.as_ref().map_err(|e| format!("tracefs unavailable: {e}"))?;
+            let (cat, name) = split_tp(hook.target)?;
+            if !tfs.has_event(cat, name) {
+                return Err(format!("tracepoint {} does not exist on this kernel", hook.target));
+            }
+            Ok(())
+        }
+        HookKind::RawTracepoint => unsupported("raw_tracepoint").map_or(Ok(()), Err),
+    }
+}
+
+fn split_tp(target: &str) -> Result<(&str, &str), String> {
+    target.split_once('/').ok_or_else(|| format!("bad tracepoint name {target}"))
+}
+
+/// Keeps error strings bounded (a verifier log can be megabytes) and includes the source chain.
+fn short(e: impl std::error::Error) -> String {
+    let s = crate::kernel::features::error_chain(&e);
+    const MAX: usize = 2000;
+    if s.len() <= MAX {
+        return s;
+    }
+    let mut cut = s.len() - MAX;
+    while !s.is_char_boundary(cut) {
+        cut += 1;
+    }
+    format!("...{}", &s[cut..])
+}
+
+fn attach_hook(ebpf: &mut Ebpf, kctx: &KernelContext, hook: &HookSpec) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| format!("program {} missing from the eBPF object", hook.program))?;
+    match hook.kind {
+        HookKind::Tracepoint => {
+            let (cat, name) = split_tp(hook.target)?;
+            let p: &mut TracePoint = prog.try_into().map_err(short)?;
+            p.load().map_err(short)?;
+            p.attach(cat, name).map(drop).map_err(short)
+        }
+        HookKind::RawTracepoint => {
+            let p: &mut RawTracePoint = prog.try_into().map_err(short)?;
+            p.load().map_err(short)?;
+            p.attach(hook.target).map(drop).map_err(short)
+        }
+        HookKind::Kprobe => {
+            let p: &mut KProbe = prog.try_into().map_err(short)?;
+            p.load().map_err(short)?;
+            p.attach(hook.target, 0).map(drop).map_err(short)
+        }
+        HookKind::Fentry => {
+            let btf = kctx.aya_btf.as_ref().ok_or("kernel BTF could not be parsed by aya")?;
+            let p: &mut FEntry = prog.try_into().map_err(short)?;
+            p.load(hook.target, btf).map_err(short)?;
+            p.attach().map(drop).map_err(short)
+        }
+    }
+}

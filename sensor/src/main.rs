@@ -1,0 +1,165 @@
+//! `sensor` command line. Errors are printed as one clear message, never a backtrace.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use sensor::{config::Config, doctor, run};
+
+#[derive(Parser)]
+#[command(name = "sensor", version, about = "eBPF host telemetry sensor: OOM kills, memory pressure, TCP connects")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon (embedded default config unless --config is given).
+    Run(RunArgs),
+    /// Show what this kernel supports and which hook each probe would use.
+    Doctor(DoctorArgs),
+}
+
+/// Every flag overrides the config key of the same name (`a.b_c` -> `--a.b-c`).
+#[derive(Args)]
+struct RunArgs {
+    /// YAML config file; unset means the embedded default.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Fail unless every enabled probe attaches with its preferred hook.
+    #[arg(long)]
+    strict: bool,
+    #[arg(long)]
+    btf_path: Option<PathBuf>,
+    #[arg(long)]
+    tracefs_path: Option<PathBuf>,
+    #[arg(long)]
+    perf_ring_pages: Option<usize>,
+    #[arg(long = "probes.oom.enabled")]
+    oom_enabled: Option<bool>,
+    #[arg(long = "probes.memcg.enabled")]
+    memcg_enabled: Option<bool>,
+    #[arg(long = "probes.tcp.enabled")]
+    tcp_enabled: Option<bool>,
+    #[arg(long = "limits.workloads-per-metric")]
+    workloads_per_metric: Option<usize>,
+    #[arg(long = "alerting.availability-threshold")]
+    availability_threshold: Option<f64>,
+    #[arg(long = "alerting.window", value_parser = humantime::parse_duration)]
+    alerting_window: Option<Duration>,
+    #[arg(long = "events.history")]
+    events_history: Option<usize>,
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    btf_path: Option<PathBuf>,
+    #[arg(long)]
+    tracefs_path: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::parse(sensor::config::EMBEDDED_DEFAULT, "<embedded default>")?,
+        };
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        c.strict |= self.strict;
+        if let Some(v) = &self.btf_path {
+            c.btf_path = Some(v.clone());
+        }
+        if let Some(v) = &self.tracefs_path {
+            c.tracefs_path = Some(v.clone());
+        }
+        if let Some(v) = self.perf_ring_pages {
+            c.perf_ring_pages = v;
+        }
+        if let Some(v) = self.oom_enabled {
+            c.probes.oom.enabled = v;
+        }
+        if let Some(v) = self.memcg_enabled {
+            c.probes.memcg.enabled = v;
+        }
+        if let Some(v) = self.tcp_enabled {
+            c.probes.tcp.enabled = v;
+        }
+        if let Some(v) = self.workloads_per_metric {
+            c.limits.workloads_per_metric = v;
+        }
+        if let Some(v) = self.availability_threshold {
+            c.alerting.availability_threshold = v;
+        }
+        if let Some(v) = self.alerting_window {
+            c.alerting.window = v;
+        }
+        if let Some(v) = self.events_history {
+            c.events.history = v;
+        }
+        c.validate("<command line>")?;
+        Ok(c)
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let result = match cli.cmd {
+        Cmd::Run(args) => (|| -> anyhow::Result<()> {
+            let cfg = args.config()?;
+            if args.print_config {
+                print!("{}", serde_yaml_ng::to_string(&cfg)?);
+                return Ok(());
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run::run(cfg))
+        })(),
+        Cmd::Doctor(args) => (|| -> anyhow::Result<()> {
+            let opts = sensor::loader::LoadOptions {
+                btf_path: args.btf_path,
+                tracefs_path: args.tracefs_path,
+                disabled: Vec::new(),
+            };
+            let r = doctor::report(&opts);
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", doctor::render_text(&r));
+            }
+            Ok(())
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sensor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

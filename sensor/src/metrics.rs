@@ -1,0 +1,194 @@
+//! The daemon's own metrics (`sensor_*` self series) and helpers to build metric families
+//! from values read out of kernel maps at scrape time.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus::{
+    IntCounterVec, IntGaugeVec, Opts, Registry,
+    core::{Collector, Desc},
+    proto::{self, MetricFamily, MetricType},
+};
+
+use crate::{
+    probe::ProbeReport,
+    transport::{KernelCounters, LOST_REASONS},
+};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Self metrics shared by every slice.
+pub struct SelfMetrics {
+    pub registry: Registry,
+    build_info: IntGaugeVec,
+    probe_attached: IntGaugeVec,
+    probe_state: IntGaugeVec,
+    pub events_total: IntCounterVec,
+    pub decode_errors_total: IntCounterVec,
+}
+
+fn must<T>(r: prometheus::Result<T>, what: &str) -> T {
+    match r {
+        Ok(v) => v,
+        // Metric definitions are static; a failure here is a programming error caught by tests.
+        Err(e) => panic!("metric definition {what} is invalid: {e}"),
+    }
+}
+
+impl SelfMetrics {
+    pub fn new(kernel: &str, probes: &[&'static str]) -> SelfMetrics {
+        let registry = Registry::new();
+        let build_info = must(
+            IntGaugeVec::new(Opts::new("sensor_build_info", "Sensor version and kernel release; always 1."), &["version", "kernel"]),
+            "sensor_build_info",
+        );
+        let probe_attached = must(
+            IntGaugeVec::new(
+                Opts::new("sensor_probe_attached", "1 when the probe is attached with the labelled hook, 0 (hook=\"none\") when not."),
+                &["probe", "hook"],
+            ),
+            "sensor_probe_attached",
+        );
+        let probe_state = must(
+            IntGaugeVec::new(
+                Opts::new("sensor_probe_state", "1 for the probe's state: attached, degraded (fallback hook), unsupported or disabled."),
+                &["probe", "state"],
+            ),
+            "sensor_probe_state",
+        );
+        let events_total = must(
+            IntCounterVec::new(Opts::new("sensor_events_total", "Records received from the kernel and decoded."), &["probe"]),
+            "sensor_events_total",
+        );
+        let decode_errors_total = must(
+            IntCounterVec::new(
+                Opts::new("sensor_decode_errors_total", "Records that failed validation (bad kind, length or version) and were skipped."),
+                &["probe"],
+            ),
+            "sensor_decode_errors_total",
+        );
+        for c in [
+            Box::new(build_info.clone()) as Box<dyn Collector>,
+            Box::new(probe_attached.clone()),
+            Box::new(probe_state.clone()),
+            Box::new(events_total.clone()),
+            Box::new(decode_errors_total.clone()),
+        ] {
+            must(registry.register(c), "registration");
+        }
+        build_info.with_label_values(&[VERSION, kernel]).set(1);
+        for p in probes {
+            events_total.with_label_values(&[*p]).reset();
+            decode_errors_total.with_label_values(&[*p]).reset();
+        }
+        decode_errors_total.with_label_values(&["unknown"]).reset();
+        SelfMetrics { registry, build_info, probe_attached, probe_state, events_total, decode_errors_total }
+    }
+
+    pub fn set_probe_reports(&self, reports: &[ProbeReport]) {
+        self.probe_attached.reset();
+        self.probe_state.reset();
+        for r in reports {
+            match r.state.hook() {
+                Some(h) => self.probe_attached.with_label_values(&[r.probe, h.label()]).set(1),
+                None => self.probe_attached.with_label_values(&[r.probe, "none"]).set(0),
+            }
+            self.probe_state.with_label_values(&[r.probe, r.state.label()]).set(1);
+        }
+    }
+
+    pub fn build_info(&self) -> &IntGaugeVec {
+        &self.build_info
+    }
+}
+
+/// Builds one metric family from `(label values, value)` pairs.
+pub fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    label_names: &[&str],
+    series: Vec<(Vec<String>, proto::Metric)>,
+) -> MetricFamily {
+    let mut mf = MetricFamily::default();
+    mf.set_name(name.to_string());
+    mf.set_help(help.to_string());
+    mf.set_field_type(kind);
+    let metrics = series
+        .into_iter()
+        .map(|(values, mut m)| {
+            let labels = label_names
+                .iter()
+                .zip(values)
+                .map(|(n, v)| {
+                    let mut lp = proto::LabelPair::default();
+                    lp.set_name((*n).to_string());
+                    lp.set_value(v);
+                    lp
+                })
+                .collect();
+            m.set_label(labels);
+            m
+        })
+        .collect();
+    mf.set_metric(metrics);
+    mf
+}
+
+pub fn counter_metric(v: f64) -> proto::Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(v);
+    let mut m = proto::Metric::default();
+    m.set_counter(c);
+    m
+}
+
+/// `sensor_events_lost_total{probe,reason}` read from the kernel's per-CPU counters at scrape
+/// time, so the exported value is exactly what the kernel counted. Present at 0 from the start.
+pub struct LostCollector {
+    counters: Arc<Mutex<KernelCounters>>,
+    probes: Vec<(&'static str, u32)>,
+    desc: Vec<Desc>,
+}
+
+impl LostCollector {
+    pub const NAME: &'static str = "sensor_events_lost_total";
+    const HELP: &'static str = "Events the kernel could not hand to userspace (buffer_full: perf ring full; map_full: aggregation map full; no_scratch: per-CPU scratch missing).";
+
+    pub fn new(counters: Arc<Mutex<KernelCounters>>, probes: Vec<(&'static str, u32)>) -> LostCollector {
+        let desc = vec![must(
+            Desc::new(Self::NAME.into(), Self::HELP.into(), vec!["probe".into(), "reason".into()], Default::default()),
+            Self::NAME,
+        )];
+        LostCollector { counters, probes, desc }
+    }
+}
+
+impl Collector for LostCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.desc.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Ok(counters) = self.counters.lock() else {
+            return Vec::new();
+        };
+        let mut series = Vec::new();
+        for (probe, id) in &self.probes {
+            for (which, reason) in LOST_REASONS {
+                let v = counters.get(*id, *which);
+                series.push((vec![(*probe).to_string(), (*reason).to_string()], counter_metric(v as f64)));
+            }
+        }
+        vec![family(Self::NAME, Self::HELP, MetricType::COUNTER, &["probe", "reason"], series)]
+    }
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let families = registry.gather();
+    let mut out = String::new();
+    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    out
+}
