@@ -1,6 +1,6 @@
 //! Builds `sensor-ebpf` for the BPF target and leaves the object in OUT_DIR, where
 //! `src/ebpf.rs` embeds it: building the daemon never needs a manual copy step.
-use anyhow::{Context as _, anyhow};
+use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()

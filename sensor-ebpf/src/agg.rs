@@ -4,8 +4,11 @@
 //! the map periodically and sums the per-CPU copies.
 #![allow(dead_code)] // used by the memcg and tcp slices
 
-use aya_ebpf::{macros::map, maps::{PerCpuArray, PerCpuHashMap}};
-use sensor_common::agg::{Log2Hist, log2_bucket};
+use aya_ebpf::{
+    macros::map,
+    maps::{PerCpuArray, PerCpuHashMap},
+};
+use sensor_common::agg::{log2_bucket, Log2Hist};
 
 use crate::transport::bump;
 

@@ -2,20 +2,18 @@
 //! `oom_kill_process` via fentry or kprobe where the kernel allows.
 
 use aya_ebpf::{
-    EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
         generated::{bpf_get_current_cgroup_id, bpf_get_stack},
     },
     macros::{fentry, kprobe, map, tracepoint},
     maps::PerCpuArray,
     programs::{FEntryContext, ProbeContext, TracePointContext},
+    EbpfContext,
 };
 use sensor_common::{
-    oom::{
-        MarkVictimLayout, OomControlLayout, OomKillRecord, RECORD_VERSION, TpField, field, hook,
-    },
+    oom::{field, hook, MarkVictimLayout, OomControlLayout, OomKillRecord, TpField, RECORD_VERSION},
     record::{counter, kind, probe_id},
 };
 
@@ -176,9 +174,7 @@ fn oom_kill_process<C: EbpfContext>(ctx: &C, oc: u64, hook_id: u8) -> u32 {
                         rec.victim_pid = pid;
                         rec.present |= field::PID;
                     }
-                    if let Ok(comm) =
-                        bpf_probe_read_kernel((task + u64::from(l.task_comm)) as *const [u8; 16])
-                    {
+                    if let Ok(comm) = bpf_probe_read_kernel((task + u64::from(l.task_comm)) as *const [u8; 16]) {
                         rec.victim_comm = comm;
                         rec.present |= field::COMM;
                     }

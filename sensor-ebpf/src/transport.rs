@@ -6,13 +6,13 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::BPF_F_CURRENT_CPU,
     helpers::generated::bpf_perf_event_output,
     macros::map,
     maps::{PerCpuArray, PerfEventByteArray},
+    EbpfContext,
 };
-use sensor_common::record::{COUNTER_ENTRIES, counter};
+use sensor_common::record::{counter, COUNTER_ENTRIES};
 
 /// One perf ring per CPU; userspace opens one buffer per online CPU.
 #[map]
@@ -47,7 +47,7 @@ pub unsafe fn output<C: EbpfContext>(ctx: &C, probe: u32, data: *const u8, len: 
         bpf_perf_event_output(
             ctx.as_ptr(),
             map,
-            u64::from(BPF_F_CURRENT_CPU),
+            BPF_F_CURRENT_CPU,
             data.cast_mut().cast::<c_void>(),
             len as u64,
         )

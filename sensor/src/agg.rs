@@ -8,7 +8,7 @@ use prometheus::{
     core::{Collector, Desc},
     proto::{self, MetricFamily, MetricType},
 };
-use sensor_common::agg::{LOG2_BUCKETS, Log2Hist};
+use sensor_common::agg::{Log2Hist, LOG2_BUCKETS};
 
 /// Which log2 buckets to export and how to convert units: bucket `i` holds integer values in
 /// `[2^i, 2^(i+1))`, so its inclusive upper bound is `(2^(i+1) - 1) * scale`. Buckets below
@@ -22,7 +22,11 @@ pub struct HistLayout {
 
 impl HistLayout {
     /// Nanosecond values exported in seconds, from ~1 µs to ~137 s.
-    pub const NANOS_AS_SECONDS: HistLayout = HistLayout { scale: 1e-9, first: 9, last: 36 };
+    pub const NANOS_AS_SECONDS: HistLayout = HistLayout {
+        scale: 1e-9,
+        first: 9,
+        last: 36,
+    };
 }
 
 /// Adds per-CPU copies into one histogram.
@@ -91,7 +95,15 @@ impl<K: aya::Pod + Send + Sync> HistogramMapCollector<K> {
             label_names.iter().map(|s| (*s).to_string()).collect(),
             Default::default(),
         )?];
-        Ok(HistogramMapCollector { name, help, label_names, map: Mutex::new(map), labels, layout, desc })
+        Ok(HistogramMapCollector {
+            name,
+            help,
+            label_names,
+            map: Mutex::new(map),
+            labels,
+            layout,
+            desc,
+        })
     }
 
     /// Current per-key totals (also used by tests and the API).
@@ -127,7 +139,13 @@ impl<K: aya::Pod + Send + Sync> Collector for HistogramMapCollector<K> {
                 (labels, m)
             })
             .collect();
-        vec![crate::metrics::family(self.name, self.help, MetricType::HISTOGRAM, self.label_names, series)]
+        vec![crate::metrics::family(
+            self.name,
+            self.help,
+            MetricType::HISTOGRAM,
+            self.label_names,
+            series,
+        )]
     }
 }
 
@@ -174,15 +192,15 @@ mod tests {
         let p = to_prometheus(&h, HistLayout::NANOS_AS_SECONDS);
         let b = p.get_bucket();
         assert_eq!(b.len(), 36 - 9 + 1);
-        assert_eq!(b[0].get_upper_bound(), 1023e-9);
-        assert_eq!(b[0].get_cumulative_count(), 1);
-        assert_eq!(b[1].get_upper_bound(), 2047e-9);
-        assert_eq!(b[1].get_cumulative_count(), 2);
+        assert_eq!(b[0].upper_bound(), 1023e-9);
+        assert_eq!(b[0].cumulative_count(), 1);
+        assert_eq!(b[1].upper_bound(), 2047e-9);
+        assert_eq!(b[1].cumulative_count(), 2);
         // 3 ms = 3e6 ns lies in bucket 21: [2^21, 2^22).
         let idx = 21 - 9;
-        assert_eq!(b[idx - 1].get_cumulative_count(), 2);
-        assert_eq!(b[idx].get_cumulative_count(), 3);
-        assert_eq!(b.last().unwrap().get_cumulative_count(), 3);
+        assert_eq!(b[idx - 1].cumulative_count(), 2);
+        assert_eq!(b[idx].cumulative_count(), 3);
+        assert_eq!(b.last().unwrap().cumulative_count(), 3);
         assert_eq!(p.get_sample_count(), 4);
         assert!((p.get_sample_sum() - 200.0030020).abs() < 1e-9);
     }

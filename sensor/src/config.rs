@@ -3,7 +3,12 @@
 //! Every key has a default and an empty file is valid. Errors name the file, the key path
 //! and what is wrong, because a DaemonSet that crash-loops on "invalid type" helps nobody.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::{Path, PathBuf}, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -56,18 +61,12 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Probes {
     pub oom: ProbeToggle,
     pub memcg: ProbeToggle,
     pub tcp: TcpProbe,
-}
-
-impl Default for Probes {
-    fn default() -> Self {
-        Probes { oom: ProbeToggle::default(), memcg: ProbeToggle::default(), tcp: TcpProbe::default() }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -92,7 +91,10 @@ pub struct TcpProbe {
 
 impl Default for TcpProbe {
     fn default() -> Self {
-        TcpProbe { enabled: true, destinations: BTreeMap::new() }
+        TcpProbe {
+            enabled: true,
+            destinations: BTreeMap::new(),
+        }
     }
 }
 
@@ -165,7 +167,9 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { workloads_per_metric: 1000 }
+        Limits {
+            workloads_per_metric: 1000,
+        }
     }
 }
 
@@ -180,7 +184,11 @@ pub struct Alerting {
 
 impl Default for Alerting {
     fn default() -> Self {
-        Alerting { availability_threshold: 0.8, window: Duration::from_secs(120), webhook: None }
+        Alerting {
+            availability_threshold: 0.8,
+            window: Duration::from_secs(120),
+            webhook: None,
+        }
     }
 }
 
@@ -250,8 +258,10 @@ impl Config {
     /// Parses YAML text; `file` is only used in error messages.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         // An empty file, or one with only comments, is a valid config of all defaults.
-        let probe: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)
-            .map_err(|e| ConfigError::Syntax { file: file.to_string(), reason: e.to_string() })?;
+        let probe: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_string(),
+            reason: e.to_string(),
+        })?;
         if probe.is_null() {
             return Ok(Config::default());
         }
@@ -260,9 +270,16 @@ impl Config {
             let key = e.path().to_string();
             let inner = e.into_inner().to_string();
             if key.is_empty() || key == "." {
-                ConfigError::Syntax { file: file.to_string(), reason: inner }
+                ConfigError::Syntax {
+                    file: file.to_string(),
+                    reason: inner,
+                }
             } else {
-                ConfigError::Key { file: file.to_string(), key, reason: inner }
+                ConfigError::Key {
+                    file: file.to_string(),
+                    key,
+                    reason: inner,
+                }
             }
         })?;
         cfg.validate(file)?;
@@ -271,8 +288,10 @@ impl Config {
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
         Config::parse(&text, &file)
     }
 
@@ -316,7 +335,12 @@ impl Config {
             if !schemes.iter().any(|s| c.url.starts_with(s)) {
                 return Err(key_err(
                     &format!("checks[{i}].url"),
-                    format!("check '{}': '{}' must start with {}", c.name, c.url, schemes.join(" or ")),
+                    format!(
+                        "check '{}': '{}' must start with {}",
+                        c.name,
+                        c.url,
+                        schemes.join(" or ")
+                    ),
                 ));
             }
             if c.interval.is_zero() || c.timeout.is_zero() {
@@ -402,7 +426,10 @@ checks:
         let e = err("alerting: {window: 2 fortnights}\n");
         assert!(e.contains("key 'alerting.window'") && e.contains("bad duration"), "{e}");
         let e = err("alerting: {availability_threshold: 1.5}\n");
-        assert!(e.contains("alerting.availability_threshold") && e.contains("outside 0..1"), "{e}");
+        assert!(
+            e.contains("alerting.availability_threshold") && e.contains("outside 0..1"),
+            "{e}"
+        );
         let e = err("perf_ring_pages: 3\n");
         assert!(e.contains("power of two"), "{e}");
     }
@@ -410,7 +437,10 @@ checks:
     #[test]
     fn bad_destination() {
         let e = err("probes: {tcp: {destinations: {pg: \"10.0.0.0/33:5432\"}}}\n");
-        assert!(e.contains("probes.tcp.destinations.pg") && e.contains("longer than 32"), "{e}");
+        assert!(
+            e.contains("probes.tcp.destinations.pg") && e.contains("longer than 32"),
+            "{e}"
+        );
         let e = err("probes: {tcp: {destinations: {pg: \"10.0.0.0/8:99999\"}}}\n");
         assert!(e.contains("bad port"), "{e}");
         let d: Destination = "[fd00::/8]:443".parse().unwrap();

@@ -3,7 +3,7 @@
 
 use sensor_common::{
     oom::{OomKillRecord, RECORD_VERSION as OOM_VERSION},
-    record::{RecordHeader, kind},
+    record::{kind, RecordHeader},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -66,18 +66,33 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if header.len != expected {
-        return Err(DecodeError::BadLength { kind: header.kind, declared: header.len, expected });
+        return Err(DecodeError::BadLength {
+            kind: header.kind,
+            declared: header.len,
+            expected,
+        });
     }
     if bytes.len() < usize::from(header.len) {
-        return Err(DecodeError::Truncated { kind: header.kind, declared: header.len, got: bytes.len() });
+        return Err(DecodeError::Truncated {
+            kind: header.kind,
+            declared: header.len,
+            got: bytes.len(),
+        });
     }
     if header.version != version {
-        return Err(DecodeError::BadVersion { kind: header.kind, version: header.version });
+        return Err(DecodeError::BadVersion {
+            kind: header.kind,
+            version: header.version,
+        });
     }
     match header.kind {
         kind::OOM_KILL => read::<OomKillRecord>(bytes)
             .map(|r| Record::OomKill(Box::new(r)))
-            .ok_or(DecodeError::Truncated { kind: header.kind, declared: header.len, got: bytes.len() }),
+            .ok_or(DecodeError::Truncated {
+                kind: header.kind,
+                declared: header.len,
+                got: bytes.len(),
+            }),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -152,7 +167,10 @@ mod tests {
         assert_eq!(decode(&b).unwrap_err(), DecodeError::UnknownKind(999));
         let mut b = oom_bytes();
         b[4..6].copy_from_slice(&77u16.to_ne_bytes());
-        assert!(matches!(decode(&b).unwrap_err(), DecodeError::BadVersion { version: 77, .. }));
+        assert!(matches!(
+            decode(&b).unwrap_err(),
+            DecodeError::BadVersion { version: 77, .. }
+        ));
     }
 
     #[test]

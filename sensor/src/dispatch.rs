@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::{
-    decode::{Record, decode},
+    decode::{decode, Record},
     metrics::SelfMetrics,
     oom::OomSlice,
     transport::Sink,
@@ -29,6 +29,10 @@ impl Sink for Dispatcher {
     }
 
     fn ring_lost(&self, cpu: u32, count: u64) {
-        tracing::warn!(cpu, count, "perf ring overflowed; the losses are in sensor_events_lost_total{{reason=\"buffer_full\"}}");
+        tracing::warn!(
+            cpu,
+            count,
+            "perf ring overflowed; the losses are in sensor_events_lost_total{{reason=\"buffer_full\"}}"
+        );
     }
 }

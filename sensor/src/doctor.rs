@@ -57,11 +57,18 @@ pub fn report(opts: &LoadOptions) -> Report {
                 .iter()
                 .map(|s| ProbeReport {
                     probe: s.name,
-                    state: ProbeState::Unsupported { reason: crate::kernel::privileges::NEEDS.to_string() },
+                    state: ProbeState::Unsupported {
+                        reason: crate::kernel::privileges::NEEDS.to_string(),
+                    },
                     attempts: s
                         .hooks
                         .iter()
-                        .map(|h| HookAttempt { hook: h.kind, target: h.target, ok: false, error: Some("not tested: unprivileged".into()) })
+                        .map(|h| HookAttempt {
+                            hook: h.kind,
+                            target: h.target,
+                            ok: false,
+                            error: Some("not tested: unprivileged".into()),
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -71,16 +78,30 @@ pub fn report(opts: &LoadOptions) -> Report {
     Report {
         kernel_release: kernel::release(),
         btf: match &kctx.btf {
-            Ok(b) => Component { available: true, path: Some(b.path.display().to_string()), error: None },
-            Err(e) => Component { available: false, path: None, error: Some(e.clone()) },
+            Ok(b) => Component {
+                available: true,
+                path: Some(b.path.display().to_string()),
+                error: None,
+            },
+            Err(e) => Component {
+                available: false,
+                path: None,
+                error: Some(e.clone()),
+            },
         },
         tracefs: match &kctx.tracefs {
             Ok(t) => Component {
                 available: true,
                 path: Some(t.root.display().to_string()),
-                error: t.mounted_by_sensor.then(|| "was not mounted; mounted by the sensor".to_string()),
+                error: t
+                    .mounted_by_sensor
+                    .then(|| "was not mounted; mounted by the sensor".to_string()),
             },
-            Err(e) => Component { available: false, path: None, error: Some(e.clone()) },
+            Err(e) => Component {
+                available: false,
+                path: None,
+                error: Some(e.clone()),
+            },
         },
         privileged,
         program_types: kctx.features.program_types.clone(),
@@ -114,9 +135,17 @@ pub fn render_text(r: &Report) -> String {
     let _ = writeln!(
         o,
         "privileges   {}",
-        if r.privileged { "ok (CAP_BPF + CAP_PERFMON, or root)" } else { "MISSING: the sensor needs CAP_BPF and CAP_PERFMON, or root; attachment not tested" }
+        if r.privileged {
+            "ok (CAP_BPF + CAP_PERFMON, or root)"
+        } else {
+            "MISSING: the sensor needs CAP_BPF and CAP_PERFMON, or root; attachment not tested"
+        }
     );
-    for (title, list) in [("program types", &r.program_types), ("map types", &r.map_types), ("attach mechanisms", &r.attach)] {
+    for (title, list) in [
+        ("program types", &r.program_types),
+        ("map types", &r.map_types),
+        ("attach mechanisms", &r.attach),
+    ] {
         let _ = writeln!(o, "\n{title}");
         for s in list.iter() {
             let _ = writeln!(o, "  {:<24} {}", s.name, yn(s));
@@ -132,14 +161,22 @@ pub fn render_text(r: &Report) -> String {
             ProbeState::Degraded { hook, .. } => {
                 let t = p.attempts.iter().find(|a| a.ok).map_or("", |a| a.target);
                 let unavailable: Vec<&str> = p.attempts.iter().filter(|a| !a.ok).map(|a| a.hook.label()).collect();
-                format!("DEGRADED     uses {} {t}: {} unavailable on this kernel", hook.label(), unavailable.join(" and "))
+                format!(
+                    "DEGRADED     uses {} {t}: {} unavailable on this kernel",
+                    hook.label(),
+                    unavailable.join(" and ")
+                )
             }
             ProbeState::Unsupported { reason } => format!("UNSUPPORTED  {reason}"),
             ProbeState::Disabled => "DISABLED     by configuration".to_string(),
         };
         let _ = writeln!(o, "  {:<8} {summary}", p.probe);
         for a in &p.attempts {
-            let what = if a.ok { "attached".to_string() } else { format!("unavailable: {}", a.error.as_deref().unwrap_or("")) };
+            let what = if a.ok {
+                "attached".to_string()
+            } else {
+                format!("unavailable: {}", a.error.as_deref().unwrap_or(""))
+            };
             let _ = writeln!(o, "           {:<11} {:<20} {what}", a.hook.label(), a.target);
         }
     }

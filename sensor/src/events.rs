@@ -34,7 +34,11 @@ pub struct EventHub {
 impl EventHub {
     pub fn new(capacity: usize) -> EventHub {
         let (tx, _) = broadcast::channel(1024);
-        EventHub { tx, history: Mutex::new((0, VecDeque::new())), capacity: capacity.max(1) }
+        EventHub {
+            tx,
+            history: Mutex::new((0, VecDeque::new())),
+            capacity: capacity.max(1),
+        }
     }
 
     pub fn publish(&self, event: Event) {

@@ -1,16 +1,16 @@
 //! The daemon's HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/api/v1/*`.
 
 use std::sync::{
-    Arc, RwLock,
     atomic::{AtomicBool, Ordering},
+    Arc, RwLock,
 };
 
 use axum::{
-    Json, Router,
     extract::{Query, State},
-    http::{StatusCode, header},
+    http::{header, StatusCode},
     response::IntoResponse,
     routing::get,
+    Json, Router,
 };
 use prometheus::Registry;
 use serde::Deserialize;
@@ -41,14 +41,21 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let body = tokio::task::spawn_blocking(move || crate::metrics::render(&s.registry))
         .await
         .unwrap_or_default();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let reports = s.reports.read().map(|r| r.clone()).unwrap_or_default();
     let ready = s.ready.load(Ordering::Acquire);
     let body = serde_json::json!({ "ready": ready, "probes": reports });
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body))
 }
 

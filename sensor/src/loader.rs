@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use aya::{
-    Ebpf, EbpfLoader,
     programs::{FEntry, KProbe, RawTracePoint, TracePoint},
+    Ebpf, EbpfLoader,
 };
 
 use crate::{
@@ -54,7 +54,12 @@ impl KernelContext {
         };
         let features = KernelFeatures::probe(btf.is_ok());
         let tracefs = Tracefs::locate(opts.tracefs_path.as_deref()).map_err(|e| e.to_string());
-        KernelContext { features, tracefs, btf, aya_btf }
+        KernelContext {
+            features,
+            tracefs,
+            btf,
+            aya_btf,
+        }
     }
 }
 
@@ -89,7 +94,12 @@ fn attach_probe(ebpf: &mut Ebpf, kctx: &KernelContext, spec: &ProbeSpec) -> Prob
     for hook in spec.hooks {
         let res = precheck(kctx, hook).and_then(|()| attach_hook(ebpf, kctx, hook));
         let ok = res.is_ok();
-        attempts.push(HookAttempt { hook: hook.kind, target: hook.target, ok, error: res.err() });
+        attempts.push(HookAttempt {
+            hook: hook.kind,
+            target: hook.target,
+            ok,
+            error: res.err(),
+        });
         if ok {
             break;
         }
@@ -116,9 +126,7 @@ fn precheck(kctx: &KernelContext, hook: &HookSpec) -> Result<(), String> {
             }
             match &kctx.btf {
                 Err(e) => Err(format!("fentry needs kernel BTF: {e}")),
-                Ok(b) if !b.has_func(hook.target) => {
-                    Err(format!("function {} not in kernel BTF", hook.target))
-                }
+                Ok(b) if !b.has_func(hook.target) => Err(format!("function {} not in kernel BTF", hook.target)),
                 Ok(_) => Ok(()),
             }
         }
@@ -127,9 +135,7 @@ fn precheck(kctx: &KernelContext, hook: &HookSpec) -> Result<(), String> {
                 return Err(e);
             }
             match kctx.features.attach("kprobe_attach") {
-                Some(s) if !s.supported => {
-                    Err(format!("kprobes cannot attach: {}", s.detail.as_deref().unwrap_or("")))
-                }
+                Some(s) if !s.supported => Err(format!("kprobes cannot attach: {}", s.detail.as_deref().unwrap_or(""))),
                 _ => Ok(()),
             }
         }
@@ -149,7 +155,9 @@ fn precheck(kctx: &KernelContext, hook: &HookSpec) -> Result<(), String> {
 }
 
 fn split_tp(target: &str) -> Result<(&str, &str), String> {
-    target.split_once('/').ok_or_else(|| format!("bad tracepoint name {target}"))
+    target
+        .split_once('/')
+        .ok_or_else(|| format!("bad tracepoint name {target}"))
 }
 
 /// Keeps error strings bounded (a verifier log can be megabytes) and includes the source chain.

@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use sensor::{config::Config, doctor, run};
 
 #[derive(Parser)]
-#[command(name = "sensor", version, about = "eBPF host telemetry sensor: OOM kills, memory pressure, TCP connects")]
+#[command(
+    name = "sensor",
+    version,
+    about = "eBPF host telemetry sensor: OOM kills, memory pressure, TCP connects"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -119,7 +123,10 @@ fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if format == "json" {
         b.json().init();
     } else {

@@ -4,9 +4,9 @@
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    IntCounterVec, IntGaugeVec, Opts, Registry,
     core::{Collector, Desc},
     proto::{self, MetricFamily, MetricType},
+    IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 use crate::{
@@ -38,30 +38,45 @@ impl SelfMetrics {
     pub fn new(kernel: &str, probes: &[&'static str]) -> SelfMetrics {
         let registry = Registry::new();
         let build_info = must(
-            IntGaugeVec::new(Opts::new("sensor_build_info", "Sensor version and kernel release; always 1."), &["version", "kernel"]),
+            IntGaugeVec::new(
+                Opts::new("sensor_build_info", "Sensor version and kernel release; always 1."),
+                &["version", "kernel"],
+            ),
             "sensor_build_info",
         );
         let probe_attached = must(
             IntGaugeVec::new(
-                Opts::new("sensor_probe_attached", "1 when the probe is attached with the labelled hook, 0 (hook=\"none\") when not."),
+                Opts::new(
+                    "sensor_probe_attached",
+                    "1 when the probe is attached with the labelled hook, 0 (hook=\"none\") when not.",
+                ),
                 &["probe", "hook"],
             ),
             "sensor_probe_attached",
         );
         let probe_state = must(
             IntGaugeVec::new(
-                Opts::new("sensor_probe_state", "1 for the probe's state: attached, degraded (fallback hook), unsupported or disabled."),
+                Opts::new(
+                    "sensor_probe_state",
+                    "1 for the probe's state: attached, degraded (fallback hook), unsupported or disabled.",
+                ),
                 &["probe", "state"],
             ),
             "sensor_probe_state",
         );
         let events_total = must(
-            IntCounterVec::new(Opts::new("sensor_events_total", "Records received from the kernel and decoded."), &["probe"]),
+            IntCounterVec::new(
+                Opts::new("sensor_events_total", "Records received from the kernel and decoded."),
+                &["probe"],
+            ),
             "sensor_events_total",
         );
         let decode_errors_total = must(
             IntCounterVec::new(
-                Opts::new("sensor_decode_errors_total", "Records that failed validation (bad kind, length or version) and were skipped."),
+                Opts::new(
+                    "sensor_decode_errors_total",
+                    "Records that failed validation (bad kind, length or version) and were skipped.",
+                ),
                 &["probe"],
             ),
             "sensor_decode_errors_total",
@@ -81,7 +96,14 @@ impl SelfMetrics {
             decode_errors_total.with_label_values(&[*p]).reset();
         }
         decode_errors_total.with_label_values(&["unknown"]).reset();
-        SelfMetrics { registry, build_info, probe_attached, probe_state, events_total, decode_errors_total }
+        SelfMetrics {
+            registry,
+            build_info,
+            probe_attached,
+            probe_state,
+            events_total,
+            decode_errors_total,
+        }
     }
 
     pub fn set_probe_reports(&self, reports: &[ProbeReport]) {
@@ -156,7 +178,12 @@ impl LostCollector {
 
     pub fn new(counters: Arc<Mutex<KernelCounters>>, probes: Vec<(&'static str, u32)>) -> LostCollector {
         let desc = vec![must(
-            Desc::new(Self::NAME.into(), Self::HELP.into(), vec!["probe".into(), "reason".into()], Default::default()),
+            Desc::new(
+                Self::NAME.into(),
+                Self::HELP.into(),
+                vec!["probe".into(), "reason".into()],
+                Default::default(),
+            ),
             Self::NAME,
         )];
         LostCollector { counters, probes, desc }
@@ -176,10 +203,19 @@ impl Collector for LostCollector {
         for (probe, id) in &self.probes {
             for (which, reason) in LOST_REASONS {
                 let v = counters.get(*id, *which);
-                series.push((vec![(*probe).to_string(), (*reason).to_string()], counter_metric(v as f64)));
+                series.push((
+                    vec![(*probe).to_string(), (*reason).to_string()],
+                    counter_metric(v as f64),
+                ));
             }
         }
-        vec![family(Self::NAME, Self::HELP, MetricType::COUNTER, &["probe", "reason"], series)]
+        vec![family(
+            Self::NAME,
+            Self::HELP,
+            MetricType::COUNTER,
+            &["probe", "reason"],
+            series,
+        )]
     }
 }
 

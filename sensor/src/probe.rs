@@ -102,15 +102,26 @@ impl ProbeReport {
         };
         let state = match attempts.iter().position(|a| a.ok) {
             Some(0) => ProbeState::Attached { hook: attempts[0].hook },
-            Some(i) => ProbeState::Degraded { hook: attempts[i].hook, reason: failures(i) },
-            None if attempts.is_empty() => ProbeState::Unsupported { reason: "no hooks declared".into() },
-            None => ProbeState::Unsupported { reason: failures(attempts.len()) },
+            Some(i) => ProbeState::Degraded {
+                hook: attempts[i].hook,
+                reason: failures(i),
+            },
+            None if attempts.is_empty() => ProbeState::Unsupported {
+                reason: "no hooks declared".into(),
+            },
+            None => ProbeState::Unsupported {
+                reason: failures(attempts.len()),
+            },
         };
         ProbeReport { probe, state, attempts }
     }
 
     pub fn disabled(probe: &'static str) -> ProbeReport {
-        ProbeReport { probe, state: ProbeState::Disabled, attempts: Vec::new() }
+        ProbeReport {
+            probe,
+            state: ProbeState::Disabled,
+            attempts: Vec::new(),
+        }
     }
 }
 
@@ -119,7 +130,12 @@ mod tests {
     use super::*;
 
     fn attempt(hook: HookKind, ok: bool) -> HookAttempt {
-        HookAttempt { hook, target: "t", ok, error: (!ok).then(|| format!("{} refused", hook.label())) }
+        HookAttempt {
+            hook,
+            target: "t",
+            ok,
+            error: (!ok).then(|| format!("{} refused", hook.label())),
+        }
     }
 
     #[test]
@@ -128,7 +144,11 @@ mod tests {
         assert_eq!(r.state, ProbeState::Attached { hook: HookKind::Fentry });
         let r = ProbeReport::from_attempts(
             "oom",
-            vec![attempt(HookKind::Fentry, false), attempt(HookKind::Kprobe, false), attempt(HookKind::Tracepoint, true)],
+            vec![
+                attempt(HookKind::Fentry, false),
+                attempt(HookKind::Kprobe, false),
+                attempt(HookKind::Tracepoint, true),
+            ],
         );
         assert_eq!(
             r.state,

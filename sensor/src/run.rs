@@ -1,12 +1,15 @@
 //! `sensor run`: load, attach, read, serve, and shut down cleanly on SIGTERM/SIGINT.
 
 use std::sync::{
-    Arc, Mutex, RwLock,
     atomic::{AtomicBool, Ordering},
+    Arc, Mutex, RwLock,
 };
 
-use anyhow::{Context as _, bail};
-use tokio::{signal::unix::{SignalKind, signal}, sync::watch};
+use anyhow::{bail, Context as _};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
 
 use crate::{
     config::Config,
@@ -26,7 +29,11 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
     if !cfg.probes.oom.enabled {
         disabled.push("oom");
     }
-    LoadOptions { btf_path: cfg.btf_path.clone(), tracefs_path: cfg.tracefs_path.clone(), disabled }
+    LoadOptions {
+        btf_path: cfg.btf_path.clone(),
+        tracefs_path: cfg.tracefs_path.clone(),
+        disabled,
+    }
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -83,7 +90,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .registry
         .register(Box::new(LostCollector::new(Arc::new(Mutex::new(counters)), probe_ids)))?;
 
-    let dispatcher = Arc::new(Dispatcher { metrics: Arc::clone(&metrics), oom });
+    let dispatcher = Arc::new(Dispatcher {
+        metrics: Arc::clone(&metrics),
+        oom,
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let readers = transport::spawn_readers(
         ebpf.take_map("EVENTS").context("EVENTS map missing")?,

@@ -4,10 +4,10 @@
 use std::{os::fd::AsRawFd, sync::Arc};
 
 use aya::maps::{
-    MapData, PerCpuArray,
     perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
+    MapData, PerCpuArray,
 };
-use sensor_common::record::{COUNTER_ENTRIES, counter};
+use sensor_common::record::{counter, COUNTER_ENTRIES};
 use tokio::{io::unix::AsyncFd, sync::watch, task::JoinHandle};
 
 /// Receives every raw sample; implemented by the dispatcher.

@@ -1,1 +1,280 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | build-ebpf | run | test | lint`.
+//!
+//! `run` and `test` call `setup` themselves, so a fresh machine needs nothing else.
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+const NIGHTLY: &str = "nightly";
+const BPF_LINKER_VERSION: &str = "0.13";
+const BPF_TARGET: &str = "bpfel-unknown-none";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install rust-src for nightly and bpf-linker built against nightly's LLVM (idempotent).
+    Setup,
+    /// Build the kernel programs for bpfel-unknown-none and print the object's path.
+    BuildEbpf,
+    /// Build and run the daemon with the embedded default config; extra args go to `sensor run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run every test: unit tests and privileged integration tests against the real kernel.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// rustfmt --check and clippy -D warnings, for the host crates and the eBPF crate.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
+    add_cargo_bin_to_path();
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => build_ebpf(&root),
+        Cmd::Run { args } => {
+            setup()?;
+            step("building the sensor (release)");
+            run(cargo().args(["build", "--release", "-p", "sensor"]))?;
+            let bin = root.join("target/release/sensor");
+            step(&format!("starting {} run", bin.display()));
+            run(Command::new(bin).arg("run").args(args))
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            step("running the test suite (unit + privileged integration tests)");
+            run(cargo()
+                .args(["test", "--workspace", "--exclude", "sensor-ebpf"])
+                .args(args))
+        }
+        Cmd::Lint => {
+            setup()?;
+            step("rustfmt --check");
+            run(cargo().args(["fmt", "--all", "--check"]))?;
+            step("clippy (host crates)");
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "sensor-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            step("clippy (eBPF crate, bpfel-unknown-none)");
+            run(cargo_nightly().args([
+                "clippy",
+                "-p",
+                "sensor-ebpf",
+                "--bins",
+                "--release",
+                "--target",
+                BPF_TARGET,
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/Cargo.toml lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+/// `cargo install` puts bpf-linker here; the eBPF build must find it even if PATH lacks it.
+fn add_cargo_bin_to_path() {
+    let bin = cargo_home().join("bin");
+    let mut paths: Vec<PathBuf> = env::var_os("PATH")
+        .map(|p| env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if !paths.contains(&bin) {
+        paths.insert(0, bin);
+        if let Ok(joined) = env::join_paths(paths) {
+            // Still single-threaded here, so changing the environment races with nothing.
+            env::set_var("PATH", joined);
+        }
+    }
+}
+
+fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+fn cargo() -> Command {
+    Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// `rustup run nightly cargo`: the eBPF crate needs nightly's build-std.
+fn cargo_nightly() -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", NIGHTLY, "cargo"]);
+    // The outer cargo's toolchain variables would pin the stable compiler.
+    for k in [
+        "RUSTC",
+        "RUSTDOC",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+    ] {
+        c.env_remove(k);
+    }
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let o = cmd.output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn setup() -> Result<()> {
+    let started = Instant::now();
+    // 1. The nightly toolchain itself (present on this machine kind; installed otherwise).
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly toolchain (needed to build eBPF with build-std)");
+        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+    }
+    // 2. rust-src for nightly.
+    let comps = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
+        .unwrap_or_default();
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        step("installing rust-src for nightly");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    }
+    // 3. bpf-linker, linked against nightly's own libLLVM, which only resolves inside the
+    //    nightly toolchain's environment (where aya-build runs it).
+    let linker_ok = output(Command::new("rustup").args(["run", NIGHTLY, "bpf-linker", "--version"]))
+        .is_some_and(|v| v.split_whitespace().any(|w| w.starts_with(BPF_LINKER_VERSION)));
+    if !linker_ok {
+        install_bpf_linker()?;
+    }
+    step(&format!("setup complete in {:.1}s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let sysroot = output(cargo_nightly_rustc().args(["--print", "sysroot"]))
+        .context("cannot ask nightly rustc for its sysroot")?;
+    let lib = PathBuf::from(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("read {}", lib.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let major = llvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("libLLVM.so."))
+        .and_then(|v| v.split('.').next())
+        .context("cannot read the LLVM major version from the library name")?
+        .to_string();
+    let prefix = workspace_root().join("target/xtask/llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    let link = prefix_lib.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link).with_context(|| format!("symlink {}", link.display()))?;
+    step(&format!(
+        "installing bpf-linker {BPF_LINKER_VERSION} against {} (LLVM {major}); about a minute",
+        llvm.display()
+    ));
+    run(cargo_nightly()
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            &format!("^{BPF_LINKER_VERSION}"),
+        ])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn cargo_nightly_rustc() -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", NIGHTLY, "rustc"]);
+    c
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    setup()?;
+    step("building sensor-ebpf for bpfel-unknown-none");
+    let arch = env::consts::ARCH;
+    let flags = format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    run(cargo_nightly()
+        .args([
+            "build",
+            "-p",
+            "sensor-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            BPF_TARGET,
+            "-Z",
+            "build-std=core",
+        ])
+        .env("CARGO_ENCODED_RUSTFLAGS", flags))?;
+    let obj = root.join("target").join(BPF_TARGET).join("release/sensor");
+    println!("{}", obj.display());
+    Ok(())
+}

@@ -30,8 +30,10 @@ pub struct KernelBtf {
 impl KernelBtf {
     pub fn open(path: Option<&Path>) -> Result<KernelBtf, BtfError> {
         let path = path.map_or_else(|| PathBuf::from(DEFAULT_BTF), Path::to_path_buf);
-        let btf = Btf::from_file(&path)
-            .map_err(|e| BtfError::Open { path: path.clone(), reason: e.to_string() })?;
+        let btf = Btf::from_file(&path).map_err(|e| BtfError::Open {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         Ok(KernelBtf { path, btf })
     }
 
@@ -70,12 +72,7 @@ impl KernelBtf {
             .unwrap_or(false)
     }
 
-    fn find_member(
-        &self,
-        s: &btf_rs::Struct,
-        member: &str,
-        base_bits: u32,
-    ) -> Result<Option<u32>, BtfError> {
+    fn find_member(&self, s: &btf_rs::Struct, member: &str, base_bits: u32) -> Result<Option<u32>, BtfError> {
         for m in &s.members {
             let name = self.btf.resolve_name(m).unwrap_or_default();
             let here = base_bits + m.bit_offset();
@@ -133,7 +130,10 @@ mod tests {
             btf.member_offset("task_struct", "no_such_member"),
             Err(BtfError::NoMember { .. })
         ));
-        assert!(matches!(btf.member_offset("no_such_struct_xyz", "a"), Err(BtfError::NoStruct(_))));
+        assert!(matches!(
+            btf.member_offset("no_such_struct_xyz", "a"),
+            Err(BtfError::NoStruct(_))
+        ));
         assert!(btf.has_func("oom_kill_process"));
     }
 }

@@ -21,10 +21,18 @@ pub struct Support {
 
 impl Support {
     fn yes(name: &'static str) -> Support {
-        Support { name, supported: true, detail: None }
+        Support {
+            name,
+            supported: true,
+            detail: None,
+        }
     }
     fn no(name: &'static str, detail: impl Into<String>) -> Support {
-        Support { name, supported: false, detail: Some(detail.into()) }
+        Support {
+            name,
+            supported: false,
+            detail: Some(detail.into()),
+        }
     }
 }
 
@@ -48,7 +56,10 @@ impl KernelFeatures {
         .map(|(name, t)| match is_program_supported(t) {
             Ok(true) => Support::yes(name),
             Ok(false) => Support::no(name, "the kernel refuses this program type"),
-            Err(e) => Support::no(name, format!("the kernel refuses this program type: {}", error_chain(&e))),
+            Err(e) => Support::no(
+                name,
+                format!("the kernel refuses this program type: {}", error_chain(&e)),
+            ),
         })
         .collect();
         let map_types = [
@@ -73,7 +84,11 @@ impl KernelFeatures {
         } else {
             Support::no("btf", "no kernel BTF (/sys/kernel/btf/vmlinux or --btf-path)")
         });
-        KernelFeatures { program_types, map_types, attach }
+        KernelFeatures {
+            program_types,
+            map_types,
+            attach,
+        }
     }
 
     pub fn program(&self, name: &str) -> Option<&Support> {

@@ -54,13 +54,21 @@ mod tests {
     #[test]
     fn parses_capeff() {
         let s = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
-        let c = Caps { effective: parse_cap_eff(s).unwrap() };
+        let c = Caps {
+            effective: parse_cap_eff(s).unwrap(),
+        };
         assert!(c.can_trace());
-        let none = Caps { effective: parse_cap_eff("CapEff:\t0000000000000000\n").unwrap() };
+        let none = Caps {
+            effective: parse_cap_eff("CapEff:\t0000000000000000\n").unwrap(),
+        };
         assert!(!none.can_trace());
-        let bpf_only = Caps { effective: 1 << CAP_BPF };
+        let bpf_only = Caps {
+            effective: 1 << CAP_BPF,
+        };
         assert!(!bpf_only.can_trace());
-        let bpf_perfmon = Caps { effective: (1 << CAP_BPF) | (1 << CAP_PERFMON) };
+        let bpf_perfmon = Caps {
+            effective: (1 << CAP_BPF) | (1 << CAP_PERFMON),
+        };
         assert!(bpf_perfmon.can_trace());
     }
 }

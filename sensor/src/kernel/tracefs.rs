@@ -8,10 +8,7 @@ pub enum TracefsError {
     #[error("tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {0}")]
     Mount(String),
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: no field lines in the format file")]
     Empty { path: PathBuf },
 }
@@ -29,15 +26,24 @@ impl Tracefs {
     /// Uses an explicit root, else the first mounted candidate, else mounts one.
     pub fn locate(explicit: Option<&Path>) -> Result<Tracefs, TracefsError> {
         if let Some(p) = explicit {
-            return Ok(Tracefs { root: p.to_path_buf(), mounted_by_sensor: false });
+            return Ok(Tracefs {
+                root: p.to_path_buf(),
+                mounted_by_sensor: false,
+            });
         }
         for c in CANDIDATES {
             if Path::new(c).join("events").is_dir() {
-                return Ok(Tracefs { root: PathBuf::from(c), mounted_by_sensor: false });
+                return Ok(Tracefs {
+                    root: PathBuf::from(c),
+                    mounted_by_sensor: false,
+                });
             }
         }
         mount_tracefs("/sys/kernel/tracing")?;
-        Ok(Tracefs { root: PathBuf::from("/sys/kernel/tracing"), mounted_by_sensor: true })
+        Ok(Tracefs {
+            root: PathBuf::from("/sys/kernel/tracing"),
+            mounted_by_sensor: true,
+        })
     }
 
     pub fn has_event(&self, category: &str, name: &str) -> bool {
@@ -46,8 +52,10 @@ impl Tracefs {
 
     pub fn format(&self, category: &str, name: &str) -> Result<TracepointFormat, TracefsError> {
         let path = self.root.join("events").join(category).join(name).join("format");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| TracefsError::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Read {
+            path: path.clone(),
+            source,
+        })?;
         let fmt = TracepointFormat::parse(&text);
         if fmt.fields.is_empty() {
             return Err(TracefsError::Empty { path });
@@ -61,9 +69,7 @@ fn mount_tracefs(target: &str) -> Result<(), TracefsError> {
     let (src, tgt, fstype) = (c("tracefs")?, c(target)?, c("tracefs")?);
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call;
     // data is null, which mount(2) accepts.
-    let rc = unsafe {
-        libc::mount(src.as_ptr(), tgt.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(TracefsError::Mount(std::io::Error::last_os_error().to_string()));
     }
@@ -142,7 +148,13 @@ fn parse_field_line(line: &str) -> Option<TpField> {
     }
     let mut decl = base[..name_start].trim().to_string();
     decl.push_str(&suffix.replace(|c: char| c.is_ascii_digit(), ""));
-    Some(TpField { name, decl, offset: offset?, size: size?, signed })
+    Some(TpField {
+        name,
+        decl,
+        offset: offset?,
+        size: size?,
+        signed,
+    })
 }
 
 #[cfg(test)]

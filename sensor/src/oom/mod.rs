@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use aya::EbpfLoader;
 use prometheus::{IntCounterVec, Opts, Registry};
-use sensor_common::oom::{MarkVictimLayout, OomControlLayout, OomKillRecord, TpField, field, hook};
+use sensor_common::oom::{field, hook, MarkVictimLayout, OomControlLayout, OomKillRecord, TpField};
 use serde::Serialize;
 
 use crate::{
@@ -22,9 +22,21 @@ pub use scope::{Scope, ScopeResolver};
 pub const SPEC: ProbeSpec = ProbeSpec {
     name: "oom",
     hooks: &[
-        HookSpec { kind: HookKind::Fentry, program: "oom_kill_fentry", target: "oom_kill_process" },
-        HookSpec { kind: HookKind::Kprobe, program: "oom_kill_kprobe", target: "oom_kill_process" },
-        HookSpec { kind: HookKind::Tracepoint, program: "oom_mark_victim", target: "oom/mark_victim" },
+        HookSpec {
+            kind: HookKind::Fentry,
+            program: "oom_kill_fentry",
+            target: "oom_kill_process",
+        },
+        HookSpec {
+            kind: HookKind::Kprobe,
+            program: "oom_kill_kprobe",
+            target: "oom_kill_process",
+        },
+        HookSpec {
+            kind: HookKind::Tracepoint,
+            program: "oom_mark_victim",
+            target: "oom/mark_victim",
+        },
     ],
 };
 
@@ -75,7 +87,11 @@ impl Layouts {
                 OomControlLayout::INVALID
             }
         };
-        Layouts { mark_victim, oom_control, notes }
+        Layouts {
+            mark_victim,
+            oom_control,
+            notes,
+        }
     }
 
     pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
@@ -171,7 +187,10 @@ pub struct OomSlice {
 impl OomSlice {
     pub fn new(registry: &Registry, hub: Arc<EventHub>) -> prometheus::Result<OomSlice> {
         let kills = IntCounterVec::new(
-            Opts::new("sensor_oom_kills_total", "OOM kills seen by the kernel probe, by scope (memcg or global)."),
+            Opts::new(
+                "sensor_oom_kills_total",
+                "OOM kills seen by the kernel probe, by scope (memcg or global).",
+            ),
             &["scope"],
         )?;
         registry.register(Box::new(kills.clone()))?;
@@ -223,10 +242,21 @@ mod tests {
         let l = mark_victim_layout(&TracepointFormat::parse(
             "\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] comm;\toffset:12;\tsize:4;\tsigned:0;\n\tfield:unsigned long total_vm;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:short oom_score_adj;\toffset:64;\tsize:2;\tsigned:1;\n",
         ));
-        assert_eq!((l.pid, l.comm, l.comm_is_data_loc, l.total_vm, l.oom_score_adj), (8, 12, 1, 16, 64));
+        assert_eq!(
+            (l.pid, l.comm, l.comm_is_data_loc, l.total_vm, l.oom_score_adj),
+            (8, 12, 1, 16, 64)
+        );
         assert_eq!(l.anon_rss, TpField::ABSENT);
-        let old = mark_victim_layout(&TracepointFormat::parse("\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;\n"));
-        assert_eq!(old, MarkVictimLayout { pid: 8, ..MarkVictimLayout::ABSENT });
+        let old = mark_victim_layout(&TracepointFormat::parse(
+            "\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;\n",
+        ));
+        assert_eq!(
+            old,
+            MarkVictimLayout {
+                pid: 8,
+                ..MarkVictimLayout::ABSENT
+            }
+        );
     }
 
     #[test]

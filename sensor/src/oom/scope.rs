@@ -50,11 +50,15 @@ impl ScopeResolver {
         let mut wanted: Vec<(u64, bool)> = Vec::new();
         for line in text.lines() {
             let mut it = line.split_whitespace();
-            let (Some(addr), Some(ty), Some(name)) = (it.next(), it.next(), it.next()) else { continue };
+            let (Some(addr), Some(ty), Some(name)) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
             if !matches!(ty, "t" | "T") {
                 continue;
             }
-            let Ok(addr) = u64::from_str_radix(addr, 16) else { continue };
+            let Ok(addr) = u64::from_str_radix(addr, 16) else {
+                continue;
+            };
             if addr == 0 {
                 continue;
             }
@@ -71,7 +75,11 @@ impl ScopeResolver {
         for (addr, memcg) in wanted {
             let idx = starts.partition_point(|s| *s <= addr);
             let end = starts.get(idx).copied().unwrap_or(addr + 4096);
-            if memcg { r.memcg.push((addr, end)) } else { r.global.push((addr, end)) }
+            if memcg {
+                r.memcg.push((addr, end))
+            } else {
+                r.global.push((addr, end))
+            }
         }
         r
     }
@@ -107,8 +115,14 @@ ffffffff81500000 D some_data
     fn classifies_by_entry_point() {
         let r = ScopeResolver::parse(KALLSYMS);
         // memcg chain: mark_victim <- ... <- out_of_memory <- mem_cgroup_out_of_memory
-        assert_eq!(r.classify(&[0xffffffff81300410, 0xffffffff81300120, 0xffffffff81400050]), Scope::Memcg);
-        assert_eq!(r.classify(&[0xffffffff81300410, 0xffffffff81300120, 0xffffffff81999999]), Scope::Global);
+        assert_eq!(
+            r.classify(&[0xffffffff81300410, 0xffffffff81300120, 0xffffffff81400050]),
+            Scope::Memcg
+        );
+        assert_eq!(
+            r.classify(&[0xffffffff81300410, 0xffffffff81300120, 0xffffffff81999999]),
+            Scope::Global
+        );
         assert_eq!(r.classify(&[0xffffffff81300810]), Scope::Global);
         // Just past mem_cgroup_out_of_memory is try_charge_memcg, not a hit.
         assert_eq!(r.classify(&[0xffffffff81400210]), Scope::Unknown);

@@ -1,0 +1,306 @@
+//! Helpers for integration tests that run the real daemon against the real kernel.
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+pub const SENSOR: &str = env!("CARGO_BIN_EXE_sensor");
+
+/// Privileged tests share the kernel (every daemon sees every OOM kill), so they run one at a
+/// time.
+static KERNEL: Mutex<()> = Mutex::new(());
+
+pub fn kernel_lock() -> MutexGuard<'static, ()> {
+    KERNEL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn can_trace() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |c: u32| eff & (1 << c) != 0;
+    (has(39) && has(38)) || has(21)
+}
+
+/// True when BPF tests can run. Under CI=true a missing privilege fails the test instead of
+/// skipping it, so CI can never go green without loading BPF.
+pub fn require_bpf(test: &str) -> bool {
+    if can_trace() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{test}: CI=true but this process cannot load BPF (needs CAP_BPF+CAP_PERFMON or root)");
+    }
+    eprintln!("SKIP {test}: needs CAP_BPF and CAP_PERFMON, or root (set CI=true to make this fatal)");
+    false
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Minimal HTTP/1.0 GET; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Value of the series `name{labels}` (labels in any order, all must match exactly).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, lbl) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let got: Vec<(String, String)> = lbl
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        if got.len() == labels.len()
+            && labels
+                .iter()
+                .all(|(k, v)| got.iter().any(|(gk, gv)| gk == k && gv == v))
+        {
+            return value.parse().ok();
+        }
+    }
+    None
+}
+
+/// A running `sensor run`, stopped with SIGTERM on `stop()` (or killed on drop).
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub stderr_path: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(extra: &[&str]) -> Daemon {
+        let port = free_port();
+        let stderr_path = std::env::temp_dir().join(format!("sensor-test-{}-{port}.log", std::process::id()));
+        let log = std::fs::File::create(&stderr_path).expect("log file");
+        let child = Command::new(SENSOR)
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sensor");
+        let mut d = Daemon {
+            child: Some(child),
+            port,
+            stderr_path,
+        };
+        d.wait_ready(Duration::from_secs(30));
+        d
+    }
+
+    fn wait_ready(&mut self, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, _)) = http_get(self.port, "/readyz") {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("sensor exited early with {st}:\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "sensor not ready after {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        let (code, body) = http_get(self.port, "/metrics").expect("scrape");
+        assert_eq!(code, 200);
+        body
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.port, path).expect("http get")
+    }
+
+    /// Polls `/metrics` until `name{labels}` equals `want`; returns the last scrape.
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let m = self.metrics();
+            if metric(&m, name, labels) == Some(want) {
+                return m;
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "{name}{labels:?} = {:?}, want {want} after {limit:?}\n--- metrics ---\n{m}\n--- log ---\n{}",
+                    metric(&m, name, labels),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("sensor did not exit within 20s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn run_sensor(args: &[&str]) -> Output {
+    Command::new(SENSOR).args(args).output().expect("run sensor")
+}
+
+/// A child memory cgroup under this process's own, removed on drop. Works on v1, hybrid (memory
+/// controller on v1) and v2 hosts.
+pub struct MemCgroup {
+    pub dir: PathBuf,
+    pub v2: bool,
+}
+
+fn own_cgroup(controller: Option<&str>) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().find_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
+        match controller {
+            Some(c) => ctrls.split(',').any(|x| x == c).then(|| path.to_string()),
+            None => (ctrls.is_empty()).then(|| path.to_string()),
+        }
+    })
+}
+
+impl MemCgroup {
+    pub fn new(name: &str, limit_bytes: u64) -> MemCgroup {
+        let unique = format!("{name}-{}", std::process::id());
+        let v1_root = Path::new("/sys/fs/cgroup/memory");
+        let (dir, v2) = if v1_root.join("memory.limit_in_bytes").exists() {
+            let own = own_cgroup(Some("memory")).expect("own v1 memory cgroup");
+            (v1_root.join(own.trim_start_matches('/')).join(unique), false)
+        } else {
+            let own = own_cgroup(None).expect("own v2 cgroup");
+            let parent = Path::new("/sys/fs/cgroup").join(own.trim_start_matches('/'));
+            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
+            (parent.join(unique), true)
+        };
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let cg = MemCgroup { dir, v2 };
+        if v2 {
+            cg.write("memory.max", &limit_bytes.to_string());
+            let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
+        } else {
+            cg.write("memory.limit_in_bytes", &limit_bytes.to_string());
+            // Without swap accounting this file is absent; without swap it does not matter.
+            let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), limit_bytes.to_string());
+        }
+        cg
+    }
+
+    fn write(&self, file: &str, value: &str) {
+        std::fs::write(self.dir.join(file), value)
+            .unwrap_or_else(|e| panic!("write {value} to {}/{file}: {e}", self.dir.display()));
+    }
+
+    /// The kernel's own count of OOM kills in this cgroup.
+    pub fn kernel_oom_kills(&self) -> u64 {
+        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Runs `tail /dev/zero` (which buffers without bound) inside the cgroup until the kernel
+    /// kills it; returns its pid after checking it died of SIGKILL.
+    pub fn cause_oom_kill(&self) -> u32 {
+        let procs = self.dir.join("cgroup.procs");
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("echo $$ > \"$1\" && exec tail /dev/zero")
+            .arg("sh")
+            .arg(&procs)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn allocator");
+        let pid = child.id();
+        let st = child.wait().expect("wait allocator");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            st.signal(),
+            Some(libc::SIGKILL),
+            "allocator should be OOM-killed, got {st}"
+        );
+        pid
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
