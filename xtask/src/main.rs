@@ -74,9 +74,11 @@ fn real_main() -> Result<()> {
         Cmd::Test { args } => {
             setup()?;
             step("running the test suite (unit + privileged integration tests)");
-            run(cargo()
-                .args(["test", "--workspace", "--exclude", "sensor-ebpf"])
-                .args(args))
+            run_tests(
+                cargo()
+                    .args(["test", "--workspace", "--exclude", "sensor-ebpf"])
+                    .args(args),
+            )
         }
         Cmd::Lint => {
             setup()?;
@@ -171,6 +173,44 @@ fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and ends with one totals line over every test binary
+/// (cargo's own last lines are those of crates without tests, which say `0 passed`).
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let num = |key: &str| {
+                    rest.split(';')
+                        .find_map(|p| p.trim().strip_suffix(key).map(str::trim))
+                        .and_then(|n| n.rsplit(' ').next())
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                passed += num("passed");
+                failed += num("failed");
+                ignored += num("ignored");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
     }
     Ok(())
 }
