@@ -1,4 +1,10 @@
-//! OOM-kill records and the tracepoint layout the daemon hands to the kernel program.
+//! OOM-kill records and the kernel layouts the daemon hands to the kernel programs.
+//!
+//! One kill is one record, merged in the kernel from up to three parts so that
+//! "kills caused = kills seen + events lost" holds exactly:
+//! - `FIELDS`: `oom:mark_victim` tracepoint, fields at offsets from the tracefs format file;
+//! - `CGROUP`: raw tracepoint `mark_victim`, the victim `task_struct` -> memory cgroup id and path;
+//! - `CONTEXT`: fentry/kprobe `oom_kill_process`, the `oom_control` (constraint, OOMing memcg).
 
 use crate::record::RecordHeader;
 
@@ -6,17 +12,30 @@ pub const COMM_LEN: usize = 16;
 /// Kernel stack frames captured with each kill; enough to reach the OOM entry point
 /// (`mem_cgroup_out_of_memory` vs `out_of_memory`) from `mark_victim`.
 pub const STACK_DEPTH: usize = 24;
-pub const RECORD_VERSION: u16 = 1;
+/// Bytes for the victim's cgroup path: kernfs names, leaf first, each NUL-terminated.
+pub const PATH_BUF: usize = 640;
+/// Longest kernfs name copied (container scopes are ~90 bytes).
+pub const NAME_MAX: usize = 128;
+/// Ancestors walked; deeper paths are marked truncated and resolved from cgroupfs by id.
+pub const PATH_MAX_DEPTH: usize = 12;
+pub const RECORD_VERSION: u16 = 2;
 
-/// Which hook produced a record.
+/// Which hook produced the `CONTEXT` part.
 pub mod hook {
-    pub const TRACEPOINT: u8 = 1;
+    pub const NONE: u8 = 0;
     pub const KPROBE: u8 = 2;
     pub const FENTRY: u8 = 3;
 }
 
+/// Parts of a kill record (bits of [`OomKillRecord::parts`] and of the expected-parts config).
+pub mod part {
+    pub const FIELDS: u32 = 1 << 0;
+    pub const CGROUP: u32 = 1 << 1;
+    pub const CONTEXT: u32 = 1 << 2;
+}
+
 /// Bits of [`OomKillRecord::present`]: a field is only meaningful when its bit is set,
-/// because tracepoint fields differ across kernel versions.
+/// because tracepoint fields differ across kernel versions and parts may be missing.
 pub mod field {
     pub const PID: u32 = 1 << 0;
     pub const COMM: u32 = 1 << 1;
@@ -28,37 +47,66 @@ pub mod field {
     pub const PGTABLES: u32 = 1 << 7;
     pub const OOM_SCORE_ADJ: u32 = 1 << 8;
     pub const STACK: u32 = 1 << 9;
+    pub const TGID: u32 = 1 << 10;
+    pub const MEMCG_ID: u32 = 1 << 11;
+    pub const DFL_CGROUP_ID: u32 = 1 << 12;
+    pub const CGROUP_PATH: u32 = 1 << 13;
+    pub const OC_MEMCG_ID: u32 = 1 << 14;
+    pub const TOTALPAGES: u32 = 1 << 15;
+    pub const CONSTRAINT: u32 = 1 << 16;
 }
 
-/// One OOM kill as seen by a hook. Memory sizes are in kB, as the tracepoint reports them.
+/// One OOM kill. Memory sizes are in kB, as the tracepoint reports them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct OomKillRecord {
     pub header: RecordHeader,
     pub present: u32,
-    pub hook: u8,
-    pub _pad0: [u8; 1],
-    pub oom_score_adj: i16,
+    pub parts: u32,
+    /// Victim thread id (`task->pid`), the key the parts merge on.
     pub victim_pid: i32,
+    pub victim_tgid: i32,
     pub victim_uid: u32,
+    pub oom_score_adj: i16,
+    /// Hook of the `CONTEXT` part ([`hook`]).
+    pub context_hook: u8,
+    pub _pad0: u8,
     pub victim_comm: [u8; COMM_LEN],
     pub total_vm_kb: u64,
     pub anon_rss_kb: u64,
     pub file_rss_kb: u64,
     pub shmem_rss_kb: u64,
     pub pgtables_kb: u64,
-    /// The task whose allocation triggered the OOM (`current` at the hook).
+    /// The task whose allocation triggered the OOM (`current` at `mark_victim`).
     pub trigger_pid: u32,
     pub trigger_tgid: u32,
     pub trigger_comm: [u8; COMM_LEN],
     /// cgroup v2 id of the triggering task (0 where v2 is not mounted).
     pub trigger_cgroup_id: u64,
+    /// kernfs id (= inode) of the victim's memory cgroup, in the memory controller's hierarchy.
+    pub memcg_id: u64,
+    /// kernfs id of the victim's cgroup v2 (default hierarchy) cgroup.
+    pub dfl_cgroup_id: u64,
+    /// kernfs id of the memory cgroup that ran out (`oom_control.memcg`; 0 for a global OOM).
+    pub oc_memcg_id: u64,
+    /// `oom_control.totalpages`: the limit the OOM was computed against, in pages.
+    pub totalpages: u64,
+    /// `enum oom_constraint`: 0 none, 1 cpuset, 2 mempolicy, 3 memcg.
+    pub constraint: u32,
+    /// Bytes of `path` in use.
+    pub path_len: u16,
+    pub path_depth: u8,
+    /// Non-zero when the walk stopped before the root (too deep or buffer full).
+    pub path_truncated: u8,
     /// Bytes of `stack` that hold frames, as returned by `bpf_get_stack`.
     pub stack_bytes: u32,
     pub _pad1: u32,
     pub stack: [u64; STACK_DEPTH],
+    /// Kernfs names from the victim's memory cgroup up to (not including) the root, leaf first,
+    /// each followed by a NUL.
+    pub path: [u8; PATH_BUF],
 }
-crate::assert_size!(OomKillRecord, 128 + 8 * STACK_DEPTH);
+crate::assert_size!(OomKillRecord, 176 + 8 * STACK_DEPTH + PATH_BUF);
 
 impl OomKillRecord {
     pub const LEN: u16 = core::mem::size_of::<OomKillRecord>() as u16;
@@ -105,40 +153,105 @@ impl MarkVictimLayout {
     };
 }
 
-/// Offsets into kernel structs used by the `oom_kill_process` hooks (kprobe, fentry), taken
-/// from the running kernel's BTF at load time. `valid == 0` makes the programs skip reading
-/// through `struct oom_control` and report only `current`.
+/// Offsets into `task_struct` and the cgroup structs, from the running kernel's BTF, used to go
+/// from a task to its memory cgroup's kernfs node. `valid == 0` disables the walk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskLayout {
+    pub valid: u32,
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    /// `task_struct.cgroups` (`struct css_set *`).
+    pub task_cgroups: u32,
+    /// `css_set.subsys` (array of `struct cgroup_subsys_state *`).
+    pub cset_subsys: u32,
+    /// `css_set.dfl_cgrp` (`struct cgroup *`).
+    pub cset_dfl_cgrp: u32,
+    /// `enum cgroup_subsys_id::memory_cgrp_id`.
+    pub memory_cgrp_id: u32,
+    /// `cgroup_subsys_state.cgroup`.
+    pub css_cgroup: u32,
+    /// `cgroup.kn`.
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id`.
+    pub kn_id: u32,
+    /// `kernfs_node.name`.
+    pub kn_name: u32,
+    /// `kernfs_node.__parent` (or `parent` before 6.15).
+    pub kn_parent: u32,
+    pub _pad: u32,
+}
+crate::assert_size!(TaskLayout, 56);
+
+impl TaskLayout {
+    pub const INVALID: TaskLayout = TaskLayout {
+        valid: 0,
+        task_pid: 0,
+        task_tgid: 0,
+        task_comm: 0,
+        task_cgroups: 0,
+        cset_subsys: 0,
+        cset_dfl_cgrp: 0,
+        memory_cgrp_id: 0,
+        css_cgroup: 0,
+        cgroup_kn: 0,
+        kn_id: 0,
+        kn_name: 0,
+        kn_parent: 0,
+        _pad: 0,
+    };
+}
+
+/// Offsets into `struct oom_control` for the fentry/kprobe hooks, from BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OomControlLayout {
     pub valid: u32,
-    /// `struct oom_control::chosen` (the victim `struct task_struct *`).
+    pub oc_memcg: u32,
+    pub oc_totalpages: u32,
     pub oc_chosen: u32,
-    pub task_pid: u32,
-    pub task_tgid: u32,
-    pub task_comm: u32,
-    pub _pad: u32,
+    pub oc_constraint: u32,
+    /// `mem_cgroup.css` (a `struct cgroup_subsys_state`, normally at offset 0).
+    pub memcg_css: u32,
 }
 crate::assert_size!(OomControlLayout, 24);
 
 impl OomControlLayout {
     pub const INVALID: OomControlLayout = OomControlLayout {
         valid: 0,
+        oc_memcg: 0,
+        oc_totalpages: 0,
         oc_chosen: 0,
-        task_pid: 0,
-        task_tgid: 0,
-        task_comm: 0,
-        _pad: 0,
+        oc_constraint: 0,
+        memcg_css: 0,
     };
 }
 
+/// What the `oom_kill_process` hook saw, kept until `mark_victim` of the same OOM merges it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OomContext {
+    pub oc_memcg_id: u64,
+    pub totalpages: u64,
+    pub ktime_ns: u64,
+    pub constraint: u32,
+    pub chosen_pid: i32,
+    pub present: u32,
+    pub hook: u32,
+}
+crate::assert_size!(OomContext, 40);
+
+/// Index of the expected-parts mask in the `OOM_CONFIG` array map.
+pub const CONFIG_EXPECTED_PARTS: u32 = 0;
+
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: `#[repr(C)]`, only `u32` fields, no implicit padding.
-    unsafe impl aya::Pod for super::OomControlLayout {}
-    // SAFETY: both types are `#[repr(C)]`, made only of integers and integer arrays with
-    // explicit padding fields, so every bit pattern is valid and there are no implicit holes.
+    // SAFETY (all four): `#[repr(C)]`, made only of integers and integer arrays with explicit
+    // padding fields, so every bit pattern is valid and there are no implicit holes.
     unsafe impl aya::Pod for super::MarkVictimLayout {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::OomKillRecord {}
+    unsafe impl aya::Pod for super::TaskLayout {}
+    unsafe impl aya::Pod for super::OomControlLayout {}
+    unsafe impl aya::Pod for super::OomContext {}
 }

@@ -163,12 +163,16 @@ impl<'de> Deserialize<'de> for Destination {
 pub struct Limits {
     /// At most this many workloads per metric family; the rest fold into `cgroup="other"`.
     pub workloads_per_metric: usize,
+    /// Series of a cgroup whose directory is gone are dropped this long after it vanished.
+    #[serde(with = "duration")]
+    pub vanished_grace: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             workloads_per_metric: 1000,
+            vanished_grace: Duration::from_secs(15 * 60),
         }
     }
 }

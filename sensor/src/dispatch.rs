@@ -11,7 +11,7 @@ use crate::{
 
 pub struct Dispatcher {
     pub metrics: Arc<SelfMetrics>,
-    pub oom: OomSlice,
+    pub oom: Arc<OomSlice>,
 }
 
 impl Sink for Dispatcher {

@@ -5,7 +5,7 @@ use serde::Serialize;
 use crate::{
     kernel::{self, features::Support, privileges::Caps},
     loader::{self, KernelContext, LoadOptions},
-    probe::{HookAttempt, ProbeReport, ProbeState},
+    probe::{GroupReport, HookAttempt, ProbeReport, ProbeState},
 };
 
 #[derive(Debug, Serialize)]
@@ -36,42 +36,42 @@ pub struct Component {
 pub fn report(opts: &LoadOptions) -> Report {
     let kctx = KernelContext::discover(opts);
     let privileged = Caps::current().map(|c| c.can_trace()).unwrap_or(false);
+    let not_tested = |reason: String| -> Vec<ProbeReport> {
+        loader::registry()
+            .iter()
+            .map(|s| ProbeReport {
+                probe: s.name,
+                state: ProbeState::Unsupported { reason: reason.clone() },
+                groups: s
+                    .groups
+                    .iter()
+                    .map(|g| GroupReport {
+                        purpose: g.purpose,
+                        required: g.required,
+                        hook: None,
+                        attempts: g
+                            .hooks
+                            .iter()
+                            .map(|h| HookAttempt {
+                                hook: h.kind,
+                                target: h.target,
+                                ok: false,
+                                error: Some(reason.clone()),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
     let (probes, attach_tested) = if privileged {
         match loader::load(&kctx, opts) {
             Ok(l) => (l.reports, true),
-            Err(e) => (
-                loader::registry()
-                    .iter()
-                    .map(|s| ProbeReport {
-                        probe: s.name,
-                        state: ProbeState::Unsupported { reason: e.to_string() },
-                        attempts: Vec::new(),
-                    })
-                    .collect(),
-                true,
-            ),
+            Err(e) => (not_tested(e.to_string()), true),
         }
     } else {
         (
-            loader::registry()
-                .iter()
-                .map(|s| ProbeReport {
-                    probe: s.name,
-                    state: ProbeState::Unsupported {
-                        reason: crate::kernel::privileges::NEEDS.to_string(),
-                    },
-                    attempts: s
-                        .hooks
-                        .iter()
-                        .map(|h| HookAttempt {
-                            hook: h.kind,
-                            target: h.target,
-                            ok: false,
-                            error: Some("not tested: unprivileged".into()),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            not_tested(format!("not tested: {}", crate::kernel::privileges::NEEDS)),
             false,
         )
     };
@@ -154,30 +154,34 @@ pub fn render_text(r: &Report) -> String {
     let _ = writeln!(o, "\nprobes");
     for p in &r.probes {
         let summary = match &p.state {
-            ProbeState::Attached { hook } => {
-                let t = p.attempts.iter().find(|a| a.ok).map_or("", |a| a.target);
-                format!("ATTACHED     uses {} {t} (preferred hook)", hook.label())
-            }
-            ProbeState::Degraded { hook, .. } => {
-                let t = p.attempts.iter().find(|a| a.ok).map_or("", |a| a.target);
-                let unavailable: Vec<&str> = p.attempts.iter().filter(|a| !a.ok).map(|a| a.hook.label()).collect();
-                format!(
-                    "DEGRADED     uses {} {t}: {} unavailable on this kernel",
-                    hook.label(),
-                    unavailable.join(" and ")
-                )
-            }
-            ProbeState::Unsupported { reason } => format!("UNSUPPORTED  {reason}"),
-            ProbeState::Disabled => "DISABLED     by configuration".to_string(),
+            ProbeState::Attached => "ATTACHED (every part with its preferred hook)".to_string(),
+            ProbeState::Degraded { .. } => "DEGRADED (running with fallbacks or without optional parts)".to_string(),
+            ProbeState::Unsupported { reason } => format!("UNSUPPORTED: {reason}"),
+            ProbeState::Disabled => "DISABLED by configuration".to_string(),
         };
-        let _ = writeln!(o, "  {:<8} {summary}", p.probe);
-        for a in &p.attempts {
-            let what = if a.ok {
-                "attached".to_string()
-            } else {
-                format!("unavailable: {}", a.error.as_deref().unwrap_or(""))
+        let _ = writeln!(o, "  {}  {summary}", p.probe);
+        for g in &p.groups {
+            let kind = if g.required { "required" } else { "optional" };
+            let uses = match g.attempts.iter().find(|a| a.ok) {
+                Some(a) => format!("uses {} {}", a.hook.label(), a.target),
+                None => "NOT ATTACHED".to_string(),
             };
-            let _ = writeln!(o, "           {:<11} {:<20} {what}", a.hook.label(), a.target);
+            let unavailable: Vec<&str> = g.attempts.iter().filter(|a| !a.ok).map(|a| a.hook.label()).collect();
+            let why = if unavailable.is_empty() {
+                String::new()
+            } else {
+                format!(": {} unavailable on this kernel", unavailable.join(" and "))
+            };
+            let _ = writeln!(o, "    {} ({kind}): {uses}{why}", g.purpose);
+            for a in g.attempts.iter().filter(|a| !a.ok) {
+                let _ = writeln!(
+                    o,
+                    "      {} {}: {}",
+                    a.hook.label(),
+                    a.target,
+                    a.error.as_deref().unwrap_or("")
+                );
+            }
         }
     }
     o

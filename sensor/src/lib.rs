@@ -5,6 +5,7 @@
 //! (`oom`, ...) -> `metrics` / `events` -> `http`.
 
 pub mod agg;
+pub mod cgroup;
 pub mod config;
 pub mod decode;
 pub mod dispatch;

@@ -11,7 +11,7 @@ use aya::{
 use crate::{
     kernel::{btf::KernelBtf, features::KernelFeatures, tracefs::Tracefs},
     oom,
-    probe::{HookAttempt, HookKind, HookSpec, ProbeReport, ProbeSpec},
+    probe::{GroupReport, HookAttempt, HookKind, HookSpec, ProbeReport, ProbeSpec},
 };
 
 /// The kernel programs, built by `build.rs` and embedded so the binary is self-contained.
@@ -90,25 +90,42 @@ pub fn load(kctx: &KernelContext, opts: &LoadOptions) -> Result<Loaded, LoadErro
 }
 
 fn attach_probe(ebpf: &mut Ebpf, kctx: &KernelContext, spec: &ProbeSpec) -> ProbeReport {
-    let mut attempts = Vec::new();
-    for hook in spec.hooks {
-        let res = precheck(kctx, hook).and_then(|()| attach_hook(ebpf, kctx, hook));
-        let ok = res.is_ok();
-        attempts.push(HookAttempt {
-            hook: hook.kind,
-            target: hook.target,
-            ok,
-            error: res.err(),
-        });
-        if ok {
-            break;
+    let mut groups: Vec<GroupReport> = Vec::new();
+    for group in spec.groups {
+        configure(ebpf, spec, &groups);
+        let mut attempts = Vec::new();
+        for hook in group.hooks {
+            let res = precheck(kctx, hook).and_then(|()| attach_hook(ebpf, kctx, hook));
+            let ok = res.is_ok();
+            attempts.push(HookAttempt {
+                hook: hook.kind,
+                target: hook.target,
+                ok,
+                error: res.err(),
+            });
+            if ok {
+                break;
+            }
+        }
+        groups.push(GroupReport::from_attempts(group, attempts));
+    }
+    configure(ebpf, spec, &groups);
+    ProbeReport::from_groups(spec.name, groups)
+}
+
+fn configure(ebpf: &mut Ebpf, spec: &ProbeSpec, groups: &[GroupReport]) {
+    if let Some(f) = spec.configure {
+        if let Err(e) = f(ebpf, groups) {
+            tracing::error!(probe = spec.name, error = %e, "configuring the probe's programs failed");
         }
     }
-    ProbeReport::from_attempts(spec.name, attempts)
 }
 
 /// Cheap checks that explain a failure better than the syscall error would.
 fn precheck(kctx: &KernelContext, hook: &HookSpec) -> Result<(), String> {
+    if let Some(check) = hook.check {
+        check(kctx)?;
+    }
     let unsupported = |name: &str| -> Option<String> {
         match kctx.features.program(name) {
             Some(s) if !s.supported => Some(format!(

@@ -25,6 +25,8 @@ enum Cmd {
     Run(RunArgs),
     /// Show what this kernel supports and which hook each probe would use.
     Doctor(DoctorArgs),
+    /// Load the probes and print each event (OOM kill, ...) as one JSON line until SIGINT.
+    Events(RunArgs),
 }
 
 /// Every flag overrides the config key of the same name (`a.b_c` -> `--a.b-c`).
@@ -55,6 +57,8 @@ struct RunArgs {
     tcp_enabled: Option<bool>,
     #[arg(long = "limits.workloads-per-metric")]
     workloads_per_metric: Option<usize>,
+    #[arg(long = "limits.vanished-grace", value_parser = humantime::parse_duration)]
+    vanished_grace: Option<Duration>,
     #[arg(long = "alerting.availability-threshold")]
     availability_threshold: Option<f64>,
     #[arg(long = "alerting.window", value_parser = humantime::parse_duration)]
@@ -105,6 +109,9 @@ impl RunArgs {
         if let Some(v) = self.workloads_per_metric {
             c.limits.workloads_per_metric = v;
         }
+        if let Some(v) = self.vanished_grace {
+            c.limits.vanished_grace = v;
+        }
         if let Some(v) = self.availability_threshold {
             c.alerting.availability_threshold = v;
         }
@@ -146,6 +153,11 @@ fn main() -> ExitCode {
             }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run::run(cfg))
+        })(),
+        Cmd::Events(args) => (|| -> anyhow::Result<()> {
+            let cfg = args.config()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(run::events(cfg))
         })(),
         Cmd::Doctor(args) => (|| -> anyhow::Result<()> {
             let opts = sensor::loader::LoadOptions {

@@ -48,7 +48,7 @@ impl SelfMetrics {
             IntGaugeVec::new(
                 Opts::new(
                     "sensor_probe_attached",
-                    "1 when the probe is attached with the labelled hook, 0 (hook=\"none\") when not.",
+                    "1 for each hook a probe uses, 0 for candidate hooks that did not attach (hook=\"none\" when the probe has none).",
                 ),
                 &["probe", "hook"],
             ),
@@ -110,9 +110,15 @@ impl SelfMetrics {
         self.probe_attached.reset();
         self.probe_state.reset();
         for r in reports {
-            match r.state.hook() {
-                Some(h) => self.probe_attached.with_label_values(&[r.probe, h.label()]).set(1),
-                None => self.probe_attached.with_label_values(&[r.probe, "none"]).set(0),
+            // 1 for every hook in use, 0 for candidates that did not attach.
+            for g in &r.groups {
+                for a in &g.attempts {
+                    let v = i64::from(g.hook == Some(a.hook));
+                    self.probe_attached.with_label_values(&[r.probe, a.hook.label()]).set(v);
+                }
+            }
+            if r.hooks().is_empty() {
+                self.probe_attached.with_label_values(&[r.probe, "none"]).set(0);
             }
             self.probe_state.with_label_values(&[r.probe, r.state.label()]).set(1);
         }

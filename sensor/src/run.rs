@@ -1,14 +1,21 @@
-//! `sensor run`: load, attach, read, serve, and shut down cleanly on SIGTERM/SIGINT.
+//! The probe pipeline (load, attach, read, dispatch) and the commands built on it:
+//! `sensor run` (pipeline + HTTP) and `sensor events` (pipeline + JSON lines on stdout).
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc, Mutex, RwLock,
+use std::{
+    io::Write as _,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _};
+use aya::Ebpf;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
+    task::JoinHandle,
 };
 
 use crate::{
@@ -20,7 +27,7 @@ use crate::{
     loader::{self, KernelContext, LoadOptions},
     metrics::{LostCollector, SelfMetrics},
     oom::OomSlice,
-    probe::ProbeState,
+    probe::{ProbeReport, ProbeState},
     transport::{self, KernelCounters},
 };
 
@@ -36,84 +43,165 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
     }
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    privileges::require_tracing()?;
-    let kernel_release = kernel::release();
-    let opts = load_options(&cfg);
-    let kopts = opts.clone();
-    let kctx = tokio::task::spawn_blocking(move || KernelContext::discover(&kopts)).await?;
-    if let Ok(t) = &kctx.tracefs {
-        if t.mounted_by_sensor {
-            tracing::info!(path = %t.root.display(), "mounted tracefs");
-        }
-    }
-    let loaded = loader::load(&kctx, &opts).context("cannot load the sensor's eBPF programs")?;
-    let mut ebpf = loaded.ebpf;
-    let reports = loaded.reports;
-    for r in &reports {
+/// Everything between the kernel and the exporters, running.
+pub struct Pipeline {
+    ebpf: Ebpf,
+    pub reports: Vec<ProbeReport>,
+    pub metrics: Arc<SelfMetrics>,
+    pub hub: Arc<EventHub>,
+    pub kernel_release: String,
+    readers: Vec<JoinHandle<()>>,
+    refresher: JoinHandle<()>,
+    stop_tx: watch::Sender<bool>,
+    pub stop_rx: watch::Receiver<bool>,
+}
+
+fn log_reports(reports: &[ProbeReport]) {
+    for r in reports {
+        let hooks: Vec<&str> = r.hooks().iter().map(|h| h.label()).collect();
+        let hooks = hooks.join(",");
         match &r.state {
-            ProbeState::Attached { hook } => tracing::info!(probe = r.probe, hook = hook.label(), "probe attached"),
-            ProbeState::Degraded { hook, reason } => {
-                tracing::warn!(probe = r.probe, hook = hook.label(), %reason, "probe attached with a fallback hook")
-            }
+            ProbeState::Attached => tracing::info!(probe = r.probe, %hooks, "probe attached"),
+            ProbeState::Degraded { reason } => tracing::warn!(probe = r.probe, %hooks, %reason, "probe degraded"),
             ProbeState::Unsupported { reason } => tracing::error!(probe = r.probe, %reason, "probe unsupported"),
             ProbeState::Disabled => tracing::info!(probe = r.probe, "probe disabled by configuration"),
         }
     }
-    let enabled: Vec<_> = reports.iter().filter(|r| r.state != ProbeState::Disabled).collect();
-    if enabled.is_empty() {
-        bail!("every probe is disabled in the configuration; nothing to do");
-    }
-    if !enabled.iter().any(|r| r.state.hook().is_some()) {
-        let why: Vec<String> = enabled.iter().map(|r| format!("{}: {:?}", r.probe, r.state)).collect();
-        bail!("no probe could be attached: {}", why.join("; "));
-    }
-    if cfg.strict {
-        let bad: Vec<String> = enabled
-            .iter()
-            .filter(|r| !matches!(r.state, ProbeState::Attached { .. }))
-            .map(|r| format!("{} is {}", r.probe, r.state.label()))
-            .collect();
-        if !bad.is_empty() {
-            bail!("--strict: {}", bad.join(", "));
+}
+
+impl Pipeline {
+    pub async fn start(cfg: &Config) -> anyhow::Result<Pipeline> {
+        privileges::require_tracing()?;
+        let kernel_release = kernel::release();
+        let opts = load_options(cfg);
+        let kopts = opts.clone();
+        let kctx = tokio::task::spawn_blocking(move || KernelContext::discover(&kopts)).await?;
+        if let Ok(t) = &kctx.tracefs {
+            if t.mounted_by_sensor {
+                tracing::info!(path = %t.root.display(), "mounted tracefs");
+            }
         }
+        let loaded = loader::load(&kctx, &opts).context("cannot load the sensor's eBPF programs")?;
+        let mut ebpf = loaded.ebpf;
+        let reports = loaded.reports;
+        log_reports(&reports);
+        let enabled: Vec<_> = reports.iter().filter(|r| r.state != ProbeState::Disabled).collect();
+        if enabled.is_empty() {
+            bail!("every probe is disabled in the configuration; nothing to do");
+        }
+        if !enabled.iter().any(|r| r.state.running()) {
+            let why: Vec<String> = enabled.iter().map(|r| format!("{}: {:?}", r.probe, r.state)).collect();
+            bail!("no probe could be attached: {}", why.join("; "));
+        }
+        if cfg.strict {
+            let bad: Vec<String> = enabled
+                .iter()
+                .filter(|r| r.state != ProbeState::Attached)
+                .map(|r| format!("{} is {}", r.probe, r.state.label()))
+                .collect();
+            if !bad.is_empty() {
+                bail!("--strict: {}", bad.join(", "));
+            }
+        }
+
+        let probe_names: Vec<&'static str> = loader::registry().iter().map(|p| p.name).collect();
+        let metrics = Arc::new(SelfMetrics::new(&kernel_release, &probe_names));
+        metrics.set_probe_reports(&reports);
+        let hub = Arc::new(EventHub::new(cfg.events.history));
+        let oom = Arc::new(OomSlice::new(
+            &metrics.registry,
+            Arc::clone(&hub),
+            cfg.limits.workloads_per_metric,
+            cfg.limits.vanished_grace,
+        )?);
+        let counters = KernelCounters::new(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
+        let probe_ids = vec![("oom", sensor_common::record::probe_id::OOM)];
+        metrics
+            .registry
+            .register(Box::new(LostCollector::new(Arc::new(Mutex::new(counters)), probe_ids)))?;
+
+        let dispatcher = Arc::new(Dispatcher {
+            metrics: Arc::clone(&metrics),
+            oom: Arc::clone(&oom),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let readers = transport::spawn_readers(
+            ebpf.take_map("EVENTS").context("EVENTS map missing")?,
+            cfg.perf_ring_pages,
+            dispatcher,
+            stop_rx.clone(),
+        )?;
+        let refresher = {
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let oom = Arc::clone(&oom);
+                            let _ = tokio::task::spawn_blocking(move || oom.refresh()).await;
+                        }
+                        _ = stop.changed() => return,
+                    }
+                }
+            })
+        };
+        Ok(Pipeline {
+            ebpf,
+            reports,
+            metrics,
+            hub,
+            kernel_release,
+            readers,
+            refresher,
+            stop_tx,
+            stop_rx,
+        })
     }
 
-    let probe_names: Vec<&'static str> = loader::registry().iter().map(|p| p.name).collect();
-    let metrics = Arc::new(SelfMetrics::new(&kernel_release, &probe_names));
-    metrics.set_probe_reports(&reports);
-    let hub = Arc::new(EventHub::new(cfg.events.history));
-    let oom = OomSlice::new(&metrics.registry, Arc::clone(&hub))?;
-    let counters = KernelCounters::new(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
-    let probe_ids = vec![("oom", sensor_common::record::probe_id::OOM)];
-    metrics
-        .registry
-        .register(Box::new(LostCollector::new(Arc::new(Mutex::new(counters)), probe_ids)))?;
+    /// Detaches every program (no new events after this), then drains what the kernel already
+    /// wrote and stops the readers.
+    pub async fn shutdown(self) {
+        let Pipeline {
+            ebpf,
+            readers,
+            refresher,
+            stop_tx,
+            ..
+        } = self;
+        drop(ebpf);
+        let _ = stop_tx.send(true);
+        for r in readers {
+            let _ = r.await;
+        }
+        let _ = refresher.await;
+    }
+}
 
-    let dispatcher = Arc::new(Dispatcher {
-        metrics: Arc::clone(&metrics),
-        oom,
-    });
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let readers = transport::spawn_readers(
-        ebpf.take_map("EVENTS").context("EVENTS map missing")?,
-        cfg.perf_ring_pages,
-        dispatcher,
-        stop_rx.clone(),
-    )?;
+/// Resolves on SIGTERM or SIGINT with the signal's name.
+pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
 
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let pipeline = Pipeline::start(&cfg).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let state = http::AppState {
-        registry: metrics.registry.clone(),
-        hub: Arc::clone(&hub),
-        reports: Arc::new(RwLock::new(reports)),
+        registry: pipeline.metrics.registry.clone(),
+        hub: Arc::clone(&pipeline.hub),
+        reports: Arc::new(RwLock::new(pipeline.reports.clone())),
         ready: Arc::clone(&ready),
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr()?;
-    let mut http_stop = stop_rx.clone();
+    let mut http_stop = pipeline.stop_rx.clone();
     let server = tokio::spawn(async move {
         let r = axum::serve(listener, http::router(state))
             .with_graceful_shutdown(async move {
@@ -125,23 +213,44 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     });
     ready.store(true, Ordering::Release);
-    tracing::info!(listen = %local, kernel = %kernel_release, "sensor running");
+    tracing::info!(listen = %local, kernel = %pipeline.kernel_release, "sensor running");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
+    let which = shutdown_signal().await?;
     tracing::info!(signal = which, "shutting down: detaching probes");
     ready.store(false, Ordering::Release);
-    // Dropping the object detaches every program and link; no new events after this.
-    drop(ebpf);
-    let _ = stop_tx.send(true);
-    for r in readers {
-        let _ = r.await;
-    }
+    pipeline.shutdown().await;
     let _ = server.await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `sensor events`: one JSON line per event on stdout until SIGTERM/SIGINT.
+pub async fn events(cfg: Config) -> anyhow::Result<()> {
+    let pipeline = Pipeline::start(&cfg).await?;
+    let mut rx = pipeline.hub.subscribe();
+    tracing::info!("streaming events as JSON lines");
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(ev) => {
+                    let line = serde_json::to_string(&*ev)?;
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{line}")?;
+                    out.flush()?;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(skipped = n, "event printer fell behind; events skipped (still in /api/v1/events of a daemon)");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            sig = &mut stop => {
+                tracing::info!(signal = sig?, "stopping");
+                break;
+            }
+        }
+    }
+    pipeline.shutdown().await;
     Ok(())
 }

@@ -64,6 +64,70 @@ impl KernelBtf {
         Err(BtfError::NoStruct(strukt.to_string()))
     }
 
+    /// Offset of the first of `members` that exists (fields get renamed across versions, e.g.
+    /// `kernfs_node.parent` became `__parent` in 6.15).
+    pub fn member_offset_any(&self, strukt: &str, members: &[&str]) -> Result<u32, BtfError> {
+        let mut last = BtfError::NoStruct(strukt.to_string());
+        for m in members {
+            match self.member_offset(strukt, m) {
+                Ok(o) => return Ok(o),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Value of an enumerator, e.g. `memory_cgrp_id` of `enum cgroup_subsys_id`.
+    pub fn enum_value(&self, enum_name: &str, member: &str) -> Result<u32, BtfError> {
+        let types = self
+            .btf
+            .resolve_types_by_name(enum_name)
+            .map_err(|_| BtfError::NoStruct(enum_name.to_string()))?;
+        for t in types {
+            if let Type::Enum(e) = t {
+                for m in &e.members {
+                    if self.btf.resolve_name(m).is_ok_and(|n| n == member) {
+                        return Ok(m.val());
+                    }
+                }
+            }
+        }
+        Err(BtfError::NoMember {
+            strukt: enum_name.to_string(),
+            member: member.to_string(),
+        })
+    }
+
+    /// Whether raw tracepoint `tp`'s argument `index` (after the hidden `void *__data`) is a
+    /// pointer to `struct strukt`, read from the `btf_trace_<tp>` typedef.
+    pub fn raw_tp_arg_is_struct_ptr(&self, tp: &str, index: usize, strukt: &str) -> Result<bool, BtfError> {
+        let name = format!("btf_trace_{tp}");
+        let err = |e: btf_rs::Error| BtfError::Lookup(e.to_string());
+        let types = self
+            .btf
+            .resolve_types_by_name(&name)
+            .map_err(|_| BtfError::NoStruct(name.clone()))?;
+        let Some(Type::Typedef(td)) = types.into_iter().find(|t| matches!(t, Type::Typedef(_))) else {
+            return Err(BtfError::NoStruct(name));
+        };
+        let Type::Ptr(p) = self.btf.resolve_chained_type(&td).map_err(err)? else {
+            return Ok(false);
+        };
+        let Type::FuncProto(proto) = self.btf.resolve_chained_type(&p).map_err(err)? else {
+            return Ok(false);
+        };
+        let Some(param) = proto.parameters.get(index + 1) else {
+            return Ok(false);
+        };
+        let Type::Ptr(ap) = self.btf.resolve_chained_type(param).map_err(err)? else {
+            return Ok(false);
+        };
+        match self.btf.resolve_chained_type(&ap).map_err(err)? {
+            Type::Struct(st) => Ok(self.btf.resolve_name(&st).is_ok_and(|n| n == strukt)),
+            _ => Ok(false),
+        }
+    }
+
     /// Whether a function of that name exists (a precondition for fentry).
     pub fn has_func(&self, name: &str) -> bool {
         self.btf
@@ -135,5 +199,8 @@ mod tests {
             Err(BtfError::NoStruct(_))
         ));
         assert!(btf.has_func("oom_kill_process"));
+        assert!(btf.member_offset_any("kernfs_node", &["__parent", "parent"]).is_ok());
+        assert!(btf.enum_value("cgroup_subsys_id", "memory_cgrp_id").is_ok());
+        assert!(btf.enum_value("cgroup_subsys_id", "no_such_cgrp_id").is_err());
     }
 }

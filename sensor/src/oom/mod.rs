@@ -1,51 +1,161 @@
-//! OOM kills: probe declaration, kernel layouts, record handling and metrics.
+//! OOM kills: probe declaration, kernel layouts, record handling, attribution and metrics.
 
 pub mod scope;
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
 
-use aya::EbpfLoader;
-use prometheus::{IntCounterVec, Opts, Registry};
-use sensor_common::oom::{field, hook, MarkVictimLayout, OomControlLayout, OomKillRecord, TpField};
+use aya::{maps::Array, EbpfLoader};
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use sensor_common::oom::{
+    field, hook, part, MarkVictimLayout, OomControlLayout, OomKillRecord, TaskLayout, TpField, CONFIG_EXPECTED_PARTS,
+};
 use serde::Serialize;
 
-use crate::{
-    events::{Event, EventHub},
-    kernel::clock,
-    loader::KernelContext,
-    probe::{HookKind, HookSpec, ProbeSpec},
-};
 pub use scope::{Scope, ScopeResolver};
 
-/// fentry/kprobe on `oom_kill_process` see the `oom_control` (constraint, memcg, trigger);
-/// the tracepoint is the stable fallback present on every kernel that matters.
+use crate::{
+    cgroup::{workload, Hierarchies, WorkloadSet, WORKLOAD_LABELS},
+    events::{Event, EventHub},
+    kernel::{btf::KernelBtf, clock},
+    loader::KernelContext,
+    probe::{GroupReport, HookGroup, HookKind, HookSpec, ProbeSpec},
+};
+
+const GROUP_CONTEXT: &str = "kill context";
+const GROUP_CGROUP: &str = "victim cgroup";
+const GROUP_FIELDS: &str = "victim fields";
+
+/// Groups are attached in this order; the last one (the required tracepoint) completes records,
+/// so the expected-parts mask is right before it can fire.
 pub const SPEC: ProbeSpec = ProbeSpec {
     name: "oom",
-    hooks: &[
-        HookSpec {
-            kind: HookKind::Fentry,
-            program: "oom_kill_fentry",
-            target: "oom_kill_process",
+    groups: &[
+        HookGroup {
+            purpose: GROUP_CONTEXT,
+            required: false,
+            hooks: &[
+                HookSpec {
+                    kind: HookKind::Fentry,
+                    program: "oom_kill_fentry",
+                    target: "oom_kill_process",
+                    check: Some(check_oom_control),
+                },
+                HookSpec {
+                    kind: HookKind::Kprobe,
+                    program: "oom_kill_kprobe",
+                    target: "oom_kill_process",
+                    check: Some(check_oom_control),
+                },
+            ],
         },
-        HookSpec {
-            kind: HookKind::Kprobe,
-            program: "oom_kill_kprobe",
-            target: "oom_kill_process",
+        HookGroup {
+            purpose: GROUP_CGROUP,
+            required: false,
+            hooks: &[HookSpec {
+                kind: HookKind::RawTracepoint,
+                program: "oom_mark_victim_raw",
+                target: "mark_victim",
+                check: Some(check_raw_victim),
+            }],
         },
-        HookSpec {
-            kind: HookKind::Tracepoint,
-            program: "oom_mark_victim",
-            target: "oom/mark_victim",
+        HookGroup {
+            purpose: GROUP_FIELDS,
+            required: true,
+            hooks: &[HookSpec {
+                kind: HookKind::Tracepoint,
+                program: "oom_mark_victim",
+                target: "oom/mark_victim",
+                check: None,
+            }],
         },
     ],
+    configure: Some(configure),
 };
+
+fn check_oom_control(k: &KernelContext) -> Result<(), String> {
+    let btf = k.btf.as_ref().map_err(|e| format!("needs kernel BTF: {e}"))?;
+    oom_control_layout(btf)
+        .map(drop)
+        .map_err(|e| format!("struct oom_control layout: {e}"))
+}
+
+/// The raw tracepoint is only useful where its first argument is the victim `task_struct *`
+/// (6.8+; before that `mark_victim` passed only a pid).
+fn check_raw_victim(k: &KernelContext) -> Result<(), String> {
+    let btf = k.btf.as_ref().map_err(|e| format!("needs kernel BTF: {e}"))?;
+    match btf.raw_tp_arg_is_struct_ptr("mark_victim", 0, "task_struct") {
+        Ok(true) => {}
+        Ok(false) => return Err("mark_victim does not pass the victim task_struct on this kernel".into()),
+        Err(e) => return Err(format!("mark_victim prototype: {e}")),
+    }
+    task_layout(btf)
+        .map(drop)
+        .map_err(|e| format!("task/cgroup layout: {e}"))
+}
+
+/// Writes which `mark_victim` parts complete a record.
+fn configure(ebpf: &mut aya::Ebpf, groups: &[GroupReport]) -> Result<(), String> {
+    let attached = |purpose: &str| groups.iter().any(|g| g.purpose == purpose && g.hook.is_some());
+    let failed = |purpose: &str| groups.iter().any(|g| g.purpose == purpose && g.hook.is_none());
+    let mut expected = 0;
+    if !failed(GROUP_FIELDS) {
+        expected |= part::FIELDS;
+    }
+    if attached(GROUP_CGROUP) {
+        expected |= part::CGROUP;
+    }
+    if expected == 0 {
+        expected = part::FIELDS;
+    }
+    let map = ebpf.map_mut("OOM_CONFIG").ok_or("OOM_CONFIG map missing")?;
+    let mut arr: Array<_, u32> = Array::try_from(map).map_err(|e| e.to_string())?;
+    arr.set(CONFIG_EXPECTED_PARTS, expected, 0).map_err(|e| e.to_string())
+}
+
+pub fn task_layout(btf: &KernelBtf) -> Result<TaskLayout, crate::kernel::btf::BtfError> {
+    Ok(TaskLayout {
+        valid: 1,
+        task_pid: btf.member_offset("task_struct", "pid")?,
+        task_tgid: btf.member_offset("task_struct", "tgid")?,
+        task_comm: btf.member_offset("task_struct", "comm")?,
+        task_cgroups: btf.member_offset("task_struct", "cgroups")?,
+        cset_subsys: btf.member_offset("css_set", "subsys")?,
+        cset_dfl_cgrp: btf.member_offset("css_set", "dfl_cgrp")?,
+        memory_cgrp_id: btf.enum_value("cgroup_subsys_id", "memory_cgrp_id")?,
+        css_cgroup: btf.member_offset("cgroup_subsys_state", "cgroup")?,
+        cgroup_kn: btf.member_offset("cgroup", "kn")?,
+        kn_id: btf.member_offset("kernfs_node", "id")?,
+        kn_name: btf.member_offset("kernfs_node", "name")?,
+        kn_parent: btf.member_offset_any("kernfs_node", &["__parent", "parent"])?,
+        _pad: 0,
+    })
+}
+
+pub fn oom_control_layout(btf: &KernelBtf) -> Result<OomControlLayout, crate::kernel::btf::BtfError> {
+    Ok(OomControlLayout {
+        valid: 1,
+        oc_memcg: btf.member_offset("oom_control", "memcg")?,
+        oc_totalpages: btf.member_offset("oom_control", "totalpages")?,
+        oc_chosen: btf.member_offset("oom_control", "chosen")?,
+        oc_constraint: btf.member_offset("oom_control", "constraint")?,
+        memcg_css: btf.member_offset("mem_cgroup", "css")?,
+    })
+}
 
 /// Kernel layouts the OOM programs need, found at load time.
 #[derive(Debug, Clone)]
 pub struct Layouts {
     pub mark_victim: MarkVictimLayout,
+    pub task: TaskLayout,
     pub oom_control: OomControlLayout,
-    /// Why a layout is partial, for doctor and logs.
+    /// Why a layout is partial, for logs.
     pub notes: Vec<String>,
 }
 
@@ -65,30 +175,25 @@ impl Layouts {
                 MarkVictimLayout::ABSENT
             }
         };
-        let oom_control = match &kctx.btf {
-            Ok(btf) => {
-                let r = (|| -> Result<OomControlLayout, crate::kernel::btf::BtfError> {
-                    Ok(OomControlLayout {
-                        valid: 1,
-                        oc_chosen: btf.member_offset("oom_control", "chosen")?,
-                        task_pid: btf.member_offset("task_struct", "pid")?,
-                        task_tgid: btf.member_offset("task_struct", "tgid")?,
-                        task_comm: btf.member_offset("task_struct", "comm")?,
-                        _pad: 0,
-                    })
-                })();
-                r.unwrap_or_else(|e| {
+        let (task, oom_control) = match &kctx.btf {
+            Ok(btf) => (
+                task_layout(btf).unwrap_or_else(|e| {
+                    notes.push(format!("task/cgroup layout: {e}"));
+                    TaskLayout::INVALID
+                }),
+                oom_control_layout(btf).unwrap_or_else(|e| {
                     notes.push(format!("oom_control layout: {e}"));
                     OomControlLayout::INVALID
-                })
-            }
+                }),
+            ),
             Err(e) => {
                 notes.push(format!("BTF: {e}"));
-                OomControlLayout::INVALID
+                (TaskLayout::INVALID, OomControlLayout::INVALID)
             }
         };
         Layouts {
             mark_victim,
+            task,
             oom_control,
             notes,
         }
@@ -96,6 +201,7 @@ impl Layouts {
 
     pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
         loader.override_global("MARK_VICTIM_LAYOUT", &self.mark_victim, true);
+        loader.override_global("TASK_LAYOUT", &self.task, true);
         loader.override_global("OOM_CONTROL_LAYOUT", &self.oom_control, true);
     }
 }
@@ -125,10 +231,11 @@ pub fn mark_victim_layout(f: &crate::kernel::tracefs::TracepointFormat) -> MarkV
 /// One OOM kill as exported in events and logs. Absent fields are `null`, never zero.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct OomKill {
+    /// Wall-clock time of the kill (Unix seconds).
     pub time: f64,
-    pub hook: &'static str,
     pub scope: Scope,
     pub victim_pid: Option<i32>,
+    pub victim_tgid: Option<i32>,
     pub victim_comm: Option<String>,
     pub victim_uid: Option<u32>,
     pub total_vm_bytes: Option<u64>,
@@ -137,9 +244,24 @@ pub struct OomKill {
     pub shmem_rss_bytes: Option<u64>,
     pub pgtables_bytes: Option<u64>,
     pub oom_score_adj: Option<i16>,
+    /// The victim's memory cgroup, relative to the memory controller's hierarchy root (the v1
+    /// memory hierarchy on v1 and hybrid hosts, the v2 hierarchy otherwise).
+    pub cgroup: Option<String>,
+    pub memcg_id: Option<u64>,
+    pub cgroup_v2_id: Option<u64>,
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+    /// Read from cgroupfs right after the kill: best effort, absent if the cgroup is gone.
+    pub memory_limit_bytes: Option<u64>,
+    pub memory_usage_bytes: Option<u64>,
     pub trigger_pid: u32,
     pub trigger_tgid: u32,
     pub trigger_comm: String,
+    /// From the fentry/kprobe hook where the kernel allows it.
+    pub context_hook: Option<&'static str>,
+    pub constraint: Option<&'static str>,
+    pub oom_memcg_id: Option<u64>,
+    pub totalpages: Option<u64>,
 }
 
 fn comm(raw: &[u8]) -> String {
@@ -147,21 +269,65 @@ fn comm(raw: &[u8]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
+/// Joins the kernel's leaf-first NUL-separated kernfs names into `/a/b/c`.
+pub fn cgroup_path(buf: &[u8], len: usize) -> String {
+    let used = &buf[..len.min(buf.len())];
+    let mut names: Vec<String> = used
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    names.reverse();
+    format!("/{}", names.join("/"))
+}
+
+/// `oom_control.constraint` names.
+fn constraint_name(c: u32) -> &'static str {
+    match c {
+        0 => "none",
+        1 => "cpuset",
+        2 => "memory_policy",
+        3 => "memcg",
+        _ => "unknown",
+    }
+}
+
 impl OomKill {
-    pub fn from_record(r: &OomKillRecord, scopes: Option<&ScopeResolver>) -> OomKill {
+    /// Converts a record; `cgroups` resolves truncated paths and reads limits (skipped in tests).
+    pub fn from_record(r: &OomKillRecord, scopes: Option<&ScopeResolver>, cgroups: Option<&Hierarchies>) -> OomKill {
         let has = |bit: u32| r.present & bit != 0;
         let kb = |bit: u32, v: u64| has(bit).then(|| v.saturating_mul(1024));
         let frames = (r.stack_bytes as usize / 8).min(r.stack.len());
         let stack = if has(field::STACK) { &r.stack[..frames] } else { &[][..] };
+        let context = r.parts & part::CONTEXT != 0;
+        let scope = if context && has(field::CONSTRAINT) {
+            if r.constraint == 3 {
+                Scope::Memcg
+            } else {
+                Scope::Global
+            }
+        } else {
+            scopes.map_or(Scope::Unknown, |s| s.classify(stack))
+        };
+        let mut cgroup = has(field::CGROUP_PATH).then(|| cgroup_path(&r.path, usize::from(r.path_len)));
+        if r.path_truncated != 0 || cgroup.is_none() {
+            if let (Some(h), true) = (cgroups, has(field::MEMCG_ID)) {
+                if let Some(p) = h.find_memory_cgroup(r.memcg_id, 20_000) {
+                    cgroup = Some(p);
+                }
+            }
+        }
+        let (limit, usage) = match (&cgroup, cgroups) {
+            (Some(p), Some(h)) => h.memory_limit_usage(p),
+            _ => (None, None),
+        };
+        let w = cgroup.as_deref().map(workload);
+        let nonempty = |s: String| (!s.is_empty()).then_some(s);
         OomKill {
             time: clock::unix_seconds(clock::ktime_to_wall(r.header.ktime_ns)),
-            hook: match r.hook {
-                hook::FENTRY => "fentry",
-                hook::KPROBE => "kprobe",
-                _ => "tracepoint",
-            },
-            scope: scopes.map_or(Scope::Unknown, |s| s.classify(stack)),
+            scope,
             victim_pid: has(field::PID).then_some(r.victim_pid),
+            victim_tgid: has(field::TGID).then_some(r.victim_tgid),
             victim_comm: has(field::COMM).then(|| comm(&r.victim_comm)),
             victim_uid: has(field::UID).then_some(r.victim_uid),
             total_vm_bytes: kb(field::TOTAL_VM, r.total_vm_kb),
@@ -170,66 +336,306 @@ impl OomKill {
             shmem_rss_bytes: kb(field::SHMEM_RSS, r.shmem_rss_kb),
             pgtables_bytes: kb(field::PGTABLES, r.pgtables_kb),
             oom_score_adj: has(field::OOM_SCORE_ADJ).then_some(r.oom_score_adj),
+            cgroup,
+            memcg_id: has(field::MEMCG_ID).then_some(r.memcg_id),
+            cgroup_v2_id: (has(field::DFL_CGROUP_ID) && r.dfl_cgroup_id != 0).then_some(r.dfl_cgroup_id),
+            container_id: w.clone().and_then(|w| nonempty(w.container_id)),
+            pod_uid: w.and_then(|w| nonempty(w.pod_uid)),
+            memory_limit_bytes: limit,
+            memory_usage_bytes: usage,
             trigger_pid: r.trigger_pid,
             trigger_tgid: r.trigger_tgid,
             trigger_comm: comm(&r.trigger_comm),
+            context_hook: context.then_some(match r.context_hook {
+                hook::FENTRY => "fentry",
+                hook::KPROBE => "kprobe",
+                _ => "unknown",
+            }),
+            constraint: (context && has(field::CONSTRAINT)).then(|| constraint_name(r.constraint)),
+            oom_memcg_id: (context && has(field::OC_MEMCG_ID)).then_some(r.oc_memcg_id),
+            totalpages: (context && has(field::TOTALPAGES)).then_some(r.totalpages),
         }
     }
+
+    /// Victim resident memory (anon + file + shmem) in bytes, where known.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let parts = [self.anon_rss_bytes, self.file_rss_bytes, self.shmem_rss_bytes];
+        parts.iter().any(Option::is_some).then(|| parts.iter().flatten().sum())
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_string(), ToString::to_string)
+}
+
+/// Kernel-side OOM kill counts the sensor checks itself against.
+fn vmstat_oom_kill() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/vmstat").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A memory cgroup's own (non-hierarchical) kill count: `memory.events.local` on v2,
+/// `memory.oom_control` on v1 (local there).
+fn cgroup_oom_kills(h: &Hierarchies, cgroup: &str) -> Option<u64> {
+    let dir = h.memory_dir(cgroup)?;
+    let file = if h.memory_is_v1() {
+        "memory.oom_control"
+    } else {
+        "memory.events.local"
+    };
+    let text = std::fs::read_to_string(dir.join(file)).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+struct CrossCheck {
+    vmstat_base: Option<u64>,
+    /// Kernel counter at the sensor's start for cgroups that existed then.
+    cgroup_base: HashMap<String, u64>,
+    /// Kills the sensor attributed per cgroup.
+    seen: HashMap<String, u64>,
+    /// Last computed differences; a positive one is only published when it persists.
+    last: HashMap<String, i64>,
 }
 
 /// Userspace half of the OOM slice: turns records into metrics, events and log lines.
 pub struct OomSlice {
     kills: IntCounterVec,
+    victim_rss: HistogramVec,
+    last_kill: GaugeVec,
+    discrepancy: GaugeVec,
     scopes: Option<ScopeResolver>,
+    cgroups: Hierarchies,
+    workloads: Mutex<WorkloadSet>,
+    cross: Mutex<CrossCheck>,
+    host_seen: AtomicU64,
     hub: Arc<EventHub>,
 }
 
 impl OomSlice {
-    pub fn new(registry: &Registry, hub: Arc<EventHub>) -> prometheus::Result<OomSlice> {
+    pub fn new(
+        registry: &Registry,
+        hub: Arc<EventHub>,
+        workloads_per_metric: usize,
+        grace: Duration,
+    ) -> prometheus::Result<OomSlice> {
+        let mut labels = vec!["scope"];
+        labels.extend(WORKLOAD_LABELS);
         let kills = IntCounterVec::new(
+            Opts::new("sensor_oom_kills_total", "OOM kills by scope (memcg: a memory cgroup hit its limit; global: the host ran out) and victim workload."),
+            &labels,
+        )?;
+        let victim_rss = HistogramVec::new(
+            HistogramOpts::new(
+                "sensor_oom_kill_victim_rss_bytes",
+                "Resident memory (anon + file + shmem) of OOM-killed tasks.",
+            )
+            .buckets(prometheus::exponential_buckets(1024.0 * 1024.0, 4.0, 10)?),
+            &WORKLOAD_LABELS,
+        )?;
+        let last_kill = GaugeVec::new(
             Opts::new(
-                "sensor_oom_kills_total",
-                "OOM kills seen by the kernel probe, by scope (memcg or global).",
+                "sensor_oom_kill_last_timestamp_seconds",
+                "Time of the last OOM kill in the workload.",
             ),
-            &["scope"],
+            &WORKLOAD_LABELS,
+        )?;
+        let mut dlabels = vec!["source"];
+        dlabels.extend(WORKLOAD_LABELS);
+        let discrepancy = GaugeVec::new(
+            Opts::new(
+                "sensor_oom_kills_unseen",
+                "Kernel-counted OOM kills minus kills the sensor saw since it started: source=vmstat for the host (/proc/vmstat oom_kill), source=memcg per cgroup (memory.events.local / memory.oom_control). 0 when they agree.",
+            ),
+            &dlabels,
         )?;
         registry.register(Box::new(kills.clone()))?;
-        for s in ["memcg", "global"] {
-            kills.with_label_values(&[s]).reset();
-        }
+        registry.register(Box::new(victim_rss.clone()))?;
+        registry.register(Box::new(last_kill.clone()))?;
+        registry.register(Box::new(discrepancy.clone()))?;
+        discrepancy.with_label_values(&["vmstat", "", "", ""]).set(0.0);
         let scopes = match ScopeResolver::from_kallsyms() {
             Ok(r) => Some(r),
             Err(e) => {
-                tracing::warn!(error = %e, "OOM scope classification unavailable; kills are labelled scope=\"unknown\"");
+                tracing::warn!(error = %e, "OOM scope classification from stacks unavailable");
                 None
             }
         };
-        Ok(OomSlice { kills, scopes, hub })
+        let cgroups = Hierarchies::discover();
+        let cross = CrossCheck {
+            vmstat_base: vmstat_oom_kill(),
+            cgroup_base: snapshot_cgroup_counters(&cgroups, 20_000),
+            seen: HashMap::new(),
+            last: HashMap::new(),
+        };
+        Ok(OomSlice {
+            kills,
+            victim_rss,
+            last_kill,
+            discrepancy,
+            scopes,
+            cgroups,
+            workloads: Mutex::new(WorkloadSet::new(workloads_per_metric, grace)),
+            cross: Mutex::new(cross),
+            host_seen: AtomicU64::new(0),
+            hub,
+        })
     }
 
     pub fn handle(&self, rec: &OomKillRecord) {
-        let kill = OomKill::from_record(rec, self.scopes.as_ref());
-        self.kills.with_label_values(&[kill.scope.label()]).inc();
+        let frames = (rec.stack_bytes as usize / 8).min(rec.stack.len());
+        let stack = if rec.present & field::STACK != 0 {
+            &rec.stack[..frames]
+        } else {
+            &[][..]
+        };
+        if let Some(s) = &self.scopes {
+            if !s.is_kill(stack) {
+                tracing::info!(
+                    victim_pid = rec.victim_pid,
+                    "task already exiting was marked as OOM victim; not a kill"
+                );
+                return;
+            }
+        }
+        let kill = OomKill::from_record(rec, self.scopes.as_ref(), Some(&self.cgroups));
+        let cg = kill.cgroup.clone().unwrap_or_else(|| "/".to_string());
+        let wl = match self.workloads.lock() {
+            Ok(mut w) => w.labels(&cg),
+            Err(_) => [crate::cgroup::OTHER.to_string(), String::new(), String::new()],
+        };
+        let wl_ref = [wl[0].as_str(), wl[1].as_str(), wl[2].as_str()];
+        self.kills
+            .with_label_values(&[kill.scope.label(), wl_ref[0], wl_ref[1], wl_ref[2]])
+            .inc();
+        if let Some(rss) = kill.rss_bytes() {
+            self.victim_rss.with_label_values(&wl_ref).observe(rss as f64);
+        }
+        self.last_kill.with_label_values(&wl_ref).set(kill.time);
+        self.host_seen.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = self.cross.lock() {
+            *c.seen.entry(cg).or_insert(0) += 1;
+        }
         tracing::info!(
             target: "sensor::oom",
             event = "oom_kill",
-            hook = kill.hook,
             scope = kill.scope.label(),
-            victim_pid = ?kill.victim_pid,
-            victim_comm = ?kill.victim_comm,
-            victim_uid = ?kill.victim_uid,
-            total_vm_bytes = ?kill.total_vm_bytes,
-            anon_rss_bytes = ?kill.anon_rss_bytes,
-            file_rss_bytes = ?kill.file_rss_bytes,
-            shmem_rss_bytes = ?kill.shmem_rss_bytes,
-            pgtables_bytes = ?kill.pgtables_bytes,
-            oom_score_adj = ?kill.oom_score_adj,
+            victim_pid = %opt(&kill.victim_pid),
+            victim_tgid = %opt(&kill.victim_tgid),
+            victim_comm = %opt(&kill.victim_comm),
+            victim_uid = %opt(&kill.victim_uid),
+            cgroup = %opt(&kill.cgroup),
+            container_id = %opt(&kill.container_id),
+            pod_uid = %opt(&kill.pod_uid),
+            memcg_id = %opt(&kill.memcg_id),
+            total_vm_bytes = %opt(&kill.total_vm_bytes),
+            anon_rss_bytes = %opt(&kill.anon_rss_bytes),
+            file_rss_bytes = %opt(&kill.file_rss_bytes),
+            shmem_rss_bytes = %opt(&kill.shmem_rss_bytes),
+            pgtables_bytes = %opt(&kill.pgtables_bytes),
+            oom_score_adj = %opt(&kill.oom_score_adj),
+            memory_limit_bytes = %opt(&kill.memory_limit_bytes),
+            memory_usage_bytes = %opt(&kill.memory_usage_bytes),
             trigger_pid = kill.trigger_pid,
             trigger_comm = %kill.trigger_comm,
+            constraint = %opt(&kill.constraint),
+            totalpages = %opt(&kill.totalpages),
             "OOM kill"
         );
         self.hub.publish(Event::OomKill(kill));
     }
+
+    /// Recomputes the cross-check gauges and drops series of cgroups gone past the grace period.
+    pub fn refresh(&self) {
+        let Ok(mut c) = self.cross.lock() else { return };
+        let host = match (vmstat_oom_kill(), c.vmstat_base) {
+            (Some(now), Some(base)) => now.saturating_sub(base) as i64 - self.host_seen.load(Ordering::Relaxed) as i64,
+            _ => 0,
+        };
+        let mut diffs: Vec<(String, i64)> = vec![(String::new(), host)];
+        let keys: Vec<String> = c.seen.keys().cloned().collect();
+        for cg in keys {
+            let Some(now) = cgroup_oom_kills(&self.cgroups, &cg) else {
+                continue;
+            };
+            let base = c.cgroup_base.get(&cg).copied().unwrap_or(0);
+            let seen = c.seen.get(&cg).copied().unwrap_or(0);
+            diffs.push((cg, now.saturating_sub(base) as i64 - seen as i64));
+        }
+        for (cg, d) in diffs {
+            // The kernel bumps its counters just before the tracepoint fires; a difference that
+            // is still there one refresh later is real.
+            let prev = c.last.insert(cg.clone(), d).unwrap_or(0);
+            let shown = if d > 0 { d.min(prev.max(0)) } else { d };
+            if cg.is_empty() {
+                self.discrepancy
+                    .with_label_values(&["vmstat", "", "", ""])
+                    .set(shown as f64);
+            } else if let Ok(mut w) = self.workloads.lock() {
+                let l = w.labels(&cg);
+                self.discrepancy
+                    .with_label_values(&["memcg", &l[0], &l[1], &l[2]])
+                    .set(shown as f64);
+            }
+        }
+        drop(c);
+        let expired = match self.workloads.lock() {
+            Ok(mut w) => w.sweep(
+                |cg| self.cgroups.memory_dir(cg).is_some_and(|d| d.exists()),
+                Instant::now(),
+            ),
+            Err(_) => Vec::new(),
+        };
+        for cg in expired {
+            let w = workload(&cg);
+            let l = [cg.as_str(), w.container_id.as_str(), w.pod_uid.as_str()];
+            for s in ["memcg", "global", "unknown"] {
+                let _ = self.kills.remove_label_values(&[s, l[0], l[1], l[2]]);
+            }
+            let _ = self.victim_rss.remove_label_values(&l);
+            let _ = self.last_kill.remove_label_values(&l);
+            let _ = self.discrepancy.remove_label_values(&["memcg", l[0], l[1], l[2]]);
+            if let Ok(mut c) = self.cross.lock() {
+                c.seen.remove(&cg);
+                c.last.remove(&cg);
+            }
+        }
+    }
+}
+
+/// Every existing memory cgroup's own kill counter at start, so per-cgroup cross-checks count
+/// only kills since the sensor started.
+fn snapshot_cgroup_counters(h: &Hierarchies, limit: usize) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    let Some(root) = h.memory_root().map(std::path::Path::to_path_buf) else {
+        return out;
+    };
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        if out.len() >= limit {
+            break;
+        }
+        let rel = format!(
+            "/{}",
+            dir.strip_prefix(&root)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        if let Some(n) = cgroup_oom_kills(h, &rel) {
+            out.insert(rel, n);
+        }
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            stack.extend(
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -259,21 +665,66 @@ mod tests {
         );
     }
 
+    fn zeroed() -> OomKillRecord {
+        // SAFETY: all-zero is a valid OomKillRecord (Pod).
+        unsafe { std::mem::zeroed() }
+    }
+
     #[test]
     fn absent_fields_are_none() {
-        // SAFETY: all-zero is a valid OomKillRecord (Pod).
-        let mut r: OomKillRecord = unsafe { std::mem::zeroed() };
+        let mut r = zeroed();
         r.present = field::PID | field::ANON_RSS;
+        r.parts = part::FIELDS;
         r.victim_pid = 7;
         r.anon_rss_kb = 3;
-        r.hook = hook::TRACEPOINT;
         r.trigger_comm[..4].copy_from_slice(b"tail");
-        let k = OomKill::from_record(&r, None);
+        let k = OomKill::from_record(&r, None, None);
         assert_eq!(k.victim_pid, Some(7));
         assert_eq!(k.anon_rss_bytes, Some(3072));
+        assert_eq!(k.rss_bytes(), Some(3072));
         assert_eq!(k.victim_comm, None);
         assert_eq!(k.total_vm_bytes, None);
+        assert_eq!(k.cgroup, None);
         assert_eq!(k.trigger_comm, "tail");
         assert_eq!(k.scope, Scope::Unknown);
+        assert_eq!(k.constraint, None);
+    }
+
+    #[test]
+    fn path_and_context_merge() {
+        let mut r = zeroed();
+        let names = b"cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\0kubepods-burstable-pod1e9b4e3c_7a3f_4c8e_9d51_2b6f0a1c3d4e.slice\0kubepods-burstable.slice\0kubepods.slice\0";
+        r.path[..names.len()].copy_from_slice(names);
+        r.path_len = names.len() as u16;
+        r.present = field::CGROUP_PATH | field::CONSTRAINT | field::TOTALPAGES;
+        r.parts = part::FIELDS | part::CGROUP | part::CONTEXT;
+        r.constraint = 3;
+        r.totalpages = 8192;
+        r.context_hook = hook::FENTRY;
+        let k = OomKill::from_record(&r, None, None);
+        assert_eq!(k.scope, Scope::Memcg, "constraint from oom_control wins over the stack");
+        assert_eq!(k.constraint, Some("memcg"));
+        assert_eq!(k.context_hook, Some("fentry"));
+        assert_eq!(k.totalpages, Some(8192));
+        assert_eq!(
+            k.cgroup.as_deref(),
+            Some("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1e9b4e3c_7a3f_4c8e_9d51_2b6f0a1c3d4e.slice/cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope")
+        );
+        assert_eq!(k.pod_uid.as_deref(), Some("1e9b4e3c-7a3f-4c8e-9d51-2b6f0a1c3d4e"));
+        assert_eq!(
+            k.container_id.as_deref(),
+            Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+        );
+    }
+
+    #[test]
+    fn root_cgroup_path() {
+        assert_eq!(cgroup_path(&[0; 8], 0), "/");
+        assert_eq!(cgroup_path(b"leaf\0mid\0", 9), "/mid/leaf");
+        assert_eq!(
+            cgroup_path(b"leaf\0mid\0", 100),
+            "/mid/leaf",
+            "length clamps to the buffer"
+        );
     }
 }

@@ -27,11 +27,15 @@ impl Scope {
 
 const MEMCG_SYMS: &[&str] = &["mem_cgroup_out_of_memory"];
 const GLOBAL_SYMS: &[&str] = &["out_of_memory", "pagefault_out_of_memory"];
+/// A real kill passes through one of these; `mark_victim` without them marks a task that was
+/// already exiting (`task_will_free_mem`), which the kernel does not count as a kill either.
+const KILL_SYMS: &[&str] = &["oom_kill_process", "__oom_kill_process", "oom_kill_memcg_member"];
 
 #[derive(Debug, Default)]
 pub struct ScopeResolver {
     memcg: Vec<(u64, u64)>,
     global: Vec<(u64, u64)>,
+    kill: Vec<(u64, u64)>,
 }
 
 impl ScopeResolver {
@@ -47,7 +51,7 @@ impl ScopeResolver {
     /// Builds `[start, next symbol)` ranges for the entry points from kallsyms text.
     pub fn parse(text: &str) -> ScopeResolver {
         let mut starts: Vec<u64> = Vec::new();
-        let mut wanted: Vec<(u64, bool)> = Vec::new();
+        let mut wanted: Vec<(u64, u8)> = Vec::new();
         for line in text.lines() {
             let mut it = line.split_whitespace();
             let (Some(addr), Some(ty), Some(name)) = (it.next(), it.next(), it.next()) else {
@@ -64,24 +68,34 @@ impl ScopeResolver {
             }
             starts.push(addr);
             if MEMCG_SYMS.contains(&name) {
-                wanted.push((addr, true));
+                wanted.push((addr, 0));
             } else if GLOBAL_SYMS.contains(&name) {
-                wanted.push((addr, false));
+                wanted.push((addr, 1));
+            } else if KILL_SYMS.contains(&name) {
+                wanted.push((addr, 2));
             }
         }
         starts.sort_unstable();
         starts.dedup();
         let mut r = ScopeResolver::default();
-        for (addr, memcg) in wanted {
+        for (addr, which) in wanted {
             let idx = starts.partition_point(|s| *s <= addr);
             let end = starts.get(idx).copied().unwrap_or(addr + 4096);
-            if memcg {
-                r.memcg.push((addr, end))
-            } else {
-                r.global.push((addr, end))
+            match which {
+                0 => r.memcg.push((addr, end)),
+                1 => r.global.push((addr, end)),
+                _ => r.kill.push((addr, end)),
             }
         }
         r
+    }
+
+    /// Whether the stack shows a real kill (see `KILL_SYMS`); true when it cannot tell.
+    pub fn is_kill(&self, stack: &[u64]) -> bool {
+        if stack.is_empty() || self.kill.is_empty() {
+            return true;
+        }
+        stack.iter().any(|ip| self.kill.iter().any(|(s, e)| ip >= s && ip < e))
     }
 
     pub fn classify(&self, stack: &[u64]) -> Scope {
@@ -127,6 +141,12 @@ ffffffff81500000 D some_data
         // Just past mem_cgroup_out_of_memory is try_charge_memcg, not a hit.
         assert_eq!(r.classify(&[0xffffffff81400210]), Scope::Unknown);
         assert_eq!(r.classify(&[]), Scope::Unknown);
+        assert!(r.is_kill(&[0xffffffff81300410]));
+        assert!(
+            !r.is_kill(&[0xffffffff81300120]),
+            "out_of_memory marking an exiting task"
+        );
+        assert!(r.is_kill(&[]), "no stack: cannot tell, count it");
     }
 
     #[test]

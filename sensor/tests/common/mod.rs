@@ -97,6 +97,40 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     None
 }
 
+/// Sum over the series of `name` that carry at least `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, lbl) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let ok = labels
+            .iter()
+            .all(|(k, v)| lbl.split(',').any(|p| p == format!("{k}=\"{v}\"")));
+        if ok {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
+/// `oom_kill` from /proc/vmstat.
+pub fn vmstat_oom_kill() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// A running `sensor run`, stopped with SIGTERM on `stop()` (or killed on drop).
 pub struct Daemon {
     pub child: Option<Child>,
@@ -176,6 +210,27 @@ impl Daemon {
         }
     }
 
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Events with `seq > since` from `/api/v1/events`.
+    pub fn events(&self, since: u64) -> Vec<serde_json::Value> {
+        let (code, body) = self.get(&format!("/api/v1/events?since={since}"));
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("events JSON")
+    }
+
+    /// Sum of every series of `name` whose labels include `labels`.
+    pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics(), name, labels)
+    }
+
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -213,6 +268,8 @@ pub fn run_sensor(args: &[&str]) -> Output {
 pub struct MemCgroup {
     pub dir: PathBuf,
     pub v2: bool,
+    /// Path relative to the memory hierarchy root, as the sensor labels it.
+    pub rel: String,
 }
 
 fn own_cgroup(controller: Option<&str>) -> Option<String> {
@@ -231,18 +288,20 @@ impl MemCgroup {
     pub fn new(name: &str, limit_bytes: u64) -> MemCgroup {
         let unique = format!("{name}-{}", std::process::id());
         let v1_root = Path::new("/sys/fs/cgroup/memory");
-        let (dir, v2) = if v1_root.join("memory.limit_in_bytes").exists() {
+        let (dir, v2, rel) = if v1_root.join("memory.limit_in_bytes").exists() {
             let own = own_cgroup(Some("memory")).expect("own v1 memory cgroup");
-            (v1_root.join(own.trim_start_matches('/')).join(unique), false)
+            let rel = format!("{}/{unique}", own.trim_end_matches('/'));
+            (v1_root.join(own.trim_start_matches('/')).join(&unique), false, rel)
         } else {
             let own = own_cgroup(None).expect("own v2 cgroup");
             let parent = Path::new("/sys/fs/cgroup").join(own.trim_start_matches('/'));
             let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
-            (parent.join(unique), true)
+            let rel = format!("{}/{unique}", own.trim_end_matches('/'));
+            (parent.join(&unique), true, rel)
         };
         let _ = std::fs::remove_dir(&dir);
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        let cg = MemCgroup { dir, v2 };
+        let cg = MemCgroup { dir, v2, rel };
         if v2 {
             cg.write("memory.max", &limit_bytes.to_string());
             let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
@@ -259,9 +318,21 @@ impl MemCgroup {
             .unwrap_or_else(|e| panic!("write {value} to {}/{file}: {e}", self.dir.display()));
     }
 
+    pub fn limit(&self) -> u64 {
+        let f = if self.v2 { "memory.max" } else { "memory.limit_in_bytes" };
+        std::fs::read_to_string(self.dir.join(f))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The kernel's own count of OOM kills in this cgroup.
     pub fn kernel_oom_kills(&self) -> u64 {
-        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        let file = if self.v2 {
+            "memory.events.local"
+        } else {
+            "memory.oom_control"
+        };
         let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
         text.lines()
             .find_map(|l| l.strip_prefix("oom_kill "))

@@ -1,0 +1,328 @@
+//! Cgroups: where the hierarchies are mounted, workload attribution from a cgroup path
+//! (container id, pod uid), best-effort reads of memory limits, and bounded workload label sets.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+/// Where the memory controller lives on this host.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Hierarchies {
+    /// Root of the cgroup v1 hierarchy carrying the memory controller (v1 and hybrid hosts).
+    pub memory_v1: Option<PathBuf>,
+    /// Root of the cgroup v2 (unified) hierarchy, if mounted.
+    pub unified: Option<PathBuf>,
+}
+
+impl Hierarchies {
+    pub fn discover() -> Hierarchies {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        Hierarchies::parse_mountinfo(&text)
+    }
+
+    pub fn parse_mountinfo(text: &str) -> Hierarchies {
+        let mut h = Hierarchies {
+            memory_v1: None,
+            unified: None,
+        };
+        for line in text.lines() {
+            // "... mountpoint opts ... - fstype source superopts"
+            let Some((pre, post)) = line.split_once(" - ") else {
+                continue;
+            };
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let post: Vec<&str> = post.split(' ').collect();
+            let (Some(mnt), Some(fstype)) = (pre.get(4), post.first()) else {
+                continue;
+            };
+            let superopts = post.get(2).copied().unwrap_or("");
+            match *fstype {
+                "cgroup2" if h.unified.is_none() => h.unified = Some(PathBuf::from(mnt)),
+                "cgroup" if h.memory_v1.is_none() && superopts.split(',').any(|o| o == "memory") => {
+                    h.memory_v1 = Some(PathBuf::from(mnt))
+                }
+                _ => {}
+            }
+        }
+        h
+    }
+
+    /// Root of the hierarchy memory cgroup paths are relative to.
+    pub fn memory_root(&self) -> Option<&Path> {
+        self.memory_v1.as_deref().or(self.unified.as_deref())
+    }
+
+    pub fn memory_is_v1(&self) -> bool {
+        self.memory_v1.is_some()
+    }
+
+    /// Directory of a memory cgroup given its path relative to the root (`/a/b`).
+    pub fn memory_dir(&self, rel: &str) -> Option<PathBuf> {
+        self.memory_root().map(|r| r.join(rel.trim_start_matches('/')))
+    }
+
+    /// Finds a memory cgroup by kernfs id (= directory inode), for paths the kernel could not
+    /// capture whole. Walks at most `limit` directories.
+    pub fn find_memory_cgroup(&self, id: u64, limit: usize) -> Option<String> {
+        let root = self.memory_root()?;
+        let mut stack = vec![root.to_path_buf()];
+        let mut seen = 0;
+        while let Some(dir) = stack.pop() {
+            seen += 1;
+            if seen > limit {
+                return None;
+            }
+            if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+                let rel = dir.strip_prefix(root).ok()?;
+                return Some(format!("/{}", rel.display()));
+            }
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                stack.extend(
+                    rd.filter_map(Result::ok)
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        None
+    }
+
+    /// Limit and usage of a memory cgroup right now, in bytes (`None` where unknown or unlimited).
+    pub fn memory_limit_usage(&self, rel: &str) -> (Option<u64>, Option<u64>) {
+        let Some(dir) = self.memory_dir(rel) else {
+            return (None, None);
+        };
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        };
+        if self.memory_is_v1() {
+            // v1 reports "no limit" as a huge page-aligned number.
+            let limit = read("memory.limit_in_bytes").filter(|l| *l < (1 << 62));
+            (limit, read("memory.usage_in_bytes"))
+        } else {
+            (read("memory.max"), read("memory.current"))
+        }
+    }
+}
+
+/// The workload a cgroup path belongs to. Fields are empty when the path does not say.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub container_id: String,
+    pub pod_uid: String,
+}
+
+fn is_hex(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A container id in one path segment: `cri-containerd-<id>.scope`, `crio-<id>.scope`,
+/// `docker-<id>.scope`, `libpod-<id>.scope` (systemd driver) or a bare `<id>` (cgroupfs driver).
+fn container_id(seg: &str) -> Option<&str> {
+    let s = seg.strip_suffix(".scope").unwrap_or(seg);
+    if s.starts_with("crio-conmon-") {
+        return None;
+    }
+    let id = ["cri-containerd-", "crio-", "docker-", "libpod-"]
+        .iter()
+        .find_map(|p| s.strip_prefix(p))
+        .unwrap_or(s);
+    (id.len() == 64 && is_hex(id)).then_some(id)
+}
+
+/// A pod uid in one segment: `kubepods-burstable-pod<uid with _>.slice` (systemd) or
+/// `pod<uid>` (cgroupfs). Uids are UUIDs, or 32 hex digits for static pods.
+fn pod_uid(seg: &str) -> Option<String> {
+    let s = seg.strip_suffix(".slice").unwrap_or(seg);
+    let i = s.rfind("pod")?;
+    let before = &s[..i];
+    if !(before.is_empty() || before.ends_with('-')) {
+        return None;
+    }
+    let uid = s[i + 3..].replace('_', "-");
+    let parts: Vec<&str> = uid.split('-').collect();
+    let uuid = parts.len() == 5
+        && [8, 4, 4, 4, 12]
+            .iter()
+            .zip(&parts)
+            .all(|(n, p)| p.len() == *n && is_hex(p));
+    let static_pod = parts.len() == 1 && uid.len() == 32 && is_hex(&uid);
+    (uuid || static_pod).then_some(uid)
+}
+
+/// Attribution from a cgroup path; the innermost container and pod segments win.
+pub fn workload(path: &str) -> Workload {
+    let mut w = Workload::default();
+    for seg in path.split('/').rev() {
+        if w.container_id.is_empty() {
+            if let Some(id) = container_id(seg) {
+                w.container_id = id.to_string();
+            }
+        }
+        if w.pod_uid.is_empty() {
+            if let Some(uid) = pod_uid(seg) {
+                w.pod_uid = uid;
+            }
+        }
+    }
+    w
+}
+
+/// Label values for one workload: `cgroup`, `container_id`, `pod_uid`.
+pub const WORKLOAD_LABELS: [&str; 3] = ["cgroup", "container_id", "pod_uid"];
+
+/// Bounds the workloads one metric family may label: the first `max` distinct cgroups get their
+/// own series, later ones fold into `cgroup="other"`. Cgroups whose directory is gone are
+/// released after `grace`, and the caller drops their series.
+#[derive(Debug)]
+pub struct WorkloadSet {
+    max: usize,
+    grace: Duration,
+    members: HashMap<String, Option<Instant>>,
+}
+
+pub const OTHER: &str = "other";
+
+impl WorkloadSet {
+    pub fn new(max: usize, grace: Duration) -> WorkloadSet {
+        WorkloadSet {
+            max: max.max(1),
+            grace,
+            members: HashMap::new(),
+        }
+    }
+
+    /// Label values for `cgroup`: its own, or the `other` bucket when the set is full.
+    pub fn labels(&mut self, cgroup: &str) -> [String; 3] {
+        if let Some(gone) = self.members.get_mut(cgroup) {
+            *gone = None;
+        } else if self.members.len() < self.max {
+            self.members.insert(cgroup.to_string(), None);
+        } else {
+            return [OTHER.to_string(), String::new(), String::new()];
+        }
+        let w = workload(cgroup);
+        [cgroup.to_string(), w.container_id, w.pod_uid]
+    }
+
+    /// Marks cgroups whose directory vanished and returns those gone for longer than the grace
+    /// period (removed from the set, so their slots free up).
+    pub fn sweep(&mut self, exists: impl Fn(&str) -> bool, now: Instant) -> Vec<String> {
+        let mut expired = Vec::new();
+        for (cg, gone) in self.members.iter_mut() {
+            if exists(cg) {
+                *gone = None;
+            } else {
+                let since = *gone.get_or_insert(now);
+                if now.duration_since(since) >= self.grace {
+                    expired.push(cg.clone());
+                }
+            }
+        }
+        for cg in &expired {
+            self.members.remove(cg);
+        }
+        expired
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const UID: &str = "1e9b4e3c-7a3f-4c8e-9d51-2b6f0a1c3d4e";
+
+    #[test]
+    fn attribution_table() {
+        let u = UID.replace('-', "_");
+        let cases: Vec<(String, &str, &str)> = vec![
+            // containerd, systemd driver, each QoS class
+            (format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{CID}.scope"), CID, UID),
+            (format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{CID}.scope"), CID, UID),
+            (format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{CID}.scope"), CID, UID),
+            // CRI-O, systemd driver; conmon is the pod's but no container's
+            (format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/crio-{CID}.scope"), CID, UID),
+            (format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/crio-conmon-{CID}.scope"), "", UID),
+            // Docker (dockershim / cri-dockerd), systemd driver
+            (format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/docker-{CID}.scope"), CID, UID),
+            // cgroupfs driver, each QoS class
+            (format!("/kubepods/burstable/pod{UID}/{CID}"), CID, UID),
+            (format!("/kubepods/besteffort/pod{UID}/{CID}"), CID, UID),
+            (format!("/kubepods/pod{UID}/{CID}"), CID, UID),
+            // kubelet in a nested cgroup (kind), static pod with a 32-hex uid
+            (format!("/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{u}.slice/cri-containerd-{CID}.scope"), CID, UID),
+            (format!("/kubepods/burstable/pod0123456789abcdef0123456789abcdef/{CID}"), CID, "0123456789abcdef0123456789abcdef"),
+            // plain Docker and podman
+            (format!("/system.slice/docker-{CID}.scope"), CID, ""),
+            (format!("/docker/{CID}"), CID, ""),
+            (format!("/machine.slice/libpod-{CID}.scope"), CID, ""),
+            // pod-level cgroup, no container yet
+            (format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"), "", UID),
+            // must yield nothing
+            ("/system.slice/nginx.service".into(), "", ""),
+            ("/user.slice/user-1000.slice/session-3.scope".into(), "", ""),
+            ("/".into(), "", ""),
+            ("".into(), "", ""),
+            ("/system.slice/docker-abc.scope".into(), "", ""),
+            ("/kubepods/burstable/podnotauid/xyz".into(), "", ""),
+            ("/my-ipod-thing.slice/nothex.scope".into(), "", ""),
+            (format!("/system.slice/snapd-{CID}x.scope"), "", ""),
+        ];
+        for (path, cid, uid) in cases {
+            let w = workload(&path);
+            assert_eq!((w.container_id.as_str(), w.pod_uid.as_str()), (cid, uid), "{path}");
+        }
+    }
+
+    #[test]
+    fn mountinfo_hybrid_and_v2() {
+        let hybrid = "\
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw
+35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+36 30 0:32 / /sys/fs/cgroup/cpu rw,nosuid - cgroup cgroup rw,cpu
+";
+        let h = Hierarchies::parse_mountinfo(hybrid);
+        assert_eq!(h.memory_v1.as_deref(), Some(Path::new("/sys/fs/cgroup/memory")));
+        assert_eq!(h.unified.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
+        assert!(h.memory_is_v1());
+        let v2 = "29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        let h = Hierarchies::parse_mountinfo(v2);
+        assert_eq!(h.memory_root(), Some(Path::new("/sys/fs/cgroup")));
+        assert!(!h.memory_is_v1());
+        assert_eq!(h.memory_dir("/a/b"), Some(PathBuf::from("/sys/fs/cgroup/a/b")));
+    }
+
+    #[test]
+    fn workload_set_bounds_and_expires() {
+        let mut s = WorkloadSet::new(2, Duration::from_secs(60));
+        assert_eq!(s.labels("/a")[0], "/a");
+        assert_eq!(s.labels("/b")[0], "/b");
+        assert_eq!(s.labels("/c"), [OTHER.to_string(), String::new(), String::new()]);
+        assert_eq!(s.labels("/a")[0], "/a");
+        let t0 = Instant::now();
+        assert!(s.sweep(|c| c != "/a", t0).is_empty(), "gone, but within grace");
+        assert_eq!(
+            s.sweep(|c| c != "/a", t0 + Duration::from_secs(61)),
+            vec!["/a".to_string()]
+        );
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.labels("/c")[0], "/c", "slot freed");
+    }
+}
