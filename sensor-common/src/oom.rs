@@ -18,6 +18,10 @@ pub const PATH_BUF: usize = 640;
 pub const NAME_MAX: usize = 128;
 /// Ancestors walked; deeper paths are marked truncated and resolved from cgroupfs by id.
 pub const PATH_MAX_DEPTH: usize = 12;
+const _: () = assert!(
+    (PATH_BUF - NAME_MAX).is_power_of_two(),
+    "the kernel masks path offsets with it"
+);
 pub const RECORD_VERSION: u16 = 2;
 
 /// Which hook produced the `CONTEXT` part.
@@ -229,18 +233,28 @@ impl OomControlLayout {
 }
 
 /// What the `oom_kill_process` hook saw, kept until `mark_victim` of the same OOM merges it.
+/// It also carries the chosen victim's cgroup, for kernels whose `mark_victim` raw tracepoint
+/// does not pass the victim task (before 6.8).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub struct OomContext {
     pub oc_memcg_id: u64,
     pub totalpages: u64,
     pub ktime_ns: u64,
+    pub memcg_id: u64,
+    pub dfl_cgroup_id: u64,
     pub constraint: u32,
     pub chosen_pid: i32,
+    pub chosen_tgid: i32,
     pub present: u32,
     pub hook: u32,
+    pub path_len: u16,
+    pub path_depth: u8,
+    pub path_truncated: u8,
+    pub chosen_comm: [u8; COMM_LEN],
+    pub path: [u8; PATH_BUF],
 }
-crate::assert_size!(OomContext, 40);
+crate::assert_size!(OomContext, 80 + PATH_BUF);
 
 /// Index of the expected-parts mask in the `OOM_CONFIG` array map.
 pub const CONFIG_EXPECTED_PARTS: u32 = 0;

@@ -45,6 +45,10 @@ static OOM_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static OOM_SCRATCH: PerCpuArray<OomKillRecord> = PerCpuArray::with_max_entries(1, 0);
 
+/// The context under construction on this CPU (too large for the BPF stack).
+#[map]
+static OOM_CTX_SCRATCH: PerCpuArray<OomContext> = PerCpuArray::with_max_entries(1, 0);
+
 /// `oom_kill_process` context by OOM-ing thread id, merged and removed at `mark_victim`.
 #[map]
 static OOM_CTX: LruHashMap<u32, OomContext> = LruHashMap::with_max_entries(256, 0);
@@ -153,18 +157,69 @@ fn end_part<C: EbpfContext>(ctx: &C, rec: &mut OomKillRecord, p: u32) {
         return;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: the value is copied out before the entry is removed.
+    // SAFETY: a map value pointer, valid until the entry is removed below.
     if let Some(c) = unsafe { OOM_CTX.get(tid) } {
-        let c = *c;
+        merge_context(rec, c);
         let _ = OOM_CTX.remove(tid);
-        rec.oc_memcg_id = c.oc_memcg_id;
-        rec.totalpages = c.totalpages;
-        rec.constraint = c.constraint;
-        rec.context_hook = c.hook as u8;
-        rec.present |= c.present;
-        rec.parts |= part::CONTEXT;
     }
     emit(ctx, rec);
+}
+
+/// Joins what `oom_kill_process` saw; victim fields only fill gaps, and only for the same victim.
+#[inline(always)]
+fn merge_context(rec: &mut OomKillRecord, c: &OomContext) {
+    rec.oc_memcg_id = c.oc_memcg_id;
+    rec.totalpages = c.totalpages;
+    rec.constraint = c.constraint;
+    rec.context_hook = c.hook as u8;
+    rec.present |= c.present & (field::OC_MEMCG_ID | field::TOTALPAGES | field::CONSTRAINT);
+    rec.parts |= part::CONTEXT;
+    let same = rec.present & field::PID == 0 || (c.present & field::PID != 0 && c.chosen_pid == rec.victim_pid);
+    if !same {
+        return;
+    }
+    if rec.present & field::PID == 0 && c.present & field::PID != 0 {
+        rec.victim_pid = c.chosen_pid;
+        rec.present |= field::PID;
+    }
+    if rec.present & field::TGID == 0 && c.present & field::TGID != 0 {
+        rec.victim_tgid = c.chosen_tgid;
+        rec.present |= field::TGID;
+    }
+    if rec.present & field::COMM == 0 && c.present & field::COMM != 0 {
+        rec.victim_comm = c.chosen_comm;
+        rec.present |= field::COMM;
+    }
+    if rec.present & field::MEMCG_ID == 0 && c.present & field::MEMCG_ID != 0 {
+        rec.memcg_id = c.memcg_id;
+        rec.present |= field::MEMCG_ID;
+    }
+    if rec.present & field::DFL_CGROUP_ID == 0 && c.present & field::DFL_CGROUP_ID != 0 {
+        rec.dfl_cgroup_id = c.dfl_cgroup_id;
+        rec.present |= field::DFL_CGROUP_ID;
+    }
+    if rec.present & field::CGROUP_PATH == 0 && c.present & field::CGROUP_PATH != 0 {
+        // SAFETY: both buffers are PATH_BUF bytes of map values; the helper is a bounded copy.
+        let ok = unsafe { bpf_probe_read_kernel_buf(c.path.as_ptr(), &mut rec.path) };
+        if ok {
+            rec.path_len = c.path_len;
+            rec.path_depth = c.path_depth;
+            rec.path_truncated = c.path_truncated;
+            rec.present |= field::CGROUP_PATH;
+        }
+    }
+}
+
+/// Copies `dst.len()` bytes of kernel memory at `src` into `dst`.
+///
+/// # Safety
+/// `src` must be a kernel address; the helper itself cannot fault.
+#[inline(always)]
+unsafe fn bpf_probe_read_kernel_buf(src: *const u8, dst: &mut [u8]) -> bool {
+    // SAFETY: per the caller; `dst` is writable for its length.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(dst.as_mut_ptr().cast(), dst.len() as u32, src.cast()) == 0
+    }
 }
 
 /// Reads a tracepoint field of type `T` at `off` unless the layout marks it absent.
@@ -253,28 +308,60 @@ pub fn oom_mark_victim_raw(ctx: RawTracePointContext) -> u32 {
             rec.present |= field::COMM;
         }
     }
-    let cset = read_u64(task + u64::from(l.task_cgroups));
-    let css = read_u64(cset + u64::from(l.cset_subsys) + 8 * u64::from(l.memory_cgrp_id));
-    let cgrp = read_u64(css + u64::from(l.css_cgroup));
-    let kn = read_u64(cgrp + u64::from(l.cgroup_kn));
-    if kn != 0 {
-        rec.memcg_id = read_u64(kn + u64::from(l.kn_id));
-        rec.present |= field::MEMCG_ID;
-        walk_path(rec, &l, kn);
+    let cg = task_cgroup(&l, task, &mut rec.path);
+    if cg.memcg_id != 0 {
+        rec.memcg_id = cg.memcg_id;
+        rec.path_len = cg.path_len;
+        rec.path_depth = cg.depth;
+        rec.path_truncated = cg.truncated;
+        rec.present |= field::MEMCG_ID | field::CGROUP_PATH;
     }
-    let dfl = read_u64(cset + u64::from(l.cset_dfl_cgrp));
-    let dfl_kn = read_u64(dfl + u64::from(l.cgroup_kn));
-    if dfl_kn != 0 {
-        rec.dfl_cgroup_id = read_u64(dfl_kn + u64::from(l.kn_id));
+    if cg.dfl_id != 0 {
+        rec.dfl_cgroup_id = cg.dfl_id;
         rec.present |= field::DFL_CGROUP_ID;
     }
     end_part(&ctx, rec, part::CGROUP);
     0
 }
 
+/// A task's memory cgroup, as found by [`task_cgroup`].
+struct TaskCgroup {
+    memcg_id: u64,
+    dfl_id: u64,
+    path_len: u16,
+    depth: u8,
+    truncated: u8,
+}
+
+/// From a `task_struct` to its memory cgroup's kernfs id and path (into `path`), and its v2 id.
+#[inline(always)]
+fn task_cgroup(l: &TaskLayout, task: u64, path: &mut [u8; PATH_BUF]) -> TaskCgroup {
+    let mut out = TaskCgroup {
+        memcg_id: 0,
+        dfl_id: 0,
+        path_len: 0,
+        depth: 0,
+        truncated: 0,
+    };
+    let cset = read_u64(task + u64::from(l.task_cgroups));
+    let css = read_u64(cset + u64::from(l.cset_subsys) + 8 * u64::from(l.memory_cgrp_id));
+    let cgrp = read_u64(css + u64::from(l.css_cgroup));
+    let kn = read_u64(cgrp + u64::from(l.cgroup_kn));
+    if kn != 0 {
+        out.memcg_id = read_u64(kn + u64::from(l.kn_id));
+        walk_path(l, kn, path, &mut out);
+    }
+    let dfl = read_u64(cset + u64::from(l.cset_dfl_cgrp));
+    let dfl_kn = read_u64(dfl + u64::from(l.cgroup_kn));
+    if dfl_kn != 0 {
+        out.dfl_id = read_u64(dfl_kn + u64::from(l.kn_id));
+    }
+    out
+}
+
 /// Copies kernfs names from `kn` up to (not including) the hierarchy root, leaf first.
 #[inline(always)]
-fn walk_path(rec: &mut OomKillRecord, l: &TaskLayout, kn: u64) {
+fn walk_path(l: &TaskLayout, kn: u64, path: &mut [u8; PATH_BUF], out: &mut TaskCgroup) {
     let mut node = kn;
     let mut off: usize = 0;
     let mut depth: u8 = 0;
@@ -285,15 +372,21 @@ fn walk_path(rec: &mut OomKillRecord, l: &TaskLayout, kn: u64) {
             reached_root = true;
             break;
         }
-        if off > PATH_BUF - NAME_MAX {
+        if off >= PATH_BUF - NAME_MAX {
             break;
         }
         let name = read_u64(node + u64::from(l.kn_name));
-        // SAFETY: `off <= PATH_BUF - NAME_MAX`, so the destination range lies inside `path`;
+        // The mask is a no-op after the check above, but it bounds the value in the very
+        // register used for the pointer: older verifiers (6.1) lose the check's bound when the
+        // compiler reloads `off` from the stack. The volatile read keeps LLVM from folding the
+        // mask away as redundant.
+        // SAFETY: a plain read of a local.
+        let at = unsafe { core::ptr::read_volatile(&off) } & (PATH_BUF - NAME_MAX - 1);
+        // SAFETY: `at < PATH_BUF - NAME_MAX`, so the destination range lies inside `path`;
         // the helper copies at most NAME_MAX bytes and always NUL-terminates.
         let n = unsafe {
             bpf_probe_read_kernel_str(
-                rec.path.as_mut_ptr().add(off).cast(),
+                path.as_mut_ptr().add(at).cast(),
                 NAME_MAX as u32,
                 name as *const core::ffi::c_void,
             )
@@ -305,10 +398,9 @@ fn walk_path(rec: &mut OomKillRecord, l: &TaskLayout, kn: u64) {
         depth += 1;
         node = parent;
     }
-    rec.path_len = off as u16;
-    rec.path_depth = depth;
-    rec.path_truncated = u8::from(!reached_root);
-    rec.present |= field::CGROUP_PATH;
+    out.path_len = off as u16;
+    out.depth = depth;
+    out.truncated = u8::from(!reached_root);
 }
 
 /// `CONTEXT` part body for `oom_kill_process(struct oom_control *oc, const char *message)`.
@@ -319,18 +411,24 @@ fn oom_kill_process(oc: u64, hook_id: u8) -> u32 {
     if l.valid == 0 || oc == 0 {
         return 0;
     }
-    // SAFETY: as above.
-    let t = unsafe { core::ptr::read_volatile(&TASK_LAYOUT) };
-    let mut c = OomContext {
-        oc_memcg_id: 0,
-        // SAFETY: helper without arguments.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        totalpages: read_u64(oc + u64::from(l.oc_totalpages)),
-        constraint: read_i32(oc + u64::from(l.oc_constraint)).unwrap_or(0) as u32,
-        chosen_pid: 0,
-        present: field::TOTALPAGES | field::CONSTRAINT,
-        hook: u32::from(hook_id),
+    let Some(p) = OOM_CTX_SCRATCH.get_ptr_mut(0) else {
+        bump(probe_id::OOM, counter::LOST_NO_SCRATCH);
+        return 0;
     };
+    // SAFETY: this CPU's slot of a per-CPU array value; valid and unaliased for the program run.
+    let c = unsafe { &mut *p };
+    // SAFETY: read of a plain global in .rodata that the loader may have rewritten.
+    let t = unsafe { core::ptr::read_volatile(&TASK_LAYOUT) };
+    // SAFETY: helper without arguments.
+    c.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    c.totalpages = read_u64(oc + u64::from(l.oc_totalpages));
+    c.constraint = read_i32(oc + u64::from(l.oc_constraint)).unwrap_or(0) as u32;
+    c.present = field::TOTALPAGES | field::CONSTRAINT;
+    c.hook = u32::from(hook_id);
+    c.oc_memcg_id = 0;
+    c.memcg_id = 0;
+    c.dfl_cgroup_id = 0;
+    c.path_len = 0;
     let memcg = read_u64(oc + u64::from(l.oc_memcg));
     if memcg != 0 && t.valid != 0 {
         let cgrp = read_u64(memcg + u64::from(l.memcg_css) + u64::from(t.css_cgroup));
@@ -341,11 +439,39 @@ fn oom_kill_process(oc: u64, hook_id: u8) -> u32 {
         }
     }
     let chosen = read_u64(oc + u64::from(l.oc_chosen));
-    if t.valid != 0 {
-        c.chosen_pid = read_i32(chosen + u64::from(t.task_pid)).unwrap_or(0);
+    if chosen != 0 && t.valid != 0 {
+        if let Some(pid) = read_i32(chosen + u64::from(t.task_pid)) {
+            c.chosen_pid = pid;
+            c.present |= field::PID;
+        }
+        if let Some(tgid) = read_i32(chosen + u64::from(t.task_tgid)) {
+            c.chosen_tgid = tgid;
+            c.present |= field::TGID;
+        }
+        // SAFETY: bounded kernel read of the 16-byte comm array.
+        if let Ok(comm) = unsafe { bpf_probe_read_kernel((chosen + u64::from(t.task_comm)) as *const [u8; 16]) } {
+            c.chosen_comm = comm;
+            c.present |= field::COMM;
+        }
+        let cg = task_cgroup(&t, chosen, &mut c.path);
+        if cg.memcg_id != 0 {
+            c.memcg_id = cg.memcg_id;
+            c.path_len = cg.path_len;
+            c.path_depth = cg.depth;
+            c.path_truncated = cg.truncated;
+            c.present |= field::MEMCG_ID | field::CGROUP_PATH;
+        }
+        if cg.dfl_id != 0 {
+            c.dfl_cgroup_id = cg.dfl_id;
+            c.present |= field::DFL_CGROUP_ID;
+        }
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    if OOM_CTX.insert(tid, c, 0).is_err() {
+    // Insert from the map slot by reference: a by-value `OomContext` (720 bytes) would not fit
+    // on the 512-byte BPF stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let inserted = OOM_CTX.insert(tid, &*c, 0);
+    if inserted.is_err() {
         bump(probe_id::OOM, counter::LOST_MAP_FULL);
     }
     0

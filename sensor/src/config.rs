@@ -73,11 +73,16 @@ pub struct Probes {
 #[serde(default, deny_unknown_fields)]
 pub struct ProbeToggle {
     pub enabled: bool,
+    /// Hooks never to use for this probe (e.g. `[fentry]` on a kernel with a trampoline bug).
+    pub exclude_hooks: Vec<crate::probe::HookKind>,
 }
 
 impl Default for ProbeToggle {
     fn default() -> Self {
-        ProbeToggle { enabled: true }
+        ProbeToggle {
+            enabled: true,
+            exclude_hooks: Vec::new(),
+        }
     }
 }
 

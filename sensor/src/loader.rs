@@ -43,6 +43,8 @@ pub struct LoadOptions {
     pub tracefs_path: Option<PathBuf>,
     /// Probe names to skip (disabled in the configuration).
     pub disabled: Vec<&'static str>,
+    /// Hooks a probe must not use (`probes.<name>.exclude_hooks`).
+    pub excluded: Vec<(&'static str, HookKind)>,
 }
 
 impl KernelContext {
@@ -84,18 +86,25 @@ pub fn load(kctx: &KernelContext, opts: &LoadOptions) -> Result<Loaded, LoadErro
             reports.push(ProbeReport::disabled(spec.name));
             continue;
         }
-        reports.push(attach_probe(&mut ebpf, kctx, spec));
+        reports.push(attach_probe(&mut ebpf, kctx, spec, opts));
     }
     Ok(Loaded { ebpf, reports })
 }
 
-fn attach_probe(ebpf: &mut Ebpf, kctx: &KernelContext, spec: &ProbeSpec) -> ProbeReport {
+fn attach_probe(ebpf: &mut Ebpf, kctx: &KernelContext, spec: &ProbeSpec, opts: &LoadOptions) -> ProbeReport {
     let mut groups: Vec<GroupReport> = Vec::new();
     for group in spec.groups {
         configure(ebpf, spec, &groups);
         let mut attempts = Vec::new();
         for hook in group.hooks {
-            let res = precheck(kctx, hook).and_then(|()| attach_hook(ebpf, kctx, hook));
+            let res = if opts.excluded.contains(&(spec.name, hook.kind)) {
+                Err(format!(
+                    "excluded by configuration (probes.{}.exclude_hooks)",
+                    spec.name
+                ))
+            } else {
+                precheck(kctx, hook).and_then(|()| attach_hook(ebpf, kctx, hook))
+            };
             let ok = res.is_ok();
             attempts.push(HookAttempt {
                 hook: hook.kind,

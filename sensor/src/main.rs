@@ -51,6 +51,9 @@ struct RunArgs {
     perf_ring_pages: Option<usize>,
     #[arg(long = "probes.oom.enabled")]
     oom_enabled: Option<bool>,
+    /// Hooks the OOM probe must not use, comma-separated (fentry,kprobe,raw_tracepoint,tracepoint).
+    #[arg(long = "probes.oom.exclude-hooks", value_delimiter = ',')]
+    oom_exclude_hooks: Option<Vec<sensor::probe::HookKind>>,
     #[arg(long = "probes.memcg.enabled")]
     memcg_enabled: Option<bool>,
     #[arg(long = "probes.tcp.enabled")]
@@ -99,6 +102,9 @@ impl RunArgs {
         }
         if let Some(v) = self.oom_enabled {
             c.probes.oom.enabled = v;
+        }
+        if let Some(v) = &self.oom_exclude_hooks {
+            c.probes.oom.exclude_hooks = v.clone();
         }
         if let Some(v) = self.memcg_enabled {
             c.probes.memcg.enabled = v;
@@ -163,7 +169,7 @@ fn main() -> ExitCode {
             let opts = sensor::loader::LoadOptions {
                 btf_path: args.btf_path,
                 tracefs_path: args.tracefs_path,
-                disabled: Vec::new(),
+                ..Default::default()
             };
             let r = doctor::report(&opts);
             if args.json {

@@ -110,12 +110,13 @@ impl SelfMetrics {
         self.probe_attached.reset();
         self.probe_state.reset();
         for r in reports {
-            // 1 for every hook in use, 0 for candidates that did not attach.
-            for g in &r.groups {
-                for a in &g.attempts {
-                    let v = i64::from(g.hook == Some(a.hook));
-                    self.probe_attached.with_label_values(&[r.probe, a.hook.label()]).set(v);
-                }
+            // 0 for every declared candidate (tried or not), then 1 for the hooks in use.
+            let spec = crate::loader::registry().iter().find(|s| s.name == r.probe);
+            for h in spec.iter().flat_map(|s| s.groups.iter()).flat_map(|g| g.hooks.iter()) {
+                self.probe_attached.with_label_values(&[r.probe, h.kind.label()]).set(0);
+            }
+            for h in r.hooks() {
+                self.probe_attached.with_label_values(&[r.probe, h.label()]).set(1);
             }
             if r.hooks().is_empty() {
                 self.probe_attached.with_label_values(&[r.probe, "none"]).set(0);

@@ -10,13 +10,28 @@ use serde::Serialize;
 use crate::loader::KernelContext;
 
 /// How a kernel program is hooked. The string form is the `hook` metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HookKind {
     Fentry,
     Kprobe,
     RawTracepoint,
     Tracepoint,
+}
+
+impl std::str::FromStr for HookKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fentry" => Ok(HookKind::Fentry),
+            "kprobe" => Ok(HookKind::Kprobe),
+            "raw_tracepoint" => Ok(HookKind::RawTracepoint),
+            "tracepoint" => Ok(HookKind::Tracepoint),
+            _ => Err(format!(
+                "unknown hook '{s}' (fentry, kprobe, raw_tracepoint, tracepoint)"
+            )),
+        }
+    }
 }
 
 impl HookKind {

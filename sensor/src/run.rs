@@ -36,10 +36,12 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
     if !cfg.probes.oom.enabled {
         disabled.push("oom");
     }
+    let excluded = cfg.probes.oom.exclude_hooks.iter().map(|h| ("oom", *h)).collect();
     LoadOptions {
         btf_path: cfg.btf_path.clone(),
         tracefs_path: cfg.tracefs_path.clone(),
         disabled,
+        excluded,
     }
 }
 

@@ -28,6 +28,9 @@ use crate::{
     probe::{GroupReport, HookGroup, HookKind, HookSpec, ProbeSpec},
 };
 
+/// `cgroup` label of a kill whose victim cgroup could not be determined.
+pub const UNKNOWN_CGROUP: &str = "unknown";
+
 const GROUP_CONTEXT: &str = "kill context";
 const GROUP_CGROUP: &str = "victim cgroup";
 const GROUP_FIELDS: &str = "victim fields";
@@ -502,7 +505,7 @@ impl OomSlice {
             }
         }
         let kill = OomKill::from_record(rec, self.scopes.as_ref(), Some(&self.cgroups));
-        let cg = kill.cgroup.clone().unwrap_or_else(|| "/".to_string());
+        let cg = kill.cgroup.clone().unwrap_or_else(|| UNKNOWN_CGROUP.to_string());
         let wl = match self.workloads.lock() {
             Ok(mut w) => w.labels(&cg),
             Err(_) => [crate::cgroup::OTHER.to_string(), String::new(), String::new()],
