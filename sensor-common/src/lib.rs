@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod agg;
+pub mod memcg;
 pub mod oom;
 pub mod record;
 

@@ -3,7 +3,9 @@
 #![no_main]
 
 mod agg;
+mod memcg;
 mod oom;
+mod task;
 mod transport;
 
 #[cfg(not(test))]

@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
-        generated::{bpf_get_current_cgroup_id, bpf_get_stack, bpf_probe_read_kernel_str},
+        generated::{bpf_get_current_cgroup_id, bpf_get_stack},
     },
     macros::{fentry, kprobe, map, raw_tracepoint, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray},
@@ -17,21 +17,20 @@ use aya_ebpf::{
 };
 use sensor_common::{
     oom::{
-        field, hook, part, MarkVictimLayout, OomContext, OomControlLayout, OomKillRecord, TaskLayout, TpField,
-        CONFIG_EXPECTED_PARTS, NAME_MAX, PATH_BUF, PATH_MAX_DEPTH, RECORD_VERSION,
+        field, hook, part, MarkVictimLayout, OomContext, OomControlLayout, OomKillRecord, TpField,
+        CONFIG_EXPECTED_PARTS, RECORD_VERSION,
     },
     record::{counter, kind, probe_id},
 };
 
-use crate::transport::{bump, output};
+use crate::{
+    task::{self, read_i32, read_u64, task_cgroup},
+    transport::{bump, output},
+};
 
 /// Field offsets of `oom:mark_victim`, set by the daemon from the tracefs format file.
 #[unsafe(no_mangle)]
 static MARK_VICTIM_LAYOUT: MarkVictimLayout = MarkVictimLayout::ABSENT;
-
-/// `task_struct` / cgroup / kernfs offsets, set by the daemon from BTF.
-#[unsafe(no_mangle)]
-static TASK_LAYOUT: TaskLayout = TaskLayout::INVALID;
 
 /// `struct oom_control` offsets, set by the daemon from BTF.
 #[unsafe(no_mangle)]
@@ -52,24 +51,6 @@ static OOM_CTX_SCRATCH: PerCpuArray<OomContext> = PerCpuArray::with_max_entries(
 /// `oom_kill_process` context by OOM-ing thread id, merged and removed at `mark_victim`.
 #[map]
 static OOM_CTX: LruHashMap<u32, OomContext> = LruHashMap::with_max_entries(256, 0);
-
-#[inline(always)]
-fn read_u64(addr: u64) -> u64 {
-    if addr == 0 {
-        return 0;
-    }
-    // SAFETY: bpf_probe_read_kernel validates the address and cannot fault.
-    unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
-}
-
-#[inline(always)]
-fn read_i32(addr: u64) -> Option<i32> {
-    if addr == 0 {
-        return None;
-    }
-    // SAFETY: as above.
-    unsafe { bpf_probe_read_kernel(addr as *const i32) }.ok()
-}
 
 #[inline(always)]
 fn expected_parts() -> u32 {
@@ -285,8 +266,7 @@ pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
 /// its cgroup may be gone by the time userspace looks.
 #[raw_tracepoint(tracepoint = "mark_victim")]
 pub fn oom_mark_victim_raw(ctx: RawTracePointContext) -> u32 {
-    // SAFETY: read of a plain global in .rodata that the loader may have rewritten.
-    let l = unsafe { core::ptr::read_volatile(&TASK_LAYOUT) };
+    let l = task::layout();
     if l.valid == 0 {
         return 0;
     }
@@ -324,85 +304,6 @@ pub fn oom_mark_victim_raw(ctx: RawTracePointContext) -> u32 {
     0
 }
 
-/// A task's memory cgroup, as found by [`task_cgroup`].
-struct TaskCgroup {
-    memcg_id: u64,
-    dfl_id: u64,
-    path_len: u16,
-    depth: u8,
-    truncated: u8,
-}
-
-/// From a `task_struct` to its memory cgroup's kernfs id and path (into `path`), and its v2 id.
-#[inline(always)]
-fn task_cgroup(l: &TaskLayout, task: u64, path: &mut [u8; PATH_BUF]) -> TaskCgroup {
-    let mut out = TaskCgroup {
-        memcg_id: 0,
-        dfl_id: 0,
-        path_len: 0,
-        depth: 0,
-        truncated: 0,
-    };
-    let cset = read_u64(task + u64::from(l.task_cgroups));
-    let css = read_u64(cset + u64::from(l.cset_subsys) + 8 * u64::from(l.memory_cgrp_id));
-    let cgrp = read_u64(css + u64::from(l.css_cgroup));
-    let kn = read_u64(cgrp + u64::from(l.cgroup_kn));
-    if kn != 0 {
-        out.memcg_id = read_u64(kn + u64::from(l.kn_id));
-        walk_path(l, kn, path, &mut out);
-    }
-    let dfl = read_u64(cset + u64::from(l.cset_dfl_cgrp));
-    let dfl_kn = read_u64(dfl + u64::from(l.cgroup_kn));
-    if dfl_kn != 0 {
-        out.dfl_id = read_u64(dfl_kn + u64::from(l.kn_id));
-    }
-    out
-}
-
-/// Copies kernfs names from `kn` up to (not including) the hierarchy root, leaf first.
-#[inline(always)]
-fn walk_path(l: &TaskLayout, kn: u64, path: &mut [u8; PATH_BUF], out: &mut TaskCgroup) {
-    let mut node = kn;
-    let mut off: usize = 0;
-    let mut depth: u8 = 0;
-    let mut reached_root = false;
-    for _ in 0..PATH_MAX_DEPTH {
-        let parent = read_u64(node + u64::from(l.kn_parent));
-        if parent == 0 {
-            reached_root = true;
-            break;
-        }
-        if off >= PATH_BUF - NAME_MAX {
-            break;
-        }
-        let name = read_u64(node + u64::from(l.kn_name));
-        // The mask is a no-op after the check above, but it bounds the value in the very
-        // register used for the pointer: older verifiers (6.1) lose the check's bound when the
-        // compiler reloads `off` from the stack. The volatile read keeps LLVM from folding the
-        // mask away as redundant.
-        // SAFETY: a plain read of a local.
-        let at = unsafe { core::ptr::read_volatile(&off) } & (PATH_BUF - NAME_MAX - 1);
-        // SAFETY: `at < PATH_BUF - NAME_MAX`, so the destination range lies inside `path`;
-        // the helper copies at most NAME_MAX bytes and always NUL-terminates.
-        let n = unsafe {
-            bpf_probe_read_kernel_str(
-                path.as_mut_ptr().add(at).cast(),
-                NAME_MAX as u32,
-                name as *const core::ffi::c_void,
-            )
-        };
-        if n <= 0 {
-            break;
-        }
-        off += (n as usize) & (NAME_MAX * 2 - 1);
-        depth += 1;
-        node = parent;
-    }
-    out.path_len = off as u16;
-    out.depth = depth;
-    out.truncated = u8::from(!reached_root);
-}
-
 /// `CONTEXT` part body for `oom_kill_process(struct oom_control *oc, const char *message)`.
 #[inline(always)]
 fn oom_kill_process(oc: u64, hook_id: u8) -> u32 {
@@ -417,8 +318,7 @@ fn oom_kill_process(oc: u64, hook_id: u8) -> u32 {
     };
     // SAFETY: this CPU's slot of a per-CPU array value; valid and unaliased for the program run.
     let c = unsafe { &mut *p };
-    // SAFETY: read of a plain global in .rodata that the loader may have rewritten.
-    let t = unsafe { core::ptr::read_volatile(&TASK_LAYOUT) };
+    let t = task::layout();
     // SAFETY: helper without arguments.
     c.ktime_ns = unsafe { bpf_ktime_get_ns() };
     c.totalpages = read_u64(oc + u64::from(l.oc_totalpages));

@@ -106,6 +106,13 @@ impl<K: aya::Pod + Send + Sync> HistogramMapCollector<K> {
         })
     }
 
+    /// Deletes a key from the kernel map (its cgroup is gone).
+    pub fn remove(&self, key: &K) {
+        if let Ok(mut map) = self.map.lock() {
+            let _ = map.remove(key);
+        }
+    }
+
     /// Current per-key totals (also used by tests and the API).
     pub fn snapshot(&self) -> Vec<(K, Log2Hist)> {
         let Ok(map) = self.map.lock() else {

@@ -65,7 +65,7 @@ impl Default for Config {
 #[serde(default, deny_unknown_fields)]
 pub struct Probes {
     pub oom: ProbeToggle,
-    pub memcg: ProbeToggle,
+    pub memcg: MemcgProbe,
     pub tcp: TcpProbe,
 }
 
@@ -84,6 +84,70 @@ impl Default for ProbeToggle {
             exclude_hooks: Vec::new(),
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemcgProbe {
+    pub enabled: bool,
+    pub exclude_hooks: Vec<crate::probe::HookKind>,
+    /// PSI thresholds: crossing one raises a pressure event for the host and, on cgroup v2,
+    /// for each workload.
+    pub psi_triggers: Vec<PsiTrigger>,
+    /// How often the memory cgroup hierarchy is rescanned for new and vanished workloads.
+    #[serde(with = "duration")]
+    pub discovery_interval: Duration,
+}
+
+impl Default for MemcgProbe {
+    fn default() -> Self {
+        MemcgProbe {
+            enabled: true,
+            exclude_hooks: Vec::new(),
+            psi_triggers: vec![
+                PsiTrigger {
+                    level: PsiLevel::Some,
+                    stall: Duration::from_secs(1),
+                    window: Duration::from_secs(10),
+                },
+                PsiTrigger {
+                    level: PsiLevel::Full,
+                    stall: Duration::from_millis(500),
+                    window: Duration::from_secs(10),
+                },
+            ],
+            discovery_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum PsiLevel {
+    /// Some tasks stalled on memory.
+    Some,
+    /// All non-idle tasks stalled at once.
+    Full,
+}
+
+impl PsiLevel {
+    pub fn label(self) -> &'static str {
+        match self {
+            PsiLevel::Some => "some",
+            PsiLevel::Full => "full",
+        }
+    }
+}
+
+/// Fires when tasks stalled for `stall` within a `window` (the kernel allows 500ms..10s windows).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PsiTrigger {
+    pub level: PsiLevel,
+    #[serde(with = "duration")]
+    pub stall: Duration,
+    #[serde(with = "duration")]
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -320,6 +384,27 @@ impl Config {
         if self.limits.workloads_per_metric == 0 {
             return Err(key_err("limits.workloads_per_metric", "must be at least 1".into()));
         }
+        for (i, t) in self.probes.memcg.psi_triggers.iter().enumerate() {
+            let key = format!("probes.memcg.psi_triggers[{i}]");
+            if t.window < Duration::from_millis(500) || t.window > Duration::from_secs(10) {
+                return Err(key_err(
+                    &key,
+                    "window must be between 500ms and 10s (a kernel limit)".into(),
+                ));
+            }
+            if t.stall.is_zero() || t.stall >= t.window {
+                return Err(key_err(
+                    &key,
+                    "stall must be positive and shorter than the window".into(),
+                ));
+            }
+        }
+        if self.probes.memcg.discovery_interval < Duration::from_millis(100) {
+            return Err(key_err(
+                "probes.memcg.discovery_interval",
+                "must be at least 100ms".into(),
+            ));
+        }
         if !self.perf_ring_pages.is_power_of_two() {
             return Err(key_err(
                 "perf_ring_pages",
@@ -441,6 +526,25 @@ checks:
         );
         let e = err("perf_ring_pages: 3\n");
         assert!(e.contains("power of two"), "{e}");
+    }
+
+    #[test]
+    fn psi_triggers_validated() {
+        let c = Config::parse(
+            "probes: {memcg: {psi_triggers: [{level: full, stall: 200ms, window: 2s}]}}\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.probes.memcg.psi_triggers[0].level, PsiLevel::Full);
+        let e = err("probes: {memcg: {psi_triggers: [{level: some, stall: 1s, window: 30s}]}}\n");
+        assert!(
+            e.contains("probes.memcg.psi_triggers[0]") && e.contains("between 500ms and 10s"),
+            "{e}"
+        );
+        let e = err("probes: {memcg: {psi_triggers: [{level: some, stall: 3s, window: 2s}]}}\n");
+        assert!(e.contains("shorter than the window"), "{e}");
+        let e = err("probes: {memcg: {psi_triggers: [{level: most, stall: 1s, window: 2s}]}}\n");
+        assert!(e.contains("probes.memcg.psi_triggers[0].level"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Report {
     pub probes: Vec<ProbeReport>,
     /// True when `probes` come from real load+attach attempts, false when only prechecked.
     pub attach_tested: bool,
+    pub cgroups: crate::cgroup::Hierarchies,
+    pub memory_pressure: crate::memcg::Sources,
 }
 
 #[derive(Debug, Serialize)]
@@ -35,6 +37,7 @@ pub struct Component {
 /// doctor says is what `run` will do.
 pub fn report(opts: &LoadOptions) -> Report {
     let kctx = KernelContext::discover(opts);
+    let cgroups = crate::cgroup::Hierarchies::discover();
     let privileged = Caps::current().map(|c| c.can_trace()).unwrap_or(false);
     let not_tested = |reason: String| -> Vec<ProbeReport> {
         loader::registry()
@@ -109,6 +112,8 @@ pub fn report(opts: &LoadOptions) -> Report {
         attach: kctx.features.attach.clone(),
         probes,
         attach_tested,
+        memory_pressure: crate::memcg::sources(&cgroups),
+        cgroups,
     }
 }
 
@@ -150,6 +155,39 @@ pub fn render_text(r: &Report) -> String {
         for s in list.iter() {
             let _ = writeln!(o, "  {:<24} {}", s.name, yn(s));
         }
+    }
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map_or("-".to_string(), |p| p.display().to_string());
+    let _ = writeln!(o, "\ncgroups");
+    let _ = writeln!(
+        o,
+        "  memory controller        {}",
+        if r.cgroups.memory_is_v1() {
+            "cgroup v1"
+        } else {
+            "cgroup v2"
+        }
+    );
+    let _ = writeln!(o, "  v1 memory hierarchy      {}", path(&r.cgroups.memory_v1));
+    let _ = writeln!(o, "  v2 hierarchy             {}", path(&r.cgroups.unified));
+    let m = &r.memory_pressure;
+    let _ = writeln!(o, "\nmemory pressure");
+    let _ = writeln!(
+        o,
+        "  host PSI                 {}",
+        if m.host_psi {
+            "yes (/proc/pressure/memory)"
+        } else {
+            "NO"
+        }
+    );
+    let _ = writeln!(
+        o,
+        "  per-cgroup PSI           {}",
+        if m.cgroup_psi { "yes (memory.pressure)" } else { "NO" }
+    );
+    let _ = writeln!(o, "  memory.events            {}", m.memory_events);
+    for n in &m.notes {
+        let _ = writeln!(o, "  note: {n}");
     }
     let _ = writeln!(o, "\nprobes");
     for p in &r.probes {

@@ -9,12 +9,13 @@ use std::{
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::oom::OomKill;
+use crate::{memcg::PressureEvent, oom::OomKill};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    OomKill(OomKill),
+    OomKill(Box<OomKill>),
+    MemoryPressure(PressureEvent),
 }
 
 /// An event with its position in the stream, so pollers can ask for what is newer.

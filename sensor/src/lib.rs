@@ -14,6 +14,7 @@ pub mod events;
 pub mod http;
 pub mod kernel;
 pub mod loader;
+pub mod memcg;
 pub mod metrics;
 pub mod oom;
 pub mod probe;

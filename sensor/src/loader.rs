@@ -19,7 +19,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Every probe this build knows, in registration order.
 pub fn registry() -> &'static [ProbeSpec] {
-    &[oom::SPEC]
+    &[oom::SPEC, crate::memcg::SPEC]
 }
 
 #[derive(Debug, thiserror::Error)]

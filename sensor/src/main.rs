@@ -56,6 +56,8 @@ struct RunArgs {
     oom_exclude_hooks: Option<Vec<sensor::probe::HookKind>>,
     #[arg(long = "probes.memcg.enabled")]
     memcg_enabled: Option<bool>,
+    #[arg(long = "probes.memcg.discovery-interval", value_parser = humantime::parse_duration)]
+    memcg_discovery_interval: Option<Duration>,
     #[arg(long = "probes.tcp.enabled")]
     tcp_enabled: Option<bool>,
     #[arg(long = "limits.workloads-per-metric")]
@@ -108,6 +110,9 @@ impl RunArgs {
         }
         if let Some(v) = self.memcg_enabled {
             c.probes.memcg.enabled = v;
+        }
+        if let Some(v) = self.memcg_discovery_interval {
+            c.probes.memcg.discovery_interval = v;
         }
         if let Some(v) = self.tcp_enabled {
             c.probes.tcp.enabled = v;

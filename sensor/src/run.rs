@@ -25,6 +25,7 @@ use crate::{
     http,
     kernel::{self, privileges},
     loader::{self, KernelContext, LoadOptions},
+    memcg::MemcgSlice,
     metrics::{LostCollector, SelfMetrics},
     oom::OomSlice,
     probe::{ProbeReport, ProbeState},
@@ -36,7 +37,17 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
     if !cfg.probes.oom.enabled {
         disabled.push("oom");
     }
-    let excluded = cfg.probes.oom.exclude_hooks.iter().map(|h| ("oom", *h)).collect();
+    if !cfg.probes.memcg.enabled {
+        disabled.push("memcg");
+    }
+    let excluded = cfg
+        .probes
+        .oom
+        .exclude_hooks
+        .iter()
+        .map(|h| ("oom", *h))
+        .chain(cfg.probes.memcg.exclude_hooks.iter().map(|h| ("memcg", *h)))
+        .collect();
     LoadOptions {
         btf_path: cfg.btf_path.clone(),
         tracefs_path: cfg.tracefs_path.clone(),
@@ -53,7 +64,7 @@ pub struct Pipeline {
     pub hub: Arc<EventHub>,
     pub kernel_release: String,
     readers: Vec<JoinHandle<()>>,
-    refresher: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
     stop_tx: watch::Sender<bool>,
     pub stop_rx: watch::Receiver<bool>,
 }
@@ -116,8 +127,30 @@ impl Pipeline {
             cfg.limits.workloads_per_metric,
             cfg.limits.vanished_grace,
         )?);
+        let memcg_running = reports.iter().any(|r| r.probe == "memcg" && r.state.running());
+        let reclaim_map = if memcg_running {
+            let m = ebpf.take_map("RECLAIM_HIST").context("RECLAIM_HIST map missing")?;
+            Some(aya::maps::PerCpuHashMap::try_from(m).context("RECLAIM_HIST")?)
+        } else {
+            None
+        };
+        let memcg = if cfg.probes.memcg.enabled {
+            Some(MemcgSlice::new(
+                &metrics.registry,
+                Arc::clone(&hub),
+                cfg.probes.memcg.clone(),
+                cfg.limits.workloads_per_metric,
+                cfg.limits.vanished_grace,
+                reclaim_map,
+            )?)
+        } else {
+            None
+        };
         let counters = KernelCounters::new(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
-        let probe_ids = vec![("oom", sensor_common::record::probe_id::OOM)];
+        let probe_ids = vec![
+            ("oom", sensor_common::record::probe_id::OOM),
+            ("memcg", sensor_common::record::probe_id::MEMCG),
+        ];
         metrics
             .registry
             .register(Box::new(LostCollector::new(Arc::new(Mutex::new(counters)), probe_ids)))?;
@@ -148,6 +181,10 @@ impl Pipeline {
                 }
             })
         };
+        let mut background = vec![refresher];
+        if let Some(m) = &memcg {
+            background.push(m.start(stop_rx.clone()));
+        }
         Ok(Pipeline {
             ebpf,
             reports,
@@ -155,7 +192,7 @@ impl Pipeline {
             hub,
             kernel_release,
             readers,
-            refresher,
+            background,
             stop_tx,
             stop_rx,
         })
@@ -167,16 +204,15 @@ impl Pipeline {
         let Pipeline {
             ebpf,
             readers,
-            refresher,
+            background,
             stop_tx,
             ..
         } = self;
         drop(ebpf);
         let _ = stop_tx.send(true);
-        for r in readers {
+        for r in readers.into_iter().chain(background) {
             let _ = r.await;
         }
-        let _ = refresher.await;
     }
 }
 

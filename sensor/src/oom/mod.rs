@@ -202,6 +202,7 @@ impl Layouts {
         }
     }
 
+    /// Sets the globals; `TASK_LAYOUT` is shared by every slice that attributes to cgroups.
     pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
         loader.override_global("MARK_VICTIM_LAYOUT", &self.mark_victim, true);
         loader.override_global("TASK_LAYOUT", &self.task, true);
@@ -548,7 +549,7 @@ impl OomSlice {
             totalpages = %opt(&kill.totalpages),
             "OOM kill"
         );
-        self.hub.publish(Event::OomKill(kill));
+        self.hub.publish(Event::OomKill(Box::new(kill)));
     }
 
     /// Recomputes the cross-check gauges and drops series of cgroups gone past the grace period.

@@ -340,6 +340,46 @@ impl MemCgroup {
             .unwrap_or(0)
     }
 
+    /// Runs a shell script inside the cgroup and waits for it.
+    pub fn run(&self, script: &str) -> std::process::ExitStatus {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > \"$1\" && {script}"))
+            .arg("sh")
+            .arg(self.dir.join("cgroup.procs"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run in cgroup")
+    }
+
+    /// Pushes `mb` MiB of file data through the page cache from inside the cgroup, which makes
+    /// the kernel reclaim once the cache exceeds the limit.
+    pub fn churn_page_cache(&self, mb: u32) {
+        let f = format!(
+            "/var/tmp/sensor-churn-{}-{}",
+            std::process::id(),
+            self.dir.file_name().unwrap().to_string_lossy()
+        );
+        let st = self.run(&format!(
+            "head -c {mb}M /dev/zero > {f} && cat {f} > /dev/null; rm -f {f}"
+        ));
+        assert!(st.success(), "churn failed: {st}");
+    }
+
+    /// A v1/v2 file of this cgroup as u64 (`key` picks a `key value` line).
+    pub fn read_value(&self, file: &str, key: Option<&str>) -> u64 {
+        let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+        match key {
+            None => text.trim().parse().unwrap_or(0),
+            Some(k) => text
+                .lines()
+                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(' ')))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0),
+        }
+    }
+
     /// Runs `tail /dev/zero` (which buffers without bound) inside the cgroup until the kernel
     /// kills it; returns its pid after checking it died of SIGKILL.
     pub fn cause_oom_kill(&self) -> u32 {

@@ -1,0 +1,124 @@
+//! From a `task_struct` to its cgroups, at offsets the daemon reads from the running kernel's
+//! BTF (Rust eBPF has no CO-RE relocations). Shared by every slice that attributes to workloads.
+
+use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel_str};
+use sensor_common::oom::{TaskLayout, NAME_MAX, PATH_BUF, PATH_MAX_DEPTH};
+
+/// `task_struct` / cgroup / kernfs offsets, set by the daemon from BTF.
+#[unsafe(no_mangle)]
+pub static TASK_LAYOUT: TaskLayout = TaskLayout::INVALID;
+
+/// The layout as the loader set it.
+#[inline(always)]
+pub fn layout() -> TaskLayout {
+    // SAFETY: read of a plain global in .rodata that the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(&TASK_LAYOUT) }
+}
+
+#[inline(always)]
+pub fn read_u64(addr: u64) -> u64 {
+    if addr == 0 {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_kernel validates the address and cannot fault.
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn read_i32(addr: u64) -> Option<i32> {
+    if addr == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_kernel(addr as *const i32) }.ok()
+}
+
+/// Kernfs id of `task`'s memory cgroup (0 when unknown), without the path walk: the cheap form
+/// for hot paths.
+#[inline(always)]
+pub fn task_memcg_id(l: &TaskLayout, task: u64) -> u64 {
+    let cset = read_u64(task + u64::from(l.task_cgroups));
+    let css = read_u64(cset + u64::from(l.cset_subsys) + 8 * u64::from(l.memory_cgrp_id));
+    let cgrp = read_u64(css + u64::from(l.css_cgroup));
+    let kn = read_u64(cgrp + u64::from(l.cgroup_kn));
+    read_u64(kn + u64::from(l.kn_id))
+}
+
+/// A task's memory cgroup, as found by [`task_cgroup`].
+pub struct TaskCgroup {
+    pub memcg_id: u64,
+    pub dfl_id: u64,
+    pub path_len: u16,
+    pub depth: u8,
+    pub truncated: u8,
+}
+
+/// From a `task_struct` to its memory cgroup's kernfs id and path (into `path`), and its v2 id.
+#[inline(always)]
+pub fn task_cgroup(l: &TaskLayout, task: u64, path: &mut [u8; PATH_BUF]) -> TaskCgroup {
+    let mut out = TaskCgroup {
+        memcg_id: 0,
+        dfl_id: 0,
+        path_len: 0,
+        depth: 0,
+        truncated: 0,
+    };
+    let cset = read_u64(task + u64::from(l.task_cgroups));
+    let css = read_u64(cset + u64::from(l.cset_subsys) + 8 * u64::from(l.memory_cgrp_id));
+    let cgrp = read_u64(css + u64::from(l.css_cgroup));
+    let kn = read_u64(cgrp + u64::from(l.cgroup_kn));
+    if kn != 0 {
+        out.memcg_id = read_u64(kn + u64::from(l.kn_id));
+        walk_path(l, kn, path, &mut out);
+    }
+    let dfl = read_u64(cset + u64::from(l.cset_dfl_cgrp));
+    let dfl_kn = read_u64(dfl + u64::from(l.cgroup_kn));
+    if dfl_kn != 0 {
+        out.dfl_id = read_u64(dfl_kn + u64::from(l.kn_id));
+    }
+    out
+}
+
+/// Copies kernfs names from `kn` up to (not including) the hierarchy root, leaf first.
+#[inline(always)]
+fn walk_path(l: &TaskLayout, kn: u64, path: &mut [u8; PATH_BUF], out: &mut TaskCgroup) {
+    let mut node = kn;
+    let mut off: usize = 0;
+    let mut depth: u8 = 0;
+    let mut reached_root = false;
+    for _ in 0..PATH_MAX_DEPTH {
+        let parent = read_u64(node + u64::from(l.kn_parent));
+        if parent == 0 {
+            reached_root = true;
+            break;
+        }
+        if off >= PATH_BUF - NAME_MAX {
+            break;
+        }
+        let name = read_u64(node + u64::from(l.kn_name));
+        // The mask is a no-op after the check above, but it bounds the value in the very
+        // register used for the pointer: older verifiers (6.1) lose the check's bound when the
+        // compiler reloads `off` from the stack. The volatile read keeps LLVM from folding the
+        // mask away as redundant.
+        // SAFETY: a plain read of a local.
+        let at = unsafe { core::ptr::read_volatile(&off) } & (PATH_BUF - NAME_MAX - 1);
+        // SAFETY: `at < PATH_BUF - NAME_MAX`, so the destination range lies inside `path`;
+        // the helper copies at most NAME_MAX bytes and always NUL-terminates.
+        let n = unsafe {
+            bpf_probe_read_kernel_str(
+                path.as_mut_ptr().add(at).cast(),
+                NAME_MAX as u32,
+                name as *const core::ffi::c_void,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        off += (n as usize) & (NAME_MAX * 2 - 1);
+        depth += 1;
+        node = parent;
+    }
+    out.path_len = off as u16;
+    out.depth = depth;
+    out.truncated = u8::from(!reached_root);
+}

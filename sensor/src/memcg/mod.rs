@@ -1,0 +1,606 @@
+//! Memory-cgroup pressure: PSI (host and, on cgroup v2, per workload) with kernel triggers,
+//! reclaim stalls from the vmscan tracepoints (aggregated in the kernel), and `memory.events`
+//! (or the nearest v1 equivalents) per workload.
+
+pub mod psi;
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, PerCpuHashMap};
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{self, MetricFamily, MetricType},
+    IntCounterVec, Opts, Registry,
+};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::{
+    agg::{HistLayout, HistogramMapCollector},
+    cgroup::{Hierarchies, WorkloadSet, OTHER, WORKLOAD_LABELS},
+    config::{MemcgProbe, PsiTrigger},
+    events::{Event, EventHub},
+    kernel::clock,
+    metrics::{counter_metric, family},
+    probe::{HookGroup, HookKind, HookSpec, ProbeSpec},
+};
+
+/// Reclaim stalls need both ends of each reclaim; each end is its own hook group.
+pub const SPEC: ProbeSpec = ProbeSpec {
+    name: "memcg",
+    groups: &[
+        HookGroup {
+            purpose: "memcg reclaim start",
+            required: true,
+            hooks: &[HookSpec {
+                kind: HookKind::Tracepoint,
+                program: "memcg_reclaim_begin",
+                target: "vmscan/mm_vmscan_memcg_reclaim_begin",
+                check: None,
+            }],
+        },
+        HookGroup {
+            purpose: "memcg reclaim end",
+            required: true,
+            hooks: &[HookSpec {
+                kind: HookKind::Tracepoint,
+                program: "memcg_reclaim_end",
+                target: "vmscan/mm_vmscan_memcg_reclaim_end",
+                check: None,
+            }],
+        },
+        HookGroup {
+            purpose: "direct reclaim start",
+            required: true,
+            hooks: &[HookSpec {
+                kind: HookKind::Tracepoint,
+                program: "direct_reclaim_begin",
+                target: "vmscan/mm_vmscan_direct_reclaim_begin",
+                check: None,
+            }],
+        },
+        HookGroup {
+            purpose: "direct reclaim end",
+            required: true,
+            hooks: &[HookSpec {
+                kind: HookKind::Tracepoint,
+                program: "direct_reclaim_end",
+                target: "vmscan/mm_vmscan_direct_reclaim_end",
+                check: None,
+            }],
+        },
+    ],
+    configure: None,
+};
+
+pub const HOST_PSI: &str = "/proc/pressure/memory";
+
+/// What this host offers for memory pressure, for `doctor`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sources {
+    pub host_psi: bool,
+    pub cgroup_psi: bool,
+    pub memory_events: &'static str,
+    pub notes: Vec<String>,
+}
+
+pub fn sources(h: &Hierarchies) -> Sources {
+    let mut notes = Vec::new();
+    let host_psi = psi::read(Path::new(HOST_PSI)).is_some();
+    if !host_psi {
+        notes.push(format!(
+            "{HOST_PSI} unreadable: the kernel lacks CONFIG_PSI or booted with psi=0"
+        ));
+    }
+    let cgroup_psi = !h.memory_is_v1() && h.memory_root().is_some() && host_psi;
+    if h.memory_is_v1() {
+        notes.push(
+            "the memory controller is on cgroup v1 (v1 or hybrid host): per-cgroup PSI does not exist there; host PSI and the eBPF reclaim histograms still work, and memory.events comes from memory.failcnt and memory.oom_control"
+                .to_string(),
+        );
+    }
+    let memory_events = if h.memory_root().is_none() {
+        "unavailable (no memory cgroup hierarchy mounted)"
+    } else if h.memory_is_v1() {
+        "cgroup v1: memory.failcnt + memory.memsw.failcnt (as event=\"max\") and memory.oom_control oom_kill"
+    } else {
+        "cgroup v2: memory.events"
+    };
+    Sources {
+        host_psi,
+        cgroup_psi,
+        memory_events,
+        notes,
+    }
+}
+
+/// A pressure crossing, as exported in events.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PressureEvent {
+    pub time: f64,
+    /// `null` for the host.
+    pub cgroup: Option<String>,
+    pub level: &'static str,
+    pub stall_seconds: f64,
+    pub window_seconds: f64,
+    /// The file's averages right after the crossing.
+    pub avg10: Option<f64>,
+    pub avg60: Option<f64>,
+}
+
+/// Cgroups found in the memory hierarchy, refreshed by discovery.
+#[derive(Default)]
+struct Discovered {
+    /// Paths relative to the hierarchy root, in walk order.
+    cgroups: Vec<String>,
+    /// kernfs id (= directory inode) -> path, for the reclaim map's keys.
+    by_id: HashMap<u64, String>,
+}
+
+struct State {
+    hier: Hierarchies,
+    discovered: Mutex<Discovered>,
+    workloads: Mutex<WorkloadSet>,
+}
+
+impl State {
+    fn labels(&self, cgroup: &str) -> [String; 3] {
+        match self.workloads.lock() {
+            Ok(mut w) => w.labels(cgroup),
+            Err(_) => [OTHER.to_string(), String::new(), String::new()],
+        }
+    }
+}
+
+/// Walks the memory hierarchy (bounded) and returns `(path, kernfs id)` of every cgroup.
+fn walk(hier: &Hierarchies, limit: usize) -> Vec<(String, u64)> {
+    let Some(root) = hier.memory_root().map(Path::to_path_buf) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        if out.len() >= limit {
+            break;
+        }
+        // A cgroup may vanish mid-walk: skip it.
+        let Ok(meta) = std::fs::metadata(&dir) else { continue };
+        let rel = dir
+            .strip_prefix(&root)
+            .map(|p| format!("/{}", p.display()))
+            .unwrap_or_else(|_| "/".into());
+        out.push((rel, meta.ino()));
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            let mut subs: Vec<PathBuf> = rd
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect();
+            subs.sort();
+            stack.extend(subs.into_iter().rev());
+        }
+    }
+    out
+}
+
+fn read_kv(path: &Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// `memory.events` counters of one cgroup (v1: the nearest equivalents).
+fn memory_events(hier: &Hierarchies, cgroup: &str) -> Vec<(&'static str, u64)> {
+    let Some(dir) = hier.memory_dir(cgroup) else {
+        return Vec::new();
+    };
+    if hier.memory_is_v1() {
+        let mut out = Vec::new();
+        // A charge fails on the memory+swap counter first when swap accounting is on, so the
+        // times the limit was hit are spread over both failure counters.
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        };
+        if let Some(f) = read("memory.failcnt") {
+            out.push(("max", f + read("memory.memsw.failcnt").unwrap_or(0)));
+        }
+        if let Some((_, v)) = read_kv(&dir.join("memory.oom_control"))
+            .into_iter()
+            .find(|(k, _)| k == "oom_kill")
+        {
+            out.push(("oom_kill", v));
+        }
+        out
+    } else {
+        const EVENTS: [&str; 6] = ["low", "high", "max", "oom", "oom_kill", "oom_group_kill"];
+        read_kv(&dir.join("memory.events"))
+            .into_iter()
+            .filter_map(|(k, v)| EVENTS.iter().find(|e| **e == k).map(|e| (*e, v)))
+            .collect()
+    }
+}
+
+const WAITING: &str = "sensor_memory_pressure_waiting_seconds_total";
+const WAITING_HELP: &str =
+    "Time some tasks waited on memory (PSI some total); host without workload labels, per workload on cgroup v2.";
+const STALLED: &str = "sensor_memory_pressure_stalled_seconds_total";
+const STALLED_HELP: &str = "Time all non-idle tasks were stalled on memory at once (PSI full total); host without workload labels, per workload on cgroup v2.";
+const EVENTS: &str = "sensor_memcg_events_total";
+const EVENTS_HELP: &str = "memory.events counters per workload (low, high, max, oom, oom_kill, oom_group_kill); on cgroup v1 max = memory.failcnt + memory.memsw.failcnt and oom_kill from memory.oom_control.";
+
+/// Reads PSI and memory.events at scrape time, so the values equal the files.
+struct FileCollector {
+    state: Arc<State>,
+    descs: Vec<Desc>,
+}
+
+fn labelled(labels: Vec<(&str, String)>, mut m: proto::Metric) -> proto::Metric {
+    m.set_label(
+        labels
+            .into_iter()
+            .map(|(k, v)| {
+                let mut lp = proto::LabelPair::default();
+                lp.set_name(k.to_string());
+                lp.set_value(v);
+                lp
+            })
+            .collect(),
+    );
+    m
+}
+
+impl Collector for FileCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let cgroups = self
+            .state
+            .discovered
+            .lock()
+            .map(|d| d.cgroups.clone())
+            .unwrap_or_default();
+        let mut waiting = Vec::new();
+        let mut stalled = Vec::new();
+        if let Some(p) = psi::read(Path::new(HOST_PSI)) {
+            waiting.push(labelled(vec![], counter_metric(p.some.total_us as f64 / 1e6)));
+            if let Some(f) = p.full {
+                stalled.push(labelled(vec![], counter_metric(f.total_us as f64 / 1e6)));
+            }
+        }
+        let hier = &self.state.hier;
+        let mut psi_sum: HashMap<[String; 3], (u64, u64)> = HashMap::new();
+        let mut ev_sum: HashMap<([String; 3], &'static str), u64> = HashMap::new();
+        for cg in cgroups.iter().filter(|c| c.as_str() != "/") {
+            let l = self.state.labels(cg);
+            if !hier.memory_is_v1() {
+                if let Some(p) = hier.memory_dir(cg).and_then(|d| psi::read(&d.join("memory.pressure"))) {
+                    let e = psi_sum.entry(l.clone()).or_default();
+                    e.0 += p.some.total_us;
+                    e.1 += p.full.map_or(0, |f| f.total_us);
+                }
+            }
+            for (event, v) in memory_events(hier, cg) {
+                *ev_sum.entry((l.clone(), event)).or_default() += v;
+            }
+        }
+        let wl = |l: &[String; 3]| {
+            WORKLOAD_LABELS
+                .iter()
+                .zip(l.iter())
+                .map(|(k, v)| (*k, v.clone()))
+                .collect::<Vec<_>>()
+        };
+        for (l, (some, full)) in psi_sum {
+            waiting.push(labelled(wl(&l), counter_metric(some as f64 / 1e6)));
+            stalled.push(labelled(wl(&l), counter_metric(full as f64 / 1e6)));
+        }
+        let mut events = Vec::new();
+        for ((l, event), v) in ev_sum {
+            let mut labels = vec![("event", event.to_string())];
+            labels.extend(wl(&l));
+            events.push(labelled(labels, counter_metric(v as f64)));
+        }
+        let mk = |name: &str, help: &str, metrics: Vec<proto::Metric>| {
+            let mut mf = family(name, help, MetricType::COUNTER, &[], Vec::new());
+            mf.set_metric(metrics);
+            mf
+        };
+        vec![
+            mk(WAITING, WAITING_HELP, waiting),
+            mk(STALLED, STALLED_HELP, stalled),
+            mk(EVENTS, EVENTS_HELP, events),
+        ]
+    }
+}
+
+/// The userspace half of the memcg probe.
+pub struct MemcgSlice {
+    state: Arc<State>,
+    cfg: MemcgProbe,
+    pressure_events: IntCounterVec,
+    hub: Arc<EventHub>,
+    reclaim: Option<Arc<HistogramMapCollector<u64>>>,
+    /// Per-cgroup trigger stoppers (cgroup v2 only).
+    triggers: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Reclaim map keys whose cgroup is gone, with when that was first seen.
+    gone_ids: Mutex<HashMap<u64, Instant>>,
+    grace: Duration,
+}
+
+impl MemcgSlice {
+    pub fn new(
+        registry: &Registry,
+        hub: Arc<EventHub>,
+        cfg: MemcgProbe,
+        workloads_per_metric: usize,
+        grace: Duration,
+        reclaim_map: Option<PerCpuHashMap<MapData, u64, Log2HistAlias>>,
+    ) -> prometheus::Result<Arc<MemcgSlice>> {
+        let state = Arc::new(State {
+            hier: Hierarchies::discover(),
+            discovered: Mutex::new(Discovered::default()),
+            workloads: Mutex::new(WorkloadSet::new(workloads_per_metric, grace)),
+        });
+        let descs = [(WAITING, WAITING_HELP), (STALLED, STALLED_HELP), (EVENTS, EVENTS_HELP)]
+            .into_iter()
+            .map(|(n, h)| Desc::new(n.into(), h.into(), vec![], Default::default()))
+            .collect::<prometheus::Result<Vec<_>>>()?;
+        registry.register(Box::new(FileCollector {
+            state: Arc::clone(&state),
+            descs,
+        }))?;
+        let pressure_events = IntCounterVec::new(
+            Opts::new(
+                "sensor_memory_pressure_events_total",
+                "PSI threshold crossings (one per pressure episode), host and workloads, by level.",
+            ),
+            &["level"],
+        )?;
+        registry.register(Box::new(pressure_events.clone()))?;
+        for l in ["some", "full"] {
+            pressure_events.with_label_values(&[l]).reset();
+        }
+        let reclaim = match reclaim_map {
+            Some(map) => {
+                let st = Arc::clone(&state);
+                let c = Arc::new(HistogramMapCollector::new(
+                    "sensor_memcg_reclaim_duration_seconds",
+                    "Time tasks spent in direct or memcg reclaim, by the stalled task's memory cgroup (aggregated in the kernel).",
+                    &WORKLOAD_LABELS,
+                    map,
+                    Box::new(move |id: &u64| {
+                        let path = st.discovered.lock().ok().and_then(|d| d.by_id.get(id).cloned());
+                        let path = path.unwrap_or_else(|| crate::oom::UNKNOWN_CGROUP.to_string());
+                        Some(st.labels(&path).to_vec())
+                    }),
+                    HistLayout::NANOS_AS_SECONDS,
+                )?);
+                registry.register(Box::new(SharedCollector(Arc::clone(&c))))?;
+                Some(c)
+            }
+            None => None,
+        };
+        let slice = Arc::new(MemcgSlice {
+            state,
+            cfg,
+            pressure_events,
+            hub,
+            reclaim,
+            triggers: Mutex::new(HashMap::new()),
+            gone_ids: Mutex::new(HashMap::new()),
+            grace,
+        });
+        slice.discover();
+        Ok(slice)
+    }
+
+    pub fn hierarchies(&self) -> &Hierarchies {
+        &self.state.hier
+    }
+
+    fn fire(self: &Arc<Self>, cgroup: Option<String>, file: &Path, t: PsiTrigger, episodes: &Mutex<psi::Episodes>) {
+        let now = Instant::now();
+        let new = episodes.lock().map(|mut e| e.fire(now, t.window)).unwrap_or(true);
+        if !new {
+            return;
+        }
+        self.pressure_events.with_label_values(&[t.level.label()]).inc();
+        let p = psi::read(file);
+        let line = p.map(|p| match t.level {
+            crate::config::PsiLevel::Some => p.some,
+            crate::config::PsiLevel::Full => p.full.unwrap_or_default(),
+        });
+        let ev = PressureEvent {
+            time: clock::unix_seconds(std::time::SystemTime::now()),
+            cgroup: cgroup.clone(),
+            level: t.level.label(),
+            stall_seconds: t.stall.as_secs_f64(),
+            window_seconds: t.window.as_secs_f64(),
+            avg10: line.map(|l| l.avg10),
+            avg60: line.map(|l| l.avg60),
+        };
+        tracing::info!(
+            target: "sensor::memcg",
+            event = "memory_pressure",
+            cgroup = cgroup.as_deref().unwrap_or("-"),
+            level = ev.level,
+            stall_seconds = ev.stall_seconds,
+            window_seconds = ev.window_seconds,
+            avg10 = ?ev.avg10,
+            "memory pressure threshold crossed"
+        );
+        self.hub.publish(Event::MemoryPressure(ev));
+    }
+
+    fn spawn_triggers(self: &Arc<Self>, file: PathBuf, cgroup: Option<String>, stop: watch::Receiver<bool>) {
+        for t in self.cfg.psi_triggers.clone() {
+            let me = Arc::clone(self);
+            let cg = cgroup.clone();
+            let episodes = Mutex::new(psi::Episodes::default());
+            let f2 = file.clone();
+            match psi::spawn(file.clone(), t, stop.clone(), move |c| {
+                me.fire(cg.clone(), &c.file, t, &episodes)
+            }) {
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = f2;
+                    tracing::warn!(error = %e, "PSI trigger not registered")
+                }
+            }
+        }
+    }
+
+    /// Starts the host triggers and the periodic discovery; everything stops with `stop`.
+    pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        if psi::read(Path::new(HOST_PSI)).is_some() {
+            self.spawn_triggers(PathBuf::from(HOST_PSI), None, stop.clone());
+        }
+        let me = Arc::clone(self);
+        let mut stop2 = stop.clone();
+        let interval = self.cfg.discovery_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let m = Arc::clone(&me);
+                        let _ = tokio::task::spawn_blocking(move || m.discover()).await;
+                        me.sync_cgroup_triggers(&stop);
+                    }
+                    _ = stop2.changed() => {
+                        if let Ok(t) = me.triggers.lock() {
+                            for tx in t.values() {
+                                let _ = tx.send(true);
+                            }
+                        }
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Per-workload triggers on cgroup v2: one set per admitted cgroup, removed when it vanishes.
+    fn sync_cgroup_triggers(self: &Arc<Self>, stop: &watch::Receiver<bool>) {
+        if self.state.hier.memory_is_v1() || self.cfg.psi_triggers.is_empty() {
+            return;
+        }
+        let cgroups: Vec<String> = self
+            .state
+            .discovered
+            .lock()
+            .map(|d| d.cgroups.clone())
+            .unwrap_or_default();
+        let current: HashSet<&String> = cgroups.iter().collect();
+        let Ok(mut trig) = self.triggers.lock() else { return };
+        trig.retain(|cg, tx| {
+            let keep = current.contains(cg);
+            if !keep {
+                let _ = tx.send(true);
+            }
+            keep
+        });
+        for cg in cgroups.iter().filter(|c| c.as_str() != "/") {
+            if trig.contains_key(cg) || self.state.labels(cg)[0] == OTHER {
+                continue;
+            }
+            let Some(file) = self.state.hier.memory_dir(cg).map(|d| d.join("memory.pressure")) else {
+                continue;
+            };
+            let (tx, rx) = watch::channel(false);
+            // Stop with the daemon too.
+            let mut global = stop.clone();
+            let tx2 = tx.clone();
+            tokio::spawn(async move {
+                let _ = global.wait_for(|s| *s).await;
+                let _ = tx2.send(true);
+            });
+            self.spawn_triggers(file, Some(cg.clone()), rx);
+            trig.insert(cg.clone(), tx);
+        }
+    }
+
+    /// Rescans the hierarchy; forgets vanished cgroups' reclaim keys after the grace period.
+    pub fn discover(&self) {
+        let found = walk(&self.state.hier, 20_000);
+        let by_id: HashMap<u64, String> = found.iter().map(|(p, id)| (*id, p.clone())).collect();
+        let cgroups: Vec<String> = found.into_iter().map(|(p, _)| p).collect();
+        let now = Instant::now();
+        let live: HashSet<&str> = cgroups.iter().map(String::as_str).collect();
+        if let Ok(mut w) = self.state.workloads.lock() {
+            w.sweep(|cg| live.contains(cg), now);
+        }
+        if let Some(r) = &self.reclaim {
+            let Ok(mut gone) = self.gone_ids.lock() else { return };
+            let keys: Vec<u64> = r.snapshot().into_iter().map(|(k, _)| k).collect();
+            for k in keys {
+                if by_id.contains_key(&k) {
+                    gone.remove(&k);
+                } else {
+                    let since = *gone.entry(k).or_insert(now);
+                    if now.duration_since(since) >= self.grace {
+                        r.remove(&k);
+                        gone.remove(&k);
+                    }
+                }
+            }
+        }
+        if let Ok(mut d) = self.state.discovered.lock() {
+            d.cgroups = cgroups;
+            // Keep ids of vanished cgroups until their histogram is dropped.
+            d.by_id.extend(by_id);
+        }
+    }
+}
+
+/// The histogram value type, re-exported for callers building the map.
+pub type Log2HistAlias = sensor_common::agg::Log2Hist;
+
+/// Registers an `Arc`'d collector (the slice keeps its own handle for maintenance).
+struct SharedCollector<C: Collector>(Arc<C>);
+
+impl<C: Collector> Collector for SharedCollector<C> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_and_v2_sources_are_described() {
+        let v1 = Hierarchies {
+            memory_v1: Some("/sys/fs/cgroup/memory".into()),
+            unified: Some("/sys/fs/cgroup/unified".into()),
+        };
+        let s = sources(&v1);
+        assert!(!s.cgroup_psi);
+        assert!(s.notes.iter().any(|n| n.contains("per-cgroup PSI does not exist")));
+        assert!(s.memory_events.contains("memory.failcnt"));
+        let v2 = Hierarchies {
+            memory_v1: None,
+            unified: Some("/sys/fs/cgroup".into()),
+        };
+        assert!(sources(&v2).memory_events.contains("memory.events"));
+    }
+}
