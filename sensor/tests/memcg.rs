@@ -164,7 +164,7 @@ fn psi_trigger_fires_once_per_crossing() {
     // so a few seconds of reclaim cross it.
     std::fs::write(
         &cfg,
-        "probes:\n  memcg:\n    psi_triggers: [{level: some, stall: 5ms, window: 2s}]\n",
+        "probes:\n  memcg:\n    psi_triggers: [{level: some, stall: 50ms, window: 2s}]\n",
     )
     .unwrap();
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
@@ -183,7 +183,7 @@ fn psi_trigger_fires_once_per_crossing() {
         while Instant::now() < until {
             cg.churn_page_cache(120);
         }
-        // Quiet for more than two windows ends the episode.
+        // Quiet for a few windows ends the episode.
         std::thread::sleep(Duration::from_secs(6));
         let ev = host_events(&d);
         assert_eq!(ev.len() - base, episode, "one event per crossing, not a flood: {ev:?}");

@@ -49,13 +49,13 @@ fn oom_kill_flows_to_metrics_and_events() {
     assert_eq!(metric(&m, "sensor_events_total", &[("probe", "oom")]), Some(1.0));
     assert_eq!(metric(&m, "sensor_decode_errors_total", &[("probe", "oom")]), Some(0.0));
 
-    let events = d.events(0);
+    let events = d.oom_events(0);
     assert_eq!(events.len(), 1);
     let e = &events[0];
     assert_eq!(e["type"], "oom_kill");
     assert_eq!(e["victim_pid"], pid);
     assert_eq!(e["victim_comm"], "tail");
-    assert!(d.events(e["seq"].as_u64().unwrap()).is_empty());
+    assert!(d.oom_events(e["seq"].as_u64().unwrap()).is_empty());
 
     let st = d.stop();
     assert_eq!(st.code(), Some(0), "SIGTERM must exit 0");

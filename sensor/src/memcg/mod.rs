@@ -413,12 +413,7 @@ impl MemcgSlice {
         &self.state.hier
     }
 
-    fn fire(self: &Arc<Self>, cgroup: Option<String>, file: &Path, t: PsiTrigger, episodes: &Mutex<psi::Episodes>) {
-        let now = Instant::now();
-        let new = episodes.lock().map(|mut e| e.fire(now, t.window)).unwrap_or(true);
-        if !new {
-            return;
-        }
+    fn fire(self: &Arc<Self>, cgroup: Option<String>, file: &Path, t: PsiTrigger) {
         self.pressure_events.with_label_values(&[t.level.label()]).inc();
         let p = psi::read(file);
         let line = p.map(|p| match t.level {
@@ -451,16 +446,8 @@ impl MemcgSlice {
         for t in self.cfg.psi_triggers.clone() {
             let me = Arc::clone(self);
             let cg = cgroup.clone();
-            let episodes = Mutex::new(psi::Episodes::default());
-            let f2 = file.clone();
-            match psi::spawn(file.clone(), t, stop.clone(), move |c| {
-                me.fire(cg.clone(), &c.file, t, &episodes)
-            }) {
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = f2;
-                    tracing::warn!(error = %e, "PSI trigger not registered")
-                }
+            if let Err(e) = psi::spawn(file.clone(), t, stop.clone(), move |c| me.fire(cg.clone(), &c.file, t)) {
+                tracing::warn!(error = %e, "PSI trigger not registered");
             }
         }
     }

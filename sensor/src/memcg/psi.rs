@@ -9,7 +9,7 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, sync::watch};
 
-use crate::config::PsiTrigger;
+use crate::config::{PsiLevel, PsiTrigger};
 
 /// One line of a pressure file.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -74,20 +74,53 @@ pub struct Crossing {
     pub at: Instant,
 }
 
-/// Groups trigger firings into episodes: the kernel fires at most once per window while the
-/// threshold stays crossed, so firings less than two windows apart belong to one episode and
-/// produce one event.
+/// Turns trigger firings into crossings. The kernel fires at most once per window while the
+/// threshold is exceeded, and not at regular intervals, so an episode starts at a firing and
+/// ends only when the pressure file shows the stall over a whole window back below the
+/// threshold: one event per crossing, however long the pressure lasts.
 #[derive(Debug, Default)]
 pub struct Episodes {
-    last: Option<Instant>,
+    active: bool,
+    /// `(when, total stall in us)` samples covering at least the last window.
+    samples: std::collections::VecDeque<(Instant, u64)>,
 }
 
 impl Episodes {
-    /// True when this firing starts a new episode.
-    pub fn fire(&mut self, at: Instant, window: Duration) -> bool {
-        let new = self.last.is_none_or(|l| at.saturating_duration_since(l) > window * 2);
-        self.last = Some(at);
-        new
+    /// A firing; true when it starts a new episode (the caller reports it). The kernel can fire
+    /// late, from the previous window's interpolated growth, after the stall has stopped; such a
+    /// firing is ignored when the samples show less than `threshold` over the last window.
+    pub fn fire(&mut self, threshold: Duration, window: Duration) -> bool {
+        if self.active {
+            return false;
+        }
+        if self.growth(window).is_some_and(|g| g < threshold) {
+            return false;
+        }
+        self.active = true;
+        true
+    }
+
+    /// Stall over the last `window`, if the samples cover one.
+    fn growth(&self, window: Duration) -> Option<Duration> {
+        let (&(first_at, first), &(last_at, last)) = (self.samples.front()?, self.samples.back()?);
+        (last_at.saturating_duration_since(first_at) >= window)
+            .then(|| Duration::from_micros(last.saturating_sub(first)))
+    }
+
+    /// A sample of the file's total stall time; ends the episode once the stall over the last
+    /// `window` is below `threshold`.
+    pub fn sample(&mut self, at: Instant, total_us: u64, window: Duration, threshold: Duration) {
+        self.samples.push_back((at, total_us));
+        while self.samples.len() > 2 && self.samples[1].0 + window <= at {
+            self.samples.pop_front();
+        }
+        if self.active && self.growth(window).is_some_and(|g| g < threshold) {
+            self.active = false;
+        }
+    }
+
+    pub fn active(&self) -> bool {
+        self.active
     }
 }
 
@@ -111,7 +144,7 @@ impl AsRawFd for Fd {
     }
 }
 
-/// Registers `trigger` on a pressure file and calls `on_fire` on each firing until `stop`.
+/// Registers `trigger` on a pressure file and calls `on_fire` once per crossing until `stop`.
 /// The kernel keeps the trigger while the file stays open; it goes away with the task.
 pub fn spawn(
     file: PathBuf,
@@ -160,12 +193,34 @@ pub fn spawn(
         }
     })?;
     Ok(tokio::spawn(async move {
+        let mut episodes = Episodes::default();
+        let mut tick = tokio::time::interval(trigger.window / 4);
         loop {
             tokio::select! {
+                _ = tick.tick() => {
+                    if let Some(p) = read(&file) {
+                        let line = match trigger.level {
+                            PsiLevel::Some => Some(p.some),
+                            PsiLevel::Full => p.full,
+                        };
+                        if let Some(l) = line {
+                            episodes.sample(Instant::now(), l.total_us, trigger.window, trigger.stall);
+                        }
+                    }
+                }
                 ready = fd.ready(tokio::io::Interest::PRIORITY) => match ready {
                     Ok(mut guard) => {
                         guard.clear_ready();
-                        on_fire(Crossing { file: file.clone(), trigger, at: Instant::now() });
+                        // A fresh sample, so the check below sees the stall up to now.
+                        if let Some(l) = read(&file).and_then(|p| match trigger.level {
+                            PsiLevel::Some => Some(p.some),
+                            PsiLevel::Full => p.full,
+                        }) {
+                            episodes.sample(Instant::now(), l.total_us, trigger.window, trigger.stall);
+                        }
+                        if episodes.fire(trigger.stall, trigger.window) {
+                            on_fire(Crossing { file: file.clone(), trigger, at: Instant::now() });
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(file = %file.display(), error = %e, "PSI trigger stopped");
@@ -199,19 +254,53 @@ mod tests {
     }
 
     #[test]
-    fn episodes_dedupe_sustained_pressure() {
+    fn one_event_per_crossing() {
+        let w = Duration::from_secs(2);
+        let th = Duration::from_millis(50);
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut e = Episodes::default();
+        e.sample(ms(0), 0, w, th);
+        assert!(e.fire(th, w), "first firing starts an episode");
+        // Pressure keeps growing 100 ms per window: the episode goes on, firings are absorbed.
+        for i in 1..=8u64 {
+            e.sample(ms(i * 500), i * 25_000, w, th);
+        }
+        assert!(e.active());
+        assert!(!e.fire(th, w), "a firing during the episode is the same crossing");
+        // Quiet: the total stops growing; once a whole window shows less than the threshold, the
+        // episode ends.
+        e.sample(ms(4500), 200_000, w, th);
+        e.sample(ms(5000), 200_000, w, th);
+        assert!(e.active(), "one quiet half-window is not enough");
+        for i in 11..=14u64 {
+            e.sample(ms(i * 500), 200_000, w, th);
+        }
+        assert!(!e.active());
+        assert!(
+            !e.fire(th, w),
+            "a late kernel firing with no stall in the last window is ignored"
+        );
+        for i in 15..=19u64 {
+            e.sample(ms(i * 500), 200_000 + (i - 14) * 40_000, w, th);
+        }
+        assert!(
+            e.fire(th, w),
+            "a new crossing after the pressure fell below the threshold"
+        );
+    }
+
+    #[test]
+    fn short_history_never_ends_an_episode() {
         let w = Duration::from_secs(10);
         let t0 = Instant::now();
         let mut e = Episodes::default();
-        assert!(e.fire(t0, w));
+        assert!(e.fire(Duration::from_secs(1), w), "no history yet: trust the kernel");
+        e.sample(t0, 5, w, Duration::from_secs(1));
+        e.sample(t0 + Duration::from_secs(1), 5, w, Duration::from_secs(1));
         assert!(
-            !e.fire(t0 + Duration::from_secs(10), w),
-            "still crossed one window later"
-        );
-        assert!(!e.fire(t0 + Duration::from_secs(20), w));
-        assert!(
-            e.fire(t0 + Duration::from_secs(45), w),
-            "quiet for more than two windows: new episode"
+            e.active(),
+            "less than a window of samples cannot show the pressure is gone"
         );
     }
 }

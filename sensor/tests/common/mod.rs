@@ -226,6 +226,14 @@ impl Daemon {
         serde_json::from_str(&body).expect("events JSON")
     }
 
+    /// OOM-kill events with `seq > since` (other event types, e.g. pressure, are skipped).
+    pub fn oom_events(&self, since: u64) -> Vec<serde_json::Value> {
+        self.events(since)
+            .into_iter()
+            .filter(|e| e["type"] == "oom_kill")
+            .collect()
+    }
+
     /// Sum of every series of `name` whose labels include `labels`.
     pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_sum(&self.metrics(), name, labels)
