@@ -4,8 +4,10 @@
 //! kernel program bumps a bucket instead and the daemon reads the map periodically.
 
 /// Buckets of a [`Log2Hist`]: bucket `i` counts values `v` with `floor(log2(v)) == i`
-/// (bucket 0 also holds 0), so 48 buckets cover up to 2^48 units (3.2 days in ns).
-pub const LOG2_BUCKETS: usize = 48;
+/// (bucket 0 also holds 0), so every u64 has a bucket. A power of two, so the kernel side can
+/// bound the index with a mask the verifier understands.
+pub const LOG2_BUCKETS: usize = 64;
+const _: () = assert!(LOG2_BUCKETS.is_power_of_two());
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

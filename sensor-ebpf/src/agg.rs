@@ -2,7 +2,6 @@
 //!
 //! Hot-path signals call [`observe`] instead of emitting a record per event; the daemon reads
 //! the map periodically and sums the per-CPU copies.
-#![allow(dead_code)] // used by the memcg and tcp slices
 
 use aya_ebpf::{
     macros::map,
@@ -38,7 +37,11 @@ pub fn observe<K>(map: &PerCpuHashMap<K, Log2Hist>, probe: u32, key: &K, value: 
             }
         }
     };
+    // BPF has no clz: LLVM expands `leading_zeros` into arithmetic the verifier can only bound
+    // to 255, and drops a clamp it can prove redundant. The volatile read keeps the mask.
     let b = log2_bucket(value);
+    // SAFETY: a plain read of a local.
+    let b = unsafe { core::ptr::read_volatile(&b) } & (sensor_common::agg::LOG2_BUCKETS - 1);
     // SAFETY: `hist` points to this CPU's copy of a map value that stays valid during the
     // program run; `b < LOG2_BUCKETS` by construction of `log2_bucket`.
     unsafe {

@@ -6,6 +6,7 @@ mod agg;
 mod memcg;
 mod oom;
 mod task;
+mod tcp;
 mod transport;
 
 #[cfg(not(test))]

@@ -2,9 +2,10 @@
 //! (container id, pod uid), best-effort reads of memory limits, and bounded workload label sets.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -238,6 +239,173 @@ impl WorkloadSet {
 
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
+    }
+}
+
+/// Cgroups of the memory hierarchy, shared by every slice that labels workloads: paths,
+/// kernfs ids (what the kernel programs report) and the bounded workload set.
+pub struct Discovery {
+    pub hier: Hierarchies,
+    state: Mutex<Discovered>,
+    workloads: Mutex<WorkloadSet>,
+}
+
+#[derive(Default)]
+struct Discovered {
+    /// Paths relative to the hierarchy root, in walk order.
+    cgroups: Vec<String>,
+    /// kernfs id (= directory inode) -> path; ids of vanished cgroups stay until forgotten.
+    by_id: HashMap<u64, String>,
+    live: HashSet<u64>,
+    last_scan: Option<Instant>,
+}
+
+/// Cgroups walked at most per scan.
+const WALK_LIMIT: usize = 20_000;
+
+impl Discovery {
+    pub fn new(hier: Hierarchies, workloads_per_metric: usize, grace: Duration) -> Discovery {
+        let d = Discovery {
+            hier,
+            state: Mutex::new(Discovered::default()),
+            workloads: Mutex::new(WorkloadSet::new(workloads_per_metric, grace)),
+        };
+        d.rescan();
+        d
+    }
+
+    /// Label values for a cgroup path (bounded: `other` once the set is full).
+    pub fn labels(&self, cgroup: &str) -> [String; 3] {
+        match self.workloads.lock() {
+            Ok(mut w) => w.labels(cgroup),
+            Err(_) => [OTHER.to_string(), String::new(), String::new()],
+        }
+    }
+
+    /// Label values for a kernfs id: `""` for 0 (not attributed), the path when known, else
+    /// `unknown` (after one forced rescan at most per second).
+    pub fn labels_for_id(&self, id: u64) -> [String; 3] {
+        if id == 0 {
+            return [String::new(), String::new(), String::new()];
+        }
+        let path = self.path_of(id).or_else(|| {
+            self.rescan_if_older(Duration::from_secs(1));
+            self.path_of(id)
+        });
+        self.labels(path.as_deref().unwrap_or("unknown"))
+    }
+
+    pub fn path_of(&self, id: u64) -> Option<String> {
+        self.state.lock().ok().and_then(|s| s.by_id.get(&id).cloned())
+    }
+
+    pub fn is_live(&self, id: u64) -> bool {
+        self.state.lock().is_ok_and(|s| s.live.contains(&id))
+    }
+
+    pub fn cgroups(&self) -> Vec<String> {
+        self.state.lock().map(|s| s.cgroups.clone()).unwrap_or_default()
+    }
+
+    fn rescan_if_older(&self, age: Duration) {
+        let stale = self
+            .state
+            .lock()
+            .map(|s| s.last_scan.is_none_or(|t| t.elapsed() >= age))
+            .unwrap_or(false);
+        if stale {
+            self.rescan();
+        }
+    }
+
+    /// Walks the hierarchy: new cgroups appear, vanished ones start their grace period.
+    pub fn rescan(&self) {
+        let found = walk(&self.hier, WALK_LIMIT);
+        let live: HashSet<u64> = found.iter().map(|(_, id)| *id).collect();
+        let paths: HashSet<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+        if let Ok(mut w) = self.workloads.lock() {
+            w.sweep(|cg| paths.contains(cg), Instant::now());
+        }
+        if let Ok(mut s) = self.state.lock() {
+            for (p, id) in &found {
+                s.by_id.insert(*id, p.clone());
+            }
+            s.cgroups = found.into_iter().map(|(p, _)| p).collect();
+            s.live = live;
+            s.last_scan = Some(Instant::now());
+        }
+    }
+
+    /// Forgets the path of an id whose kernel entries were dropped.
+    pub fn forget(&self, id: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            if !s.live.contains(&id) {
+                s.by_id.remove(&id);
+            }
+        }
+    }
+}
+
+/// Walks the memory hierarchy (bounded) and returns `(path, kernfs id)` of every cgroup.
+pub fn walk(hier: &Hierarchies, limit: usize) -> Vec<(String, u64)> {
+    let Some(root) = hier.memory_root().map(Path::to_path_buf) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        if out.len() >= limit {
+            break;
+        }
+        // A cgroup may vanish mid-walk: skip it.
+        let Ok(meta) = std::fs::metadata(&dir) else { continue };
+        let rel = dir
+            .strip_prefix(&root)
+            .map(|p| format!("/{}", p.display()))
+            .unwrap_or_else(|_| "/".into());
+        out.push((rel, meta.ino()));
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            let mut subs: Vec<PathBuf> = rd
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect();
+            subs.sort();
+            stack.extend(subs.into_iter().rev());
+        }
+    }
+    out
+}
+
+/// Decides when kernel map keys of vanished cgroups are deleted: `grace` after the cgroup was
+/// first seen gone.
+#[derive(Debug, Default)]
+pub struct Janitor<K: std::hash::Hash + Eq + Clone> {
+    gone: HashMap<K, Instant>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Janitor<K> {
+    /// Returns the keys to delete now.
+    pub fn sweep(&mut self, keys: impl IntoIterator<Item = K>, live: impl Fn(&K) -> bool, grace: Duration) -> Vec<K> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut seen = HashSet::new();
+        for k in keys {
+            seen.insert(k.clone());
+            if live(&k) {
+                self.gone.remove(&k);
+                continue;
+            }
+            let since = *self.gone.entry(k.clone()).or_insert(now);
+            if now.duration_since(since) >= grace {
+                expired.push(k);
+            }
+        }
+        self.gone.retain(|k, _| seen.contains(k));
+        for k in &expired {
+            self.gone.remove(k);
+        }
+        expired
     }
 }
 

@@ -154,15 +154,27 @@ pub struct PsiTrigger {
 #[serde(default, deny_unknown_fields)]
 pub struct TcpProbe {
     pub enabled: bool,
-    /// Destination groups: name -> `CIDR[:port]`.
+    pub exclude_hooks: Vec<crate::probe::HookKind>,
+    /// Destination groups: name -> `CIDR[:port]`; everything else is `other`.
     pub destinations: BTreeMap<String, Destination>,
+    /// Sockets tracked between SYN_SENT and the outcome (an LRU map in the kernel).
+    pub max_tracked_connects: u32,
+    /// Series per in-kernel aggregation map (workload x destination x result).
+    pub max_series: u32,
+    /// A connect whose outcome was not seen after this long is aged out and counted as lost.
+    #[serde(with = "duration")]
+    pub connect_max_age: Duration,
 }
 
 impl Default for TcpProbe {
     fn default() -> Self {
         TcpProbe {
             enabled: true,
+            exclude_hooks: Vec::new(),
             destinations: BTreeMap::new(),
+            max_tracked_connects: sensor_common::tcp::DEFAULT_TRACKED_CONNECTS,
+            max_series: sensor_common::tcp::DEFAULT_SERIES,
+            connect_max_age: Duration::from_secs(300),
         }
     }
 }
@@ -398,6 +410,19 @@ impl Config {
                     "stall must be positive and shorter than the window".into(),
                 ));
             }
+        }
+        let tcp = &self.probes.tcp;
+        if tcp.destinations.len() >= sensor_common::tcp::MAX_DEST_GROUPS as usize {
+            return Err(key_err(
+                "probes.tcp.destinations",
+                format!("at most {} groups", sensor_common::tcp::MAX_DEST_GROUPS - 1),
+            ));
+        }
+        if tcp.max_tracked_connects < 64 || tcp.max_series < 64 {
+            return Err(key_err(
+                "probes.tcp",
+                "max_tracked_connects and max_series must be at least 64".into(),
+            ));
         }
         if self.probes.memcg.discovery_interval < Duration::from_millis(100) {
             return Err(key_err(

@@ -4,6 +4,7 @@
 use sensor_common::{
     oom::{OomKillRecord, RECORD_VERSION as OOM_VERSION},
     record::{kind, RecordHeader},
+    tcp::{TcpFailureRecord, FAILURE_VERSION},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +36,7 @@ impl DecodeError {
 pub fn probe_of_kind(k: u16) -> &'static str {
     match k {
         kind::OOM_KILL => "oom",
+        kind::TCP_CONNECT_FAILURE => "tcp",
         _ => "unknown",
     }
 }
@@ -42,6 +44,7 @@ pub fn probe_of_kind(k: u16) -> &'static str {
 #[derive(Debug, Clone)]
 pub enum Record {
     OomKill(Box<OomKillRecord>),
+    TcpFailure(TcpFailureRecord),
 }
 
 /// Reads a `T` out of `bytes` after the caller has checked the length.
@@ -63,6 +66,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     })?;
     let (expected, version) = match header.kind {
         kind::OOM_KILL => (OomKillRecord::LEN, OOM_VERSION),
+        kind::TCP_CONNECT_FAILURE => (TcpFailureRecord::LEN, FAILURE_VERSION),
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if header.len != expected {
@@ -93,6 +97,15 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 declared: header.len,
                 got: bytes.len(),
             }),
+        kind::TCP_CONNECT_FAILURE => {
+            read::<TcpFailureRecord>(bytes)
+                .map(Record::TcpFailure)
+                .ok_or(DecodeError::Truncated {
+                    kind: header.kind,
+                    declared: header.len,
+                    got: bytes.len(),
+                })
+        }
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -130,6 +143,7 @@ mod tests {
                 assert_eq!(r.victim_pid, 1234);
                 assert_eq!(r.header.ktime_ns, 42);
             }
+            other => panic!("decoded as {other:?}"),
         }
     }
 

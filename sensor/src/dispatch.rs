@@ -6,12 +6,14 @@ use crate::{
     decode::{decode, Record},
     metrics::SelfMetrics,
     oom::OomSlice,
+    tcp::TcpSlice,
     transport::Sink,
 };
 
 pub struct Dispatcher {
     pub metrics: Arc<SelfMetrics>,
     pub oom: Arc<OomSlice>,
+    pub tcp: Option<Arc<TcpSlice>>,
 }
 
 impl Sink for Dispatcher {
@@ -20,6 +22,12 @@ impl Sink for Dispatcher {
             Ok(Record::OomKill(r)) => {
                 self.metrics.events_total.with_label_values(&["oom"]).inc();
                 self.oom.handle(&r);
+            }
+            Ok(Record::TcpFailure(r)) => {
+                self.metrics.events_total.with_label_values(&["tcp"]).inc();
+                if let Some(t) = &self.tcp {
+                    t.handle_failure(&r);
+                }
             }
             Err(e) => {
                 self.metrics.decode_errors_total.with_label_values(&[e.probe()]).inc();

@@ -9,13 +9,14 @@ use std::{
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::{memcg::PressureEvent, oom::OomKill};
+use crate::{memcg::PressureEvent, oom::OomKill, tcp::TcpFailure};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     OomKill(Box<OomKill>),
     MemoryPressure(PressureEvent),
+    TcpConnectFailure(TcpFailure),
 }
 
 /// An event with its position in the stream, so pollers can ask for what is newer.

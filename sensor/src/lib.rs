@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod oom;
 pub mod probe;
 pub mod run;
+pub mod tcp;
 pub mod transport;

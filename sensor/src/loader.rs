@@ -19,7 +19,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Every probe this build knows, in registration order.
 pub fn registry() -> &'static [ProbeSpec] {
-    &[oom::SPEC, crate::memcg::SPEC]
+    &[oom::SPEC, crate::memcg::SPEC, crate::tcp::SPEC]
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,8 @@ pub struct LoadOptions {
     pub disabled: Vec<&'static str>,
     /// Hooks a probe must not use (`probes.<name>.exclude_hooks`).
     pub excluded: Vec<(&'static str, HookKind)>,
+    /// Map sizes from the configuration, applied before the maps are created.
+    pub map_sizes: Vec<(&'static str, u32)>,
 }
 
 impl KernelContext {
@@ -76,9 +78,18 @@ pub fn load(kctx: &KernelContext, opts: &LoadOptions) -> Result<Loaded, LoadErro
     for n in &layouts.notes {
         tracing::warn!(note = %n, "OOM layout is partial");
     }
+    let (tcp_tp, tcp_sock, tcp_notes) = crate::tcp::layouts(kctx);
+    for n in &tcp_notes {
+        tracing::warn!(note = %n, "TCP layout is partial");
+    }
     let mut loader = EbpfLoader::new();
     loader.btf(kctx.aya_btf.as_ref());
     layouts.apply(&mut loader);
+    loader.override_global("TCP_TP_LAYOUT", &tcp_tp, true);
+    loader.override_global("SOCK_LAYOUT", &tcp_sock, true);
+    for (name, size) in &opts.map_sizes {
+        loader.map_max_entries(name, *size);
+    }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let mut reports = Vec::new();
     for spec in registry() {

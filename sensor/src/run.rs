@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    cgroup::{Discovery, Hierarchies},
     config::Config,
     dispatch::Dispatcher,
     events::EventHub,
@@ -29,6 +30,7 @@ use crate::{
     metrics::{LostCollector, SelfMetrics},
     oom::OomSlice,
     probe::{ProbeReport, ProbeState},
+    tcp::{TcpMaps, TcpSlice},
     transport::{self, KernelCounters},
 };
 
@@ -40,19 +42,31 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
     if !cfg.probes.memcg.enabled {
         disabled.push("memcg");
     }
-    let excluded = cfg
-        .probes
+    if !cfg.probes.tcp.enabled {
+        disabled.push("tcp");
+    }
+    let p = &cfg.probes;
+    let excluded = p
         .oom
         .exclude_hooks
         .iter()
         .map(|h| ("oom", *h))
-        .chain(cfg.probes.memcg.exclude_hooks.iter().map(|h| ("memcg", *h)))
+        .chain(p.memcg.exclude_hooks.iter().map(|h| ("memcg", *h)))
+        .chain(p.tcp.exclude_hooks.iter().map(|h| ("tcp", *h)))
         .collect();
+    let map_sizes = vec![
+        ("TCP_CONNECTING", p.tcp.max_tracked_connects),
+        ("TCP_ESTABLISHED", p.tcp.max_tracked_connects),
+        ("TCP_COUNTS", p.tcp.max_series),
+        ("TCP_CONNECT_HIST", p.tcp.max_series),
+        ("TCP_RTT_HIST", p.tcp.max_series),
+    ];
     LoadOptions {
         btf_path: cfg.btf_path.clone(),
         tracefs_path: cfg.tracefs_path.clone(),
         disabled,
         excluded,
+        map_sizes,
     }
 }
 
@@ -134,30 +148,45 @@ impl Pipeline {
         } else {
             None
         };
+        let grace = cfg.limits.vanished_grace;
+        let disc = {
+            let (n, g) = (cfg.limits.workloads_per_metric, grace);
+            Arc::new(tokio::task::spawn_blocking(move || Discovery::new(Hierarchies::discover(), n, g)).await?)
+        };
         let memcg = if cfg.probes.memcg.enabled {
+            let m = &metrics.registry;
             Some(MemcgSlice::new(
-                &metrics.registry,
+                m,
                 Arc::clone(&hub),
                 cfg.probes.memcg.clone(),
-                cfg.limits.workloads_per_metric,
-                cfg.limits.vanished_grace,
+                Arc::clone(&disc),
+                grace,
                 reclaim_map,
             )?)
         } else {
             None
         };
-        let counters = KernelCounters::new(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
+        let counters = Arc::new(Mutex::new(KernelCounters::new(
+            ebpf.take_map("COUNTERS").context("COUNTERS map missing")?,
+        )?));
         let probe_ids = vec![
             ("oom", sensor_common::record::probe_id::OOM),
             ("memcg", sensor_common::record::probe_id::MEMCG),
+            ("tcp", sensor_common::record::probe_id::TCP),
         ];
         metrics
             .registry
-            .register(Box::new(LostCollector::new(Arc::new(Mutex::new(counters)), probe_ids)))?;
+            .register(Box::new(LostCollector::new(Arc::clone(&counters), probe_ids)))?;
+        let tcp = if reports.iter().any(|r| r.probe == "tcp" && r.state.running()) {
+            Some(start_tcp(&mut ebpf, cfg, &metrics, &hub, &disc, &counters)?)
+        } else {
+            None
+        };
 
         let dispatcher = Arc::new(Dispatcher {
             metrics: Arc::clone(&metrics),
             oom: Arc::clone(&oom),
+            tcp: tcp.clone(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let readers = transport::spawn_readers(
@@ -181,10 +210,37 @@ impl Pipeline {
                 }
             })
         };
-        let mut background = vec![refresher];
         if let Some(m) = &memcg {
-            background.push(m.start(stop_rx.clone()));
+            m.start(stop_rx.clone());
         }
+        // One maintenance loop: rescan the cgroup hierarchy, then let each slice tidy up.
+        let maintenance = {
+            let mut stop = stop_rx.clone();
+            let stop_for_slices = stop_rx.clone();
+            let interval = cfg.probes.memcg.discovery_interval;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let (d, t) = (Arc::clone(&disc), tcp.clone());
+                            let _ = tokio::task::spawn_blocking(move || {
+                                d.rescan();
+                                if let Some(t) = t {
+                                    t.maintain();
+                                }
+                            })
+                            .await;
+                            if let Some(m) = &memcg {
+                                m.after_rescan(&stop_for_slices);
+                            }
+                        }
+                        _ = stop.changed() => return,
+                    }
+                }
+            })
+        };
+        let background = vec![refresher, maintenance];
         Ok(Pipeline {
             ebpf,
             reports,
@@ -214,6 +270,38 @@ impl Pipeline {
             let _ = r.await;
         }
     }
+}
+
+/// Takes the TCP maps, loads the destination groups into the kernel and builds the slice.
+fn start_tcp(
+    ebpf: &mut Ebpf,
+    cfg: &Config,
+    metrics: &SelfMetrics,
+    hub: &Arc<EventHub>,
+    disc: &Arc<Discovery>,
+    counters: &Arc<Mutex<KernelCounters>>,
+) -> anyhow::Result<Arc<TcpSlice>> {
+    let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("{name} map missing"));
+    let mut with_port = aya::maps::lpm_trie::LpmTrie::try_from(take("TCP_DEST_PORT")?)?;
+    let mut any_port = aya::maps::lpm_trie::LpmTrie::try_from(take("TCP_DEST_ANY")?)?;
+    crate::tcp::load_destinations(&cfg.probes.tcp.destinations, &mut with_port, &mut any_port)
+        .map_err(|e| anyhow::anyhow!("probes.tcp.destinations: {e}"))?;
+    let maps = TcpMaps {
+        counts: aya::maps::PerCpuHashMap::try_from(take("TCP_COUNTS")?)?,
+        connect_hist: aya::maps::PerCpuHashMap::try_from(take("TCP_CONNECT_HIST")?)?,
+        rtt_hist: aya::maps::PerCpuHashMap::try_from(take("TCP_RTT_HIST")?)?,
+        connecting: aya::maps::HashMap::try_from(take("TCP_CONNECTING")?)?,
+    };
+    // The loaded program references both tries, so they outlive these handles.
+    Ok(TcpSlice::new(
+        &metrics.registry,
+        Arc::clone(hub),
+        &cfg.probes.tcp,
+        Arc::clone(disc),
+        maps,
+        Arc::clone(counters),
+        cfg.limits.vanished_grace,
+    )?)
 }
 
 /// Resolves on SIGTERM or SIGINT with the signal's name.

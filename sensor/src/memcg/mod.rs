@@ -6,10 +6,9 @@ pub mod psi;
 
 use std::{
     collections::{HashMap, HashSet},
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::maps::{MapData, PerCpuHashMap};
@@ -23,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::{
     agg::{HistLayout, HistogramMapCollector},
-    cgroup::{Hierarchies, WorkloadSet, OTHER, WORKLOAD_LABELS},
+    cgroup::{Discovery, Hierarchies, Janitor, OTHER, WORKLOAD_LABELS},
     config::{MemcgProbe, PsiTrigger},
     events::{Event, EventHub},
     kernel::clock,
@@ -134,61 +133,6 @@ pub struct PressureEvent {
     pub avg60: Option<f64>,
 }
 
-/// Cgroups found in the memory hierarchy, refreshed by discovery.
-#[derive(Default)]
-struct Discovered {
-    /// Paths relative to the hierarchy root, in walk order.
-    cgroups: Vec<String>,
-    /// kernfs id (= directory inode) -> path, for the reclaim map's keys.
-    by_id: HashMap<u64, String>,
-}
-
-struct State {
-    hier: Hierarchies,
-    discovered: Mutex<Discovered>,
-    workloads: Mutex<WorkloadSet>,
-}
-
-impl State {
-    fn labels(&self, cgroup: &str) -> [String; 3] {
-        match self.workloads.lock() {
-            Ok(mut w) => w.labels(cgroup),
-            Err(_) => [OTHER.to_string(), String::new(), String::new()],
-        }
-    }
-}
-
-/// Walks the memory hierarchy (bounded) and returns `(path, kernfs id)` of every cgroup.
-fn walk(hier: &Hierarchies, limit: usize) -> Vec<(String, u64)> {
-    let Some(root) = hier.memory_root().map(Path::to_path_buf) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        if out.len() >= limit {
-            break;
-        }
-        // A cgroup may vanish mid-walk: skip it.
-        let Ok(meta) = std::fs::metadata(&dir) else { continue };
-        let rel = dir
-            .strip_prefix(&root)
-            .map(|p| format!("/{}", p.display()))
-            .unwrap_or_else(|_| "/".into());
-        out.push((rel, meta.ino()));
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            let mut subs: Vec<PathBuf> = rd
-                .filter_map(Result::ok)
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                .collect();
-            subs.sort();
-            stack.extend(subs.into_iter().rev());
-        }
-    }
-    out
-}
-
 fn read_kv(path: &Path) -> Vec<(String, u64)> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -243,7 +187,7 @@ const EVENTS_HELP: &str = "memory.events counters per workload (low, high, max, 
 
 /// Reads PSI and memory.events at scrape time, so the values equal the files.
 struct FileCollector {
-    state: Arc<State>,
+    disc: Arc<Discovery>,
     descs: Vec<Desc>,
 }
 
@@ -268,12 +212,7 @@ impl Collector for FileCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let cgroups = self
-            .state
-            .discovered
-            .lock()
-            .map(|d| d.cgroups.clone())
-            .unwrap_or_default();
+        let cgroups = self.disc.cgroups();
         let mut waiting = Vec::new();
         let mut stalled = Vec::new();
         if let Some(p) = psi::read(Path::new(HOST_PSI)) {
@@ -282,11 +221,11 @@ impl Collector for FileCollector {
                 stalled.push(labelled(vec![], counter_metric(f.total_us as f64 / 1e6)));
             }
         }
-        let hier = &self.state.hier;
+        let hier = &self.disc.hier;
         let mut psi_sum: HashMap<[String; 3], (u64, u64)> = HashMap::new();
         let mut ev_sum: HashMap<([String; 3], &'static str), u64> = HashMap::new();
         for cg in cgroups.iter().filter(|c| c.as_str() != "/") {
-            let l = self.state.labels(cg);
+            let l = self.disc.labels(cg);
             if !hier.memory_is_v1() {
                 if let Some(p) = hier.memory_dir(cg).and_then(|d| psi::read(&d.join("memory.pressure"))) {
                     let e = psi_sum.entry(l.clone()).or_default();
@@ -330,15 +269,15 @@ impl Collector for FileCollector {
 
 /// The userspace half of the memcg probe.
 pub struct MemcgSlice {
-    state: Arc<State>,
+    disc: Arc<Discovery>,
     cfg: MemcgProbe,
     pressure_events: IntCounterVec,
     hub: Arc<EventHub>,
     reclaim: Option<Arc<HistogramMapCollector<u64>>>,
     /// Per-cgroup trigger stoppers (cgroup v2 only).
     triggers: Mutex<HashMap<String, watch::Sender<bool>>>,
-    /// Reclaim map keys whose cgroup is gone, with when that was first seen.
-    gone_ids: Mutex<HashMap<u64, Instant>>,
+    /// Deletes reclaim map keys of vanished cgroups after the grace period.
+    janitor: Mutex<Janitor<u64>>,
     grace: Duration,
 }
 
@@ -347,21 +286,16 @@ impl MemcgSlice {
         registry: &Registry,
         hub: Arc<EventHub>,
         cfg: MemcgProbe,
-        workloads_per_metric: usize,
+        disc: Arc<Discovery>,
         grace: Duration,
         reclaim_map: Option<PerCpuHashMap<MapData, u64, Log2HistAlias>>,
     ) -> prometheus::Result<Arc<MemcgSlice>> {
-        let state = Arc::new(State {
-            hier: Hierarchies::discover(),
-            discovered: Mutex::new(Discovered::default()),
-            workloads: Mutex::new(WorkloadSet::new(workloads_per_metric, grace)),
-        });
         let descs = [(WAITING, WAITING_HELP), (STALLED, STALLED_HELP), (EVENTS, EVENTS_HELP)]
             .into_iter()
             .map(|(n, h)| Desc::new(n.into(), h.into(), vec![], Default::default()))
             .collect::<prometheus::Result<Vec<_>>>()?;
         registry.register(Box::new(FileCollector {
-            state: Arc::clone(&state),
+            disc: Arc::clone(&disc),
             descs,
         }))?;
         let pressure_events = IntCounterVec::new(
@@ -377,17 +311,13 @@ impl MemcgSlice {
         }
         let reclaim = match reclaim_map {
             Some(map) => {
-                let st = Arc::clone(&state);
+                let d = Arc::clone(&disc);
                 let c = Arc::new(HistogramMapCollector::new(
                     "sensor_memcg_reclaim_duration_seconds",
                     "Time tasks spent in direct or memcg reclaim, by the stalled task's memory cgroup (aggregated in the kernel).",
                     &WORKLOAD_LABELS,
                     map,
-                    Box::new(move |id: &u64| {
-                        let path = st.discovered.lock().ok().and_then(|d| d.by_id.get(id).cloned());
-                        let path = path.unwrap_or_else(|| crate::oom::UNKNOWN_CGROUP.to_string());
-                        Some(st.labels(&path).to_vec())
-                    }),
+                    Box::new(move |id: &u64| Some(d.labels_for_id(*id).to_vec())),
                     HistLayout::NANOS_AS_SECONDS,
                 )?);
                 registry.register(Box::new(SharedCollector(Arc::clone(&c))))?;
@@ -395,22 +325,16 @@ impl MemcgSlice {
             }
             None => None,
         };
-        let slice = Arc::new(MemcgSlice {
-            state,
+        Ok(Arc::new(MemcgSlice {
+            disc,
             cfg,
             pressure_events,
             hub,
             reclaim,
             triggers: Mutex::new(HashMap::new()),
-            gone_ids: Mutex::new(HashMap::new()),
+            janitor: Mutex::new(Janitor::default()),
             grace,
-        });
-        slice.discover();
-        Ok(slice)
-    }
-
-    pub fn hierarchies(&self) -> &Hierarchies {
-        &self.state.hier
+        }))
     }
 
     fn fire(self: &Arc<Self>, cgroup: Option<String>, file: &Path, t: PsiTrigger) {
@@ -452,47 +376,35 @@ impl MemcgSlice {
         }
     }
 
-    /// Starts the host triggers and the periodic discovery; everything stops with `stop`.
-    pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    /// Starts the host triggers; per-workload ones follow discovery (see `after_rescan`).
+    pub fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) {
         if psi::read(Path::new(HOST_PSI)).is_some() {
-            self.spawn_triggers(PathBuf::from(HOST_PSI), None, stop.clone());
+            self.spawn_triggers(PathBuf::from(HOST_PSI), None, stop);
         }
-        let me = Arc::clone(self);
-        let mut stop2 = stop.clone();
-        let interval = self.cfg.discovery_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        let m = Arc::clone(&me);
-                        let _ = tokio::task::spawn_blocking(move || m.discover()).await;
-                        me.sync_cgroup_triggers(&stop);
-                    }
-                    _ = stop2.changed() => {
-                        if let Ok(t) = me.triggers.lock() {
-                            for tx in t.values() {
-                                let _ = tx.send(true);
-                            }
-                        }
-                        return;
-                    }
-                }
+    }
+
+    /// Called after each rescan of the hierarchy (from the pipeline's maintenance task).
+    pub fn after_rescan(self: &Arc<Self>, stop: &watch::Receiver<bool>) {
+        self.sync_cgroup_triggers(stop);
+        if let Some(r) = &self.reclaim {
+            let keys: Vec<u64> = r.snapshot().into_iter().map(|(k, _)| k).collect();
+            let expired = match self.janitor.lock() {
+                Ok(mut j) => j.sweep(keys, |id| *id == 0 || self.disc.is_live(*id), self.grace),
+                Err(_) => Vec::new(),
+            };
+            for id in expired {
+                r.remove(&id);
+                self.disc.forget(id);
             }
-        })
+        }
     }
 
     /// Per-workload triggers on cgroup v2: one set per admitted cgroup, removed when it vanishes.
     fn sync_cgroup_triggers(self: &Arc<Self>, stop: &watch::Receiver<bool>) {
-        if self.state.hier.memory_is_v1() || self.cfg.psi_triggers.is_empty() {
+        if self.disc.hier.memory_is_v1() || self.cfg.psi_triggers.is_empty() {
             return;
         }
-        let cgroups: Vec<String> = self
-            .state
-            .discovered
-            .lock()
-            .map(|d| d.cgroups.clone())
-            .unwrap_or_default();
+        let cgroups = self.disc.cgroups();
         let current: HashSet<&String> = cgroups.iter().collect();
         let Ok(mut trig) = self.triggers.lock() else { return };
         trig.retain(|cg, tx| {
@@ -503,10 +415,10 @@ impl MemcgSlice {
             keep
         });
         for cg in cgroups.iter().filter(|c| c.as_str() != "/") {
-            if trig.contains_key(cg) || self.state.labels(cg)[0] == OTHER {
+            if trig.contains_key(cg) || self.disc.labels(cg)[0] == OTHER {
                 continue;
             }
-            let Some(file) = self.state.hier.memory_dir(cg).map(|d| d.join("memory.pressure")) else {
+            let Some(file) = self.disc.hier.memory_dir(cg).map(|d| d.join("memory.pressure")) else {
                 continue;
             };
             let (tx, rx) = watch::channel(false);
@@ -519,38 +431,6 @@ impl MemcgSlice {
             });
             self.spawn_triggers(file, Some(cg.clone()), rx);
             trig.insert(cg.clone(), tx);
-        }
-    }
-
-    /// Rescans the hierarchy; forgets vanished cgroups' reclaim keys after the grace period.
-    pub fn discover(&self) {
-        let found = walk(&self.state.hier, 20_000);
-        let by_id: HashMap<u64, String> = found.iter().map(|(p, id)| (*id, p.clone())).collect();
-        let cgroups: Vec<String> = found.into_iter().map(|(p, _)| p).collect();
-        let now = Instant::now();
-        let live: HashSet<&str> = cgroups.iter().map(String::as_str).collect();
-        if let Ok(mut w) = self.state.workloads.lock() {
-            w.sweep(|cg| live.contains(cg), now);
-        }
-        if let Some(r) = &self.reclaim {
-            let Ok(mut gone) = self.gone_ids.lock() else { return };
-            let keys: Vec<u64> = r.snapshot().into_iter().map(|(k, _)| k).collect();
-            for k in keys {
-                if by_id.contains_key(&k) {
-                    gone.remove(&k);
-                } else {
-                    let since = *gone.entry(k).or_insert(now);
-                    if now.duration_since(since) >= self.grace {
-                        r.remove(&k);
-                        gone.remove(&k);
-                    }
-                }
-            }
-        }
-        if let Ok(mut d) = self.state.discovered.lock() {
-            d.cgroups = cgroups;
-            // Keep ids of vanished cgroups until their histogram is dropped.
-            d.by_id.extend(by_id);
         }
     }
 }

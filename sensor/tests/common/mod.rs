@@ -348,6 +348,25 @@ impl MemCgroup {
             .unwrap_or(0)
     }
 
+    /// Runs `argv` inside the cgroup (optionally inside network namespace `netns`) and returns
+    /// its output.
+    pub fn exec(&self, netns: Option<&str>, argv: &[&str], env: &[(&str, String)]) -> std::process::Output {
+        // Join the cgroup first: `ip netns exec` remounts /sys for the namespace.
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("echo $$ > \"$1\" && shift && exec \"$@\"")
+            .arg("sh")
+            .arg(self.dir.join("cgroup.procs"));
+        if let Some(ns) = netns {
+            cmd.args(["ip", "netns", "exec", ns]);
+        }
+        cmd.args(argv);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("exec in cgroup")
+    }
+
     /// Runs a shell script inside the cgroup and waits for it.
     pub fn run(&self, script: &str) -> std::process::ExitStatus {
         Command::new("sh")

@@ -1,0 +1,213 @@
+//! TCP connects: layouts, aggregation keys and the connect-failure record.
+
+use crate::record::RecordHeader;
+
+/// Connect outcomes; also the `kind` of a [`FlowCountKey`] for connect counters.
+pub mod result {
+    pub const SUCCESS: u16 = 0;
+    pub const REFUSED: u16 = 1;
+    pub const TIMEOUT: u16 = 2;
+    pub const RESET: u16 = 3;
+    pub const UNREACHABLE: u16 = 4;
+    pub const ERROR: u16 = 5;
+    pub const COUNT: u16 = 6;
+}
+
+/// Other counter kinds in the same map as the connect results.
+pub mod kind {
+    pub const RETRANSMIT: u16 = 8;
+    pub const RESET_RECEIVED: u16 = 9;
+    pub const RESET_SENT: u16 = 10;
+}
+
+/// Destination group of traffic that matches no configured group.
+pub const DEST_OTHER: u16 = 0;
+
+/// Key of the per-CPU counter map: workload, destination group, what is counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowCountKey {
+    /// Kernfs id of the memory cgroup of the task that opened the connection (0: unknown).
+    pub cgroup_id: u64,
+    pub dest: u16,
+    pub kind: u16,
+    pub _pad: u32,
+}
+crate::assert_size!(FlowCountKey, 16);
+
+/// Key of the histogram maps (connect latency, RTT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub cgroup_id: u64,
+    pub dest: u16,
+    pub _pad: [u16; 3],
+}
+crate::assert_size!(FlowKey, 16);
+
+/// An active open in progress (CLOSE -> SYN_SENT seen), by socket address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnStart {
+    pub ktime_ns: u64,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub dest: u16,
+    /// Host byte order.
+    pub dport: u16,
+    pub family: u16,
+    /// Set when `tcp:tcp_receive_reset` fired for this socket.
+    pub reset_received: u16,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+    /// IPv4 in the first 4 bytes, or IPv6.
+    pub daddr: [u8; 16],
+}
+crate::assert_size!(ConnStart, 64);
+
+/// An established active open, for RTT and retransmit attribution.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Established {
+    pub cgroup_id: u64,
+    pub dest: u16,
+    pub _pad: [u16; 3],
+}
+crate::assert_size!(Established, 16);
+
+pub const FAILURE_VERSION: u16 = 1;
+
+/// A failed connect, sent to userspace as an event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TcpFailureRecord {
+    pub header: RecordHeader,
+    pub cgroup_id: u64,
+    /// Time from SYN_SENT to the failure.
+    pub duration_ns: u64,
+    pub tgid: u32,
+    pub sk_err: i32,
+    pub result: u16,
+    pub dest: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub comm: [u8; 16],
+    pub daddr: [u8; 16],
+}
+crate::assert_size!(TcpFailureRecord, 80);
+
+impl TcpFailureRecord {
+    pub const LEN: u16 = core::mem::size_of::<TcpFailureRecord>() as u16;
+}
+
+/// Destination-group trie key for groups with a port: port (big endian), family (big endian),
+/// address. The prefix covers port and family fully, then the CIDR bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestPortKey {
+    pub port: [u8; 2],
+    pub family: [u8; 2],
+    pub addr: [u8; 16],
+}
+crate::assert_size!(DestPortKey, 20);
+
+/// Destination-group trie key for groups without a port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestAnyKey {
+    pub family: [u8; 2],
+    pub addr: [u8; 16],
+}
+crate::assert_size!(DestAnyKey, 18);
+
+/// Offsets of the tracepoint fields the TCP programs read, from tracefs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpTpLayout {
+    /// `sock:inet_sock_set_state`
+    pub ss_skaddr: u16,
+    pub ss_oldstate: u16,
+    pub ss_newstate: u16,
+    pub ss_dport: u16,
+    pub ss_family: u16,
+    pub ss_protocol: u16,
+    pub ss_daddr: u16,
+    pub ss_daddr_v6: u16,
+    /// `skaddr` of `tcp:tcp_receive_reset`, `tcp:tcp_send_reset`, `tcp:tcp_retransmit_skb`.
+    pub rx_reset_skaddr: u16,
+    pub tx_reset_skaddr: u16,
+    pub retrans_skaddr: u16,
+    /// Non-zero once the daemon filled the layout.
+    pub valid: u16,
+}
+crate::assert_size!(TcpTpLayout, 24);
+
+impl TcpTpLayout {
+    pub const INVALID: TcpTpLayout = TcpTpLayout {
+        ss_skaddr: 0,
+        ss_oldstate: 0,
+        ss_newstate: 0,
+        ss_dport: 0,
+        ss_family: 0,
+        ss_protocol: 0,
+        ss_daddr: 0,
+        ss_daddr_v6: 0,
+        rx_reset_skaddr: 0,
+        tx_reset_skaddr: 0,
+        retrans_skaddr: 0,
+        valid: 0,
+    };
+}
+
+/// Offsets into `struct sock` / `struct tcp_sock` from BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockLayout {
+    pub valid: u32,
+    pub sk_err: u32,
+    pub srtt_us: u32,
+    pub _pad: u32,
+}
+crate::assert_size!(SockLayout, 16);
+
+impl SockLayout {
+    pub const INVALID: SockLayout = SockLayout {
+        valid: 0,
+        sk_err: 0,
+        srtt_us: 0,
+        _pad: 0,
+    };
+}
+
+/// TCP states as the tracepoint reports them.
+pub mod state {
+    pub const ESTABLISHED: i32 = 1;
+    pub const SYN_SENT: i32 = 2;
+    pub const CLOSE: i32 = 7;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Default sizes (configurable): sockets tracked between SYN_SENT and ESTABLISHED, established
+/// active opens tracked for RTT and retransmits, and series in each aggregation map.
+pub const DEFAULT_TRACKED_CONNECTS: u32 = 65536;
+pub const DEFAULT_TRACKED_ESTABLISHED: u32 = 65536;
+pub const DEFAULT_SERIES: u32 = 16384;
+pub const MAX_DEST_GROUPS: u32 = 1024;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all): `#[repr(C)]`, only integers and integer arrays with explicit padding, so
+    // every bit pattern is valid and there are no implicit holes.
+    unsafe impl aya::Pod for super::FlowCountKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConnStart {}
+    unsafe impl aya::Pod for super::Established {}
+    unsafe impl aya::Pod for super::TcpFailureRecord {}
+    unsafe impl aya::Pod for super::DestPortKey {}
+    unsafe impl aya::Pod for super::DestAnyKey {}
+    unsafe impl aya::Pod for super::TcpTpLayout {}
+    unsafe impl aya::Pod for super::SockLayout {}
+}

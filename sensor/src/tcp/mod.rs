@@ -1,0 +1,548 @@
+//! TCP connects: destination groups, per-workload counters and histograms read from the
+//! kernel's aggregation maps, connect-failure events, and aging of missed sockets.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    HashMap as BpfHashMap, MapData, PerCpuHashMap,
+};
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{MetricFamily, MetricType},
+    Registry,
+};
+use sensor_common::{
+    agg::Log2Hist,
+    record::{counter, probe_id},
+    tcp::{
+        kind, result, ConnStart, DestAnyKey, DestPortKey, FlowCountKey, FlowKey, SockLayout, TcpFailureRecord,
+        TcpTpLayout, AF_INET, AF_INET6,
+    },
+};
+use serde::Serialize;
+
+use crate::{
+    agg::{HistLayout, HistogramMapCollector},
+    cgroup::{Discovery, Janitor, WORKLOAD_LABELS},
+    config::{Destination, TcpProbe},
+    events::{Event, EventHub},
+    kernel::{btf::KernelBtf, clock, tracefs::Tracefs},
+    loader::KernelContext,
+    metrics::{counter_metric, family},
+    probe::{HookGroup, HookKind, HookSpec, ProbeSpec},
+    transport::KernelCounters,
+};
+
+pub const SPEC: ProbeSpec = ProbeSpec {
+    name: "tcp",
+    groups: &[
+        HookGroup {
+            purpose: "connect state",
+            required: true,
+            hooks: &[HookSpec {
+                kind: HookKind::Tracepoint,
+                program: "tcp_set_state",
+                target: "sock/inet_sock_set_state",
+                check: None,
+            }],
+        },
+        HookGroup {
+            purpose: "resets received",
+            required: false,
+            hooks: &[HookSpec {
+                kind: HookKind::Tracepoint,
+                program: "tcp_receive_reset",
+                target: "tcp/tcp_receive_reset",
+                check: None,
+            }],
+        },
+        HookGroup {
+            purpose: "resets sent",
+            required: false,
+            hooks: &[HookSpec {
+                kind: HookKind::Tracepoint,
+                program: "tcp_send_reset",
+                target: "tcp/tcp_send_reset",
+                check: None,
+            }],
+        },
+        HookGroup {
+            purpose: "retransmits",
+            required: false,
+            hooks: &[HookSpec {
+                kind: HookKind::Tracepoint,
+                program: "tcp_retransmit",
+                target: "tcp/tcp_retransmit_skb",
+                check: None,
+            }],
+        },
+    ],
+    configure: None,
+};
+
+/// Tracepoint offsets from tracefs; a missing required field leaves the layout invalid (the
+/// program then does nothing and the attach still reports the tracepoint).
+pub fn tp_layout(t: &Tracefs) -> Result<TcpTpLayout, String> {
+    let ss = t.format("sock", "inet_sock_set_state").map_err(|e| e.to_string())?;
+    let need = |name: &str, sizes: &[u16]| {
+        ss.offset_if(name, sizes)
+            .ok_or_else(|| format!("inet_sock_set_state has no usable {name}"))
+    };
+    let skaddr = |cat: &str, tp: &str| {
+        t.format(cat, tp)
+            .ok()
+            .and_then(|f| f.offset_if("skaddr", &[8]))
+            .unwrap_or(0)
+    };
+    Ok(TcpTpLayout {
+        ss_skaddr: need("skaddr", &[8])?,
+        ss_oldstate: need("oldstate", &[4])?,
+        ss_newstate: need("newstate", &[4])?,
+        ss_dport: need("dport", &[2])?,
+        ss_family: need("family", &[2])?,
+        ss_protocol: need("protocol", &[2])?,
+        ss_daddr: need("daddr", &[4])?,
+        ss_daddr_v6: need("daddr_v6", &[16])?,
+        rx_reset_skaddr: skaddr("tcp", "tcp_receive_reset"),
+        tx_reset_skaddr: skaddr("tcp", "tcp_send_reset"),
+        retrans_skaddr: skaddr("tcp", "tcp_retransmit_skb"),
+        valid: 1,
+    })
+}
+
+pub fn sock_layout(btf: &KernelBtf) -> Result<SockLayout, String> {
+    Ok(SockLayout {
+        valid: 1,
+        sk_err: btf.member_offset("sock", "sk_err").map_err(|e| e.to_string())?,
+        srtt_us: btf.member_offset("tcp_sock", "srtt_us").map_err(|e| e.to_string())?,
+        _pad: 0,
+    })
+}
+
+/// Both layouts for the loader, with notes on what is missing.
+pub fn layouts(k: &KernelContext) -> (TcpTpLayout, SockLayout, Vec<String>) {
+    let mut notes = Vec::new();
+    let tp = match &k.tracefs {
+        Ok(t) => tp_layout(t).unwrap_or_else(|e| {
+            notes.push(e);
+            TcpTpLayout::INVALID
+        }),
+        Err(e) => {
+            notes.push(format!("tracefs: {e}"));
+            TcpTpLayout::INVALID
+        }
+    };
+    let sock = match &k.btf {
+        Ok(b) => sock_layout(b).unwrap_or_else(|e| {
+            notes.push(format!("sock layout (RTT, failure reasons): {e}"));
+            SockLayout::INVALID
+        }),
+        Err(e) => {
+            notes.push(format!("BTF: {e}"));
+            SockLayout::INVALID
+        }
+    };
+    (tp, sock, notes)
+}
+
+/// Destination groups: id 0 is `other`, configured groups follow in name order.
+pub fn group_names(dests: &BTreeMap<String, Destination>) -> Vec<String> {
+    std::iter::once("other".to_string())
+        .chain(dests.keys().cloned())
+        .collect()
+}
+
+fn addr_bytes(a: IpAddr) -> ([u8; 2], [u8; 16], u32) {
+    let mut out = [0u8; 16];
+    match a {
+        IpAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.octets());
+            (AF_INET.to_be_bytes(), out, 32)
+        }
+        IpAddr::V6(v6) => (AF_INET6.to_be_bytes(), v6.octets(), 128),
+    }
+}
+
+/// Writes the configured groups into the kernel's two tries.
+pub fn load_destinations(
+    dests: &BTreeMap<String, Destination>,
+    with_port: &mut LpmTrie<MapData, DestPortKey, u16>,
+    any_port: &mut LpmTrie<MapData, DestAnyKey, u16>,
+) -> Result<(), String> {
+    for (i, (name, d)) in dests.iter().enumerate() {
+        let id = (i + 1) as u16;
+        let (family, addr, _) = addr_bytes(d.addr);
+        let bits = u32::from(d.prefix);
+        let res = match d.port {
+            Some(p) => with_port.insert(
+                &Key::new(
+                    32 + bits,
+                    DestPortKey {
+                        port: p.to_be_bytes(),
+                        family,
+                        addr,
+                    },
+                ),
+                id,
+                0,
+            ),
+            None => any_port.insert(&Key::new(16 + bits, DestAnyKey { family, addr }), id, 0),
+        };
+        res.map_err(|e| format!("destination {name}: {e}"))?;
+    }
+    Ok(())
+}
+
+pub fn result_label(r: u16) -> &'static str {
+    match r {
+        result::SUCCESS => "success",
+        result::REFUSED => "refused",
+        result::TIMEOUT => "timeout",
+        result::RESET => "reset",
+        result::UNREACHABLE => "unreachable",
+        _ => "error",
+    }
+}
+
+/// A failed connect, as exported in events and logs.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TcpFailure {
+    pub time: f64,
+    pub result: &'static str,
+    /// The socket error the kernel recorded (errno), 0 when the application gave up first.
+    pub errno: i32,
+    pub address: String,
+    pub port: u16,
+    pub destination: String,
+    pub duration_seconds: f64,
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+}
+
+fn address(family: u16, a: &[u8; 16]) -> String {
+    match family {
+        AF_INET => Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string(),
+        _ => Ipv6Addr::from(*a).to_string(),
+    }
+}
+
+const CONNECTS: &str = "sensor_tcp_connects_total";
+const CONNECTS_HELP: &str = "TCP active opens by result (success, refused, timeout, reset, unreachable, error), destination group and workload.";
+const RETRANS: &str = "sensor_tcp_retransmits_total";
+const RETRANS_HELP: &str = "TCP segments retransmitted (tcp:tcp_retransmit_skb), by destination group and workload of the connection (empty workload when not an active open the sensor saw).";
+const RESETS: &str = "sensor_tcp_resets_total";
+const RESETS_HELP: &str =
+    "TCP resets sent and received, by destination group and workload of the connection (empty workload when unknown).";
+
+struct CountCollector {
+    map: Mutex<PerCpuHashMap<MapData, FlowCountKey, u64>>,
+    disc: Arc<Discovery>,
+    names: Vec<String>,
+    descs: Vec<Desc>,
+}
+
+impl CountCollector {
+    fn dest(&self, id: u16) -> String {
+        self.names
+            .get(usize::from(id))
+            .cloned()
+            .unwrap_or_else(|| "other".to_string())
+    }
+}
+
+impl Collector for CountCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut connects: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+        let mut retrans: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+        let mut resets: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+        let entries: Vec<(FlowCountKey, u64)> = match self.map.lock() {
+            Ok(m) => m
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| (k, v.iter().copied().fold(0u64, u64::wrapping_add)))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for (k, v) in entries {
+            let wl = self.disc.labels_for_id(k.cgroup_id);
+            let dest = self.dest(k.dest);
+            let (target, first) = match k.kind {
+                r if r < result::COUNT => (&mut connects, Some(result_label(r).to_string())),
+                kind::RETRANSMIT => (&mut retrans, None),
+                kind::RESET_RECEIVED => (&mut resets, Some("received".to_string())),
+                kind::RESET_SENT => (&mut resets, Some("sent".to_string())),
+                _ => continue,
+            };
+            let mut labels: Vec<String> = first.into_iter().collect();
+            labels.push(dest);
+            labels.extend(wl);
+            *target.entry(labels).or_default() += v;
+        }
+        let series =
+            |m: BTreeMap<Vec<String>, u64>| m.into_iter().map(|(l, v)| (l, counter_metric(v as f64))).collect();
+        let wl = WORKLOAD_LABELS;
+        vec![
+            family(
+                CONNECTS,
+                CONNECTS_HELP,
+                MetricType::COUNTER,
+                &["result", "destination", wl[0], wl[1], wl[2]],
+                series(connects),
+            ),
+            family(
+                RETRANS,
+                RETRANS_HELP,
+                MetricType::COUNTER,
+                &["destination", wl[0], wl[1], wl[2]],
+                series(retrans),
+            ),
+            family(
+                RESETS,
+                RESETS_HELP,
+                MetricType::COUNTER,
+                &["direction", "destination", wl[0], wl[1], wl[2]],
+                series(resets),
+            ),
+        ]
+    }
+}
+
+/// Registers an `Arc`'d collector (the slice keeps its own handle for maintenance).
+struct Shared<C: Collector>(Arc<C>);
+
+impl<C: Collector> Collector for Shared<C> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+/// The kernel maps the TCP slice reads.
+pub struct TcpMaps {
+    pub counts: PerCpuHashMap<MapData, FlowCountKey, u64>,
+    pub connect_hist: PerCpuHashMap<MapData, FlowKey, Log2Hist>,
+    pub rtt_hist: PerCpuHashMap<MapData, FlowKey, Log2Hist>,
+    pub connecting: BpfHashMap<MapData, u64, ConnStart>,
+}
+
+pub struct TcpSlice {
+    disc: Arc<Discovery>,
+    names: Vec<String>,
+    hub: Arc<EventHub>,
+    counts: Arc<CountCollector>,
+    connect_hist: Arc<HistogramMapCollector<FlowKey>>,
+    rtt_hist: Arc<HistogramMapCollector<FlowKey>>,
+    connecting: Mutex<BpfHashMap<MapData, u64, ConnStart>>,
+    counters: Arc<Mutex<KernelCounters>>,
+    janitor: Mutex<Janitor<u64>>,
+    max_age: Duration,
+    grace: Duration,
+}
+
+impl TcpSlice {
+    pub fn new(
+        registry: &Registry,
+        hub: Arc<EventHub>,
+        cfg: &TcpProbe,
+        disc: Arc<Discovery>,
+        maps: TcpMaps,
+        counters: Arc<Mutex<KernelCounters>>,
+        grace: Duration,
+    ) -> prometheus::Result<Arc<TcpSlice>> {
+        let names = group_names(&cfg.destinations);
+        let descs = [
+            (CONNECTS, CONNECTS_HELP),
+            (RETRANS, RETRANS_HELP),
+            (RESETS, RESETS_HELP),
+        ]
+        .into_iter()
+        .map(|(n, h)| Desc::new(n.into(), h.into(), vec![], Default::default()))
+        .collect::<prometheus::Result<Vec<_>>>()?;
+        let counts = Arc::new(CountCollector {
+            map: Mutex::new(maps.counts),
+            disc: Arc::clone(&disc),
+            names: names.clone(),
+            descs,
+        });
+        registry.register(Box::new(Shared(Arc::clone(&counts))))?;
+        let mut hist_labels = vec!["destination"];
+        hist_labels.extend(WORKLOAD_LABELS);
+        let hist_labels: &'static [&'static str] = Box::leak(hist_labels.into_boxed_slice());
+        let label_fn = |disc: Arc<Discovery>, names: Vec<String>| {
+            Box::new(move |k: &FlowKey| {
+                let mut l = vec![names
+                    .get(usize::from(k.dest))
+                    .cloned()
+                    .unwrap_or_else(|| "other".into())];
+                l.extend(disc.labels_for_id(k.cgroup_id));
+                Some(l)
+            })
+        };
+        let connect_hist = Arc::new(HistogramMapCollector::new(
+            "sensor_tcp_connect_duration_seconds",
+            "Time from SYN sent to connection established, by destination group and workload (aggregated in the kernel).",
+            hist_labels,
+            maps.connect_hist,
+            label_fn(Arc::clone(&disc), names.clone()),
+            HistLayout::NANOS_AS_SECONDS,
+        )?);
+        let rtt_hist = Arc::new(HistogramMapCollector::new(
+            "sensor_tcp_rtt_seconds",
+            "Smoothed RTT of active opens, sampled when the connection leaves ESTABLISHED, by destination group and workload.",
+            hist_labels,
+            maps.rtt_hist,
+            label_fn(Arc::clone(&disc), names.clone()),
+            HistLayout::NANOS_AS_SECONDS,
+        )?);
+        registry.register(Box::new(Shared(Arc::clone(&connect_hist))))?;
+        registry.register(Box::new(Shared(Arc::clone(&rtt_hist))))?;
+        Ok(Arc::new(TcpSlice {
+            disc,
+            names,
+            hub,
+            counts,
+            connect_hist,
+            rtt_hist,
+            connecting: Mutex::new(maps.connecting),
+            counters,
+            janitor: Mutex::new(Janitor::default()),
+            max_age: cfg.connect_max_age,
+            grace,
+        }))
+    }
+
+    pub fn handle_failure(&self, r: &TcpFailureRecord) {
+        let path = self.disc.path_of(r.cgroup_id);
+        let wl = self.disc.labels_for_id(r.cgroup_id);
+        let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
+        let end = r.comm.iter().position(|b| *b == 0).unwrap_or(r.comm.len());
+        let f = TcpFailure {
+            time: clock::unix_seconds(clock::ktime_to_wall(r.header.ktime_ns)),
+            result: result_label(r.result),
+            errno: r.sk_err,
+            address: address(r.family, &r.daddr),
+            port: r.dport,
+            destination: self
+                .names
+                .get(usize::from(r.dest))
+                .cloned()
+                .unwrap_or_else(|| "other".into()),
+            duration_seconds: r.duration_ns as f64 / 1e9,
+            pid: r.tgid,
+            comm: String::from_utf8_lossy(&r.comm[..end]).into_owned(),
+            cgroup: path,
+            container_id: nonempty(&wl[1]),
+            pod_uid: nonempty(&wl[2]),
+        };
+        tracing::debug!(
+            target: "sensor::tcp",
+            event = "tcp_connect_failure",
+            result = f.result,
+            address = %f.address,
+            port = f.port,
+            destination = %f.destination,
+            pid = f.pid,
+            comm = %f.comm,
+            "connect failed"
+        );
+        self.hub.publish(Event::TcpConnectFailure(f));
+    }
+
+    /// Ages out connects whose end was never seen, and drops vanished cgroups' series.
+    pub fn maintain(&self) {
+        let now = clock::monotonic_ns();
+        let max_age = self.max_age.as_nanos() as u64;
+        let mut aged = 0u64;
+        if let Ok(mut m) = self.connecting.lock() {
+            let old: Vec<u64> = m
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, s)| now.saturating_sub(s.ktime_ns) > max_age)
+                .map(|(k, _)| k)
+                .collect();
+            for k in old {
+                if m.remove(&k).is_ok() {
+                    aged += 1;
+                }
+            }
+        }
+        if aged > 0 {
+            if let Ok(mut c) = self.counters.lock() {
+                c.add_from_userspace(probe_id::TCP, counter::LOST_AGED_OUT, aged);
+            }
+            tracing::debug!(aged, "aged out connects whose outcome was never seen");
+        }
+        let ids: Vec<u64> = self
+            .connect_hist
+            .snapshot()
+            .into_iter()
+            .map(|(k, _)| k.cgroup_id)
+            .chain(self.rtt_hist.snapshot().into_iter().map(|(k, _)| k.cgroup_id))
+            .collect();
+        let expired = match self.janitor.lock() {
+            Ok(mut j) => j.sweep(ids, |id| *id == 0 || self.disc.is_live(*id), self.grace),
+            Err(_) => Vec::new(),
+        };
+        if expired.is_empty() {
+            return;
+        }
+        for (k, _) in self.connect_hist.snapshot() {
+            if expired.contains(&k.cgroup_id) {
+                self.connect_hist.remove(&k);
+            }
+        }
+        for (k, _) in self.rtt_hist.snapshot() {
+            if expired.contains(&k.cgroup_id) {
+                self.rtt_hist.remove(&k);
+            }
+        }
+        if let Ok(mut m) = self.counts.map.lock() {
+            let keys: Vec<FlowCountKey> = m
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| expired.contains(&k.cgroup_id))
+                .collect();
+            for k in keys {
+                let _ = m.remove(&k);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_ids_follow_name_order() {
+        let mut d = BTreeMap::new();
+        d.insert("postgres".to_string(), "10.0.0.0/8:5432".parse().unwrap());
+        d.insert("dns".to_string(), "0.0.0.0/0:53".parse().unwrap());
+        assert_eq!(group_names(&d), vec!["other", "dns", "postgres"]);
+    }
+
+    #[test]
+    fn addresses_format() {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(address(AF_INET, &a), "127.0.0.1");
+        assert_eq!(address(AF_INET6, &Ipv6Addr::LOCALHOST.octets()), "::1");
+        assert_eq!(result_label(result::TIMEOUT), "timeout");
+        assert_eq!(result_label(99), "error");
+    }
+}

@@ -1,0 +1,456 @@
+//! TCP connects on the real kernel: exact success/failure counts per workload and destination,
+//! latency and RTT histograms, timeouts in network namespaces we create, and a connect storm
+//! whose successes plus losses add up exactly. Only loopback and our own namespaces are used.
+//! Under CI=true these fail (never skip) when BPF cannot be loaded.
+
+mod common;
+
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::Arc,
+    time::Duration,
+};
+
+use common::*;
+
+/// Not a test: the connector process the tests start inside a cgroup (`SENSOR_TCP_TARGET` set).
+#[test]
+#[ignore = "helper process started by the other tests"]
+fn connector_helper() {
+    let Ok(target) = std::env::var("SENSOR_TCP_TARGET") else {
+        return;
+    };
+    let addr: SocketAddr = target.parse().expect("target");
+    let count: u64 = std::env::var("SENSOR_TCP_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let threads: u64 = std::env::var("SENSOR_TCP_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    if let Some(cpu) = std::env::var("SENSOR_TCP_CPU")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it; pid 0 is this process.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+    let (ok, refused, timeout, other) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for _ in 0..count / threads {
+                    match TcpStream::connect(addr) {
+                        Ok(c) => {
+                            // Close with RST: no TIME_WAIT, so a storm cannot run out of ports.
+                            let linger = libc::linger {
+                                l_onoff: 1,
+                                l_linger: 0,
+                            };
+                            // SAFETY: valid fd and a correctly sized linger struct.
+                            unsafe {
+                                libc::setsockopt(
+                                    c.as_raw_fd(),
+                                    libc::SOL_SOCKET,
+                                    libc::SO_LINGER,
+                                    std::ptr::from_ref(&linger).cast(),
+                                    std::mem::size_of::<libc::linger>() as u32,
+                                )
+                            };
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == ErrorKind::TimedOut => {
+                            timeout.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            println!("connect error: {e}");
+                            other.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    println!(
+        "RESULT ok={} refused={} timeout={} other={}",
+        ok.into_inner(),
+        refused.into_inner(),
+        timeout.into_inner(),
+        other.into_inner()
+    );
+}
+
+/// Runs the connector in `cg` (and `netns`); returns (ok, refused, timeout, other).
+fn connect(
+    cg: &MemCgroup,
+    netns: Option<&str>,
+    target: SocketAddr,
+    count: u64,
+    threads: u64,
+    cpu: Option<usize>,
+) -> [u64; 4] {
+    let exe = std::env::current_exe().unwrap();
+    let exe = exe.to_str().unwrap();
+    let mut env = vec![
+        ("SENSOR_TCP_TARGET", target.to_string()),
+        ("SENSOR_TCP_COUNT", count.to_string()),
+        ("SENSOR_TCP_THREADS", threads.to_string()),
+    ];
+    if let Some(c) = cpu {
+        env.push(("SENSOR_TCP_CPU", c.to_string()));
+    }
+    let out = cg.exec(
+        netns,
+        &[
+            exe,
+            "--ignored",
+            "--exact",
+            "connector_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ],
+        &env,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.find("RESULT ").map(|i| &l[i..]))
+        .unwrap_or_else(|| {
+            panic!(
+                "connector printed no result:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let get = |k: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let r = [get("ok"), get("refused"), get("timeout"), get("other")];
+    if r[3] > 0 {
+        eprintln!("connector errors to {target}:\n{stdout}");
+    }
+    r
+}
+
+/// A listener that accepts and drops connections until the returned flag is set.
+fn server(addr: &str) -> (SocketAddr, Arc<AtomicBool>) {
+    let l = TcpListener::bind(addr).expect("bind");
+    // A deep accept queue so a storm does not overflow it (std listens with 128).
+    // SAFETY: valid listening fd.
+    unsafe { libc::listen(l.as_raw_fd(), 4096) };
+    let local = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
+                Err(_) => {}
+            }
+        }
+    });
+    (local, stop)
+}
+
+/// A port on `ip` where nothing listens.
+fn closed_port(ip: &str) -> SocketAddr {
+    TcpListener::bind(format!("{ip}:0")).unwrap().local_addr().unwrap()
+}
+
+fn config(dests: &[(&str, String)]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sensor-tcp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join(format!("tcp-{}.yaml", dests.first().map_or("none", |d| d.0)));
+    let mut text = String::from("probes:\n  tcp:\n    destinations:\n");
+    for (name, d) in dests {
+        text.push_str(&format!("      {name}: \"{d}\"\n"));
+    }
+    std::fs::write(&f, text).unwrap();
+    f
+}
+
+fn series<'a>(result: &'a str, dest: &'a str, cg: &'a MemCgroup) -> [(&'a str, &'a str); 5] {
+    [
+        ("result", result),
+        ("destination", dest),
+        ("cgroup", cg.rel.as_str()),
+        ("container_id", ""),
+        ("pod_uid", ""),
+    ]
+}
+
+fn tcp_failures(d: &Daemon, port: u16) -> Vec<serde_json::Value> {
+    d.events(0)
+        .into_iter()
+        .filter(|e| e["type"] == "tcp_connect_failure" && e["port"] == port)
+        .collect()
+}
+
+#[test]
+fn successes_and_refusals_are_counted_exactly_v4_and_v6() {
+    if !require_bpf("successes_and_refusals_are_counted_exactly_v4_and_v6") {
+        return;
+    }
+    let _k = kernel_lock();
+    let (srv4, stop4) = server("127.0.0.1:0");
+    let (srv6, stop6) = server("[::1]:0");
+    let (closed4, closed6) = (closed_port("127.0.0.1"), closed_port("[::1]"));
+    let cfg = config(&[
+        ("srv4", format!("127.0.0.1/32:{}", srv4.port())),
+        ("srv6", format!("[::1/128]:{}", srv6.port())),
+        ("closed4", format!("127.0.0.1/32:{}", closed4.port())),
+        ("closed6", format!("[::1/128]:{}", closed6.port())),
+    ]);
+    let d = Daemon::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--probes.memcg.discovery-interval",
+        "200ms",
+    ]);
+    let cg = MemCgroup::new("sensor-it-tcp", 1 << 30);
+    // Losses before the connects (the readiness polls racing the attach) are not theirs.
+    let lost_before = metric_sum(&d.metrics(), "sensor_events_lost_total", &[("probe", "tcp")]);
+
+    for (srv, dest) in [(srv4, "srv4"), (srv6, "srv6")] {
+        assert_eq!(connect(&cg, None, srv, 1000, 1, None), [1000, 0, 0, 0]);
+        let m = d.wait_metric(
+            "sensor_tcp_connects_total",
+            &series("success", dest, &cg),
+            1000.0,
+            Duration::from_secs(5),
+        );
+        let wl = [
+            ("destination", dest),
+            ("cgroup", cg.rel.as_str()),
+            ("container_id", ""),
+            ("pod_uid", ""),
+        ];
+        assert_eq!(
+            metric(&m, "sensor_tcp_connect_duration_seconds_count", &wl),
+            Some(1000.0)
+        );
+        let sum = metric(&m, "sensor_tcp_connect_duration_seconds_sum", &wl).unwrap();
+        // Loopback handshakes take microseconds: the total is positive and far below a second.
+        assert!(
+            sum > 0.0 && sum < 1.0,
+            "{dest}: 1000 loopback connects took {sum}s in total"
+        );
+        assert_eq!(
+            metric(&m, "sensor_tcp_rtt_seconds_count", &wl),
+            Some(1000.0),
+            "RTT sampled once per connection"
+        );
+    }
+    for (closed, dest) in [(closed4, "closed4"), (closed6, "closed6")] {
+        assert_eq!(connect(&cg, None, closed, 200, 1, None), [0, 200, 0, 0]);
+        let m = d.wait_metric(
+            "sensor_tcp_connects_total",
+            &series("refused", dest, &cg),
+            200.0,
+            Duration::from_secs(5),
+        );
+        assert_eq!(
+            metric(&m, "sensor_tcp_connects_total", &series("success", dest, &cg)),
+            None
+        );
+        let wl = [
+            ("direction", "received"),
+            ("destination", dest),
+            ("cgroup", cg.rel.as_str()),
+            ("container_id", ""),
+            ("pod_uid", ""),
+        ];
+        assert_eq!(metric(&m, "sensor_tcp_resets_total", &wl), Some(200.0));
+        let ev = tcp_failures(&d, closed.port());
+        assert_eq!(ev.len(), 200);
+        assert!(ev
+            .iter()
+            .all(|e| e["result"] == "refused" && e["errno"] == 111 && e["destination"] == dest));
+        assert_eq!(ev[0]["address"], closed.ip().to_string());
+        assert_eq!(ev[0]["cgroup"], cg.rel.as_str());
+    }
+    let m = d.metrics();
+    assert_eq!(
+        metric_sum(&m, "sensor_events_lost_total", &[("probe", "tcp")]),
+        lost_before
+    );
+    stop4.store(true, Ordering::Relaxed);
+    stop6.store(true, Ordering::Relaxed);
+    assert_eq!(d.stop().code(), Some(0));
+}
+
+/// Two namespaces joined by a veth pair; `peer` blackholes `10.201.0.0/24` / `fd00:201::/64`, so
+/// SYNs routed through it are dropped without any ICMP answer (a peer merely without a route
+/// would answer IPv6 with "no route"). SYN retries are cut to 1 in `client`.
+struct Netns {
+    client: String,
+    peer: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let id = std::process::id();
+        let n = Netns {
+            client: format!("sensor-c{id}"),
+            peer: format!("sensor-p{id}"),
+        };
+        let ip = |args: &str| {
+            let st = std::process::Command::new("ip")
+                .args(args.split_whitespace())
+                .status()
+                .expect("ip");
+            assert!(st.success(), "ip {args}");
+        };
+        ip(&format!("netns add {}", n.client));
+        ip(&format!("netns add {}", n.peer));
+        ip(&format!(
+            "-n {} link add vc type veth peer name vp netns {}",
+            n.client, n.peer
+        ));
+        ip(&format!("-n {} addr add 10.200.0.1/24 dev vc", n.client));
+        ip(&format!("-n {} addr add fd00:200::1/64 dev vc nodad", n.client));
+        ip(&format!("-n {} addr add 10.200.0.2/24 dev vp", n.peer));
+        ip(&format!("-n {} addr add fd00:200::2/64 dev vp nodad", n.peer));
+        for ns in [&n.client, &n.peer] {
+            ip(&format!("-n {ns} link set lo up"));
+        }
+        ip(&format!("-n {} link set vc up", n.client));
+        ip(&format!("-n {} link set vp up", n.peer));
+        ip(&format!("-n {} route add 10.201.0.0/24 via 10.200.0.2", n.client));
+        ip(&format!("-n {} route add fd00:201::/64 via fd00:200::2", n.client));
+        ip(&format!("-n {} route add blackhole 10.201.0.0/24", n.peer));
+        ip(&format!("-n {} -6 route add blackhole fd00:201::/64", n.peer));
+        let st = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &n.client,
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/tcp_syn_retries",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        n
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.peer] {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn dropped_syns_time_out_in_a_namespace_v4_and_v6() {
+    if !require_bpf("dropped_syns_time_out_in_a_namespace_v4_and_v6") {
+        return;
+    }
+    let _k = kernel_lock();
+    let ns = Netns::new();
+    let cfg = config(&[
+        ("blackhole4", "10.201.0.0/24".into()),
+        ("blackhole6", "[fd00:201::/64]".into()),
+    ]);
+    let d = Daemon::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--probes.memcg.discovery-interval",
+        "200ms",
+    ]);
+    let cg = MemCgroup::new("sensor-it-tcp-timeout", 1 << 30);
+    let t4: SocketAddr = "10.201.0.5:5432".parse().unwrap();
+    let t6: SocketAddr = "[fd00:201::5]:5432".parse().unwrap();
+    let (r4, r6) = std::thread::scope(|s| {
+        let a = s.spawn(|| connect(&cg, Some(&ns.client), t4, 3, 3, None));
+        let b = s.spawn(|| connect(&cg, Some(&ns.client), t6, 3, 3, None));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(r4, [0, 0, 3, 0], "the kernel timed the connects out");
+    assert_eq!(r6, [0, 0, 3, 0]);
+    for (dest, port_events) in [("blackhole4", t4), ("blackhole6", t6)] {
+        d.wait_metric(
+            "sensor_tcp_connects_total",
+            &series("timeout", dest, &cg),
+            3.0,
+            Duration::from_secs(5),
+        );
+        let ev: Vec<_> = tcp_failures(&d, port_events.port())
+            .into_iter()
+            .filter(|e| e["destination"] == dest)
+            .collect();
+        assert_eq!(ev.len(), 3);
+        for e in &ev {
+            assert_eq!(e["result"], "timeout");
+            assert_eq!(e["errno"], 110, "ETIMEDOUT: {e}");
+            assert_eq!(e["address"], port_events.ip().to_string());
+            let took = e["duration_seconds"].as_f64().unwrap();
+            assert!((2.0..30.0).contains(&took), "one SYN retry takes about 3s, got {took}");
+        }
+    }
+    assert_eq!(d.stop().code(), Some(0));
+}
+
+#[test]
+fn connect_storm_successes_plus_losses_add_up() {
+    if !require_bpf("connect_storm_successes_plus_losses_add_up") {
+        return;
+    }
+    let _k = kernel_lock();
+    let (srv, stop) = server("127.0.0.3:0");
+    let cfg = config(&[("storm", format!("127.0.0.3/32:{}", srv.port()))]);
+    let d = Daemon::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--probes.memcg.discovery-interval",
+        "200ms",
+    ]);
+    let cg = MemCgroup::new("sensor-it-tcp-storm", 1 << 30);
+    // Losses before the storm (e.g. the readiness polls racing the attach) are not the storm's.
+    let lost_before = metric_sum(&d.metrics(), "sensor_events_lost_total", &[("probe", "tcp")]) as u64;
+    const TOTAL: u64 = 50_000;
+    let results = std::thread::scope(|s| {
+        let a = s.spawn(|| connect(&cg, None, srv, TOTAL / 2, 2, Some(0)));
+        let b = s.spawn(|| connect(&cg, None, srv, TOTAL / 2, 2, Some(1)));
+        [a.join().unwrap(), b.join().unwrap()]
+    });
+    let ok: u64 = results.iter().map(|r| r[0]).sum();
+    assert_eq!(ok, TOTAL, "every connect of the storm succeeded: {results:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let m = d.metrics();
+    let success = metric(&m, "sensor_tcp_connects_total", &series("success", "storm", &cg)).unwrap_or(0.0) as u64;
+    let lost = metric_sum(&m, "sensor_events_lost_total", &[("probe", "tcp")]) as u64 - lost_before;
+    for r in ["refused", "timeout", "reset", "unreachable", "error"] {
+        assert_eq!(
+            metric(&m, "sensor_tcp_connects_total", &series(r, "storm", &cg)),
+            None,
+            "{r}"
+        );
+    }
+    assert_eq!(success + lost, TOTAL, "success {success} + lost {lost}");
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(d.stop().code(), Some(0));
+}
