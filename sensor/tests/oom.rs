@@ -67,7 +67,7 @@ fn kills_are_counted_exactly_and_attributed() {
         Some(26.0)
     );
     assert_eq!(metric(&m, "sensor_events_total", &[("probe", "oom")]), Some(26.0));
-    assert_eq!(metric_sum(&m, "sensor_events_lost_total", &[]), 0.0);
+    assert_eq!(metric_sum(&m, "sensor_events_lost_total", &[("probe", "oom")]), 0.0);
 
     let events = d.oom_events(0);
     assert_eq!(events.len(), 26);
