@@ -10,6 +10,8 @@ use std::{
     time::Instant,
 };
 
+mod bench;
+
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
@@ -43,6 +45,16 @@ enum Cmd {
     },
     /// rustfmt --check and clippy -D warnings, for the host crates and the eBPF crate.
     Lint,
+    /// Connect-rate overhead of the sensor vs. baseline and bpftrace; writes docs/benchmarks.md.
+    Bench {
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,6 +92,12 @@ fn real_main() -> Result<()> {
                     .args(["test", "--workspace", "--exclude", "sensor-ebpf"])
                     .args(args),
             )
+        }
+        Cmd::Bench { rounds, seconds, threads } => {
+            setup()?;
+            step("building the sensor (release)");
+            run(cargo().args(["build", "--release", "-p", "sensor"]))?;
+            bench::run(&root, rounds.max(1), seconds, threads.max(1))
         }
         Cmd::Lint => {
             setup()?;
