@@ -159,30 +159,55 @@ impl TcpTpLayout {
     };
 }
 
-/// Offsets into `struct sock` / `struct tcp_sock` from BTF.
+/// Offsets into `struct sock` / `struct tcp_sock` from BTF, plus how to find cgroups and
+/// whether destination groups exist (both known at load time).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockLayout {
+    /// `sk_err` and `srtt_us` are valid.
     pub valid: u32,
     pub sk_err: u32,
     pub srtt_us: u32,
+    /// The fields below are valid: the raw tracepoints can read the socket themselves.
+    pub raw_valid: u32,
+    pub skc_family: u32,
+    pub skc_dport: u32,
+    pub skc_daddr: u32,
+    pub skc_v6_daddr: u32,
+    pub sk_protocol: u32,
+    /// 1: the memory controller is on cgroup v2, so `bpf_get_current_cgroup_id()` is the memory
+    /// cgroup's id; 0: walk `task_struct` (v1 and hybrid hosts).
+    pub cgroup_id_from_helper: u32,
+    /// Bit 0: groups with a port exist; bit 1: groups without a port exist.
+    pub dest_groups: u32,
     pub _pad: u32,
 }
-crate::assert_size!(SockLayout, 16);
+crate::assert_size!(SockLayout, 48);
 
 impl SockLayout {
     pub const INVALID: SockLayout = SockLayout {
         valid: 0,
         sk_err: 0,
         srtt_us: 0,
+        raw_valid: 0,
+        skc_family: 0,
+        skc_dport: 0,
+        skc_daddr: 0,
+        skc_v6_daddr: 0,
+        sk_protocol: 0,
+        cgroup_id_from_helper: 0,
+        dest_groups: 0,
         _pad: 0,
     };
+    pub const DEST_WITH_PORT: u32 = 1;
+    pub const DEST_ANY_PORT: u32 = 2;
 }
 
 /// TCP states as the tracepoint reports them.
 pub mod state {
     pub const ESTABLISHED: i32 = 1;
     pub const SYN_SENT: i32 = 2;
+    pub const SYN_RECV: i32 = 3;
     pub const CLOSE: i32 = 7;
 }
 

@@ -1,7 +1,11 @@
-//! TCP active opens from `sock:inet_sock_set_state`: CLOSE -> SYN_SENT stamps the start (in the
+//! TCP active opens from `inet_sock_set_state`: CLOSE -> SYN_SENT stamps the start (in the
 //! connecting task's context, where its cgroup is known), SYN_SENT -> ESTABLISHED is a success,
 //! SYN_SENT -> CLOSE a failure. Counts and latency/RTT histograms are aggregated in the kernel
 //! by (workload, destination group); failures also go out as events.
+//!
+//! Every hook has a raw tracepoint entry (preferred: no trace record is formatted, socket fields
+//! are read at BTF offsets only where needed) and a classic tracepoint entry (fallback: fields
+//! at tracefs offsets). Both feed the same bodies.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -9,9 +13,10 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task},
     },
-    macros::{map, tracepoint},
-    maps::{lpm_trie::Key, LpmTrie, LruHashMap, PerCpuHashMap},
-    programs::TracePointContext,
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuHashMap},
+    programs::{RawTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use sensor_common::{
     agg::Log2Hist,
@@ -33,15 +38,18 @@ use crate::{
 #[unsafe(no_mangle)]
 static TCP_TP_LAYOUT: TcpTpLayout = TcpTpLayout::INVALID;
 
-/// `struct sock` / `struct tcp_sock` offsets, set by the daemon from BTF.
+/// `struct sock` / `struct tcp_sock` offsets from BTF and load-time switches.
 #[unsafe(no_mangle)]
 static SOCK_LAYOUT: SockLayout = SockLayout::INVALID;
 
+/// Connects between SYN_SENT and their outcome. A plain hash: cheaper than LRU on this hot
+/// path; a full map counts as `map_full`, entries whose end never comes are aged out.
 #[map]
-static TCP_CONNECTING: LruHashMap<u64, ConnStart> = LruHashMap::with_max_entries(DEFAULT_TRACKED_CONNECTS, 0);
+static TCP_CONNECTING: HashMap<u64, ConnStart> = HashMap::with_max_entries(DEFAULT_TRACKED_CONNECTS, 0);
 
+/// Established active opens, for RTT at close and retransmit attribution.
 #[map]
-static TCP_ESTABLISHED: LruHashMap<u64, Established> = LruHashMap::with_max_entries(DEFAULT_TRACKED_ESTABLISHED, 0);
+static TCP_ESTABLISHED: HashMap<u64, Established> = HashMap::with_max_entries(DEFAULT_TRACKED_ESTABLISHED, 0);
 
 #[map]
 static TCP_COUNTS: PerCpuHashMap<FlowCountKey, u64> = PerCpuHashMap::with_max_entries(DEFAULT_SERIES, 0);
@@ -71,6 +79,22 @@ fn tp_layout() -> TcpTpLayout {
     unsafe { core::ptr::read_volatile(&TCP_TP_LAYOUT) }
 }
 
+#[inline(always)]
+fn sock_layout() -> SockLayout {
+    // SAFETY: read of a plain global in .rodata that the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(&SOCK_LAYOUT) }
+}
+
+/// Reads a `T` at `off` bytes into the socket at `sk`.
+#[inline(always)]
+fn sk_read<T>(sk: u64, off: u32) -> Option<T> {
+    if sk == 0 {
+        return None;
+    }
+    // SAFETY: offsets from BTF; bpf_probe_read_kernel cannot fault.
+    unsafe { bpf_probe_read_kernel((sk + u64::from(off)) as *const T) }.ok()
+}
+
 /// Adds one to a counter, creating it; a full map counts as lost.
 #[inline(always)]
 fn count(key: &FlowCountKey) {
@@ -89,38 +113,52 @@ fn count(key: &FlowCountKey) {
 
 /// The destination group of an address and port: a group with a port first, then one without.
 #[inline(always)]
-fn dest_group(family: u16, dport: u16, daddr: &[u8; 16]) -> u16 {
+fn dest_group(l: &SockLayout, family: u16, dport: u16, daddr: &[u8; 16]) -> u16 {
+    if l.dest_groups == 0 {
+        return DEST_OTHER;
+    }
     let bits = if family == AF_INET6 { 128 } else { 32 };
     let fam = family.to_be_bytes();
-    let k = Key::new(
-        32 + bits,
-        DestPortKey {
-            port: dport.to_be_bytes(),
-            family: fam,
-            addr: *daddr,
-        },
-    );
-    if let Some(g) = TCP_DEST_PORT.get(&k) {
-        return *g;
+    if l.dest_groups & SockLayout::DEST_WITH_PORT != 0 {
+        let k = Key::new(
+            32 + bits,
+            DestPortKey {
+                port: dport.to_be_bytes(),
+                family: fam,
+                addr: *daddr,
+            },
+        );
+        if let Some(g) = TCP_DEST_PORT.get(&k) {
+            return *g;
+        }
     }
-    let k = Key::new(
-        16 + bits,
-        DestAnyKey {
-            family: fam,
-            addr: *daddr,
-        },
-    );
-    TCP_DEST_ANY.get(&k).copied().unwrap_or(DEST_OTHER)
+    if l.dest_groups & SockLayout::DEST_ANY_PORT != 0 {
+        let k = Key::new(
+            16 + bits,
+            DestAnyKey {
+                family: fam,
+                addr: *daddr,
+            },
+        );
+        if let Some(g) = TCP_DEST_ANY.get(&k) {
+            return *g;
+        }
+    }
+    DEST_OTHER
 }
 
-/// The memory cgroup of the current task (or its v2 cgroup where BTF offsets are missing).
+/// The memory cgroup of the current task.
 #[inline(always)]
-fn current_cgroup() -> u64 {
-    let l = task::layout();
-    if l.valid != 0 {
+fn current_cgroup(l: &SockLayout) -> u64 {
+    if l.cgroup_id_from_helper != 0 {
+        // SAFETY: helper without arguments.
+        return unsafe { bpf_get_current_cgroup_id() };
+    }
+    let t = task::layout();
+    if t.valid != 0 {
         // SAFETY: helper without arguments; the pointer is only read through probe_read.
-        let t = unsafe { bpf_get_current_task() };
-        let id = task::task_memcg_id(&l, t);
+        let cur = unsafe { bpf_get_current_task() };
+        let id = task::task_memcg_id(&t, cur);
         if id != 0 {
             return id;
         }
@@ -149,6 +187,54 @@ fn classify(reset_received: bool, sk_err: i32) -> u16 {
     }
 }
 
+/// The destination of a new connect, read by the entry point that knows where it is.
+struct Dest {
+    family: u16,
+    dport: u16,
+    daddr: [u8; 16],
+}
+
+/// Shared body of both `inet_sock_set_state` entries.
+#[inline(always)]
+fn set_state<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32, dest: impl FnOnce() -> Option<Dest>) {
+    match (old, new) {
+        (state::CLOSE, state::SYN_SENT) => {
+            if let Some(d) = dest() {
+                connect_start(sk, d);
+            }
+        }
+        (state::SYN_SENT, state::ESTABLISHED) => connect_done(sk),
+        (state::SYN_SENT, state::CLOSE) => connect_failed(ctx, sk),
+        (state::ESTABLISHED, _) => established_end(sk),
+        _ => {}
+    }
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn tcp_set_state_raw(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    set_state(&ctx, sk, old, new, || {
+        let l = sock_layout();
+        if l.raw_valid == 0 || sk_read::<u16>(sk, l.sk_protocol) != Some(IPPROTO_TCP) {
+            return None;
+        }
+        let family = sk_read::<u16>(sk, l.skc_family).unwrap_or(0);
+        let dport = u16::from_be(sk_read::<u16>(sk, l.skc_dport).unwrap_or(0));
+        let mut daddr = [0u8; 16];
+        if family == AF_INET {
+            daddr[..4].copy_from_slice(&sk_read::<[u8; 4]>(sk, l.skc_daddr).unwrap_or([0; 4]));
+        } else if family == AF_INET6 {
+            daddr = sk_read::<[u8; 16]>(sk, l.skc_v6_daddr).unwrap_or([0; 16]);
+        } else {
+            return None;
+        }
+        Some(Dest { family, dport, daddr })
+    });
+    0
+}
+
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn tcp_set_state(ctx: TracePointContext) -> u32 {
     let l = tp_layout();
@@ -162,38 +248,32 @@ pub fn tcp_set_state(ctx: TracePointContext) -> u32 {
     ) else {
         return 0;
     };
-    match (old, new) {
-        (state::CLOSE, state::SYN_SENT) => connect_start(&ctx, &l, sk),
-        (state::SYN_SENT, state::ESTABLISHED) => connect_done(sk),
-        (state::SYN_SENT, state::CLOSE) => connect_failed(&ctx, sk),
-        (state::ESTABLISHED, _) => established_end(sk),
-        _ => {}
-    }
+    set_state(&ctx, sk, old, new, || {
+        let family = tp::<u16>(&ctx, l.ss_family).unwrap_or(0);
+        let dport = tp::<u16>(&ctx, l.ss_dport).unwrap_or(0);
+        let mut daddr = [0u8; 16];
+        if family == AF_INET {
+            daddr[..4].copy_from_slice(&tp::<[u8; 4]>(&ctx, l.ss_daddr).unwrap_or([0; 4]));
+        } else if family == AF_INET6 {
+            daddr = tp::<[u8; 16]>(&ctx, l.ss_daddr_v6).unwrap_or([0; 16]);
+        } else {
+            return None;
+        }
+        Some(Dest { family, dport, daddr })
+    });
     0
 }
 
 #[inline(always)]
-fn connect_start(ctx: &TracePointContext, l: &TcpTpLayout, sk: u64) {
-    let family = tp::<u16>(ctx, l.ss_family).unwrap_or(0);
-    let dport = tp::<u16>(ctx, l.ss_dport).unwrap_or(0);
-    let mut daddr = [0u8; 16];
-    if family == AF_INET {
-        if let Some(a) = tp::<[u8; 4]>(ctx, l.ss_daddr) {
-            daddr[..4].copy_from_slice(&a);
-        }
-    } else if family == AF_INET6 {
-        if let Some(a) = tp::<[u8; 16]>(ctx, l.ss_daddr_v6) {
-            daddr = a;
-        }
-    } else {
-        return;
-    }
+fn connect_start(sk: u64, d: Dest) {
+    let Dest { family, dport, daddr } = d;
+    let l = sock_layout();
     let s = ConnStart {
         // SAFETY: helper without arguments.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id: current_cgroup(),
+        cgroup_id: current_cgroup(&l),
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        dest: dest_group(family, dport, &daddr),
+        dest: dest_group(&l, family, dport, &daddr),
         dport,
         family,
         reset_received: 0,
@@ -201,8 +281,9 @@ fn connect_start(ctx: &TracePointContext, l: &TcpTpLayout, sk: u64) {
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         daddr,
     };
-    // LRU: a full map evicts the oldest start; its end is then counted as `untracked`.
-    let _ = TCP_CONNECTING.insert(sk, s, 0);
+    if TCP_CONNECTING.insert(sk, s, 0).is_err() {
+        bump(probe_id::TCP, counter::LOST_MAP_FULL);
+    }
 }
 
 #[inline(always)]
@@ -212,6 +293,8 @@ fn take_start(sk: u64) -> Option<ConnStart> {
     if s.is_some() {
         let _ = TCP_CONNECTING.remove(sk);
     } else {
+        // An end without its start: the connect began before the probe attached, or its start
+        // did not fit in the map (counted there).
         bump(probe_id::TCP, counter::LOST_UNTRACKED);
     }
     s
@@ -234,34 +317,27 @@ fn connect_done(sk: u64) {
         _pad: [0; 3],
     };
     observe(&TCP_CONNECT_HIST, probe_id::TCP, &fk, now.saturating_sub(s.ktime_ns));
-    let _ = TCP_ESTABLISHED.insert(
-        sk,
-        Established {
-            cgroup_id: s.cgroup_id,
-            dest: s.dest,
-            _pad: [0; 3],
-        },
-        0,
-    );
-}
-
-#[inline(always)]
-fn sk_err(sk: u64) -> i32 {
-    // SAFETY: read of a plain global in .rodata that the loader may have rewritten.
-    let l = unsafe { core::ptr::read_volatile(&SOCK_LAYOUT) };
-    if l.valid == 0 || sk == 0 {
-        return 0;
+    let e = Established {
+        cgroup_id: s.cgroup_id,
+        dest: s.dest,
+        _pad: [0; 3],
+    };
+    if TCP_ESTABLISHED.insert(sk, e, 0).is_err() {
+        bump(probe_id::TCP, counter::LOST_MAP_FULL);
     }
-    // SAFETY: offset from BTF; bpf_probe_read_kernel cannot fault.
-    unsafe { bpf_probe_read_kernel((sk + u64::from(l.sk_err)) as *const i32) }.unwrap_or(0)
 }
 
 #[inline(always)]
-fn connect_failed(ctx: &TracePointContext, sk: u64) {
+fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
     let Some(s) = take_start(sk) else { return };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let err = sk_err(sk);
+    let l = sock_layout();
+    let err = if l.valid != 0 {
+        sk_read::<i32>(sk, l.sk_err).unwrap_or(0)
+    } else {
+        0
+    };
     let res = classify(s.reset_received != 0, err);
     count(&FlowCountKey {
         cgroup_id: s.cgroup_id,
@@ -306,13 +382,11 @@ fn established_end(sk: u64) {
         return;
     };
     let _ = TCP_ESTABLISHED.remove(sk);
-    // SAFETY: read of a plain global in .rodata that the loader may have rewritten.
-    let l = unsafe { core::ptr::read_volatile(&SOCK_LAYOUT) };
+    let l = sock_layout();
     if l.valid == 0 {
         return;
     }
-    // SAFETY: offset from BTF; bpf_probe_read_kernel cannot fault.
-    let Ok(srtt) = (unsafe { bpf_probe_read_kernel((sk + u64::from(l.srtt_us)) as *const u32) }) else {
+    let Some(srtt) = sk_read::<u32>(sk, l.srtt_us) else {
         return;
     };
     if srtt == 0 {
@@ -343,12 +417,8 @@ fn flow_of(sk: u64) -> (u64, u16) {
     (0, DEST_OTHER)
 }
 
-#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let l = tp_layout();
-    let Some(sk) = tp::<u64>(&ctx, l.rx_reset_skaddr) else {
-        return 0;
-    };
+#[inline(always)]
+fn reset_received(sk: u64) {
     if let Some(p) = TCP_CONNECTING.get_ptr_mut(sk) {
         // SAFETY: a map value, valid during the program run.
         unsafe { (*p).reset_received = 1 };
@@ -360,33 +430,59 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
         kind: kind::RESET_RECEIVED,
         _pad: 0,
     });
+}
+
+#[inline(always)]
+fn counted(sk: u64, what: u16) {
+    let (cgroup_id, dest) = flow_of(sk);
+    count(&FlowCountKey {
+        cgroup_id,
+        dest,
+        kind: what,
+        _pad: 0,
+    });
+}
+
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn tcp_receive_reset_raw(ctx: RawTracePointContext) -> u32 {
+    reset_received(ctx.arg(0));
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    if let Some(sk) = tp::<u64>(&ctx, tp_layout().rx_reset_skaddr) {
+        reset_received(sk);
+    }
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn tcp_send_reset_raw(ctx: RawTracePointContext) -> u32 {
+    counted(ctx.arg(0), kind::RESET_SENT);
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    let l = tp_layout();
-    let sk = tp::<u64>(&ctx, l.tx_reset_skaddr).unwrap_or(0);
-    let (cgroup_id, dest) = flow_of(sk);
-    count(&FlowCountKey {
-        cgroup_id,
-        dest,
-        kind: kind::RESET_SENT,
-        _pad: 0,
-    });
+    counted(
+        tp::<u64>(&ctx, tp_layout().tx_reset_skaddr).unwrap_or(0),
+        kind::RESET_SENT,
+    );
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_raw(ctx: RawTracePointContext) -> u32 {
+    counted(ctx.arg(0), kind::RETRANSMIT);
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
 pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
-    let l = tp_layout();
-    let sk = tp::<u64>(&ctx, l.retrans_skaddr).unwrap_or(0);
-    let (cgroup_id, dest) = flow_of(sk);
-    count(&FlowCountKey {
-        cgroup_id,
-        dest,
-        kind: kind::RETRANSMIT,
-        _pad: 0,
-    });
+    counted(
+        tp::<u64>(&ctx, tp_layout().retrans_skaddr).unwrap_or(0),
+        kind::RETRANSMIT,
+    );
     0
 }

@@ -47,6 +47,8 @@ pub struct LoadOptions {
     pub excluded: Vec<(&'static str, HookKind)>,
     /// Map sizes from the configuration, applied before the maps are created.
     pub map_sizes: Vec<(&'static str, u32)>,
+    /// `SockLayout::DEST_*` bits: which kinds of TCP destination groups are configured.
+    pub tcp_dest_groups: u32,
 }
 
 impl KernelContext {
@@ -78,7 +80,8 @@ pub fn load(kctx: &KernelContext, opts: &LoadOptions) -> Result<Loaded, LoadErro
     for n in &layouts.notes {
         tracing::warn!(note = %n, "OOM layout is partial");
     }
-    let (tcp_tp, tcp_sock, tcp_notes) = crate::tcp::layouts(kctx);
+    let memory_on_v2 = !crate::cgroup::Hierarchies::discover().memory_is_v1();
+    let (tcp_tp, tcp_sock, tcp_notes) = crate::tcp::layouts(kctx, opts.tcp_dest_groups, memory_on_v2);
     for n in &tcp_notes {
         tracing::warn!(note = %n, "TCP layout is partial");
     }

@@ -67,6 +67,7 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
         disabled,
         excluded,
         map_sizes,
+        tcp_dest_groups: crate::tcp::dest_group_bits(&p.tcp.destinations),
     }
 }
 

@@ -93,7 +93,11 @@ fn real_main() -> Result<()> {
                     .args(args),
             )
         }
-        Cmd::Bench { rounds, seconds, threads } => {
+        Cmd::Bench {
+            rounds,
+            seconds,
+            threads,
+        } => {
             setup()?;
             step("building the sensor (release)");
             run(cargo().args(["build", "--release", "-p", "sensor"]))?;

@@ -39,52 +39,98 @@ use crate::{
     transport::KernelCounters,
 };
 
+/// Raw tracepoints first (no trace record is formatted for them, which matters on a path that
+/// fires several times per connection), classic tracepoints as the fallback.
 pub const SPEC: ProbeSpec = ProbeSpec {
     name: "tcp",
     groups: &[
         HookGroup {
             purpose: "connect state",
             required: true,
-            hooks: &[HookSpec {
-                kind: HookKind::Tracepoint,
-                program: "tcp_set_state",
-                target: "sock/inet_sock_set_state",
-                check: None,
-            }],
+            hooks: &[
+                HookSpec {
+                    kind: HookKind::RawTracepoint,
+                    program: "tcp_set_state_raw",
+                    target: "inet_sock_set_state",
+                    check: Some(check_raw),
+                },
+                HookSpec {
+                    kind: HookKind::Tracepoint,
+                    program: "tcp_set_state",
+                    target: "sock/inet_sock_set_state",
+                    check: None,
+                },
+            ],
         },
         HookGroup {
             purpose: "resets received",
             required: false,
-            hooks: &[HookSpec {
-                kind: HookKind::Tracepoint,
-                program: "tcp_receive_reset",
-                target: "tcp/tcp_receive_reset",
-                check: None,
-            }],
+            hooks: &[
+                HookSpec {
+                    kind: HookKind::RawTracepoint,
+                    program: "tcp_receive_reset_raw",
+                    target: "tcp_receive_reset",
+                    check: Some(check_raw),
+                },
+                HookSpec {
+                    kind: HookKind::Tracepoint,
+                    program: "tcp_receive_reset",
+                    target: "tcp/tcp_receive_reset",
+                    check: None,
+                },
+            ],
         },
         HookGroup {
             purpose: "resets sent",
             required: false,
-            hooks: &[HookSpec {
-                kind: HookKind::Tracepoint,
-                program: "tcp_send_reset",
-                target: "tcp/tcp_send_reset",
-                check: None,
-            }],
+            hooks: &[
+                HookSpec {
+                    kind: HookKind::RawTracepoint,
+                    program: "tcp_send_reset_raw",
+                    target: "tcp_send_reset",
+                    check: Some(check_raw),
+                },
+                HookSpec {
+                    kind: HookKind::Tracepoint,
+                    program: "tcp_send_reset",
+                    target: "tcp/tcp_send_reset",
+                    check: None,
+                },
+            ],
         },
         HookGroup {
             purpose: "retransmits",
             required: false,
-            hooks: &[HookSpec {
-                kind: HookKind::Tracepoint,
-                program: "tcp_retransmit",
-                target: "tcp/tcp_retransmit_skb",
-                check: None,
-            }],
+            hooks: &[
+                HookSpec {
+                    kind: HookKind::RawTracepoint,
+                    program: "tcp_retransmit_raw",
+                    target: "tcp_retransmit_skb",
+                    check: Some(check_raw),
+                },
+                HookSpec {
+                    kind: HookKind::Tracepoint,
+                    program: "tcp_retransmit",
+                    target: "tcp/tcp_retransmit_skb",
+                    check: None,
+                },
+            ],
         },
     ],
     configure: None,
 };
+
+/// The raw entries read the socket themselves: they need its field offsets from BTF.
+fn check_raw(k: &KernelContext) -> Result<(), String> {
+    let btf = k.btf.as_ref().map_err(|e| format!("needs kernel BTF: {e}"))?;
+    sock_layout(btf, 0, false).and_then(|l| {
+        if l.raw_valid != 0 {
+            Ok(())
+        } else {
+            Err("socket fields missing".into())
+        }
+    })
+}
 
 /// Tracepoint offsets from tracefs; a missing required field leaves the layout invalid (the
 /// program then does nothing and the attach still reports the tracepoint).
@@ -116,17 +162,34 @@ pub fn tp_layout(t: &Tracefs) -> Result<TcpTpLayout, String> {
     })
 }
 
-pub fn sock_layout(btf: &KernelBtf) -> Result<SockLayout, String> {
-    Ok(SockLayout {
-        valid: 1,
-        sk_err: btf.member_offset("sock", "sk_err").map_err(|e| e.to_string())?,
-        srtt_us: btf.member_offset("tcp_sock", "srtt_us").map_err(|e| e.to_string())?,
-        _pad: 0,
-    })
+/// Socket offsets from BTF plus the load-time switches (`dest_groups`: bits of
+/// `SockLayout::DEST_*`; `memory_on_v2`: the v2 cgroup id is the memory cgroup's id).
+pub fn sock_layout(btf: &KernelBtf, dest_groups: u32, memory_on_v2: bool) -> Result<SockLayout, String> {
+    let off = |s: &str, m: &str| btf.member_offset(s, m).map_err(|e| e.to_string());
+    let mut l = SockLayout::INVALID;
+    l.sk_err = off("sock", "sk_err")?;
+    l.srtt_us = off("tcp_sock", "srtt_us")?;
+    l.valid = 1;
+    l.dest_groups = dest_groups;
+    l.cgroup_id_from_helper = u32::from(memory_on_v2);
+    // `sk_protocol` was a bitfield before 5.6: then only the classic tracepoints work.
+    let raw = (|| -> Result<(), String> {
+        let common = off("sock", "__sk_common")?;
+        l.skc_family = common + off("sock_common", "skc_family")?;
+        l.skc_dport = common + off("sock_common", "skc_dport")?;
+        l.skc_daddr = common + off("sock_common", "skc_daddr")?;
+        l.skc_v6_daddr = common + off("sock_common", "skc_v6_daddr")?;
+        l.sk_protocol = off("sock", "sk_protocol")?;
+        Ok(())
+    })();
+    if raw.is_ok() {
+        l.raw_valid = 1;
+    }
+    Ok(l)
 }
 
 /// Both layouts for the loader, with notes on what is missing.
-pub fn layouts(k: &KernelContext) -> (TcpTpLayout, SockLayout, Vec<String>) {
+pub fn layouts(k: &KernelContext, dest_groups: u32, memory_on_v2: bool) -> (TcpTpLayout, SockLayout, Vec<String>) {
     let mut notes = Vec::new();
     let tp = match &k.tracefs {
         Ok(t) => tp_layout(t).unwrap_or_else(|e| {
@@ -139,16 +202,36 @@ pub fn layouts(k: &KernelContext) -> (TcpTpLayout, SockLayout, Vec<String>) {
         }
     };
     let sock = match &k.btf {
-        Ok(b) => sock_layout(b).unwrap_or_else(|e| {
+        Ok(b) => sock_layout(b, dest_groups, memory_on_v2).unwrap_or_else(|e| {
             notes.push(format!("sock layout (RTT, failure reasons): {e}"));
-            SockLayout::INVALID
+            SockLayout {
+                dest_groups,
+                cgroup_id_from_helper: u32::from(memory_on_v2),
+                ..SockLayout::INVALID
+            }
         }),
         Err(e) => {
             notes.push(format!("BTF: {e}"));
-            SockLayout::INVALID
+            SockLayout {
+                dest_groups,
+                cgroup_id_from_helper: u32::from(memory_on_v2),
+                ..SockLayout::INVALID
+            }
         }
     };
     (tp, sock, notes)
+}
+
+/// `SockLayout::DEST_*` bits for a destination configuration.
+pub fn dest_group_bits(dests: &BTreeMap<String, Destination>) -> u32 {
+    let mut bits = 0;
+    if dests.values().any(|d| d.port.is_some()) {
+        bits |= SockLayout::DEST_WITH_PORT;
+    }
+    if dests.values().any(|d| d.port.is_none()) {
+        bits |= SockLayout::DEST_ANY_PORT;
+    }
+    bits
 }
 
 /// Destination groups: id 0 is `other`, configured groups follow in name order.

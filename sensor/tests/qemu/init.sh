@@ -15,7 +15,7 @@ ip link set lo up
 pass() {
   name=$1; shift
   echo "=== PASS $name ==="
-  /sensor run --listen 127.0.0.1:9442 "$@" > /tmp/sensor-$name.log 2>&1 &
+  /sensor run --listen 127.0.0.1:9442 --probes.memcg.discovery-interval 500ms "$@" > /tmp/sensor-$name.log 2>&1 &
   spid=$!
   i=0
   until wget -q -O /dev/null http://127.0.0.1:9442/readyz; do
@@ -31,8 +31,9 @@ pass() {
   sleep 5
   echo "--- probes"; wget -q -O - http://127.0.0.1:9442/api/v1/probes; echo
   echo "--- events"; wget -q -O - http://127.0.0.1:9442/api/v1/events; echo
-  echo "--- metrics"; wget -q -O - http://127.0.0.1:9442/metrics | grep -E '^sensor_(oom|events|probe)'
+  echo "--- metrics"; wget -q -O - http://127.0.0.1:9442/metrics | grep -E '^sensor_(oom|events|probe|memcg_events|memory_pressure)'
   echo "--- kernel"; grep oom_kill $cg/memory.events.local
+  echo "--- memory.events"; cat $cg/memory.events
   kill -TERM $spid; wait $spid; echo "--- sensor exit $?"
   echo "--- log"; cat /tmp/sensor-$name.log
   echo "=== END $name ==="
