@@ -2,7 +2,9 @@
 
 use crate::record::RecordHeader;
 
-/// Connect outcomes; also the `kind` of a [`FlowCountKey`] for connect counters.
+/// Connect outcomes; also the `kind` of a [`FlowCountKey`] for connect counters (successes are
+/// not counted there: each one is observed once in the connect-latency histogram, whose count
+/// is the success count).
 pub mod result {
     pub const SUCCESS: u16 = 0;
     pub const REFUSED: u16 = 1;
@@ -45,7 +47,8 @@ pub struct FlowKey {
 }
 crate::assert_size!(FlowKey, 16);
 
-/// An active open in progress (CLOSE -> SYN_SENT seen), by socket address.
+/// An active open the sensor saw start (CLOSE -> SYN_SENT), by socket address; kept, updated in
+/// place, until the connection ends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnStart {
@@ -56,8 +59,8 @@ pub struct ConnStart {
     /// Host byte order.
     pub dport: u16,
     pub family: u16,
-    /// Set when `tcp:tcp_receive_reset` fired for this socket.
-    pub reset_received: u16,
+    /// [`ConnStart::RESET_RECEIVED`], [`ConnStart::ESTABLISHED`].
+    pub flags: u16,
     pub _pad: u32,
     pub comm: [u8; 16],
     /// IPv4 in the first 4 bytes, or IPv6.
@@ -65,15 +68,12 @@ pub struct ConnStart {
 }
 crate::assert_size!(ConnStart, 64);
 
-/// An established active open, for RTT and retransmit attribution.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct Established {
-    pub cgroup_id: u64,
-    pub dest: u16,
-    pub _pad: [u16; 3],
+impl ConnStart {
+    /// `tcp:tcp_receive_reset` fired while connecting.
+    pub const RESET_RECEIVED: u16 = 1;
+    /// SYN_SENT -> ESTABLISHED seen: the entry now serves RTT and retransmit attribution.
+    pub const ESTABLISHED: u16 = 2;
 }
-crate::assert_size!(Established, 16);
 
 pub const FAILURE_VERSION: u16 = 1;
 
@@ -215,10 +215,9 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 
-/// Default sizes (configurable): sockets tracked between SYN_SENT and ESTABLISHED, established
-/// active opens tracked for RTT and retransmits, and series in each aggregation map.
+/// Default sizes (configurable): active opens tracked from SYN_SENT until they end, and series
+/// in each aggregation map.
 pub const DEFAULT_TRACKED_CONNECTS: u32 = 65536;
-pub const DEFAULT_TRACKED_ESTABLISHED: u32 = 65536;
 pub const DEFAULT_SERIES: u32 = 16384;
 pub const MAX_DEST_GROUPS: u32 = 1024;
 
@@ -229,7 +228,6 @@ mod user {
     unsafe impl aya::Pod for super::FlowCountKey {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::ConnStart {}
-    unsafe impl aya::Pod for super::Established {}
     unsafe impl aya::Pod for super::TcpFailureRecord {}
     unsafe impl aya::Pod for super::DestPortKey {}
     unsafe impl aya::Pod for super::DestAnyKey {}

@@ -22,9 +22,9 @@ use sensor_common::{
     agg::Log2Hist,
     record::{counter, kind as rkind, probe_id, RecordHeader},
     tcp::{
-        kind, result, state, ConnStart, DestAnyKey, DestPortKey, Established, FlowCountKey, FlowKey, SockLayout,
-        TcpFailureRecord, TcpTpLayout, AF_INET, AF_INET6, DEFAULT_SERIES, DEFAULT_TRACKED_CONNECTS,
-        DEFAULT_TRACKED_ESTABLISHED, DEST_OTHER, FAILURE_VERSION, IPPROTO_TCP, MAX_DEST_GROUPS,
+        kind, result, state, ConnStart, DestAnyKey, DestPortKey, FlowCountKey, FlowKey, SockLayout, TcpFailureRecord,
+        TcpTpLayout, AF_INET, AF_INET6, DEFAULT_SERIES, DEFAULT_TRACKED_CONNECTS, DEST_OTHER, FAILURE_VERSION,
+        IPPROTO_TCP, MAX_DEST_GROUPS,
     },
 };
 
@@ -42,14 +42,11 @@ static TCP_TP_LAYOUT: TcpTpLayout = TcpTpLayout::INVALID;
 #[unsafe(no_mangle)]
 static SOCK_LAYOUT: SockLayout = SockLayout::INVALID;
 
-/// Connects between SYN_SENT and their outcome. A plain hash: cheaper than LRU on this hot
-/// path; a full map counts as `map_full`, entries whose end never comes are aged out.
+/// Active opens from SYN_SENT until they end, updated in place at ESTABLISHED. A plain hash:
+/// cheaper than LRU on this hot path; a full map counts as `map_full`, and connects whose
+/// outcome never comes are aged out by the daemon.
 #[map]
-static TCP_CONNECTING: HashMap<u64, ConnStart> = HashMap::with_max_entries(DEFAULT_TRACKED_CONNECTS, 0);
-
-/// Established active opens, for RTT at close and retransmit attribution.
-#[map]
-static TCP_ESTABLISHED: HashMap<u64, Established> = HashMap::with_max_entries(DEFAULT_TRACKED_ESTABLISHED, 0);
+static TCP_SOCKS: HashMap<u64, ConnStart> = HashMap::with_max_entries(DEFAULT_TRACKED_CONNECTS, 0);
 
 #[map]
 static TCP_COUNTS: PerCpuHashMap<FlowCountKey, u64> = PerCpuHashMap::with_max_entries(DEFAULT_SERIES, 0);
@@ -276,12 +273,12 @@ fn connect_start(sk: u64, d: Dest) {
         dest: dest_group(&l, family, dport, &daddr),
         dport,
         family,
-        reset_received: 0,
+        flags: 0,
         _pad: 0,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         daddr,
     };
-    if TCP_CONNECTING.insert(sk, s, 0).is_err() {
+    if TCP_SOCKS.insert(sk, s, 0).is_err() {
         bump(probe_id::TCP, counter::LOST_MAP_FULL);
     }
 }
@@ -289,42 +286,43 @@ fn connect_start(sk: u64, d: Dest) {
 #[inline(always)]
 fn take_start(sk: u64) -> Option<ConnStart> {
     // SAFETY: the value is copied out before the entry is removed.
-    let s = unsafe { TCP_CONNECTING.get(sk) }.copied();
+    let s = unsafe { TCP_SOCKS.get(sk) }.copied();
     if s.is_some() {
-        let _ = TCP_CONNECTING.remove(sk);
+        let _ = TCP_SOCKS.remove(sk);
     } else {
-        // An end without its start: the connect began before the probe attached, or its start
-        // did not fit in the map (counted there).
-        bump(probe_id::TCP, counter::LOST_UNTRACKED);
+        untracked();
     }
     s
 }
 
+/// An end without its start: the connect began before the probe attached, or its start did
+/// not fit in the map (counted there).
+#[inline(always)]
+fn untracked() {
+    bump(probe_id::TCP, counter::LOST_UNTRACKED);
+}
+
 #[inline(always)]
 fn connect_done(sk: u64) {
-    let Some(s) = take_start(sk) else { return };
+    let Some(p) = TCP_SOCKS.get_ptr_mut(sk) else {
+        untracked();
+        return;
+    };
+    // SAFETY: a map value, valid during the program run; the entry stays (now established).
+    let s = unsafe { &mut *p };
+    if s.flags & ConnStart::ESTABLISHED != 0 {
+        return;
+    }
+    s.flags |= ConnStart::ESTABLISHED;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    count(&FlowCountKey {
-        cgroup_id: s.cgroup_id,
-        dest: s.dest,
-        kind: result::SUCCESS,
-        _pad: 0,
-    });
+    // The histogram's count is the success count.
     let fk = FlowKey {
         cgroup_id: s.cgroup_id,
         dest: s.dest,
         _pad: [0; 3],
     };
     observe(&TCP_CONNECT_HIST, probe_id::TCP, &fk, now.saturating_sub(s.ktime_ns));
-    let e = Established {
-        cgroup_id: s.cgroup_id,
-        dest: s.dest,
-        _pad: [0; 3],
-    };
-    if TCP_ESTABLISHED.insert(sk, e, 0).is_err() {
-        bump(probe_id::TCP, counter::LOST_MAP_FULL);
-    }
 }
 
 #[inline(always)]
@@ -338,7 +336,7 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
     } else {
         0
     };
-    let res = classify(s.reset_received != 0, err);
+    let res = classify(s.flags & ConnStart::RESET_RECEIVED != 0, err);
     count(&FlowCountKey {
         cgroup_id: s.cgroup_id,
         dest: s.dest,
@@ -378,12 +376,12 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
 #[inline(always)]
 fn established_end(sk: u64) {
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(e) = (unsafe { TCP_ESTABLISHED.get(sk) }).copied() else {
+    let Some(e) = (unsafe { TCP_SOCKS.get(sk) }).copied() else {
         return;
     };
-    let _ = TCP_ESTABLISHED.remove(sk);
+    let _ = TCP_SOCKS.remove(sk);
     let l = sock_layout();
-    if l.valid == 0 {
+    if l.valid == 0 || e.flags & ConnStart::ESTABLISHED == 0 {
         return;
     }
     let Some(srtt) = sk_read::<u32>(sk, l.srtt_us) else {
@@ -401,16 +399,12 @@ fn established_end(sk: u64) {
     observe(&TCP_RTT_HIST, probe_id::TCP, &fk, u64::from(srtt >> 3) * 1000);
 }
 
-/// The flow a socket belongs to: established active open, connect in progress, or unknown.
+/// The flow a socket belongs to: an active open the sensor saw start, or unknown.
 #[inline(always)]
 fn flow_of(sk: u64) -> (u64, u16) {
     if sk != 0 {
         // SAFETY: values are copied out immediately.
-        if let Some(e) = unsafe { TCP_ESTABLISHED.get(sk) } {
-            return (e.cgroup_id, e.dest);
-        }
-        // SAFETY: as above.
-        if let Some(s) = unsafe { TCP_CONNECTING.get(sk) } {
+        if let Some(s) = unsafe { TCP_SOCKS.get(sk) } {
             return (s.cgroup_id, s.dest);
         }
     }
@@ -419,11 +413,17 @@ fn flow_of(sk: u64) -> (u64, u16) {
 
 #[inline(always)]
 fn reset_received(sk: u64) {
-    if let Some(p) = TCP_CONNECTING.get_ptr_mut(sk) {
-        // SAFETY: a map value, valid during the program run.
-        unsafe { (*p).reset_received = 1 };
-    }
-    let (cgroup_id, dest) = flow_of(sk);
+    let (cgroup_id, dest) = match TCP_SOCKS.get_ptr_mut(sk) {
+        Some(p) => {
+            // SAFETY: a map value, valid during the program run.
+            let s = unsafe { &mut *p };
+            if s.flags & ConnStart::ESTABLISHED == 0 {
+                s.flags |= ConnStart::RESET_RECEIVED;
+            }
+            (s.cgroup_id, s.dest)
+        }
+        None => (0, DEST_OTHER),
+    };
     count(&FlowCountKey {
         cgroup_id,
         dest,

@@ -55,8 +55,7 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
         .chain(p.tcp.exclude_hooks.iter().map(|h| ("tcp", *h)))
         .collect();
     let map_sizes = vec![
-        ("TCP_CONNECTING", p.tcp.max_tracked_connects),
-        ("TCP_ESTABLISHED", p.tcp.max_tracked_connects),
+        ("TCP_SOCKS", p.tcp.max_tracked_connects),
         ("TCP_COUNTS", p.tcp.max_series),
         ("TCP_CONNECT_HIST", p.tcp.max_series),
         ("TCP_RTT_HIST", p.tcp.max_series),
@@ -291,7 +290,7 @@ fn start_tcp(
         counts: aya::maps::PerCpuHashMap::try_from(take("TCP_COUNTS")?)?,
         connect_hist: aya::maps::PerCpuHashMap::try_from(take("TCP_CONNECT_HIST")?)?,
         rtt_hist: aya::maps::PerCpuHashMap::try_from(take("TCP_RTT_HIST")?)?,
-        connecting: aya::maps::HashMap::try_from(take("TCP_CONNECTING")?)?,
+        socks: aya::maps::HashMap::try_from(take("TCP_SOCKS")?)?,
     };
     // The loaded program references both tries, so they outlive these handles.
     Ok(TcpSlice::new(

@@ -318,6 +318,13 @@ fn address(family: u16, a: &[u8; 16]) -> String {
     }
 }
 
+const HIST_LABELS: [&str; 4] = [
+    "destination",
+    WORKLOAD_LABELS[0],
+    WORKLOAD_LABELS[1],
+    WORKLOAD_LABELS[2],
+];
+
 const CONNECTS: &str = "sensor_tcp_connects_total";
 const CONNECTS_HELP: &str = "TCP active opens by result (success, refused, timeout, reset, unreachable, error), destination group and workload.";
 const RETRANS: &str = "sensor_tcp_retransmits_total";
@@ -328,6 +335,8 @@ const RESETS_HELP: &str =
 
 struct CountCollector {
     map: Mutex<PerCpuHashMap<MapData, FlowCountKey, u64>>,
+    /// Each success is observed once in the latency histogram: its count is the success count.
+    latency: Arc<HistogramMapCollector<FlowKey>>,
     disc: Arc<Discovery>,
     names: Vec<String>,
     descs: Vec<Desc>,
@@ -359,6 +368,11 @@ impl Collector for CountCollector {
                 .collect(),
             Err(_) => Vec::new(),
         };
+        for (k, h) in self.latency.snapshot() {
+            let mut labels = vec![result_label(result::SUCCESS).to_string(), self.dest(k.dest)];
+            labels.extend(self.disc.labels_for_id(k.cgroup_id));
+            *connects.entry(labels).or_default() += h.buckets.iter().sum::<u64>();
+        }
         for (k, v) in entries {
             let wl = self.disc.labels_for_id(k.cgroup_id);
             let dest = self.dest(k.dest);
@@ -420,7 +434,8 @@ pub struct TcpMaps {
     pub counts: PerCpuHashMap<MapData, FlowCountKey, u64>,
     pub connect_hist: PerCpuHashMap<MapData, FlowKey, Log2Hist>,
     pub rtt_hist: PerCpuHashMap<MapData, FlowKey, Log2Hist>,
-    pub connecting: BpfHashMap<MapData, u64, ConnStart>,
+    /// Active opens from SYN_SENT until they end.
+    pub socks: BpfHashMap<MapData, u64, ConnStart>,
 }
 
 pub struct TcpSlice {
@@ -430,7 +445,7 @@ pub struct TcpSlice {
     counts: Arc<CountCollector>,
     connect_hist: Arc<HistogramMapCollector<FlowKey>>,
     rtt_hist: Arc<HistogramMapCollector<FlowKey>>,
-    connecting: Mutex<BpfHashMap<MapData, u64, ConnStart>>,
+    socks: Mutex<BpfHashMap<MapData, u64, ConnStart>>,
     counters: Arc<Mutex<KernelCounters>>,
     janitor: Mutex<Janitor<u64>>,
     max_age: Duration,
@@ -456,16 +471,6 @@ impl TcpSlice {
         .into_iter()
         .map(|(n, h)| Desc::new(n.into(), h.into(), vec![], Default::default()))
         .collect::<prometheus::Result<Vec<_>>>()?;
-        let counts = Arc::new(CountCollector {
-            map: Mutex::new(maps.counts),
-            disc: Arc::clone(&disc),
-            names: names.clone(),
-            descs,
-        });
-        registry.register(Box::new(Shared(Arc::clone(&counts))))?;
-        let mut hist_labels = vec!["destination"];
-        hist_labels.extend(WORKLOAD_LABELS);
-        let hist_labels: &'static [&'static str] = Box::leak(hist_labels.into_boxed_slice());
         let label_fn = |disc: Arc<Discovery>, names: Vec<String>| {
             Box::new(move |k: &FlowKey| {
                 let mut l = vec![names
@@ -479,7 +484,7 @@ impl TcpSlice {
         let connect_hist = Arc::new(HistogramMapCollector::new(
             "sensor_tcp_connect_duration_seconds",
             "Time from SYN sent to connection established, by destination group and workload (aggregated in the kernel).",
-            hist_labels,
+            &HIST_LABELS,
             maps.connect_hist,
             label_fn(Arc::clone(&disc), names.clone()),
             HistLayout::NANOS_AS_SECONDS,
@@ -487,11 +492,19 @@ impl TcpSlice {
         let rtt_hist = Arc::new(HistogramMapCollector::new(
             "sensor_tcp_rtt_seconds",
             "Smoothed RTT of active opens, sampled when the connection leaves ESTABLISHED, by destination group and workload.",
-            hist_labels,
+            &HIST_LABELS,
             maps.rtt_hist,
             label_fn(Arc::clone(&disc), names.clone()),
             HistLayout::NANOS_AS_SECONDS,
         )?);
+        let counts = Arc::new(CountCollector {
+            map: Mutex::new(maps.counts),
+            latency: Arc::clone(&connect_hist),
+            disc: Arc::clone(&disc),
+            names: names.clone(),
+            descs,
+        });
+        registry.register(Box::new(Shared(Arc::clone(&counts))))?;
         registry.register(Box::new(Shared(Arc::clone(&connect_hist))))?;
         registry.register(Box::new(Shared(Arc::clone(&rtt_hist))))?;
         Ok(Arc::new(TcpSlice {
@@ -501,7 +514,7 @@ impl TcpSlice {
             counts,
             connect_hist,
             rtt_hist,
-            connecting: Mutex::new(maps.connecting),
+            socks: Mutex::new(maps.socks),
             counters,
             janitor: Mutex::new(Janitor::default()),
             max_age: cfg.connect_max_age,
@@ -551,11 +564,12 @@ impl TcpSlice {
         let now = clock::monotonic_ns();
         let max_age = self.max_age.as_nanos() as u64;
         let mut aged = 0u64;
-        if let Ok(mut m) = self.connecting.lock() {
+        if let Ok(mut m) = self.socks.lock() {
+            // Only connects still waiting for their outcome age; established ones may live long.
             let old: Vec<u64> = m
                 .iter()
                 .filter_map(Result::ok)
-                .filter(|(_, s)| now.saturating_sub(s.ktime_ns) > max_age)
+                .filter(|(_, s)| s.flags & ConnStart::ESTABLISHED == 0 && now.saturating_sub(s.ktime_ns) > max_age)
                 .map(|(k, _)| k)
                 .collect();
             for k in old {
