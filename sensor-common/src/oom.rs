@@ -87,30 +87,43 @@ pub struct OomKillRecord {
     pub trigger_comm: [u8; COMM_LEN],
     /// cgroup v2 id of the triggering task (0 where v2 is not mounted).
     pub trigger_cgroup_id: u64,
-    /// kernfs id (= inode) of the victim's memory cgroup, in the memory controller's hierarchy.
-    pub memcg_id: u64,
-    /// kernfs id of the victim's cgroup v2 (default hierarchy) cgroup.
-    pub dfl_cgroup_id: u64,
     /// kernfs id of the memory cgroup that ran out (`oom_control.memcg`; 0 for a global OOM).
     pub oc_memcg_id: u64,
     /// `oom_control.totalpages`: the limit the OOM was computed against, in pages.
     pub totalpages: u64,
     /// `enum oom_constraint`: 0 none, 1 cpuset, 2 mempolicy, 3 memcg.
     pub constraint: u32,
+    /// Bytes of `stack` that hold frames, as returned by `bpf_get_stack`.
+    pub stack_bytes: u32,
+    pub stack: [u64; STACK_DEPTH],
+    pub cgroup: VictimCgroup,
+}
+crate::assert_size!(OomKillRecord, 152 + 8 * STACK_DEPTH + VictimCgroup::SIZE);
+
+/// A task's memory cgroup as captured in the kernel: ids and the path, so a kill is attributed
+/// even when the cgroup is gone by the time userspace looks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VictimCgroup {
+    /// kernfs id (= inode) of the memory cgroup, in the memory controller's hierarchy.
+    pub memcg_id: u64,
+    /// kernfs id of the cgroup v2 (default hierarchy) cgroup.
+    pub dfl_cgroup_id: u64,
     /// Bytes of `path` in use.
     pub path_len: u16,
     pub path_depth: u8,
     /// Non-zero when the walk stopped before the root (too deep or buffer full).
     pub path_truncated: u8,
-    /// Bytes of `stack` that hold frames, as returned by `bpf_get_stack`.
-    pub stack_bytes: u32,
-    pub _pad1: u32,
-    pub stack: [u64; STACK_DEPTH],
-    /// Kernfs names from the victim's memory cgroup up to (not including) the root, leaf first,
-    /// each followed by a NUL.
+    pub _pad: u32,
+    /// Kernfs names from the memory cgroup up to (not including) the root, leaf first, each
+    /// followed by a NUL.
     pub path: [u8; PATH_BUF],
 }
-crate::assert_size!(OomKillRecord, 176 + 8 * STACK_DEPTH + PATH_BUF);
+
+impl VictimCgroup {
+    pub const SIZE: usize = 24 + PATH_BUF;
+}
+crate::assert_size!(VictimCgroup, VictimCgroup::SIZE);
 
 impl OomKillRecord {
     pub const LEN: u16 = core::mem::size_of::<OomKillRecord>() as u16;
@@ -241,20 +254,16 @@ pub struct OomContext {
     pub oc_memcg_id: u64,
     pub totalpages: u64,
     pub ktime_ns: u64,
-    pub memcg_id: u64,
-    pub dfl_cgroup_id: u64,
     pub constraint: u32,
     pub chosen_pid: i32,
     pub chosen_tgid: i32,
     pub present: u32,
     pub hook: u32,
-    pub path_len: u16,
-    pub path_depth: u8,
-    pub path_truncated: u8,
+    pub _pad: u32,
     pub chosen_comm: [u8; COMM_LEN],
-    pub path: [u8; PATH_BUF],
+    pub cgroup: VictimCgroup,
 }
-crate::assert_size!(OomContext, 80 + PATH_BUF);
+crate::assert_size!(OomContext, 64 + VictimCgroup::SIZE);
 
 /// Index of the expected-parts mask in the `OOM_CONFIG` array map.
 pub const CONFIG_EXPECTED_PARTS: u32 = 0;
@@ -268,4 +277,5 @@ mod user {
     unsafe impl aya::Pod for super::TaskLayout {}
     unsafe impl aya::Pod for super::OomControlLayout {}
     unsafe impl aya::Pod for super::OomContext {}
+    unsafe impl aya::Pod for super::VictimCgroup {}
 }

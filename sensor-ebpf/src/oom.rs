@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use sensor_common::{
     oom::{
-        field, hook, part, MarkVictimLayout, OomContext, OomControlLayout, OomKillRecord, TpField,
+        field, hook, part, MarkVictimLayout, OomContext, OomControlLayout, OomKillRecord, TpField, VictimCgroup,
         CONFIG_EXPECTED_PARTS, RECORD_VERSION,
     },
     record::{counter, kind, probe_id},
@@ -109,9 +109,9 @@ fn start_record<C: EbpfContext>(ctx: &C, rec: &mut OomKillRecord) {
     rec.header.ktime_ns = unsafe { bpf_ktime_get_ns() };
     rec.present = 0;
     rec.context_hook = hook::NONE;
-    rec.path_len = 0;
-    rec.path_depth = 0;
-    rec.path_truncated = 0;
+    rec.cgroup.path_len = 0;
+    rec.cgroup.path_depth = 0;
+    rec.cgroup.path_truncated = 0;
     let pid_tgid = bpf_get_current_pid_tgid();
     rec.trigger_pid = pid_tgid as u32;
     rec.trigger_tgid = (pid_tgid >> 32) as u32;
@@ -171,22 +171,15 @@ fn merge_context(rec: &mut OomKillRecord, c: &OomContext) {
         rec.victim_comm = c.chosen_comm;
         rec.present |= field::COMM;
     }
-    if rec.present & field::MEMCG_ID == 0 && c.present & field::MEMCG_ID != 0 {
-        rec.memcg_id = c.memcg_id;
-        rec.present |= field::MEMCG_ID;
-    }
-    if rec.present & field::DFL_CGROUP_ID == 0 && c.present & field::DFL_CGROUP_ID != 0 {
-        rec.dfl_cgroup_id = c.dfl_cgroup_id;
-        rec.present |= field::DFL_CGROUP_ID;
-    }
-    if rec.present & field::CGROUP_PATH == 0 && c.present & field::CGROUP_PATH != 0 {
-        // SAFETY: both buffers are PATH_BUF bytes of map values; the helper is a bounded copy.
-        let ok = unsafe { bpf_probe_read_kernel_buf(c.path.as_ptr(), &mut rec.path) };
-        if ok {
-            rec.path_len = c.path_len;
-            rec.path_depth = c.path_depth;
-            rec.path_truncated = c.path_truncated;
-            rec.present |= field::CGROUP_PATH;
+    // The victim's cgroup as one unit, where the raw tracepoint part did not provide it.
+    let cg_bits = field::MEMCG_ID | field::DFL_CGROUP_ID | field::CGROUP_PATH;
+    if rec.present & cg_bits == 0 && c.present & cg_bits != 0 {
+        let size = core::mem::size_of::<VictimCgroup>();
+        // SAFETY: both are `VictimCgroup`s inside map values; the helper is a bounded copy.
+        let dst = unsafe { core::slice::from_raw_parts_mut(core::ptr::from_mut(&mut rec.cgroup).cast::<u8>(), size) };
+        // SAFETY: as above.
+        if unsafe { bpf_probe_read_kernel_buf(core::ptr::from_ref(&c.cgroup).cast::<u8>(), dst) } {
+            rec.present |= c.present & cg_bits;
         }
     }
 }
@@ -288,18 +281,7 @@ pub fn oom_mark_victim_raw(ctx: RawTracePointContext) -> u32 {
             rec.present |= field::COMM;
         }
     }
-    let cg = task_cgroup(&l, task, &mut rec.path);
-    if cg.memcg_id != 0 {
-        rec.memcg_id = cg.memcg_id;
-        rec.path_len = cg.path_len;
-        rec.path_depth = cg.depth;
-        rec.path_truncated = cg.truncated;
-        rec.present |= field::MEMCG_ID | field::CGROUP_PATH;
-    }
-    if cg.dfl_id != 0 {
-        rec.dfl_cgroup_id = cg.dfl_id;
-        rec.present |= field::DFL_CGROUP_ID;
-    }
+    rec.present |= task_cgroup(&l, task, &mut rec.cgroup);
     end_part(&ctx, rec, part::CGROUP);
     0
 }
@@ -326,9 +308,8 @@ fn oom_kill_process(oc: u64, hook_id: u8) -> u32 {
     c.present = field::TOTALPAGES | field::CONSTRAINT;
     c.hook = u32::from(hook_id);
     c.oc_memcg_id = 0;
-    c.memcg_id = 0;
-    c.dfl_cgroup_id = 0;
-    c.path_len = 0;
+    c.cgroup.memcg_id = 0;
+    c.cgroup.path_len = 0;
     let memcg = read_u64(oc + u64::from(l.oc_memcg));
     if memcg != 0 && t.valid != 0 {
         let cgrp = read_u64(memcg + u64::from(l.memcg_css) + u64::from(t.css_cgroup));
@@ -353,18 +334,7 @@ fn oom_kill_process(oc: u64, hook_id: u8) -> u32 {
             c.chosen_comm = comm;
             c.present |= field::COMM;
         }
-        let cg = task_cgroup(&t, chosen, &mut c.path);
-        if cg.memcg_id != 0 {
-            c.memcg_id = cg.memcg_id;
-            c.path_len = cg.path_len;
-            c.path_depth = cg.depth;
-            c.path_truncated = cg.truncated;
-            c.present |= field::MEMCG_ID | field::CGROUP_PATH;
-        }
-        if cg.dfl_id != 0 {
-            c.dfl_cgroup_id = cg.dfl_id;
-            c.present |= field::DFL_CGROUP_ID;
-        }
+        c.present |= task_cgroup(&t, chosen, &mut c.cgroup);
     }
     let tid = bpf_get_current_pid_tgid() as u32;
     // Insert from the map slot by reference: a by-value `OomContext` (720 bytes) would not fit

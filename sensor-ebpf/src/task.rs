@@ -2,7 +2,7 @@
 //! BTF (Rust eBPF has no CO-RE relocations). Shared by every slice that attributes to workloads.
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel_str};
-use sensor_common::oom::{TaskLayout, NAME_MAX, PATH_BUF, PATH_MAX_DEPTH};
+use sensor_common::oom::{field, TaskLayout, VictimCgroup, NAME_MAX, PATH_BUF, PATH_MAX_DEPTH};
 
 /// `task_struct` / cgroup / kernfs offsets, set by the daemon from BTF.
 #[unsafe(no_mangle)]
@@ -44,44 +44,35 @@ pub fn task_memcg_id(l: &TaskLayout, task: u64) -> u64 {
     read_u64(kn + u64::from(l.kn_id))
 }
 
-/// A task's memory cgroup, as found by [`task_cgroup`].
-pub struct TaskCgroup {
-    pub memcg_id: u64,
-    pub dfl_id: u64,
-    pub path_len: u16,
-    pub depth: u8,
-    pub truncated: u8,
-}
-
-/// From a `task_struct` to its memory cgroup's kernfs id and path (into `path`), and its v2 id.
+/// Fills `out` with `task`'s memory cgroup (kernfs id and path) and v2 cgroup id; returns the
+/// `field::MEMCG_ID | field::CGROUP_PATH | field::DFL_CGROUP_ID` bits it could fill.
 #[inline(always)]
-pub fn task_cgroup(l: &TaskLayout, task: u64, path: &mut [u8; PATH_BUF]) -> TaskCgroup {
-    let mut out = TaskCgroup {
-        memcg_id: 0,
-        dfl_id: 0,
-        path_len: 0,
-        depth: 0,
-        truncated: 0,
-    };
+pub fn task_cgroup(l: &TaskLayout, task: u64, out: &mut VictimCgroup) -> u32 {
+    let mut present = 0;
+    out.memcg_id = 0;
+    out.dfl_cgroup_id = 0;
+    out.path_len = 0;
     let cset = read_u64(task + u64::from(l.task_cgroups));
     let css = read_u64(cset + u64::from(l.cset_subsys) + 8 * u64::from(l.memory_cgrp_id));
     let cgrp = read_u64(css + u64::from(l.css_cgroup));
     let kn = read_u64(cgrp + u64::from(l.cgroup_kn));
     if kn != 0 {
         out.memcg_id = read_u64(kn + u64::from(l.kn_id));
-        walk_path(l, kn, path, &mut out);
+        walk_path(l, kn, out);
+        present |= field::MEMCG_ID | field::CGROUP_PATH;
     }
     let dfl = read_u64(cset + u64::from(l.cset_dfl_cgrp));
     let dfl_kn = read_u64(dfl + u64::from(l.cgroup_kn));
     if dfl_kn != 0 {
-        out.dfl_id = read_u64(dfl_kn + u64::from(l.kn_id));
+        out.dfl_cgroup_id = read_u64(dfl_kn + u64::from(l.kn_id));
+        present |= field::DFL_CGROUP_ID;
     }
-    out
+    present
 }
 
 /// Copies kernfs names from `kn` up to (not including) the hierarchy root, leaf first.
 #[inline(always)]
-fn walk_path(l: &TaskLayout, kn: u64, path: &mut [u8; PATH_BUF], out: &mut TaskCgroup) {
+fn walk_path(l: &TaskLayout, kn: u64, out: &mut VictimCgroup) {
     let mut node = kn;
     let mut off: usize = 0;
     let mut depth: u8 = 0;
@@ -106,7 +97,7 @@ fn walk_path(l: &TaskLayout, kn: u64, path: &mut [u8; PATH_BUF], out: &mut TaskC
         // the helper copies at most NAME_MAX bytes and always NUL-terminates.
         let n = unsafe {
             bpf_probe_read_kernel_str(
-                path.as_mut_ptr().add(at).cast(),
+                out.path.as_mut_ptr().add(at).cast(),
                 NAME_MAX as u32,
                 name as *const core::ffi::c_void,
             )
@@ -119,6 +110,6 @@ fn walk_path(l: &TaskLayout, kn: u64, path: &mut [u8; PATH_BUF], out: &mut TaskC
         node = parent;
     }
     out.path_len = off as u16;
-    out.depth = depth;
-    out.truncated = u8::from(!reached_root);
+    out.path_depth = depth;
+    out.path_truncated = u8::from(!reached_root);
 }

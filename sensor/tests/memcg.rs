@@ -13,10 +13,9 @@ fn wl(cg: &MemCgroup) -> [(&str, &str); 3] {
 
 #[test]
 fn reclaim_is_attributed_to_the_stalled_cgroup_only() {
-    if !require_bpf("reclaim_is_attributed_to_the_stalled_cgroup_only") {
+    let Some(_k) = privileged("reclaim_is_attributed_to_the_stalled_cgroup_only") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let d = Daemon::start(&["--probes.memcg.discovery-interval", "200ms"]);
     // Created after the daemon started: discovery picks them up without a restart.
     let busy = MemCgroup::new("sensor-it-reclaim-busy", 48 << 20);
@@ -68,10 +67,9 @@ fn reclaim_is_attributed_to_the_stalled_cgroup_only() {
 
 #[test]
 fn memory_events_equal_the_cgroup_files() {
-    if !require_bpf("memory_events_equal_the_cgroup_files") {
+    let Some(_k) = privileged("memory_events_equal_the_cgroup_files") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let d = Daemon::start(&["--probes.memcg.discovery-interval", "200ms"]);
     let cg = MemCgroup::new("sensor-it-events", 32 << 20);
     if !cg.v2 {
@@ -122,10 +120,9 @@ fn psi_totals() -> (f64, f64) {
 
 #[test]
 fn host_psi_totals_equal_the_file() {
-    if !require_bpf("host_psi_totals_equal_the_file") {
+    let Some(_k) = privileged("host_psi_totals_equal_the_file") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let d = Daemon::start(&[]);
     let cg = MemCgroup::new("sensor-it-psi", 32 << 20);
     cg.churn_page_cache(150);
@@ -153,10 +150,9 @@ fn host_psi_totals_equal_the_file() {
 
 #[test]
 fn psi_trigger_fires_once_per_crossing() {
-    if !require_bpf("psi_trigger_fires_once_per_crossing") {
+    let Some(_k) = privileged("psi_trigger_fires_once_per_crossing") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let dir = std::env::temp_dir().join(format!("sensor-psi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("psi.yaml");
@@ -199,10 +195,9 @@ fn psi_trigger_fires_once_per_crossing() {
 
 #[test]
 fn vanished_cgroups_are_dropped_after_the_grace_period() {
-    if !require_bpf("vanished_cgroups_are_dropped_after_the_grace_period") {
+    let Some(_k) = privileged("vanished_cgroups_are_dropped_after_the_grace_period") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let d = Daemon::start(&[
         "--probes.memcg.discovery-interval",
         "200ms",

@@ -9,10 +9,9 @@ use common::*;
 
 #[test]
 fn oom_kill_flows_to_metrics_and_events() {
-    if !require_bpf("oom_kill_flows_to_metrics_and_events") {
+    let Some(_k) = privileged("oom_kill_flows_to_metrics_and_events") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let cg = MemCgroup::new("sensor-it-oom", 32 << 20);
     let d = Daemon::start(&[]);
 
@@ -70,10 +69,9 @@ fn kernel_release() -> String {
 
 #[test]
 fn doctor_json_agrees_with_metrics() {
-    if !require_bpf("doctor_json_agrees_with_metrics") {
+    let Some(_k) = privileged("doctor_json_agrees_with_metrics") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let out = run_sensor(&["doctor", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
@@ -154,10 +152,9 @@ fn doctor_json_agrees_with_metrics() {
 
 #[test]
 fn readiness_and_health_endpoints() {
-    if !require_bpf("readiness_and_health_endpoints") {
+    let Some(_k) = privileged("readiness_and_health_endpoints") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let d = Daemon::start(&[]);
     assert_eq!(d.get("/healthz"), (200, "ok\n".to_string()));
     let (code, body) = d.get("/readyz");
@@ -171,10 +168,9 @@ fn readiness_and_health_endpoints() {
 
 #[test]
 fn strict_fails_when_a_probe_is_degraded() {
-    if !require_bpf("strict_fails_when_a_probe_is_degraded") {
+    let Some(_k) = privileged("strict_fails_when_a_probe_is_degraded") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let doc: serde_json::Value = serde_json::from_slice(&run_sensor(&["doctor", "--json"]).stdout).unwrap();
     let degraded = doc["probes"]
         .as_array()

@@ -208,10 +208,9 @@ fn tcp_failures(d: &Daemon, port: u16) -> Vec<serde_json::Value> {
 
 #[test]
 fn successes_and_refusals_are_counted_exactly_v4_and_v6() {
-    if !require_bpf("successes_and_refusals_are_counted_exactly_v4_and_v6") {
+    let Some(_k) = privileged("successes_and_refusals_are_counted_exactly_v4_and_v6") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let (srv4, stop4) = server("127.0.0.1:0");
     let (srv6, stop6) = server("[::1]:0");
     let (closed4, closed6) = (closed_port("127.0.0.1"), closed_port("[::1]"));
@@ -366,10 +365,9 @@ impl Drop for Netns {
 
 #[test]
 fn dropped_syns_time_out_in_a_namespace_v4_and_v6() {
-    if !require_bpf("dropped_syns_time_out_in_a_namespace_v4_and_v6") {
+    let Some(_k) = privileged("dropped_syns_time_out_in_a_namespace_v4_and_v6") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let ns = Netns::new();
     let cfg = config(&[
         ("blackhole4", "10.201.0.0/24".into()),
@@ -416,10 +414,9 @@ fn dropped_syns_time_out_in_a_namespace_v4_and_v6() {
 
 #[test]
 fn connect_storm_successes_plus_losses_add_up() {
-    if !require_bpf("connect_storm_successes_plus_losses_add_up") {
+    let Some(_k) = privileged("connect_storm_successes_plus_losses_add_up") else {
         return;
-    }
-    let _k = kernel_lock();
+    };
     let (srv, stop) = server("127.0.0.3:0");
     let cfg = config(&[("storm", format!("127.0.0.3/32:{}", srv.port()))]);
     let d = Daemon::start(&[

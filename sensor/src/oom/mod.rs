@@ -313,10 +313,10 @@ impl OomKill {
         } else {
             scopes.map_or(Scope::Unknown, |s| s.classify(stack))
         };
-        let mut cgroup = has(field::CGROUP_PATH).then(|| cgroup_path(&r.path, usize::from(r.path_len)));
-        if r.path_truncated != 0 || cgroup.is_none() {
+        let mut cgroup = has(field::CGROUP_PATH).then(|| cgroup_path(&r.cgroup.path, usize::from(r.cgroup.path_len)));
+        if r.cgroup.path_truncated != 0 || cgroup.is_none() {
             if let (Some(h), true) = (cgroups, has(field::MEMCG_ID)) {
-                if let Some(p) = h.find_memory_cgroup(r.memcg_id, 20_000) {
+                if let Some(p) = h.find_memory_cgroup(r.cgroup.memcg_id, 20_000) {
                     cgroup = Some(p);
                 }
             }
@@ -341,8 +341,8 @@ impl OomKill {
             pgtables_bytes: kb(field::PGTABLES, r.pgtables_kb),
             oom_score_adj: has(field::OOM_SCORE_ADJ).then_some(r.oom_score_adj),
             cgroup,
-            memcg_id: has(field::MEMCG_ID).then_some(r.memcg_id),
-            cgroup_v2_id: (has(field::DFL_CGROUP_ID) && r.dfl_cgroup_id != 0).then_some(r.dfl_cgroup_id),
+            memcg_id: has(field::MEMCG_ID).then_some(r.cgroup.memcg_id),
+            cgroup_v2_id: (has(field::DFL_CGROUP_ID) && r.cgroup.dfl_cgroup_id != 0).then_some(r.cgroup.dfl_cgroup_id),
             container_id: w.clone().and_then(|w| nonempty(w.container_id)),
             pod_uid: w.and_then(|w| nonempty(w.pod_uid)),
             memory_limit_bytes: limit,
@@ -518,10 +518,15 @@ impl OomSlice {
         if let Some(rss) = kill.rss_bytes() {
             self.victim_rss.with_label_values(&wl_ref).observe(rss as f64);
         }
-        self.last_kill.with_label_values(&wl_ref).set(kill.time);
         self.host_seen.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut c) = self.cross.lock() {
             *c.seen.entry(cg).or_insert(0) += 1;
+            // Rings of different CPUs may deliver kills out of time order: keep the latest.
+            // Under the lock, so two readers cannot interleave the compare and the set.
+            let last = self.last_kill.with_label_values(&wl_ref);
+            if kill.time > last.get() {
+                last.set(kill.time);
+            }
         }
         tracing::info!(
             target: "sensor::oom",
@@ -698,8 +703,8 @@ mod tests {
     fn path_and_context_merge() {
         let mut r = zeroed();
         let names = b"cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\0kubepods-burstable-pod1e9b4e3c_7a3f_4c8e_9d51_2b6f0a1c3d4e.slice\0kubepods-burstable.slice\0kubepods.slice\0";
-        r.path[..names.len()].copy_from_slice(names);
-        r.path_len = names.len() as u16;
+        r.cgroup.path[..names.len()].copy_from_slice(names);
+        r.cgroup.path_len = names.len() as u16;
         r.present = field::CGROUP_PATH | field::CONSTRAINT | field::TOTALPAGES;
         r.parts = part::FIELDS | part::CGROUP | part::CONTEXT;
         r.constraint = 3;

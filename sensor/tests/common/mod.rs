@@ -44,6 +44,12 @@ pub fn require_bpf(test: &str) -> bool {
     false
 }
 
+/// The preamble of every privileged test: `None` (skip) without BPF outside CI, else the guard
+/// that keeps kernel-wide tests from overlapping.
+pub fn privileged(test: &str) -> Option<MutexGuard<'static, ()>> {
+    require_bpf(test).then(kernel_lock)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
