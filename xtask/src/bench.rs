@@ -271,7 +271,9 @@ pub fn run(root: &Path, rounds: usize, secs: f64, threads: usize) -> Result<()> 
          Ratios are the rate with the tool attached over the baseline of the same round. \
          \"close (FIN)\" is an ordinary close (client source addresses rotate over 127.0.0.0/8 so TIME_WAIT \
          cannot exhaust ports); \"abortive close (RST)\" closes with SO_LINGER 0, which also fires the \
-         reset tracepoints on both sides, the worst case for the sensor.\n\n\
+         reset tracepoints on both sides, the worst case for the sensor. FIN rounds are noisier: TIME_WAIT \
+         sockets from earlier measurements (60 s lifetime) slow later ones, hence their low minimums; compare \
+         medians.\n\n\
          | | min | median | max |\n|---|---|---|---|\n{fin_rows}{rst_rows}\n\
          The sensor runs with its default configuration (all probes: OOM, memcg, TCP counters, latency and RTT \
          histograms per workload and destination, reset and retransmit counters, failure events) and uses raw \
