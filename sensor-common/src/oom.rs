@@ -202,22 +202,9 @@ pub struct TaskLayout {
 crate::assert_size!(TaskLayout, 56);
 
 impl TaskLayout {
-    pub const INVALID: TaskLayout = TaskLayout {
-        valid: 0,
-        task_pid: 0,
-        task_tgid: 0,
-        task_comm: 0,
-        task_cgroups: 0,
-        cset_subsys: 0,
-        cset_dfl_cgrp: 0,
-        memory_cgrp_id: 0,
-        css_cgroup: 0,
-        cgroup_kn: 0,
-        kn_id: 0,
-        kn_name: 0,
-        kn_parent: 0,
-        _pad: 0,
-    };
+    /// All offsets zero and `valid == 0`: the programs skip what needs this layout.
+    // SAFETY: `#[repr(C)]` and made only of integers, so all-zero is a valid value.
+    pub const INVALID: TaskLayout = unsafe { core::mem::zeroed() };
 }
 
 /// Offsets into `struct oom_control` for the fentry/kprobe hooks, from BTF.
@@ -235,14 +222,9 @@ pub struct OomControlLayout {
 crate::assert_size!(OomControlLayout, 24);
 
 impl OomControlLayout {
-    pub const INVALID: OomControlLayout = OomControlLayout {
-        valid: 0,
-        oc_memcg: 0,
-        oc_totalpages: 0,
-        oc_chosen: 0,
-        oc_constraint: 0,
-        memcg_css: 0,
-    };
+    /// All offsets zero and `valid == 0`: the programs skip what needs this layout.
+    // SAFETY: `#[repr(C)]` and made only of integers, so all-zero is a valid value.
+    pub const INVALID: OomControlLayout = unsafe { core::mem::zeroed() };
 }
 
 /// What the `oom_kill_process` hook saw, kept until `mark_victim` of the same OOM merges it.

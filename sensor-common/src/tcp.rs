@@ -143,20 +143,9 @@ pub struct TcpTpLayout {
 crate::assert_size!(TcpTpLayout, 24);
 
 impl TcpTpLayout {
-    pub const INVALID: TcpTpLayout = TcpTpLayout {
-        ss_skaddr: 0,
-        ss_oldstate: 0,
-        ss_newstate: 0,
-        ss_dport: 0,
-        ss_family: 0,
-        ss_protocol: 0,
-        ss_daddr: 0,
-        ss_daddr_v6: 0,
-        rx_reset_skaddr: 0,
-        tx_reset_skaddr: 0,
-        retrans_skaddr: 0,
-        valid: 0,
-    };
+    /// All offsets zero and `valid == 0`: the programs skip what needs this layout.
+    // SAFETY: `#[repr(C)]` and made only of integers, so all-zero is a valid value.
+    pub const INVALID: TcpTpLayout = unsafe { core::mem::zeroed() };
 }
 
 /// Offsets into `struct sock` / `struct tcp_sock` from BTF, plus how to find cgroups and
@@ -185,20 +174,9 @@ pub struct SockLayout {
 crate::assert_size!(SockLayout, 48);
 
 impl SockLayout {
-    pub const INVALID: SockLayout = SockLayout {
-        valid: 0,
-        sk_err: 0,
-        srtt_us: 0,
-        raw_valid: 0,
-        skc_family: 0,
-        skc_dport: 0,
-        skc_daddr: 0,
-        skc_v6_daddr: 0,
-        sk_protocol: 0,
-        cgroup_id_from_helper: 0,
-        dest_groups: 0,
-        _pad: 0,
-    };
+    /// All offsets zero and `valid == 0`: the programs skip what needs this layout.
+    // SAFETY: `#[repr(C)]` and made only of integers, so all-zero is a valid value.
+    pub const INVALID: SockLayout = unsafe { core::mem::zeroed() };
     pub const DEST_WITH_PORT: u32 = 1;
     pub const DEST_ANY_PORT: u32 = 2;
 }

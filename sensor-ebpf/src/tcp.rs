@@ -380,8 +380,20 @@ fn established_end(sk: u64) {
         return;
     };
     let _ = TCP_SOCKS.remove(sk);
+    if e.flags & ConnStart::ESTABLISHED == 0 {
+        // The SYN_SENT -> ESTABLISHED run was skipped (the kernel does not re-enter a program
+        // that is already running on this CPU, e.g. when a softirq interrupts it): the
+        // connection did establish, so count the success; its latency is unknown.
+        count(&FlowCountKey {
+            cgroup_id: e.cgroup_id,
+            dest: e.dest,
+            kind: result::SUCCESS,
+            _pad: 0,
+        });
+        return;
+    }
     let l = sock_layout();
-    if l.valid == 0 || e.flags & ConnStart::ESTABLISHED == 0 {
+    if l.valid == 0 {
         return;
     }
     let Some(srtt) = sk_read::<u32>(sk, l.srtt_us) else {

@@ -176,14 +176,19 @@ pub fn counter_metric(v: f64) -> proto::Metric {
 pub struct LostCollector {
     counters: Arc<Mutex<KernelCounters>>,
     probes: Vec<(&'static str, u32)>,
+    misses: Arc<crate::kernel::progstats::ProgramMisses>,
     desc: Vec<Desc>,
 }
 
 impl LostCollector {
     pub const NAME: &'static str = "sensor_events_lost_total";
-    const HELP: &'static str = "Events the kernel could not hand to userspace (buffer_full: perf ring full; map_full: aggregation map full; no_scratch: per-CPU scratch missing).";
+    const HELP: &'static str = "What could not be counted or delivered: buffer_full (perf ring full), map_full (aggregation map full), untracked (an end without its start), aged_out (a start whose end never came), recursion (program runs the kernel skipped because the program was already running on that CPU), no_scratch.";
 
-    pub fn new(counters: Arc<Mutex<KernelCounters>>, probes: Vec<(&'static str, u32)>) -> LostCollector {
+    pub fn new(
+        counters: Arc<Mutex<KernelCounters>>,
+        probes: Vec<(&'static str, u32)>,
+        misses: Arc<crate::kernel::progstats::ProgramMisses>,
+    ) -> LostCollector {
         let desc = vec![must(
             Desc::new(
                 Self::NAME.into(),
@@ -193,7 +198,12 @@ impl LostCollector {
             ),
             Self::NAME,
         )];
-        LostCollector { counters, probes, desc }
+        LostCollector {
+            counters,
+            probes,
+            misses,
+            desc,
+        }
     }
 }
 
@@ -215,6 +225,11 @@ impl Collector for LostCollector {
                     counter_metric(v as f64),
                 ));
             }
+            let skipped = self.misses.misses(probe);
+            series.push((
+                vec![(*probe).to_string(), "recursion".to_string()],
+                counter_metric(skipped as f64),
+            ));
         }
         vec![family(
             Self::NAME,

@@ -174,9 +174,10 @@ impl Pipeline {
             ("memcg", sensor_common::record::probe_id::MEMCG),
             ("tcp", sensor_common::record::probe_id::TCP),
         ];
+        let misses = Arc::new(crate::kernel::progstats::ProgramMisses::collect(&ebpf, &reports));
         metrics
             .registry
-            .register(Box::new(LostCollector::new(Arc::clone(&counters), probe_ids)))?;
+            .register(Box::new(LostCollector::new(Arc::clone(&counters), probe_ids, misses)))?;
         let tcp = if reports.iter().any(|r| r.probe == "tcp" && r.state.running()) {
             Some(start_tcp(&mut ebpf, cfg, &metrics, &hub, &disc, &counters)?)
         } else {

@@ -4,6 +4,7 @@ pub mod btf;
 pub mod clock;
 pub mod features;
 pub mod privileges;
+pub mod progstats;
 pub mod tracefs;
 
 /// `uname -r` of the running kernel.
