@@ -14,7 +14,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const PROG_INFO_LEN: usize = 232;
 /// Offset of `recursion_misses` (5.12+), right after `run_time_ns` and `run_cnt`.
 const RECURSION_MISSES_OFF: usize = 208;
-const _: () = assert!(RECURSION_MISSES_OFF % 8 == 0 && RECURSION_MISSES_OFF + 8 <= PROG_INFO_LEN);
+const _: () = assert!(RECURSION_MISSES_OFF.is_multiple_of(8) && RECURSION_MISSES_OFF + 8 <= PROG_INFO_LEN);
 
 /// `BPF_OBJ_GET_INFO_BY_FD` attribute.
 #[repr(C)]
