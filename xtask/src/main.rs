@@ -171,7 +171,11 @@ fn step(msg: &str) {
 }
 
 fn cargo() -> Command {
-    Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // .cargo/config.toml quiets aya-build's nested eBPF build; this cargo and the test
+    // harness it runs should still name every test in CI logs.
+    c.env_remove("CARGO_TERM_QUIET");
+    c
 }
 
 /// `rustup run nightly cargo`: the eBPF crate needs nightly's build-std.
