@@ -70,27 +70,10 @@ impl Hierarchies {
     /// Finds a memory cgroup by kernfs id (= directory inode), for paths the kernel could not
     /// capture whole. Walks at most `limit` directories.
     pub fn find_memory_cgroup(&self, id: u64, limit: usize) -> Option<String> {
-        let root = self.memory_root()?;
-        let mut stack = vec![root.to_path_buf()];
-        let mut seen = 0;
-        while let Some(dir) = stack.pop() {
-            seen += 1;
-            if seen > limit {
-                return None;
-            }
-            if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
-                let rel = dir.strip_prefix(root).ok()?;
-                return Some(format!("/{}", rel.display()));
-            }
-            if let Ok(rd) = std::fs::read_dir(&dir) {
-                stack.extend(
-                    rd.filter_map(Result::ok)
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-        }
-        None
+        walk(self, limit)
+            .into_iter()
+            .find(|(_, ino)| *ino == id)
+            .map(|(path, _)| path)
     }
 
     /// Limit and usage of a memory cgroup right now, in bytes (`None` where unknown or unlimited).

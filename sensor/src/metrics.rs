@@ -241,6 +241,18 @@ impl Collector for LostCollector {
     }
 }
 
+/// Registers an `Arc`'d collector, so a slice keeps its own handle for maintenance.
+pub struct Shared<C: Collector>(pub Arc<C>);
+
+impl<C: Collector> Collector for Shared<C> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
 /// Renders the registry in the Prometheus text format.
 pub fn render(registry: &Registry) -> String {
     let families = registry.gather();

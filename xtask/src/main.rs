@@ -119,20 +119,7 @@ fn real_main() -> Result<()> {
                 "warnings",
             ]))?;
             step("clippy (eBPF crate, bpfel-unknown-none)");
-            run(cargo_nightly().args([
-                "clippy",
-                "-p",
-                "sensor-ebpf",
-                "--bins",
-                "--release",
-                "--target",
-                BPF_TARGET,
-                "-Z",
-                "build-std=core",
-                "--",
-                "-D",
-                "warnings",
-            ]))
+            run(bpf_cargo("clippy").args(["--", "-D", "warnings"]))
         }
     }
 }
@@ -193,6 +180,23 @@ fn cargo_nightly() -> Command {
     ] {
         c.env_remove(k);
     }
+    c
+}
+
+/// `cargo <subcommand>` for the eBPF crate on its target (nightly, build-std).
+fn bpf_cargo(subcommand: &str) -> Command {
+    let mut c = cargo_nightly();
+    c.args([
+        subcommand,
+        "-p",
+        "sensor-ebpf",
+        "--bins",
+        "--release",
+        "--target",
+        BPF_TARGET,
+        "-Z",
+        "build-std=core",
+    ]);
     c
 }
 
@@ -383,19 +387,7 @@ fn build_ebpf(root: &Path) -> Result<()> {
     step("building sensor-ebpf for bpfel-unknown-none");
     let arch = env::consts::ARCH;
     let flags = format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf");
-    run(cargo_nightly()
-        .args([
-            "build",
-            "-p",
-            "sensor-ebpf",
-            "--bins",
-            "--release",
-            "--target",
-            BPF_TARGET,
-            "-Z",
-            "build-std=core",
-        ])
-        .env("CARGO_ENCODED_RUSTFLAGS", flags))?;
+    run(bpf_cargo("build").env("CARGO_ENCODED_RUSTFLAGS", flags))?;
     let obj = root.join("target").join(BPF_TARGET).join("release/sensor");
     println!("{}", obj.display());
     Ok(())

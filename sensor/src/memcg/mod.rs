@@ -26,7 +26,7 @@ use crate::{
     config::{MemcgProbe, PsiTrigger},
     events::{Event, EventHub},
     kernel::clock,
-    metrics::{counter_metric, family},
+    metrics::{counter_metric, family, Shared},
     probe::{HookGroup, HookKind, HookSpec, ProbeSpec},
 };
 
@@ -288,7 +288,7 @@ impl MemcgSlice {
         cfg: MemcgProbe,
         disc: Arc<Discovery>,
         grace: Duration,
-        reclaim_map: Option<PerCpuHashMap<MapData, u64, Log2HistAlias>>,
+        reclaim_map: Option<PerCpuHashMap<MapData, u64, sensor_common::agg::Log2Hist>>,
     ) -> prometheus::Result<Arc<MemcgSlice>> {
         let descs = [(WAITING, WAITING_HELP), (STALLED, STALLED_HELP), (EVENTS, EVENTS_HELP)]
             .into_iter()
@@ -320,7 +320,7 @@ impl MemcgSlice {
                     Box::new(move |id: &u64| Some(d.labels_for_id(*id).to_vec())),
                     HistLayout::NANOS_AS_SECONDS,
                 )?);
-                registry.register(Box::new(SharedCollector(Arc::clone(&c))))?;
+                registry.register(Box::new(Shared(Arc::clone(&c))))?;
                 Some(c)
             }
             None => None,
@@ -432,21 +432,6 @@ impl MemcgSlice {
             self.spawn_triggers(file, Some(cg.clone()), rx);
             trig.insert(cg.clone(), tx);
         }
-    }
-}
-
-/// The histogram value type, re-exported for callers building the map.
-pub type Log2HistAlias = sensor_common::agg::Log2Hist;
-
-/// Registers an `Arc`'d collector (the slice keeps its own handle for maintenance).
-struct SharedCollector<C: Collector>(Arc<C>);
-
-impl<C: Collector> Collector for SharedCollector<C> {
-    fn desc(&self) -> Vec<&Desc> {
-        self.0.desc()
-    }
-    fn collect(&self) -> Vec<MetricFamily> {
-        self.0.collect()
     }
 }
 

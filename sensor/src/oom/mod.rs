@@ -618,33 +618,10 @@ impl OomSlice {
 /// Every existing memory cgroup's own kill counter at start, so per-cgroup cross-checks count
 /// only kills since the sensor started.
 fn snapshot_cgroup_counters(h: &Hierarchies, limit: usize) -> HashMap<String, u64> {
-    let mut out = HashMap::new();
-    let Some(root) = h.memory_root().map(std::path::Path::to_path_buf) else {
-        return out;
-    };
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        if out.len() >= limit {
-            break;
-        }
-        let rel = format!(
-            "/{}",
-            dir.strip_prefix(&root)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        );
-        if let Some(n) = cgroup_oom_kills(h, &rel) {
-            out.insert(rel, n);
-        }
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            stack.extend(
-                rd.filter_map(Result::ok)
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
-        }
-    }
-    out
+    crate::cgroup::walk(h, limit)
+        .into_iter()
+        .filter_map(|(rel, _)| cgroup_oom_kills(h, &rel).map(|n| (rel, n)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use crate::{
     events::{Event, EventHub},
     kernel::{btf::KernelBtf, clock, tracefs::Tracefs},
     loader::KernelContext,
-    metrics::{counter_metric, family},
+    metrics::{counter_metric, family, Shared},
     probe::{HookGroup, HookKind, HookSpec, ProbeSpec},
     transport::KernelCounters,
 };
@@ -414,18 +414,6 @@ impl Collector for CountCollector {
                 series(resets),
             ),
         ]
-    }
-}
-
-/// Registers an `Arc`'d collector (the slice keeps its own handle for maintenance).
-struct Shared<C: Collector>(Arc<C>);
-
-impl<C: Collector> Collector for Shared<C> {
-    fn desc(&self) -> Vec<&Desc> {
-        self.0.desc()
-    }
-    fn collect(&self) -> Vec<MetricFamily> {
-        self.0.collect()
     }
 }
 
