@@ -87,13 +87,15 @@ pub struct Episodes {
 
 impl Episodes {
     /// A firing; true when it starts a new episode (the caller reports it). The kernel can fire
-    /// late, from the previous window's interpolated growth, after the stall has stopped; such a
-    /// firing is ignored when the samples show less than `threshold` over the last window.
-    pub fn fire(&mut self, threshold: Duration, window: Duration) -> bool {
+    /// late, from the previous window's interpolated growth, after the stall has stopped (seen:
+    /// 3.7 s after, with no stall since); such a firing is ignored when the samples show no stall
+    /// at all over the last window. Anything more would risk dropping a real crossing on a
+    /// sampling difference.
+    pub fn fire(&mut self, window: Duration) -> bool {
         if self.active {
             return false;
         }
-        if self.growth(window).is_some_and(|g| g < threshold) {
+        if self.growth(window).is_some_and(|g| g.is_zero()) {
             return false;
         }
         self.active = true;
@@ -218,7 +220,7 @@ pub fn spawn(
                         }) {
                             episodes.sample(Instant::now(), l.total_us, trigger.window, trigger.stall);
                         }
-                        if episodes.fire(trigger.stall, trigger.window) {
+                        if episodes.fire(trigger.window) {
                             on_fire(Crossing { file: file.clone(), trigger, at: Instant::now() });
                         }
                     }
@@ -261,13 +263,13 @@ mod tests {
         let ms = |m: u64| t0 + Duration::from_millis(m);
         let mut e = Episodes::default();
         e.sample(ms(0), 0, w, th);
-        assert!(e.fire(th, w), "first firing starts an episode");
+        assert!(e.fire(w), "first firing starts an episode");
         // Pressure keeps growing 100 ms per window: the episode goes on, firings are absorbed.
         for i in 1..=8u64 {
             e.sample(ms(i * 500), i * 25_000, w, th);
         }
         assert!(e.active());
-        assert!(!e.fire(th, w), "a firing during the episode is the same crossing");
+        assert!(!e.fire(w), "a firing during the episode is the same crossing");
         // Quiet: the total stops growing; once a whole window shows less than the threshold, the
         // episode ends.
         e.sample(ms(4500), 200_000, w, th);
@@ -278,16 +280,13 @@ mod tests {
         }
         assert!(!e.active());
         assert!(
-            !e.fire(th, w),
+            !e.fire(w),
             "a late kernel firing with no stall in the last window is ignored"
         );
         for i in 15..=19u64 {
             e.sample(ms(i * 500), 200_000 + (i - 14) * 40_000, w, th);
         }
-        assert!(
-            e.fire(th, w),
-            "a new crossing after the pressure fell below the threshold"
-        );
+        assert!(e.fire(w), "a new crossing after the pressure fell below the threshold");
     }
 
     #[test]
@@ -295,7 +294,7 @@ mod tests {
         let w = Duration::from_secs(10);
         let t0 = Instant::now();
         let mut e = Episodes::default();
-        assert!(e.fire(Duration::from_secs(1), w), "no history yet: trust the kernel");
+        assert!(e.fire(w), "no history yet: trust the kernel");
         e.sample(t0, 5, w, Duration::from_secs(1));
         e.sample(t0 + Duration::from_secs(1), 5, w, Duration::from_secs(1));
         assert!(
