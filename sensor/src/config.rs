@@ -12,6 +12,8 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use crate::checks::config::{Alerting, Check, CheckType};
+
 /// The configuration `sensor run` uses when no `--config` is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../default-config.yaml");
 
@@ -260,25 +262,6 @@ impl Default for Limits {
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub struct Alerting {
-    pub availability_threshold: f64,
-    #[serde(with = "duration")]
-    pub window: Duration,
-    pub webhook: Option<String>,
-}
-
-impl Default for Alerting {
-    fn default() -> Self {
-        Alerting {
-            availability_threshold: 0.8,
-            window: Duration::from_secs(120),
-            webhook: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
 pub struct EventsConfig {
     /// Recent events kept for `/api/v1/events`.
     pub history: usize,
@@ -290,36 +273,10 @@ impl Default for EventsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum CheckType {
-    Http,
-    Websocket,
-}
-
-/// A synthetic check as the conventions define it; validated here, run by the checks slice.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Check {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub kind: CheckType,
-    pub url: String,
-    #[serde(default = "default_interval", with = "duration")]
-    pub interval: Duration,
-    #[serde(default = "default_timeout", with = "duration")]
-    pub timeout: Duration,
-    #[serde(default)]
-    pub expect: Option<serde_yaml_ng::Value>,
-    #[serde(default)]
-    pub gauges: Vec<serde_yaml_ng::Value>,
-}
-
-fn default_interval() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_timeout() -> Duration {
-    Duration::from_secs(5)
+/// The `name` of the check a key path like `checks[3].tls` points into.
+fn check_name(doc: &serde_yaml_ng::Value, key: &str) -> Option<String> {
+    let idx: usize = key.strip_prefix("checks[")?.split(']').next()?.parse().ok()?;
+    doc.get("checks")?.get(idx)?.get("name")?.as_str().map(str::to_string)
 }
 
 /// Durations as `10s`, `2m`, `1h` (humantime syntax).
@@ -360,10 +317,15 @@ impl Config {
                     reason: inner,
                 }
             } else {
+                // Serde knows the index of a bad check, people know its name.
+                let reason = match check_name(&probe, &key) {
+                    Some(name) => format!("check '{name}': {inner}"),
+                    None => inner,
+                };
                 ConfigError::Key {
                     file: file.to_string(),
                     key,
-                    reason: inner,
+                    reason,
                 }
             }
         })?;
@@ -387,12 +349,6 @@ impl Config {
             key: key.to_string(),
             reason,
         };
-        if !(0.0..=1.0).contains(&self.alerting.availability_threshold) {
-            return Err(key_err(
-                "alerting.availability_threshold",
-                format!("{} is outside 0..1", self.alerting.availability_threshold),
-            ));
-        }
         if self.limits.workloads_per_metric == 0 {
             return Err(key_err("limits.workloads_per_metric", "must be at least 1".into()));
         }
@@ -436,39 +392,7 @@ impl Config {
                 format!("{} is not a power of two", self.perf_ring_pages),
             ));
         }
-        let mut seen = std::collections::HashSet::new();
-        for (i, c) in self.checks.iter().enumerate() {
-            if c.name.trim().is_empty() {
-                return Err(key_err(&format!("checks[{i}].name"), "must not be empty".into()));
-            }
-            if !seen.insert(c.name.as_str()) {
-                return Err(key_err(
-                    &format!("checks[{i}].name"),
-                    format!("check '{}' is defined twice", c.name),
-                ));
-            }
-            let schemes: &[&str] = match c.kind {
-                CheckType::Http => &["http://", "https://"],
-                CheckType::Websocket => &["ws://", "wss://"],
-            };
-            if !schemes.iter().any(|s| c.url.starts_with(s)) {
-                return Err(key_err(
-                    &format!("checks[{i}].url"),
-                    format!(
-                        "check '{}': '{}' must start with {}",
-                        c.name,
-                        c.url,
-                        schemes.join(" or ")
-                    ),
-                ));
-            }
-            if c.interval.is_zero() || c.timeout.is_zero() {
-                return Err(key_err(
-                    &format!("checks[{i}]"),
-                    format!("check '{}': interval and timeout must be positive", c.name),
-                ));
-            }
-        }
+        crate::checks::config::validate(&self.checks, &self.alerting).map_err(|(k, r)| key_err(&k, r))?;
         Ok(())
     }
 }

@@ -24,6 +24,8 @@ pub struct AppState {
     pub reports: Arc<RwLock<Vec<ProbeReport>>>,
     /// Set once probes are attached and readers run.
     pub ready: Arc<AtomicBool>,
+    /// The synthetic checks, when any are configured.
+    pub checks: Option<Arc<crate::checks::Engine>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -33,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/v1/events", get(events))
         .route("/api/v1/probes", get(probes))
+        .route("/api/v1/checks", get(checks))
         .with_state(state)
 }
 
@@ -71,4 +74,12 @@ async fn events(State(s): State<AppState>, Query(q): Query<Since>) -> impl IntoR
 
 async fn probes(State(s): State<AppState>) -> impl IntoResponse {
     Json(s.reports.read().map(|r| r.clone()).unwrap_or_default())
+}
+
+/// Check state, windows and alert history; an empty list when no checks are configured.
+async fn checks(State(s): State<AppState>) -> impl IntoResponse {
+    match &s.checks {
+        Some(e) => Json(serde_json::to_value(e.report()).unwrap_or_default()),
+        None => Json(serde_json::json!({ "checks": [], "alerts": [] })),
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod agg;
 pub mod cgroup;
+pub mod checks;
 pub mod config;
 pub mod decode;
 pub mod dispatch;
@@ -20,4 +21,5 @@ pub mod oom;
 pub mod probe;
 pub mod run;
 pub mod tcp;
+pub mod top;
 pub mod transport;

@@ -9,7 +9,7 @@ use sensor::{config::Config, doctor, run};
 #[command(
     name = "sensor",
     version,
-    about = "eBPF host telemetry sensor: OOM kills, memory pressure, TCP connects"
+    about = "eBPF host telemetry sensor: OOM kills, memory pressure, TCP connects, synthetic checks"
 )]
 struct Cli {
     /// Log format on stderr.
@@ -27,6 +27,38 @@ enum Cmd {
     Doctor(DoctorArgs),
     /// Load the probes and print each event (OOM kill, ...) as one JSON line until SIGINT.
     Events(RunArgs),
+    /// Run the configured synthetic checks once and print the results (exit 1 if any fails).
+    Check(CheckArgs),
+    /// Console dashboard of a running daemon: checks (10 minutes, 1 hour), alerts, OOM and TCP.
+    Top(TopArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Only these checks (repeatable).
+    #[arg(long = "name")]
+    names: Vec<String>,
+    /// One JSON object per check instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TopArgs {
+    /// Base URL of the daemon.
+    #[arg(long, default_value = "http://127.0.0.1:9442")]
+    url: String,
+    /// Refresh of the 10-minute view.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    refresh: Duration,
+    /// Refresh of the 1-hour view.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    refresh_long: Duration,
+    /// Print one snapshot as text and exit (no terminal needed).
+    #[arg(long)]
+    once: bool,
 }
 
 /// Every flag overrides the config key of the same name (`a.b_c` -> `--a.b-c`).
@@ -68,6 +100,11 @@ struct RunArgs {
     availability_threshold: Option<f64>,
     #[arg(long = "alerting.window", value_parser = humantime::parse_duration)]
     alerting_window: Option<Duration>,
+    #[arg(long = "alerting.min-samples")]
+    alerting_min_samples: Option<usize>,
+    /// URL receiving each alert and recovery as a JSON POST.
+    #[arg(long = "alerting.webhook")]
+    alerting_webhook: Option<String>,
     #[arg(long = "events.history")]
     events_history: Option<usize>,
 }
@@ -129,6 +166,12 @@ impl RunArgs {
         if let Some(v) = self.alerting_window {
             c.alerting.window = v;
         }
+        if let Some(v) = self.alerting_min_samples {
+            c.alerting.min_samples = v;
+        }
+        if let Some(v) = &self.alerting_webhook {
+            c.alerting.webhook = Some(v.clone());
+        }
         if let Some(v) = self.events_history {
             c.events.history = v;
         }
@@ -169,6 +212,37 @@ fn main() -> ExitCode {
             let cfg = args.config()?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run::events(cfg))
+        })(),
+        Cmd::Check(args) => (|| -> anyhow::Result<()> {
+            let cfg = args.run.config()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let results = rt.block_on(sensor::checks::run_all_once(&cfg, &args.names))?;
+            if args.json {
+                for r in &results {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                print!("{}", sensor::checks::render_results(&results));
+            }
+            let failed = results.iter().filter(|r| !r.success).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} checks failed", results.len());
+            }
+            Ok(())
+        })(),
+        Cmd::Top(args) => (|| -> anyhow::Result<()> {
+            let opts = sensor::top::TopOptions {
+                url: args.url,
+                short_refresh: args.refresh,
+                long_refresh: args.refresh_long,
+            };
+            if args.once {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                print!("{}", rt.block_on(sensor::top::once(&opts))?);
+                Ok(())
+            } else {
+                sensor::top::interactive(opts)
+            }
         })(),
         Cmd::Doctor(args) => (|| -> anyhow::Result<()> {
             let opts = sensor::loader::LoadOptions {

@@ -315,20 +315,65 @@ pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
     })
 }
 
+fn any_probe_enabled(cfg: &Config) -> bool {
+    cfg.probes.oom.enabled || cfg.probes.memcg.enabled || cfg.probes.tcp.enabled
+}
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let pipeline = Pipeline::start(&cfg).await?;
+    // With every probe disabled the daemon runs only the synthetic checks: no BPF, no
+    // privileges (a blackbox-style deployment of the same binary).
+    let pipeline = if any_probe_enabled(&cfg) {
+        Some(Pipeline::start(&cfg).await?)
+    } else if cfg.checks.is_empty() {
+        bail!("every probe is disabled and no checks are configured; nothing to do");
+    } else {
+        tracing::info!(
+            checks = cfg.checks.len(),
+            "every probe disabled: running synthetic checks only"
+        );
+        None
+    };
+    let (registry, hub, reports, kernel_release) = match &pipeline {
+        Some(p) => (
+            p.metrics.registry.clone(),
+            Arc::clone(&p.hub),
+            p.reports.clone(),
+            p.kernel_release.clone(),
+        ),
+        None => {
+            let release = kernel::release();
+            let names: Vec<&'static str> = loader::registry().iter().map(|p| p.name).collect();
+            let m = SelfMetrics::new(&release, &names);
+            (
+                m.registry,
+                Arc::new(EventHub::new(cfg.events.history)),
+                Vec::new(),
+                release,
+            )
+        }
+    };
+    let (checks_stop_tx, checks_stop_rx) = watch::channel(false);
+    let checks = if cfg.checks.is_empty() {
+        None
+    } else {
+        let engine = crate::checks::Engine::new(&registry, &cfg.checks, &cfg.alerting)?;
+        let tasks = engine.spawn(checks_stop_rx.clone());
+        tracing::info!(checks = cfg.checks.len(), "synthetic checks running");
+        Some((engine, tasks))
+    };
     let ready = Arc::new(AtomicBool::new(false));
     let state = http::AppState {
-        registry: pipeline.metrics.registry.clone(),
-        hub: Arc::clone(&pipeline.hub),
-        reports: Arc::new(RwLock::new(pipeline.reports.clone())),
+        registry,
+        hub,
+        reports: Arc::new(RwLock::new(reports)),
         ready: Arc::clone(&ready),
+        checks: checks.as_ref().map(|(e, _)| Arc::clone(e)),
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr()?;
-    let mut http_stop = pipeline.stop_rx.clone();
+    let mut http_stop = checks_stop_rx.clone();
     let server = tokio::spawn(async move {
         let r = axum::serve(listener, http::router(state))
             .with_graceful_shutdown(async move {
@@ -340,12 +385,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     });
     ready.store(true, Ordering::Release);
-    tracing::info!(listen = %local, kernel = %pipeline.kernel_release, "sensor running");
+    tracing::info!(listen = %local, kernel = %kernel_release, "sensor running");
 
     let which = shutdown_signal().await?;
     tracing::info!(signal = which, "shutting down: detaching probes");
     ready.store(false, Ordering::Release);
-    pipeline.shutdown().await;
+    let _ = checks_stop_tx.send(true);
+    if let Some((_, tasks)) = checks {
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+    if let Some(p) = pipeline {
+        p.shutdown().await;
+    }
     let _ = server.await;
     tracing::info!("stopped");
     Ok(())

@@ -1,0 +1,458 @@
+//! `sensor top`: a console dashboard of a running daemon, usable over SSH.
+//!
+//! It only reads the daemon's HTTP API (`/api/v1/checks`, `/api/v1/events`, `/api/v1/probes`),
+//! so it needs no privileges and shows exactly what Prometheus and the alert webhook see.
+
+use std::time::{Duration, Instant};
+
+use ratatui::{
+    backend::{Backend, TestBackend},
+    crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
+    layout::{Constraint, Layout},
+    style::{Color, Modifier, Style},
+    text::{Line, Span},
+    widgets::{Block, Borders, Cell, Paragraph, Row, Table},
+    Frame, Terminal,
+};
+use serde_json::Value;
+
+pub struct TopOptions {
+    /// Daemon base URL, e.g. `http://127.0.0.1:9442`.
+    pub url: String,
+    /// Refresh of the 10-minute view.
+    pub short_refresh: Duration,
+    /// Refresh of the 1-hour view.
+    pub long_refresh: Duration,
+}
+
+/// What the dashboard shows; filled from the daemon's API.
+#[derive(Default)]
+pub struct Model {
+    pub url: String,
+    pub checks: Vec<Value>,
+    /// Check name -> its 1h window, refreshed on the long interval.
+    pub long: std::collections::BTreeMap<String, Value>,
+    pub alerts: Vec<Value>,
+    pub threshold: Option<f64>,
+    pub probes: Vec<(String, String)>,
+    pub oom_kills: Vec<Value>,
+    pub tcp_failures: std::collections::BTreeMap<String, u64>,
+    pub tcp_failures_total: u64,
+    last_seq: Option<u64>,
+    pub updated: Option<String>,
+    pub long_updated: Option<String>,
+    pub error: Option<String>,
+    pub refresh: (Duration, Duration),
+}
+
+async fn get_json(url: &str) -> Result<Value, String> {
+    let (status, body) = crate::checks::http::get(url, Duration::from_secs(3)).await?;
+    if status != 200 {
+        return Err(format!("{url}: HTTP {status}"));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))
+}
+
+fn clock() -> String {
+    let s = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    s.get(11..19).unwrap_or(&s).to_string()
+}
+
+impl Model {
+    pub fn new(url: &str, refresh: (Duration, Duration)) -> Model {
+        Model {
+            url: url.trim_end_matches('/').to_string(),
+            refresh,
+            ..Default::default()
+        }
+    }
+
+    /// The 10-minute view, alerts, probes and kernel events.
+    pub async fn refresh_short(&mut self) {
+        match self.fetch_short().await {
+            Ok(()) => {
+                self.error = None;
+                self.updated = Some(clock());
+            }
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    async fn fetch_short(&mut self) -> Result<(), String> {
+        let checks = get_json(&format!("{}/api/v1/checks", self.url)).await?;
+        self.checks = checks["checks"].as_array().cloned().unwrap_or_default();
+        self.alerts = checks["alerts"].as_array().cloned().unwrap_or_default();
+        self.threshold = checks["alerting"]["availability_threshold"].as_f64();
+        let probes = get_json(&format!("{}/api/v1/probes", self.url)).await?;
+        self.probes = probes
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| {
+                        let name = p["probe"].as_str().unwrap_or("?").to_string();
+                        let state = p["state"]["state"]
+                            .as_str()
+                            .or_else(|| p["state"].as_str())
+                            .unwrap_or("?")
+                            .to_string();
+                        (name, state)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let since = self.last_seq.map(|s| s + 1).unwrap_or(0);
+        let events = get_json(&format!("{}/api/v1/events?since={since}", self.url)).await?;
+        for e in events.as_array().into_iter().flatten() {
+            self.last_seq = e["seq"].as_u64().max(self.last_seq);
+            match e["type"].as_str() {
+                Some("oom_kill") => {
+                    self.oom_kills.push(e.clone());
+                    if self.oom_kills.len() > 100 {
+                        self.oom_kills.remove(0);
+                    }
+                }
+                Some("tcp_connect_failure") => {
+                    let r = e["result"].as_str().unwrap_or("error").to_string();
+                    *self.tcp_failures.entry(r).or_default() += 1;
+                    self.tcp_failures_total += 1;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The 1-hour view: copied from the checks' "1h" windows.
+    pub async fn refresh_long(&mut self) {
+        match get_json(&format!("{}/api/v1/checks", self.url)).await {
+            Ok(v) => {
+                self.long = v["checks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| Some((c["name"].as_str()?.to_string(), c["windows"]["1h"].clone())))
+                    .collect();
+                self.long_updated = Some(clock());
+            }
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    fn probe_running(&self, name: &str) -> bool {
+        self.probes
+            .iter()
+            .any(|(n, s)| n == name && (s == "attached" || s == "degraded"))
+    }
+}
+
+fn secs(v: &Value) -> String {
+    match v.as_f64() {
+        Some(s) if s < 1.0 => format!("{:.0}ms", s * 1000.0),
+        Some(s) => format!("{s:.2}s"),
+        None => "-".into(),
+    }
+}
+
+fn pct(v: &Value) -> String {
+    v.as_f64()
+        .map(|a| format!("{:.1}%", a * 100.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn codes(v: &Value) -> String {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| format!("{k}:{}", n.as_u64().unwrap_or(0)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+fn window_table<'a>(title: String, rows: Vec<(String, String, Option<bool>, &'a Value, String)>) -> Table<'a> {
+    let header = Row::new(
+        [
+            "CHECK",
+            "TYPE",
+            "UP",
+            "AVAIL",
+            "RUNS",
+            "AVG",
+            "MAX",
+            "AVG TTFB",
+            "MAX TTFB",
+            "CODES",
+            "LAST ERROR",
+        ]
+        .into_iter()
+        .map(|h| Cell::from(h).style(Style::default().add_modifier(Modifier::BOLD))),
+    );
+    let body = rows.into_iter().map(|(name, kind, up, w, err)| {
+        let (up_s, color) = match up {
+            Some(true) => ("up", Color::Green),
+            Some(false) => ("DOWN", Color::Red),
+            None => ("-", Color::Gray),
+        };
+        Row::new(vec![
+            Cell::from(name),
+            Cell::from(kind),
+            Cell::from(up_s).style(Style::default().fg(color)),
+            Cell::from(pct(&w["availability"])),
+            Cell::from(w["runs"].as_u64().unwrap_or(0).to_string()),
+            Cell::from(secs(&w["avg_response_seconds"])),
+            Cell::from(secs(&w["max_response_seconds"])),
+            Cell::from(secs(&w["avg_ttfb_seconds"])),
+            Cell::from(secs(&w["max_ttfb_seconds"])),
+            Cell::from(codes(&w["codes"])),
+            Cell::from(err),
+        ])
+    });
+    Table::new(
+        body,
+        [
+            Constraint::Min(10),
+            Constraint::Length(9),
+            Constraint::Length(4),
+            Constraint::Length(7),
+            Constraint::Length(6),
+            Constraint::Length(7),
+            Constraint::Length(7),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(14),
+            Constraint::Min(12),
+        ],
+    )
+    .header(header)
+    .block(Block::default().borders(Borders::ALL).title(title))
+}
+
+static NULL: Value = Value::Null;
+
+/// Draws the whole dashboard; pure function of the model, so it renders the same in a test
+/// buffer as on a terminal.
+pub fn draw(f: &mut Frame, m: &Model) {
+    let area = f.area();
+    let n = m.checks.len() as u16;
+    let kernel_lines = 4u16;
+    let [head, short, long, alerts, kernel] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(n + 3),
+        Constraint::Length(n + 3),
+        Constraint::Min(4),
+        Constraint::Length(kernel_lines),
+    ])
+    .areas(area);
+    let mut title = vec![
+        Span::styled("sensor top ", Style::default().add_modifier(Modifier::BOLD)),
+        Span::raw(format!(
+            "{}  updated {}  ",
+            m.url,
+            m.updated.as_deref().unwrap_or("never")
+        )),
+        Span::styled("q quits", Style::default().fg(Color::DarkGray)),
+    ];
+    if let Some(e) = &m.error {
+        title.push(Span::styled(format!("  ! {e}"), Style::default().fg(Color::Red)));
+    }
+    f.render_widget(Paragraph::new(Line::from(title)), head);
+
+    let rows_short = m
+        .checks
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap_or("?").to_string(),
+                c["type"].as_str().unwrap_or("?").to_string(),
+                c["up"].as_bool(),
+                &c["windows"]["10m"],
+                c["last"]["error"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    f.render_widget(
+        window_table(
+            format!(" Checks: last 10 minutes (every {}) ", fmt_dur(m.refresh.0)),
+            rows_short,
+        ),
+        short,
+    );
+    let rows_long = m
+        .checks
+        .iter()
+        .map(|c| {
+            let name = c["name"].as_str().unwrap_or("?").to_string();
+            let w = m.long.get(&name).unwrap_or(&NULL);
+            (
+                name,
+                c["type"].as_str().unwrap_or("?").to_string(),
+                c["up"].as_bool(),
+                w,
+                String::new(),
+            )
+        })
+        .collect();
+    let long_title = format!(
+        " Checks: last hour (every {}, updated {}) ",
+        fmt_dur(m.refresh.1),
+        m.long_updated.as_deref().unwrap_or("never")
+    );
+    f.render_widget(window_table(long_title, rows_long), long);
+
+    let visible = alerts.height.saturating_sub(2) as usize;
+    let lines: Vec<Line> = m
+        .alerts
+        .iter()
+        .rev()
+        .take(visible)
+        .map(|a| {
+            let firing = a["state"].as_str() == Some("firing");
+            let color = if firing { Color::Red } else { Color::Green };
+            Line::from(Span::styled(
+                a["message"].as_str().unwrap_or("").to_string(),
+                Style::default().fg(color),
+            ))
+        })
+        .collect();
+    let alerts_title = format!(
+        " Alerts ({} in history, newest first; down at availability <= {}) ",
+        m.alerts.len(),
+        m.threshold
+            .map(|t| format!("{:.0}%", t * 100.0))
+            .unwrap_or_else(|| "-".into())
+    );
+    f.render_widget(
+        Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(alerts_title)),
+        alerts,
+    );
+    f.render_widget(kernel_summary(m), kernel);
+}
+
+fn kernel_summary(m: &Model) -> Paragraph<'_> {
+    let mut lines = Vec::new();
+    if m.probe_running("oom") {
+        let last = m.oom_kills.last().map(|k| {
+            format!(
+                "  last: {} pid {} in {}",
+                k["comm"].as_str().unwrap_or("?"),
+                k["pid"].as_u64().unwrap_or(0),
+                k["cgroup"].as_str().unwrap_or("?")
+            )
+        });
+        lines.push(Line::from(format!(
+            "OOM kills (recent events): {}{}",
+            m.oom_kills.len(),
+            last.unwrap_or_default()
+        )));
+    }
+    if m.probe_running("tcp") {
+        let by: Vec<String> = m.tcp_failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        lines.push(Line::from(format!(
+            "TCP connect failures (recent events): {}  {}",
+            m.tcp_failures_total,
+            by.join(", ")
+        )));
+    }
+    if lines.is_empty() {
+        lines.push(Line::from("kernel probes: none running (checks-only daemon)"));
+    }
+    Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" Kernel "))
+}
+
+fn fmt_dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Renders one frame into text lines (for `--once` and the README).
+pub fn render_text(m: &Model, width: u16, height: u16) -> std::io::Result<String> {
+    let mut t = Terminal::new(TestBackend::new(width, height)).map_err(std::io::Error::other)?;
+    t.draw(|f| draw(f, m)).map_err(std::io::Error::other)?;
+    let buf = t.backend().buffer().clone();
+    let mut out = String::new();
+    for y in 0..buf.area.height {
+        let mut line = String::new();
+        for x in 0..buf.area.width {
+            line.push_str(buf[(x, y)].symbol());
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// `sensor top --once`: one snapshot printed as text.
+pub async fn once(opts: &TopOptions) -> anyhow::Result<String> {
+    let mut m = Model::new(&opts.url, (opts.short_refresh, opts.long_refresh));
+    m.refresh_short().await;
+    if let Some(e) = &m.error {
+        anyhow::bail!("cannot read the daemon: {e}");
+    }
+    m.refresh_long().await;
+    // Tall enough for every check and the ten newest alerts; as wide as the terminal, if any.
+    let w = ratatui::crossterm::terminal::size()
+        .map(|s| s.0)
+        .unwrap_or(120)
+        .max(100);
+    let n = m.checks.len() as u16;
+    let h = 1 + 2 * (n + 3) + (m.alerts.len().min(10) as u16 + 2).max(4) + 4;
+    Ok(render_text(&m, w, h)?)
+}
+
+/// The interactive dashboard; returns when the user presses `q` (or Esc, Ctrl-C).
+pub fn interactive(opts: TopOptions) -> anyhow::Result<()> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        anyhow::bail!("sensor top needs a terminal; use --once or /api/v1/checks for scripts");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut m = Model::new(&opts.url, (opts.short_refresh, opts.long_refresh));
+    let mut terminal = ratatui::try_init()?;
+    let r = event_loop(&mut terminal, &rt, &mut m, &opts);
+    ratatui::restore();
+    r
+}
+
+fn event_loop<B: Backend>(
+    terminal: &mut Terminal<B>,
+    rt: &tokio::runtime::Runtime,
+    m: &mut Model,
+    opts: &TopOptions,
+) -> anyhow::Result<()>
+where
+    B::Error: Send + Sync + 'static,
+{
+    let mut next_short = Instant::now();
+    let mut next_long = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= next_short {
+            rt.block_on(m.refresh_short());
+            next_short = now + opts.short_refresh;
+        }
+        if now >= next_long {
+            rt.block_on(m.refresh_long());
+            next_long = now + opts.long_refresh;
+        }
+        terminal.draw(|f| draw(f, m))?;
+        let wait = next_short.min(next_long).saturating_duration_since(Instant::now());
+        if event::poll(wait.min(Duration::from_millis(500)))? {
+            match event::read()? {
+                Event::Key(k) if k.kind != KeyEventKind::Release => {
+                    let ctrl_c = k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
+                    if matches!(k.code, KeyCode::Char('q') | KeyCode::Char('Q') | KeyCode::Esc) || ctrl_c {
+                        return Ok(());
+                    }
+                    if k.code == KeyCode::Char('r') {
+                        next_short = Instant::now();
+                        next_long = Instant::now();
+                    }
+                }
+                // The next draw notices the new size and clears the screen itself
+                // (`Terminal::clear` would ask the terminal for the cursor position, a round
+                // trip that slow SSH links and some emulators never answer).
+                Event::Resize(_, _) => {}
+                _ => {}
+            }
+        }
+    }
+}
