@@ -526,3 +526,276 @@ fn daemonset_capabilities_are_sufficient_and_each_needed() {
     let _ = child.wait();
     assert_eq!(got, Some(1.0), "{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
+
+/// A real Prometheus (Debian's package) on a free loopback port with a temporary data dir,
+/// stopped on drop.
+struct Prometheus {
+    child: std::process::Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    /// `config` is prometheus.yml; `files` are written next to it (rule files).
+    fn start(name: &str, config: &str, files: &[(&str, String)]) -> Option<Prometheus> {
+        if Command::new("prometheus").arg("--version").output().is_err() {
+            tool_missing("prometheus", "apt-get install prometheus; .ci/run does it");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("sensor-prom-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        for (f, body) in files {
+            std::fs::write(dir.join(f), body).unwrap();
+        }
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut p = Prometheus { child, port, dir };
+        let start = std::time::Instant::now();
+        while !matches!(http_get(p.port, "/-/ready"), Ok((200, _))) {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!("prometheus exited with {st}: {}", p.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "prometheus not ready: {}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(p)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// Instant query; panics unless Prometheus accepts it. Returns the result vector.
+    fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let (code, body) = http_get(self.port, &format!("/api/v1/query?query={}", urlencode(expr))).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert!(code == 200 && v["status"] == "success", "query `{expr}` failed: {body}");
+        match v["data"]["resultType"].as_str() {
+            Some("vector") | Some("matrix") => v["data"]["result"].as_array().cloned().unwrap_or_default(),
+            // scalar / string: one pseudo-series without labels.
+            _ => vec![serde_json::json!({"metric": {}, "value": v["data"]["result"]})],
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn sample_value(series: &serde_json::Value) -> f64 {
+    series["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// A dashboard variable `label_values(expr, label)`: (name, expr, label).
+type TemplateVar = (String, String, String);
+
+/// Every PromQL expression of the dashboards in deploy/grafana/dashboards: (dashboard/panel,
+/// expr), and the template variables' `label_values(expr, label)` as (name, expr, label).
+fn dashboard_exprs() -> (Vec<(String, String)>, Vec<TemplateVar>) {
+    let dir = root().join("deploy/grafana/dashboards");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let (mut exprs, mut vars) = (Vec::new(), Vec::new());
+    fn walk(panels: &[serde_json::Value], dash: &str, out: &mut Vec<(String, String)>) {
+        for p in panels {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let e = t["expr"].as_str().expect("every target has an expr");
+                out.push((
+                    format!("{dash} / {}", p["title"].as_str().unwrap_or("?")),
+                    e.to_string(),
+                ));
+            }
+            walk(p["panels"].as_array().map_or(&[], |v| v.as_slice()), dash, out);
+        }
+    }
+    for f in files {
+        let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        let name = d["title"].as_str().unwrap().to_string();
+        walk(d["panels"].as_array().unwrap(), &name, &mut exprs);
+        for v in d["templating"]["list"].as_array().into_iter().flatten() {
+            let q = v["query"]["query"].as_str().expect("query variable");
+            let inner = q
+                .strip_prefix("label_values(")
+                .and_then(|r| r.strip_suffix(')'))
+                .expect(q);
+            let (e, label) = inner.rsplit_once(',').expect(q);
+            vars.push((
+                v["name"].as_str().unwrap().to_string(),
+                e.trim().to_string(),
+                label.trim().to_string(),
+            ));
+        }
+    }
+    (exprs, vars)
+}
+
+/// Every rule of deploy/prometheus/sensor-rules.yml: (name, expr, is_recording).
+fn rule_exprs() -> Vec<(String, String, bool)> {
+    let y: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(prometheus_dir().join("sensor-rules.yml")).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for g in y["groups"].as_sequence().unwrap() {
+        for r in g["rules"].as_sequence().unwrap() {
+            let expr = r["expr"].as_str().unwrap().to_string();
+            match (r["record"].as_str(), r["alert"].as_str()) {
+                (Some(n), _) => out.push((n.to_string(), expr, true)),
+                (_, Some(n)) => out.push((n.to_string(), expr, false)),
+                _ => panic!("rule without record or alert"),
+            }
+        }
+    }
+    out
+}
+
+/// Grafana's variables as the dashboards use them.
+fn substitute(expr: &str, instance: &str) -> String {
+    expr.replace("$instance", instance)
+        .replace("$check", ".*")
+        .replace("$__rate_interval", "30s")
+        .replace("$__range", "1h")
+        .replace("$__interval", "5s")
+}
+
+#[test]
+fn dashboards_and_rules_evaluate_against_live_prometheus() {
+    let Some(_k) = privileged("dashboards_and_rules_evaluate_against_live_prometheus") else {
+        return;
+    };
+    let cg = MemCgroup::new("sensor-it-dash", 24 << 20);
+    let d = Daemon::start(&[]);
+    let instance = format!("127.0.0.1:{}", d.port);
+    // The rules as shipped, but evaluated every second instead of every minute.
+    let rules = std::fs::read_to_string(prometheus_dir().join("sensor-rules.yml"))
+        .unwrap()
+        .replace("interval: 1m", "interval: 1s");
+    let config = format!(
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [sensor-rules.yml]\n\
+         scrape_configs:\n  - job_name: sensor\n    static_configs: [{{targets: ['{instance}']}}]\n"
+    );
+    let Some(prom) = Prometheus::start("dash", &config, &[("sensor-rules.yml", rules)]) else {
+        return;
+    };
+
+    // A real OOM kill and real TCP connects for the panels to show.
+    cg.cause_oom_kill();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    for _ in 0..20 {
+        drop(std::net::TcpStream::connect(addr).unwrap());
+        let _ = listener.accept().unwrap();
+    }
+    let kill_labels = [
+        ("scope", "memcg"),
+        ("cgroup", cg.rel.as_str()),
+        ("container_id", ""),
+        ("pod_uid", ""),
+    ];
+    d.wait_metric("sensor_oom_kills_total", &kill_labels, 1.0, Duration::from_secs(5));
+
+    // The recording rules see the kill once Prometheus has scraped it and evaluated them.
+    let start = std::time::Instant::now();
+    loop {
+        let r = prom.query(&format!(
+            "instance:sensor_oom_kills:increase1h{{instance=\"{instance}\"}}"
+        ));
+        if r.len() == 1 && sample_value(&r[0]) == 1.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "recording rule never saw the kill: {r:?}\n{}",
+            prom.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Enough scrapes after the connects for rate() over 30s to have two samples.
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Exact fleet numbers for a fleet of one host with one kill.
+    let one = |e: &str| {
+        let r = prom.query(e);
+        assert_eq!(r.len(), 1, "{e}: {r:?}");
+        sample_value(&r[0])
+    };
+    assert_eq!(one("fleet:sensor_hosts_with_oom_kills:ratio1h"), 1.0);
+    assert!((one("fleet:sensor_oom_kills:rate1h") - 1.0 / 3600.0).abs() < 1e-12);
+    assert_eq!(one("namespace:sensor_oom_kills:increase1h"), 1.0);
+
+    let (exprs, vars) = dashboard_exprs();
+    assert!(exprs.len() >= 30, "{} expressions", exprs.len());
+    for (name, e, label) in &vars {
+        let r = prom.query(&substitute(e, &instance));
+        if name == "instance" {
+            assert!(
+                r.iter().any(|s| s["metric"][label.as_str()] == instance.as_str()),
+                "variable {name}: {e} -> {r:?}"
+            );
+        }
+    }
+    let mut empty = Vec::new();
+    for (panel, e) in &exprs {
+        let q = substitute(e, &instance);
+        assert!(!q.contains('$'), "{panel}: unsubstituted variable in {q}");
+        let r = prom.query(&q);
+        let oom = e.contains("sensor_oom_kill") || e.contains(":sensor_oom_kills:") || e.contains("oom_kills:ratio");
+        if oom {
+            assert!(!r.is_empty(), "OOM panel {panel} is empty: {q}");
+            if r.iter().any(|s| s["metric"].get("cgroup").is_some()) {
+                assert!(
+                    r.iter().any(|s| s["metric"]["cgroup"] == cg.rel.as_str()),
+                    "OOM panel {panel} lacks the kill's cgroup {}: {r:?}",
+                    cg.rel
+                );
+            }
+        } else if e.contains("sensor_tcp_connects_total") || e.contains("sensor_tcp_connect_duration") {
+            assert!(!r.is_empty(), "TCP panel {panel} is empty: {q}");
+            if e.contains("by (result") {
+                assert!(r.iter().any(|s| s["metric"]["result"] == "success"), "{panel}: {r:?}");
+            }
+        } else if r.is_empty() {
+            empty.push(panel.clone());
+        }
+    }
+    for (name, e, recording) in rule_exprs() {
+        let r = prom.query(&e);
+        if recording {
+            assert!(!r.is_empty(), "recording rule {name} is empty");
+        }
+    }
+    eprintln!(
+        "{} dashboard expressions and {} rules evaluated; empty (no data of that kind on this host yet): {empty:?}",
+        exprs.len(),
+        rule_exprs().len()
+    );
+    assert_eq!(d.stop().code(), Some(0));
+}
