@@ -799,3 +799,33 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
     );
     assert_eq!(d.stop().code(), Some(0));
 }
+
+#[test]
+fn fleet_rules_hold_at_10000_hosts_on_a_real_tsdb() {
+    // The full scale check (deploy/prometheus/scale/scale_check.py, also `cargo xtask
+    // scale-check`): 10,000 hosts x 4 hours backfilled with promtool into a real TSDB, the rule
+    // expressions evaluated by a real Prometheus at the end of each hour. About 5 s.
+    let Some(_) = promtool() else { return };
+    if Command::new("prometheus").arg("--version").output().is_err() {
+        tool_missing("prometheus", "apt-get install prometheus");
+        return;
+    }
+    let out = Command::new("python3")
+        .arg(prometheus_dir().join("scale/scale_check.py"))
+        .args(["--hosts", "10000", "--hours", "4", "--json"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {t}"));
+    let hours = v["hours_checked"].as_array().unwrap();
+    assert_eq!(hours.len(), 3, "{t}");
+    for h in hours {
+        assert_eq!(h["instance:sensor_oom_kills:increase1h (hosts > 0)"], 100.0, "{h}");
+        assert_eq!(h["fleet:sensor_hosts_with_oom_kills:ratio1h"], 0.01, "{h}");
+        let per_hour = h["fleet:sensor_oom_kills:rate1h"].as_f64().unwrap() * 3600.0;
+        assert!((per_hour - 100.0).abs() < 5.0, "{h}");
+        eprintln!("hour {}: query times (ms) {}", h["hour"], h["times_ms"]);
+    }
+    assert_eq!(v["samples"], 2_703_056);
+    assert!(out.status.success(), "{t}");
+}

@@ -51,6 +51,14 @@ enum Cmd {
     },
     /// rustfmt --check and clippy -D warnings, for the host crates and the eBPF crate.
     Lint,
+    /// The fleet OOM rules on a real Prometheus TSDB backfilled with simulated hosts; writes
+    /// docs/scale-check.md.
+    ScaleCheck {
+        #[arg(long, default_value_t = 10_000)]
+        hosts: u32,
+        #[arg(long, default_value_t = 4)]
+        hours: u32,
+    },
     /// Connect-rate overhead of the sensor vs. baseline and bpftrace; writes docs/benchmarks.md.
     Bench {
         #[arg(long, default_value_t = 7)]
@@ -106,6 +114,16 @@ fn real_main() -> Result<()> {
             setup()?;
             build_release(&root)?;
             bench::run(&root, rounds.max(1), seconds, threads.max(1))
+        }
+        Cmd::ScaleCheck { hosts, hours } => {
+            step(&format!("scale check: {hosts} hosts, {hours} hours"));
+            run(Command::new("python3")
+                .arg(root.join("deploy/prometheus/scale/scale_check.py"))
+                .args(["--hosts", &hosts.to_string(), "--hours", &hours.to_string()])
+                .arg("--report")
+                .arg(root.join("docs/scale-check.md")))?;
+            step("wrote docs/scale-check.md");
+            Ok(())
         }
         Cmd::Lint => {
             setup()?;
