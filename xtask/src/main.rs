@@ -11,6 +11,7 @@ use std::{
 };
 
 mod bench;
+mod demo;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -58,6 +59,13 @@ enum Cmd {
         hosts: u32,
         #[arg(long, default_value_t = 4)]
         hours: u32,
+    },
+    /// Sensor + Prometheus with the fleet rules, a real OOM kill and a failing check; prints
+    /// the fleet rule results (needs root and Debian's prometheus package).
+    Demo {
+        /// Keep both running until Enter is pressed.
+        #[arg(long)]
+        keep: bool,
     },
     /// Connect-rate overhead of the sensor vs. baseline and bpftrace; writes docs/benchmarks.md.
     Bench {
@@ -114,6 +122,11 @@ fn real_main() -> Result<()> {
             setup()?;
             build_release(&root)?;
             bench::run(&root, rounds.max(1), seconds, threads.max(1))
+        }
+        Cmd::Demo { keep } => {
+            setup()?;
+            let bin = build_release(&root)?;
+            demo::run(&root, &bin, keep)
         }
         Cmd::ScaleCheck { hosts, hours } => {
             step(&format!("scale check: {hosts} hosts, {hours} hours"));
