@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | run | test | lint`.
+//! Project tasks: `cargo xtask setup | build-ebpf | dist | run | test | lint | bench | demo`.
 //!
 //! `run` and `test` call `setup` themselves, so a fresh machine needs nothing else.
 
@@ -11,6 +11,7 @@ use std::{
 };
 
 mod bench;
+mod demo;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -32,6 +33,12 @@ enum Cmd {
     Setup,
     /// Build the kernel programs for bpfel-unknown-none and print the object's path.
     BuildEbpf,
+    /// Build the release daemon (eBPF object embedded) and copy it to `--out`; the container
+    /// image runs exactly this, and so does CI, so the Dockerfile cannot drift from the build.
+    Dist {
+        #[arg(long, default_value = "target/dist")]
+        out: PathBuf,
+    },
     /// Build and run the daemon with the embedded default config; extra args go to `sensor run`.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -45,6 +52,21 @@ enum Cmd {
     },
     /// rustfmt --check and clippy -D warnings, for the host crates and the eBPF crate.
     Lint,
+    /// The fleet OOM rules on a real Prometheus TSDB backfilled with simulated hosts; writes
+    /// docs/scale-check.md.
+    ScaleCheck {
+        #[arg(long, default_value_t = 10_000)]
+        hosts: u32,
+        #[arg(long, default_value_t = 4)]
+        hours: u32,
+    },
+    /// Sensor + Prometheus with the fleet rules, a real OOM kill and a failing check; prints
+    /// the fleet rule results (needs root and Debian's prometheus package).
+    Demo {
+        /// Keep both running until Enter is pressed.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Connect-rate overhead of the sensor vs. baseline and bpftrace; writes docs/benchmarks.md.
     Bench {
         #[arg(long, default_value_t = 7)]
@@ -75,11 +97,10 @@ fn real_main() -> Result<()> {
     match cli.cmd {
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => build_ebpf(&root),
+        Cmd::Dist { out } => dist(&root, &out).map(|_| ()),
         Cmd::Run { args } => {
             setup()?;
-            step("building the sensor (release)");
-            run(cargo().args(["build", "--release", "-p", "sensor"]))?;
-            let bin = root.join("target/release/sensor");
+            let bin = build_release(&root)?;
             step(&format!("starting {} run", bin.display()));
             run(Command::new(bin).arg("run").args(args))
         }
@@ -99,9 +120,23 @@ fn real_main() -> Result<()> {
             threads,
         } => {
             setup()?;
-            step("building the sensor (release)");
-            run(cargo().args(["build", "--release", "-p", "sensor"]))?;
+            build_release(&root)?;
             bench::run(&root, rounds.max(1), seconds, threads.max(1))
+        }
+        Cmd::Demo { keep } => {
+            setup()?;
+            let bin = build_release(&root)?;
+            demo::run(&root, &bin, keep)
+        }
+        Cmd::ScaleCheck { hosts, hours } => {
+            step(&format!("scale check: {hosts} hosts, {hours} hours"));
+            run(Command::new("python3")
+                .arg(root.join("deploy/prometheus/scale/scale_check.py"))
+                .args(["--hosts", &hosts.to_string(), "--hours", &hours.to_string()])
+                .arg("--report")
+                .arg(root.join("docs/scale-check.md")))?;
+            step("wrote docs/scale-check.md");
+            Ok(())
         }
         Cmd::Lint => {
             setup()?;
@@ -122,6 +157,29 @@ fn real_main() -> Result<()> {
             run(bpf_cargo("clippy").args(["--", "-D", "warnings"]))
         }
     }
+}
+
+/// `cargo build --release --locked -p sensor`; returns the binary's path.
+fn build_release(root: &Path) -> Result<PathBuf> {
+    step("building the sensor (release)");
+    run(cargo().args(["build", "--release", "--locked", "-p", "sensor"]))?;
+    Ok(root.join("target/release/sensor"))
+}
+
+/// Setup, release build, and a copy of the binary at `out/sensor` (what the image ships).
+fn dist(root: &Path, out: &Path) -> Result<PathBuf> {
+    setup()?;
+    let bin = build_release(root)?;
+    let out = if out.is_absolute() {
+        out.to_path_buf()
+    } else {
+        root.join(out)
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("mkdir {}", out.display()))?;
+    let dest = out.join("sensor");
+    std::fs::copy(&bin, &dest).with_context(|| format!("copy {} to {}", bin.display(), dest.display()))?;
+    step(&format!("{} ready", dest.display()));
+    Ok(dest)
 }
 
 fn workspace_root() -> PathBuf {
