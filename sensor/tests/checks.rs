@@ -233,6 +233,72 @@ fn http_phases_status_and_refused() {
     assert_eq!(d.stop().code(), Some(0));
 }
 
+/// A server that accepts and never answers.
+fn hanging_server() -> SocketAddr {
+    let l = rt().block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = l.local_addr().unwrap();
+    rt().spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            held.push(s);
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_hanging_target_delays_no_other_check() {
+    let hang = hanging_server();
+    let fast = http_server(200, Duration::ZERO, "ok");
+    let cfg = write_config(
+        "hang.yaml",
+        &format!(
+            "checks:
+  - {{name: hang, type: http, url: 'http://{hang}/', interval: 1s, timeout: 3s}}
+  - {{name: fast, type: http, url: 'http://{fast}/', interval: 100ms, timeout: 1s}}
+"
+        ),
+    );
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let runs = |m: &str, c: &str, r: &str| {
+        metric(
+            m,
+            "sensor_check_runs_total",
+            &[("check", c), ("type", "http"), ("result", r)],
+        )
+        .unwrap_or(0.0)
+    };
+    // Wait for the first timeout of the hanging check, then count the fast one's runs over
+    // 2 s while the hanging one is stuck in its next 3 s timeout.
+    let start = Instant::now();
+    while runs(&d.metrics(), "hang", "failure") < 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", d.metrics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = runs(&d.metrics(), "fast", "success");
+    std::thread::sleep(Duration::from_secs(2));
+    let m = d.metrics();
+    let during = runs(&m, "fast", "success") - before;
+    assert!(
+        (17.0..=21.0).contains(&during),
+        "fast check ran {during} times in 2 s at 100 ms\n{m}"
+    );
+    assert_eq!(runs(&m, "fast", "failure"), 0.0);
+    let (_, body) = d.get("/api/v1/checks");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let hang = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "hang")
+        .unwrap()
+        .clone();
+    assert_eq!(hang["last"]["error"], "timeout after 3s during ttfb", "{hang}");
+    assert!(hang["last"]["phases"]["total"].as_f64().unwrap() >= 3.0, "{hang}");
+    assert_eq!(d.stop().code(), Some(0));
+}
+
 /// A CA, a server certificate for 127.0.0.1 signed by it, and a client certificate.
 struct Pki {
     ca_pem: PathBuf,

@@ -692,7 +692,30 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
         return;
     };
     let cg = MemCgroup::new("sensor-it-dash", 24 << 20);
-    let d = Daemon::start(&[]);
+    // Two synthetic checks so the checks dashboard has data: one up, one refused.
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web_addr = web.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in web.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            let _ = std::io::Write::write_all(
+                &mut s,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+            );
+        }
+    });
+    let closed = common::free_port();
+    let cfg_path = std::env::temp_dir().join(format!("sensor-dash-{}.yaml", std::process::id()));
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "alerting: {{window: 2s, min_samples: 2}}\nchecks:\n  - {{name: web, type: http, url: 'http://{web_addr}/', interval: 500ms}}\n  - {{name: refused, type: http, url: 'http://127.0.0.1:{closed}/', interval: 500ms}}\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg_path.to_str().unwrap()]);
     let instance = format!("127.0.0.1:{}", d.port);
     // The rules as shipped, but evaluated every second instead of every minute.
     let rules = std::fs::read_to_string(prometheus_dir().join("sensor-rules.yml"))
@@ -781,6 +804,15 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
             assert!(!r.is_empty(), "TCP panel {panel} is empty: {q}");
             if e.contains("by (result") {
                 assert!(r.iter().any(|s| s["metric"]["result"] == "success"), "{panel}: {r:?}");
+            }
+        } else if e.contains("sensor_check_") {
+            assert!(!r.is_empty(), "checks panel {panel} is empty: {q}");
+            if r.iter().any(|s| s["metric"].get("check").is_some()) {
+                assert!(
+                    r.iter().any(|s| s["metric"]["check"] == "refused")
+                        || r.iter().any(|s| s["metric"]["check"] == "web"),
+                    "checks panel {panel}: {r:?}"
+                );
             }
         } else if r.is_empty() {
             empty.push(panel.clone());

@@ -186,7 +186,7 @@ pub fn run(root: &Path, sensor: &Path, keep: bool) -> Result<()> {
     std::fs::write(
         &cfg,
         format!(
-            "listen: 127.0.0.1:{sport}\nchecks:\n  - {{name: demo-down, type: http, url: \"http://127.0.0.1:{closed}/\", interval: 2s, timeout: 1s}}\n"
+            "listen: 127.0.0.1:{sport}\nalerting: {{window: 6s, min_samples: 2}}\nchecks:\n  - {{name: demo-down, type: http, url: \"http://127.0.0.1:{closed}/\", interval: 2s, timeout: 1s}}\n"
         ),
     )?;
     let slog = dir.join("sensor.log");
@@ -262,8 +262,8 @@ pub fn run(root: &Path, sensor: &Path, keep: bool) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    // A few check runs (every 2 s) for sensor_check_up.
-    std::thread::sleep(Duration::from_secs(4));
+    // A few check runs (every 2 s): sensor_check_up, and the availability alert fires.
+    std::thread::sleep(Duration::from_secs(7));
 
     for expr in [
         "sensor_oom_kills_total",
@@ -283,6 +283,17 @@ pub fn run(root: &Path, sensor: &Path, keep: bool) -> Result<()> {
         for r in rows {
             println!("  {r}");
         }
+    }
+    // The sensor's own availability alert (window shortened to 6 s for the demo).
+    let (_, body) = http_get(sport, "/api/v1/checks")?;
+    let checks: serde_json::Value = serde_json::from_str(&body).context("/api/v1/checks")?;
+    println!("\nsensor alerts (/api/v1/checks)");
+    let alerts = checks["alerts"].as_array().cloned().unwrap_or_default();
+    if alerts.is_empty() {
+        println!("  (none yet)");
+    }
+    for a in alerts {
+        println!("  {}", a["message"].as_str().unwrap_or_default());
     }
     println!(
         "\nsensor:     http://127.0.0.1:{sport}/metrics  (log {})\nprometheus: http://127.0.0.1:{pport}/  (log {})",

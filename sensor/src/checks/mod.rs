@@ -700,3 +700,29 @@ pub fn render_results(results: &[RunResult]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_offsets_spread_a_thousand_checks_over_the_interval() {
+        let interval = Duration::from_secs(10);
+        let mut buckets = [0u32; 100]; // 100 ms each
+        for i in 0..1000 {
+            let j = jitter(&format!("check-{i}"), interval);
+            assert!(j < interval);
+            buckets[(j.as_millis() / 100) as usize] += 1;
+        }
+        // Uniform would be 10 per bucket; no 100 ms slot may hold a burst.
+        let max = buckets.iter().max().copied().unwrap_or(0);
+        let empty = buckets.iter().filter(|b| **b == 0).count();
+        assert!(max <= 25, "burst of {max} checks in one 100 ms slot: {buckets:?}");
+        assert!(empty <= 2, "{empty} empty slots: {buckets:?}");
+        assert_eq!(
+            jitter("same", interval),
+            jitter("same", interval),
+            "stable across restarts"
+        );
+    }
+}
