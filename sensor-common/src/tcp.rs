@@ -22,6 +22,9 @@ pub mod kind {
     pub const RESET_SENT: u16 = 10;
 }
 
+/// Slots of the host-level reset/retransmit counters: `kind - kind::RETRANSMIT`.
+pub const HOST_COUNT_SLOTS: u32 = 3;
+
 /// Destination group of traffic that matches no configured group.
 pub const DEST_OTHER: u16 = 0;
 
@@ -59,7 +62,7 @@ pub struct ConnStart {
     /// Host byte order.
     pub dport: u16,
     pub family: u16,
-    /// [`ConnStart::RESET_RECEIVED`], [`ConnStart::ESTABLISHED`].
+    /// [`ConnStart::RESET_RECEIVED`].
     pub flags: u16,
     pub _pad: u32,
     pub comm: [u8; 16],
@@ -71,8 +74,6 @@ crate::assert_size!(ConnStart, 64);
 impl ConnStart {
     /// `tcp:tcp_receive_reset` fired while connecting.
     pub const RESET_RECEIVED: u16 = 1;
-    /// SYN_SENT -> ESTABLISHED seen: the entry now serves RTT and retransmit attribution.
-    pub const ESTABLISHED: u16 = 2;
 }
 
 pub const FAILURE_VERSION: u16 = 1;
@@ -169,7 +170,8 @@ pub struct SockLayout {
     pub cgroup_id_from_helper: u32,
     /// Bit 0: groups with a port exist; bit 1: groups without a port exist.
     pub dest_groups: u32,
-    pub _pad: u32,
+    /// `sock_common.skc_state` (one byte); valid with `valid`.
+    pub skc_state: u32,
 }
 crate::assert_size!(SockLayout, 48);
 

@@ -3,6 +3,12 @@
 //! SYN_SENT -> CLOSE a failure. Counts and latency/RTT histograms are aggregated in the kernel
 //! by (workload, destination group); failures also go out as events.
 //!
+//! A socket is tracked only while it connects: the entry goes at ESTABLISHED, where the
+//! handshake's RTT sample is already in `srtt_us`. Every later state change, reset and
+//! retransmit of an established connection then costs no map lookup at all (a per-CPU array
+//! slot), which is what keeps the per-connection cost low on busy hosts, and long-lived
+//! connections never occupy the map.
+//!
 //! Every hook has a raw tracepoint entry (preferred: no trace record is formatted, socket fields
 //! are read at BTF offsets only where needed) and a classic tracepoint entry (fallback: fields
 //! at tracefs offsets). Both feed the same bodies.
@@ -14,7 +20,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task},
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuHashMap},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
     programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
@@ -24,7 +30,7 @@ use sensor_common::{
     tcp::{
         kind, result, state, ConnStart, DestAnyKey, DestPortKey, FlowCountKey, FlowKey, SockLayout, TcpFailureRecord,
         TcpTpLayout, AF_INET, AF_INET6, DEFAULT_SERIES, DEFAULT_TRACKED_CONNECTS, DEST_OTHER, FAILURE_VERSION,
-        IPPROTO_TCP, MAX_DEST_GROUPS,
+        HOST_COUNT_SLOTS, IPPROTO_TCP, MAX_DEST_GROUPS,
     },
 };
 
@@ -42,14 +48,19 @@ static TCP_TP_LAYOUT: TcpTpLayout = TcpTpLayout::INVALID;
 #[unsafe(no_mangle)]
 static SOCK_LAYOUT: SockLayout = SockLayout::INVALID;
 
-/// Active opens from SYN_SENT until they end, updated in place at ESTABLISHED. A plain hash:
-/// cheaper than LRU on this hot path; a full map counts as `map_full`, and connects whose
-/// outcome never comes are aged out by the daemon.
+/// Active opens from SYN_SENT until they end (ESTABLISHED or CLOSE). A plain hash: cheaper than
+/// LRU on this hot path; a full map counts as `map_full`, and connects whose outcome never
+/// comes are aged out by the daemon.
 #[map]
 static TCP_SOCKS: HashMap<u64, ConnStart> = HashMap::with_max_entries(DEFAULT_TRACKED_CONNECTS, 0);
 
 #[map]
 static TCP_COUNTS: PerCpuHashMap<FlowCountKey, u64> = PerCpuHashMap::with_max_entries(DEFAULT_SERIES, 0);
+
+/// Resets and retransmits of sockets that are not connecting (no workload known without a
+/// lookup), by `kind - kind::RETRANSMIT`.
+#[map]
+static TCP_HOST_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HOST_COUNT_SLOTS, 0);
 
 #[map]
 static TCP_CONNECT_HIST: PerCpuHashMap<FlowKey, Log2Hist> = PerCpuHashMap::with_max_entries(DEFAULT_SERIES, 0);
@@ -191,7 +202,8 @@ struct Dest {
     daddr: [u8; 16],
 }
 
-/// Shared body of both `inet_sock_set_state` entries.
+/// Shared body of both `inet_sock_set_state` entries. Everything but the three transitions of
+/// an active open returns at once.
 #[inline(always)]
 fn set_state<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32, dest: impl FnOnce() -> Option<Dest>) {
     match (old, new) {
@@ -202,7 +214,6 @@ fn set_state<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32, dest: impl Fn
         }
         (state::SYN_SENT, state::ESTABLISHED) => connect_done(sk),
         (state::SYN_SENT, state::CLOSE) => connect_failed(ctx, sk),
-        (state::ESTABLISHED, _) => established_end(sk),
         _ => {}
     }
 }
@@ -304,25 +315,28 @@ fn untracked() {
 
 #[inline(always)]
 fn connect_done(sk: u64) {
-    let Some(p) = TCP_SOCKS.get_ptr_mut(sk) else {
-        untracked();
-        return;
-    };
-    // SAFETY: a map value, valid during the program run; the entry stays (now established).
-    let s = unsafe { &mut *p };
-    if s.flags & ConnStart::ESTABLISHED != 0 {
-        return;
-    }
-    s.flags |= ConnStart::ESTABLISHED;
+    let Some(s) = take_start(sk) else { return };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // The histogram's count is the success count.
     let fk = FlowKey {
         cgroup_id: s.cgroup_id,
         dest: s.dest,
         _pad: [0; 3],
     };
+    // The histogram's count is the success count.
     observe(&TCP_CONNECT_HIST, probe_id::TCP, &fk, now.saturating_sub(s.ktime_ns));
+    // The SYN-ACK was acked (and timed) before the state changed: `srtt_us` holds the
+    // handshake's RTT sample, in microseconds times 8. Without a sample (SYN retransmitted, no
+    // timestamps) it is 0 and nothing is observed.
+    let l = sock_layout();
+    if l.valid == 0 {
+        return;
+    }
+    if let Some(srtt) = sk_read::<u32>(sk, l.srtt_us) {
+        if srtt != 0 {
+            observe(&TCP_RTT_HIST, probe_id::TCP, &fk, u64::from(srtt >> 3) * 1000);
+        }
+    }
 }
 
 #[inline(always)]
@@ -373,105 +387,50 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
     };
 }
 
+/// Counts a reset or retransmit: with the workload and destination when the socket is still
+/// connecting (a refused connect, a SYN retransmit), else in the host-level slot. `flag` is set
+/// on a connecting socket's entry.
 #[inline(always)]
-fn established_end(sk: u64) {
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(e) = (unsafe { TCP_SOCKS.get(sk) }).copied() else {
-        return;
-    };
-    let _ = TCP_SOCKS.remove(sk);
-    if e.flags & ConnStart::ESTABLISHED == 0 {
-        // The SYN_SENT -> ESTABLISHED run was skipped (the kernel does not re-enter a program
-        // that is already running on this CPU, e.g. when a softirq interrupts it): the
-        // connection did establish, so count the success; its latency is unknown.
-        count(&FlowCountKey {
-            cgroup_id: e.cgroup_id,
-            dest: e.dest,
-            kind: result::SUCCESS,
-            _pad: 0,
-        });
-        return;
-    }
+fn counted(sk: u64, what: u16, flag: u16) {
     let l = sock_layout();
-    if l.valid == 0 {
-        return;
-    }
-    let Some(srtt) = sk_read::<u32>(sk, l.srtt_us) else {
-        return;
-    };
-    if srtt == 0 {
-        return;
-    }
-    // srtt_us holds the smoothed RTT in microseconds, times 8.
-    let fk = FlowKey {
-        cgroup_id: e.cgroup_id,
-        dest: e.dest,
-        _pad: [0; 3],
-    };
-    observe(&TCP_RTT_HIST, probe_id::TCP, &fk, u64::from(srtt >> 3) * 1000);
-}
-
-/// The flow a socket belongs to: an active open the sensor saw start, or unknown.
-#[inline(always)]
-fn flow_of(sk: u64) -> (u64, u16) {
-    if sk != 0 {
-        // SAFETY: values are copied out immediately.
-        if let Some(s) = unsafe { TCP_SOCKS.get(sk) } {
-            return (s.cgroup_id, s.dest);
-        }
-    }
-    (0, DEST_OTHER)
-}
-
-#[inline(always)]
-fn reset_received(sk: u64) {
-    let (cgroup_id, dest) = match TCP_SOCKS.get_ptr_mut(sk) {
-        Some(p) => {
+    let connecting = l.valid != 0 && sk_read::<u8>(sk, l.skc_state) == Some(state::SYN_SENT as u8);
+    if connecting {
+        if let Some(p) = TCP_SOCKS.get_ptr_mut(sk) {
             // SAFETY: a map value, valid during the program run.
             let s = unsafe { &mut *p };
-            if s.flags & ConnStart::ESTABLISHED == 0 {
-                s.flags |= ConnStart::RESET_RECEIVED;
-            }
-            (s.cgroup_id, s.dest)
+            s.flags |= flag;
+            count(&FlowCountKey {
+                cgroup_id: s.cgroup_id,
+                dest: s.dest,
+                kind: what,
+                _pad: 0,
+            });
+            return;
         }
-        None => (0, DEST_OTHER),
-    };
-    count(&FlowCountKey {
-        cgroup_id,
-        dest,
-        kind: kind::RESET_RECEIVED,
-        _pad: 0,
-    });
-}
-
-#[inline(always)]
-fn counted(sk: u64, what: u16) {
-    let (cgroup_id, dest) = flow_of(sk);
-    count(&FlowCountKey {
-        cgroup_id,
-        dest,
-        kind: what,
-        _pad: 0,
-    });
+    }
+    if let Some(p) = TCP_HOST_COUNTS.get_ptr_mut(u32::from(what.wrapping_sub(kind::RETRANSMIT))) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid during the program run.
+        unsafe { *p += 1 };
+    }
 }
 
 #[raw_tracepoint(tracepoint = "tcp_receive_reset")]
 pub fn tcp_receive_reset_raw(ctx: RawTracePointContext) -> u32 {
-    reset_received(ctx.arg(0));
+    counted(ctx.arg(0), kind::RESET_RECEIVED, ConnStart::RESET_RECEIVED);
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     if let Some(sk) = tp::<u64>(&ctx, tp_layout().rx_reset_skaddr) {
-        reset_received(sk);
+        counted(sk, kind::RESET_RECEIVED, ConnStart::RESET_RECEIVED);
     }
     0
 }
 
 #[raw_tracepoint(tracepoint = "tcp_send_reset")]
 pub fn tcp_send_reset_raw(ctx: RawTracePointContext) -> u32 {
-    counted(ctx.arg(0), kind::RESET_SENT);
+    counted(ctx.arg(0), kind::RESET_SENT, 0);
     0
 }
 
@@ -480,13 +439,14 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     counted(
         tp::<u64>(&ctx, tp_layout().tx_reset_skaddr).unwrap_or(0),
         kind::RESET_SENT,
+        0,
     );
     0
 }
 
 #[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_raw(ctx: RawTracePointContext) -> u32 {
-    counted(ctx.arg(0), kind::RETRANSMIT);
+    counted(ctx.arg(0), kind::RETRANSMIT, 0);
     0
 }
 
@@ -495,6 +455,7 @@ pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
     counted(
         tp::<u64>(&ctx, tp_layout().retrans_skaddr).unwrap_or(0),
         kind::RETRANSMIT,
+        0,
     );
     0
 }

@@ -289,6 +289,7 @@ fn start_tcp(
         .map_err(|e| anyhow::anyhow!("probes.tcp.destinations: {e}"))?;
     let maps = TcpMaps {
         counts: aya::maps::PerCpuHashMap::try_from(take("TCP_COUNTS")?)?,
+        host_counts: aya::maps::PerCpuArray::try_from(take("TCP_HOST_COUNTS")?)?,
         connect_hist: aya::maps::PerCpuHashMap::try_from(take("TCP_CONNECT_HIST")?)?,
         rtt_hist: aya::maps::PerCpuHashMap::try_from(take("TCP_RTT_HIST")?)?,
         socks: aya::maps::HashMap::try_from(take("TCP_SOCKS")?)?,

@@ -171,6 +171,8 @@ fn codes(v: &Value) -> String {
 }
 
 fn window_table<'a>(title: String, rows: Vec<(String, String, Option<bool>, &'a Value, String)>) -> Table<'a> {
+    // The name column fits the longest name (up to 32), the error column takes the rest.
+    let name_width = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(5).clamp(5, 32) as u16;
     let header = Row::new(
         [
             "CHECK",
@@ -211,7 +213,7 @@ fn window_table<'a>(title: String, rows: Vec<(String, String, Option<bool>, &'a 
     Table::new(
         body,
         [
-            Constraint::Min(10),
+            Constraint::Length(name_width),
             Constraint::Length(9),
             Constraint::Length(4),
             Constraint::Length(7),
@@ -221,7 +223,7 @@ fn window_table<'a>(title: String, rows: Vec<(String, String, Option<bool>, &'a 
             Constraint::Length(8),
             Constraint::Length(8),
             Constraint::Length(14),
-            Constraint::Min(12),
+            Constraint::Fill(1),
         ],
     )
     .header(header)
@@ -334,9 +336,15 @@ fn kernel_summary(m: &Model) -> Paragraph<'_> {
     if m.probe_running("oom") {
         let last = m.oom_kills.last().map(|k| {
             format!(
-                "  last: {} pid {} in {}",
-                k["comm"].as_str().unwrap_or("?"),
-                k["pid"].as_u64().unwrap_or(0),
+                "  last: {} {} (pid {}) in {}",
+                k["time_rfc3339"].as_str().map(str::to_string).unwrap_or_else(|| {
+                    k["time"]
+                        .as_f64()
+                        .map(crate::checks::alert::rfc3339)
+                        .unwrap_or_default()
+                }),
+                k["victim_comm"].as_str().unwrap_or("?"),
+                k["victim_pid"].as_i64().unwrap_or(0),
                 k["cgroup"].as_str().unwrap_or("?")
             )
         });
@@ -390,10 +398,14 @@ pub async fn once(opts: &TopOptions) -> anyhow::Result<String> {
     }
     m.refresh_long().await;
     // Tall enough for every check and the ten newest alerts; as wide as the terminal, if any.
-    let w = ratatui::crossterm::terminal::size()
-        .map(|s| s.0)
-        .unwrap_or(120)
-        .max(100);
+    let w = if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        ratatui::crossterm::terminal::size()
+            .map(|s| s.0)
+            .unwrap_or(120)
+            .max(100)
+    } else {
+        120
+    };
     let n = m.checks.len() as u16;
     let h = 1 + 2 * (n + 3) + (m.alerts.len().min(10) as u16 + 2).max(4) + 4;
     Ok(render_text(&m, w, h)?)

@@ -6,7 +6,7 @@ use std::{
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -257,7 +257,10 @@ fn rows(label: &str, rates: &[[f64; 3]]) -> (String, f64) {
 }
 
 pub fn run(root: &Path, rounds: usize, secs: f64, threads: usize) -> Result<()> {
-    let sensor = root.join("target/release/sensor");
+    // SENSOR_BENCH_SENSOR compares another build (e.g. an experiment) against the same baseline.
+    let sensor = std::env::var_os("SENSOR_BENCH_SENSOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release/sensor"));
     let fin = measure(&sensor, rounds, secs, threads, Close::Fin)?;
     let rst = measure(&sensor, rounds, secs, threads, Close::Rst)?;
     let (fin_rows, fin_med) = rows("close (FIN)", &fin);

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | dist | run | test | lint | bench | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | dist | run | test | lint | bench | bench-checks | demo`.
 //!
 //! `run` and `test` call `setup` themselves, so a fresh machine needs nothing else.
 
@@ -11,6 +11,7 @@ use std::{
 };
 
 mod bench;
+mod bench_checks;
 mod demo;
 
 use anyhow::{bail, Context as _, Result};
@@ -77,6 +78,9 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// Synthetic HTTP checks: probes per CPU-second vs. prometheus-blackbox-exporter on one local
+    /// target, and RSS with 1,000 checks; writes docs/benchmarks-checks.md.
+    BenchChecks(bench_checks::Opts),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +126,11 @@ fn real_main() -> Result<()> {
             setup()?;
             build_release(&root)?;
             bench::run(&root, rounds.max(1), seconds, threads.max(1))
+        }
+        Cmd::BenchChecks(opts) => {
+            setup()?;
+            let bin = build_release(&root)?;
+            bench_checks::run(&root, &bin, &opts)
         }
         Cmd::Demo { keep } => {
             setup()?;

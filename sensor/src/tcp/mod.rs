@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap as BpfHashMap, MapData, PerCpuHashMap,
+    HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap,
 };
 use prometheus::{
     core::{Collector, Desc},
@@ -169,6 +169,7 @@ pub fn sock_layout(btf: &KernelBtf, dest_groups: u32, memory_on_v2: bool) -> Res
     let mut l = SockLayout::INVALID;
     l.sk_err = off("sock", "sk_err")?;
     l.srtt_us = off("tcp_sock", "srtt_us")?;
+    l.skc_state = off("sock", "__sk_common")? + off("sock_common", "skc_state")?;
     l.valid = 1;
     l.dest_groups = dest_groups;
     l.cgroup_id_from_helper = u32::from(memory_on_v2);
@@ -328,13 +329,15 @@ const HIST_LABELS: [&str; 4] = [
 const CONNECTS: &str = "sensor_tcp_connects_total";
 const CONNECTS_HELP: &str = "TCP active opens by result (success, refused, timeout, reset, unreachable, error), destination group and workload.";
 const RETRANS: &str = "sensor_tcp_retransmits_total";
-const RETRANS_HELP: &str = "TCP segments retransmitted (tcp:tcp_retransmit_skb), by destination group and workload of the connection (empty workload when not an active open the sensor saw).";
+const RETRANS_HELP: &str = "TCP segments retransmitted (tcp:tcp_retransmit_skb); by destination group and workload while the connection is being opened (SYN retransmits), else host-level (destination other, empty workload).";
 const RESETS: &str = "sensor_tcp_resets_total";
 const RESETS_HELP: &str =
-    "TCP resets sent and received, by destination group and workload of the connection (empty workload when unknown).";
+    "TCP resets sent and received; by destination group and workload while the connection is being opened (refused connects), else host-level (destination other, empty workload).";
 
 struct CountCollector {
     map: Mutex<PerCpuHashMap<MapData, FlowCountKey, u64>>,
+    /// Host-level resets and retransmits (sockets not connecting), by `kind - RETRANSMIT`.
+    host: Mutex<PerCpuArray<MapData, u64>>,
     /// Each success is observed once in the latency histogram: its count is the success count.
     latency: Arc<HistogramMapCollector<FlowKey>>,
     disc: Arc<Discovery>,
@@ -368,6 +371,20 @@ impl Collector for CountCollector {
                 .collect(),
             Err(_) => Vec::new(),
         };
+        let mut entries = entries;
+        if let Ok(host) = self.host.lock() {
+            for what in [kind::RETRANSMIT, kind::RESET_RECEIVED, kind::RESET_SENT] {
+                if let Ok(v) = host.get(&u32::from(what - kind::RETRANSMIT), 0) {
+                    let key = FlowCountKey {
+                        cgroup_id: 0,
+                        dest: sensor_common::tcp::DEST_OTHER,
+                        kind: what,
+                        _pad: 0,
+                    };
+                    entries.push((key, v.iter().copied().fold(0u64, u64::wrapping_add)));
+                }
+            }
+        }
         for (k, h) in self.latency.snapshot() {
             let mut labels = vec![result_label(result::SUCCESS).to_string(), self.dest(k.dest)];
             labels.extend(self.disc.labels_for_id(k.cgroup_id));
@@ -420,6 +437,7 @@ impl Collector for CountCollector {
 /// The kernel maps the TCP slice reads.
 pub struct TcpMaps {
     pub counts: PerCpuHashMap<MapData, FlowCountKey, u64>,
+    pub host_counts: PerCpuArray<MapData, u64>,
     pub connect_hist: PerCpuHashMap<MapData, FlowKey, Log2Hist>,
     pub rtt_hist: PerCpuHashMap<MapData, FlowKey, Log2Hist>,
     /// Active opens from SYN_SENT until they end.
@@ -479,7 +497,7 @@ impl TcpSlice {
         )?);
         let rtt_hist = Arc::new(HistogramMapCollector::new(
             "sensor_tcp_rtt_seconds",
-            "Smoothed RTT of active opens, sampled when the connection leaves ESTABLISHED, by destination group and workload.",
+            "RTT of active opens, the handshake's sample (srtt_us when the connection becomes ESTABLISHED), by destination group and workload.",
             &HIST_LABELS,
             maps.rtt_hist,
             label_fn(Arc::clone(&disc), names.clone()),
@@ -487,6 +505,7 @@ impl TcpSlice {
         )?);
         let counts = Arc::new(CountCollector {
             map: Mutex::new(maps.counts),
+            host: Mutex::new(maps.host_counts),
             latency: Arc::clone(&connect_hist),
             disc: Arc::clone(&disc),
             names: names.clone(),
@@ -557,7 +576,7 @@ impl TcpSlice {
             let old: Vec<u64> = m
                 .iter()
                 .filter_map(Result::ok)
-                .filter(|(_, s)| s.flags & ConnStart::ESTABLISHED == 0 && now.saturating_sub(s.ktime_ns) > max_age)
+                .filter(|(_, s)| now.saturating_sub(s.ktime_ns) > max_age)
                 .map(|(k, _)| k)
                 .collect();
             for k in old {

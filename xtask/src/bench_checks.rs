@@ -1,0 +1,1140 @@
+//! `cargo xtask bench-checks`: synthetic HTTP checks against a local target, as probes per
+//! CPU-second of the sensor next to prometheus-blackbox-exporter probing the same target at the
+//! same offered rate (rounds alternate in one run), plus the daemon's RSS with 1,000 checks.
+//!
+//! Only the prober's own CPU counts (utime + stime of its process from /proc/PID/stat): the
+//! target and the driver that asks blackbox_exporter for probes live in this process and are
+//! reported separately.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+const BLACKBOX: &str = "prometheus-blackbox-exporter";
+const BLACKBOX_CONFIG: &str = "modules:
+  http_2xx:
+    prober: http
+    timeout: 2s
+    http:
+      valid_status_codes: [200]
+      preferred_ip_protocol: ip4
+";
+/// What the target answers to every request.
+const RESPONSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n";
+/// Server threads of the target (blocking accept on one shared listener).
+const TARGET_THREADS: usize = 4;
+/// Time a freshly started prober runs before its window opens.
+const WARMUP: Duration = Duration::from_secs(2);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Opts {
+    /// Sensor and blackbox_exporter measurements each (alternating).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds per measurement window.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Checks in the sensor's config; also the number of driver workers for blackbox_exporter.
+    #[arg(long, default_value_t = 50)]
+    checks: usize,
+    /// Offered probes per second, the same for both (each check's interval is checks / rate).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Checks for the RSS measurement (interval 10s).
+    #[arg(long, default_value_t = 1000)]
+    rss_checks: usize,
+    /// Seconds the RSS measurement waits before reading /proc/PID/status.
+    #[arg(long, default_value_t = 25.0)]
+    rss_wait: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc helpers
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime in seconds from a /proc/.../stat file.
+fn cpu_seconds(stat: &str) -> Result<f64> {
+    let text = std::fs::read_to_string(stat).with_context(|| format!("read {stat}"))?;
+    // The command name may contain spaces and parentheses; the fields follow the last ')'.
+    let rest = text.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime and stime are fields 14 and 15.
+    let num = |i: usize| -> Result<u64> {
+        f.get(i)
+            .context("short stat")?
+            .parse::<u64>()
+            .with_context(|| format!("{stat}: field {}", i + 3))
+    };
+    Ok((num(11)? + num(12)?) as f64 / clk_tck())
+}
+
+fn pid_cpu(pid: u32) -> Result<f64> {
+    cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// VmRSS and VmHWM in KiB.
+fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    let field = |key: &str| -> Result<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {key} in {path}"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The target: a fixed 200 to every request, one request per connection.
+
+struct Target {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    tids: Arc<Mutex<Vec<i64>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Target {
+    fn start() -> Result<Target> {
+        let l = TcpListener::bind("127.0.0.1:0").context("bind the target")?;
+        // SAFETY: valid listening fd; a deeper backlog than std's 128.
+        unsafe { libc::listen(l.as_raw_fd(), 4096) };
+        let addr = l.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let tids = Arc::new(Mutex::new(Vec::new()));
+        let mut threads = Vec::new();
+        for _ in 0..TARGET_THREADS {
+            let l = l.try_clone()?;
+            let (stop, served, tids) = (Arc::clone(&stop), Arc::clone(&served), Arc::clone(&tids));
+            threads.push(std::thread::spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+                tids.lock().unwrap_or_else(|p| p.into_inner()).push(tid);
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((s, _)) = l.accept() {
+                        if serve(s) {
+                            served.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+        Ok(Target {
+            addr,
+            stop,
+            served,
+            tids,
+            threads,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// CPU seconds of the server threads so far.
+    fn cpu(&self) -> f64 {
+        let tids = self.tids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        tids.iter()
+            .filter_map(|t| cpu_seconds(&format!("/proc/self/task/{t}/stat")).ok())
+            .sum()
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Each blocked accept needs a connection to notice the flag.
+        for _ in 0..self.threads.len() {
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads the request head and answers 200; the server closes first, so TIME_WAIT stays on its
+/// side and the probers' ephemeral ports are free again at once.
+fn serve(mut s: TcpStream) -> bool {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 2048];
+    let mut have = 0;
+    loop {
+        match s.read(&mut buf[have..]) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => have += n,
+        }
+        if buf[..have].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+        if have == buf.len() {
+            return false;
+        }
+    }
+    s.write_all(RESPONSE).is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP clients: one-shot (metrics, readiness) and keep-alive (the blackbox driver).
+
+/// GET with `Connection: close`; status and body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((status, body))
+}
+
+fn wait_http_ok(addr: SocketAddr, path: &str, child: &mut Child, what: &str) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        if matches!(http_get(addr, path), Ok((200, _))) {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("{what} exited with {status} before it was ready");
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("{what} did not answer {path} with 200 within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One persistent HTTP/1.1 connection.
+struct KeepAlive {
+    addr: SocketAddr,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl KeepAlive {
+    fn new(addr: SocketAddr) -> KeepAlive {
+        KeepAlive { addr, conn: None }
+    }
+
+    fn get(&mut self, path: &str) -> Result<(u16, Vec<u8>)> {
+        let r = self.try_get(path);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    fn try_get(&mut self, path: &str) -> Result<(u16, Vec<u8>)> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect(self.addr)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            self.conn = Some(BufReader::new(s));
+        }
+        let conn = self.conn.as_mut().context("no connection")?;
+        write!(conn.get_mut(), "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr)?;
+        let mut line = String::new();
+        conn.read_line(&mut line)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("bad status line {line:?}"))?;
+        let (mut len, mut chunked, mut close) = (None, false, false);
+        loop {
+            line.clear();
+            if conn.read_line(&mut line)? == 0 {
+                bail!("connection closed in the headers");
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
+                match k.as_str() {
+                    "content-length" => len = v.parse::<usize>().ok(),
+                    "transfer-encoding" => chunked = v.contains("chunked"),
+                    "connection" => close = v.contains("close"),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                line.clear();
+                conn.read_line(&mut line)?;
+                let hex = line.trim().split(';').next().unwrap_or("");
+                let n = usize::from_str_radix(hex, 16).with_context(|| format!("bad chunk size {line:?}"))?;
+                if n == 0 {
+                    // Trailers, then the empty line.
+                    loop {
+                        line.clear();
+                        if conn.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let start = body.len();
+                body.resize(start + n, 0);
+                conn.read_exact(&mut body[start..])?;
+                let mut crlf = [0u8; 2];
+                conn.read_exact(&mut crlf)?;
+            }
+        } else if let Some(n) = len {
+            body.resize(n, 0);
+            conn.read_exact(&mut body)?;
+        } else {
+            conn.read_to_end(&mut body)?;
+            close = true;
+        }
+        if close {
+            self.conn = None;
+        }
+        Ok((status, body))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The two probers.
+
+fn stop_child(mut child: Child, sig: i32) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn sensor_config(target: &str, checks: usize, interval: Duration) -> String {
+    let mut cfg =
+        String::from("probes: {oom: {enabled: false}, memcg: {enabled: false}, tcp: {enabled: false}}\nchecks:\n");
+    let interval = format!("{}us", interval.as_micros().max(1));
+    for i in 0..checks {
+        cfg.push_str(&format!(
+            "  - {{name: c{i}, type: http, url: \"{target}\", interval: {interval}, timeout: 2s}}\n"
+        ));
+    }
+    cfg
+}
+
+struct Sensor {
+    child: Option<Child>,
+    addr: SocketAddr,
+}
+
+impl Sensor {
+    fn start(bin: &Path, config: &Path, log: &Path) -> Result<Sensor> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let log = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let mut child = Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(["--listen", &addr.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        if let Err(e) = wait_http_ok(addr, "/readyz", &mut child, "the sensor") {
+            stop_child(child, libc::SIGKILL);
+            return Err(e);
+        }
+        Ok(Sensor {
+            child: Some(child),
+            addr,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// `sensor_check_runs_total` summed over checks: (success, failure).
+    fn runs(&self) -> Result<(u64, u64)> {
+        let (status, body) = http_get(self.addr, "/metrics")?;
+        if status != 200 {
+            bail!("sensor /metrics answered {status}");
+        }
+        let (mut ok, mut failed) = (0.0, 0.0);
+        for l in body.lines().filter(|l| l.starts_with("sensor_check_runs_total{")) {
+            let v: f64 = l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            if l.contains("result=\"success\"") {
+                ok += v;
+            } else {
+                failed += v;
+            }
+        }
+        Ok((ok as u64, failed as u64))
+    }
+}
+
+impl Drop for Sensor {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            stop_child(c, libc::SIGINT);
+        }
+    }
+}
+
+#[derive(Default)]
+struct DriverCounts {
+    ok: AtomicU64,
+    /// probe_success 0.
+    failed: AtomicU64,
+    /// No answer from the exporter, or not a 200.
+    errors: AtomicU64,
+}
+
+impl DriverCounts {
+    fn snapshot(&self) -> [u64; 3] {
+        [
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+struct Blackbox {
+    child: Option<Child>,
+    stop: Arc<AtomicBool>,
+    counts: Arc<DriverCounts>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Blackbox {
+    /// Starts the exporter and `workers` driver threads that together ask for `rate` probes/s.
+    fn start(bin: &Path, config: &Path, log: &Path, target: &str, workers: usize, rate: f64) -> Result<Blackbox> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let log = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let mut child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        if let Err(e) = wait_http_ok(addr, "/metrics", &mut child, "blackbox_exporter") {
+            stop_child(child, libc::SIGKILL);
+            return Err(e);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(DriverCounts::default());
+        let path = format!("/probe?target={target}&module=http_2xx");
+        // Each worker is one "check": a request every `period`, phases spread over the period.
+        let period = Duration::from_secs_f64(workers as f64 / rate);
+        let start = Instant::now();
+        let mut handles = Vec::new();
+        for i in 0..workers {
+            let (stop, counts, path) = (Arc::clone(&stop), Arc::clone(&counts), path.clone());
+            let mut next = start + period.mul_f64(i as f64 / workers as f64);
+            handles.push(std::thread::spawn(move || {
+                let mut conn = KeepAlive::new(addr);
+                while !stop.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                    match conn.get(&path) {
+                        Ok((200, body)) if body.windows(17).any(|w| w == b"\nprobe_success 1\n") => {
+                            counts.ok.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Ok((200, _)) => counts.failed.fetch_add(1, Ordering::Relaxed),
+                        _ => counts.errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                    // A probe longer than the period delays the next one rather than bursting.
+                    next = (next + period).max(Instant::now());
+                }
+            }));
+        }
+        Ok(Blackbox {
+            child: Some(child),
+            stop,
+            counts,
+            workers: handles,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+}
+
+impl Drop for Blackbox {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        if let Some(c) = self.child.take() {
+            stop_child(c, libc::SIGTERM);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prober {
+    Sensor,
+    Blackbox,
+}
+
+impl Prober {
+    fn name(self) -> &'static str {
+        match self {
+            Prober::Sensor => "sensor",
+            Prober::Blackbox => "blackbox_exporter",
+        }
+    }
+}
+
+/// One measurement window.
+#[derive(Clone, Debug)]
+struct Sample {
+    prober: Prober,
+    round: usize,
+    secs: f64,
+    ok: u64,
+    failed: u64,
+    cpu: f64,
+    target_requests: u64,
+    target_cpu: f64,
+    /// CPU of this process minus the target's (the blackbox driver; ~0 for sensor rounds).
+    driver_cpu: f64,
+    rss_kib: u64,
+}
+
+impl Sample {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.secs
+    }
+    fn per_cpu(&self) -> f64 {
+        if self.cpu > 0.0 {
+            self.ok as f64 / self.cpu
+        } else {
+            f64::INFINITY
+        }
+    }
+    fn cpu_pct(&self) -> f64 {
+        100.0 * self.cpu / self.secs
+    }
+}
+
+struct Env {
+    sensor: PathBuf,
+    blackbox: PathBuf,
+    dir: PathBuf,
+    target: Target,
+}
+
+/// Opens a window on `pid`, sleeps `secs`, closes it; `probes` reads (ok, failed) at each edge.
+fn window(
+    env: &Env,
+    prober: Prober,
+    round: usize,
+    pid: u32,
+    secs: f64,
+    probes: &dyn Fn() -> Result<(u64, u64)>,
+) -> Result<Sample> {
+    // Probe counts are read just outside the CPU readings, so a /metrics scrape of the sensor is
+    // (mostly) not billed to it.
+    let (ok0, failed0) = probes()?;
+    let (cpu0, self0, tcpu0, treq0, t0) = (
+        pid_cpu(pid)?,
+        cpu_seconds("/proc/self/stat")?,
+        env.target.cpu(),
+        env.target.served(),
+        Instant::now(),
+    );
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let (cpu1, self1, tcpu1, treq1, elapsed) = (
+        pid_cpu(pid)?,
+        cpu_seconds("/proc/self/stat")?,
+        env.target.cpu(),
+        env.target.served(),
+        t0.elapsed().as_secs_f64(),
+    );
+    let (ok1, failed1) = probes()?;
+    let (rss, _) = rss_kib(pid)?;
+    let target_cpu = tcpu1 - tcpu0;
+    Ok(Sample {
+        prober,
+        round,
+        secs: elapsed,
+        ok: ok1.saturating_sub(ok0),
+        failed: failed1.saturating_sub(failed0),
+        cpu: cpu1 - cpu0,
+        target_requests: treq1 - treq0,
+        target_cpu,
+        driver_cpu: ((self1 - self0) - target_cpu).max(0.0),
+        rss_kib: rss,
+    })
+}
+
+fn measure_sensor(env: &Env, o: &Opts, round: usize) -> Result<Sample> {
+    let s = Sensor::start(&env.sensor, &env.dir.join("sensor.yaml"), &env.dir.join("sensor.log"))?;
+    std::thread::sleep(WARMUP);
+    window(env, Prober::Sensor, round, s.pid(), o.seconds, &|| s.runs())
+}
+
+fn measure_blackbox(env: &Env, o: &Opts, round: usize) -> Result<Sample> {
+    let b = Blackbox::start(
+        &env.blackbox,
+        &env.dir.join("blackbox.yml"),
+        &env.dir.join("blackbox.log"),
+        &env.target.url(),
+        o.checks,
+        o.rate,
+    )?;
+    std::thread::sleep(WARMUP);
+    let probes = || {
+        let [ok, failed, errors] = b.counts.snapshot();
+        Ok((ok, failed + errors))
+    };
+    window(env, Prober::Blackbox, round, b.pid(), o.seconds, &probes)
+}
+
+struct RssResult {
+    checks: usize,
+    rss_kib: u64,
+    hwm_kib: u64,
+    ok: u64,
+    failed: u64,
+    cpu: f64,
+    secs: f64,
+}
+
+fn measure_rss(env: &Env, checks: usize, wait: f64) -> Result<RssResult> {
+    let cfg = env.dir.join(format!("sensor-rss-{checks}.yaml"));
+    let text = sensor_config(&env.target.url(), checks, Duration::from_secs(10));
+    std::fs::write(&cfg, text).with_context(|| format!("write {}", cfg.display()))?;
+    let t = Instant::now();
+    let s = Sensor::start(&env.sensor, &cfg, &env.dir.join(format!("sensor-rss-{checks}.log")))?;
+    std::thread::sleep(Duration::from_secs_f64(wait));
+    // Status first: the scrape below allocates.
+    let (rss_kib, hwm_kib) = rss_kib(s.pid())?;
+    let cpu = pid_cpu(s.pid())?;
+    let secs = t.elapsed().as_secs_f64();
+    let (ok, failed) = s.runs()?;
+    Ok(RssResult {
+        checks,
+        rss_kib,
+        hwm_kib,
+        ok,
+        failed,
+        cpu,
+        secs,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup.
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn ensure_blackbox() -> Result<PathBuf> {
+    if let Some(p) = find_in_path(BLACKBOX) {
+        return Ok(p);
+    }
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", BLACKBOX])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            // apt's progress goes to stderr with ours; stdout is the report.
+            .stdout(std::io::stderr())
+            .status()
+            .context("cannot run apt-get")
+    };
+    eprintln!("==> {BLACKBOX} not found: apt-get install -y {BLACKBOX}");
+    if !install()?.success() {
+        eprintln!("==> install failed: apt-get update, then retrying");
+        crate::run(
+            Command::new("apt-get")
+                .args(["update", "-qq"])
+                .stdout(std::io::stderr()),
+        )?;
+        if !install()?.success() {
+            bail!("apt-get install {BLACKBOX} failed");
+        }
+    }
+    find_in_path(BLACKBOX).with_context(|| format!("{BLACKBOX} still not on PATH after installing it"))
+}
+
+fn command_text(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s
+        })
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report.
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (v[0], median, v[n - 1])
+}
+
+fn row(label: &str, v: Vec<f64>, decimals: usize) -> String {
+    let (a, b, c) = stats(v);
+    format!("| {label} | {a:.decimals$} | {b:.decimals$} | {c:.decimals$} |\n")
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if o.rounds == 0 || o.checks == 0 || o.rss_checks == 0 || !positive(o.rate) || !positive(o.seconds) {
+        bail!("--rounds, --checks, --rss-checks, --rate and --seconds must be positive");
+    }
+    let blackbox = ensure_blackbox()?;
+    let bb_version = command_text(Command::new(&blackbox).arg("--version"))
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    eprintln!("==> using {} ({bb_version})", blackbox.display());
+    let dir = root.join("target/bench-checks");
+    std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    let target = Target::start()?;
+    eprintln!(
+        "==> target {} ({TARGET_THREADS} threads, 200 + 3-byte body, Connection: close)",
+        target.url()
+    );
+    let interval = Duration::from_secs_f64(o.checks as f64 / o.rate);
+    let sensor_yaml = dir.join("sensor.yaml");
+    std::fs::write(&sensor_yaml, sensor_config(&target.url(), o.checks, interval))
+        .with_context(|| format!("write {}", sensor_yaml.display()))?;
+    std::fs::write(dir.join("blackbox.yml"), BLACKBOX_CONFIG).context("write blackbox.yml")?;
+    let env = Env {
+        sensor: sensor.to_path_buf(),
+        blackbox,
+        dir: dir.clone(),
+        target,
+    };
+
+    // Both probers must succeed against the target before anything is timed.
+    let one = dir.join("sensor-check-1.yaml");
+    std::fs::write(&one, sensor_config(&env.target.url(), 1, interval))?;
+    let out = Command::new(sensor)
+        .arg("check")
+        .arg("--config")
+        .arg(&one)
+        .arg("--json")
+        .output()
+        .context("run sensor check")?;
+    if !out.status.success() {
+        bail!(
+            "sensor check against the target failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!("==> sensor check: {}", String::from_utf8_lossy(&out.stdout).trim());
+
+    eprintln!(
+        "==> throughput: {} rounds x (sensor, blackbox_exporter), {:.1} s windows after {:.0} s warm-up, \
+         offered {:.0} probes/s ({} checks every {:?} / {} driver workers)",
+        o.rounds,
+        o.seconds,
+        WARMUP.as_secs_f64(),
+        o.rate,
+        o.checks,
+        interval,
+        o.checks
+    );
+    let mut samples: Vec<Sample> = Vec::new();
+    for round in 1..=o.rounds {
+        for prober in [Prober::Sensor, Prober::Blackbox] {
+            let s = match prober {
+                Prober::Sensor => measure_sensor(&env, o, round)?,
+                Prober::Blackbox => measure_blackbox(&env, o, round)?,
+            };
+            eprintln!(
+                "round {round}/{} {:<17} {:>7.0} probes/s ({} ok, {} failed), CPU {:>5.1}% -> {:>6.0} probes/CPU-s; \
+                 target {:.1}% CPU, {} requests",
+                o.rounds,
+                prober.name(),
+                s.rate(),
+                s.ok,
+                s.failed,
+                s.cpu_pct(),
+                s.per_cpu(),
+                100.0 * s.target_cpu / s.secs,
+                s.target_requests
+            );
+            samples.push(s);
+            // Let the previous prober's sockets and threads go before the next one starts.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    eprintln!(
+        "==> RSS: 1 check and {} checks (interval 10s), {:.0} s each",
+        o.rss_checks, o.rss_wait
+    );
+    let mut rss = Vec::new();
+    for n in [1, o.rss_checks] {
+        let r = measure_rss(&env, n, o.rss_wait)?;
+        eprintln!(
+            "{n:>5} checks: VmRSS {:.1} MiB, VmHWM {:.1} MiB, {} runs ok, {} failed, CPU {:.2}% over {:.0} s",
+            mib(r.rss_kib),
+            mib(r.hwm_kib),
+            r.ok,
+            r.failed,
+            100.0 * r.cpu / r.secs,
+            r.secs
+        );
+        rss.push(r);
+    }
+
+    let report = render(o, &bb_version, interval, &samples, &rss);
+    println!("{report}");
+    let path = root.join("docs/benchmarks-checks.md");
+    std::fs::write(&path, report).with_context(|| format!("write {}", path.display()))?;
+    eprintln!("==> wrote {}", path.display());
+    summary(o, &samples, &rss);
+    Ok(())
+}
+
+/// The headline numbers, and a warning when either prober fell short of the offered rate.
+fn summary(o: &Opts, samples: &[Sample], rss: &[RssResult]) {
+    let med =
+        |p: Prober, f: &dyn Fn(&Sample) -> f64| stats(samples.iter().filter(|s| s.prober == p).map(f).collect()).1;
+    let ratio = stats(
+        samples
+            .iter()
+            .filter(|s| s.prober == Prober::Sensor)
+            .filter_map(|s| {
+                samples
+                    .iter()
+                    .find(|b| b.prober == Prober::Blackbox && b.round == s.round)
+                    .map(|b| s.per_cpu() / b.per_cpu())
+            })
+            .collect(),
+    );
+    for p in [Prober::Sensor, Prober::Blackbox] {
+        eprintln!(
+            "==> {:<17} median {:>6.0} probes/CPU-s at {:>5.0} probes/s ({:.1}% of one core)",
+            p.name(),
+            med(p, &Sample::per_cpu),
+            med(p, &Sample::rate),
+            med(p, &Sample::cpu_pct)
+        );
+        let short = med(p, &Sample::rate) < 0.95 * o.rate;
+        let failed: u64 = samples.iter().filter(|s| s.prober == p).map(|s| s.failed).sum();
+        if short || failed > 0 {
+            eprintln!(
+                "==> note: {} achieved a median {:.0} of {:.0} offered probes/s, {failed} failed probes in all",
+                p.name(),
+                med(p, &Sample::rate),
+                o.rate
+            );
+        }
+    }
+    eprintln!(
+        "==> sensor / blackbox_exporter probes per CPU-second: min {:.2}, median {:.2}, max {:.2}",
+        ratio.0, ratio.1, ratio.2
+    );
+    if let [base, big] = rss {
+        eprintln!(
+            "==> RSS: {} check {:.1} MiB, {} checks {:.1} MiB ({:.1} KiB per check)",
+            base.checks,
+            mib(base.rss_kib),
+            big.checks,
+            mib(big.rss_kib),
+            (big.rss_kib as f64 - base.rss_kib as f64) / (big.checks.saturating_sub(base.checks).max(1)) as f64
+        );
+    }
+}
+
+fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rss: &[RssResult]) -> String {
+    let of = |p: Prober| samples.iter().filter(move |s| s.prober == p);
+    let sensor: Vec<&Sample> = of(Prober::Sensor).collect();
+    let bb: Vec<&Sample> = of(Prober::Blackbox).collect();
+    let ratios: Vec<f64> = sensor
+        .iter()
+        .filter_map(|s| {
+            bb.iter()
+                .find(|b| b.round == s.round)
+                .map(|b| s.per_cpu() / b.per_cpu())
+        })
+        .collect();
+    let col = |v: &[&Sample], f: &dyn Fn(&Sample) -> f64| v.iter().map(|s| f(s)).collect::<Vec<f64>>();
+
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let date = command_text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
+    let rev = command_text(Command::new("git").args(["describe", "--always", "--dirty"]));
+    let os = std::fs::read_to_string("/etc/debian_version")
+        .map_or_else(|_| "Linux".into(), |v| format!("Debian {}", v.trim()));
+
+    let mut t = String::new();
+    t.push_str("# Benchmarks: synthetic checks\n\n");
+    t.push_str(
+        "Generated by `cargo xtask bench-checks`; numbers from the last run on the machine named. \
+         This is a benchmark, not a test: nothing here fails a build.\n\n",
+    );
+    t.push_str(&format!(
+        "Machine: {cpus} CPUs ({model}), kernel {}, {os}; run {} at commit {}; {bb_version}.\n\n",
+        kernel.trim(),
+        date.trim(),
+        rev.trim()
+    ));
+
+    t.push_str("## Probes per CPU-second: sensor vs. blackbox_exporter\n\n");
+    t.push_str(&format!(
+        "Both probe the same local HTTP target at the same offered rate, {:.0} probes/s, in {} rounds that \
+         alternate sensor / blackbox_exporter in one run; each prober is started fresh, runs {:.0} s of warm-up, then \
+         a {:.1} s window. Probes per CPU-second = successful probes in the window / (utime + stime of the prober's \
+         process over the window, from /proc/PID/stat). The ratio is sensor over blackbox_exporter within a round.\n\n",
+        o.rate,
+        o.rounds,
+        WARMUP.as_secs_f64(),
+        o.seconds
+    ));
+    t.push_str("| | min | median | max |\n|---|---|---|---|\n");
+    t.push_str(&row(
+        "**sensor / blackbox_exporter, probes per CPU-second**",
+        ratios.clone(),
+        2,
+    ));
+    for (name, v) in [("sensor", &sensor), ("blackbox_exporter", &bb)] {
+        t.push_str(&row(
+            &format!("{name}: probes per CPU-second"),
+            col(v, &Sample::per_cpu),
+            0,
+        ));
+        t.push_str(&row(
+            &format!("{name}: CPU per probe, µs"),
+            col(v, &|s| 1e6 / s.per_cpu()),
+            0,
+        ));
+        t.push_str(&row(&format!("{name}: achieved probes/s"), col(v, &Sample::rate), 0));
+        t.push_str(&row(
+            &format!("{name}: CPU, % of one core"),
+            col(v, &Sample::cpu_pct),
+            1,
+        ));
+        t.push_str(&row(
+            &format!("{name}: failed probes per window"),
+            col(v, &|s| s.failed as f64),
+            0,
+        ));
+        t.push_str(&row(
+            &format!("{name}: RSS at window end, MiB"),
+            col(v, &|s| mib(s.rss_kib)),
+            1,
+        ));
+        t.push_str(&row(
+            &format!("target CPU during {name} windows, % of one core"),
+            col(v, &|s| 100.0 * s.target_cpu / s.secs),
+            1,
+        ));
+    }
+    t.push_str(&row(
+        "blackbox driver CPU (not counted), % of one core",
+        col(&bb, &|s| 100.0 * s.driver_cpu / s.secs),
+        1,
+    ));
+
+    let load = |v: &[&Sample]| {
+        let (lo, _, hi) = stats(col(v, &Sample::rate));
+        let failed: u64 = v.iter().map(|s| s.failed).sum();
+        format!("{lo:.0}-{hi:.0} probes/s with {failed} failed")
+    };
+    t.push_str(&format!(
+        "\nOffered {:.0} probes/s; achieved: sensor {}, blackbox_exporter {} over all windows.\n",
+        o.rate,
+        load(&sensor),
+        load(&bb)
+    ));
+    t.push_str(&format!(
+        "\n### Method\n\n\
+         - **Target**: an HTTP/1.1 server inside xtask ({TARGET_THREADS} threads blocking in accept on one loopback \
+         listener) that reads the request head and answers `200`, a 3-byte body and `Connection: close`, then closes. \
+         Both probers open a fresh TCP connection per probe. Its CPU (per-thread /proc/self/task/TID/stat) and request \
+         count are recorded per window: at most {tmax:.1}% of one core, and its requests differ from the probes \
+         counted by at most {tdiff} per window (probes in flight at the window edges).\n\
+         - **sensor**: `sensor run --config FILE --listen 127.0.0.1:PORT` with every kernel probe disabled (no \
+         privileges needed) and {checks} HTTP checks of that target, `interval: {interval:?}`, `timeout: 2s`. Probes \
+         are the delta of `sensor_check_runs_total{{result=\"success\"}}` summed over checks, scraped just outside the \
+         CPU readings so the two scrapes are (mostly) not billed to the sensor. Its cost includes scheduling, timing \
+         every phase, the per-check histograms, the result ring used for availability windows and alerting.\n\
+         - **blackbox_exporter**: Debian's `{BLACKBOX}` with one module (`prober: http`, `timeout: 2s`, \
+         `valid_status_codes: [200]`, `preferred_ip_protocol: ip4`), driven by {checks} worker threads in xtask, \
+         each one keep-alive connection issuing `GET /probe?target=http://TARGET/&module=http_2xx` every {period:.1} ms \
+         (a slow answer delays that worker's next request instead of bursting), i.e. the same offered rate. Probes are \
+         answers containing `probe_success 1`. The driver's CPU is not counted (it is shown above). Part of the \
+         exporter's real per-probe cost is that each probe is an HTTP request to it that it parses, plus a fresh \
+         registry whose metrics it renders in the text format; that is how blackbox_exporter is used by Prometheus.\n\
+         - CPU is utime + stime in clock ticks (sysconf(_SC_CLK_TCK) = {tck}), i.e. {res:.0} ms resolution; nothing \
+         is pinned. Both probers run on the same {cpus}-CPU machine as the target (and, in blackbox rounds, the driver).\n\n",
+        checks = o.checks,
+        tmax = samples
+            .iter()
+            .map(|s| 100.0 * s.target_cpu / s.secs)
+            .fold(0.0, f64::max),
+        tdiff = samples
+            .iter()
+            .map(|s| (s.ok + s.failed).abs_diff(s.target_requests))
+            .max()
+            .unwrap_or(0),
+        period = 1000.0 * o.checks as f64 / o.rate,
+        tck = clk_tck(),
+        res = 1000.0 / clk_tck(),
+    ));
+
+    t.push_str("### Raw rounds\n\n");
+    t.push_str(
+        "| round | prober | window s | probes ok | failed | probes/s | CPU s | probes/CPU-s | target requests | \
+         target CPU s | driver CPU s | RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for s in samples {
+        t.push_str(&format!(
+            "| {} | {} | {:.2} | {} | {} | {:.0} | {:.2} | {:.0} | {} | {:.2} | {} | {:.1} |\n",
+            s.round,
+            s.prober.name(),
+            s.secs,
+            s.ok,
+            s.failed,
+            s.rate(),
+            s.cpu,
+            s.per_cpu(),
+            s.target_requests,
+            s.target_cpu,
+            if s.prober == Prober::Blackbox {
+                format!("{:.2}", s.driver_cpu)
+            } else {
+                "-".into()
+            },
+            mib(s.rss_kib)
+        ));
+    }
+
+    t.push_str(&format!("\n## Daemon memory with {} checks\n\n", o.rss_checks));
+    t.push_str(&format!(
+        "`sensor run` checks-only (kernel probes disabled) with N HTTP checks of the same target, `interval: 10s` \
+         (each check's first run is offset within its interval), read {:.0} s after start{}; VmRSS and VmHWM from \
+         /proc/PID/status, read before the one /metrics scrape that counts the runs. Checks-only needs at least one \
+         check, so the baseline is 1 check. CPU is the average since start.\n\n\
+         | checks | VmRSS MiB | VmHWM MiB | runs ok | runs failed | CPU, % of one core |\n|---|---|---|---|---|---|\n",
+        o.rss_wait,
+        if o.rss_wait >= 20.0 {
+            ", so every check has run at least twice"
+        } else {
+            ""
+        }
+    ));
+    for r in rss {
+        t.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {} | {} | {:.2} |\n",
+            r.checks,
+            mib(r.rss_kib),
+            mib(r.hwm_kib),
+            r.ok,
+            r.failed,
+            100.0 * r.cpu / r.secs
+        ));
+    }
+    if let [base, big] = rss {
+        if big.checks > base.checks {
+            let per = |a: u64, b: u64| (b as f64 - a as f64) / (big.checks - base.checks) as f64;
+            t.push_str(&format!(
+                "\nPer additional check: {:.1} KiB of RSS ({:.1} KiB of peak RSS).\n",
+                per(base.rss_kib, big.rss_kib),
+                per(base.hwm_kib, big.hwm_kib)
+            ));
+        }
+    }
+
+    t.push_str(&format!(
+        "\n## Reproduce\n\n\
+         As root on Debian (installs `{BLACKBOX}` with apt-get when it is missing; the sensor needs no privileges \
+         here):\n\n```\ncargo xtask bench-checks --rounds {} --seconds {} --checks {} --rate {} --rss-checks {} \
+         --rss-wait {}\n```\n\nConfigs and logs of the last run are left in `target/bench-checks/`.\n",
+        o.rounds, o.seconds, o.checks, o.rate, o.rss_checks, o.rss_wait
+    ));
+    t
+}
