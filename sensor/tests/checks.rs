@@ -130,7 +130,7 @@ fn http_phases_status_and_refused() {
     assert_eq!(s["status"], 200);
     let ttfb = s["phases"]["ttfb"].as_f64().unwrap();
     assert!(
-        (0.3..0.3 + 0.15).contains(&ttfb),
+        (0.3..0.3 + 0.2).contains(&ttfb),
         "ttfb {ttfb} for a 300 ms header delay"
     );
     assert!(s["phases"]["connect"].as_f64().unwrap() < 0.05, "{s}");
@@ -280,8 +280,9 @@ fn a_hanging_target_delays_no_other_check() {
     std::thread::sleep(Duration::from_secs(2));
     let m = d.metrics();
     let during = runs(&m, "fast", "success") - before;
+    // 20 at 100 ms; a busy CI machine may lose a few ticks, a delayed check would lose them all.
     assert!(
-        (17.0..=21.0).contains(&during),
+        (12.0..=21.0).contains(&during),
         "fast check ran {during} times in 2 s at 100 ms\n{m}"
     );
     assert_eq!(runs(&m, "fast", "failure"), 0.0);
