@@ -43,6 +43,8 @@ pub struct Model {
     pub long_updated: Option<String>,
     pub error: Option<String>,
     pub refresh: (Duration, Duration),
+    /// Alerts scrolled past (newest first), so every alert in the history can be read.
+    pub alert_scroll: usize,
 }
 
 async fn get_json(url: &str) -> Result<Value, String> {
@@ -253,7 +255,10 @@ pub fn draw(f: &mut Frame, m: &Model) {
             m.url,
             m.updated.as_deref().unwrap_or("never")
         )),
-        Span::styled("q quits", Style::default().fg(Color::DarkGray)),
+        Span::styled(
+            "q quits, r refreshes, arrows scroll alerts",
+            Style::default().fg(Color::DarkGray),
+        ),
     ];
     if let Some(e) = &m.error {
         title.push(Span::styled(format!("  ! {e}"), Style::default().fg(Color::Red)));
@@ -303,10 +308,12 @@ pub fn draw(f: &mut Frame, m: &Model) {
     f.render_widget(window_table(long_title, rows_long), long);
 
     let visible = alerts.height.saturating_sub(2) as usize;
+    let skip = m.alert_scroll.min(m.alerts.len().saturating_sub(visible));
     let lines: Vec<Line> = m
         .alerts
         .iter()
         .rev()
+        .skip(skip)
         .take(visible)
         .map(|a| {
             let firing = a["state"].as_str() == Some("firing");
@@ -317,8 +324,17 @@ pub fn draw(f: &mut Frame, m: &Model) {
             ))
         })
         .collect();
+    let shown = if m.alerts.len() > visible {
+        format!(
+            ", showing {}-{}, arrows scroll",
+            skip + 1,
+            (skip + visible).min(m.alerts.len())
+        )
+    } else {
+        String::new()
+    };
     let alerts_title = format!(
-        " Alerts ({} in history, newest first; down at availability <= {}) ",
+        " Alerts ({} in history, newest first{shown}; down at availability <= {}) ",
         m.alerts.len(),
         m.threshold
             .map(|t| format!("{:.0}%", t * 100.0))
@@ -454,10 +470,20 @@ where
                     if matches!(k.code, KeyCode::Char('q') | KeyCode::Char('Q') | KeyCode::Esc) || ctrl_c {
                         return Ok(());
                     }
-                    if k.code == KeyCode::Char('r') {
-                        next_short = Instant::now();
-                        next_long = Instant::now();
+                    match k.code {
+                        KeyCode::Char('r') => {
+                            next_short = Instant::now();
+                            next_long = Instant::now();
+                        }
+                        KeyCode::Down | KeyCode::Char('j') => m.alert_scroll = m.alert_scroll.saturating_add(1),
+                        KeyCode::Up | KeyCode::Char('k') => m.alert_scroll = m.alert_scroll.saturating_sub(1),
+                        KeyCode::PageDown => m.alert_scroll = m.alert_scroll.saturating_add(10),
+                        KeyCode::PageUp => m.alert_scroll = m.alert_scroll.saturating_sub(10),
+                        KeyCode::Home => m.alert_scroll = 0,
+                        _ => {}
                     }
+                    // Never past the oldest alert.
+                    m.alert_scroll = m.alert_scroll.min(m.alerts.len().saturating_sub(1));
                 }
                 // The next draw notices the new size and clears the screen itself
                 // (`Terminal::clear` would ask the terminal for the cursor position, a round
@@ -466,5 +492,54 @@ where
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(alerts: usize) -> Model {
+        let mut m = Model::new(
+            "http://127.0.0.1:9442",
+            (Duration::from_secs(10), Duration::from_secs(60)),
+        );
+        m.checks = vec![serde_json::json!({
+            "name": "shop", "type": "http", "up": false,
+            "last": {"error": "connect: Connection refused"},
+            "windows": {"10m": {"availability": 0.25, "runs": 4, "avg_response_seconds": 0.002,
+                                "max_response_seconds": 0.004, "codes": {}}}
+        })];
+        m.alerts = (0..alerts)
+            .map(|i| serde_json::json!({"state": "firing", "message": format!("alert number {i}")}))
+            .collect();
+        m.threshold = Some(0.8);
+        m
+    }
+
+    #[test]
+    fn rows_and_scrolled_alerts() {
+        let mut m = model(30);
+        let text = render_text(&m, 120, 30).unwrap();
+        let row = text.lines().find(|l| l.contains("shop")).unwrap();
+        assert!(
+            row.contains("DOWN") && row.contains("25.0%") && row.contains("connect: Connection refused"),
+            "{row}"
+        );
+        assert!(
+            text.contains("alert number 29") && !text.contains("alert number 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("30 in history, newest first, showing 1-"), "{text}");
+        // Scrolled to the end: the oldest alert is visible, the newest is not.
+        m.alert_scroll = 29;
+        let text = render_text(&m, 120, 30).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.contains("alert number 0 ") || l.trim_end().ends_with("alert number 0│")),
+            "{text}"
+        );
+        assert!(!text.contains("alert number 29"), "{text}");
+        assert!(text.contains("kernel probes: none running"), "{text}");
     }
 }
