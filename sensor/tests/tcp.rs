@@ -300,7 +300,12 @@ fn successes_and_refusals_are_counted_exactly_v4_and_v6() {
         // process made all 200.
         let pid = ev[0]["pid"].as_u64().unwrap();
         assert!(pid > 0 && pid != u64::from(std::process::id()), "{}", ev[0]);
-        assert!(ev.iter().all(|e| e["pid"] == pid && !e["comm"].as_str().unwrap().is_empty()), "{:?}", ev[0]);
+        assert!(
+            ev.iter()
+                .all(|e| e["pid"] == pid && !e["comm"].as_str().unwrap().is_empty()),
+            "{:?}",
+            ev[0]
+        );
         assert_eq!(ev[0]["cgroup"], cg.rel.as_str());
     }
     let m = d.metrics();

@@ -198,7 +198,11 @@ fn start(mode: Mode, sensor: &Path) -> Result<Option<Child>> {
     }
 }
 
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+/// (min, median, max); NaN for no samples.
+pub(crate) fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
     v.sort_by(f64::total_cmp);
     let n = v.len();
     let median = if n % 2 == 1 {

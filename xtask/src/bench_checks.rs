@@ -22,6 +22,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::bench::stats;
+
 const BLACKBOX: &str = "prometheus-blackbox-exporter";
 const BLACKBOX_CONFIG: &str = "modules:
   http_2xx:
@@ -730,20 +732,6 @@ fn command_text(cmd: &mut Command) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // Report.
-
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (v[0], median, v[n - 1])
-}
 
 fn row(label: &str, v: Vec<f64>, decimals: usize) -> String {
     let (a, b, c) = stats(v);

@@ -67,6 +67,12 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// What a run that hit its timeout reports: where it was stuck.
+    pub fn timeout_error(&self, timeout: std::time::Duration) -> String {
+        let during = if self.current.is_empty() { "start" } else { self.current };
+        format!("timeout after {} during {during}", humantime::format_duration(timeout))
+    }
+
     /// Runs `f` as phase `name`, recording its duration whether it succeeds or not.
     pub async fn phase<T, E, F>(&mut self, name: &'static str, f: F) -> Result<T, CheckError>
     where

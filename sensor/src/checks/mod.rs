@@ -527,18 +527,7 @@ async fn run_http(p: &Prepared) -> RunResult {
     let outcome = tokio::time::timeout(p.cfg.timeout, http::request(req, &mut progress)).await;
     progress.phases.total = start.elapsed().as_secs_f64();
     let (status, error) = match outcome {
-        Err(_) => (
-            None,
-            Some(format!(
-                "timeout after {} during {}",
-                humantime::format_duration(p.cfg.timeout),
-                if progress.current.is_empty() {
-                    "start"
-                } else {
-                    progress.current
-                }
-            )),
-        ),
+        Err(_) => (None, Some(progress.timeout_error(p.cfg.timeout))),
         Ok(Err(e)) => (None, Some(e.to_string())),
         Ok(Ok(resp)) => {
             let want = &p.cfg.expect.status;

@@ -147,15 +147,7 @@ pub async fn probe(engine: &Engine, rt: &CheckRuntime, wait_first: bool) -> RunR
     let error = match outcome {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e.to_string()),
-        Err(_) => Some(format!(
-            "timeout after {} during {}",
-            humantime::format_duration(p.cfg.timeout),
-            if progress.current.is_empty() {
-                "start"
-            } else {
-                progress.current
-            }
-        )),
+        Err(_) => Some(progress.timeout_error(p.cfg.timeout)),
     };
     progress.phases.total = start.elapsed().as_secs_f64();
     RunResult {
@@ -199,20 +191,11 @@ pub async fn stream(engine: Arc<Engine>, rt: Arc<CheckRuntime>, mut stop: watch:
         progress.phases.total = start.elapsed().as_secs_f64();
         let mut ws = match attempt {
             Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => {
-                engine.stream_down(&rt, e.to_string(), None, progress.phases);
-                if sleep_or_stop(backoff, &mut stop).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(max);
-                continue;
-            }
-            Err(_) => {
-                let e = format!(
-                    "timeout after {} during {}",
-                    humantime::format_duration(p.cfg.timeout),
-                    progress.current
-                );
+            failed => {
+                let e = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => progress.timeout_error(p.cfg.timeout),
+                };
                 engine.stream_down(&rt, e, None, progress.phases);
                 if sleep_or_stop(backoff, &mut stop).await {
                     return;
