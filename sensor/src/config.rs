@@ -39,6 +39,9 @@ pub struct Config {
     pub tracefs_path: Option<PathBuf>,
     /// Pages per CPU of each perf ring (power of two).
     pub perf_ring_pages: usize,
+    /// TLS and basic auth for the HTTP endpoints, in Prometheus exporter-toolkit's format
+    /// (flag `--web.config.file`, as in the Prometheus exporters).
+    pub web_config_file: Option<PathBuf>,
     pub probes: Probes,
     pub limits: Limits,
     pub alerting: Alerting,
@@ -54,6 +57,7 @@ impl Default for Config {
             btf_path: None,
             tracefs_path: None,
             perf_ring_pages: 64,
+            web_config_file: None,
             probes: Probes::default(),
             limits: Limits::default(),
             alerting: Alerting::default(),

@@ -28,15 +28,21 @@ pub struct AppState {
     pub checks: Option<Arc<crate::checks::Engine>>,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The routes; with users in the web config every route asks for basic auth (as
+/// exporter-toolkit does: probes then need an Authorization header too).
+pub fn router(state: AppState, web: Option<Arc<crate::webconfig::Web>>) -> Router {
+    let r = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/events", get(events))
         .route("/api/v1/probes", get(probes))
         .route("/api/v1/checks", get(checks))
-        .with_state(state)
+        .with_state(state);
+    match web {
+        Some(w) if w.wants_auth() => r.layer(axum::middleware::from_fn_with_state(w, crate::webconfig::require_auth)),
+        _ => r,
+    }
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
@@ -82,4 +88,47 @@ async fn checks(State(s): State<AppState>) -> impl IntoResponse {
         Some(e) => Json(serde_json::to_value(e.report()).unwrap_or_default()),
         None => Json(serde_json::json!({ "checks": [], "alerts": [] })),
     }
+}
+
+/// HTTPS: each connection's handshake runs in its own task (a slow client delays nobody), then
+/// HTTP/1.1 on the TLS stream; returns when `stop` turns true.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
+/// Resolves once `stop` is true (the guard `wait_for` returns is not `Send`).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }

@@ -23,3 +23,4 @@ pub mod run;
 pub mod tcp;
 pub mod top;
 pub mod transport;
+pub mod webconfig;

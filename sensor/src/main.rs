@@ -81,6 +81,9 @@ struct RunArgs {
     tracefs_path: Option<PathBuf>,
     #[arg(long)]
     perf_ring_pages: Option<usize>,
+    /// TLS and basic auth for the endpoints (Prometheus exporter-toolkit web config file).
+    #[arg(long = "web.config.file")]
+    web_config_file: Option<PathBuf>,
     #[arg(long = "probes.oom.enabled")]
     oom_enabled: Option<bool>,
     /// Hooks the OOM probe must not use, comma-separated (fentry,kprobe,raw_tracepoint,tracepoint).
@@ -138,6 +141,9 @@ impl RunArgs {
         }
         if let Some(v) = self.perf_ring_pages {
             c.perf_ring_pages = v;
+        }
+        if let Some(v) = &self.web_config_file {
+            c.web_config_file = Some(v.clone());
         }
         if let Some(v) = self.oom_enabled {
             c.probes.oom.enabled = v;

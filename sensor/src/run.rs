@@ -370,19 +370,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ready: Arc::clone(&ready),
         checks: checks.as_ref().map(|(e, _)| Arc::clone(e)),
     };
+    // Read before any probe work would be wasted on a typo in it.
+    let web = match &cfg.web_config_file {
+        Some(p) => Some(crate::webconfig::Web::load(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr()?;
-    let mut http_stop = checks_stop_rx.clone();
+    let http_stop = checks_stop_rx.clone();
+    let tls = web.as_ref().and_then(|w| w.tls.clone());
+    let app = http::router(state, web);
     let server = tokio::spawn(async move {
-        let r = axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP server failed");
+        match tls {
+            Some(acceptor) => http::serve_tls(listener, acceptor, app, http_stop).await,
+            None => {
+                let mut stop = http_stop;
+                let r = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }
         }
     });
     ready.store(true, Ordering::Release);

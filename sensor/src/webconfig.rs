@@ -1,0 +1,294 @@
+//! `--web.config.file`: TLS and basic auth for the daemon's HTTP endpoints, in the file format of
+//! Prometheus exporter-toolkit, so the file that protects node_exporter protects the sensor too.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    extract::{Request, State},
+    http::{header, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    server::WebPkiClientVerifier,
+    RootCertStore, ServerConfig,
+};
+use serde::Deserialize;
+
+/// The subset of exporter-toolkit's web configuration the sensor implements; any other key is
+/// an error naming it rather than a setting silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfigFile {
+    #[serde(default)]
+    pub tls_server_config: Option<TlsServerConfig>,
+    /// User name -> bcrypt hash of the password.
+    #[serde(default)]
+    pub basic_auth_users: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsServerConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    #[serde(default)]
+    pub client_auth_type: ClientAuth,
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// `TLS12` (default) or `TLS13`.
+    #[serde(default)]
+    pub min_version: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum ClientAuth {
+    #[default]
+    NoClientCert,
+    VerifyClientCertIfGiven,
+    RequireAndVerifyClientCert,
+}
+
+/// The loaded configuration: a TLS acceptor and/or the users allowed in.
+pub struct Web {
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    users: BTreeMap<String, String>,
+    /// Credentials already verified: bcrypt is deliberately slow, scrapes come every few
+    /// seconds. Only successes are cached, so wrong guesses always pay the full cost.
+    verified: Mutex<HashSet<(String, String)>>,
+}
+
+fn err(file: &Path, key: &str, reason: impl std::fmt::Display) -> String {
+    format!("web config {}: {key}: {reason}", file.display())
+}
+
+impl Web {
+    pub fn load(file: &Path) -> Result<Arc<Web>, String> {
+        let text =
+            std::fs::read_to_string(file).map_err(|e| format!("web config {}: cannot read: {e}", file.display()))?;
+        let de = serde_yaml_ng::Deserializer::from_str(&text);
+        let cfg: WebConfigFile = match serde_path_to_error::deserialize(de) {
+            Ok(c) => c,
+            // An empty file is a valid "no TLS, no auth".
+            Err(_) if text.trim().is_empty() => WebConfigFile::default(),
+            Err(e) => {
+                let key = e.path().to_string();
+                return Err(err(file, &key, e.into_inner()));
+            }
+        };
+        for (user, hash) in &cfg.basic_auth_users {
+            if hash.parse::<bcrypt::HashParts>().is_err() {
+                return Err(err(
+                    file,
+                    &format!("basic_auth_users.{user}"),
+                    "is not a bcrypt hash (make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)",
+                ));
+            }
+        }
+        let tls = cfg.tls_server_config.as_ref().map(|t| acceptor(file, t)).transpose()?;
+        Ok(Arc::new(Web {
+            tls,
+            users: cfg.basic_auth_users,
+            verified: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    pub fn wants_auth(&self) -> bool {
+        !self.users.is_empty()
+    }
+
+    /// Checks an `Authorization: Basic ...` header value.
+    fn check(&self, header: Option<&str>) -> bool {
+        let Some((user, pass)) = header.and_then(decode_basic) else {
+            return false;
+        };
+        let Some(hash) = self.users.get(&user) else {
+            return false;
+        };
+        let key = (user, pass);
+        if self.verified.lock().map(|v| v.contains(&key)).unwrap_or(false) {
+            return true;
+        }
+        let ok = bcrypt::verify(&key.1, hash).unwrap_or(false);
+        if ok {
+            if let Ok(mut v) = self.verified.lock() {
+                if v.len() >= 64 {
+                    v.clear();
+                }
+                v.insert(key);
+            }
+        }
+        ok
+    }
+}
+
+fn acceptor(file: &Path, t: &TlsServerConfig) -> Result<tokio_rustls::TlsAcceptor, String> {
+    let key_name = "tls_server_config";
+    let certs = CertificateDer::pem_file_iter(&t.cert_file)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            err(
+                file,
+                &format!("{key_name}.cert_file"),
+                format!("{}: {e}", t.cert_file.display()),
+            )
+        })?;
+    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| {
+        err(
+            file,
+            &format!("{key_name}.key_file"),
+            format!("{}: {e}", t.key_file.display()),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version.as_deref() {
+        None | Some("TLS12") => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        Some("TLS13") => &[&rustls::version::TLS13],
+        Some(v) => {
+            return Err(err(
+                file,
+                &format!("{key_name}.min_version"),
+                format!("'{v}': use TLS12 or TLS13"),
+            ))
+        }
+    };
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(versions)
+        .map_err(|e| err(file, key_name, e))?;
+    let builder = if t.client_auth_type == ClientAuth::NoClientCert {
+        builder.with_no_client_auth()
+    } else {
+        let ca = t.client_ca_file.as_ref().ok_or_else(|| {
+            err(
+                file,
+                &format!("{key_name}.client_ca_file"),
+                "is required with client_auth_type other than NoClientCert",
+            )
+        })?;
+        let mut roots = RootCertStore::empty();
+        let cas = CertificateDer::pem_file_iter(ca)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                err(
+                    file,
+                    &format!("{key_name}.client_ca_file"),
+                    format!("{}: {e}", ca.display()),
+                )
+            })?;
+        roots.add_parsable_certificates(cas);
+        let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+        let v = if t.client_auth_type == ClientAuth::VerifyClientCertIfGiven {
+            v.allow_unauthenticated()
+        } else {
+            v
+        };
+        builder.with_client_cert_verifier(
+            v.build()
+                .map_err(|e| err(file, &format!("{key_name}.client_ca_file"), e))?,
+        )
+    };
+    let mut cfg = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| err(file, key_name, format!("certificate and key: {e}")))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// `Basic base64(user:password)` -> (user, password).
+fn decode_basic(v: &str) -> Option<(String, String)> {
+    let b64 = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic "))?.trim();
+    let raw = base64_decode(b64)?;
+    let s = String::from_utf8(raw).ok()?;
+    let (u, p) = s.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= val(*c)? << (18 - 6 * i);
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        match chunk.len() {
+            4 => out.extend_from_slice(&bytes),
+            3 => out.extend_from_slice(&bytes[..2]),
+            2 => out.push(bytes[0]),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Axum middleware: 401 with a Basic challenge unless the request carries a known user.
+pub async fn require_auth(State(web): State<Arc<Web>>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let w = Arc::clone(&web);
+    // bcrypt takes tens of milliseconds: off the async workers.
+    let ok = tokio::task::spawn_blocking(move || w.check(header.as_deref()))
+        .await
+        .unwrap_or(false);
+    if ok {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"sensor\"")],
+            "unauthorized\n",
+        )
+            .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_auth_header_decoding() {
+        // "alice:s3cr:et" (colons after the first belong to the password)
+        assert_eq!(
+            decode_basic("Basic YWxpY2U6czNjcjpldA=="),
+            Some(("alice".into(), "s3cr:et".into()))
+        );
+        assert_eq!(decode_basic("Basic YTpi"), Some(("a".into(), "b".into())));
+        assert_eq!(decode_basic("Bearer xyz"), None);
+        assert_eq!(decode_basic("Basic !!!"), None);
+        assert_eq!(decode_basic("Basic YWxpY2U"), None, "no colon");
+    }
+
+    #[test]
+    fn users_are_checked_against_bcrypt_hashes() {
+        let web = Web {
+            tls: None,
+            users: [("alice".to_string(), bcrypt::hash("pw", 4).unwrap())].into(),
+            verified: Mutex::new(HashSet::new()),
+        };
+        assert!(web.check(Some("Basic YWxpY2U6cHc="))); // alice:pw
+        assert!(web.check(Some("Basic YWxpY2U6cHc=")), "cached");
+        assert!(!web.check(Some("Basic YWxpY2U6cHd4"))); // alice:pwx
+        assert!(!web.check(Some("Basic Ym9iOnB3"))); // bob:pw
+        assert!(!web.check(None));
+    }
+}
