@@ -59,6 +59,40 @@ struct TopArgs {
     /// Print one snapshot as text and exit (no terminal needed).
     #[arg(long)]
     once: bool,
+    /// CA certificates (PEM) for an https:// daemon; default: the system's.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Accept any certificate of an https:// daemon.
+    #[arg(long)]
+    insecure_skip_verify: bool,
+    /// Basic auth user for a daemon with basic_auth_users; the password comes from
+    /// SENSOR_PASSWORD (never a flag: it would show in `ps`).
+    #[arg(long)]
+    user: Option<String>,
+}
+
+impl TopArgs {
+    fn client(&self) -> anyhow::Result<sensor::checks::http::ToolClient> {
+        let mut c = sensor::checks::http::ToolClient::default();
+        if self.url.starts_with("https://") {
+            let opts = sensor::checks::config::TlsOptions {
+                ca_file: self.ca_file.clone(),
+                insecure_skip_verify: self.insecure_skip_verify,
+                ..Default::default()
+            };
+            c.tls = Some(sensor::checks::conn::tls_client(&opts, &[b"http/1.1"]).map_err(anyhow::Error::msg)?);
+        }
+        if let Some(user) = &self.user {
+            let pw = std::env::var("SENSOR_PASSWORD")
+                .map_err(|_| anyhow::anyhow!("--user needs the password in SENSOR_PASSWORD"))?;
+            let token = sensor::webconfig::base64_encode(format!("{user}:{pw}").as_bytes());
+            c.headers.push((
+                http::header::AUTHORIZATION,
+                http::HeaderValue::from_str(&format!("Basic {token}"))?,
+            ));
+        }
+        Ok(c)
+    }
 }
 
 /// Every flag overrides the config key of the same name (`a.b_c` -> `--a.b-c`).
@@ -238,6 +272,7 @@ fn main() -> ExitCode {
         })(),
         Cmd::Top(args) => (|| -> anyhow::Result<()> {
             let opts = sensor::top::TopOptions {
+                client: args.client()?,
                 url: args.url,
                 short_refresh: args.refresh,
                 long_refresh: args.refresh_long,

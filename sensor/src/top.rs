@@ -19,6 +19,8 @@ use serde_json::Value;
 pub struct TopOptions {
     /// Daemon base URL, e.g. `http://127.0.0.1:9442`.
     pub url: String,
+    /// TLS and basic auth for a daemon behind `--web.config.file`.
+    pub client: crate::checks::http::ToolClient,
     /// Refresh of the 10-minute view.
     pub short_refresh: Duration,
     /// Refresh of the 1-hour view.
@@ -43,12 +45,18 @@ pub struct Model {
     pub long_updated: Option<String>,
     pub error: Option<String>,
     pub refresh: (Duration, Duration),
+    pub client: crate::checks::http::ToolClient,
     /// Alerts scrolled past (newest first), so every alert in the history can be read.
     pub alert_scroll: usize,
 }
 
-async fn get_json(url: &str) -> Result<Value, String> {
-    let (status, body) = crate::checks::http::get(url, Duration::from_secs(3)).await?;
+async fn get_json(client: &crate::checks::http::ToolClient, url: &str) -> Result<Value, String> {
+    let (status, body) = client.get(url, Duration::from_secs(3)).await?;
+    if status == 401 {
+        return Err(format!(
+            "{url}: HTTP 401: the daemon wants basic auth (--user, SENSOR_PASSWORD)"
+        ));
+    }
     if status != 200 {
         return Err(format!("{url}: HTTP {status}"));
     }
@@ -61,10 +69,11 @@ fn clock() -> String {
 }
 
 impl Model {
-    pub fn new(url: &str, refresh: (Duration, Duration)) -> Model {
+    pub fn new(url: &str, refresh: (Duration, Duration), client: crate::checks::http::ToolClient) -> Model {
         Model {
             url: url.trim_end_matches('/').to_string(),
             refresh,
+            client,
             ..Default::default()
         }
     }
@@ -81,11 +90,11 @@ impl Model {
     }
 
     async fn fetch_short(&mut self) -> Result<(), String> {
-        let checks = get_json(&format!("{}/api/v1/checks", self.url)).await?;
+        let checks = get_json(&self.client, &format!("{}/api/v1/checks", self.url)).await?;
         self.checks = checks["checks"].as_array().cloned().unwrap_or_default();
         self.alerts = checks["alerts"].as_array().cloned().unwrap_or_default();
         self.threshold = checks["alerting"]["availability_threshold"].as_f64();
-        let probes = get_json(&format!("{}/api/v1/probes", self.url)).await?;
+        let probes = get_json(&self.client, &format!("{}/api/v1/probes", self.url)).await?;
         self.probes = probes
             .as_array()
             .map(|a| {
@@ -103,7 +112,7 @@ impl Model {
             })
             .unwrap_or_default();
         let since = self.last_seq.map(|s| s + 1).unwrap_or(0);
-        let events = get_json(&format!("{}/api/v1/events?since={since}", self.url)).await?;
+        let events = get_json(&self.client, &format!("{}/api/v1/events?since={since}", self.url)).await?;
         for e in events.as_array().into_iter().flatten() {
             self.last_seq = e["seq"].as_u64().max(self.last_seq);
             match e["type"].as_str() {
@@ -126,7 +135,7 @@ impl Model {
 
     /// The 1-hour view: copied from the checks' "1h" windows.
     pub async fn refresh_long(&mut self) {
-        match get_json(&format!("{}/api/v1/checks", self.url)).await {
+        match get_json(&self.client, &format!("{}/api/v1/checks", self.url)).await {
             Ok(v) => {
                 self.long = v["checks"]
                     .as_array()
@@ -407,7 +416,7 @@ pub fn render_text(m: &Model, width: u16, height: u16) -> std::io::Result<String
 
 /// `sensor top --once`: one snapshot printed as text.
 pub async fn once(opts: &TopOptions) -> anyhow::Result<String> {
-    let mut m = Model::new(&opts.url, (opts.short_refresh, opts.long_refresh));
+    let mut m = Model::new(&opts.url, (opts.short_refresh, opts.long_refresh), opts.client.clone());
     m.refresh_short().await;
     if let Some(e) = &m.error {
         anyhow::bail!("cannot read the daemon: {e}");
@@ -433,7 +442,7 @@ pub fn interactive(opts: TopOptions) -> anyhow::Result<()> {
         anyhow::bail!("sensor top needs a terminal; use --once or /api/v1/checks for scripts");
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let mut m = Model::new(&opts.url, (opts.short_refresh, opts.long_refresh));
+    let mut m = Model::new(&opts.url, (opts.short_refresh, opts.long_refresh), opts.client.clone());
     let mut terminal = ratatui::try_init()?;
     let r = event_loop(&mut terminal, &rt, &mut m, &opts);
     ratatui::restore();
@@ -503,6 +512,7 @@ mod tests {
         let mut m = Model::new(
             "http://127.0.0.1:9442",
             (Duration::from_secs(10), Duration::from_secs(60)),
+            Default::default(),
         );
         m.checks = vec![serde_json::json!({
             "name": "shop", "type": "http", "up": false,

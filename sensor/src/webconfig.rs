@@ -237,6 +237,25 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Standard base64 with padding (for clients sending basic auth).
+pub fn base64_encode(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for c in input.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(c.get(1).copied().unwrap_or(0)) << 8)
+            | u32::from(c.get(2).copied().unwrap_or(0));
+        for i in 0..4 {
+            out.push(if i <= c.len() {
+                T[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
 /// Axum middleware: 401 with a Basic challenge unless the request carries a known user.
 pub async fn require_auth(State(web): State<Arc<Web>>, req: Request, next: Next) -> Response {
     let header = req
@@ -276,6 +295,11 @@ mod tests {
         assert_eq!(decode_basic("Bearer xyz"), None);
         assert_eq!(decode_basic("Basic !!!"), None);
         assert_eq!(decode_basic("Basic YWxpY2U"), None, "no colon");
+        for s in ["", "a", "ab", "abc", "alice:s3cr:et"] {
+            let enc = base64_encode(s.as_bytes());
+            assert_eq!(base64_decode(&enc).as_deref(), Some(s.as_bytes()), "{s} -> {enc}");
+        }
+        assert_eq!(base64_encode(b"alice:s3cr:et"), "YWxpY2U6czNjcjpldA==");
     }
 
     #[test]

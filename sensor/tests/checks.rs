@@ -1127,23 +1127,6 @@ fn bad_check_config_names_file_check_key_and_reason() {
     }
 }
 
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in input.chunks(3) {
-        let n =
-            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn web_config_serves_tls_and_basic_auth() {
     let p = pki();
@@ -1172,7 +1155,12 @@ fn web_config_serves_tls_and_basic_auth() {
         .spawn()
         .unwrap();
     let ca = p.ca_pem.display();
-    let auth = |user: &str, pw: &str| format!("Basic {}", base64(format!("{user}:{pw}").as_bytes()));
+    let auth = |user: &str, pw: &str| {
+        format!(
+            "Basic {}",
+            sensor::webconfig::base64_encode(format!("{user}:{pw}").as_bytes())
+        )
+    };
     let probe_cfg = write_config(
         "web-probe.yaml",
         &format!(
@@ -1194,8 +1182,31 @@ fn web_config_serves_tls_and_basic_auth() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    // `sensor top` against the protected daemon: with the CA and the user it shows the check;
+    // without the password it says what is missing.
+    let url = format!("https://127.0.0.1:{port}");
+    let top = |with_user: bool| {
+        let mut c = std::process::Command::new(SENSOR);
+        c.args(["top", "--once", "--url", &url, "--ca-file"]).arg(&p.ca_pem);
+        if with_user {
+            c.args(["--user", "alice"]).env("SENSOR_PASSWORD", "s3cret");
+        }
+        c.output().unwrap()
+    };
+    let ok = top(true);
+    let denied = top(false);
     let _ = child.kill();
     let _ = child.wait();
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success() && text.contains("Checks: last 10 minutes") && text.contains("self"),
+        "{text}"
+    );
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        !denied.status.success() && err.contains("HTTP 401") && err.contains("basic auth"),
+        "{err}"
+    );
     let a = by_name(&results, "authorized");
     assert_eq!(a["success"], true, "{a}");
     assert!(a["phases"]["tls"].is_number(), "{a}");

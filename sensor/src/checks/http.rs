@@ -89,24 +89,34 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A GET for local tools (`sensor top`): plain HTTP, whole body, bounded by `timeout`.
-pub async fn get(url: &str, timeout: std::time::Duration) -> Result<(u16, Bytes), String> {
-    let target = Target::parse(url)?;
-    if target.tls {
-        return Err(format!("{url}: only http:// is supported here"));
-    }
-    let mut p = Progress::default();
-    let req = Request {
-        target: &target,
-        tls: None,
-        method: &http::Method::GET,
-        headers: &[],
-        body: None,
-        keep_body: 64 << 20,
-    };
-    match tokio::time::timeout(timeout, request(req, &mut p)).await {
-        Ok(Ok(r)) => Ok((r.status, r.body)),
-        Ok(Err(e)) => Err(format!("{url}: {e}")),
-        Err(_) => Err(format!("{url}: no answer within {timeout:?}")),
+/// The client of local tools (`sensor top`): TLS when the URL says https (with the tool's CA or
+/// skip-verify), plus fixed headers such as basic auth.
+#[derive(Clone, Default)]
+pub struct ToolClient {
+    pub tls: Option<conn::Tls>,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+impl ToolClient {
+    /// GET with the whole body, bounded by `timeout`.
+    pub async fn get(&self, url: &str, timeout: std::time::Duration) -> Result<(u16, Bytes), String> {
+        let target = Target::parse(url)?;
+        if target.tls && self.tls.is_none() {
+            return Err(format!("{url}: https needs TLS settings"));
+        }
+        let mut p = Progress::default();
+        let req = Request {
+            target: &target,
+            tls: self.tls.as_ref(),
+            method: &http::Method::GET,
+            headers: &self.headers,
+            body: None,
+            keep_body: 64 << 20,
+        };
+        match tokio::time::timeout(timeout, request(req, &mut p)).await {
+            Ok(Ok(r)) => Ok((r.status, r.body)),
+            Ok(Err(e)) => Err(format!("{url}: {e}")),
+            Err(_) => Err(format!("{url}: no answer within {timeout:?}")),
+        }
     }
 }
