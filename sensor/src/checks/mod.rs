@@ -284,9 +284,7 @@ impl Engine {
         if timed {
             self.metrics.record(&r);
         } else {
-            let mut untimed = r.clone();
-            untimed.phases = Phases::default();
-            self.metrics.record_untimed(&untimed);
+            self.metrics.record_untimed(&r);
         }
         let alert = {
             let mut s = rt.lock();
@@ -442,7 +440,6 @@ impl Engine {
 
     pub fn report(&self) -> ChecksReport {
         let now = now_unix();
-        let to_json = |v: &dyn erased::Ser| v.to_value();
         let checks = self
             .checks
             .iter()
@@ -465,7 +462,7 @@ impl Engine {
                     interval_seconds: rt.prepared.cfg.interval.as_secs_f64(),
                     up,
                     alert_firing: w.alert_firing,
-                    last: s.last.as_ref().map(|l| to_json(l)),
+                    last: s.last.as_ref().map(to_json),
                     windows,
                     stream: rt.is_stream().then(|| to_json(&s.stream)),
                 }
@@ -476,7 +473,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|a| to_json(a))
+            .map(to_json)
             .collect();
         ChecksReport {
             generated_at: now,
@@ -491,16 +488,9 @@ impl Engine {
     }
 }
 
-/// Serialize-to-Value without a generic closure.
-mod erased {
-    pub trait Ser {
-        fn to_value(&self) -> serde_json::Value;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn to_value(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-        }
-    }
+/// JSON of a value that always serializes (plain data): `null` rather than a panic otherwise.
+fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
 /// One run of a check (HTTP request or websocket probe; a stream check waits for its first
