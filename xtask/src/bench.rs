@@ -3,8 +3,8 @@
 //! same tracepoint so our overhead sits next to a known tool's.
 
 use std::{
-    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader, ErrorKind},
+    net::{SocketAddr, TcpListener},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -16,6 +16,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+
+use crate::net::{http_get, stop_child};
 
 /// The bpftrace equivalent of the sensor's connect-latency histogram.
 const BPFTRACE: &str = r#"
@@ -136,25 +138,6 @@ fn connect_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
     Ok(done.load(Ordering::Relaxed) as f64 / elapsed)
 }
 
-fn http_ok(addr: SocketAddr, path: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if write!(s, "GET {path} HTTP/1.0\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    buf.starts_with("HTTP/1.1 200") || buf.starts_with("HTTP/1.0 200")
-}
-
-fn stop(mut child: Child, sig: i32) {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, sig) };
-    let _ = child.wait();
-}
-
 /// Starts what `mode` measures and returns it once attached.
 fn start(mode: Mode, sensor: &Path) -> Result<Option<Child>> {
     match mode {
@@ -168,9 +151,9 @@ fn start(mode: Mode, sensor: &Path) -> Result<Option<Child>> {
                 .spawn()
                 .context("start sensor")?;
             let t = Instant::now();
-            while !http_ok(addr, "/readyz") {
+            while !matches!(http_get(addr, "/readyz"), Ok((200, _))) {
                 if t.elapsed() > Duration::from_secs(30) {
-                    stop(child, libc::SIGKILL);
+                    stop_child(child, libc::SIGKILL);
                     bail!("sensor did not become ready");
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -190,7 +173,7 @@ fn start(mode: Mode, sensor: &Path) -> Result<Option<Child>> {
             let mut first = String::new();
             BufReader::new(out).read_line(&mut first)?;
             if !first.contains("Attaching") {
-                stop(child, libc::SIGKILL);
+                stop_child(child, libc::SIGKILL);
                 bail!("bpftrace did not attach: {first}");
             }
             Ok(Some(child))
@@ -228,7 +211,7 @@ fn measure(sensor: &Path, rounds: usize, secs: f64, threads: usize, close: Close
             std::thread::sleep(Duration::from_millis(300));
             let rate = connect_rate(threads, secs, close)?;
             if let Some(c) = child {
-                stop(c, libc::SIGINT);
+                stop_child(c, libc::SIGINT);
             }
             // Let TIME_WAIT from this measurement drain a little before the next one.
             std::thread::sleep(Duration::from_millis(300));

@@ -22,7 +22,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::bench::stats;
+use crate::{
+    bench::stats,
+    net::{free_port, http_get, stop_child},
+};
 
 const BLACKBOX: &str = "prometheus-blackbox-exporter";
 const BLACKBOX_CONFIG: &str = "modules:
@@ -108,10 +111,6 @@ fn rss_kib(pid: u32) -> Result<(u64, u64)> {
             .with_context(|| format!("no {key} in {path}"))
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -213,22 +212,6 @@ fn serve(mut s: TcpStream) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // HTTP clients: one-shot (metrics, readiness) and keep-alive (the blackbox driver).
-
-/// GET with `Connection: close`; status and body.
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status")?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-    Ok((status, body))
-}
 
 fn wait_http_ok(addr: SocketAddr, path: &str, child: &mut Child, what: &str) -> Result<()> {
     let t = Instant::now();
@@ -340,20 +323,6 @@ impl KeepAlive {
 
 // ---------------------------------------------------------------------------------------------
 // The two probers.
-
-fn stop_child(mut child: Child, sig: i32) {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, sig) };
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(10) {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
 
 fn sensor_config(target: &str, checks: usize, interval: Duration) -> String {
     let mut cfg =

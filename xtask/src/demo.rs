@@ -3,8 +3,6 @@
 //! then the fleet rule results as Prometheus computes them.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -12,7 +10,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::step;
+use crate::{
+    net::{free_port, http_get, loopback},
+    step,
+};
 
 /// Children and the cgroup, cleaned up on drop so an error or Ctrl-C path leaves nothing.
 struct Running {
@@ -49,29 +50,10 @@ impl Drop for Running {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let code = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((
-        code,
-        raw.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    ))
-}
-
 fn wait_http(port: u16, path: &str, what: &str, child: &mut Child, log: &Path) -> Result<()> {
     let start = Instant::now();
     loop {
-        if let Ok((200, _)) = http_get(port, path) {
+        if let Ok((200, _)) = http_get(loopback(port), path) {
             return Ok(());
         }
         if let Some(st) = child.try_wait()? {
@@ -101,7 +83,7 @@ fn urlencode(s: &str) -> String {
 
 /// Instant query: one `labels value` line per series.
 fn query(port: u16, expr: &str) -> Result<Vec<String>> {
-    let (code, body) = http_get(port, &format!("/api/v1/query?query={}", urlencode(expr)))?;
+    let (code, body) = http_get(loopback(port), &format!("/api/v1/query?query={}", urlencode(expr)))?;
     let v: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("query {expr}: {body}"))?;
     if code != 200 || v["status"] != "success" {
         bail!("query {expr} failed: {body}");
@@ -285,7 +267,7 @@ pub fn run(root: &Path, sensor: &Path, keep: bool) -> Result<()> {
         }
     }
     // The sensor's own availability alert (window shortened to 6 s for the demo).
-    let (_, body) = http_get(sport, "/api/v1/checks")?;
+    let (_, body) = http_get(loopback(sport), "/api/v1/checks")?;
     let checks: serde_json::Value = serde_json::from_str(&body).context("/api/v1/checks")?;
     println!("\nsensor alerts (/api/v1/checks)");
     let alerts = checks["alerts"].as_array().cloned().unwrap_or_default();

@@ -13,6 +13,7 @@ use std::{
 mod bench;
 mod bench_checks;
 mod demo;
+mod net;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
