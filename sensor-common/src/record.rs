@@ -42,11 +42,9 @@ pub mod counter {
     pub const LOST_MAP_FULL: u32 = 2;
     /// A per-CPU scratch slot could not be looked up (should never happen).
     pub const LOST_NO_SCRATCH: u32 = 3;
-    /// The end of something was seen without its start (e.g. a connect established whose
-    /// SYN_SENT entry was evicted from the state map), so it could not be counted.
+    /// The end of something was seen without its start (e.g. a connect that found no free
+    /// slot in the connect table), so it could not be counted.
     pub const LOST_UNTRACKED: u32 = 4;
-    /// Written by userspace only: state entries aged out because their end was never seen.
-    pub const LOST_AGED_OUT: u32 = 5;
     pub const SLOTS: u32 = 8;
 
     pub const fn index(probe: u32, counter: u32) -> u32 {

@@ -50,30 +50,51 @@ pub struct FlowKey {
 }
 crate::assert_size!(FlowKey, 16);
 
-/// An active open the sensor saw start (CLOSE -> SYN_SENT), by socket address; kept, updated in
-/// place, until the connection ends.
+/// One slot of the connect table: an active open from CLOSE -> SYN_SENT until its outcome.
+///
+/// The table is an array, not a hash map: a socket's slots are a short window at a hash of its
+/// address, found with plain loads (the verifier inlines array lookups), and owners change only
+/// through a compare-and-swap on `state`, so the hot path takes no lock and calls no helper.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct ConnStart {
-    pub ktime_ns: u64,
+pub struct ConnSlot {
+    /// The lock word: [`ConnSlot::FREE`], [`ConnSlot::BUSY`] (being written or released), else
+    /// the start time (CLOCK_MONOTONIC ns), unique per start, so a compare-and-swap on it cannot
+    /// succeed on a slot that changed owner in between.
+    pub state: u64,
+    /// The socket (`struct sock *`).
+    pub sk: u64,
     pub cgroup_id: u64,
     pub tgid: u32,
     pub dest: u16,
     /// Host byte order.
     pub dport: u16,
     pub family: u16,
-    /// [`ConnStart::RESET_RECEIVED`].
+    /// [`ConnSlot::RESET_RECEIVED`].
     pub flags: u16,
     pub _pad: u32,
     pub comm: [u8; 16],
     /// IPv4 in the first 4 bytes, or IPv6.
     pub daddr: [u8; 16],
 }
-crate::assert_size!(ConnStart, 64);
+crate::assert_size!(ConnSlot, 72);
 
-impl ConnStart {
+impl ConnSlot {
+    pub const FREE: u64 = 0;
+    pub const BUSY: u64 = 1;
     /// `tcp:tcp_receive_reset` fired while connecting.
     pub const RESET_RECEIVED: u16 = 1;
+    /// Consecutive slots (from the socket's hash) a connect may use.
+    pub const WINDOW: u32 = 4;
+    /// The largest table (slots), so a slot index fits the hash's 32 bits with room to spare.
+    pub const MAX_SLOTS: u32 = 1 << 24;
+
+    /// First slot of `sk`'s window in a table of `mask + 1` slots (a power of two): the high
+    /// half of a multiplicative (Fibonacci) hash, since socket addresses share their low bits.
+    #[inline(always)]
+    pub fn index(sk: u64, i: u32, mask: u32) -> u32 {
+        ((sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32).wrapping_add(i) & mask
+    }
 }
 
 pub const FAILURE_VERSION: u16 = 1;
@@ -172,8 +193,24 @@ pub struct SockLayout {
     pub dest_groups: u32,
     /// `sock_common.skc_state` (one byte); valid with `valid`.
     pub skc_state: u32,
+    /// Slots in the connect table minus one (a power of two minus one); set by the loader
+    /// whatever else is known.
+    pub conn_mask: u32,
+    pub _pad: u32,
+    /// A slot whose connect started longer ago than this may be taken over by a new connect:
+    /// its outcome was missed (or, if it still comes, counts as untracked).
+    pub conn_max_age_ns: u64,
+    /// Non-zero: `skc_daddr`, `skc_dport` and `skc_family` lie within [`SockLayout::HEAD_LEN`]
+    /// bytes from `head_off`, each aligned to its size, so one read fetches all three; the
+    /// `head_*` fields are their offsets from `head_off`.
+    pub head_valid: u32,
+    pub head_off: u32,
+    pub head_daddr: u32,
+    pub head_dport: u32,
+    pub head_family: u32,
+    pub _pad2: u32,
 }
-crate::assert_size!(SockLayout, 48);
+crate::assert_size!(SockLayout, 88);
 
 impl SockLayout {
     /// All offsets zero and `valid == 0`: the programs skip what needs this layout.
@@ -181,6 +218,25 @@ impl SockLayout {
     pub const INVALID: SockLayout = unsafe { core::mem::zeroed() };
     pub const DEST_WITH_PORT: u32 = 1;
     pub const DEST_ANY_PORT: u32 = 2;
+    pub const HEAD_LEN: u32 = 24;
+
+    /// Sets the `head_*` fields when the three destination fields fit one read.
+    pub fn plan_head_read(&mut self) {
+        let fields = [(self.skc_daddr, 4), (self.skc_dport, 2), (self.skc_family, 2)];
+        let start = self.skc_daddr.min(self.skc_dport).min(self.skc_family);
+        let fits = fields.iter().all(|&(off, size)| {
+            off % size == 0 && off + size <= start + Self::HEAD_LEN && (off - start) % 8 + size <= 8
+        });
+        if self.raw_valid == 0 || !fits {
+            self.head_valid = 0;
+            return;
+        }
+        self.head_valid = 1;
+        self.head_off = start;
+        self.head_daddr = self.skc_daddr - start;
+        self.head_dport = self.skc_dport - start;
+        self.head_family = self.skc_family - start;
+    }
 }
 
 /// TCP states as the tracepoint reports them.
@@ -207,7 +263,7 @@ mod user {
     // every bit pattern is valid and there are no implicit holes.
     unsafe impl aya::Pod for super::FlowCountKey {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::ConnStart {}
+    unsafe impl aya::Pod for super::ConnSlot {}
     unsafe impl aya::Pod for super::TcpFailureRecord {}
     unsafe impl aya::Pod for super::DestPortKey {}
     unsafe impl aya::Pod for super::DestAnyKey {}

@@ -1,6 +1,10 @@
 //! Kernel programs of the sensor. One module per signal; `transport` and `agg` are shared.
 #![no_std]
 #![no_main]
+// `core::intrinsics::atomic_cxchg`: the BPF target has no `AtomicU64::compare_exchange`
+// (`atomic_cas` is off for it), yet LLVM emits BPF_CMPXCHG (kernel 5.12+).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod agg;
 mod memcg;

@@ -113,3 +113,57 @@ fn walk_path(l: &TaskLayout, kn: u64, out: &mut VictimCgroup) {
     out.path_depth = depth;
     out.path_truncated = u8::from(!reached_root);
 }
+
+/// The current task as a BTF pointer: its fields are then plain loads that the verifier checks
+/// against the kernel's BTF (the offsets come from the frozen layout, so it sees constants),
+/// instead of one helper call each. Kernel 5.11+ with BTF; programs using it have a fallback.
+#[inline(always)]
+pub fn current_btf() -> *const u8 {
+    // SAFETY: helper without arguments; the result is only dereferenced through `field`.
+    unsafe { aya_ebpf::helpers::generated::bpf_get_current_task_btf() as *const u8 }
+}
+
+/// A `T` at `off` bytes into a BTF object (`base` from `current_btf` or a pointer loaded from
+/// one). The verifier turns this into a checked load that yields 0 instead of faulting.
+#[inline(always)]
+unsafe fn field<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: the caller passes a BTF pointer and an offset of a member of its type.
+    unsafe { core::ptr::read(base.add(off as usize).cast::<T>()) }
+}
+
+/// [`task_memcg_id`] by direct loads on a BTF task pointer.
+#[inline(always)]
+pub fn btf_memcg_id(l: &TaskLayout, task: *const u8) -> u64 {
+    // SAFETY: each pointer is a BTF pointer loaded from the one before; offsets from BTF.
+    unsafe {
+        let cset: *const u8 = field(task, l.task_cgroups);
+        if cset.is_null() {
+            return 0;
+        }
+        let css: *const u8 = field(cset, l.cset_subsys + 8 * l.memory_cgrp_id);
+        if css.is_null() {
+            return 0;
+        }
+        let cgrp: *const u8 = field(css, l.css_cgroup);
+        if cgrp.is_null() {
+            return 0;
+        }
+        let kn: *const u8 = field(cgrp, l.cgroup_kn);
+        if kn.is_null() {
+            return 0;
+        }
+        field(kn, l.kn_id)
+    }
+}
+
+/// `tgid` and `comm` of a BTF task pointer, by direct loads.
+#[inline(always)]
+pub fn btf_tgid_comm(l: &TaskLayout, task: *const u8) -> (u32, [u64; 2]) {
+    // SAFETY: offsets of `task_struct` members from BTF; `comm` is 16 bytes.
+    unsafe {
+        (
+            field(task, l.task_tgid),
+            [field(task, l.task_comm), field(task, l.task_comm + 8)],
+        )
+    }
+}

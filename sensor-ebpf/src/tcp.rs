@@ -13,14 +13,16 @@
 //! are read at BTF offsets only where needed) and a classic tracepoint entry (fallback: fields
 //! at tracefs offsets). Both feed the same bodies.
 
+use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering::SeqCst};
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::{bpf_get_current_cgroup_id, bpf_get_current_task},
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task},
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, PerCpuHashMap},
     programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
@@ -28,7 +30,7 @@ use sensor_common::{
     agg::Log2Hist,
     record::{counter, kind as rkind, probe_id, RecordHeader},
     tcp::{
-        kind, result, state, ConnStart, DestAnyKey, DestPortKey, FlowCountKey, FlowKey, SockLayout, TcpFailureRecord,
+        kind, result, state, ConnSlot, DestAnyKey, DestPortKey, FlowCountKey, FlowKey, SockLayout, TcpFailureRecord,
         TcpTpLayout, AF_INET, AF_INET6, DEFAULT_SERIES, DEFAULT_TRACKED_CONNECTS, DEST_OTHER, FAILURE_VERSION,
         HOST_COUNT_SLOTS, IPPROTO_TCP, MAX_DEST_GROUPS,
     },
@@ -48,11 +50,10 @@ static TCP_TP_LAYOUT: TcpTpLayout = TcpTpLayout::INVALID;
 #[unsafe(no_mangle)]
 static SOCK_LAYOUT: SockLayout = SockLayout::INVALID;
 
-/// Active opens from SYN_SENT until they end (ESTABLISHED or CLOSE). A plain hash: cheaper than
-/// LRU on this hot path; a full map counts as `map_full`, and connects whose outcome never
-/// comes are aged out by the daemon.
+/// Active opens from SYN_SENT until they end (ESTABLISHED or CLOSE): see [`ConnSlot`]. A
+/// connect that finds no slot in its window is not tracked; its end counts it as `untracked`.
 #[map]
-static TCP_SOCKS: HashMap<u64, ConnStart> = HashMap::with_max_entries(DEFAULT_TRACKED_CONNECTS, 0);
+static TCP_CONNS: Array<ConnSlot> = Array::with_max_entries(DEFAULT_TRACKED_CONNECTS, 0);
 
 #[map]
 static TCP_COUNTS: PerCpuHashMap<FlowCountKey, u64> = PerCpuHashMap::with_max_entries(DEFAULT_SERIES, 0);
@@ -87,10 +88,14 @@ fn tp_layout() -> TcpTpLayout {
     unsafe { core::ptr::read_volatile(&TCP_TP_LAYOUT) }
 }
 
-#[inline(always)]
-fn sock_layout() -> SockLayout {
-    // SAFETY: read of a plain global in .rodata that the loader may have rewritten.
-    unsafe { core::ptr::read_volatile(&SOCK_LAYOUT) }
+/// One field of `SOCK_LAYOUT`. Volatile, since the loader rewrites the value the compiler
+/// would otherwise fold; one field at a time, since a volatile copy of the whole struct costs a
+/// load per field on every run. The verifier sees these as constants (frozen .rodata).
+macro_rules! sl {
+    ($f:ident) => {
+        // SAFETY: read of a plain global in .rodata that the loader may have rewritten.
+        unsafe { core::ptr::read_volatile(&raw const SOCK_LAYOUT.$f) }
+    };
 }
 
 /// Reads a `T` at `off` bytes into the socket at `sk`.
@@ -121,13 +126,14 @@ fn count(key: &FlowCountKey) {
 
 /// The destination group of an address and port: a group with a port first, then one without.
 #[inline(always)]
-fn dest_group(l: &SockLayout, family: u16, dport: u16, daddr: &[u8; 16]) -> u16 {
-    if l.dest_groups == 0 {
+fn dest_group(family: u16, dport: u16, daddr: &[u8; 16]) -> u16 {
+    let groups = sl!(dest_groups);
+    if groups == 0 {
         return DEST_OTHER;
     }
     let bits = if family == AF_INET6 { 128 } else { 32 };
     let fam = family.to_be_bytes();
-    if l.dest_groups & SockLayout::DEST_WITH_PORT != 0 {
+    if groups & SockLayout::DEST_WITH_PORT != 0 {
         let k = Key::new(
             32 + bits,
             DestPortKey {
@@ -140,7 +146,7 @@ fn dest_group(l: &SockLayout, family: u16, dport: u16, daddr: &[u8; 16]) -> u16 
             return *g;
         }
     }
-    if l.dest_groups & SockLayout::DEST_ANY_PORT != 0 {
+    if groups & SockLayout::DEST_ANY_PORT != 0 {
         let k = Key::new(
             16 + bits,
             DestAnyKey {
@@ -155,24 +161,51 @@ fn dest_group(l: &SockLayout, family: u16, dport: u16, daddr: &[u8; 16]) -> u16 
     DEST_OTHER
 }
 
-/// The memory cgroup of the current task.
+/// Who connects, by helpers and probe reads: the fallback entry's way, for kernels where
+/// `bpf_get_current_task_btf` is missing.
 #[inline(always)]
-fn current_cgroup(l: &SockLayout) -> u64 {
-    if l.cgroup_id_from_helper != 0 {
-        // SAFETY: helper without arguments.
-        return unsafe { bpf_get_current_cgroup_id() };
-    }
-    let t = task::layout();
-    if t.valid != 0 {
-        // SAFETY: helper without arguments; the pointer is only read through probe_read.
-        let cur = unsafe { bpf_get_current_task() };
-        let id = task::task_memcg_id(&t, cur);
-        if id != 0 {
-            return id;
+fn who_by_helpers(s: &mut ConnSlot) {
+    s.cgroup_id = 'id: {
+        if sl!(cgroup_id_from_helper) == 0 {
+            let t = task::layout();
+            if t.valid != 0 {
+                // SAFETY: helper without arguments; the pointer is only read through probe_read.
+                let id = task::task_memcg_id(&t, unsafe { bpf_get_current_task() });
+                if id != 0 {
+                    break 'id id;
+                }
+            }
         }
+        // SAFETY: helper without arguments.
+        unsafe { bpf_get_current_cgroup_id() }
+    };
+    s.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: `comm` is 16 writable bytes of the slot; the helper always NUL-terminates.
+    if unsafe { bpf_get_current_comm(s.comm.as_mut_ptr().cast(), s.comm.len() as u32) } != 0 {
+        s.comm[0] = 0;
     }
-    // SAFETY: helper without arguments.
-    unsafe { bpf_get_current_cgroup_id() }
+}
+
+/// Who connects, by direct loads on the BTF task pointer: no helper call per field.
+#[inline(always)]
+fn who_by_btf(s: &mut ConnSlot) {
+    let t = task::layout();
+    if t.valid == 0 {
+        // Known at load time: the verifier drops the other branch.
+        who_by_helpers(s);
+        return;
+    }
+    let task = task::current_btf();
+    s.cgroup_id = if sl!(cgroup_id_from_helper) != 0 {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_get_current_cgroup_id() }
+    } else {
+        task::btf_memcg_id(&t, task)
+    };
+    let (tgid, comm) = task::btf_tgid_comm(&t, task);
+    s.tgid = tgid;
+    // SAFETY: `comm` is 16 bytes at an 8-aligned offset of the slot.
+    unsafe { core::ptr::write((&raw mut s.comm).cast::<[u64; 2]>(), comm) };
 }
 
 fn classify(reset_received: bool, sk_err: i32) -> u16 {
@@ -195,27 +228,49 @@ fn classify(reset_received: bool, sk_err: i32) -> u16 {
     }
 }
 
-/// The destination of a new connect, read by the entry point that knows where it is.
-struct Dest {
-    family: u16,
-    dport: u16,
-    daddr: [u8; 16],
-}
-
 /// Shared body of both `inet_sock_set_state` entries. Everything but the three transitions of
-/// an active open returns at once.
+/// an active open returns at once. For a new connect, `fill` checks that the socket is TCP and
+/// writes its destination into the claimed slot, `who` the connecting task.
 #[inline(always)]
-fn set_state<C: EbpfContext>(ctx: &C, sk: u64, old: i32, new: i32, dest: impl FnOnce() -> Option<Dest>) {
+fn set_state<C: EbpfContext>(
+    ctx: &C,
+    sk: u64,
+    old: i32,
+    new: i32,
+    fill: impl FnOnce(&mut ConnSlot) -> bool,
+    who: impl FnOnce(&mut ConnSlot),
+) {
     match (old, new) {
-        (state::CLOSE, state::SYN_SENT) => {
-            if let Some(d) = dest() {
-                connect_start(sk, d);
-            }
-        }
+        (state::CLOSE, state::SYN_SENT) => connect_start(sk, fill, who),
         (state::SYN_SENT, state::ESTABLISHED) => connect_done(sk),
         (state::SYN_SENT, state::CLOSE) => connect_failed(ctx, sk),
         _ => {}
     }
+}
+
+/// The bytes at `rel` (within one word, as `plan_head_read` ensures) of a little-endian read
+/// block, as a native integer in the low bits; the caller truncates to the field's size.
+#[inline(always)]
+fn head_field(w: &[u64; 3], rel: u32) -> u64 {
+    let word = match rel / 8 {
+        0 => w[0],
+        1 => w[1],
+        _ => w[2],
+    };
+    word >> ((rel % 8) * 8)
+}
+
+/// Writes an IPv4 address into a slot's `daddr` as two 8-byte stores (no byte-wise memset).
+#[inline(always)]
+fn set_v4(s: &mut ConnSlot, a: [u8; 4]) {
+    set_daddr(s, [u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]), 0]);
+}
+
+#[inline(always)]
+fn set_daddr(s: &mut ConnSlot, words: [u64; 2]) {
+    // SAFETY: `daddr` is 16 bytes at an 8-aligned offset of the slot (asserted in
+    // sensor-common by the struct's layout), so it holds two u64 exactly.
+    unsafe { core::ptr::write((&raw mut s.daddr).cast::<[u64; 2]>(), words) };
 }
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
@@ -223,23 +278,33 @@ pub fn tcp_set_state_raw(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    set_state(&ctx, sk, old, new, || {
-        let l = sock_layout();
-        if l.raw_valid == 0 || sk_read::<u16>(sk, l.sk_protocol) != Some(IPPROTO_TCP) {
-            return None;
+    let fill = |s: &mut ConnSlot| {
+        if sl!(raw_valid) == 0 || sk_read::<u16>(sk, sl!(sk_protocol)) != Some(IPPROTO_TCP) {
+            return false;
         }
-        let family = sk_read::<u16>(sk, l.skc_family).unwrap_or(0);
-        let dport = u16::from_be(sk_read::<u16>(sk, l.skc_dport).unwrap_or(0));
-        let mut daddr = [0u8; 16];
-        if family == AF_INET {
-            daddr[..4].copy_from_slice(&sk_read::<[u8; 4]>(sk, l.skc_daddr).unwrap_or([0; 4]));
-        } else if family == AF_INET6 {
-            daddr = sk_read::<[u8; 16]>(sk, l.skc_v6_daddr).unwrap_or([0; 16]);
+        let v4 = if sl!(head_valid) != 0 {
+            // One read for family, port and IPv4 address instead of three.
+            let w = sk_read::<[u64; 3]>(sk, sl!(head_off)).unwrap_or([0; 3]);
+            s.family = head_field(&w, sl!(head_family)) as u16;
+            s.dport = u16::from_be(head_field(&w, sl!(head_dport)) as u16);
+            (head_field(&w, sl!(head_daddr)) as u32).to_ne_bytes()
         } else {
-            return None;
+            s.family = sk_read::<u16>(sk, sl!(skc_family)).unwrap_or(0);
+            s.dport = u16::from_be(sk_read::<u16>(sk, sl!(skc_dport)).unwrap_or(0));
+            if s.family == AF_INET {
+                sk_read::<[u8; 4]>(sk, sl!(skc_daddr)).unwrap_or([0; 4])
+            } else {
+                [0; 4]
+            }
+        };
+        match s.family {
+            AF_INET => set_v4(s, v4),
+            AF_INET6 => set_daddr(s, sk_read::<[u64; 2]>(sk, sl!(skc_v6_daddr)).unwrap_or([0; 2])),
+            _ => return false,
         }
-        Some(Dest { family, dport, daddr })
-    });
+        true
+    };
+    set_state(&ctx, sk, old, new, fill, who_by_btf);
     0
 }
 
@@ -256,58 +321,136 @@ pub fn tcp_set_state(ctx: TracePointContext) -> u32 {
     ) else {
         return 0;
     };
-    set_state(&ctx, sk, old, new, || {
-        let family = tp::<u16>(&ctx, l.ss_family).unwrap_or(0);
-        let dport = tp::<u16>(&ctx, l.ss_dport).unwrap_or(0);
-        let mut daddr = [0u8; 16];
-        if family == AF_INET {
-            daddr[..4].copy_from_slice(&tp::<[u8; 4]>(&ctx, l.ss_daddr).unwrap_or([0; 4]));
-        } else if family == AF_INET6 {
-            daddr = tp::<[u8; 16]>(&ctx, l.ss_daddr_v6).unwrap_or([0; 16]);
-        } else {
-            return None;
+    let fill = |s: &mut ConnSlot| {
+        s.family = tp::<u16>(&ctx, l.ss_family).unwrap_or(0);
+        s.dport = tp::<u16>(&ctx, l.ss_dport).unwrap_or(0);
+        match s.family {
+            AF_INET => set_v4(s, tp::<[u8; 4]>(&ctx, l.ss_daddr).unwrap_or([0; 4])),
+            AF_INET6 => set_daddr(s, tp::<[u64; 2]>(&ctx, l.ss_daddr_v6).unwrap_or([0; 2])),
+            _ => return false,
         }
-        Some(Dest { family, dport, daddr })
-    });
+        true
+    };
+    set_state(&ctx, sk, old, new, fill, who_by_helpers);
     0
 }
 
+/// The slot at position `i` of `sk`'s window.
 #[inline(always)]
-fn connect_start(sk: u64, d: Dest) {
-    let Dest { family, dport, daddr } = d;
-    let l = sock_layout();
-    let s = ConnStart {
-        // SAFETY: helper without arguments.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id: current_cgroup(&l),
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        dest: dest_group(&l, family, dport, &daddr),
-        dport,
-        family,
-        flags: 0,
-        _pad: 0,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        daddr,
-    };
-    if TCP_SOCKS.insert(sk, s, 0).is_err() {
-        bump(probe_id::TCP, counter::LOST_MAP_FULL);
-    }
+fn conn_slot(sk: u64, i: u32) -> Option<*mut ConnSlot> {
+    TCP_CONNS.get_ptr_mut(ConnSlot::index(sk, i, sl!(conn_mask)))
+}
+
+/// Compare-and-swap of a slot's lock word.
+#[inline(always)]
+fn try_lock(p: *mut ConnSlot, seen: u64) -> bool {
+    // SAFETY: `p` is a live map value; the BPF atomic is fully ordered.
+    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(&raw mut (*p).state, seen, ConnSlot::BUSY).1 }
+}
+
+/// Stores a slot's lock word with a fully ordered exchange, so the slot's other stores are
+/// visible before it on weakly ordered CPUs too.
+#[inline(always)]
+fn publish(p: *mut ConnSlot, state: u64) {
+    // SAFETY: as in `try_lock`.
+    unsafe { atomic_xchg::<u64, { SeqCst }>(&raw mut (*p).state, state) };
 }
 
 #[inline(always)]
-fn take_start(sk: u64) -> Option<ConnStart> {
-    // SAFETY: the value is copied out before the entry is removed.
-    let s = unsafe { TCP_SOCKS.get(sk) }.copied();
-    if s.is_some() {
-        let _ = TCP_SOCKS.remove(sk);
-    } else {
-        untracked();
-    }
-    s
+fn load(p: *const u64) -> u64 {
+    // SAFETY: `p` points into a live map value; a volatile load is never elided or merged.
+    unsafe { core::ptr::read_volatile(p) }
 }
 
-/// An end without its start: the connect began before the probe attached, or its start did
-/// not fit in the map (counted there).
+#[inline(always)]
+fn connect_start(sk: u64, fill: impl FnOnce(&mut ConnSlot) -> bool, who: impl FnOnce(&mut ConnSlot)) {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // In window order: the first free slot, or a slot still holding this socket (its last
+    // connect's outcome was missed), whichever comes first; else a slot whose connect outlived
+    // `conn_max_age_ns` (also missed). Ends search in the same order, so a stale entry for this
+    // socket behind the slot taken here stays hidden until it is reclaimed.
+    // Plain initialised locals rather than `Option<(ptr, u64)>`: LLVM may spill the payload of
+    // a `None` from any register, even one a helper call clobbered, which the verifier refuses.
+    let mut p: *mut ConnSlot = core::ptr::null_mut();
+    let mut seen = 0u64;
+    let mut stale: *mut ConnSlot = core::ptr::null_mut();
+    let mut stale_seen = 0u64;
+    for i in 0..ConnSlot::WINDOW {
+        let Some(q) = conn_slot(sk, i) else { continue };
+        // SAFETY: `q` is a live map value.
+        let st = unsafe { load(&raw const (*q).state) };
+        if st == ConnSlot::BUSY {
+            continue;
+        }
+        // SAFETY: as above.
+        if st == ConnSlot::FREE || unsafe { load(&raw const (*q).sk) } == sk {
+            p = q;
+            seen = st;
+            break;
+        }
+        if stale.is_null() && now.saturating_sub(st) > sl!(conn_max_age_ns) {
+            stale = q;
+            stale_seen = st;
+        }
+    }
+    if p.is_null() {
+        p = stale;
+        seen = stale_seen;
+    }
+    // No slot: its end counts it as untracked.
+    if p.is_null() {
+        return;
+    }
+    // Losing the race for the slot to another CPU leaves the connect untracked, as above. A
+    // stale slot is reused without counting: the end its connect missed was a program run the
+    // kernel skipped (counted as `recursion`), or, if that connect does end after all, its end
+    // finds no slot and counts it as untracked. Either way each connect is counted once.
+    if !try_lock(p, seen) {
+        return;
+    }
+    // SAFETY: the slot is ours (BUSY) until `publish`; `p` is a live map value.
+    let s = unsafe { &mut *p };
+    if !fill(s) {
+        s.sk = 0;
+        publish(p, ConnSlot::FREE);
+        return;
+    }
+    s.sk = sk;
+    who(s);
+    s.dest = dest_group(s.family, s.dport, &s.daddr);
+    s.flags = 0;
+    publish(p, now);
+}
+
+/// Takes `sk`'s slot: `read` of it and the slot freed. `None` (counted as untracked) when the
+/// connect was not tracked or its slot was taken over meanwhile.
+#[inline(always)]
+fn take_start<R>(sk: u64, read: impl FnOnce(u64, &ConnSlot) -> R) -> Option<R> {
+    for i in 0..ConnSlot::WINDOW {
+        let Some(p) = conn_slot(sk, i) else { continue };
+        // SAFETY: `p` is a live map value.
+        let (owner, st) = unsafe { (load(&raw const (*p).sk), load(&raw const (*p).state)) };
+        if owner != sk || st <= ConnSlot::BUSY {
+            continue;
+        }
+        // Only trusted if the lock word did not change meanwhile (it is unique per start).
+        // SAFETY: `p` is a live map value.
+        let r = read(st, unsafe { &*p });
+        if !try_lock(p, st) {
+            break;
+        }
+        // SAFETY: the slot is ours (BUSY).
+        unsafe { core::ptr::write_volatile(&raw mut (*p).sk, 0) };
+        publish(p, ConnSlot::FREE);
+        return Some(r);
+    }
+    untracked();
+    None
+}
+
+/// An end without its start: the connect began before the probe attached, found no slot, or
+/// its slot was taken over.
 #[inline(always)]
 fn untracked() {
     bump(probe_id::TCP, counter::LOST_UNTRACKED);
@@ -315,24 +458,29 @@ fn untracked() {
 
 #[inline(always)]
 fn connect_done(sk: u64) {
-    let Some(s) = take_start(sk) else { return };
+    let Some((started, fk)) = take_start(sk, |st, s| {
+        (
+            st,
+            FlowKey {
+                cgroup_id: s.cgroup_id,
+                dest: s.dest,
+                _pad: [0; 3],
+            },
+        )
+    }) else {
+        return;
+    };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let fk = FlowKey {
-        cgroup_id: s.cgroup_id,
-        dest: s.dest,
-        _pad: [0; 3],
-    };
     // The histogram's count is the success count.
-    observe(&TCP_CONNECT_HIST, probe_id::TCP, &fk, now.saturating_sub(s.ktime_ns));
+    observe(&TCP_CONNECT_HIST, probe_id::TCP, &fk, now.saturating_sub(started));
     // The SYN-ACK was acked (and timed) before the state changed: `srtt_us` holds the
     // handshake's RTT sample, in microseconds times 8. Without a sample (SYN retransmitted, no
     // timestamps) it is 0 and nothing is observed.
-    let l = sock_layout();
-    if l.valid == 0 {
+    if sl!(valid) == 0 {
         return;
     }
-    if let Some(srtt) = sk_read::<u32>(sk, l.srtt_us) {
+    if let Some(srtt) = sk_read::<u32>(sk, sl!(srtt_us)) {
         if srtt != 0 {
             observe(&TCP_RTT_HIST, probe_id::TCP, &fk, u64::from(srtt >> 3) * 1000);
         }
@@ -341,16 +489,17 @@ fn connect_done(sk: u64) {
 
 #[inline(always)]
 fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
-    let Some(s) = take_start(sk) else { return };
+    let Some((started, s)) = take_start(sk, |st, s| (st, *s)) else {
+        return;
+    };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let l = sock_layout();
-    let err = if l.valid != 0 {
-        sk_read::<i32>(sk, l.sk_err).unwrap_or(0)
+    let err = if sl!(valid) != 0 {
+        sk_read::<i32>(sk, sl!(sk_err)).unwrap_or(0)
     } else {
         0
     };
-    let res = classify(s.flags & ConnStart::RESET_RECEIVED != 0, err);
+    let res = classify(s.flags & ConnSlot::RESET_RECEIVED != 0, err);
     count(&FlowCountKey {
         cgroup_id: s.cgroup_id,
         dest: s.dest,
@@ -366,7 +515,7 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
             ktime_ns: now,
         },
         cgroup_id: s.cgroup_id,
-        duration_ns: now.saturating_sub(s.ktime_ns),
+        duration_ns: now.saturating_sub(started),
         tgid: s.tgid,
         sk_err: err,
         result: res,
@@ -389,15 +538,23 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
 
 /// Counts a reset or retransmit: with the workload and destination when the socket is still
 /// connecting (a refused connect, a SYN retransmit), else in the host-level slot. `flag` is set
-/// on a connecting socket's entry.
+/// on a connecting socket's slot.
 #[inline(always)]
 fn counted(sk: u64, what: u16, flag: u16) {
-    let l = sock_layout();
-    let connecting = l.valid != 0 && sk_read::<u8>(sk, l.skc_state) == Some(state::SYN_SENT as u8);
-    if connecting {
-        if let Some(p) = TCP_SOCKS.get_ptr_mut(sk) {
-            // SAFETY: a map value, valid during the program run.
-            let s = unsafe { &mut *p };
+    // The socket is hot in the cache, the table is not: ask the socket first.
+    let connecting = sl!(valid) == 0 || sk_read::<u8>(sk, sl!(skc_state)) == Some(state::SYN_SENT as u8);
+    for i in 0..ConnSlot::WINDOW {
+        if !connecting {
+            break;
+        }
+        let Some(p) = conn_slot(sk, i) else { continue };
+        // SAFETY: `p` is a live map value. The socket's own state changes are serialized by its
+        // lock, so nothing else writes `flags` meanwhile.
+        unsafe {
+            if load(&raw const (*p).sk) != sk || load(&raw const (*p).state) <= ConnSlot::BUSY {
+                continue;
+            }
+            let s = &mut *p;
             s.flags |= flag;
             count(&FlowCountKey {
                 cgroup_id: s.cgroup_id,
@@ -405,8 +562,8 @@ fn counted(sk: u64, what: u16, flag: u16) {
                 kind: what,
                 _pad: 0,
             });
-            return;
         }
+        return;
     }
     if let Some(p) = TCP_HOST_COUNTS.get_ptr_mut(u32::from(what.wrapping_sub(kind::RETRANSMIT))) {
         // SAFETY: this CPU's slot of a per-CPU array, valid during the program run.
@@ -416,14 +573,14 @@ fn counted(sk: u64, what: u16, flag: u16) {
 
 #[raw_tracepoint(tracepoint = "tcp_receive_reset")]
 pub fn tcp_receive_reset_raw(ctx: RawTracePointContext) -> u32 {
-    counted(ctx.arg(0), kind::RESET_RECEIVED, ConnStart::RESET_RECEIVED);
+    counted(ctx.arg(0), kind::RESET_RECEIVED, ConnSlot::RESET_RECEIVED);
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     if let Some(sk) = tp::<u64>(&ctx, tp_layout().rx_reset_skaddr) {
-        counted(sk, kind::RESET_RECEIVED, ConnStart::RESET_RECEIVED);
+        counted(sk, kind::RESET_RECEIVED, ConnSlot::RESET_RECEIVED);
     }
     0
 }

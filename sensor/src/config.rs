@@ -163,13 +163,25 @@ pub struct TcpProbe {
     pub exclude_hooks: Vec<crate::probe::HookKind>,
     /// Destination groups: name -> `CIDR[:port]`; everything else is `other`.
     pub destinations: BTreeMap<String, Destination>,
-    /// Sockets tracked between SYN_SENT and the outcome (an LRU map in the kernel).
+    /// Sockets tracked between SYN_SENT and the outcome (slots of an array in the kernel,
+    /// rounded up to a power of two).
     pub max_tracked_connects: u32,
     /// Series per in-kernel aggregation map (workload x destination x result).
     pub max_series: u32,
-    /// A connect whose outcome was not seen after this long is aged out and counted as lost.
+    /// A connect whose outcome was not seen after this long may give its slot to a new connect;
+    /// should its outcome still come, it counts as lost (`untracked`). Keep it above the longest
+    /// SYN retry time (127 s with the default `tcp_syn_retries` of 6).
     #[serde(with = "duration")]
     pub connect_max_age: Duration,
+}
+
+impl TcpProbe {
+    /// Slots of the kernel's connect table: `max_tracked_connects` rounded up to a power of two.
+    pub fn conn_slots(&self) -> u32 {
+        self.max_tracked_connects
+            .clamp(64, sensor_common::tcp::ConnSlot::MAX_SLOTS)
+            .next_power_of_two()
+    }
 }
 
 impl Default for TcpProbe {
@@ -382,6 +394,15 @@ impl Config {
             return Err(key_err(
                 "probes.tcp",
                 "max_tracked_connects and max_series must be at least 64".into(),
+            ));
+        }
+        if tcp.connect_max_age < Duration::from_millis(100) {
+            return Err(key_err("probes.tcp.connect_max_age", "must be at least 100ms".into()));
+        }
+        if tcp.max_tracked_connects > sensor_common::tcp::ConnSlot::MAX_SLOTS {
+            return Err(key_err(
+                "probes.tcp.max_tracked_connects",
+                format!("at most {}", sensor_common::tcp::ConnSlot::MAX_SLOTS),
             ));
         }
         if self.probes.memcg.discovery_interval < Duration::from_millis(100) {

@@ -49,6 +49,10 @@ pub struct LoadOptions {
     pub map_sizes: Vec<(&'static str, u32)>,
     /// `SockLayout::DEST_*` bits: which kinds of TCP destination groups are configured.
     pub tcp_dest_groups: u32,
+    /// Slots of the TCP connect table (a power of two) and when a slot's connect counts as
+    /// missed.
+    pub tcp_conn_slots: u32,
+    pub tcp_conn_max_age: std::time::Duration,
 }
 
 impl KernelContext {
@@ -81,7 +85,9 @@ pub fn load(kctx: &KernelContext, opts: &LoadOptions) -> Result<Loaded, LoadErro
         tracing::warn!(note = %n, "OOM layout is partial");
     }
     let memory_on_v2 = !crate::cgroup::Hierarchies::discover().memory_is_v1();
-    let (tcp_tp, tcp_sock, tcp_notes) = crate::tcp::layouts(kctx, opts.tcp_dest_groups, memory_on_v2);
+    let (tcp_tp, mut tcp_sock, tcp_notes) = crate::tcp::layouts(kctx, opts.tcp_dest_groups, memory_on_v2);
+    tcp_sock.conn_mask = opts.tcp_conn_slots.saturating_sub(1);
+    tcp_sock.conn_max_age_ns = u64::try_from(opts.tcp_conn_max_age.as_nanos()).unwrap_or(u64::MAX);
     for n in &tcp_notes {
         tracing::warn!(note = %n, "TCP layout is partial");
     }

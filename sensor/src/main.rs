@@ -127,6 +127,9 @@ struct RunArgs {
     memcg_enabled: Option<bool>,
     #[arg(long = "probes.memcg.discovery-interval", value_parser = humantime::parse_duration)]
     memcg_discovery_interval: Option<Duration>,
+    /// Hooks the TCP probe must not use, comma-separated (raw_tracepoint,tracepoint).
+    #[arg(long = "probes.tcp.exclude-hooks", value_delimiter = ',')]
+    tcp_exclude_hooks: Option<Vec<sensor::probe::HookKind>>,
     #[arg(long = "probes.tcp.enabled")]
     tcp_enabled: Option<bool>,
     #[arg(long = "limits.workloads-per-metric")]
@@ -184,6 +187,9 @@ impl RunArgs {
         }
         if let Some(v) = &self.oom_exclude_hooks {
             c.probes.oom.exclude_hooks = v.clone();
+        }
+        if let Some(v) = &self.tcp_exclude_hooks {
+            c.probes.tcp.exclude_hooks = v.clone();
         }
         if let Some(v) = self.memcg_enabled {
             c.probes.memcg.enabled = v;

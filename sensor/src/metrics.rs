@@ -182,7 +182,7 @@ pub struct LostCollector {
 
 impl LostCollector {
     pub const NAME: &'static str = "sensor_events_lost_total";
-    const HELP: &'static str = "What could not be counted or delivered: buffer_full (perf ring full), map_full (aggregation map full), untracked (an end without its start), aged_out (a start whose end never came), recursion (program runs the kernel skipped because the program was already running on that CPU), no_scratch.";
+    const HELP: &'static str = "What could not be counted or delivered: buffer_full (perf ring full), map_full (aggregation map full), untracked (an end without its start), recursion (program runs the kernel skipped because the program was already running on that CPU), no_scratch.";
 
     pub fn new(
         counters: Arc<Mutex<KernelCounters>>,

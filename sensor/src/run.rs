@@ -55,7 +55,7 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
         .chain(p.tcp.exclude_hooks.iter().map(|h| ("tcp", *h)))
         .collect();
     let map_sizes = vec![
-        ("TCP_SOCKS", p.tcp.max_tracked_connects),
+        ("TCP_CONNS", p.tcp.conn_slots()),
         ("TCP_COUNTS", p.tcp.max_series),
         ("TCP_CONNECT_HIST", p.tcp.max_series),
         ("TCP_RTT_HIST", p.tcp.max_series),
@@ -67,6 +67,8 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
         excluded,
         map_sizes,
         tcp_dest_groups: crate::tcp::dest_group_bits(&p.tcp.destinations),
+        tcp_conn_slots: p.tcp.conn_slots(),
+        tcp_conn_max_age: p.tcp.connect_max_age,
     }
 }
 
@@ -179,7 +181,7 @@ impl Pipeline {
             .registry
             .register(Box::new(LostCollector::new(Arc::clone(&counters), probe_ids, misses)))?;
         let tcp = if reports.iter().any(|r| r.probe == "tcp" && r.state.running()) {
-            Some(start_tcp(&mut ebpf, cfg, &metrics, &hub, &disc, &counters)?)
+            Some(start_tcp(&mut ebpf, cfg, &metrics, &hub, &disc)?)
         } else {
             None
         };
@@ -280,7 +282,6 @@ fn start_tcp(
     metrics: &SelfMetrics,
     hub: &Arc<EventHub>,
     disc: &Arc<Discovery>,
-    counters: &Arc<Mutex<KernelCounters>>,
 ) -> anyhow::Result<Arc<TcpSlice>> {
     let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("{name} map missing"));
     let mut with_port = aya::maps::lpm_trie::LpmTrie::try_from(take("TCP_DEST_PORT")?)?;
@@ -292,7 +293,6 @@ fn start_tcp(
         host_counts: aya::maps::PerCpuArray::try_from(take("TCP_HOST_COUNTS")?)?,
         connect_hist: aya::maps::PerCpuHashMap::try_from(take("TCP_CONNECT_HIST")?)?,
         rtt_hist: aya::maps::PerCpuHashMap::try_from(take("TCP_RTT_HIST")?)?,
-        socks: aya::maps::HashMap::try_from(take("TCP_SOCKS")?)?,
     };
     // The loaded program references both tries, so they outlive these handles.
     Ok(TcpSlice::new(
@@ -301,7 +301,6 @@ fn start_tcp(
         &cfg.probes.tcp,
         Arc::clone(disc),
         maps,
-        Arc::clone(counters),
         cfg.limits.vanished_grace,
     )?)
 }

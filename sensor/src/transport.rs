@@ -118,32 +118,12 @@ pub const LOST_REASONS: &[(u32, &str)] = &[
     (counter::LOST_MAP_FULL, "map_full"),
     (counter::LOST_NO_SCRATCH, "no_scratch"),
     (counter::LOST_UNTRACKED, "untracked"),
-    (counter::LOST_AGED_OUT, "aged_out"),
 ];
 
 impl KernelCounters {
     pub fn new(map: aya::maps::Map) -> Result<KernelCounters, TransportError> {
         let map = PerCpuArray::try_from(map).map_err(|e| TransportError::Map("COUNTERS", e.to_string()))?;
         Ok(KernelCounters { map })
-    }
-
-    /// Adds to a slot the kernel never writes (e.g. `LOST_AGED_OUT`), so the kernel's and
-    /// userspace's losses are exported together.
-    pub fn add_from_userspace(&mut self, probe: u32, which: u32, n: u64) {
-        let idx = counter::index(probe, which);
-        let Ok(values) = self.map.get(&idx, 0) else { return };
-        let mut v: Vec<u64> = values.iter().copied().collect();
-        if let Some(first) = v.first_mut() {
-            *first = first.wrapping_add(n);
-        }
-        match aya::maps::PerCpuValues::try_from(v) {
-            Ok(pv) => {
-                if let Err(e) = self.map.set(idx, pv, 0) {
-                    tracing::warn!(error = %e, "updating a userspace loss counter failed");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "building per-CPU values failed"),
-        }
     }
 
     /// Sum over CPUs of counter `which` for probe `probe`.

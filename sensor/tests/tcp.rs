@@ -178,10 +178,15 @@ fn closed_port(ip: &str) -> SocketAddr {
 }
 
 fn config(dests: &[(&str, String)]) -> std::path::PathBuf {
+    config_with(dests, "")
+}
+
+/// A config file with destination groups and `tcp_keys` (lines under `probes.tcp`).
+fn config_with(dests: &[(&str, String)], tcp_keys: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("sensor-tcp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join(format!("tcp-{}.yaml", dests.first().map_or("none", |d| d.0)));
-    let mut text = String::from("probes:\n  tcp:\n    destinations:\n");
+    let mut text = format!("probes:\n  tcp:\n{tcp_keys}    destinations:\n");
     for (name, d) in dests {
         text.push_str(&format!("      {name}: \"{d}\"\n"));
     }
@@ -200,10 +205,10 @@ fn series<'a>(result: &'a str, dest: &'a str, cg: &'a MemCgroup) -> [(&'a str, &
 }
 
 /// Connects the sensor could not count: an end without its start (`untracked`), no room in a map
-/// (`map_full`), an outcome that never came (`aged_out`). Runs the kernel skipped (`recursion`)
+/// (`map_full`). Runs the kernel skipped (`recursion`)
 /// are not added: their effect shows up in these, or the sensor recovers the count.
 fn connect_losses(m: &str) -> u64 {
-    ["untracked", "map_full", "aged_out"]
+    ["untracked", "map_full"]
         .iter()
         .map(|r| metric(m, "sensor_events_lost_total", &[("probe", "tcp"), ("reason", r)]).unwrap_or(0.0) as u64)
         .sum()
@@ -221,6 +226,20 @@ fn successes_and_refusals_are_counted_exactly_v4_and_v6() {
     let Some(_k) = privileged("successes_and_refusals_are_counted_exactly_v4_and_v6") else {
         return;
     };
+    successes_and_refusals(&[], "raw_tracepoint");
+}
+
+/// The classic-tracepoint entry (for kernels where the raw one does not load: no BTF, or no
+/// `bpf_get_current_task_btf`) reads the task through helpers instead: the same exact counts.
+#[test]
+fn classic_tracepoint_fallback_counts_the_same() {
+    let Some(_k) = privileged("classic_tracepoint_fallback_counts_the_same") else {
+        return;
+    };
+    successes_and_refusals(&["--probes.tcp.exclude-hooks", "raw_tracepoint"], "tracepoint");
+}
+
+fn successes_and_refusals(extra: &[&str], hook: &str) {
     let (srv4, stop4) = server("127.0.0.1:0");
     let (srv6, stop6) = server("[::1]:0");
     let (closed4, closed6) = (closed_port("127.0.0.1"), closed_port("[::1]"));
@@ -230,12 +249,25 @@ fn successes_and_refusals_are_counted_exactly_v4_and_v6() {
         ("closed4", format!("127.0.0.1/32:{}", closed4.port())),
         ("closed6", format!("[::1/128]:{}", closed6.port())),
     ]);
-    let d = Daemon::start(&[
+    let mut args = vec![
         "--config",
         cfg.to_str().unwrap(),
         "--probes.memcg.discovery-interval",
         "200ms",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let d = Daemon::start(&args);
+    let (code, body) = d.get("/api/v1/probes");
+    assert_eq!(code, 200);
+    let probes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let tcp = probes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["probe"] == "tcp")
+        .expect("tcp probe");
+    assert_eq!(tcp["groups"][0]["purpose"], "connect state");
+    assert_eq!(tcp["groups"][0]["hook"], hook, "{tcp}");
     let cg = MemCgroup::new("sensor-it-tcp", 1 << 30);
     // Losses before the connects (the readiness polls racing the attach) are not theirs.
     let lost_before = connect_losses(&d.metrics());
@@ -296,8 +328,8 @@ fn successes_and_refusals_are_counted_exactly_v4_and_v6() {
             .iter()
             .all(|e| e["result"] == "refused" && e["errno"] == 111 && e["destination"] == dest));
         assert_eq!(ev[0]["address"], closed.ip().to_string());
-        // pid and comm are read from the connecting task when the connect fails: one helper
-        // process made all 200.
+        // pid and comm are the connecting task's, taken at SYN_SENT: one helper process made
+        // all 200.
         let pid = ev[0]["pid"].as_u64().unwrap();
         assert!(pid > 0 && pid != u64::from(std::process::id()), "{}", ev[0]);
         assert!(
@@ -426,6 +458,77 @@ fn dropped_syns_time_out_in_a_namespace_v4_and_v6() {
             assert!((2.0..30.0).contains(&took), "one SYN retry takes about 3s, got {took}");
         }
     }
+    assert_eq!(d.stop().code(), Some(0));
+}
+
+/// A 64-slot connect table and 200 connects that hang in SYN_SENT (dropped SYNs, about 3 s
+/// each): 100 at once, then 100 more a second later. The table holds at most 64 at a time;
+/// every connect is still counted exactly once (as a timeout or as untracked), and the second
+/// wave takes over the first wave's slots once those are older than `connect_max_age`.
+#[test]
+fn a_full_connect_table_counts_every_connect_once_and_reuses_stale_slots() {
+    let Some(_k) = privileged("a_full_connect_table_counts_every_connect_once_and_reuses_stale_slots") else {
+        return;
+    };
+    let ns = Netns::new();
+    let cfg = config_with(
+        &[("table", "10.201.0.0/24".into())],
+        "    max_tracked_connects: 64\n    connect_max_age: 500ms\n",
+    );
+    let d = Daemon::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--probes.memcg.discovery-interval",
+        "200ms",
+    ]);
+    let cg = MemCgroup::new("sensor-it-tcp-table", 1 << 30);
+    let lost_before = connect_losses(&d.metrics());
+    let target: SocketAddr = "10.201.0.7:5432".parse().unwrap();
+    const WAVE: u64 = 100;
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let (first, second) = std::thread::scope(|s| {
+        let a = s.spawn(|| connect(&cg, Some(&ns.client), target, WAVE, WAVE, None));
+        let b = s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(1));
+            connect(&cg, Some(&ns.client), target, WAVE, WAVE, None)
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(first, [0, 0, WAVE, 0], "the kernel timed the first wave out");
+    assert_eq!(second, [0, 0, WAVE, 0], "and the second");
+    std::thread::sleep(Duration::from_millis(500));
+    let m = d.metrics();
+    let counted = metric(&m, "sensor_tcp_connects_total", &series("timeout", "table", &cg)).unwrap_or(0.0) as u64;
+    let lost = connect_losses(&m) - lost_before;
+    eprintln!("table: {counted} timeouts counted, {lost} untracked");
+    assert_eq!(
+        counted + lost,
+        2 * WAVE,
+        "each connect counted once: {counted} + {lost}"
+    );
+    assert!(
+        counted <= 64,
+        "at most one tracked connect per slot at a time: {counted}"
+    );
+    assert!(lost >= 2 * WAVE - 64, "the rest did not fit: {lost}");
+    // Which wave each counted timeout came from, by when it started (the second wave started
+    // a second after the first).
+    let ev = tcp_failures(&d, target.port());
+    assert_eq!(ev.len() as u64, counted, "one event per counted failure");
+    let split = t0 + 0.6;
+    let n1 = ev
+        .iter()
+        .filter(|e| e["time"].as_f64().unwrap() - e["duration_seconds"].as_f64().unwrap() < split)
+        .count();
+    let n2 = ev.len() - n1;
+    eprintln!("table: counted per wave: first {n1}, second {n2}");
+    assert!(
+        n2 > n1,
+        "the second wave took over the first wave's stale slots: first {n1}, second {n2}"
+    );
     assert_eq!(d.stop().code(), Some(0));
 }
 

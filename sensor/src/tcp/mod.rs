@@ -1,5 +1,5 @@
 //! TCP connects: destination groups, per-workload counters and histograms read from the
-//! kernel's aggregation maps, connect-failure events, and aging of missed sockets.
+//! kernel's aggregation maps, connect-failure events.
 
 use std::{
     collections::BTreeMap,
@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap,
+    MapData, PerCpuArray, PerCpuHashMap,
 };
 use prometheus::{
     core::{Collector, Desc},
@@ -19,10 +19,9 @@ use prometheus::{
 };
 use sensor_common::{
     agg::Log2Hist,
-    record::{counter, probe_id},
     tcp::{
-        kind, result, ConnStart, DestAnyKey, DestPortKey, FlowCountKey, FlowKey, SockLayout, TcpFailureRecord,
-        TcpTpLayout, AF_INET, AF_INET6,
+        kind, result, DestAnyKey, DestPortKey, FlowCountKey, FlowKey, SockLayout, TcpFailureRecord, TcpTpLayout,
+        AF_INET, AF_INET6,
     },
 };
 use serde::Serialize;
@@ -36,7 +35,6 @@ use crate::{
     loader::KernelContext,
     metrics::{counter_metric, family, Shared},
     probe::{HookGroup, HookKind, HookSpec, ProbeSpec},
-    transport::KernelCounters,
 };
 
 /// Raw tracepoints first (no trace record is formatted for them, which matters on a path that
@@ -185,6 +183,7 @@ pub fn sock_layout(btf: &KernelBtf, dest_groups: u32, memory_on_v2: bool) -> Res
     })();
     if raw.is_ok() {
         l.raw_valid = 1;
+        l.plan_head_read();
     }
     Ok(l)
 }
@@ -440,8 +439,6 @@ pub struct TcpMaps {
     pub host_counts: PerCpuArray<MapData, u64>,
     pub connect_hist: PerCpuHashMap<MapData, FlowKey, Log2Hist>,
     pub rtt_hist: PerCpuHashMap<MapData, FlowKey, Log2Hist>,
-    /// Active opens from SYN_SENT until they end.
-    pub socks: BpfHashMap<MapData, u64, ConnStart>,
 }
 
 pub struct TcpSlice {
@@ -451,10 +448,7 @@ pub struct TcpSlice {
     counts: Arc<CountCollector>,
     connect_hist: Arc<HistogramMapCollector<FlowKey>>,
     rtt_hist: Arc<HistogramMapCollector<FlowKey>>,
-    socks: Mutex<BpfHashMap<MapData, u64, ConnStart>>,
-    counters: Arc<Mutex<KernelCounters>>,
     janitor: Mutex<Janitor<u64>>,
-    max_age: Duration,
     grace: Duration,
 }
 
@@ -465,7 +459,6 @@ impl TcpSlice {
         cfg: &TcpProbe,
         disc: Arc<Discovery>,
         maps: TcpMaps,
-        counters: Arc<Mutex<KernelCounters>>,
         grace: Duration,
     ) -> prometheus::Result<Arc<TcpSlice>> {
         let names = group_names(&cfg.destinations);
@@ -521,10 +514,7 @@ impl TcpSlice {
             counts,
             connect_hist,
             rtt_hist,
-            socks: Mutex::new(maps.socks),
-            counters,
             janitor: Mutex::new(Janitor::default()),
-            max_age: cfg.connect_max_age,
             grace,
         }))
     }
@@ -566,31 +556,9 @@ impl TcpSlice {
         self.hub.publish(Event::TcpConnectFailure(f));
     }
 
-    /// Ages out connects whose end was never seen, and drops vanished cgroups' series.
+    /// Drops vanished cgroups' series. (Connects whose outcome was missed age in the kernel:
+    /// a new connect takes over their slot after `connect_max_age`.)
     pub fn maintain(&self) {
-        let now = clock::monotonic_ns();
-        let max_age = self.max_age.as_nanos() as u64;
-        let mut aged = 0u64;
-        if let Ok(mut m) = self.socks.lock() {
-            // Only connects still waiting for their outcome age; established ones may live long.
-            let old: Vec<u64> = m
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, s)| now.saturating_sub(s.ktime_ns) > max_age)
-                .map(|(k, _)| k)
-                .collect();
-            for k in old {
-                if m.remove(&k).is_ok() {
-                    aged += 1;
-                }
-            }
-        }
-        if aged > 0 {
-            if let Ok(mut c) = self.counters.lock() {
-                c.add_from_userspace(probe_id::TCP, counter::LOST_AGED_OUT, aged);
-            }
-            tracing::debug!(aged, "aged out connects whose outcome was never seen");
-        }
         let ids: Vec<u64> = self
             .connect_hist
             .snapshot()
