@@ -182,6 +182,22 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
             "{sec}"
         );
 
+        // TCP on 6.1: the raw entry (compare-and-swap slots, BTF task pointer) in the first
+        // pass, the classic-tracepoint entry in the second; both count the 20 connects and the
+        // second scrape's own exactly.
+        let tcp = probes.as_array().unwrap().iter().find(|p| p["probe"] == "tcp").expect("tcp probe");
+        let tcp_hook = if pass == "fentry" { "raw_tracepoint" } else { "tracepoint" };
+        assert_eq!(tcp["groups"][0]["purpose"], "connect state", "{tcp}");
+        assert_eq!(tcp["groups"][0]["hook"], tcp_hook, "{tcp}");
+        let count = |p: &str| -> f64 {
+            part(sec, p)
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no root-cgroup connect count in '{p}':\n{sec}"))
+        };
+        assert_eq!(count("tcp after") - count("tcp before"), 21.0, "{sec}");
+
         let events: Vec<serde_json::Value> = serde_json::from_str(part(sec, "events")).expect("events JSON");
         // Other events (e.g. the readiness polls refused while the daemon started) are fine.
         let events: Vec<_> = events.into_iter().filter(|e| e["type"] == "oom_kill").collect();

@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # PID 1 of the test VM (Debian's 6.1 kernel, which has kprobes and fentry): runs the sensor
-# once per OOM context hook, causes one real memcg OOM kill each time, prints what the sensor
-# reported between markers on the serial console, and powers off.
+# once per OOM context hook (the second time also on the TCP probe's classic-tracepoint entry),
+# causes one real memcg OOM kill and 20 connects each time, prints what the sensor reported
+# between markers on the serial console, and powers off.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -32,6 +33,11 @@ pass() {
   echo "--- probes"; wget -q -O - http://127.0.0.1:9442/api/v1/probes; echo
   echo "--- events"; wget -q -O - http://127.0.0.1:9442/api/v1/events; echo
   echo "--- metrics"; wget -q -O - http://127.0.0.1:9442/metrics | grep -E '^sensor_(oom|events|probe|memcg_events|memory_pressure)'
+  # 20 connects from wget (root cgroup) between two scrapes, each scrape being one more.
+  tcp='^sensor_tcp_connect_duration_seconds_count{destination="other",cgroup="/"'
+  echo "--- tcp before"; wget -q -O - http://127.0.0.1:9442/metrics | grep "$tcp"
+  i=0; while [ $i -lt 20 ]; do wget -q -O /dev/null http://127.0.0.1:9442/healthz; i=$((i+1)); done
+  echo "--- tcp after"; wget -q -O - http://127.0.0.1:9442/metrics | grep "$tcp"
   echo "--- kernel"; grep oom_kill $cg/memory.events.local
   echo "--- memory.events"; cat $cg/memory.events
   kill -TERM $spid; wait $spid; echo "--- sensor exit $?"
@@ -40,7 +46,7 @@ pass() {
 }
 
 pass fentry
-pass kprobe --probes.oom.exclude-hooks fentry
+pass kprobe --probes.oom.exclude-hooks fentry --probes.tcp.exclude-hooks raw_tracepoint
 echo "=== DOCTOR ==="
 /sensor doctor 2>&1
 echo "=== END DOCTOR ==="
