@@ -500,6 +500,22 @@ checks:
         );
         let e = err("perf_ring_pages: 3\n");
         assert!(e.contains("power of two"), "{e}");
+        let e = err("probes: {tcp: {connect_max_age: 10ms}}\n");
+        assert!(e.contains("probes.tcp.connect_max_age") && e.contains("at least 100ms"), "{e}");
+        let e = err("probes: {tcp: {max_tracked_connects: 100000000}}\n");
+        assert!(e.contains("probes.tcp.max_tracked_connects") && e.contains("at most 16777216"), "{e}");
+    }
+
+    #[test]
+    fn connect_table_rounds_up_to_a_power_of_two() {
+        let t = |n| TcpProbe {
+            max_tracked_connects: n,
+            ..TcpProbe::default()
+        };
+        assert_eq!(t(64).conn_slots(), 64);
+        assert_eq!(t(100).conn_slots(), 128);
+        assert_eq!(t(65536).conn_slots(), 65536);
+        assert_eq!(t(65537).conn_slots(), 131072);
     }
 
     #[test]

@@ -608,6 +608,60 @@ mod tests {
         assert_eq!(group_names(&d), vec!["other", "dns", "postgres"]);
     }
 
+    /// Socket addresses are slab objects a fixed size apart: their slots must still spread.
+    #[test]
+    fn connect_slots_spread_slab_addresses() {
+        use sensor_common::tcp::ConnSlot;
+        let sk = |i: u64| 0xffff_8881_0a00_0000u64 + i * 2368;
+        // 4096 sockets in 65536 slots: no slot is anyone's first more than a few times.
+        let mask = 65535;
+        let mut hits = vec![0u32; 65536];
+        for i in 0..4096 {
+            hits[ConnSlot::index(sk(i), 0, mask) as usize] += 1;
+        }
+        assert!(hits.iter().all(|&h| h <= 3), "max {:?}", hits.iter().max());
+        // 64 sockets in 64 slots: about 1 - 1/e of the slots are somebody's first.
+        let mut first = [false; 64];
+        for i in 0..64 {
+            first[ConnSlot::index(sk(i), 0, 63) as usize] = true;
+        }
+        let used = first.iter().filter(|&&u| u).count();
+        assert!((30..=56).contains(&used), "{used} of 64 slots");
+        // The window wraps around the end of the table.
+        let s = (0..).map(sk).find(|&s| ConnSlot::index(s, 0, 63) == 63).unwrap();
+        assert_eq!(ConnSlot::index(s, 1, 63), 0);
+    }
+
+    #[test]
+    fn destination_fields_in_one_read_only_when_they_fit() {
+        let mut l = SockLayout {
+            raw_valid: 1,
+            skc_daddr: 0,
+            skc_dport: 12,
+            skc_family: 16,
+            ..SockLayout::INVALID
+        };
+        l.plan_head_read();
+        assert_eq!(
+            (l.head_valid, l.head_off, l.head_daddr, l.head_dport, l.head_family),
+            (1, 0, 0, 12, 16)
+        );
+        // Too far apart for one 24-byte read.
+        l.skc_family = 40;
+        l.plan_head_read();
+        assert_eq!(l.head_valid, 0);
+        // A field straddling two words.
+        l.skc_family = 16;
+        l.skc_daddr = 6;
+        l.plan_head_read();
+        assert_eq!(l.head_valid, 0);
+        // Without the socket offsets, nothing.
+        l.skc_daddr = 0;
+        l.raw_valid = 0;
+        l.plan_head_read();
+        assert_eq!(l.head_valid, 0);
+    }
+
     #[test]
     fn addresses_format() {
         let mut a = [0u8; 16];
