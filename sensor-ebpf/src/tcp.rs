@@ -229,19 +229,21 @@ fn classify(reset_received: bool, sk_err: i32) -> u16 {
 }
 
 /// Shared body of both `inet_sock_set_state` entries. Everything but the three transitions of
-/// an active open returns at once. For a new connect, `fill` checks that the socket is TCP and
-/// writes its destination into the claimed slot, `who` the connecting task.
+/// an active open returns at once. For a new connect, `is_tcp` checks the socket's protocol,
+/// `fill` writes its destination into the claimed slot (false: not IPv4 or IPv6), `who` the
+/// connecting task.
 #[inline(always)]
 fn set_state<C: EbpfContext>(
     ctx: &C,
     sk: u64,
     old: i32,
     new: i32,
+    is_tcp: impl FnOnce() -> bool,
     fill: impl FnOnce(&mut ConnSlot) -> bool,
     who: impl FnOnce(&mut ConnSlot),
 ) {
     match (old, new) {
-        (state::CLOSE, state::SYN_SENT) => connect_start(sk, fill, who),
+        (state::CLOSE, state::SYN_SENT) => connect_start(sk, is_tcp, fill, who),
         (state::SYN_SENT, state::ESTABLISHED) => connect_done(sk),
         (state::SYN_SENT, state::CLOSE) => connect_failed(ctx, sk),
         _ => {}
@@ -278,10 +280,8 @@ pub fn tcp_set_state_raw(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
+    let is_tcp = || sl!(raw_valid) != 0 && sk_read::<u16>(sk, sl!(sk_protocol)) == Some(IPPROTO_TCP);
     let fill = |s: &mut ConnSlot| {
-        if sl!(raw_valid) == 0 || sk_read::<u16>(sk, sl!(sk_protocol)) != Some(IPPROTO_TCP) {
-            return false;
-        }
         let v4 = if sl!(head_valid) != 0 {
             // One read for family, port and IPv4 address instead of three.
             let w = sk_read::<[u64; 3]>(sk, sl!(head_off)).unwrap_or([0; 3]);
@@ -304,7 +304,7 @@ pub fn tcp_set_state_raw(ctx: RawTracePointContext) -> u32 {
         }
         true
     };
-    set_state(&ctx, sk, old, new, fill, who_by_btf);
+    set_state(&ctx, sk, old, new, is_tcp, fill, who_by_btf);
     0
 }
 
@@ -331,7 +331,8 @@ pub fn tcp_set_state(ctx: TracePointContext) -> u32 {
         }
         true
     };
-    set_state(&ctx, sk, old, new, fill, who_by_helpers);
+    // The entry checked the protocol already.
+    set_state(&ctx, sk, old, new, || true, fill, who_by_helpers);
     0
 }
 
@@ -363,9 +364,25 @@ fn load(p: *const u64) -> u64 {
 }
 
 #[inline(always)]
-fn connect_start(sk: u64, fill: impl FnOnce(&mut ConnSlot) -> bool, who: impl FnOnce(&mut ConnSlot)) {
+fn connect_start(
+    sk: u64,
+    is_tcp: impl FnOnce() -> bool,
+    fill: impl FnOnce(&mut ConnSlot) -> bool,
+    who: impl FnOnce(&mut ConnSlot),
+) {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    // The table is large and this socket's slot is usually not in the cache: load it now, so
+    // that the miss overlaps with the socket reads below instead of stalling the claim (the
+    // value is read again there). After the clock, whose `rdtsc` is fenced and would wait for
+    // the miss.
+    if let Some(q) = conn_slot(sk, 0) {
+        // SAFETY: `q` is a live map value.
+        let _ = unsafe { load(&raw const (*q).state) };
+    }
+    if !is_tcp() {
+        return;
+    }
     // In window order: the first free slot, or a slot still holding this socket (its last
     // connect's outcome was missed), whichever comes first; else a slot whose connect outlived
     // `conn_max_age_ns` (also missed). Ends search in the same order, so a stale entry for this

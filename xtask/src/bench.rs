@@ -91,10 +91,10 @@ fn connect_once(dst: &libc::sockaddr_in, src: u8, close: Close) -> bool {
 }
 
 /// Connects and closes against a local listener for `secs`; returns connects per second.
-fn connect_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
+pub fn connect_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
     let l = TcpListener::bind("127.0.0.1:0")?;
-    // SAFETY: valid listening fd; a deeper backlog than std's 128.
-    unsafe { libc::listen(l.as_raw_fd(), 4096) };
+    // SAFETY: valid listening fd; a deeper backlog than std's 128 (see `isolated_rate`).
+    unsafe { libc::listen(l.as_raw_fd(), 65535) };
     let addr = l.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let acceptor = {
@@ -136,6 +136,40 @@ fn connect_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
     stop.store(true, Ordering::Relaxed);
     let _ = acceptor.join();
     Ok(done.load(Ordering::Relaxed) as f64 / elapsed)
+}
+
+/// One measurement in a network namespace of its own (`unshare --net`, loopback up): the
+/// TIME_WAIT sockets a FIN measurement leaves behind (about 100,000, 60 s each) stay in that
+/// namespace, which the kernel tears down when the measurement's process exits, so each
+/// measurement starts from empty connection tables instead of inheriting its predecessors'.
+/// The namespace's accept backlog is raised too: with the default 4096, the clients (which
+/// keep both CPUs busy) now and then overflow it while the acceptor waits for a CPU, and each
+/// dropped SYN costs its client a 1 s retransmit, which made FIN rounds swing by half.
+fn isolated_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
+    let exe = std::env::current_exe().context("xtask's own path")?;
+    let mut cmd = Command::new("unshare");
+    let setup = "ip link set lo up && sysctl -qw net.core.somaxconn=65535 net.ipv4.tcp_max_syn_backlog=65535 \
+                 && exec \"$@\"";
+    cmd.args(["--net", "--", "sh", "-c", setup, "sh"])
+        .arg(&exe)
+        .args(["bench-load", "--threads", &threads.to_string(), "--seconds", &secs.to_string()]);
+    if close == Close::Rst {
+        cmd.arg("--rst");
+    }
+    let out = cmd.output().context("run unshare (util-linux) and ip (iproute2)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "measurement in a new network namespace failed ({}): {}{}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    stdout
+        .trim()
+        .parse()
+        .with_context(|| format!("measurement printed no rate: {stdout:?}"))
 }
 
 /// Starts what `mode` measures and returns it once attached.
@@ -201,7 +235,7 @@ fn measure(sensor: &Path, rounds: usize, secs: f64, threads: usize, close: Close
     let modes = [Mode::Baseline, Mode::Sensor, Mode::Bpftrace];
     let mut rates = Vec::new();
     // Warm-up: caches, page tables, socket slabs.
-    let _ = connect_rate(threads, 1.0, close)?;
+    let _ = isolated_rate(threads, 1.0, close)?;
     for round in 0..rounds {
         let mut r = [0.0; 3];
         // Rotate the order so drift over the run does not favour one mode.
@@ -209,12 +243,12 @@ fn measure(sensor: &Path, rounds: usize, secs: f64, threads: usize, close: Close
             let mode = modes[(round + i) % 3];
             let child = start(mode, sensor)?;
             std::thread::sleep(Duration::from_millis(300));
-            let rate = connect_rate(threads, secs, close)?;
+            let rate = isolated_rate(threads, secs, close)?;
             if let Some(c) = child {
                 stop_child(c, libc::SIGINT);
             }
-            // Let TIME_WAIT from this measurement drain a little before the next one.
-            std::thread::sleep(Duration::from_millis(300));
+            // Let the kernel tear the measurement's namespace (and its TIME_WAIT sockets) down.
+            std::thread::sleep(Duration::from_millis(500));
             r[modes.iter().position(|m| *m == mode).unwrap_or(0)] = rate;
             eprintln!(
                 "{close:?} round {}/{rounds} {:<8} {:>9.0} connects/s",
@@ -258,12 +292,11 @@ pub fn run(root: &Path, rounds: usize, secs: f64, threads: usize) -> Result<()> 
         "## TCP connect overhead\n\n\
          Loopback connect-and-close with {threads} client threads, {secs} s per measurement, {rounds} rounds \
          alternating baseline / sensor / bpftrace (order rotated each round), on kernel {} with {cpus} CPUs. \
-         Ratios are the rate with the tool attached over the baseline of the same round. \
-         \"close (FIN)\" is an ordinary close (client source addresses rotate over 127.0.0.0/8 so TIME_WAIT \
-         cannot exhaust ports); \"abortive close (RST)\" closes with SO_LINGER 0, which also fires the \
-         reset tracepoints on both sides, the worst case for the sensor. FIN rounds are noisier: TIME_WAIT \
-         sockets from earlier measurements (60 s lifetime) slow later ones, hence their low minimums; compare \
-         medians.\n\n\
+         Ratios are the rate with the tool attached over the baseline of the same round. Each measurement \
+         runs in a network namespace of its own (`unshare --net`), so the TIME_WAIT sockets of one do not \
+         slow the next. \"close (FIN)\" is an ordinary close (client source addresses rotate over \
+         127.0.0.0/8 so TIME_WAIT cannot exhaust ports); \"abortive close (RST)\" closes with SO_LINGER 0, \
+         which also fires the reset tracepoints on both sides, the worst case for the sensor.\n\n\
          | | min | median | max |\n|---|---|---|---|\n{fin_rows}{rst_rows}\n\
          The sensor runs with its default configuration (all probes: OOM, memcg, TCP counters, latency and RTT \
          histograms per workload and destination, reset and retransmit counters, failure events) and uses raw \

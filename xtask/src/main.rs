@@ -71,13 +71,25 @@ enum Cmd {
     },
     /// Connect-rate overhead of the sensor vs. baseline and bpftrace; writes docs/benchmarks.md.
     Bench {
-        #[arg(long, default_value_t = 7)]
+        /// Rounds of baseline / sensor / bpftrace; the report gives the median ratio.
+        #[arg(long, default_value_t = 11)]
         rounds: usize,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
         #[arg(long, default_value_t = 2)]
         threads: usize,
+    },
+    /// One loopback connect-rate measurement; `bench` runs it in a fresh network namespace.
+    #[command(hide = true)]
+    BenchLoad {
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        seconds: f64,
+        /// Abortive close (RST) instead of FIN.
+        #[arg(long)]
+        rst: bool,
     },
     /// Synthetic HTTP checks: probes per CPU-second vs. prometheus-blackbox-exporter on one local
     /// target, and RSS with 1,000 checks; writes docs/benchmarks-checks.md.
@@ -127,6 +139,11 @@ fn real_main() -> Result<()> {
             setup()?;
             build_release(&root)?;
             bench::run(&root, rounds.max(1), seconds, threads.max(1))
+        }
+        Cmd::BenchLoad { threads, seconds, rst } => {
+            let close = if rst { bench::Close::Rst } else { bench::Close::Fin };
+            println!("{}", bench::connect_rate(threads.max(1), seconds, close)?);
+            Ok(())
         }
         Cmd::BenchChecks(opts) => {
             setup()?;
