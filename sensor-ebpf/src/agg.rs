@@ -15,28 +15,29 @@ use crate::transport::bump;
 #[map]
 static ZERO_HIST: PerCpuArray<Log2Hist> = PerCpuArray::with_max_entries(1, 0);
 
-/// Records `value` in the histogram for `key`, creating it when absent. A full map counts as
+/// The value for `key`, created from `zero` when absent. A full map counts as
 /// `LOST_MAP_FULL` for `probe`, so no observation disappears uncounted.
 #[inline(always)]
-pub fn observe<K>(map: &PerCpuHashMap<K, Log2Hist>, probe: u32, key: &K, value: u64) {
-    let hist = match map.get_ptr_mut(key) {
-        Some(h) => h,
-        None => {
-            let Some(zero) = ZERO_HIST.get(0) else {
-                bump(probe, sensor_common::record::counter::LOST_NO_SCRATCH);
-                return;
-            };
-            // BPF_NOEXIST: another CPU may have inserted it meanwhile; then we just look up again.
-            let _ = map.insert(key, zero, u64::from(aya_ebpf::bindings::BPF_NOEXIST));
-            match map.get_ptr_mut(key) {
-                Some(h) => h,
-                None => {
-                    bump(probe, sensor_common::record::counter::LOST_MAP_FULL);
-                    return;
-                }
-            }
-        }
+pub fn value_for<K, V>(map: &PerCpuHashMap<K, V>, zero: &PerCpuArray<V>, probe: u32, key: &K) -> Option<*mut V> {
+    if let Some(v) = map.get_ptr_mut(key) {
+        return Some(v);
+    }
+    let Some(z) = zero.get(0) else {
+        bump(probe, sensor_common::record::counter::LOST_NO_SCRATCH);
+        return None;
     };
+    // BPF_NOEXIST: another CPU may have inserted it meanwhile; then we just look up again.
+    let _ = map.insert(key, z, u64::from(aya_ebpf::bindings::BPF_NOEXIST));
+    let v = map.get_ptr_mut(key);
+    if v.is_none() {
+        bump(probe, sensor_common::record::counter::LOST_MAP_FULL);
+    }
+    v
+}
+
+/// Records `value` in the histogram at `hist`.
+#[inline(always)]
+pub fn record(hist: *mut Log2Hist, value: u64) {
     // BPF has no clz: LLVM expands `leading_zeros` into arithmetic the verifier can only bound
     // to 255, and drops a clamp it can prove redundant. The volatile read keeps the mask.
     let b = log2_bucket(value);
@@ -50,5 +51,13 @@ pub fn observe<K>(map: &PerCpuHashMap<K, Log2Hist>, probe: u32, key: &K, value: 
         }
         (*hist).sum = (*hist).sum.wrapping_add(value);
         (*hist).count += 1;
+    }
+}
+
+/// Records `value` in the histogram for `key`, creating it when absent.
+#[inline(always)]
+pub fn observe<K>(map: &PerCpuHashMap<K, Log2Hist>, probe: u32, key: &K, value: u64) {
+    if let Some(h) = value_for(map, &ZERO_HIST, probe, key) {
+        record(h, value);
     }
 }

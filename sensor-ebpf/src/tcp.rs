@@ -37,7 +37,7 @@ use sensor_common::{
 };
 
 use crate::{
-    agg::observe,
+    agg::{record, value_for},
     task,
     transport::{bump, output},
 };
@@ -63,11 +63,13 @@ static TCP_COUNTS: PerCpuHashMap<FlowCountKey, u64> = PerCpuHashMap::with_max_en
 #[map]
 static TCP_HOST_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HOST_COUNT_SLOTS, 0);
 
+/// Per flow: [connect latency, handshake RTT], so a success costs one lookup.
 #[map]
-static TCP_CONNECT_HIST: PerCpuHashMap<FlowKey, Log2Hist> = PerCpuHashMap::with_max_entries(DEFAULT_SERIES, 0);
+static TCP_HISTS: PerCpuHashMap<FlowKey, [Log2Hist; 2]> = PerCpuHashMap::with_max_entries(DEFAULT_SERIES, 0);
 
+/// A zeroed value to insert into `TCP_HISTS` from (too big for the BPF stack).
 #[map]
-static TCP_RTT_HIST: PerCpuHashMap<FlowKey, Log2Hist> = PerCpuHashMap::with_max_entries(DEFAULT_SERIES, 0);
+static TCP_ZERO_HISTS: PerCpuArray<[Log2Hist; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Configured destination groups (see `DestPortKey` / `DestAnyKey`), filled by the daemon.
 #[map]
@@ -489,8 +491,14 @@ fn connect_done(sk: u64) {
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // The histogram's count is the success count.
-    observe(&TCP_CONNECT_HIST, probe_id::TCP, &fk, now.saturating_sub(started));
+    // Both histograms of the flow in one lookup.
+    let Some(h) = value_for(&TCP_HISTS, &TCP_ZERO_HISTS, probe_id::TCP, &fk) else {
+        return;
+    };
+    // SAFETY: this CPU's copy of the map value, valid during the program run.
+    let [connect, rtt] = unsafe { &mut *h };
+    // The latency histogram's count is the success count.
+    record(connect, now.saturating_sub(started));
     // The SYN-ACK was acked (and timed) before the state changed: `srtt_us` holds the
     // handshake's RTT sample, in microseconds times 8. Without a sample (SYN retransmitted, no
     // timestamps) it is 0 and nothing is observed.
@@ -499,7 +507,7 @@ fn connect_done(sk: u64) {
     }
     if let Some(srtt) = sk_read::<u32>(sk, sl!(srtt_us)) {
         if srtt != 0 {
-            observe(&TCP_RTT_HIST, probe_id::TCP, &fk, u64::from(srtt >> 3) * 1000);
+            record(rtt, u64::from(srtt >> 3) * 1000);
         }
     }
 }

@@ -69,39 +69,48 @@ pub fn to_prometheus(h: &Log2Hist, layout: HistLayout) -> proto::Histogram {
 
 type LabelFn<K> = Box<dyn Fn(&K) -> Option<Vec<String>> + Send + Sync>;
 
-/// Exports every key of a per-CPU histogram map as one histogram series.
-pub struct HistogramMapCollector<K: aya::Pod> {
-    name: &'static str,
-    help: &'static str,
+/// One exported histogram family: part `i` of the map's values.
+#[derive(Debug, Clone, Copy)]
+pub struct HistFamily {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub layout: HistLayout,
+}
+
+/// Exports every key of a per-CPU map of `N` log2 histograms as one series in each of `N`
+/// histogram families (one map lookup in the kernel updates all of a key's histograms). A
+/// part that never counted anything for a key is left out.
+pub struct HistogramMapCollector<K: aya::Pod, const N: usize = 1> {
+    families: [HistFamily; N],
     label_names: &'static [&'static str],
-    map: Mutex<PerCpuHashMap<MapData, K, Log2Hist>>,
+    map: Mutex<PerCpuHashMap<MapData, K, [Log2Hist; N]>>,
     labels: LabelFn<K>,
-    layout: HistLayout,
     desc: Vec<Desc>,
 }
 
-impl<K: aya::Pod + Send + Sync> HistogramMapCollector<K> {
+impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
     pub fn new(
-        name: &'static str,
-        help: &'static str,
+        families: [HistFamily; N],
         label_names: &'static [&'static str],
-        map: PerCpuHashMap<MapData, K, Log2Hist>,
+        map: PerCpuHashMap<MapData, K, [Log2Hist; N]>,
         labels: LabelFn<K>,
-        layout: HistLayout,
     ) -> prometheus::Result<Self> {
-        let desc = vec![Desc::new(
-            name.into(),
-            help.into(),
-            label_names.iter().map(|s| (*s).to_string()).collect(),
-            Default::default(),
-        )?];
+        let desc = families
+            .iter()
+            .map(|f| {
+                Desc::new(
+                    f.name.into(),
+                    f.help.into(),
+                    label_names.iter().map(|s| (*s).to_string()).collect(),
+                    Default::default(),
+                )
+            })
+            .collect::<prometheus::Result<Vec<_>>>()?;
         Ok(HistogramMapCollector {
-            name,
-            help,
+            families,
             label_names,
             map: Mutex::new(map),
             labels,
-            layout,
             desc,
         })
     }
@@ -114,45 +123,51 @@ impl<K: aya::Pod + Send + Sync> HistogramMapCollector<K> {
     }
 
     /// Current per-key totals (also used by tests and the API).
-    pub fn snapshot(&self) -> Vec<(K, Log2Hist)> {
+    pub fn snapshot(&self) -> Vec<(K, [Log2Hist; N])> {
         let Ok(map) = self.map.lock() else {
             return Vec::new();
         };
         map.iter()
             .filter_map(Result::ok)
-            .map(|(k, per_cpu)| (k, sum_percpu(per_cpu.iter())))
+            .map(|(k, per_cpu)| (k, std::array::from_fn(|i| sum_percpu(per_cpu.iter().map(|v| &v[i])))))
             .collect()
     }
 }
 
-impl<K: aya::Pod + Send + Sync> Collector for HistogramMapCollector<K> {
+impl<K: aya::Pod + Send + Sync, const N: usize> Collector for HistogramMapCollector<K, N> {
     fn desc(&self) -> Vec<&Desc> {
         self.desc.iter().collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let mut merged: std::collections::BTreeMap<Vec<String>, Log2Hist> = Default::default();
-        for (k, h) in self.snapshot() {
+        let mut merged: [std::collections::BTreeMap<Vec<String>, Log2Hist>; N] =
+            std::array::from_fn(|_| Default::default());
+        for (k, parts) in self.snapshot() {
             // Several keys may map to the same labels (e.g. folded into "other").
             let Some(labels) = (self.labels)(&k) else { continue };
-            let e = merged.entry(labels).or_insert(Log2Hist::ZERO);
-            *e = sum_percpu([&*e, &h]);
+            for (m, h) in merged.iter_mut().zip(parts.iter()) {
+                if h.buckets.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                let e = m.entry(labels.clone()).or_insert(Log2Hist::ZERO);
+                *e = sum_percpu([&*e, h]);
+            }
         }
-        let series = merged
+        merged
             .into_iter()
-            .map(|(labels, h)| {
-                let mut m = proto::Metric::default();
-                m.set_histogram(to_prometheus(&h, self.layout));
-                (labels, m)
+            .zip(self.families.iter())
+            .map(|(m, f)| {
+                let series = m
+                    .into_iter()
+                    .map(|(labels, h)| {
+                        let mut metric = proto::Metric::default();
+                        metric.set_histogram(to_prometheus(&h, f.layout));
+                        (labels, metric)
+                    })
+                    .collect();
+                crate::metrics::family(f.name, f.help, MetricType::HISTOGRAM, self.label_names, series)
             })
-            .collect();
-        vec![crate::metrics::family(
-            self.name,
-            self.help,
-            MetricType::HISTOGRAM,
-            self.label_names,
-            series,
-        )]
+            .collect()
     }
 }
 

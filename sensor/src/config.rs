@@ -501,9 +501,15 @@ checks:
         let e = err("perf_ring_pages: 3\n");
         assert!(e.contains("power of two"), "{e}");
         let e = err("probes: {tcp: {connect_max_age: 10ms}}\n");
-        assert!(e.contains("probes.tcp.connect_max_age") && e.contains("at least 100ms"), "{e}");
+        assert!(
+            e.contains("probes.tcp.connect_max_age") && e.contains("at least 100ms"),
+            "{e}"
+        );
         let e = err("probes: {tcp: {max_tracked_connects: 100000000}}\n");
-        assert!(e.contains("probes.tcp.max_tracked_connects") && e.contains("at most 16777216"), "{e}");
+        assert!(
+            e.contains("probes.tcp.max_tracked_connects") && e.contains("at most 16777216"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -57,8 +57,7 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
     let map_sizes = vec![
         ("TCP_CONNS", p.tcp.conn_slots()),
         ("TCP_COUNTS", p.tcp.max_series),
-        ("TCP_CONNECT_HIST", p.tcp.max_series),
-        ("TCP_RTT_HIST", p.tcp.max_series),
+        ("TCP_HISTS", p.tcp.max_series),
     ];
     LoadOptions {
         btf_path: cfg.btf_path.clone(),
@@ -291,8 +290,7 @@ fn start_tcp(
     let maps = TcpMaps {
         counts: aya::maps::PerCpuHashMap::try_from(take("TCP_COUNTS")?)?,
         host_counts: aya::maps::PerCpuArray::try_from(take("TCP_HOST_COUNTS")?)?,
-        connect_hist: aya::maps::PerCpuHashMap::try_from(take("TCP_CONNECT_HIST")?)?,
-        rtt_hist: aya::maps::PerCpuHashMap::try_from(take("TCP_RTT_HIST")?)?,
+        hists: aya::maps::PerCpuHashMap::try_from(take("TCP_HISTS")?)?,
     };
     // The loaded program references both tries, so they outlive these handles.
     Ok(TcpSlice::new(

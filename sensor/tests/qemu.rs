@@ -185,8 +185,17 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
         // TCP on 6.1: the raw entry (compare-and-swap slots, BTF task pointer) in the first
         // pass, the classic-tracepoint entry in the second; both count the 20 connects and the
         // second scrape's own exactly.
-        let tcp = probes.as_array().unwrap().iter().find(|p| p["probe"] == "tcp").expect("tcp probe");
-        let tcp_hook = if pass == "fentry" { "raw_tracepoint" } else { "tracepoint" };
+        let tcp = probes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["probe"] == "tcp")
+            .expect("tcp probe");
+        let tcp_hook = if pass == "fentry" {
+            "raw_tracepoint"
+        } else {
+            "tracepoint"
+        };
         assert_eq!(tcp["groups"][0]["purpose"], "connect state", "{tcp}");
         assert_eq!(tcp["groups"][0]["hook"], tcp_hook, "{tcp}");
         let count = |p: &str| -> f64 {

@@ -150,9 +150,13 @@ fn isolated_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
     let mut cmd = Command::new("unshare");
     let setup = "ip link set lo up && sysctl -qw net.core.somaxconn=65535 net.ipv4.tcp_max_syn_backlog=65535 \
                  && exec \"$@\"";
-    cmd.args(["--net", "--", "sh", "-c", setup, "sh"])
-        .arg(&exe)
-        .args(["bench-load", "--threads", &threads.to_string(), "--seconds", &secs.to_string()]);
+    cmd.args(["--net", "--", "sh", "-c", setup, "sh"]).arg(&exe).args([
+        "bench-load",
+        "--threads",
+        &threads.to_string(),
+        "--seconds",
+        &secs.to_string(),
+    ]);
     if close == Close::Rst {
         cmd.arg("--rst");
     }

@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
-    agg::{HistLayout, HistogramMapCollector},
+    agg::{HistFamily, HistLayout, HistogramMapCollector},
     cgroup::{Discovery, Hierarchies, Janitor, OTHER, WORKLOAD_LABELS},
     config::{MemcgProbe, PsiTrigger},
     events::{Event, EventHub},
@@ -288,7 +288,7 @@ impl MemcgSlice {
         cfg: MemcgProbe,
         disc: Arc<Discovery>,
         grace: Duration,
-        reclaim_map: Option<PerCpuHashMap<MapData, u64, sensor_common::agg::Log2Hist>>,
+        reclaim_map: Option<PerCpuHashMap<MapData, u64, [sensor_common::agg::Log2Hist; 1]>>,
     ) -> prometheus::Result<Arc<MemcgSlice>> {
         let descs = [(WAITING, WAITING_HELP), (STALLED, STALLED_HELP), (EVENTS, EVENTS_HELP)]
             .into_iter()
@@ -313,12 +313,14 @@ impl MemcgSlice {
             Some(map) => {
                 let d = Arc::clone(&disc);
                 let c = Arc::new(HistogramMapCollector::new(
-                    "sensor_memcg_reclaim_duration_seconds",
-                    "Time tasks spent in direct or memcg reclaim, by the stalled task's memory cgroup (aggregated in the kernel).",
+                    [HistFamily {
+                        name: "sensor_memcg_reclaim_duration_seconds",
+                        help: "Time tasks spent in direct or memcg reclaim, by the stalled task's memory cgroup (aggregated in the kernel).",
+                        layout: HistLayout::NANOS_AS_SECONDS,
+                    }],
                     &WORKLOAD_LABELS,
                     map,
                     Box::new(move |id: &u64| Some(d.labels_for_id(*id).to_vec())),
-                    HistLayout::NANOS_AS_SECONDS,
                 )?);
                 registry.register(Box::new(Shared(Arc::clone(&c))))?;
                 Some(c)

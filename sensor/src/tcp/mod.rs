@@ -27,7 +27,7 @@ use sensor_common::{
 use serde::Serialize;
 
 use crate::{
-    agg::{HistLayout, HistogramMapCollector},
+    agg::{HistFamily, HistLayout, HistogramMapCollector},
     cgroup::{Discovery, Janitor, WORKLOAD_LABELS},
     config::{Destination, TcpProbe},
     events::{Event, EventHub},
@@ -337,8 +337,9 @@ struct CountCollector {
     map: Mutex<PerCpuHashMap<MapData, FlowCountKey, u64>>,
     /// Host-level resets and retransmits (sockets not connecting), by `kind - RETRANSMIT`.
     host: Mutex<PerCpuArray<MapData, u64>>,
-    /// Each success is observed once in the latency histogram: its count is the success count.
-    latency: Arc<HistogramMapCollector<FlowKey>>,
+    /// Each success is observed once in the latency histogram (part 0): its count is the
+    /// success count.
+    hists: Arc<HistogramMapCollector<FlowKey, 2>>,
     disc: Arc<Discovery>,
     names: Vec<String>,
     descs: Vec<Desc>,
@@ -384,7 +385,7 @@ impl Collector for CountCollector {
                 }
             }
         }
-        for (k, h) in self.latency.snapshot() {
+        for (k, [h, _]) in self.hists.snapshot() {
             let mut labels = vec![result_label(result::SUCCESS).to_string(), self.dest(k.dest)];
             labels.extend(self.disc.labels_for_id(k.cgroup_id));
             *connects.entry(labels).or_default() += h.buckets.iter().sum::<u64>();
@@ -437,8 +438,8 @@ impl Collector for CountCollector {
 pub struct TcpMaps {
     pub counts: PerCpuHashMap<MapData, FlowCountKey, u64>,
     pub host_counts: PerCpuArray<MapData, u64>,
-    pub connect_hist: PerCpuHashMap<MapData, FlowKey, Log2Hist>,
-    pub rtt_hist: PerCpuHashMap<MapData, FlowKey, Log2Hist>,
+    /// Connect latency and handshake RTT per flow, in one value.
+    pub hists: PerCpuHashMap<MapData, FlowKey, [Log2Hist; 2]>,
 }
 
 pub struct TcpSlice {
@@ -446,8 +447,7 @@ pub struct TcpSlice {
     names: Vec<String>,
     hub: Arc<EventHub>,
     counts: Arc<CountCollector>,
-    connect_hist: Arc<HistogramMapCollector<FlowKey>>,
-    rtt_hist: Arc<HistogramMapCollector<FlowKey>>,
+    hists: Arc<HistogramMapCollector<FlowKey, 2>>,
     janitor: Mutex<Janitor<u64>>,
     grace: Duration,
 }
@@ -480,40 +480,39 @@ impl TcpSlice {
                 Some(l)
             })
         };
-        let connect_hist = Arc::new(HistogramMapCollector::new(
-            "sensor_tcp_connect_duration_seconds",
-            "Time from SYN sent to connection established, by destination group and workload (aggregated in the kernel).",
+        let hists = Arc::new(HistogramMapCollector::new(
+            [
+                HistFamily {
+                    name: "sensor_tcp_connect_duration_seconds",
+                    help: "Time from SYN sent to connection established, by destination group and workload (aggregated in the kernel).",
+                    layout: HistLayout::NANOS_AS_SECONDS,
+                },
+                HistFamily {
+                    name: "sensor_tcp_rtt_seconds",
+                    help: "RTT of active opens, the handshake's sample (srtt_us when the connection becomes ESTABLISHED), by destination group and workload.",
+                    layout: HistLayout::NANOS_AS_SECONDS,
+                },
+            ],
             &HIST_LABELS,
-            maps.connect_hist,
+            maps.hists,
             label_fn(Arc::clone(&disc), names.clone()),
-            HistLayout::NANOS_AS_SECONDS,
-        )?);
-        let rtt_hist = Arc::new(HistogramMapCollector::new(
-            "sensor_tcp_rtt_seconds",
-            "RTT of active opens, the handshake's sample (srtt_us when the connection becomes ESTABLISHED), by destination group and workload.",
-            &HIST_LABELS,
-            maps.rtt_hist,
-            label_fn(Arc::clone(&disc), names.clone()),
-            HistLayout::NANOS_AS_SECONDS,
         )?);
         let counts = Arc::new(CountCollector {
             map: Mutex::new(maps.counts),
             host: Mutex::new(maps.host_counts),
-            latency: Arc::clone(&connect_hist),
+            hists: Arc::clone(&hists),
             disc: Arc::clone(&disc),
             names: names.clone(),
             descs,
         });
         registry.register(Box::new(Shared(Arc::clone(&counts))))?;
-        registry.register(Box::new(Shared(Arc::clone(&connect_hist))))?;
-        registry.register(Box::new(Shared(Arc::clone(&rtt_hist))))?;
+        registry.register(Box::new(Shared(Arc::clone(&hists))))?;
         Ok(Arc::new(TcpSlice {
             disc,
             names,
             hub,
             counts,
-            connect_hist,
-            rtt_hist,
+            hists,
             janitor: Mutex::new(Janitor::default()),
             grace,
         }))
@@ -559,13 +558,8 @@ impl TcpSlice {
     /// Drops vanished cgroups' series. (Connects whose outcome was missed age in the kernel:
     /// a new connect takes over their slot after `connect_max_age`.)
     pub fn maintain(&self) {
-        let ids: Vec<u64> = self
-            .connect_hist
-            .snapshot()
-            .into_iter()
-            .map(|(k, _)| k.cgroup_id)
-            .chain(self.rtt_hist.snapshot().into_iter().map(|(k, _)| k.cgroup_id))
-            .collect();
+        let keys: Vec<FlowKey> = self.hists.snapshot().into_iter().map(|(k, _)| k).collect();
+        let ids: Vec<u64> = keys.iter().map(|k| k.cgroup_id).collect();
         let expired = match self.janitor.lock() {
             Ok(mut j) => j.sweep(ids, |id| *id == 0 || self.disc.is_live(*id), self.grace),
             Err(_) => Vec::new(),
@@ -573,15 +567,8 @@ impl TcpSlice {
         if expired.is_empty() {
             return;
         }
-        for (k, _) in self.connect_hist.snapshot() {
-            if expired.contains(&k.cgroup_id) {
-                self.connect_hist.remove(&k);
-            }
-        }
-        for (k, _) in self.rtt_hist.snapshot() {
-            if expired.contains(&k.cgroup_id) {
-                self.rtt_hist.remove(&k);
-            }
+        for k in keys.iter().filter(|k| expired.contains(&k.cgroup_id)) {
+            self.hists.remove(k);
         }
         if let Ok(mut m) = self.counts.map.lock() {
             let keys: Vec<FlowCountKey> = m
