@@ -208,9 +208,14 @@ pub struct SockLayout {
     pub head_daddr: u32,
     pub head_dport: u32,
     pub head_family: u32,
-    pub _pad2: u32,
+    /// Non-zero: the loader turned the programs' `bpf_rdonly_cast` placeholder into the kfunc
+    /// (kernel 6.2+), so socket fields are direct loads checked against these BTF ids instead
+    /// of `bpf_probe_read_kernel` calls.
+    pub direct: u32,
+    pub sock_btf_id: u32,
+    pub tcp_sock_btf_id: u32,
 }
-crate::assert_size!(SockLayout, 88);
+crate::assert_size!(SockLayout, 96);
 
 impl SockLayout {
     /// All offsets zero and `valid == 0`: the programs skip what needs this layout.
@@ -219,6 +224,9 @@ impl SockLayout {
     pub const DEST_WITH_PORT: u32 = 1;
     pub const DEST_ANY_PORT: u32 = 2;
     pub const HEAD_LEN: u32 = 24;
+    /// The helper id the programs call in place of the kfunc `bpf_rdonly_cast`; the loader
+    /// rewrites each such call (see `sensor::loader::patch_rdonly_cast`).
+    pub const RDONLY_CAST_PLACEHOLDER: u32 = 0x0bad_ca57;
 
     /// Sets the `head_*` fields when the three destination fields fit one read.
     pub fn plan_head_read(&mut self) {

@@ -100,7 +100,7 @@ macro_rules! sl {
     };
 }
 
-/// Reads a `T` at `off` bytes into the socket at `sk`.
+/// Reads a `T` at `off` bytes into the socket at `sk` with `bpf_probe_read_kernel`.
 #[inline(always)]
 fn sk_read<T>(sk: u64, off: u32) -> Option<T> {
     if sk == 0 {
@@ -108,6 +108,41 @@ fn sk_read<T>(sk: u64, off: u32) -> Option<T> {
     }
     // SAFETY: offsets from BTF; bpf_probe_read_kernel cannot fault.
     unsafe { bpf_probe_read_kernel((sk + u64::from(off)) as *const T) }.ok()
+}
+
+/// `bpf_rdonly_cast(p, btf_id)`: `p` as a read-only pointer to the BTF type `btf_id`, whose
+/// fields are then plain loads (the verifier checks each against the type, the JIT turns a
+/// fault into 0) instead of a helper call each. Called through a placeholder helper id that the
+/// loader rewrites into the kfunc call (and into a never-reached helper call on kernels
+/// without the kfunc, where `SockLayout::direct` is 0).
+#[inline(always)]
+fn rdonly_cast(p: u64, btf_id: u32) -> *const u8 {
+    // SAFETY: the placeholder id is rewritten by the loader before the program loads; the
+    // signature is the kfunc's.
+    unsafe {
+        let f: unsafe extern "C" fn(u64, u32) -> *const u8 =
+            core::mem::transmute(SockLayout::RDONLY_CAST_PLACEHOLDER as usize);
+        f(p, btf_id)
+    }
+}
+
+/// A `T` at `off` bytes into the socket (`struct sock`, or `struct tcp_sock` with `tcp`):
+/// a direct load where the kernel has `bpf_rdonly_cast`, else a probe read. `off` must be a
+/// member of the type, and a load-time constant, for the verifier.
+#[inline(always)]
+fn sk_field<T: Copy>(sk: u64, off: u32, tcp: bool) -> Option<T> {
+    if sk == 0 {
+        return None;
+    }
+    if sl!(direct) == 0 {
+        return sk_read(sk, off);
+    }
+    let p = rdonly_cast(sk, if tcp { sl!(tcp_sock_btf_id) } else { sl!(sock_btf_id) });
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: a BTF pointer from `rdonly_cast`; the verifier checks the load against the type.
+    Some(unsafe { core::ptr::read(p.add(off as usize).cast::<T>()) })
 }
 
 /// Adds one to a counter, creating it; a full map counts as lost.
@@ -282,9 +317,13 @@ pub fn tcp_set_state_raw(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    let is_tcp = || sl!(raw_valid) != 0 && sk_read::<u16>(sk, sl!(sk_protocol)) == Some(IPPROTO_TCP);
+    let is_tcp = || sl!(raw_valid) != 0 && sk_field::<u16>(sk, sl!(sk_protocol), false) == Some(IPPROTO_TCP);
     let fill = |s: &mut ConnSlot| {
-        let v4 = if sl!(head_valid) != 0 {
+        let v4 = if sl!(direct) != 0 {
+            s.family = sk_field::<u16>(sk, sl!(skc_family), false).unwrap_or(0);
+            s.dport = u16::from_be(sk_field::<u16>(sk, sl!(skc_dport), false).unwrap_or(0));
+            sk_field::<u32>(sk, sl!(skc_daddr), false).unwrap_or(0).to_ne_bytes()
+        } else if sl!(head_valid) != 0 {
             // One read for family, port and IPv4 address instead of three.
             let w = sk_read::<[u64; 3]>(sk, sl!(head_off)).unwrap_or([0; 3]);
             s.family = head_field(&w, sl!(head_family)) as u16;
@@ -301,7 +340,7 @@ pub fn tcp_set_state_raw(ctx: RawTracePointContext) -> u32 {
         };
         match s.family {
             AF_INET => set_v4(s, v4),
-            AF_INET6 => set_daddr(s, sk_read::<[u64; 2]>(sk, sl!(skc_v6_daddr)).unwrap_or([0; 2])),
+            AF_INET6 => set_daddr(s, sk_field::<[u64; 2]>(sk, sl!(skc_v6_daddr), false).unwrap_or([0; 2])),
             _ => return false,
         }
         true
@@ -505,7 +544,7 @@ fn connect_done(sk: u64) {
     if sl!(valid) == 0 {
         return;
     }
-    if let Some(srtt) = sk_read::<u32>(sk, sl!(srtt_us)) {
+    if let Some(srtt) = sk_field::<u32>(sk, sl!(srtt_us), true) {
         if srtt != 0 {
             record(rtt, u64::from(srtt >> 3) * 1000);
         }
@@ -520,7 +559,7 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let err = if sl!(valid) != 0 {
-        sk_read::<i32>(sk, sl!(sk_err)).unwrap_or(0)
+        sk_field::<i32>(sk, sl!(sk_err), false).unwrap_or(0)
     } else {
         0
     };
@@ -567,7 +606,7 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
 #[inline(always)]
 fn counted(sk: u64, what: u16, flag: u16) {
     // The socket is hot in the cache, the table is not: ask the socket first.
-    let connecting = sl!(valid) == 0 || sk_read::<u8>(sk, sl!(skc_state)) == Some(state::SYN_SENT as u8);
+    let connecting = sl!(valid) == 0 || sk_field::<u8>(sk, sl!(skc_state), false) == Some(state::SYN_SENT as u8);
     for i in 0..ConnSlot::WINDOW {
         if !connecting {
             break;

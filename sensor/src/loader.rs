@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use sensor_common::tcp::SockLayout;
+
 use aya::{
     programs::{FEntry, KProbe, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
@@ -78,6 +80,30 @@ pub struct Loaded {
     pub reports: Vec<ProbeReport>,
 }
 
+/// Rewrites every call of the `bpf_rdonly_cast` placeholder (see `SockLayout::direct`) in the
+/// object: into a call of the kfunc with BTF id `kfunc` (`src_reg` 2, `BPF_PSEUDO_KFUNC_CALL`),
+/// or without it into `bpf_ktime_get_ns`, valid everywhere and never reached (the programs
+/// only call the placeholder when `direct` is set), so the object loads on any kernel.
+pub fn patch_rdonly_cast(object: &[u8], kfunc: Option<u32>) -> Vec<u8> {
+    const BPF_CALL: u8 = 0x85;
+    const BPF_FUNC_KTIME_GET_NS: u32 = 5;
+    let mut out = object.to_vec();
+    let mut placeholder = [BPF_CALL, 0, 0, 0, 0, 0, 0, 0];
+    placeholder[4..].copy_from_slice(&SockLayout::RDONLY_CAST_PLACEHOLDER.to_le_bytes());
+    let (regs, imm) = match kfunc {
+        Some(id) => (0x20, id),
+        None => (0x00, BPF_FUNC_KTIME_GET_NS),
+    };
+    // Instructions are 8 bytes at 8-aligned offsets of 8-aligned sections.
+    for insn in out.chunks_exact_mut(8) {
+        if insn == placeholder {
+            insn[1] = regs;
+            insn[4..].copy_from_slice(&imm.to_le_bytes());
+        }
+    }
+    out
+}
+
 /// Loads the object with layouts for this kernel and attaches every enabled probe.
 pub fn load(kctx: &KernelContext, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let layouts = oom::Layouts::discover(kctx);
@@ -95,11 +121,29 @@ pub fn load(kctx: &KernelContext, opts: &LoadOptions) -> Result<Loaded, LoadErro
     loader.btf(kctx.aya_btf.as_ref());
     layouts.apply(&mut loader);
     loader.override_global("TCP_TP_LAYOUT", &tcp_tp, true);
-    loader.override_global("SOCK_LAYOUT", &tcp_sock, true);
     for (name, size) in &opts.map_sizes {
         loader.map_max_entries(name, *size);
     }
-    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    // Socket fields as direct loads where the running kernel has `bpf_rdonly_cast` (its BTF
+    // ids are only meaningful for the running kernel's own BTF, not a `--btf-path` file).
+    let kfunc = match (&kctx.btf, opts.btf_path.is_none()) {
+        (Ok(b), true) if tcp_sock.raw_valid != 0 => b
+            .type_id("bpf_rdonly_cast", true)
+            .and_then(|f| Some((f, b.type_id("sock", false)?, b.type_id("tcp_sock", false)?))),
+        _ => None,
+    };
+    if let Some((_, sock, tcp)) = kfunc {
+        tcp_sock.direct = 1;
+        tcp_sock.sock_btf_id = sock;
+        tcp_sock.tcp_sock_btf_id = tcp;
+    }
+    tracing::debug!(
+        direct = kfunc.is_some(),
+        "TCP socket fields: direct loads through bpf_rdonly_cast, else bpf_probe_read_kernel"
+    );
+    loader.override_global("SOCK_LAYOUT", &tcp_sock, true);
+    let object = patch_rdonly_cast(EBPF_OBJECT, kfunc.map(|k| k.0));
+    let mut ebpf = loader.load(&object)?;
     let mut reports = Vec::new();
     for spec in registry() {
         if opts.disabled.contains(&spec.name) {
@@ -247,5 +291,35 @@ fn attach_hook(ebpf: &mut Ebpf, kctx: &KernelContext, hook: &HookSpec) -> Result
             p.load(hook.target, btf).map_err(short)?;
             p.attach().map(drop).map_err(short)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insn(code: u8, regs: u8, imm: u32) -> [u8; 8] {
+        let mut i = [code, regs, 0, 0, 0, 0, 0, 0];
+        i[4..].copy_from_slice(&imm.to_le_bytes());
+        i
+    }
+
+    #[test]
+    fn rdonly_cast_placeholder_becomes_the_kfunc_or_a_harmless_helper() {
+        let call = insn(0x85, 0, SockLayout::RDONLY_CAST_PLACEHOLDER);
+        let other = insn(0x85, 0, 113);
+        // The placeholder's bytes at an odd offset are data, not an instruction.
+        let mut object = [other, call, other, call].concat();
+        object.extend_from_slice(&[0u8; 3]);
+        object.extend_from_slice(&call);
+        object.extend_from_slice(&[0u8; 5]);
+        let kf = patch_rdonly_cast(&object, Some(77_001));
+        assert_eq!(&kf[8..16], &insn(0x85, 0x20, 77_001));
+        assert_eq!(&kf[24..32], &insn(0x85, 0x20, 77_001));
+        assert_eq!(&kf[0..8], &other);
+        assert_eq!(&kf[35..43], &call, "unaligned bytes untouched");
+        let plain = patch_rdonly_cast(&object, None);
+        assert_eq!(&plain[8..16], &insn(0x85, 0, 5));
+        assert_eq!(plain.len(), object.len());
     }
 }

@@ -128,6 +128,17 @@ impl KernelBtf {
         }
     }
 
+    /// BTF id of `struct name` (`func == false`) or of function `name`.
+    pub fn type_id(&self, name: &str, func: bool) -> Option<u32> {
+        let ids = self.btf.resolve_ids_by_name(name).ok()?;
+        ids.into_iter().find(|id| {
+            matches!(
+                (self.btf.resolve_type_by_id(*id), func),
+                (Ok(Type::Struct(_)), false) | (Ok(Type::Func(_)), true)
+            )
+        })
+    }
+
     /// Whether a function of that name exists (a precondition for fentry).
     pub fn has_func(&self, name: &str) -> bool {
         self.btf
