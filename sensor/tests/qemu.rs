@@ -3,6 +3,8 @@
 //! target/qemu; .ci/run installs qemu-system-x86 and busybox-static. Under CI=true a missing
 //! piece fails the test instead of skipping it.
 
+mod common;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -185,12 +187,7 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
         // TCP on 6.1: the raw entry (compare-and-swap slots, BTF task pointer) in the first
         // pass, the classic-tracepoint entry in the second; both count the 20 connects and the
         // second scrape's own exactly.
-        let tcp = probes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["probe"] == "tcp")
-            .expect("tcp probe");
+        let tcp = common::probe_report(&probes, "tcp");
         let tcp_hook = if pass == "fentry" {
             "raw_tracepoint"
         } else {

@@ -194,6 +194,18 @@ fn config_with(dests: &[(&str, String)], tcp_keys: &str) -> std::path::PathBuf {
     f
 }
 
+/// The daemon with a TCP config file and fast cgroup discovery, plus `extra` flags.
+fn daemon(cfg: &std::path::Path, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--config",
+        cfg.to_str().unwrap(),
+        "--probes.memcg.discovery-interval",
+        "200ms",
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(&args)
+}
+
 fn series<'a>(result: &'a str, dest: &'a str, cg: &'a MemCgroup) -> [(&'a str, &'a str); 5] {
     [
         ("result", result),
@@ -249,23 +261,11 @@ fn successes_and_refusals(extra: &[&str], hook: &str) {
         ("closed4", format!("127.0.0.1/32:{}", closed4.port())),
         ("closed6", format!("[::1/128]:{}", closed6.port())),
     ]);
-    let mut args = vec![
-        "--config",
-        cfg.to_str().unwrap(),
-        "--probes.memcg.discovery-interval",
-        "200ms",
-    ];
-    args.extend_from_slice(extra);
-    let d = Daemon::start(&args);
+    let d = daemon(&cfg, extra);
     let (code, body) = d.get("/api/v1/probes");
     assert_eq!(code, 200);
     let probes: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let tcp = probes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["probe"] == "tcp")
-        .expect("tcp probe");
+    let tcp = probe_report(&probes, "tcp");
     assert_eq!(tcp["groups"][0]["purpose"], "connect state");
     assert_eq!(tcp["groups"][0]["hook"], hook, "{tcp}");
     let cg = MemCgroup::new("sensor-it-tcp", 1 << 30);
@@ -422,12 +422,7 @@ fn dropped_syns_time_out_in_a_namespace_v4_and_v6() {
         ("blackhole4", "10.201.0.0/24".into()),
         ("blackhole6", "[fd00:201::/64]".into()),
     ]);
-    let d = Daemon::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--probes.memcg.discovery-interval",
-        "200ms",
-    ]);
+    let d = daemon(&cfg, &[]);
     let cg = MemCgroup::new("sensor-it-tcp-timeout", 1 << 30);
     let t4: SocketAddr = "10.201.0.5:5432".parse().unwrap();
     let t6: SocketAddr = "[fd00:201::5]:5432".parse().unwrap();
@@ -475,12 +470,7 @@ fn a_full_connect_table_counts_every_connect_once_and_reuses_stale_slots() {
         &[("table", "10.201.0.0/24".into())],
         "    max_tracked_connects: 64\n    connect_max_age: 500ms\n",
     );
-    let d = Daemon::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--probes.memcg.discovery-interval",
-        "200ms",
-    ]);
+    let d = daemon(&cfg, &[]);
     let cg = MemCgroup::new("sensor-it-tcp-table", 1 << 30);
     let lost_before = connect_losses(&d.metrics());
     let target: SocketAddr = "10.201.0.7:5432".parse().unwrap();
@@ -539,12 +529,7 @@ fn connect_storm_successes_plus_losses_add_up() {
     };
     let (srv, stop) = server("127.0.0.3:0");
     let cfg = config(&[("storm", format!("127.0.0.3/32:{}", srv.port()))]);
-    let d = Daemon::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--probes.memcg.discovery-interval",
-        "200ms",
-    ]);
+    let d = daemon(&cfg, &[]);
     let cg = MemCgroup::new("sensor-it-tcp-storm", 1 << 30);
     // Losses before the storm (e.g. the readiness polls racing the attach) are not the storm's.
     let lost_before = connect_losses(&d.metrics());

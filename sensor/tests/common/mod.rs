@@ -448,3 +448,11 @@ impl Drop for MemCgroup {
         }
     }
 }
+
+/// One probe's report in `/api/v1/probes` (or `sensor doctor --json`'s `probes`).
+pub fn probe_report<'a>(probes: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    probes
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["probe"] == name))
+        .unwrap_or_else(|| panic!("no {name} probe in {probes}"))
+}
