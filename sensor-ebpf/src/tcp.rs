@@ -198,11 +198,17 @@ fn dest_group(family: u16, dport: u16, daddr: &[u8; 16]) -> u16 {
     DEST_OTHER
 }
 
+/// The connecting task: memory cgroup id, tgid, comm (as two words).
+type Who = (u64, u32, [u64; 2]);
+
+/// Where a connect goes: family (0: neither IPv4 nor IPv6), port (host order), address words.
+type Dst = (u16, u16, [u64; 2]);
+
 /// Who connects, by helpers and probe reads: the fallback entry's way, for kernels where
 /// `bpf_get_current_task_btf` is missing.
 #[inline(always)]
-fn who_by_helpers(s: &mut ConnSlot) {
-    s.cgroup_id = 'id: {
+fn who_by_helpers() -> Who {
+    let cgroup_id = 'id: {
         if sl!(cgroup_id_from_helper) == 0 {
             let t = task::layout();
             if t.valid != 0 {
@@ -216,33 +222,32 @@ fn who_by_helpers(s: &mut ConnSlot) {
         // SAFETY: helper without arguments.
         unsafe { bpf_get_current_cgroup_id() }
     };
-    s.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: `comm` is 16 writable bytes of the slot; the helper always NUL-terminates.
-    if unsafe { bpf_get_current_comm(s.comm.as_mut_ptr().cast(), s.comm.len() as u32) } != 0 {
-        s.comm[0] = 0;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let mut comm = [0u64; 2];
+    // SAFETY: `comm` is 16 writable bytes; the helper always NUL-terminates.
+    if unsafe { bpf_get_current_comm(comm.as_mut_ptr().cast(), 16) } != 0 {
+        comm = [0; 2];
     }
+    (cgroup_id, tgid, comm)
 }
 
 /// Who connects, by direct loads on the BTF task pointer: no helper call per field.
 #[inline(always)]
-fn who_by_btf(s: &mut ConnSlot) {
+fn who_by_btf() -> Who {
     let t = task::layout();
     if t.valid == 0 {
         // Known at load time: the verifier drops the other branch.
-        who_by_helpers(s);
-        return;
+        return who_by_helpers();
     }
     let task = task::current_btf();
-    s.cgroup_id = if sl!(cgroup_id_from_helper) != 0 {
+    let cgroup_id = if sl!(cgroup_id_from_helper) != 0 {
         // SAFETY: helper without arguments.
         unsafe { bpf_get_current_cgroup_id() }
     } else {
         task::btf_memcg_id(&t, task)
     };
     let (tgid, comm) = task::btf_tgid_comm(&t, task);
-    s.tgid = tgid;
-    // SAFETY: `comm` is 16 bytes at an 8-aligned offset of the slot.
-    unsafe { core::ptr::write((&raw mut s.comm).cast::<[u64; 2]>(), comm) };
+    (cgroup_id, tgid, comm)
 }
 
 fn classify(reset_received: bool, sk_err: i32) -> u16 {
@@ -267,8 +272,7 @@ fn classify(reset_received: bool, sk_err: i32) -> u16 {
 
 /// Shared body of both `inet_sock_set_state` entries. Everything but the three transitions of
 /// an active open returns at once. For a new connect, `is_tcp` checks the socket's protocol,
-/// `fill` writes its destination into the claimed slot (false: not IPv4 or IPv6), `who` the
-/// connecting task.
+/// `fill` reads its destination, `who` the connecting task.
 #[inline(always)]
 fn set_state<C: EbpfContext>(
     ctx: &C,
@@ -276,8 +280,8 @@ fn set_state<C: EbpfContext>(
     old: i32,
     new: i32,
     is_tcp: impl FnOnce() -> bool,
-    fill: impl FnOnce(&mut ConnSlot) -> bool,
-    who: impl FnOnce(&mut ConnSlot),
+    fill: impl FnOnce() -> Dst,
+    who: impl FnOnce() -> Who,
 ) {
     match (old, new) {
         (state::CLOSE, state::SYN_SENT) => connect_start(sk, is_tcp, fill, who),
@@ -299,17 +303,18 @@ fn head_field(w: &[u64; 3], rel: u32) -> u64 {
     word >> ((rel % 8) * 8)
 }
 
-/// Writes an IPv4 address into a slot's `daddr` as two 8-byte stores (no byte-wise memset).
+/// An IPv4 address as the two words of a 16-byte address field (the rest zero).
 #[inline(always)]
-fn set_v4(s: &mut ConnSlot, a: [u8; 4]) {
-    set_daddr(s, [u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]), 0]);
+fn v4_words(a: [u8; 4]) -> [u64; 2] {
+    [u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]), 0]
 }
 
+/// Writes 16 bytes as two 8-byte stores (no byte-wise copy or out-of-line memset).
 #[inline(always)]
-fn set_daddr(s: &mut ConnSlot, words: [u64; 2]) {
-    // SAFETY: `daddr` is 16 bytes at an 8-aligned offset of the slot (asserted in
-    // sensor-common by the struct's layout), so it holds two u64 exactly.
-    unsafe { core::ptr::write((&raw mut s.daddr).cast::<[u64; 2]>(), words) };
+fn set_words(dst: &mut [u8; 16], words: [u64; 2]) {
+    // SAFETY: both 16-byte fields of `ConnSlot` sit at 8-aligned offsets (its layout is fixed
+    // and asserted in sensor-common), so they hold two u64 exactly.
+    unsafe { core::ptr::write((dst as *mut [u8; 16]).cast::<[u64; 2]>(), words) };
 }
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
@@ -318,32 +323,38 @@ pub fn tcp_set_state_raw(ctx: RawTracePointContext) -> u32 {
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
     let is_tcp = || sl!(raw_valid) != 0 && sk_field::<u16>(sk, sl!(sk_protocol), false) == Some(IPPROTO_TCP);
-    let fill = |s: &mut ConnSlot| {
-        let v4 = if sl!(direct) != 0 {
-            s.family = sk_field::<u16>(sk, sl!(skc_family), false).unwrap_or(0);
-            s.dport = u16::from_be(sk_field::<u16>(sk, sl!(skc_dport), false).unwrap_or(0));
-            sk_field::<u32>(sk, sl!(skc_daddr), false).unwrap_or(0).to_ne_bytes()
+    let fill = || -> Dst {
+        let (family, dport, v4) = if sl!(direct) != 0 {
+            (
+                sk_field::<u16>(sk, sl!(skc_family), false).unwrap_or(0),
+                sk_field::<u16>(sk, sl!(skc_dport), false).unwrap_or(0),
+                sk_field::<u32>(sk, sl!(skc_daddr), false).unwrap_or(0).to_ne_bytes(),
+            )
         } else if sl!(head_valid) != 0 {
             // One read for family, port and IPv4 address instead of three.
             let w = sk_read::<[u64; 3]>(sk, sl!(head_off)).unwrap_or([0; 3]);
-            s.family = head_field(&w, sl!(head_family)) as u16;
-            s.dport = u16::from_be(head_field(&w, sl!(head_dport)) as u16);
-            (head_field(&w, sl!(head_daddr)) as u32).to_ne_bytes()
+            (
+                head_field(&w, sl!(head_family)) as u16,
+                head_field(&w, sl!(head_dport)) as u16,
+                (head_field(&w, sl!(head_daddr)) as u32).to_ne_bytes(),
+            )
         } else {
-            s.family = sk_read::<u16>(sk, sl!(skc_family)).unwrap_or(0);
-            s.dport = u16::from_be(sk_read::<u16>(sk, sl!(skc_dport)).unwrap_or(0));
-            if s.family == AF_INET {
-                sk_read::<[u8; 4]>(sk, sl!(skc_daddr)).unwrap_or([0; 4])
-            } else {
-                [0; 4]
-            }
+            (
+                sk_read::<u16>(sk, sl!(skc_family)).unwrap_or(0),
+                sk_read::<u16>(sk, sl!(skc_dport)).unwrap_or(0),
+                sk_read::<[u8; 4]>(sk, sl!(skc_daddr)).unwrap_or([0; 4]),
+            )
         };
-        match s.family {
-            AF_INET => set_v4(s, v4),
-            AF_INET6 => set_daddr(s, sk_field::<[u64; 2]>(sk, sl!(skc_v6_daddr), false).unwrap_or([0; 2])),
-            _ => return false,
+        let dport = u16::from_be(dport);
+        match family {
+            AF_INET => (family, dport, v4_words(v4)),
+            AF_INET6 => (
+                family,
+                dport,
+                sk_field::<[u64; 2]>(sk, sl!(skc_v6_daddr), false).unwrap_or([0; 2]),
+            ),
+            _ => (0, 0, [0; 2]),
         }
-        true
     };
     set_state(&ctx, sk, old, new, is_tcp, fill, who_by_btf);
     0
@@ -362,15 +373,18 @@ pub fn tcp_set_state(ctx: TracePointContext) -> u32 {
     ) else {
         return 0;
     };
-    let fill = |s: &mut ConnSlot| {
-        s.family = tp::<u16>(&ctx, l.ss_family).unwrap_or(0);
-        s.dport = tp::<u16>(&ctx, l.ss_dport).unwrap_or(0);
-        match s.family {
-            AF_INET => set_v4(s, tp::<[u8; 4]>(&ctx, l.ss_daddr).unwrap_or([0; 4])),
-            AF_INET6 => set_daddr(s, tp::<[u64; 2]>(&ctx, l.ss_daddr_v6).unwrap_or([0; 2])),
-            _ => return false,
+    let fill = || -> Dst {
+        let family = tp::<u16>(&ctx, l.ss_family).unwrap_or(0);
+        let dport = tp::<u16>(&ctx, l.ss_dport).unwrap_or(0);
+        match family {
+            AF_INET => (
+                family,
+                dport,
+                v4_words(tp::<[u8; 4]>(&ctx, l.ss_daddr).unwrap_or([0; 4])),
+            ),
+            AF_INET6 => (family, dport, tp::<[u64; 2]>(&ctx, l.ss_daddr_v6).unwrap_or([0; 2])),
+            _ => (0, 0, [0; 2]),
         }
-        true
     };
     // The entry checked the protocol already.
     set_state(&ctx, sk, old, new, || true, fill, who_by_helpers);
@@ -405,18 +419,13 @@ fn load(p: *const u64) -> u64 {
 }
 
 #[inline(always)]
-fn connect_start(
-    sk: u64,
-    is_tcp: impl FnOnce() -> bool,
-    fill: impl FnOnce(&mut ConnSlot) -> bool,
-    who: impl FnOnce(&mut ConnSlot),
-) {
+fn connect_start(sk: u64, is_tcp: impl FnOnce() -> bool, fill: impl FnOnce() -> Dst, who: impl FnOnce() -> Who) {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // The table is large and this socket's slot is usually not in the cache: load it now, so
-    // that the miss overlaps with the socket reads below instead of stalling the claim (the
-    // value is read again there). After the clock, whose `rdtsc` is fenced and would wait for
-    // the miss.
+    // The table is large and this socket's slot is often not in the cache: load it now, so
+    // that the miss overlaps with reading the socket and the task below instead of stalling
+    // the claim (the value is read again there). After the clock, whose `rdtsc` is fenced and
+    // would wait for the miss.
     if let Some(q) = conn_slot(sk, 0) {
         // SAFETY: `q` is a live map value.
         let _ = unsafe { load(&raw const (*q).state) };
@@ -424,6 +433,11 @@ fn connect_start(
     if !is_tcp() {
         return;
     }
+    let (family, dport, daddr) = fill();
+    if family == 0 {
+        return;
+    }
+    let (cgroup_id, tgid, comm) = who();
     // In window order: the first free slot, or a slot still holding this socket (its last
     // connect's outcome was missed), whichever comes first; else a slot whose connect outlived
     // `conn_max_age_ns` (also missed). Ends search in the same order, so a stale entry for this
@@ -469,15 +483,15 @@ fn connect_start(
     }
     // SAFETY: the slot is ours (BUSY) until `publish`; `p` is a live map value.
     let s = unsafe { &mut *p };
-    if !fill(s) {
-        s.sk = 0;
-        publish(p, ConnSlot::FREE);
-        return;
-    }
     s.sk = sk;
-    who(s);
-    s.dest = dest_group(s.family, s.dport, &s.daddr);
+    s.cgroup_id = cgroup_id;
+    s.tgid = tgid;
+    s.family = family;
+    s.dport = dport;
     s.flags = 0;
+    set_words(&mut s.comm, comm);
+    set_words(&mut s.daddr, daddr);
+    s.dest = dest_group(family, dport, &s.daddr);
     publish(p, now);
 }
 
