@@ -200,22 +200,15 @@ pub struct SockLayout {
     /// A slot whose connect started longer ago than this may be taken over by a new connect:
     /// its outcome was missed (or, if it still comes, counts as untracked).
     pub conn_max_age_ns: u64,
-    /// Non-zero: `skc_daddr`, `skc_dport` and `skc_family` lie within [`SockLayout::HEAD_LEN`]
-    /// bytes from `head_off`, each aligned to its size, so one read fetches all three; the
-    /// `head_*` fields are their offsets from `head_off`.
-    pub head_valid: u32,
-    pub head_off: u32,
-    pub head_daddr: u32,
-    pub head_dport: u32,
-    pub head_family: u32,
     /// Non-zero: the loader turned the programs' `bpf_rdonly_cast` placeholder into the kfunc
     /// (kernel 6.2+), so socket fields are direct loads checked against these BTF ids instead
     /// of `bpf_probe_read_kernel` calls.
     pub direct: u32,
     pub sock_btf_id: u32,
     pub tcp_sock_btf_id: u32,
+    pub _pad2: u32,
 }
-crate::assert_size!(SockLayout, 96);
+crate::assert_size!(SockLayout, 80);
 
 impl SockLayout {
     /// All offsets zero and `valid == 0`: the programs skip what needs this layout.
@@ -223,28 +216,9 @@ impl SockLayout {
     pub const INVALID: SockLayout = unsafe { core::mem::zeroed() };
     pub const DEST_WITH_PORT: u32 = 1;
     pub const DEST_ANY_PORT: u32 = 2;
-    pub const HEAD_LEN: u32 = 24;
     /// The helper id the programs call in place of the kfunc `bpf_rdonly_cast`; the loader
     /// rewrites each such call (see `sensor::loader::patch_rdonly_cast`).
     pub const RDONLY_CAST_PLACEHOLDER: u32 = 0x0bad_ca57;
-
-    /// Sets the `head_*` fields when the three destination fields fit one read.
-    pub fn plan_head_read(&mut self) {
-        let fields = [(self.skc_daddr, 4), (self.skc_dport, 2), (self.skc_family, 2)];
-        let start = self.skc_daddr.min(self.skc_dport).min(self.skc_family);
-        let fits = fields.iter().all(|&(off, size)| {
-            off % size == 0 && off + size <= start + Self::HEAD_LEN && (off - start) % 8 + size <= 8
-        });
-        if self.raw_valid == 0 || !fits {
-            self.head_valid = 0;
-            return;
-        }
-        self.head_valid = 1;
-        self.head_off = start;
-        self.head_daddr = self.skc_daddr - start;
-        self.head_dport = self.skc_dport - start;
-        self.head_family = self.skc_family - start;
-    }
 }
 
 /// TCP states as the tracepoint reports them.

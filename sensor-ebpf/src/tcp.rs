@@ -291,18 +291,6 @@ fn set_state<C: EbpfContext>(
     }
 }
 
-/// The bytes at `rel` (within one word, as `plan_head_read` ensures) of a little-endian read
-/// block, as a native integer in the low bits; the caller truncates to the field's size.
-#[inline(always)]
-fn head_field(w: &[u64; 3], rel: u32) -> u64 {
-    let word = match rel / 8 {
-        0 => w[0],
-        1 => w[1],
-        _ => w[2],
-    };
-    word >> ((rel % 8) * 8)
-}
-
 /// An IPv4 address as the two words of a 16-byte address field (the rest zero).
 #[inline(always)]
 fn v4_words(a: [u8; 4]) -> [u64; 2] {
@@ -324,30 +312,15 @@ pub fn tcp_set_state_raw(ctx: RawTracePointContext) -> u32 {
     let new: i32 = ctx.arg(2);
     let is_tcp = || sl!(raw_valid) != 0 && sk_field::<u16>(sk, sl!(sk_protocol), false) == Some(IPPROTO_TCP);
     let fill = || -> Dst {
-        let (family, dport, v4) = if sl!(direct) != 0 {
-            (
-                sk_field::<u16>(sk, sl!(skc_family), false).unwrap_or(0),
-                sk_field::<u16>(sk, sl!(skc_dport), false).unwrap_or(0),
-                sk_field::<u32>(sk, sl!(skc_daddr), false).unwrap_or(0).to_ne_bytes(),
-            )
-        } else if sl!(head_valid) != 0 {
-            // One read for family, port and IPv4 address instead of three.
-            let w = sk_read::<[u64; 3]>(sk, sl!(head_off)).unwrap_or([0; 3]);
-            (
-                head_field(&w, sl!(head_family)) as u16,
-                head_field(&w, sl!(head_dport)) as u16,
-                (head_field(&w, sl!(head_daddr)) as u32).to_ne_bytes(),
-            )
-        } else {
-            (
-                sk_read::<u16>(sk, sl!(skc_family)).unwrap_or(0),
-                sk_read::<u16>(sk, sl!(skc_dport)).unwrap_or(0),
-                sk_read::<[u8; 4]>(sk, sl!(skc_daddr)).unwrap_or([0; 4]),
-            )
-        };
+        let family = sk_field::<u16>(sk, sl!(skc_family), false).unwrap_or(0);
+        let dport = sk_field::<u16>(sk, sl!(skc_dport), false).unwrap_or(0);
         let dport = u16::from_be(dport);
         match family {
-            AF_INET => (family, dport, v4_words(v4)),
+            AF_INET => (
+                family,
+                dport,
+                v4_words(sk_field::<[u8; 4]>(sk, sl!(skc_daddr), false).unwrap_or([0; 4])),
+            ),
             AF_INET6 => (
                 family,
                 dport,
@@ -495,27 +468,37 @@ fn connect_start(sk: u64, is_tcp: impl FnOnce() -> bool, fill: impl FnOnce() -> 
     publish(p, now);
 }
 
-/// Takes `sk`'s slot: `read` of it and the slot freed. `None` (counted as untracked) when the
-/// connect was not tracked or its slot was taken over meanwhile.
+/// `sk`'s slot, searched in window order, with its lock word; null when `sk` holds none (or
+/// its slot is being written). Plain values rather than an `Option`, for the verifier (see
+/// `connect_start`).
 #[inline(always)]
-fn take_start<R>(sk: u64, read: impl FnOnce(u64, &ConnSlot) -> R) -> Option<R> {
+fn find_slot(sk: u64) -> (*mut ConnSlot, u64) {
     for i in 0..ConnSlot::WINDOW {
         let Some(p) = conn_slot(sk, i) else { continue };
         // SAFETY: `p` is a live map value.
         let (owner, st) = unsafe { (load(&raw const (*p).sk), load(&raw const (*p).state)) };
-        if owner != sk || st <= ConnSlot::BUSY {
-            continue;
+        if owner == sk && st > ConnSlot::BUSY {
+            return (p, st);
         }
+    }
+    (core::ptr::null_mut(), 0)
+}
+
+/// Takes `sk`'s slot: `read` of it and the slot freed. `None` (counted as untracked) when the
+/// connect was not tracked or its slot was taken over meanwhile.
+#[inline(always)]
+fn take_start<R>(sk: u64, read: impl FnOnce(u64, &ConnSlot) -> R) -> Option<R> {
+    let (p, st) = find_slot(sk);
+    if !p.is_null() {
         // Only trusted if the lock word did not change meanwhile (it is unique per start).
         // SAFETY: `p` is a live map value.
         let r = read(st, unsafe { &*p });
-        if !try_lock(p, st) {
-            break;
+        if try_lock(p, st) {
+            // SAFETY: the slot is ours (BUSY).
+            unsafe { core::ptr::write_volatile(&raw mut (*p).sk, 0) };
+            publish(p, ConnSlot::FREE);
+            return Some(r);
         }
-        // SAFETY: the slot is ours (BUSY).
-        unsafe { core::ptr::write_volatile(&raw mut (*p).sk, 0) };
-        publish(p, ConnSlot::FREE);
-        return Some(r);
     }
     untracked();
     None
@@ -620,19 +603,12 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
 #[inline(always)]
 fn counted(sk: u64, what: u16, flag: u16) {
     // The socket is hot in the cache, the table is not: ask the socket first.
-    let connecting = sl!(valid) == 0 || sk_field::<u8>(sk, sl!(skc_state), false) == Some(state::SYN_SENT as u8);
-    for i in 0..ConnSlot::WINDOW {
-        if !connecting {
-            break;
-        }
-        let Some(p) = conn_slot(sk, i) else { continue };
-        // SAFETY: `p` is a live map value. The socket's own state changes are serialized by its
-        // lock, so nothing else writes `flags` meanwhile.
-        unsafe {
-            if load(&raw const (*p).sk) != sk || load(&raw const (*p).state) <= ConnSlot::BUSY {
-                continue;
-            }
-            let s = &mut *p;
+    if sl!(valid) == 0 || sk_field::<u8>(sk, sl!(skc_state), false) == Some(state::SYN_SENT as u8) {
+        let (p, _) = find_slot(sk);
+        if !p.is_null() {
+            // SAFETY: `p` is a live map value. The socket's own state changes are serialized
+            // by its lock, so nothing else writes `flags` meanwhile.
+            let s = unsafe { &mut *p };
             s.flags |= flag;
             count(&FlowCountKey {
                 cgroup_id: s.cgroup_id,
@@ -640,8 +616,8 @@ fn counted(sk: u64, what: u16, flag: u16) {
                 kind: what,
                 _pad: 0,
             });
+            return;
         }
-        return;
     }
     if let Some(p) = TCP_HOST_COUNTS.get_ptr_mut(u32::from(what.wrapping_sub(kind::RETRANSMIT))) {
         // SAFETY: this CPU's slot of a per-CPU array, valid during the program run.

@@ -600,13 +600,9 @@ impl Drop for Prometheus {
     }
 }
 
+/// A query-string value (spaces as `+`, which Prometheus decodes like `%20`).
 fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 fn sample_value(series: &serde_json::Value) -> f64 {

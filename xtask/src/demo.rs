@@ -72,13 +72,9 @@ fn wait_http(port: u16, path: &str, what: &str, child: &mut Child, log: &Path) -
     }
 }
 
+/// A query-string value (spaces as `+`, which Prometheus decodes like `%20`).
 fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// Instant query: one `labels value` line per series.

@@ -183,7 +183,6 @@ pub fn sock_layout(btf: &KernelBtf, dest_groups: u32, memory_on_v2: bool) -> Res
     })();
     if raw.is_ok() {
         l.raw_valid = 1;
-        l.plan_head_read();
     }
     Ok(l)
 }
@@ -617,36 +616,6 @@ mod tests {
         // The window wraps around the end of the table.
         let s = (0..).map(sk).find(|&s| ConnSlot::index(s, 0, 63) == 63).unwrap();
         assert_eq!(ConnSlot::index(s, 1, 63), 0);
-    }
-
-    #[test]
-    fn destination_fields_in_one_read_only_when_they_fit() {
-        let mut l = SockLayout {
-            raw_valid: 1,
-            skc_daddr: 0,
-            skc_dport: 12,
-            skc_family: 16,
-            ..SockLayout::INVALID
-        };
-        l.plan_head_read();
-        assert_eq!(
-            (l.head_valid, l.head_off, l.head_daddr, l.head_dport, l.head_family),
-            (1, 0, 0, 12, 16)
-        );
-        // Too far apart for one 24-byte read.
-        l.skc_family = 40;
-        l.plan_head_read();
-        assert_eq!(l.head_valid, 0);
-        // A field straddling two words.
-        l.skc_family = 16;
-        l.skc_daddr = 6;
-        l.plan_head_read();
-        assert_eq!(l.head_valid, 0);
-        // Without the socket offsets, nothing.
-        l.skc_daddr = 0;
-        l.raw_valid = 0;
-        l.plan_head_read();
-        assert_eq!(l.head_valid, 0);
     }
 
     #[test]
