@@ -46,19 +46,21 @@ crate::assert_size!(FlowCountKey, 16);
 pub struct FlowKey {
     pub cgroup_id: u64,
     pub dest: u16,
-    pub _pad: [u16; 3],
+    /// Two fields, not `[u16; 3]`: zeroing that array compiles to a call of a BPF `memset`.
+    pub _pad: u16,
+    pub _pad2: u32,
 }
 crate::assert_size!(FlowKey, 16);
 
 /// One slot of the connect table: an active open from CLOSE -> SYN_SENT until its outcome.
 ///
-/// The table is an array, not a hash map: a socket's slots are a short window at a hash of its
+/// The table is an array, not a hash map: a socket's slots are two short windows at hashes of its
 /// address, found with plain loads (the verifier inlines array lookups), and owners change only
 /// through a compare-and-swap on `state`, so the hot path takes no lock and calls no helper.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnSlot {
-    /// The lock word: [`ConnSlot::FREE`], [`ConnSlot::BUSY`] (being written or released), else
+    /// The lock word: [`ConnSlot::FREE`], [`ConnSlot::BUSY`] (being written by its claimer), else
     /// the start time (CLOCK_MONOTONIC ns), unique per start, so a compare-and-swap on it cannot
     /// succeed on a slot that changed owner in between.
     pub state: u64,
@@ -66,34 +68,59 @@ pub struct ConnSlot {
     pub sk: u64,
     pub cgroup_id: u64,
     pub tgid: u32,
-    pub dest: u16,
     /// Host byte order.
     pub dport: u16,
-    pub family: u16,
+    /// `AF_INET` or `AF_INET6` (both fit a byte).
+    pub family: u8,
     /// [`ConnSlot::RESET_RECEIVED`].
-    pub flags: u16,
-    pub _pad: u32,
+    pub flags: u8,
     pub comm: [u8; 16],
     /// IPv4 in the first 4 bytes, or IPv6.
     pub daddr: [u8; 16],
 }
-crate::assert_size!(ConnSlot, 72);
+// One cache line: the table is page-aligned (`BPF_F_MMAPABLE`), so a claim touches one line.
+crate::assert_size!(ConnSlot, 64);
 
 impl ConnSlot {
     pub const FREE: u64 = 0;
     pub const BUSY: u64 = 1;
     /// `tcp:tcp_receive_reset` fired while connecting.
-    pub const RESET_RECEIVED: u16 = 1;
-    /// Consecutive slots (from the socket's hash) a connect may use.
+    pub const RESET_RECEIVED: u8 = 1;
+    /// Consecutive slots a window has; a connect may use two windows (see [`ConnSlot::index`]).
     pub const WINDOW: u32 = 4;
+    /// Slots a connect may use: [`ConnSlot::WINDOW`] in the hot region, then as many anywhere.
+    pub const SLOTS_PER_CONNECT: u32 = 2 * Self::WINDOW;
+    /// The hot region: the table's first 256 slots (16 KiB, 4 pages). Connect starts find
+    /// their slot there while few connects are pending, which is nearly always, so the slots
+    /// they touch stay in the cache and the TLB; over the whole 4 MiB default table nearly
+    /// every start missed both.
+    pub const HOT_SLOTS: u32 = 256;
     /// The largest table (slots), so a slot index fits the hash's 32 bits with room to spare.
     pub const MAX_SLOTS: u32 = 1 << 24;
 
-    /// First slot of `sk`'s window in a table of `mask + 1` slots (a power of two): the high
-    /// half of a multiplicative (Fibonacci) hash, since socket addresses share their low bits.
+    /// Slot `i` (< [`ConnSlot::SLOTS_PER_CONNECT`]) of `sk`'s windows in a table of `mask + 1`
+    /// slots (a power of two): the first window at a hash of `sk` in the hot region, the second
+    /// at another hash in the rest of the table (in a table no larger than the hot region, the
+    /// whole table again). The second window must avoid the hot region: when the hot region is
+    /// full, which is when the second window is needed, a second window inside it would be
+    /// full too. The hash is the high half of a multiplicative (Fibonacci) hash, since socket
+    /// addresses share their low bits.
     #[inline(always)]
     pub fn index(sk: u64, i: u32, mask: u32) -> u32 {
-        ((sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32).wrapping_add(i) & mask
+        let h = (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32;
+        if i < Self::WINDOW {
+            return h.wrapping_add(i) & (mask & (Self::HOT_SLOTS - 1));
+        }
+        // Both second-window formulas use the hash's high bits, the first window its low ones,
+        // so sockets that share a first window rarely share the second.
+        let j = i - Self::WINDOW;
+        if mask < Self::HOT_SLOTS {
+            return h.rotate_right(16).wrapping_add(j) & mask;
+        }
+        // Windows starting in [HOT_SLOTS, slots - WINDOW]: multiply-shift maps the hash onto
+        // that range evenly, and the window never wraps.
+        let starts = u64::from(mask - Self::HOT_SLOTS - Self::WINDOW + 2);
+        Self::HOT_SLOTS + ((u64::from(h) * starts) >> 32) as u32 + j
     }
 }
 

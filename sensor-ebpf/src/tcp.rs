@@ -16,7 +16,7 @@
 use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering::SeqCst};
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task},
@@ -51,9 +51,12 @@ static TCP_TP_LAYOUT: TcpTpLayout = TcpTpLayout::INVALID;
 static SOCK_LAYOUT: SockLayout = SockLayout::INVALID;
 
 /// Active opens from SYN_SENT until they end (ESTABLISHED or CLOSE): see [`ConnSlot`]. A
-/// connect that finds no slot in its window is not tracked; its end counts it as `untracked`.
+/// connect that finds no slot in its windows is not tracked; its end counts it as `untracked`.
+/// `BPF_F_MMAPABLE` (5.5+) only for its page-aligned values: each 64-byte slot is then exactly
+/// one cache line, and a connect start, which usually finds its slot out of the cache, waits for
+/// one line instead of two.
 #[map]
-static TCP_CONNS: Array<ConnSlot> = Array::with_max_entries(DEFAULT_TRACKED_CONNECTS, 0);
+static TCP_CONNS: Array<ConnSlot> = Array::with_max_entries(DEFAULT_TRACKED_CONNECTS, BPF_F_MMAPABLE);
 
 #[map]
 static TCP_COUNTS: PerCpuHashMap<FlowCountKey, u64> = PerCpuHashMap::with_max_entries(DEFAULT_SERIES, 0);
@@ -159,6 +162,13 @@ fn count(key: &FlowCountKey) {
         }
     }
     bump(probe_id::TCP, counter::LOST_MAP_FULL);
+}
+
+/// The destination group of a tracked connect, from its slot's copy of the destination. Found
+/// when the connect ends rather than stored at its start, which keeps a slot in one cache line.
+#[inline(always)]
+fn slot_dest(family: u8, dport: u16, daddr: &[u8; 16]) -> u16 {
+    dest_group(u16::from(family), dport, daddr)
 }
 
 /// The destination group of an address and port: a group with a port first, then one without.
@@ -364,24 +374,24 @@ pub fn tcp_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The slot at position `i` of `sk`'s window.
+/// The slot at position `i` of `sk`'s windows (hot region first, see [`ConnSlot::index`]).
 #[inline(always)]
 fn conn_slot(sk: u64, i: u32) -> Option<*mut ConnSlot> {
     TCP_CONNS.get_ptr_mut(ConnSlot::index(sk, i, sl!(conn_mask)))
 }
 
-/// Compare-and-swap of a slot's lock word.
+/// Compare-and-swap of a slot's lock word from `seen` to `to`.
 #[inline(always)]
-fn try_lock(p: *mut ConnSlot, seen: u64) -> bool {
+fn swap_state(p: *mut ConnSlot, seen: u64, to: u64) -> bool {
     // SAFETY: `p` is a live map value; the BPF atomic is fully ordered.
-    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(&raw mut (*p).state, seen, ConnSlot::BUSY).1 }
+    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(&raw mut (*p).state, seen, to).1 }
 }
 
 /// Stores a slot's lock word with a fully ordered exchange, so the slot's other stores are
 /// visible before it on weakly ordered CPUs too.
 #[inline(always)]
 fn publish(p: *mut ConnSlot, state: u64) {
-    // SAFETY: as in `try_lock`.
+    // SAFETY: as in `swap_state`.
     unsafe { atomic_xchg::<u64, { SeqCst }>(&raw mut (*p).state, state) };
 }
 
@@ -411,17 +421,18 @@ fn connect_start(sk: u64, is_tcp: impl FnOnce() -> bool, fill: impl FnOnce() -> 
         return;
     }
     let (cgroup_id, tgid, comm) = who();
-    // In window order: the first free slot, or a slot still holding this socket (its last
-    // connect's outcome was missed), whichever comes first; else a slot whose connect outlived
-    // `conn_max_age_ns` (also missed). Ends search in the same order, so a stale entry for this
-    // socket behind the slot taken here stays hidden until it is reclaimed.
+    // In window order (the hot window first): the first free slot, or a slot still holding
+    // this socket (its last connect's outcome was missed), whichever comes first and can be
+    // claimed; else a slot whose connect outlived `conn_max_age_ns` (also missed). Ends search
+    // in the same order, so a stale entry for this socket behind the slot taken here stays
+    // hidden until it is reclaimed. A slot lost to another CPU's claim (bursts of connects
+    // meet in the small hot region) sends the search on to the next one.
     // Plain initialised locals rather than `Option<(ptr, u64)>`: LLVM may spill the payload of
     // a `None` from any register, even one a helper call clobbered, which the verifier refuses.
     let mut p: *mut ConnSlot = core::ptr::null_mut();
-    let mut seen = 0u64;
     let mut stale: *mut ConnSlot = core::ptr::null_mut();
     let mut stale_seen = 0u64;
-    for i in 0..ConnSlot::WINDOW {
+    for i in 0..ConnSlot::SLOTS_PER_CONNECT {
         let Some(q) = conn_slot(sk, i) else { continue };
         // SAFETY: `q` is a live map value.
         let st = unsafe { load(&raw const (*q).state) };
@@ -430,28 +441,25 @@ fn connect_start(sk: u64, is_tcp: impl FnOnce() -> bool, fill: impl FnOnce() -> 
         }
         // SAFETY: as above.
         if st == ConnSlot::FREE || unsafe { load(&raw const (*q).sk) } == sk {
-            p = q;
-            seen = st;
-            break;
+            if swap_state(q, st, ConnSlot::BUSY) {
+                p = q;
+                break;
+            }
+            continue;
         }
         if stale.is_null() && now.saturating_sub(st) > sl!(conn_max_age_ns) {
             stale = q;
             stale_seen = st;
         }
     }
-    if p.is_null() {
+    // A stale slot is reused without counting: the end its connect missed was a program run
+    // the kernel skipped (counted as `recursion`), or, if that connect does end after all, its
+    // end finds no slot and counts it as untracked. Either way each connect is counted once.
+    if p.is_null() && !stale.is_null() && swap_state(stale, stale_seen, ConnSlot::BUSY) {
         p = stale;
-        seen = stale_seen;
     }
     // No slot: its end counts it as untracked.
     if p.is_null() {
-        return;
-    }
-    // Losing the race for the slot to another CPU leaves the connect untracked, as above. A
-    // stale slot is reused without counting: the end its connect missed was a program run the
-    // kernel skipped (counted as `recursion`), or, if that connect does end after all, its end
-    // finds no slot and counts it as untracked. Either way each connect is counted once.
-    if !try_lock(p, seen) {
         return;
     }
     // SAFETY: the slot is ours (BUSY) until `publish`; `p` is a live map value.
@@ -459,12 +467,11 @@ fn connect_start(sk: u64, is_tcp: impl FnOnce() -> bool, fill: impl FnOnce() -> 
     s.sk = sk;
     s.cgroup_id = cgroup_id;
     s.tgid = tgid;
-    s.family = family;
+    s.family = family as u8;
     s.dport = dport;
     s.flags = 0;
     set_words(&mut s.comm, comm);
     set_words(&mut s.daddr, daddr);
-    s.dest = dest_group(family, dport, &s.daddr);
     publish(p, now);
 }
 
@@ -473,11 +480,17 @@ fn connect_start(sk: u64, is_tcp: impl FnOnce() -> bool, fill: impl FnOnce() -> 
 /// `connect_start`).
 #[inline(always)]
 fn find_slot(sk: u64) -> (*mut ConnSlot, u64) {
-    for i in 0..ConnSlot::WINDOW {
+    for i in 0..ConnSlot::SLOTS_PER_CONNECT {
         let Some(p) = conn_slot(sk, i) else { continue };
+        // The lock word first, then the owner: a claimer writes `sk` before it publishes its
+        // start time, so an owner read after a start time is that start's. Read the other way
+        // round, a free slot's stale `sk` (this address's previous socket) could pair with the
+        // start time of a connect that claimed the slot in between, and the compare-and-swap on
+        // that start time would end the wrong connect.
         // SAFETY: `p` is a live map value.
-        let (owner, st) = unsafe { (load(&raw const (*p).sk), load(&raw const (*p).state)) };
-        if owner == sk && st > ConnSlot::BUSY {
+        let st = unsafe { load(&raw const (*p).state) };
+        // SAFETY: as above.
+        if st > ConnSlot::BUSY && unsafe { load(&raw const (*p).sk) } == sk {
             return (p, st);
         }
     }
@@ -490,13 +503,12 @@ fn find_slot(sk: u64) -> (*mut ConnSlot, u64) {
 fn take_start<R>(sk: u64, read: impl FnOnce(u64, &ConnSlot) -> R) -> Option<R> {
     let (p, st) = find_slot(sk);
     if !p.is_null() {
-        // Only trusted if the lock word did not change meanwhile (it is unique per start).
+        // Only trusted if the lock word did not change meanwhile (it is unique per start);
+        // the same compare-and-swap frees the slot. Its stale `sk` is harmless: a free slot is
+        // never anyone's (`find_slot` wants a start time in `state`).
         // SAFETY: `p` is a live map value.
         let r = read(st, unsafe { &*p });
-        if try_lock(p, st) {
-            // SAFETY: the slot is ours (BUSY).
-            unsafe { core::ptr::write_volatile(&raw mut (*p).sk, 0) };
-            publish(p, ConnSlot::FREE);
+        if swap_state(p, st, ConnSlot::FREE) {
             return Some(r);
         }
     }
@@ -513,17 +525,16 @@ fn untracked() {
 
 #[inline(always)]
 fn connect_done(sk: u64) {
-    let Some((started, fk)) = take_start(sk, |st, s| {
-        (
-            st,
-            FlowKey {
-                cgroup_id: s.cgroup_id,
-                dest: s.dest,
-                _pad: [0; 3],
-            },
-        )
-    }) else {
+    let Some((started, cgroup_id, family, dport, daddr)) =
+        take_start(sk, |st, s| (st, s.cgroup_id, s.family, s.dport, s.daddr))
+    else {
         return;
+    };
+    let fk = FlowKey {
+        cgroup_id,
+        dest: slot_dest(family, dport, &daddr),
+        _pad: 0,
+        _pad2: 0,
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -561,9 +572,10 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
         0
     };
     let res = classify(s.flags & ConnSlot::RESET_RECEIVED != 0, err);
+    let dest = slot_dest(s.family, s.dport, &s.daddr);
     count(&FlowCountKey {
         cgroup_id: s.cgroup_id,
-        dest: s.dest,
+        dest,
         kind: res,
         _pad: 0,
     });
@@ -580,9 +592,9 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
         tgid: s.tgid,
         sk_err: err,
         result: res,
-        dest: s.dest,
+        dest,
         dport: s.dport,
-        family: s.family,
+        family: u16::from(s.family),
         comm: s.comm,
         daddr: s.daddr,
     };
@@ -601,7 +613,7 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
 /// connecting (a refused connect, a SYN retransmit), else in the host-level slot. `flag` is set
 /// on a connecting socket's slot.
 #[inline(always)]
-fn counted(sk: u64, what: u16, flag: u16) {
+fn counted(sk: u64, what: u16, flag: u8) {
     // The socket is hot in the cache, the table is not: ask the socket first.
     if sl!(valid) == 0 || sk_field::<u8>(sk, sl!(skc_state), false) == Some(state::SYN_SENT as u8) {
         let (p, _) = find_slot(sk);
@@ -612,7 +624,7 @@ fn counted(sk: u64, what: u16, flag: u16) {
             s.flags |= flag;
             count(&FlowCountKey {
                 cgroup_id: s.cgroup_id,
-                dest: s.dest,
+                dest: slot_dest(s.family, s.dport, &s.daddr),
                 kind: what,
                 _pad: 0,
             });

@@ -28,6 +28,8 @@ pub fn registry() -> &'static [ProbeSpec] {
 pub enum LoadError {
     #[error("loading the eBPF object failed: {0}")]
     Object(#[from] aya::EbpfError),
+    #[error("opening the event rings failed: {0}")]
+    Rings(#[from] crate::transport::TransportError),
 }
 
 /// What the loader learned about the kernel before loading anything.
@@ -55,6 +57,9 @@ pub struct LoadOptions {
     /// missed.
     pub tcp_conn_slots: u32,
     pub tcp_conn_max_age: std::time::Duration,
+    /// Open the event rings (pages per CPU) before the programs attach; `None` (a dry run,
+    /// as in `sensor doctor`) leaves them closed.
+    pub perf_ring_pages: Option<usize>,
 }
 
 impl KernelContext {
@@ -78,6 +83,8 @@ impl KernelContext {
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub reports: Vec<ProbeReport>,
+    /// Every CPU's event ring, open since before the first program attached.
+    pub rings: Vec<crate::transport::OpenRing>,
 }
 
 /// Rewrites every call of the `bpf_rdonly_cast` placeholder (see `SockLayout::direct`) in the
@@ -144,6 +151,15 @@ pub fn load(kctx: &KernelContext, opts: &LoadOptions) -> Result<Loaded, LoadErro
     loader.override_global("SOCK_LAYOUT", &tcp_sock, true);
     let object = patch_rdonly_cast(EBPF_OBJECT, kfunc.map(|k| k.0));
     let mut ebpf = loader.load(&object)?;
+    let rings = match opts.perf_ring_pages {
+        Some(pages) => {
+            let events = ebpf
+                .take_map("EVENTS")
+                .ok_or(crate::transport::TransportError::MissingMap("EVENTS"))?;
+            crate::transport::open_rings(events, pages)?
+        }
+        None => Vec::new(),
+    };
     let mut reports = Vec::new();
     for spec in registry() {
         if opts.disabled.contains(&spec.name) {
@@ -152,7 +168,7 @@ pub fn load(kctx: &KernelContext, opts: &LoadOptions) -> Result<Loaded, LoadErro
         }
         reports.push(attach_probe(&mut ebpf, kctx, spec, opts));
     }
-    Ok(Loaded { ebpf, reports })
+    Ok(Loaded { ebpf, reports, rings })
 }
 
 fn attach_probe(ebpf: &mut Ebpf, kctx: &KernelContext, spec: &ProbeSpec, opts: &LoadOptions) -> ProbeReport {

@@ -68,6 +68,7 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
         tcp_dest_groups: crate::tcp::dest_group_bits(&p.tcp.destinations),
         tcp_conn_slots: p.tcp.conn_slots(),
         tcp_conn_max_age: p.tcp.connect_max_age,
+        perf_ring_pages: Some(cfg.perf_ring_pages),
     }
 }
 
@@ -112,6 +113,7 @@ impl Pipeline {
         let loaded = loader::load(&kctx, &opts).context("cannot load the sensor's eBPF programs")?;
         let mut ebpf = loaded.ebpf;
         let reports = loaded.reports;
+        let rings = loaded.rings;
         log_reports(&reports);
         let enabled: Vec<_> = reports.iter().filter(|r| r.state != ProbeState::Disabled).collect();
         if enabled.is_empty() {
@@ -191,12 +193,7 @@ impl Pipeline {
             tcp: tcp.clone(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let readers = transport::spawn_readers(
-            ebpf.take_map("EVENTS").context("EVENTS map missing")?,
-            cfg.perf_ring_pages,
-            dispatcher,
-            stop_rx.clone(),
-        )?;
+        let readers = transport::spawn_readers(rings, dispatcher, stop_rx.clone())?;
         let refresher = {
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {

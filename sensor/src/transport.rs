@@ -39,20 +39,35 @@ impl AsRawFd for Ring {
 
 /// Opens a ring per online CPU and spawns a reader task for each. Readers exit after a final
 /// drain once `shutdown` flips to true.
-pub fn spawn_readers(
-    events: aya::maps::Map,
-    pages: usize,
-    sink: Arc<dyn Sink>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<Vec<JoinHandle<()>>, TransportError> {
+/// A CPU's perf ring, opened (and so in the `EVENTS` map) but not read yet.
+pub struct OpenRing {
+    cpu: u32,
+    buf: PerfEventArrayBuffer<MapData>,
+}
+
+/// Opens every online CPU's ring of `pages` pages. Done before any program attaches: an
+/// output to a CPU whose ring is not in the map yet fails, and the event would be lost.
+pub fn open_rings(events: aya::maps::Map, pages: usize) -> Result<Vec<OpenRing>, TransportError> {
     let mut array: PerfEventArray<MapData> =
         PerfEventArray::try_from(events).map_err(|e| TransportError::Map("EVENTS", e.to_string()))?;
     let cpus = aya::util::online_cpus().map_err(|(what, e)| TransportError::Cpus(format!("{what}: {e}")))?;
+    cpus.into_iter()
+        .map(|cpu| {
+            let buf = array
+                .open(cpu, Some(pages))
+                .map_err(|e| TransportError::Map("EVENTS", format!("cpu {cpu}: {e}")))?;
+            Ok(OpenRing { cpu, buf })
+        })
+        .collect()
+}
+
+pub fn spawn_readers(
+    rings: Vec<OpenRing>,
+    sink: Arc<dyn Sink>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Vec<JoinHandle<()>>, TransportError> {
     let mut handles = Vec::new();
-    for cpu in cpus {
-        let buf = array
-            .open(cpu, Some(pages))
-            .map_err(|e| TransportError::Map("EVENTS", format!("cpu {cpu}: {e}")))?;
+    for OpenRing { cpu, buf } in rings {
         // SAFETY: the perf buffer owns its fd (opened by `open`, closed on drop) and `Ring`
         // always returns that same fd, for as long as the AsyncFd owns the buffer.
         let fd = unsafe { AsyncFd::register_with_interest(Ring(buf), tokio::io::Interest::READABLE) }

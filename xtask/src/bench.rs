@@ -97,13 +97,17 @@ pub fn connect_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
     unsafe { libc::listen(l.as_raw_fd(), 65535) };
     let addr = l.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
     let acceptor = {
         let stop = Arc::clone(&stop);
+        let accepted = Arc::clone(&accepted);
         l.set_nonblocking(true)?;
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match l.accept() {
-                    Ok(_) => {}
+                    Ok(_) => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(50)),
                     Err(_) => {}
                 }
@@ -132,10 +136,23 @@ pub fn connect_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
             });
         }
     });
+    // The clock stops once the server has accepted (and closed) every connection, not at the
+    // deadline: the acceptor shares the CPUs with the clients and falls behind by a varying
+    // few thousand connections, whose server-side half would otherwise fall outside the
+    // measurement by a varying amount.
+    let done = done.load(Ordering::Relaxed);
+    let drain = Instant::now() + Duration::from_secs(10);
+    while accepted.load(Ordering::Relaxed) < done && Instant::now() < drain {
+        std::thread::sleep(Duration::from_micros(200));
+    }
     let elapsed = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let _ = acceptor.join();
-    Ok(done.load(Ordering::Relaxed) as f64 / elapsed)
+    let accepted = accepted.load(Ordering::Relaxed);
+    if accepted < done {
+        bail!("the server accepted {accepted} of {done} connections within 10 s of the deadline");
+    }
+    Ok(done as f64 / elapsed)
 }
 
 /// One measurement in a network namespace of its own (`unshare --net`, loopback up): the
@@ -144,12 +161,14 @@ pub fn connect_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
 /// measurement starts from empty connection tables instead of inheriting its predecessors'.
 /// The namespace's accept backlog is raised too: with the default 4096, the clients (which
 /// keep both CPUs busy) now and then overflow it while the acceptor waits for a CPU, and each
-/// dropped SYN costs its client a 1 s retransmit, which made FIN rounds swing by half.
+/// dropped SYN costs its client a 1 s retransmit, which made FIN rounds swing by half. So is
+/// its TIME_WAIT limit (131,072 here): past it, closes skip TIME_WAIT, the peer's last segments
+/// draw resets, and a reused port's SYN can meet the old connection and wait 1 s to retry.
 fn isolated_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
     let exe = std::env::current_exe().context("xtask's own path")?;
     let mut cmd = Command::new("unshare");
     let setup = "ip link set lo up && sysctl -qw net.core.somaxconn=65535 net.ipv4.tcp_max_syn_backlog=65535 \
-                 && exec \"$@\"";
+                 net.ipv4.tcp_max_tw_buckets=1000000 && exec \"$@\"";
     cmd.args(["--net", "--", "sh", "-c", setup, "sh"]).arg(&exe).args([
         "bench-load",
         "--threads",
@@ -266,17 +285,54 @@ fn measure(sensor: &Path, rounds: usize, secs: f64, threads: usize, close: Close
     Ok(rates)
 }
 
+/// Mean and the half-width of its 95% confidence interval (Student's t; NaN below 2 samples).
+pub(crate) fn mean_ci(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    if v.len() < 2 {
+        return (v.first().copied().unwrap_or(f64::NAN), f64::NAN);
+    }
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, t975(v.len() - 1) * (var / n).sqrt())
+}
+
+/// Student's t quantile 0.975 for `df` degrees of freedom (a table to 30, then the
+/// Cornish-Fisher expansion, within 0.1% there).
+fn t975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::NAN,
+        1..=30 => T[df - 1],
+        _ => {
+            let d = df as f64;
+            1.959_964 + 2.372_1 / d + 2.822_5 / (d * d)
+        }
+    }
+}
+
+fn row(label: &str, v: Vec<f64>, digits: usize) -> String {
+    let (mean, ci) = mean_ci(&v);
+    let (min, med, max) = stats(v);
+    format!("| {label} | {min:.digits$} | {med:.digits$} | {max:.digits$} | {mean:.digits$} ± {ci:.digits$} |\n")
+}
+
 fn rows(label: &str, rates: &[[f64; 3]]) -> (String, f64) {
     let ratio = |i: usize| rates.iter().map(|r| r[i] / r[0]).collect::<Vec<_>>();
-    let (smin, smed, smax) = stats(ratio(1));
-    let (bmin, bmed, bmax) = stats(ratio(2));
-    let (amin, amed, amax) = stats(rates.iter().map(|r| r[0]).collect());
+    let (_, smed, _) = stats(ratio(1));
     (
-        format!(
-            "| {label}: baseline connects/s | {amin:.0} | {amed:.0} | {amax:.0} |\n\
-             | {label}: sensor / baseline | {smin:.3} | {smed:.3} | {smax:.3} |\n\
-             | {label}: bpftrace histogram / baseline | {bmin:.3} | {bmed:.3} | {bmax:.3} |\n"
-        ),
+        [
+            row(
+                &format!("{label}: baseline connects/s"),
+                rates.iter().map(|r| r[0]).collect(),
+                0,
+            ),
+            row(&format!("{label}: sensor / baseline"), ratio(1), 3),
+            row(&format!("{label}: bpftrace histogram / baseline"), ratio(2), 3),
+        ]
+        .concat(),
         smed,
     )
 }
@@ -297,11 +353,14 @@ pub fn run(root: &Path, rounds: usize, secs: f64, threads: usize) -> Result<()> 
          Loopback connect-and-close with {threads} client threads, {secs} s per measurement, {rounds} rounds \
          alternating baseline / sensor / bpftrace (order rotated each round), on kernel {} with {cpus} CPUs. \
          Ratios are the rate with the tool attached over the baseline of the same round. Each measurement \
-         runs in a network namespace of its own (`unshare --net`), so the TIME_WAIT sockets of one do not \
-         slow the next. \"close (FIN)\" is an ordinary close (client source addresses rotate over \
+         runs in a network namespace of its own (`unshare --net`, accept backlog and TIME_WAIT limit raised), \
+         so the TIME_WAIT sockets of one do not slow the next, and its clock stops when the server has \
+         accepted and closed every connection, so each measurement pays for all of its own work. \
+         \"close (FIN)\" is an ordinary close (client source addresses rotate over \
          127.0.0.0/8 so TIME_WAIT cannot exhaust ports); \"abortive close (RST)\" closes with SO_LINGER 0, \
-         which also fires the reset tracepoints on both sides, the worst case for the sensor.\n\n\
-         | | min | median | max |\n|---|---|---|---|\n{fin_rows}{rst_rows}\n\
+         which also fires the reset tracepoints on both sides, the worst case for the sensor. The last column \
+         is the mean over rounds with its 95% confidence interval.\n\n\
+         | | min | median | max | mean |\n|---|---|---|---|---|\n{fin_rows}{rst_rows}\n\
          The sensor runs with its default configuration (all probes: OOM, memcg, TCP counters, latency and RTT \
          histograms per workload and destination, reset and retransmit counters, failure events) and uses raw \
          tracepoints; the bpftrace script keeps only a global connect-latency histogram on the classic \
@@ -321,4 +380,21 @@ pub fn run(root: &Path, rounds: usize, secs: f64, threads: usize) -> Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confidence_interval_of_the_mean() {
+        let (m, h) = mean_ci(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(m, 3.0);
+        // sd = sqrt(2.5), t(4) = 2.776
+        assert!((h - 2.776 * (2.5f64 / 5.0).sqrt()).abs() < 1e-9, "{h}");
+        assert!(mean_ci(&[1.0]).1.is_nan());
+        // The expansion meets the table at 30 and tends to 1.96.
+        assert!((t975(31) - 2.040).abs() < 0.002, "{}", t975(31));
+        assert!((t975(120) - 1.980).abs() < 0.001, "{}", t975(120));
+    }
 }

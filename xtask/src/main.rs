@@ -72,7 +72,7 @@ enum Cmd {
     /// Connect-rate overhead of the sensor vs. baseline and bpftrace; writes docs/benchmarks.md.
     Bench {
         /// Rounds of baseline / sensor / bpftrace; the report gives the median ratio.
-        #[arg(long, default_value_t = 11)]
+        #[arg(long, default_value_t = 21)]
         rounds: usize,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 2.0)]

@@ -594,18 +594,42 @@ mod tests {
         assert_eq!(group_names(&d), vec!["other", "dns", "postgres"]);
     }
 
-    /// Socket addresses are slab objects a fixed size apart: their slots must still spread.
+    /// Socket addresses are slab objects a fixed size apart: their slots must still spread, in
+    /// the hot region and over the whole table.
     #[test]
     fn connect_slots_spread_slab_addresses() {
         use sensor_common::tcp::ConnSlot;
         let sk = |i: u64| 0xffff_8881_0a00_0000u64 + i * 2368;
-        // 4096 sockets in 65536 slots: no slot is anyone's first more than a few times.
         let mask = 65535;
+        // The first window lies in the hot region: 512 sockets, no slot anyone's first more
+        // than a few times.
+        let mut hot = vec![0u32; ConnSlot::HOT_SLOTS as usize];
+        for i in 0..512 {
+            let x = ConnSlot::index(sk(i), 0, mask);
+            assert!(x < ConnSlot::HOT_SLOTS, "{x}");
+            hot[x as usize] += 1;
+        }
+        assert!(hot.iter().all(|&h| h <= 4), "max {:?}", hot.iter().max());
+        // The second spreads over the rest of the table, never into the hot region (full when
+        // the second window is needed) nor past the end: 4096 sockets in 65536 slots.
         let mut hits = vec![0u32; 65536];
         for i in 0..4096 {
-            hits[ConnSlot::index(sk(i), 0, mask) as usize] += 1;
+            for j in 0..ConnSlot::WINDOW {
+                let x = ConnSlot::index(sk(i), ConnSlot::WINDOW + j, mask);
+                assert!((ConnSlot::HOT_SLOTS..=mask).contains(&x), "{x}");
+                hits[x as usize] += u32::from(j == 0);
+            }
         }
         assert!(hits.iter().all(|&h| h <= 3), "max {:?}", hits.iter().max());
+        // The smallest table with a region beyond the hot one: second windows fill it, up to
+        // its last slot.
+        let mut last = 0;
+        for i in 0..4096 {
+            let x = ConnSlot::index(sk(i), ConnSlot::SLOTS_PER_CONNECT - 1, 511);
+            assert!((ConnSlot::HOT_SLOTS + ConnSlot::WINDOW - 1..=511).contains(&x), "{x}");
+            last = last.max(x);
+        }
+        assert_eq!(last, 511);
         // 64 sockets in 64 slots: about 1 - 1/e of the slots are somebody's first.
         let mut first = [false; 64];
         for i in 0..64 {
@@ -613,9 +637,18 @@ mod tests {
         }
         let used = first.iter().filter(|&&u| u).count();
         assert!((30..=56).contains(&used), "{used} of 64 slots");
-        // The window wraps around the end of the table.
-        let s = (0..).map(sk).find(|&s| ConnSlot::index(s, 0, 63) == 63).unwrap();
-        assert_eq!(ConnSlot::index(s, 1, 63), 0);
+        // Both windows wrap around the end of their region.
+        let s = (0..)
+            .map(sk)
+            .find(|&s| ConnSlot::index(s, 0, mask) == ConnSlot::HOT_SLOTS - 1)
+            .unwrap();
+        assert_eq!(ConnSlot::index(s, 1, mask), 0);
+        // In a table no larger than the hot region the second window wraps too.
+        let s = (0..)
+            .map(sk)
+            .find(|&s| ConnSlot::index(s, ConnSlot::WINDOW, 63) == 63)
+            .unwrap();
+        assert_eq!(ConnSlot::index(s, ConnSlot::WINDOW + 1, 63), 0);
     }
 
     #[test]
