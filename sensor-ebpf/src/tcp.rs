@@ -486,7 +486,9 @@ fn find_slot(sk: u64) -> (*mut ConnSlot, u64) {
         // start time, so an owner read after a start time is that start's. Read the other way
         // round, a free slot's stale `sk` (this address's previous socket) could pair with the
         // start time of a connect that claimed the slot in between, and the compare-and-swap on
-        // that start time would end the wrong connect.
+        // that start time would end the wrong connect. (x86 keeps two loads in order; arm64 may
+        // not, and BPF has load-acquire only from 6.15, so there the window is the few
+        // nanoseconds between the loads, on a slot last owned by a socket at this address.)
         // SAFETY: `p` is a live map value.
         let st = unsafe { load(&raw const (*p).state) };
         // SAFETY: as above.
