@@ -405,10 +405,10 @@ fn load(p: *const u64) -> u64 {
 fn connect_start(sk: u64, is_tcp: impl FnOnce() -> bool, fill: impl FnOnce() -> Dst, who: impl FnOnce() -> Who) {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // The table is large and this socket's slot is often not in the cache: load it now, so
-    // that the miss overlaps with reading the socket and the task below instead of stalling
-    // the claim (the value is read again there). After the clock, whose `rdtsc` is fenced and
-    // would wait for the miss.
+    // This socket's first slot may still be out of this CPU's cache (the other CPU used it
+    // last, or the network stack evicted it): load it now, so that a miss overlaps with reading
+    // the socket and the task below instead of stalling the claim (the value is read again
+    // there). After the clock, whose `rdtsc` is fenced and would wait for the miss.
     if let Some(q) = conn_slot(sk, 0) {
         // SAFETY: `q` is a live map value.
         let _ = unsafe { load(&raw const (*q).state) };
@@ -616,7 +616,7 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
 /// on a connecting socket's slot.
 #[inline(always)]
 fn counted(sk: u64, what: u16, flag: u8) {
-    // The socket is hot in the cache, the table is not: ask the socket first.
+    // The socket is hot in the cache, the table may not be: ask the socket first.
     if sl!(valid) == 0 || sk_field::<u8>(sk, sl!(skc_state), false) == Some(state::SYN_SENT as u8) {
         let (p, _) = find_slot(sk);
         if !p.is_null() {

@@ -37,8 +37,6 @@ impl AsRawFd for Ring {
     }
 }
 
-/// Opens a ring per online CPU and spawns a reader task for each. Readers exit after a final
-/// drain once `shutdown` flips to true.
 /// A CPU's perf ring, opened (and so in the `EVENTS` map) but not read yet.
 pub struct OpenRing {
     cpu: u32,
@@ -61,6 +59,8 @@ pub fn open_rings(events: aya::maps::Map, pages: usize) -> Result<Vec<OpenRing>,
         .collect()
 }
 
+/// Spawns a reader task per ring (see [`open_rings`]). Readers exit after a final drain once
+/// `shutdown` flips to true.
 pub fn spawn_readers(
     rings: Vec<OpenRing>,
     sink: Arc<dyn Sink>,

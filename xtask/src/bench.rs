@@ -286,7 +286,7 @@ fn measure(sensor: &Path, rounds: usize, secs: f64, threads: usize, close: Close
 }
 
 /// Mean and the half-width of its 95% confidence interval (Student's t; NaN below 2 samples).
-pub(crate) fn mean_ci(v: &[f64]) -> (f64, f64) {
+fn mean_ci(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     if v.len() < 2 {
         return (v.first().copied().unwrap_or(f64::NAN), f64::NAN);

@@ -199,6 +199,18 @@ impl Daemon {
 
     /// Polls `/metrics` until `name{labels}` equals `want`; returns the last scrape.
     pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64, limit: Duration) -> String {
+        self.wait_metric_or_explain(name, labels, want, limit, String::new)
+    }
+
+    /// [`Daemon::wait_metric`], whose panic also carries `explain()` (e.g. the kernel's side).
+    pub fn wait_metric_or_explain(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        limit: Duration,
+        explain: impl Fn() -> String,
+    ) -> String {
         let start = Instant::now();
         loop {
             let m = self.metrics();
@@ -207,8 +219,9 @@ impl Daemon {
             }
             if start.elapsed() > limit {
                 panic!(
-                    "{name}{labels:?} = {:?}, want {want} after {limit:?}\n--- metrics ---\n{m}\n--- log ---\n{}",
+                    "{name}{labels:?} = {:?}, want {want} after {limit:?}\n{}--- metrics ---\n{m}\n--- log ---\n{}",
                     metric(&m, name, labels),
+                    explain(),
                     self.log()
                 );
             }
