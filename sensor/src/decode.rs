@@ -33,6 +33,11 @@ impl DecodeError {
     }
 }
 
+/// The probe a raw record belongs to, from its header alone (`unknown` if it has none).
+pub fn probe_of_record(bytes: &[u8]) -> &'static str {
+    read::<RecordHeader>(bytes).map_or("unknown", |h| probe_of_kind(h.kind))
+}
+
 pub fn probe_of_kind(k: u16) -> &'static str {
     match k {
         kind::OOM_KILL => "oom",

@@ -36,6 +36,16 @@ impl Sink for Dispatcher {
         }
     }
 
+    fn sample_failed(&self, bytes: &[u8]) {
+        let probe = crate::decode::probe_of_record(bytes);
+        self.metrics.daemon_lost.add(probe);
+        tracing::error!(
+            probe,
+            len = bytes.len(),
+            "handling a record failed; counted as lost (internal_error)"
+        );
+    }
+
     fn ring_lost(&self, cpu: u32, count: u64) {
         tracing::warn!(
             cpu,

@@ -1,9 +1,6 @@
 //! The daemon's HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/api/v1/*`.
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc, RwLock,
-};
+use std::sync::{Arc, RwLock};
 
 use axum::{
     extract::{Query, State},
@@ -22,8 +19,8 @@ pub struct AppState {
     pub registry: Registry,
     pub hub: Arc<EventHub>,
     pub reports: Arc<RwLock<Vec<ProbeReport>>>,
-    /// Set once probes are attached and readers run.
-    pub ready: Arc<AtomicBool>,
+    /// Ready once probes are attached, and while every reader runs.
+    pub health: Arc<crate::health::Health>,
     /// The synthetic checks, when any are configured.
     pub checks: Option<Arc<crate::checks::Engine>>,
 }
@@ -45,21 +42,30 @@ pub fn router(state: AppState, web: Option<Arc<crate::webconfig::Web>>) -> Route
     }
 }
 
-async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+async fn metrics(State(s): State<AppState>) -> axum::response::Response {
     // Gathering reads kernel maps; keep it off the async workers.
-    let body = tokio::task::spawn_blocking(move || crate::metrics::render(&s.registry))
-        .await
-        .unwrap_or_default();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        body,
-    )
+    match tokio::task::spawn_blocking(move || crate::metrics::render(&s.registry)).await {
+        Ok(body) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            body,
+        )
+            .into_response(),
+        // A collector panicked: say so instead of answering 200 with an empty page.
+        Err(e) => {
+            tracing::error!(error = %e, "gathering metrics failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("gathering metrics failed: {e}\n"),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let reports = s.reports.read().map(|r| r.clone()).unwrap_or_default();
-    let ready = s.ready.load(Ordering::Acquire);
-    let body = serde_json::json!({ "ready": ready, "probes": reports });
+    let (ready, down) = s.health.status();
+    let body = serde_json::json!({ "ready": ready, "down": down, "probes": reports });
     let code = if ready {
         StatusCode::OK
     } else {

@@ -1,6 +1,6 @@
 //! `sensor` command line. Errors are printed as one clear message, never a backtrace.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use sensor::{config::Config, doctor, run};
@@ -15,6 +15,10 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Log lines queued for stderr before new ones are dropped (and counted in
+    /// sensor_log_lines_dropped_total): a stalled log reader never blocks the sensor.
+    #[arg(long, global = true, default_value_t = sensor::logging::QUEUE_LINES)]
+    log_queue_lines: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -226,24 +230,9 @@ impl RunArgs {
     }
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    if format == "json" {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    let log = sensor::logging::init(&cli.log_format, cli.log_queue_lines);
     let result = match cli.cmd {
         Cmd::Run(args) => (|| -> anyhow::Result<()> {
             let cfg = args.config()?;
@@ -306,10 +295,13 @@ fn main() -> ExitCode {
             Ok(())
         })(),
     };
+    // Queued log lines get a moment to reach stderr; a stalled consumer never holds up exit.
+    log.finish(Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sensor: {e:#}");
+            // Not `eprintln!`: it panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "sensor: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -24,6 +24,64 @@ pub struct SelfMetrics {
     probe_state: IntGaugeVec,
     pub events_total: IntCounterVec,
     pub decode_errors_total: IntCounterVec,
+    /// `sensor_internal_errors_total{task}`: background tasks that failed (and were restarted).
+    pub internal_errors: IntCounterVec,
+    /// Records lost inside the daemon, exported with the kernel's losses.
+    pub daemon_lost: Arc<DaemonLosses>,
+}
+
+/// Records the daemon received but could not handle (handling panicked), per probe; exported
+/// as `sensor_events_lost_total{reason="internal_error"}`.
+#[derive(Default)]
+pub struct DaemonLosses {
+    internal: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl DaemonLosses {
+    pub fn add(&self, probe: &'static str) {
+        let mut m = self.internal.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(probe).or_insert(0) += 1;
+    }
+
+    pub fn get(&self, probe: &str) -> u64 {
+        let m = self.internal.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(probe).copied().unwrap_or(0)
+    }
+}
+
+/// `sensor_log_lines_dropped_total`, read from the logger at scrape time.
+struct LogDropsCollector {
+    desc: Vec<Desc>,
+}
+
+impl LogDropsCollector {
+    const NAME: &'static str = "sensor_log_lines_dropped_total";
+    const HELP: &'static str = "Log lines not written: the queue to the log writer was full (stderr's reader too slow or stalled) or the write failed.";
+
+    fn new() -> LogDropsCollector {
+        let desc = vec![must(
+            Desc::new(Self::NAME.into(), Self::HELP.into(), vec![], Default::default()),
+            Self::NAME,
+        )];
+        LogDropsCollector { desc }
+    }
+}
+
+impl Collector for LogDropsCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.desc.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let v = crate::logging::lines_dropped() as f64;
+        vec![family(
+            Self::NAME,
+            Self::HELP,
+            MetricType::COUNTER,
+            &[],
+            vec![(vec![], counter_metric(v))],
+        )]
+    }
 }
 
 fn must<T>(r: prometheus::Result<T>, what: &str) -> T {
@@ -81,12 +139,24 @@ impl SelfMetrics {
             ),
             "sensor_decode_errors_total",
         );
+        let internal_errors = must(
+            IntCounterVec::new(
+                Opts::new(
+                    "sensor_internal_errors_total",
+                    "Failures of the daemon's background tasks (each is logged and the task restarted).",
+                ),
+                &["task"],
+            ),
+            "sensor_internal_errors_total",
+        );
         for c in [
             Box::new(build_info.clone()) as Box<dyn Collector>,
             Box::new(probe_attached.clone()),
             Box::new(probe_state.clone()),
             Box::new(events_total.clone()),
             Box::new(decode_errors_total.clone()),
+            Box::new(internal_errors.clone()),
+            Box::new(LogDropsCollector::new()),
         ] {
             must(registry.register(c), "registration");
         }
@@ -96,6 +166,7 @@ impl SelfMetrics {
             decode_errors_total.with_label_values(&[*p]).reset();
         }
         decode_errors_total.with_label_values(&["unknown"]).reset();
+        internal_errors.with_label_values(&["ring_reader"]).reset();
         SelfMetrics {
             registry,
             build_info,
@@ -103,6 +174,8 @@ impl SelfMetrics {
             probe_state,
             events_total,
             decode_errors_total,
+            internal_errors,
+            daemon_lost: Arc::default(),
         }
     }
 
@@ -177,17 +250,19 @@ pub struct LostCollector {
     counters: Arc<Mutex<KernelCounters>>,
     probes: Vec<(&'static str, u32)>,
     misses: Arc<crate::kernel::progstats::ProgramMisses>,
+    daemon: Arc<DaemonLosses>,
     desc: Vec<Desc>,
 }
 
 impl LostCollector {
     pub const NAME: &'static str = "sensor_events_lost_total";
-    const HELP: &'static str = "What could not be counted or delivered: buffer_full (perf ring full), map_full (aggregation map full), untracked (an end without its start), recursion (program runs the kernel skipped because the program was already running on that CPU), no_scratch.";
+    const HELP: &'static str = "What could not be counted or delivered: buffer_full (perf ring full), map_full (aggregation map full), untracked (an end without its start), recursion (program runs the kernel skipped because the program was already running on that CPU), no_scratch, internal_error (received by the daemon but its handling failed).";
 
     pub fn new(
         counters: Arc<Mutex<KernelCounters>>,
         probes: Vec<(&'static str, u32)>,
         misses: Arc<crate::kernel::progstats::ProgramMisses>,
+        daemon: Arc<DaemonLosses>,
     ) -> LostCollector {
         let desc = vec![must(
             Desc::new(
@@ -202,6 +277,7 @@ impl LostCollector {
             counters,
             probes,
             misses,
+            daemon,
             desc,
         }
     }
@@ -213,9 +289,9 @@ impl Collector for LostCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let Ok(counters) = self.counters.lock() else {
-            return Vec::new();
-        };
+        // Reading counters cannot leave them inconsistent: a poisoned lock is still usable,
+        // and the family never silently disappears.
+        let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         let mut series = Vec::new();
         for (probe, id) in &self.probes {
             for (which, reason) in LOST_REASONS {
@@ -229,6 +305,17 @@ impl Collector for LostCollector {
             series.push((
                 vec![(*probe).to_string(), "recursion".to_string()],
                 counter_metric(skipped as f64),
+            ));
+            series.push((
+                vec![(*probe).to_string(), "internal_error".to_string()],
+                counter_metric(self.daemon.get(probe) as f64),
+            ));
+        }
+        let unknown = self.daemon.get("unknown");
+        if unknown > 0 {
+            series.push((
+                vec!["unknown".to_string(), "internal_error".to_string()],
+                counter_metric(unknown as f64),
             ));
         }
         vec![family(

@@ -3,10 +3,7 @@
 
 use std::{
     io::Write as _,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, RwLock,
-    },
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -23,6 +20,7 @@ use crate::{
     config::Config,
     dispatch::Dispatcher,
     events::EventHub,
+    health::Health,
     http,
     kernel::{self, privileges},
     loader::{self, KernelContext, LoadOptions},
@@ -78,6 +76,7 @@ pub struct Pipeline {
     pub reports: Vec<ProbeReport>,
     pub metrics: Arc<SelfMetrics>,
     pub hub: Arc<EventHub>,
+    pub health: Arc<Health>,
     pub kernel_release: String,
     readers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
@@ -178,9 +177,12 @@ impl Pipeline {
             ("tcp", sensor_common::record::probe_id::TCP),
         ];
         let misses = Arc::new(crate::kernel::progstats::ProgramMisses::collect(&ebpf, &reports));
-        metrics
-            .registry
-            .register(Box::new(LostCollector::new(Arc::clone(&counters), probe_ids, misses)))?;
+        metrics.registry.register(Box::new(LostCollector::new(
+            Arc::clone(&counters),
+            probe_ids,
+            misses,
+            Arc::clone(&metrics.daemon_lost),
+        )))?;
         let tcp = if reports.iter().any(|r| r.probe == "tcp" && r.state.running()) {
             Some(start_tcp(&mut ebpf, cfg, &metrics, &hub, &disc)?)
         } else {
@@ -193,7 +195,9 @@ impl Pipeline {
             tcp: tcp.clone(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let readers = transport::spawn_readers(rings, dispatcher, stop_rx.clone())?;
+        let health = Arc::new(Health::new(metrics.internal_errors.clone()));
+        let watch: Arc<dyn transport::ReaderWatch> = Arc::clone(&health) as _;
+        let readers = transport::spawn_readers(rings, dispatcher, watch, stop_rx.clone())?;
         let refresher = {
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
@@ -245,6 +249,7 @@ impl Pipeline {
             reports,
             metrics,
             hub,
+            health,
             kernel_release,
             readers,
             background,
@@ -328,10 +333,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         );
         None
     };
-    let (registry, hub, reports, kernel_release) = match &pipeline {
+    let (registry, hub, health, reports, kernel_release) = match &pipeline {
         Some(p) => (
             p.metrics.registry.clone(),
             Arc::clone(&p.hub),
+            Arc::clone(&p.health),
             p.reports.clone(),
             p.kernel_release.clone(),
         ),
@@ -339,9 +345,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let release = kernel::release();
             let names: Vec<&'static str> = loader::registry().iter().map(|p| p.name).collect();
             let m = SelfMetrics::new(&release, &names);
+            let health = Arc::new(Health::new(m.internal_errors.clone()));
             (
                 m.registry,
                 Arc::new(EventHub::new(cfg.events.history)),
+                health,
                 Vec::new(),
                 release,
             )
@@ -356,12 +364,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(checks = cfg.checks.len(), "synthetic checks running");
         Some((engine, tasks))
     };
-    let ready = Arc::new(AtomicBool::new(false));
     let state = http::AppState {
         registry,
         hub,
         reports: Arc::new(RwLock::new(reports)),
-        ready: Arc::clone(&ready),
+        health: Arc::clone(&health),
         checks: checks.as_ref().map(|(e, _)| Arc::clone(e)),
     };
     // Read before any probe work would be wasted on a typo in it.
@@ -392,12 +399,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     });
-    ready.store(true, Ordering::Release);
+    health.set_started(true);
     tracing::info!(listen = %local, kernel = %kernel_release, "sensor running");
 
     let which = shutdown_signal().await?;
     tracing::info!(signal = which, "shutting down: detaching probes");
-    ready.store(false, Ordering::Release);
+    health.set_started(false);
     let _ = checks_stop_tx.send(true);
     if let Some((_, tasks)) = checks {
         for t in tasks {
@@ -413,32 +420,59 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// `sensor events`: one JSON line per event on stdout until SIGTERM/SIGINT.
+///
+/// stdout is written by a thread of its own: a consumer that stops reading stalls only that
+/// thread, never the readers. Events it falls behind on are skipped and counted (logged, and in
+/// the final summary); a closed stdout ends the command with an error.
 pub async fn events(cfg: Config) -> anyhow::Result<()> {
     let pipeline = Pipeline::start(&cfg).await?;
-    let mut rx = pipeline.hub.subscribe();
+    let rx = pipeline.hub.subscribe();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("sensor-events-out".into())
+        .spawn(move || {
+            let _ = done_tx.send(print_events(rx, std::io::stdout()));
+        })
+        .context("cannot start the event printer")?;
     tracing::info!("streaming events as JSON lines");
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
+    let result = tokio::select! {
+        sig = shutdown_signal() => {
+            tracing::info!(signal = sig?, "stopping");
+            Ok(())
+        }
+        printed = done_rx => match printed {
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("stdout")),
+            _ => Ok(()),
+        },
+    };
+    pipeline.shutdown().await;
+    result
+}
+
+/// Writes each event as a JSON line until the hub closes or a write fails; skipped events are
+/// counted and reported.
+fn print_events(
+    mut rx: tokio::sync::broadcast::Receiver<Arc<crate::events::Sequenced>>,
+    out: impl std::io::Write,
+) -> std::io::Result<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut out = std::io::LineWriter::new(out);
+    let mut skipped = 0u64;
     loop {
-        tokio::select! {
-            ev = rx.recv() => match ev {
-                Ok(ev) => {
-                    let line = serde_json::to_string(&*ev)?;
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "{line}")?;
-                    out.flush()?;
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(skipped = n, "event printer fell behind; events skipped (still in /api/v1/events of a daemon)");
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        match rx.blocking_recv() {
+            Ok(ev) => match serde_json::to_string(&*ev) {
+                Ok(line) => writeln!(out, "{line}")?,
+                Err(e) => tracing::error!(error = %e, seq = ev.seq, "event not serializable; skipped"),
             },
-            sig = &mut stop => {
-                tracing::info!(signal = sig?, "stopping");
-                break;
+            Err(RecvError::Lagged(n)) => {
+                skipped += n;
+                tracing::warn!(
+                    skipped = n,
+                    total_skipped = skipped,
+                    "stdout's reader fell behind; events skipped (still in /api/v1/events of a daemon)"
+                );
             }
+            Err(RecvError::Closed) => return Ok(()),
         }
     }
-    pipeline.shutdown().await;
-    Ok(())
 }

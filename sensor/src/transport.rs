@@ -1,7 +1,14 @@
 //! Userspace side of the kernel-to-user transport: one tokio task per CPU ring, each
 //! draining its perf buffer into the dispatcher, plus the kernel's per-probe counters.
 
-use std::{os::fd::AsRawFd, sync::Arc};
+use std::{
+    os::fd::AsRawFd,
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::FutureExt as _;
 
 use aya::maps::{
     perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
@@ -16,6 +23,8 @@ pub trait Sink: Send + Sync + 'static {
     /// The kernel reported samples lost at the perf ring itself (already counted in the kernel
     /// per-CPU counter by the failed output call; reported here for diagnostics).
     fn ring_lost(&self, cpu: u32, count: u64);
+    /// Handling `bytes` panicked: the record is lost and must be counted as such.
+    fn sample_failed(&self, bytes: &[u8]);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,11 +68,30 @@ pub fn open_rings(events: aya::maps::Map, pages: usize) -> Result<Vec<OpenRing>,
         .collect()
 }
 
-/// Spawns a reader task per ring (see [`open_rings`]). Readers exit after a final drain once
-/// `shutdown` flips to true.
+/// Told when a ring's reader stops running and when it runs again.
+pub trait ReaderWatch: Send + Sync + 'static {
+    fn reader_running(&self, cpu: u32, running: bool);
+    /// The reader failed (an error or a panic); it restarts after a pause.
+    fn reader_failed(&self, cpu: u32, why: &str);
+}
+
+impl ReaderWatch for crate::health::Health {
+    fn reader_running(&self, cpu: u32, running: bool) {
+        self.set_running(&format!("ring reader cpu {cpu}"), running);
+    }
+
+    fn reader_failed(&self, _cpu: u32, _why: &str) {
+        self.failed("ring_reader");
+    }
+}
+
+/// Spawns a supervised reader task per ring (see [`open_rings`]). A reader that fails is
+/// restarted on the same ring (nothing the kernel wrote is lost with it); readers exit after a
+/// final drain once `shutdown` flips to true.
 pub fn spawn_readers(
     rings: Vec<OpenRing>,
     sink: Arc<dyn Sink>,
+    watch: Arc<dyn ReaderWatch>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, TransportError> {
     let mut handles = Vec::new();
@@ -72,48 +100,120 @@ pub fn spawn_readers(
         // always returns that same fd, for as long as the AsyncFd owns the buffer.
         let fd = unsafe { AsyncFd::register_with_interest(Ring(buf), tokio::io::Interest::READABLE) }
             .map_err(|e| TransportError::Map("EVENTS", format!("cpu {cpu}: epoll: {e}")))?;
-        handles.push(tokio::spawn(read_ring(cpu, fd, Arc::clone(&sink), shutdown.clone())));
+        watch.reader_running(cpu, true);
+        let reader = Reader {
+            cpu,
+            fd,
+            sink: Arc::clone(&sink),
+        };
+        handles.push(tokio::spawn(supervise(reader, Arc::clone(&watch), shutdown.clone())));
     }
     Ok(handles)
 }
 
-async fn read_ring(cpu: u32, mut fd: AsyncFd<Ring>, sink: Arc<dyn Sink>, mut shutdown: watch::Receiver<bool>) {
-    let mut scratch = Vec::new();
+/// First pause before a failed reader restarts; doubles up to [`MAX_PAUSE`] while it keeps
+/// failing.
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+struct Reader {
+    cpu: u32,
+    fd: AsyncFd<Ring>,
+    sink: Arc<dyn Sink>,
+}
+
+/// Why a reader's loop returned.
+enum Exit {
+    Shutdown,
+    Failed(String),
+}
+
+/// Runs the reader; after a failure (error or panic) counts it, waits and runs it again. The
+/// ring lives here, outside the loop that can fail, so a restart resumes where the kernel is.
+async fn supervise(mut r: Reader, watch: Arc<dyn ReaderWatch>, mut shutdown: watch::Receiver<bool>) {
+    let mut pause = FIRST_PAUSE;
     loop {
+        let started = Instant::now();
+        let run = AssertUnwindSafe(r.read(&mut shutdown)).catch_unwind().await;
+        let why = match run {
+            Ok(Exit::Shutdown) => return,
+            Ok(Exit::Failed(why)) => why,
+            Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
+        };
+        watch.reader_running(r.cpu, false);
+        watch.reader_failed(r.cpu, &why);
+        if started.elapsed() > MAX_PAUSE * 2 {
+            pause = FIRST_PAUSE;
+        }
+        tracing::error!(cpu = r.cpu, error = %why, pause = ?pause, "perf ring reader failed; restarting it");
         tokio::select! {
-            guard = fd.readable_mut() => {
-                match guard {
-                    Ok(mut g) => {
-                        drain(cpu, &mut g.get_inner_mut().0, sink.as_ref(), &mut scratch);
-                        g.clear_ready();
-                    }
-                    Err(e) => {
-                        tracing::error!(cpu, error = %e, "perf ring poll failed; reader stops");
-                        return;
-                    }
-                }
-            }
+            _ = tokio::time::sleep(pause) => {}
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
-                    // Final flush: whatever the kernel wrote before detach is still delivered.
-                    drain(cpu, &mut fd.get_mut().0, sink.as_ref(), &mut scratch);
+                    r.drain();
                     return;
                 }
             }
         }
+        pause = (pause * 2).min(MAX_PAUSE);
+        watch.reader_running(r.cpu, true);
     }
 }
 
-fn drain(cpu: u32, buf: &mut PerfEventArrayBuffer<MapData>, sink: &dyn Sink, scratch: &mut Vec<u8>) {
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+impl Reader {
+    async fn read(&mut self, shutdown: &mut watch::Receiver<bool>) -> Exit {
+        loop {
+            tokio::select! {
+                guard = self.fd.readable_mut() => {
+                    match guard {
+                        Ok(mut g) => {
+                            drain(self.cpu, &mut g.get_inner_mut().0, self.sink.as_ref());
+                            g.clear_ready();
+                        }
+                        Err(e) => return Exit::Failed(format!("poll: {e}")),
+                    }
+                }
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        // Final flush: whatever the kernel wrote before detach is still delivered.
+                        self.drain();
+                        return Exit::Shutdown;
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        drain(self.cpu, &mut self.fd.get_mut().0, self.sink.as_ref());
+    }
+}
+
+/// Hands every sample to the sink. A sample whose handling panics is reported to the sink as
+/// failed (counted as lost) and the drain goes on, so one bad record never stops the ring.
+fn drain(cpu: u32, buf: &mut PerfEventArrayBuffer<MapData>, sink: &dyn Sink) {
+    let deliver = |bytes: &[u8]| {
+        if std::panic::catch_unwind(AssertUnwindSafe(|| sink.sample(bytes))).is_err() {
+            sink.sample_failed(bytes);
+        }
+    };
+    let mut scratch = Vec::new();
     buf.for_each(|ev| match ev {
         PerfEvent::Sample { head, tail } => {
             if tail.is_empty() {
-                sink.sample(head);
+                deliver(head);
             } else {
                 scratch.clear();
                 scratch.extend_from_slice(head);
                 scratch.extend_from_slice(tail);
-                sink.sample(scratch);
+                deliver(&scratch);
             }
         }
         PerfEvent::Lost { count } => sink.ring_lost(cpu, count),

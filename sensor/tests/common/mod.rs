@@ -146,6 +146,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(extra: &[&str]) -> Daemon {
+        Daemon::start_with_stderr(extra, None)
+    }
+
+    /// [`Daemon::start`] with stderr going to `stderr` (e.g. a pipe) instead of the log file
+    /// (which then stays empty).
+    pub fn start_with_stderr(extra: &[&str], stderr: Option<Stdio>) -> Daemon {
         let port = free_port();
         let stderr_path = std::env::temp_dir().join(format!("sensor-test-{}-{port}.log", std::process::id()));
         let log = std::fs::File::create(&stderr_path).expect("log file");
@@ -153,7 +159,7 @@ impl Daemon {
             .args(["run", "--listen", &format!("127.0.0.1:{port}")])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(stderr.unwrap_or_else(|| log.into()))
             .spawn()
             .expect("spawn sensor");
         let mut d = Daemon {
