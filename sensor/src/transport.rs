@@ -2,6 +2,7 @@
 //! draining its perf buffer into the dispatcher, plus the kernel's per-probe counters.
 
 use std::{
+    future::Future,
     os::fd::AsRawFd,
     panic::AssertUnwindSafe,
     sync::Arc,
@@ -103,7 +104,7 @@ pub fn spawn_readers(
         watch.reader_running(cpu, true);
         let reader = Reader {
             cpu,
-            fd,
+            ring: PerfRing { cpu, fd },
             sink: Arc::clone(&sink),
         };
         handles.push(tokio::spawn(supervise(reader, Arc::clone(&watch), shutdown.clone())));
@@ -116,9 +117,35 @@ pub fn spawn_readers(
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const MAX_PAUSE: Duration = Duration::from_secs(5);
 
-struct Reader {
+/// What a reader reads: a CPU's perf ring, or a scripted ring in tests.
+trait RingSource: Send + 'static {
+    /// Waits until the ring has data, then hands every sample to `sink`.
+    fn next_batch<'a>(&'a mut self, sink: &'a dyn Sink) -> impl Future<Output = std::io::Result<()>> + Send + 'a;
+    /// Hands what the ring holds now to `sink`, without waiting.
+    fn drain_now(&mut self, sink: &dyn Sink);
+}
+
+struct PerfRing {
     cpu: u32,
     fd: AsyncFd<Ring>,
+}
+
+impl RingSource for PerfRing {
+    async fn next_batch<'a>(&'a mut self, sink: &'a dyn Sink) -> std::io::Result<()> {
+        let mut g = self.fd.readable_mut().await?;
+        drain(self.cpu, &mut g.get_inner_mut().0, sink);
+        g.clear_ready();
+        Ok(())
+    }
+
+    fn drain_now(&mut self, sink: &dyn Sink) {
+        drain(self.cpu, &mut self.fd.get_mut().0, sink);
+    }
+}
+
+struct Reader<R> {
+    cpu: u32,
+    ring: R,
     sink: Arc<dyn Sink>,
 }
 
@@ -130,7 +157,7 @@ enum Exit {
 
 /// Runs the reader; after a failure (error or panic) counts it, waits and runs it again. The
 /// ring lives here, outside the loop that can fail, so a restart resumes where the kernel is.
-async fn supervise(mut r: Reader, watch: Arc<dyn ReaderWatch>, mut shutdown: watch::Receiver<bool>) {
+async fn supervise<R: RingSource>(mut r: Reader<R>, watch: Arc<dyn ReaderWatch>, mut shutdown: watch::Receiver<bool>) {
     let mut pause = FIRST_PAUSE;
     loop {
         let started = Instant::now();
@@ -150,7 +177,7 @@ async fn supervise(mut r: Reader, watch: Arc<dyn ReaderWatch>, mut shutdown: wat
             _ = tokio::time::sleep(pause) => {}
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
-                    r.drain();
+                    r.ring.drain_now(r.sink.as_ref());
                     return;
                 }
             }
@@ -167,53 +194,48 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_string())
 }
 
-impl Reader {
+impl<R: RingSource> Reader<R> {
     async fn read(&mut self, shutdown: &mut watch::Receiver<bool>) -> Exit {
+        let Reader { ring, sink, .. } = self;
         loop {
             tokio::select! {
-                guard = self.fd.readable_mut() => {
-                    match guard {
-                        Ok(mut g) => {
-                            drain(self.cpu, &mut g.get_inner_mut().0, self.sink.as_ref());
-                            g.clear_ready();
-                        }
-                        Err(e) => return Exit::Failed(format!("poll: {e}")),
+                batch = ring.next_batch(sink.as_ref()) => {
+                    if let Err(e) = batch {
+                        return Exit::Failed(format!("poll: {e}"));
                     }
                 }
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
                         // Final flush: whatever the kernel wrote before detach is still delivered.
-                        self.drain();
+                        ring.drain_now(sink.as_ref());
                         return Exit::Shutdown;
                     }
                 }
             }
         }
     }
+}
 
-    fn drain(&mut self) {
-        drain(self.cpu, &mut self.fd.get_mut().0, self.sink.as_ref());
+/// Hands one sample to the sink. A sample whose handling panics is reported to the sink as
+/// failed (counted as lost) and the caller goes on, so one bad record never stops the ring.
+fn deliver(sink: &dyn Sink, bytes: &[u8]) {
+    if std::panic::catch_unwind(AssertUnwindSafe(|| sink.sample(bytes))).is_err() {
+        sink.sample_failed(bytes);
     }
 }
 
-/// Hands every sample to the sink. A sample whose handling panics is reported to the sink as
-/// failed (counted as lost) and the drain goes on, so one bad record never stops the ring.
+/// Hands every sample in the ring to the sink.
 fn drain(cpu: u32, buf: &mut PerfEventArrayBuffer<MapData>, sink: &dyn Sink) {
-    let deliver = |bytes: &[u8]| {
-        if std::panic::catch_unwind(AssertUnwindSafe(|| sink.sample(bytes))).is_err() {
-            sink.sample_failed(bytes);
-        }
-    };
     let mut scratch = Vec::new();
     buf.for_each(|ev| match ev {
         PerfEvent::Sample { head, tail } => {
             if tail.is_empty() {
-                deliver(head);
+                deliver(sink, head);
             } else {
                 scratch.clear();
                 scratch.extend_from_slice(head);
                 scratch.extend_from_slice(tail);
-                deliver(&scratch);
+                deliver(sink, &scratch);
             }
         }
         PerfEvent::Lost { count } => sink.ring_lost(cpu, count),
@@ -251,5 +273,119 @@ impl KernelCounters {
             .get(&idx, 0)
             .map(|vals| vals.iter().copied().fold(0u64, u64::wrapping_add))
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::VecDeque, sync::Mutex};
+
+    use super::*;
+
+    /// One step of a scripted ring.
+    enum Step {
+        Samples(Vec<Vec<u8>>),
+        Fail,
+        Panic,
+    }
+
+    struct ScriptedRing {
+        steps: VecDeque<Step>,
+        /// Samples handed out by the final drain.
+        left: Vec<Vec<u8>>,
+    }
+
+    impl RingSource for ScriptedRing {
+        async fn next_batch<'a>(&'a mut self, sink: &'a dyn Sink) -> std::io::Result<()> {
+            match self.steps.pop_front() {
+                Some(Step::Samples(v)) => v.iter().for_each(|b| deliver(sink, b)),
+                Some(Step::Fail) => return Err(std::io::Error::other("epoll broke")),
+                Some(Step::Panic) => panic!("reader bug"),
+                None => std::future::pending::<()>().await,
+            }
+            Ok(())
+        }
+
+        fn drain_now(&mut self, sink: &dyn Sink) {
+            self.left.drain(..).for_each(|b| deliver(sink, &b));
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        samples: Mutex<Vec<Vec<u8>>>,
+        failed_samples: Mutex<Vec<Vec<u8>>>,
+        running: Mutex<Vec<bool>>,
+        failures: Mutex<Vec<String>>,
+    }
+
+    impl Sink for Recorder {
+        fn sample(&self, bytes: &[u8]) {
+            assert_ne!(bytes, b"poison", "handling this record panics");
+            self.samples.lock().unwrap().push(bytes.to_vec());
+        }
+        fn ring_lost(&self, _cpu: u32, _count: u64) {}
+        fn sample_failed(&self, bytes: &[u8]) {
+            self.failed_samples.lock().unwrap().push(bytes.to_vec());
+        }
+    }
+
+    impl ReaderWatch for Recorder {
+        fn reader_running(&self, _cpu: u32, running: bool) {
+            self.running.lock().unwrap().push(running);
+        }
+        fn reader_failed(&self, _cpu: u32, why: &str) {
+            self.failures.lock().unwrap().push(why.to_string());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_reader_restarts_on_the_same_ring_and_loses_nothing() {
+        let rec = Arc::new(Recorder::default());
+        let ring = ScriptedRing {
+            steps: VecDeque::from([
+                Step::Samples(vec![b"a".to_vec(), b"poison".to_vec(), b"b".to_vec()]),
+                Step::Panic,
+                Step::Samples(vec![b"c".to_vec()]),
+                Step::Fail,
+                Step::Samples(vec![b"d".to_vec()]),
+            ]),
+            left: vec![b"e".to_vec()],
+        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let reader = Reader {
+            cpu: 3,
+            ring,
+            sink: Arc::clone(&rec) as Arc<dyn Sink>,
+        };
+        let task = tokio::spawn(supervise(reader, Arc::clone(&rec) as Arc<dyn ReaderWatch>, stop_rx));
+        // Both failures pause (100 ms, then 200 ms) before the reader runs again.
+        let start = Instant::now();
+        while rec.samples.lock().unwrap().len() < 4 {
+            assert!(start.elapsed() < Duration::from_secs(5), "reader did not come back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        let samples = rec.samples.lock().unwrap().clone();
+        assert_eq!(
+            samples,
+            [&b"a"[..], b"b", b"c", b"d", b"e"].map(<[u8]>::to_vec),
+            "in order, the final drain included"
+        );
+        assert_eq!(
+            *rec.failed_samples.lock().unwrap(),
+            vec![b"poison".to_vec()],
+            "the record whose handling panicked is reported, the batch goes on"
+        );
+        let failures = rec.failures.lock().unwrap().clone();
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert!(failures[0].contains("panicked: reader bug"), "{failures:?}");
+        assert!(failures[1].contains("epoll broke"), "{failures:?}");
+        assert_eq!(
+            *rec.running.lock().unwrap(),
+            vec![false, true, false, true],
+            "down while paused, up again after"
+        );
     }
 }

@@ -13,11 +13,33 @@ use std::{
 pub const SENSOR: &str = env!("CARGO_BIN_EXE_sensor");
 
 /// Privileged tests share the kernel (every daemon sees every OOM kill), so they run one at a
-/// time.
+/// time: within a test binary through this mutex, across test binaries and checkouts on the
+/// same machine through an flock on [`KERNEL_LOCK_FILE`].
 static KERNEL: Mutex<()> = Mutex::new(());
 
-pub fn kernel_lock() -> MutexGuard<'static, ()> {
-    KERNEL.lock().unwrap_or_else(|p| p.into_inner())
+pub const KERNEL_LOCK_FILE: &str = "/tmp/sensor-kernel-tests.lock";
+
+/// Holds the kernel for one test; released on drop.
+pub struct KernelGuard {
+    _file: std::fs::File,
+    _inner: MutexGuard<'static, ()>,
+}
+
+pub fn kernel_lock() -> KernelGuard {
+    let inner = KERNEL.lock().unwrap_or_else(|p| p.into_inner());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(KERNEL_LOCK_FILE)
+        .unwrap_or_else(|e| panic!("open {KERNEL_LOCK_FILE}: {e}"));
+    // SAFETY: flock(2) on a descriptor we own; the lock goes with the file's close.
+    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    assert_eq!(r, 0, "flock {KERNEL_LOCK_FILE}: {}", std::io::Error::last_os_error());
+    KernelGuard {
+        _file: file,
+        _inner: inner,
+    }
 }
 
 fn can_trace() -> bool {
@@ -46,7 +68,7 @@ pub fn require_bpf(test: &str) -> bool {
 
 /// The preamble of every privileged test: `None` (skip) without BPF outside CI, else the guard
 /// that keeps kernel-wide tests from overlapping.
-pub fn privileged(test: &str) -> Option<MutexGuard<'static, ()>> {
+pub fn privileged(test: &str) -> Option<KernelGuard> {
     require_bpf(test).then(kernel_lock)
 }
 
