@@ -8,6 +8,7 @@ pub mod agg;
 pub mod memcg;
 pub mod oom;
 pub mod record;
+pub mod task;
 pub mod tcp;
 
 /// Asserts at compile time that a shared type has the size the other side expects.

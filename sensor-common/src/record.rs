@@ -54,3 +54,10 @@ pub mod counter {
 
 /// Size of the `COUNTERS` map.
 pub const COUNTER_ENTRIES: u32 = probe_id::COUNT * counter::SLOTS;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `#[repr(C)]`, integers only with an explicit padding field, so every bit pattern
+    // is valid and there are no implicit holes.
+    unsafe impl aya::Pod for super::RecordHeader {}
+}

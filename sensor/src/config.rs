@@ -4,15 +4,20 @@
 //! and what is wrong, because a DaemonSet that crash-loops on "invalid type" helps nobody.
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
-pub use crate::checks::config::{Alerting, Check, CheckType};
+use crate::serde_duration as duration;
+pub use crate::{
+    checks::config::{Alerting, Check, CheckType},
+    memcg::config::{MemcgConfig, PsiLevel, PsiTrigger},
+    oom::config::OomConfig,
+    tcp::config::{Destination, TcpConfig},
+};
 
 /// The configuration `sensor run` uses when no `--config` is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../default-config.yaml");
@@ -70,191 +75,9 @@ impl Default for Config {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Probes {
-    pub oom: ProbeToggle,
-    pub memcg: MemcgProbe,
-    pub tcp: TcpProbe,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ProbeToggle {
-    pub enabled: bool,
-    /// Hooks never to use for this probe (e.g. `[fentry]` on a kernel with a trampoline bug).
-    pub exclude_hooks: Vec<crate::probe::HookKind>,
-}
-
-impl Default for ProbeToggle {
-    fn default() -> Self {
-        ProbeToggle {
-            enabled: true,
-            exclude_hooks: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct MemcgProbe {
-    pub enabled: bool,
-    pub exclude_hooks: Vec<crate::probe::HookKind>,
-    /// PSI thresholds: crossing one raises a pressure event for the host and, on cgroup v2,
-    /// for each workload.
-    pub psi_triggers: Vec<PsiTrigger>,
-    /// How often the memory cgroup hierarchy is rescanned for new and vanished workloads.
-    #[serde(with = "duration")]
-    pub discovery_interval: Duration,
-}
-
-impl Default for MemcgProbe {
-    fn default() -> Self {
-        MemcgProbe {
-            enabled: true,
-            exclude_hooks: Vec::new(),
-            psi_triggers: vec![
-                PsiTrigger {
-                    level: PsiLevel::Some,
-                    stall: Duration::from_secs(1),
-                    window: Duration::from_secs(10),
-                },
-                PsiTrigger {
-                    level: PsiLevel::Full,
-                    stall: Duration::from_millis(500),
-                    window: Duration::from_secs(10),
-                },
-            ],
-            discovery_interval: Duration::from_secs(5),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum PsiLevel {
-    /// Some tasks stalled on memory.
-    Some,
-    /// All non-idle tasks stalled at once.
-    Full,
-}
-
-impl PsiLevel {
-    pub fn label(self) -> &'static str {
-        match self {
-            PsiLevel::Some => "some",
-            PsiLevel::Full => "full",
-        }
-    }
-}
-
-/// Fires when tasks stalled for `stall` within a `window` (the kernel allows 500ms..10s windows).
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct PsiTrigger {
-    pub level: PsiLevel,
-    #[serde(with = "duration")]
-    pub stall: Duration,
-    #[serde(with = "duration")]
-    pub window: Duration,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct TcpProbe {
-    pub enabled: bool,
-    pub exclude_hooks: Vec<crate::probe::HookKind>,
-    /// Destination groups: name -> `CIDR[:port]`; everything else is `other`.
-    pub destinations: BTreeMap<String, Destination>,
-    /// Sockets tracked between SYN_SENT and the outcome (slots of an array in the kernel,
-    /// rounded up to a power of two).
-    pub max_tracked_connects: u32,
-    /// Series per in-kernel aggregation map (workload x destination x result).
-    pub max_series: u32,
-    /// A connect whose outcome was not seen after this long may give its slot to a new connect;
-    /// should its outcome still come, it counts as lost (`untracked`). Keep it above the longest
-    /// SYN retry time (127 s with the default `tcp_syn_retries` of 6).
-    #[serde(with = "duration")]
-    pub connect_max_age: Duration,
-}
-
-impl TcpProbe {
-    /// Slots of the kernel's connect table: `max_tracked_connects` rounded up to a power of two.
-    pub fn conn_slots(&self) -> u32 {
-        self.max_tracked_connects
-            .clamp(64, sensor_common::tcp::ConnSlot::MAX_SLOTS)
-            .next_power_of_two()
-    }
-}
-
-impl Default for TcpProbe {
-    fn default() -> Self {
-        TcpProbe {
-            enabled: true,
-            exclude_hooks: Vec::new(),
-            destinations: BTreeMap::new(),
-            max_tracked_connects: sensor_common::tcp::DEFAULT_TRACKED_CONNECTS,
-            max_series: sensor_common::tcp::DEFAULT_SERIES,
-            connect_max_age: Duration::from_secs(300),
-        }
-    }
-}
-
-/// `10.0.0.0/8:5432`, `0.0.0.0/0:53`, `[fd00::/8]:443`, or a CIDR without port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
-pub struct Destination {
-    pub addr: std::net::IpAddr,
-    pub prefix: u8,
-    pub port: Option<u16>,
-}
-
-impl From<Destination> for String {
-    fn from(d: Destination) -> String {
-        let net = format!("{}/{}", d.addr, d.prefix);
-        match (d.port, d.addr.is_ipv6()) {
-            (Some(p), true) => format!("[{net}]:{p}"),
-            (Some(p), false) => format!("{net}:{p}"),
-            (None, _) => net,
-        }
-    }
-}
-
-impl std::str::FromStr for Destination {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let (net, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (net, tail) = rest.split_once(']').ok_or("missing ']' after IPv6 network")?;
-            let port = match tail.strip_prefix(':') {
-                Some(p) => Some(p),
-                None if tail.is_empty() => None,
-                None => return Err(format!("unexpected '{tail}' after ']'")),
-            };
-            (net, port)
-        } else {
-            match s.rsplit_once(':') {
-                Some((n, p)) if !n.contains(':') => (n, Some(p)),
-                _ => (s, None),
-            }
-        };
-        let (addr, prefix) = net.split_once('/').ok_or("expected CIDR such as 10.0.0.0/8")?;
-        let addr: std::net::IpAddr = addr.parse().map_err(|e| format!("bad address '{addr}': {e}"))?;
-        let prefix: u8 = prefix.parse().map_err(|_| format!("bad prefix length '{prefix}'"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        if prefix > max {
-            return Err(format!("prefix /{prefix} is longer than {max}"));
-        }
-        let port = match port {
-            Some(p) => Some(p.parse::<u16>().map_err(|_| format!("bad port '{p}'"))?),
-            None => None,
-        };
-        Ok(Destination { addr, prefix, port })
-    }
-}
-
-impl<'de> Deserialize<'de> for Destination {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
+    pub oom: OomConfig,
+    pub memcg: MemcgConfig,
+    pub tcp: TcpConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -293,23 +116,6 @@ impl Default for EventsConfig {
 fn check_name(doc: &serde_yaml_ng::Value, key: &str) -> Option<String> {
     let idx: usize = key.strip_prefix("checks[")?.split(']').next()?.parse().ok()?;
     doc.get("checks")?.get(idx)?.get("name")?.as_str().map(str::to_string)
-}
-
-/// Durations as `10s`, `2m`, `1h` (humantime syntax).
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("bad duration '{s}' ({e}); use e.g. 10s, 2m, 1h")))
-    }
 }
 
 impl Config {
@@ -368,49 +174,18 @@ impl Config {
         if self.limits.workloads_per_metric == 0 {
             return Err(key_err("limits.workloads_per_metric", "must be at least 1".into()));
         }
-        for (i, t) in self.probes.memcg.psi_triggers.iter().enumerate() {
-            let key = format!("probes.memcg.psi_triggers[{i}]");
-            if t.window < Duration::from_millis(500) || t.window > Duration::from_secs(10) {
-                return Err(key_err(
-                    &key,
-                    "window must be between 500ms and 10s (a kernel limit)".into(),
-                ));
-            }
-            if t.stall.is_zero() || t.stall >= t.window {
-                return Err(key_err(
-                    &key,
-                    "stall must be positive and shorter than the window".into(),
-                ));
-            }
-        }
-        let tcp = &self.probes.tcp;
-        if tcp.destinations.len() >= sensor_common::tcp::MAX_DEST_GROUPS as usize {
-            return Err(key_err(
-                "probes.tcp.destinations",
-                format!("at most {} groups", sensor_common::tcp::MAX_DEST_GROUPS - 1),
-            ));
-        }
-        if tcp.max_tracked_connects < 64 || tcp.max_series < 64 {
-            return Err(key_err(
-                "probes.tcp",
-                "max_tracked_connects and max_series must be at least 64".into(),
-            ));
-        }
-        if tcp.connect_max_age < Duration::from_millis(100) {
-            return Err(key_err("probes.tcp.connect_max_age", "must be at least 100ms".into()));
-        }
-        if tcp.max_tracked_connects > sensor_common::tcp::ConnSlot::MAX_SLOTS {
-            return Err(key_err(
-                "probes.tcp.max_tracked_connects",
-                format!("at most {}", sensor_common::tcp::ConnSlot::MAX_SLOTS),
-            ));
-        }
-        if self.probes.memcg.discovery_interval < Duration::from_millis(100) {
-            return Err(key_err(
-                "probes.memcg.discovery_interval",
-                "must be at least 100ms".into(),
-            ));
-        }
+        self.probes
+            .oom
+            .validate()
+            .map_err(|(k, r)| key_err(&format!("probes.oom{k}"), r))?;
+        self.probes
+            .memcg
+            .validate()
+            .map_err(|(k, r)| key_err(&format!("probes.memcg{k}"), r))?;
+        self.probes
+            .tcp
+            .validate()
+            .map_err(|(k, r)| key_err(&format!("probes.tcp{k}"), r))?;
         if !self.perf_ring_pages.is_power_of_two() {
             return Err(key_err(
                 "perf_ring_pages",
@@ -514,9 +289,9 @@ checks:
 
     #[test]
     fn connect_table_rounds_up_to_a_power_of_two() {
-        let t = |n| TcpProbe {
+        let t = |n| TcpConfig {
             max_tracked_connects: n,
-            ..TcpProbe::default()
+            ..TcpConfig::default()
         };
         assert_eq!(t(64).conn_slots(), 64);
         assert_eq!(t(100).conn_slots(), 128);

@@ -1,11 +1,12 @@
-//! Validating decoder for kernel records: kind and length are checked before any bytes are
-//! reinterpreted, and every failure is a value the caller counts, never a panic.
+//! Validating decoder for kernel records: the header's kind, length and version are checked
+//! against the kinds the running probes registered before any payload byte is reinterpreted,
+//! and every failure is a value the caller counts, never a panic.
 
-use sensor_common::{
-    oom::{OomKillRecord, RECORD_VERSION as OOM_VERSION},
-    record::{kind, RecordHeader},
-    tcp::{TcpFailureRecord, FAILURE_VERSION},
-};
+use std::collections::HashMap;
+
+use sensor_common::record::RecordHeader;
+
+use crate::probe::RecordKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -22,96 +23,86 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The probe a bad record is charged to (`unknown` when the kind itself is bad).
-    pub fn probe(&self) -> &'static str {
+    /// The record kind a bad record is charged to, when its kind is a known one.
+    pub fn kind(&self) -> Option<u16> {
         match self {
-            DecodeError::TruncatedHeader { .. } | DecodeError::UnknownKind(_) => "unknown",
+            DecodeError::TruncatedHeader { .. } | DecodeError::UnknownKind(_) => None,
             DecodeError::BadLength { kind, .. }
             | DecodeError::Truncated { kind, .. }
-            | DecodeError::BadVersion { kind, .. } => probe_of_kind(*kind),
+            | DecodeError::BadVersion { kind, .. } => Some(*kind),
         }
     }
 }
 
-/// The probe a raw record belongs to, from its header alone (`unknown` if it has none).
-pub fn probe_of_record(bytes: &[u8]) -> &'static str {
-    read::<RecordHeader>(bytes).map_or("unknown", |h| probe_of_kind(h.kind))
-}
-
-pub fn probe_of_kind(k: u16) -> &'static str {
-    match k {
-        kind::OOM_KILL => "oom",
-        kind::TCP_CONNECT_FAILURE => "tcp",
-        _ => "unknown",
-    }
-}
-
-#[derive(Debug, Clone)]
-pub enum Record {
-    OomKill(Box<OomKillRecord>),
-    TcpFailure(TcpFailureRecord),
-}
-
-/// Reads a `T` out of `bytes` after the caller has checked the length.
-fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+/// Reads a `T` out of `bytes`; `None` when they are too short.
+pub fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
     if bytes.len() < std::mem::size_of::<T>() {
         return None;
     }
     // SAFETY: the slice holds at least size_of::<T>() bytes, `read_unaligned` has no alignment
-    // requirement, and every `T` used here is a Pod type valid for any bit pattern.
+    // requirement, and `T: Pod` is valid for any bit pattern.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// Decodes one record. Perf samples may carry trailing alignment padding, so the sample may be
-/// longer than the record, never shorter.
-pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
-    let header: RecordHeader = read(bytes).ok_or(DecodeError::TruncatedHeader {
-        got: bytes.len(),
-        need: std::mem::size_of::<RecordHeader>(),
-    })?;
-    let (expected, version) = match header.kind {
-        kind::OOM_KILL => (OomKillRecord::LEN, OOM_VERSION),
-        kind::TCP_CONNECT_FAILURE => (TcpFailureRecord::LEN, FAILURE_VERSION),
-        other => return Err(DecodeError::UnknownKind(other)),
-    };
-    if header.len != expected {
-        return Err(DecodeError::BadLength {
-            kind: header.kind,
-            declared: header.len,
-            expected,
-        });
+/// The kinds the running probes handle, each with the index of its owner.
+#[derive(Default)]
+pub struct KindTable {
+    kinds: HashMap<u16, (RecordKind, usize)>,
+}
+
+impl KindTable {
+    /// Registers `kinds` for owner `owner`; a kind registered twice is a programming error that
+    /// the probe list's unit test catches, and the first owner keeps it.
+    pub fn add(&mut self, kinds: &[RecordKind], owner: usize) {
+        for k in kinds {
+            self.kinds.entry(k.kind).or_insert((*k, owner));
+        }
     }
-    if bytes.len() < usize::from(header.len) {
-        return Err(DecodeError::Truncated {
-            kind: header.kind,
-            declared: header.len,
+
+    /// The owner of a kind.
+    pub fn owner(&self, kind: u16) -> Option<usize> {
+        self.kinds.get(&kind).map(|(_, o)| *o)
+    }
+
+    /// Checks one record: its header, then length and version against its kind. Perf samples
+    /// may carry trailing alignment padding, so the sample may be longer than the record, never
+    /// shorter. Returns the kind and its owner.
+    pub fn check(&self, bytes: &[u8]) -> Result<(u16, usize), DecodeError> {
+        let header: RecordHeader = read(bytes).ok_or(DecodeError::TruncatedHeader {
             got: bytes.len(),
-        });
-    }
-    if header.version != version {
-        return Err(DecodeError::BadVersion {
-            kind: header.kind,
-            version: header.version,
-        });
-    }
-    match header.kind {
-        kind::OOM_KILL => read::<OomKillRecord>(bytes)
-            .map(|r| Record::OomKill(Box::new(r)))
-            .ok_or(DecodeError::Truncated {
+            need: std::mem::size_of::<RecordHeader>(),
+        })?;
+        let (spec, owner) = self
+            .kinds
+            .get(&header.kind)
+            .copied()
+            .ok_or(DecodeError::UnknownKind(header.kind))?;
+        if header.len != spec.len {
+            return Err(DecodeError::BadLength {
+                kind: header.kind,
+                declared: header.len,
+                expected: spec.len,
+            });
+        }
+        if bytes.len() < usize::from(header.len) {
+            return Err(DecodeError::Truncated {
                 kind: header.kind,
                 declared: header.len,
                 got: bytes.len(),
-            }),
-        kind::TCP_CONNECT_FAILURE => {
-            read::<TcpFailureRecord>(bytes)
-                .map(Record::TcpFailure)
-                .ok_or(DecodeError::Truncated {
-                    kind: header.kind,
-                    declared: header.len,
-                    got: bytes.len(),
-                })
+            });
         }
-        other => Err(DecodeError::UnknownKind(other)),
+        if header.version != spec.version {
+            return Err(DecodeError::BadVersion {
+                kind: header.kind,
+                version: header.version,
+            });
+        }
+        Ok((header.kind, owner))
+    }
+
+    /// The owner of a raw record, from its header alone.
+    pub fn owner_of(&self, bytes: &[u8]) -> Option<usize> {
+        read::<RecordHeader>(bytes).and_then(|h| self.owner(h.kind))
     }
 }
 
@@ -119,93 +110,143 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
 mod tests {
     use super::*;
 
-    fn oom_bytes() -> Vec<u8> {
-        let mut r: OomKillRecord = unsafe_zeroed();
-        r.header = RecordHeader {
-            kind: kind::OOM_KILL,
-            len: OomKillRecord::LEN,
-            version: OOM_VERSION,
-            _pad: 0,
-            ktime_ns: 42,
-        };
-        r.victim_pid = 1234;
-        let p = std::ptr::from_ref(&r).cast::<u8>();
-        // SAFETY: reading the bytes of a live repr(C) Pod value.
-        unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<OomKillRecord>()) }.to_vec()
+    const A: RecordKind = RecordKind {
+        kind: 7,
+        len: 40,
+        version: 3,
+    };
+    const B: RecordKind = RecordKind {
+        kind: 9,
+        len: 24,
+        version: 1,
+    };
+
+    fn table() -> KindTable {
+        let mut t = KindTable::default();
+        t.add(&[A], 0);
+        t.add(&[B], 1);
+        t
     }
 
-    fn unsafe_zeroed<T>() -> T {
-        // SAFETY: only used with Pod record types, for which all-zero is valid.
-        unsafe { std::mem::zeroed() }
-    }
-
-    #[test]
-    fn decodes_valid_record_with_padding() {
-        let mut b = oom_bytes();
-        b.extend_from_slice(&[0, 0, 0, 0]); // perf alignment padding
-        match decode(&b).unwrap() {
-            Record::OomKill(r) => {
-                assert_eq!(r.victim_pid, 1234);
-                assert_eq!(r.header.ktime_ns, 42);
-            }
-            other => panic!("decoded as {other:?}"),
-        }
+    fn record(k: RecordKind) -> Vec<u8> {
+        let mut b = vec![0u8; usize::from(k.len)];
+        b[0..2].copy_from_slice(&k.kind.to_ne_bytes());
+        b[2..4].copy_from_slice(&k.len.to_ne_bytes());
+        b[4..6].copy_from_slice(&k.version.to_ne_bytes());
+        b
     }
 
     #[test]
-    fn rejects_truncated() {
-        let b = oom_bytes();
+    fn accepts_valid_records_with_padding() {
+        let t = table();
+        let mut a = record(A);
+        a.extend_from_slice(&[0; 4]);
+        assert_eq!(t.check(&a), Ok((7, 0)));
+        assert_eq!(t.check(&record(B)), Ok((9, 1)));
+        assert_eq!(t.owner_of(&record(B)), Some(1));
+    }
+
+    #[test]
+    fn each_error_path() {
+        let t = table();
+        let a = record(A);
+        assert_eq!(t.check(&a[..8]), Err(DecodeError::TruncatedHeader { got: 8, need: 16 }));
+        assert_eq!(t.check(&[]), Err(DecodeError::TruncatedHeader { got: 0, need: 16 }));
         assert_eq!(
-            decode(&b[..8]).unwrap_err(),
-            DecodeError::TruncatedHeader { got: 8, need: 16 }
+            t.check(&a[..39]),
+            Err(DecodeError::Truncated {
+                kind: 7,
+                declared: 40,
+                got: 39
+            })
         );
-        let e = decode(&b[..b.len() - 1]).unwrap_err();
-        assert!(matches!(e, DecodeError::Truncated { .. }), "{e}");
-        assert_eq!(e.probe(), "oom");
-        assert!(decode(&[]).is_err());
+        let mut long = a.clone();
+        long[2..4].copy_from_slice(&48u16.to_ne_bytes());
+        long.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            t.check(&long),
+            Err(DecodeError::BadLength {
+                kind: 7,
+                declared: 48,
+                expected: 40
+            })
+        );
+        let mut v = a.clone();
+        v[4..6].copy_from_slice(&77u16.to_ne_bytes());
+        assert_eq!(t.check(&v), Err(DecodeError::BadVersion { kind: 7, version: 77 }));
+        assert_eq!(t.check(&v).unwrap_err().kind(), Some(7));
+        let mut u = a;
+        u[0..2].copy_from_slice(&999u16.to_ne_bytes());
+        assert_eq!(t.check(&u), Err(DecodeError::UnknownKind(999)));
+        assert_eq!(t.check(&u).unwrap_err().kind(), None);
     }
 
+    /// Random bytes of every length: each result is one of the defined outcomes, and the
+    /// outcome is the one the header implies.
     #[test]
-    fn rejects_oversized_and_undersized_length() {
-        let mut b = oom_bytes();
-        b[2..4].copy_from_slice(&(OomKillRecord::LEN + 8).to_ne_bytes());
-        b.extend_from_slice(&[0; 8]);
-        assert!(matches!(decode(&b).unwrap_err(), DecodeError::BadLength { .. }));
-        let mut b = oom_bytes();
-        b[2..4].copy_from_slice(&16u16.to_ne_bytes());
-        assert!(matches!(decode(&b).unwrap_err(), DecodeError::BadLength { .. }));
-    }
-
-    #[test]
-    fn rejects_unknown_kind_and_version() {
-        let mut b = oom_bytes();
-        b[0..2].copy_from_slice(&0u16.to_ne_bytes());
-        assert_eq!(decode(&b).unwrap_err(), DecodeError::UnknownKind(0));
-        assert_eq!(decode(&b).unwrap_err().probe(), "unknown");
-        b[0..2].copy_from_slice(&999u16.to_ne_bytes());
-        assert_eq!(decode(&b).unwrap_err(), DecodeError::UnknownKind(999));
-        let mut b = oom_bytes();
-        b[4..6].copy_from_slice(&77u16.to_ne_bytes());
-        assert!(matches!(
-            decode(&b).unwrap_err(),
-            DecodeError::BadVersion { version: 77, .. }
-        ));
-    }
-
-    #[test]
-    fn never_panics_on_arbitrary_bytes() {
-        // Deterministic pseudo-random inputs of every length up to twice a record.
+    fn arbitrary_bytes_get_the_outcome_their_header_implies() {
+        let t = table();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for len in 0..(2 * usize::from(OomKillRecord::LEN)) {
-            let buf: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            let _ = decode(&buf);
+        let mut seen = [0usize; 6];
+        for len in 0..200usize {
+            for round in 0..50 {
+                let mut buf: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                // Steer a share of inputs onto known kinds so every path is exercised.
+                if buf.len() >= 6 && round % 2 == 0 {
+                    let k = if round % 4 == 0 { A } else { B };
+                    buf[0..2].copy_from_slice(&k.kind.to_ne_bytes());
+                    if round % 8 < 4 {
+                        buf[2..4].copy_from_slice(&k.len.to_ne_bytes());
+                    }
+                    if round % 16 < 8 {
+                        buf[4..6].copy_from_slice(&k.version.to_ne_bytes());
+                    }
+                }
+                let r = t.check(&buf);
+                let expect = if buf.len() < 16 {
+                    Err(DecodeError::TruncatedHeader {
+                        got: buf.len(),
+                        need: 16,
+                    })
+                } else {
+                    let kind = u16::from_ne_bytes([buf[0], buf[1]]);
+                    let declared = u16::from_ne_bytes([buf[2], buf[3]]);
+                    let version = u16::from_ne_bytes([buf[4], buf[5]]);
+                    match [A, B].into_iter().find(|k| k.kind == kind) {
+                        None => Err(DecodeError::UnknownKind(kind)),
+                        Some(k) if declared != k.len => Err(DecodeError::BadLength {
+                            kind,
+                            declared,
+                            expected: k.len,
+                        }),
+                        Some(k) if buf.len() < usize::from(k.len) => Err(DecodeError::Truncated {
+                            kind,
+                            declared,
+                            got: buf.len(),
+                        }),
+                        Some(k) if version != k.version => Err(DecodeError::BadVersion { kind, version }),
+                        Some(k) => Ok((kind, usize::from(k.kind == B.kind))),
+                    }
+                };
+                assert_eq!(r, expect, "input {buf:?}");
+                let slot = match r {
+                    Ok(_) => 0,
+                    Err(DecodeError::TruncatedHeader { .. }) => 1,
+                    Err(DecodeError::UnknownKind(_)) => 2,
+                    Err(DecodeError::BadLength { .. }) => 3,
+                    Err(DecodeError::Truncated { .. }) => 4,
+                    Err(DecodeError::BadVersion { .. }) => 5,
+                };
+                seen[slot] += 1;
+            }
         }
+        assert!(seen.iter().all(|n| *n > 0), "every outcome exercised: {seen:?}");
     }
 }

@@ -1,43 +1,60 @@
-//! Routes decoded records to their slice and counts what arrives and what fails to decode.
+//! Routes checked records to the probe that registered their kind, and counts what arrives and
+//! what fails to decode.
 
 use std::sync::Arc;
 
-use crate::{
-    decode::{decode, Record},
-    metrics::SelfMetrics,
-    oom::OomSlice,
-    tcp::TcpSlice,
-    transport::Sink,
-};
+use crate::{decode::KindTable, metrics::SelfMetrics, probe::Running, transport::Sink};
 
 pub struct Dispatcher {
-    pub metrics: Arc<SelfMetrics>,
-    pub oom: Arc<OomSlice>,
-    pub tcp: Option<Arc<TcpSlice>>,
+    metrics: Arc<SelfMetrics>,
+    kinds: KindTable,
+    /// Running probes by name, indexed by `kinds`' owners.
+    probes: Vec<(&'static str, Arc<dyn Running>)>,
+}
+
+impl Dispatcher {
+    /// `probes`: each running probe with the record kinds it registered.
+    pub fn new(
+        metrics: Arc<SelfMetrics>,
+        probes: Vec<(&'static str, &'static [crate::probe::RecordKind], Arc<dyn Running>)>,
+    ) -> Dispatcher {
+        let mut kinds = KindTable::default();
+        let mut named = Vec::new();
+        for (i, (name, records, running)) in probes.into_iter().enumerate() {
+            kinds.add(records, i);
+            named.push((name, running));
+        }
+        Dispatcher {
+            metrics,
+            kinds,
+            probes: named,
+        }
+    }
+
+    fn probe_name(&self, owner: Option<usize>) -> &'static str {
+        owner.and_then(|o| self.probes.get(o)).map_or("unknown", |(n, _)| *n)
+    }
 }
 
 impl Sink for Dispatcher {
     fn sample(&self, bytes: &[u8]) {
-        match decode(bytes) {
-            Ok(Record::OomKill(r)) => {
-                self.metrics.events_total.with_label_values(&["oom"]).inc();
-                self.oom.handle(&r);
-            }
-            Ok(Record::TcpFailure(r)) => {
-                self.metrics.events_total.with_label_values(&["tcp"]).inc();
-                if let Some(t) = &self.tcp {
-                    t.handle_failure(&r);
+        match self.kinds.check(bytes) {
+            Ok((kind, owner)) => {
+                if let Some((name, probe)) = self.probes.get(owner) {
+                    self.metrics.events_total.with_label_values(&[*name]).inc();
+                    probe.handle(kind, bytes);
                 }
             }
             Err(e) => {
-                self.metrics.decode_errors_total.with_label_values(&[e.probe()]).inc();
+                let probe = self.probe_name(e.kind().and_then(|k| self.kinds.owner(k)));
+                self.metrics.decode_errors_total.with_label_values(&[probe]).inc();
                 tracing::debug!(error = %e, len = bytes.len(), "skipped undecodable record");
             }
         }
     }
 
     fn sample_failed(&self, bytes: &[u8]) {
-        let probe = crate::decode::probe_of_record(bytes);
+        let probe = self.probe_name(self.kinds.owner_of(bytes));
         self.metrics.daemon_lost.add(probe);
         tracing::error!(
             probe,

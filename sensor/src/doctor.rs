@@ -1,11 +1,13 @@
 //! `sensor doctor`: what this kernel supports and which hook each probe would use, and why.
 
+use std::{collections::BTreeMap, sync::Arc};
+
 use serde::Serialize;
 
 use crate::{
     kernel::{self, features::Support, privileges::Caps},
-    loader::{self, KernelContext, LoadOptions},
-    probe::{GroupReport, HookAttempt, ProbeReport, ProbeState},
+    loader::{self, LoadOptions},
+    probe::{DoctorSection, GroupReport, HookAttempt, Probe, ProbeReport, ProbeState},
 };
 
 #[derive(Debug, Serialize)]
@@ -21,7 +23,11 @@ pub struct Report {
     /// True when `probes` come from real load+attach attempts, false when only prechecked.
     pub attach_tested: bool,
     pub cgroups: crate::cgroup::Hierarchies,
-    pub memory_pressure: crate::memcg::Sources,
+    /// Each probe's own section (e.g. `memory_pressure`), under its key.
+    #[serde(flatten)]
+    pub sections: BTreeMap<&'static str, serde_json::Value>,
+    #[serde(skip)]
+    pub section_text: Vec<DoctorSection>,
 }
 
 #[derive(Debug, Serialize)]
@@ -35,13 +41,14 @@ pub struct Component {
 
 /// Builds the report; when privileged it really loads and attaches (then detaches), so what
 /// doctor says is what `run` will do.
-pub fn report(opts: &LoadOptions) -> Report {
-    let kctx = KernelContext::discover(opts);
+pub fn report(opts: &LoadOptions, registered: &[Arc<dyn Probe>]) -> Report {
+    let kctx = opts.kernel_context();
     let cgroups = crate::cgroup::Hierarchies::discover();
     let privileged = Caps::current().map(|c| c.can_trace()).unwrap_or(false);
     let not_tested = |reason: String| -> Vec<ProbeReport> {
-        loader::registry()
+        registered
             .iter()
+            .map(|p| p.spec())
             .map(|s| ProbeReport {
                 probe: s.name,
                 state: ProbeState::Unsupported { reason: reason.clone() },
@@ -68,9 +75,9 @@ pub fn report(opts: &LoadOptions) -> Report {
             .collect()
     };
     let (probes, attach_tested) = if privileged {
-        match loader::load(&kctx, opts) {
+        match loader::load(&kctx, registered, opts) {
             Ok(l) => (l.reports, true),
-            Err(e) => (not_tested(e.to_string()), true),
+            Err(e) => (not_tested(crate::kernel::features::error_chain(&e)), true),
         }
     } else {
         (
@@ -78,6 +85,7 @@ pub fn report(opts: &LoadOptions) -> Report {
             false,
         )
     };
+    let section_text: Vec<DoctorSection> = registered.iter().filter_map(|p| p.doctor(&cgroups)).collect();
     Report {
         kernel_release: kernel::release(),
         btf: match &kctx.btf {
@@ -112,7 +120,8 @@ pub fn report(opts: &LoadOptions) -> Report {
         attach: kctx.features.attach.clone(),
         probes,
         attach_tested,
-        memory_pressure: crate::memcg::sources(&cgroups),
+        sections: section_text.iter().map(|d| (d.key, d.json.clone())).collect(),
+        section_text,
         cgroups,
     }
 }
@@ -169,25 +178,14 @@ pub fn render_text(r: &Report) -> String {
     );
     let _ = writeln!(o, "  v1 memory hierarchy      {}", path(&r.cgroups.memory_v1));
     let _ = writeln!(o, "  v2 hierarchy             {}", path(&r.cgroups.unified));
-    let m = &r.memory_pressure;
-    let _ = writeln!(o, "\nmemory pressure");
-    let _ = writeln!(
-        o,
-        "  host PSI                 {}",
-        if m.host_psi {
-            "yes (/proc/pressure/memory)"
-        } else {
-            "NO"
+    for d in &r.section_text {
+        let _ = writeln!(o, "\n{}", d.title);
+        for (label, value) in &d.lines {
+            let _ = writeln!(o, "  {label:<24} {value}");
         }
-    );
-    let _ = writeln!(
-        o,
-        "  per-cgroup PSI           {}",
-        if m.cgroup_psi { "yes (memory.pressure)" } else { "NO" }
-    );
-    let _ = writeln!(o, "  memory.events            {}", m.memory_events);
-    for n in &m.notes {
-        let _ = writeln!(o, "  note: {n}");
+        for n in &d.notes {
+            let _ = writeln!(o, "  note: {n}");
+        }
     }
     let _ = writeln!(o, "\nprobes");
     for p in &r.probes {

@@ -251,7 +251,7 @@ fn main() -> ExitCode {
         Cmd::Check(args) => (|| -> anyhow::Result<()> {
             let cfg = args.run.config()?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let results = rt.block_on(sensor::checks::run_all_once(&cfg, &args.names))?;
+            let results = rt.block_on(sensor::checks::run_all_once(&cfg.checks, &cfg.alerting, &args.names))?;
             if args.json {
                 for r in &results {
                     println!("{}", serde_json::to_string(r)?);
@@ -284,9 +284,10 @@ fn main() -> ExitCode {
             let opts = sensor::loader::LoadOptions {
                 btf_path: args.btf_path,
                 tracefs_path: args.tracefs_path,
-                ..Default::default()
+                perf_ring_pages: None,
             };
-            let r = doctor::report(&opts);
+            let probes = sensor::probes::all(&sensor::config::Probes::default());
+            let r = doctor::report(&opts, &probes);
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

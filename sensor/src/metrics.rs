@@ -10,7 +10,7 @@ use prometheus::{
 };
 
 use crate::{
-    probe::ProbeReport,
+    probe::{ProbeReport, ProbeSpec},
     transport::{KernelCounters, LOST_REASONS},
 };
 
@@ -179,12 +179,12 @@ impl SelfMetrics {
         }
     }
 
-    pub fn set_probe_reports(&self, reports: &[ProbeReport]) {
+    pub fn set_probe_reports(&self, specs: &[&ProbeSpec], reports: &[ProbeReport]) {
         self.probe_attached.reset();
         self.probe_state.reset();
         for r in reports {
             // 0 for every declared candidate (tried or not), then 1 for the hooks in use.
-            let spec = crate::loader::registry().iter().find(|s| s.name == r.probe);
+            let spec = specs.iter().find(|s| s.name == r.probe);
             for h in spec.iter().flat_map(|s| s.groups.iter()).flat_map(|g| g.hooks.iter()) {
                 self.probe_attached.with_label_values(&[r.probe, h.kind.label()]).set(0);
             }
@@ -249,7 +249,7 @@ pub fn counter_metric(v: f64) -> proto::Metric {
 pub struct LostCollector {
     counters: Arc<Mutex<KernelCounters>>,
     probes: Vec<(&'static str, u32)>,
-    misses: Arc<crate::kernel::progstats::ProgramMisses>,
+    misses: Arc<crate::progstats::ProgramMisses>,
     daemon: Arc<DaemonLosses>,
     desc: Vec<Desc>,
 }
@@ -261,7 +261,7 @@ impl LostCollector {
     pub fn new(
         counters: Arc<Mutex<KernelCounters>>,
         probes: Vec<(&'static str, u32)>,
-        misses: Arc<crate::kernel::progstats::ProgramMisses>,
+        misses: Arc<crate::progstats::ProgramMisses>,
         daemon: Arc<DaemonLosses>,
     ) -> LostCollector {
         let desc = vec![must(

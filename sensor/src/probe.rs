@@ -4,10 +4,18 @@
 //! preferred hook, `degraded` when a fallback was used or an optional group is missing, and
 //! `unsupported` when a required group could not attach.
 
-use aya::Ebpf;
-use serde::Serialize;
+use std::{sync::Arc, time::Duration};
 
-use crate::loader::KernelContext;
+use aya::Ebpf;
+use prometheus::Registry;
+use serde::Serialize;
+use tokio::{sync::watch, task::JoinHandle};
+
+pub use crate::kernel::context::KernelContext;
+use crate::{
+    cgroup::{Discovery, Hierarchies},
+    events::EventHub,
+};
 
 /// How a kernel program is hooked. The string form is the `hook` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -74,6 +82,8 @@ pub type Configure = fn(&mut Ebpf, &[GroupReport]) -> Result<(), String>;
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeSpec {
     pub name: &'static str,
+    /// The probe's slot in the kernel's shared `COUNTERS` map (`sensor_common::record::probe_id`).
+    pub counter_id: u32,
     pub groups: &'static [HookGroup],
     pub configure: Option<Configure>,
 }
@@ -208,6 +218,169 @@ impl ProbeReport {
     pub fn hooks(&self) -> Vec<HookKind> {
         self.groups.iter().filter_map(|g| g.hook).collect()
     }
+}
+
+/// One kernel probe's whole life. Each slice (`oom`, `memcg`, `tcp`) implements it; generic
+/// code (loader, run, dispatch, doctor) only ever sees this trait, and the `probes` module is the one
+/// list that registers them.
+pub trait Probe: Send + Sync {
+    /// Name and hook ladder.
+    fn spec(&self) -> &'static ProbeSpec;
+    /// `probes.<name>.enabled`.
+    fn enabled(&self) -> bool;
+    /// `probes.<name>.exclude_hooks`.
+    fn excluded_hooks(&self) -> &[HookKind];
+    /// What the programs need before the object loads on this kernel: globals (layouts from
+    /// tracefs and BTF), map sizes, object patches. Called for every probe, enabled or not (one
+    /// object holds them all). Blocking: reads tracefs, BTF and cgroupfs.
+    fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan);
+    /// The running half, built once the programs are attached (for enabled probes; `ctx.report`
+    /// says whether its kernel part runs). Blocking: may read /proc and cgroupfs.
+    fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError>;
+    /// The kernel record kinds its running half handles, with the length and version each must
+    /// have.
+    fn records(&self) -> &'static [RecordKind] {
+        &[]
+    }
+    /// How often this probe needs workloads (cgroups) rescanned; `None` when it does not.
+    fn discovery_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// Facts of this host for `sensor doctor` beyond the hook report.
+    fn doctor(&self, _hier: &Hierarchies) -> Option<DoctorSection> {
+        None
+    }
+}
+
+/// A started probe: the records it handles and its periodic work.
+pub trait Running: Send + Sync {
+    /// One record of a kind from [`Probe::records`], already checked against it.
+    fn handle(&self, _kind: u16, _bytes: &[u8]) {}
+    /// How often [`Running::upkeep`] runs; `None` for never.
+    fn upkeep_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// Periodic work (blocking; run off the async threads).
+    fn upkeep(&self) {}
+    /// Called after each workload rescan (blocking; may spawn tasks that end with `stop`).
+    fn after_discovery(&self, _stop: &watch::Receiver<bool>) {}
+    /// The probe's own long-running tasks; they end when `stop` turns true.
+    fn spawn(&self, _stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        Vec::new()
+    }
+}
+
+/// A kernel record kind: its header must carry exactly this length and version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordKind {
+    pub kind: u16,
+    pub len: u16,
+    pub version: u16,
+}
+
+/// Globals, map sizes and object patches the probes ask for before the object is loaded.
+#[derive(Default)]
+pub struct LoadPlan {
+    pub(crate) globals: Vec<(&'static str, Vec<u8>)>,
+    pub(crate) map_sizes: Vec<(&'static str, u32)>,
+    pub(crate) patches: Vec<ObjectPatch>,
+}
+
+/// Rewrites the eBPF object's bytes before loading (e.g. kfunc call placeholders).
+pub type ObjectPatch = Box<dyn FnOnce(&mut Vec<u8>) + Send>;
+
+impl LoadPlan {
+    /// Sets the read-only global `name` to `value`.
+    pub fn global<T: aya::Pod>(&mut self, name: &'static str, value: &T) {
+        // SAFETY: `T: Pod` is plain data valid to view as bytes for its whole size, and the
+        // slice borrows `value` only for the copy.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), std::mem::size_of::<T>()) };
+        self.globals.retain(|(n, _)| *n != name);
+        self.globals.push((name, bytes.to_vec()));
+    }
+
+    /// Creates map `name` with `entries` entries instead of the object's default.
+    pub fn map_size(&mut self, name: &'static str, entries: u32) {
+        self.map_sizes.push((name, entries));
+    }
+
+    pub fn patch(&mut self, f: ObjectPatch) {
+        self.patches.push(f);
+    }
+
+    /// Sets `TASK_LAYOUT`, shared by every program that finds a task's cgroup; returns why
+    /// it is unusable, if it is.
+    pub fn task_layout(&mut self, kctx: &KernelContext) -> Option<String> {
+        let (layout, note) = match &kctx.btf {
+            Ok(btf) => match crate::kernel::task::layout(btf) {
+                Ok(l) => (l, None),
+                Err(e) => (
+                    sensor_common::task::TaskLayout::INVALID,
+                    Some(format!("task/cgroup layout: {e}")),
+                ),
+            },
+            Err(e) => (sensor_common::task::TaskLayout::INVALID, Some(format!("BTF: {e}"))),
+        };
+        self.global("TASK_LAYOUT", &layout);
+        note
+    }
+}
+
+/// What a probe gets to start its running half.
+pub struct StartContext<'a> {
+    pub ebpf: &'a mut Ebpf,
+    pub report: &'a ProbeReport,
+    pub registry: &'a Registry,
+    pub hub: &'a Arc<EventHub>,
+    pub discovery: &'a Arc<Discovery>,
+    /// `limits.workloads_per_metric`.
+    pub workloads_per_metric: usize,
+    /// `limits.vanished_grace`.
+    pub vanished_grace: Duration,
+}
+
+impl StartContext<'_> {
+    /// Takes map `name` out of the loaded object, converted to its typed form.
+    pub fn take_map<M>(&mut self, name: &'static str) -> Result<M, StartError>
+    where
+        M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.take_map(name).ok_or(StartError::MissingMap(name))?;
+        M::try_from(map).map_err(|source| StartError::Map { name, source })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The running half of a probe that has nothing to run (e.g. its kernel part is unsupported).
+pub struct Idle;
+
+impl Running for Idle {}
+
+/// A probe's part of `sensor doctor`: `key` in the JSON report, `title` and lines in the text.
+#[derive(Debug, Clone)]
+pub struct DoctorSection {
+    pub key: &'static str,
+    pub title: &'static str,
+    pub json: serde_json::Value,
+    /// (label, value) lines.
+    pub lines: Vec<(String, String)>,
+    pub notes: Vec<String>,
 }
 
 #[cfg(test)]

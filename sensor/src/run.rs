@@ -23,49 +23,16 @@ use crate::{
     health::Health,
     http,
     kernel::{self, privileges},
-    loader::{self, KernelContext, LoadOptions},
-    memcg::MemcgSlice,
+    loader::{self, LoadOptions},
     metrics::{LostCollector, SelfMetrics},
-    oom::OomSlice,
-    probe::{ProbeReport, ProbeState},
-    tcp::{TcpMaps, TcpSlice},
+    probe::{Probe, ProbeReport, ProbeSpec, ProbeState, RecordKind, Running, StartContext},
     transport::{self, KernelCounters},
 };
 
 pub fn load_options(cfg: &Config) -> LoadOptions {
-    let mut disabled = Vec::new();
-    if !cfg.probes.oom.enabled {
-        disabled.push("oom");
-    }
-    if !cfg.probes.memcg.enabled {
-        disabled.push("memcg");
-    }
-    if !cfg.probes.tcp.enabled {
-        disabled.push("tcp");
-    }
-    let p = &cfg.probes;
-    let excluded = p
-        .oom
-        .exclude_hooks
-        .iter()
-        .map(|h| ("oom", *h))
-        .chain(p.memcg.exclude_hooks.iter().map(|h| ("memcg", *h)))
-        .chain(p.tcp.exclude_hooks.iter().map(|h| ("tcp", *h)))
-        .collect();
-    let map_sizes = vec![
-        ("TCP_CONNS", p.tcp.conn_slots()),
-        ("TCP_COUNTS", p.tcp.max_series),
-        ("TCP_HISTS", p.tcp.max_series),
-    ];
     LoadOptions {
         btf_path: cfg.btf_path.clone(),
         tracefs_path: cfg.tracefs_path.clone(),
-        disabled,
-        excluded,
-        map_sizes,
-        tcp_dest_groups: crate::tcp::dest_group_bits(&p.tcp.destinations),
-        tcp_conn_slots: p.tcp.conn_slots(),
-        tcp_conn_max_age: p.tcp.connect_max_age,
         perf_ring_pages: Some(cfg.perf_ring_pages),
     }
 }
@@ -97,153 +64,212 @@ fn log_reports(reports: &[ProbeReport]) {
     }
 }
 
-impl Pipeline {
-    pub async fn start(cfg: &Config) -> anyhow::Result<Pipeline> {
-        privileges::require_tracing()?;
-        let kernel_release = kernel::release();
-        let opts = load_options(cfg);
-        let kopts = opts.clone();
-        let kctx = tokio::task::spawn_blocking(move || KernelContext::discover(&kopts)).await?;
+/// Fails when nothing is enabled, nothing attached, or (with `strict`) anything fell back.
+fn check_outcome(reports: &[ProbeReport], strict: bool) -> anyhow::Result<()> {
+    let enabled: Vec<_> = reports.iter().filter(|r| r.state != ProbeState::Disabled).collect();
+    if enabled.is_empty() {
+        bail!("every probe is disabled in the configuration; nothing to do");
+    }
+    if !enabled.iter().any(|r| r.state.running()) {
+        let why: Vec<String> = enabled.iter().map(|r| format!("{}: {:?}", r.probe, r.state)).collect();
+        bail!("no probe could be attached: {}", why.join("; "));
+    }
+    if strict {
+        let bad: Vec<String> = enabled
+            .iter()
+            .filter(|r| r.state != ProbeState::Attached)
+            .map(|r| format!("{} is {}", r.probe, r.state.label()))
+            .collect();
+        if !bad.is_empty() {
+            bail!("--strict: {}", bad.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// Learns the kernel and loads and attaches every probe, off the async threads.
+async fn load_probes(cfg: &Config, probes: &[Arc<dyn Probe>]) -> anyhow::Result<loader::Loaded> {
+    let opts = load_options(cfg);
+    let probes = probes.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let kctx = opts.kernel_context();
         if let Ok(t) = &kctx.tracefs {
             if t.mounted_by_sensor {
                 tracing::info!(path = %t.root.display(), "mounted tracefs");
             }
         }
-        let loaded = loader::load(&kctx, &opts).context("cannot load the sensor's eBPF programs")?;
-        let mut ebpf = loaded.ebpf;
-        let reports = loaded.reports;
-        let rings = loaded.rings;
-        log_reports(&reports);
-        let enabled: Vec<_> = reports.iter().filter(|r| r.state != ProbeState::Disabled).collect();
-        if enabled.is_empty() {
-            bail!("every probe is disabled in the configuration; nothing to do");
+        loader::load(&kctx, &probes, &opts).context("cannot load the sensor's eBPF programs")
+    })
+    .await?
+}
+
+/// A probe that started, with what the dispatcher and the background loops need of it.
+struct Started {
+    name: &'static str,
+    records: &'static [RecordKind],
+    discovery: Option<Duration>,
+    running: Arc<dyn Running>,
+}
+
+/// Starts the running half of every enabled probe and the kernel-loss collector, off the async
+/// threads (they read /proc, kallsyms and cgroupfs). Returns the object back with the probes.
+fn start_probes(
+    mut ebpf: Ebpf,
+    cfg: &Config,
+    probes: &[Arc<dyn Probe>],
+    reports: &[ProbeReport],
+    metrics: &SelfMetrics,
+    hub: &Arc<EventHub>,
+    discovery: &Arc<Discovery>,
+) -> anyhow::Result<(Ebpf, Vec<Started>)> {
+    let mut started = Vec::new();
+    for (p, report) in probes.iter().zip(reports) {
+        if !p.enabled() {
+            continue;
         }
-        if !enabled.iter().any(|r| r.state.running()) {
-            let why: Vec<String> = enabled.iter().map(|r| format!("{}: {:?}", r.probe, r.state)).collect();
-            bail!("no probe could be attached: {}", why.join("; "));
-        }
-        if cfg.strict {
-            let bad: Vec<String> = enabled
-                .iter()
-                .filter(|r| r.state != ProbeState::Attached)
-                .map(|r| format!("{} is {}", r.probe, r.state.label()))
-                .collect();
-            if !bad.is_empty() {
-                bail!("--strict: {}", bad.join(", "));
+        let mut ctx = StartContext {
+            ebpf: &mut ebpf,
+            report,
+            registry: &metrics.registry,
+            hub,
+            discovery,
+            workloads_per_metric: cfg.limits.workloads_per_metric,
+            vanished_grace: cfg.limits.vanished_grace,
+        };
+        let running = p
+            .start(&mut ctx)
+            .with_context(|| format!("starting the {} probe", p.spec().name))?;
+        started.push(Started {
+            name: p.spec().name,
+            records: p.records(),
+            discovery: p.discovery_interval(),
+            running,
+        });
+    }
+    let counters = Arc::new(Mutex::new(KernelCounters::new(
+        ebpf.take_map("COUNTERS").context("COUNTERS map missing")?,
+    )?));
+    let specs: Vec<&ProbeSpec> = probes.iter().map(|p| p.spec()).collect();
+    let ids = specs.iter().map(|s| (s.name, s.counter_id)).collect();
+    let misses = Arc::new(crate::progstats::ProgramMisses::collect(&ebpf, &specs, reports));
+    metrics.registry.register(Box::new(LostCollector::new(
+        counters,
+        ids,
+        misses,
+        Arc::clone(&metrics.daemon_lost),
+    )))?;
+    Ok((ebpf, started))
+}
+
+/// Runs `work` off the async threads every `interval` until `stop`; a failure (panic) is
+/// logged and counted under `task`, and the loop goes on.
+fn every(
+    task: String,
+    interval: Duration,
+    health: Arc<Health>,
+    mut stop: watch::Receiver<bool>,
+    work: Arc<dyn Fn() + Send + Sync>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let w = Arc::clone(&work);
+                    if let Err(e) = tokio::task::spawn_blocking(move || w()).await {
+                        health.failed(&task);
+                        tracing::error!(task = %task, error = %e, "background task failed; it runs again at its next interval");
+                    }
+                }
+                _ = stop.changed() => return,
             }
         }
+    })
+}
 
-        let probe_names: Vec<&'static str> = loader::registry().iter().map(|p| p.name).collect();
-        let metrics = Arc::new(SelfMetrics::new(&kernel_release, &probe_names));
-        metrics.set_probe_reports(&reports);
-        let hub = Arc::new(EventHub::new(cfg.events.history));
-        let oom = Arc::new(OomSlice::new(
-            &metrics.registry,
-            Arc::clone(&hub),
-            cfg.limits.workloads_per_metric,
-            cfg.limits.vanished_grace,
-        )?);
-        let memcg_running = reports.iter().any(|r| r.probe == "memcg" && r.state.running());
-        let reclaim_map = if memcg_running {
-            let m = ebpf.take_map("RECLAIM_HIST").context("RECLAIM_HIST map missing")?;
-            Some(aya::maps::PerCpuHashMap::try_from(m).context("RECLAIM_HIST")?)
-        } else {
-            None
-        };
-        let grace = cfg.limits.vanished_grace;
-        let disc = {
-            let (n, g) = (cfg.limits.workloads_per_metric, grace);
-            Arc::new(tokio::task::spawn_blocking(move || Discovery::new(Hierarchies::discover(), n, g)).await?)
-        };
-        let memcg = if cfg.probes.memcg.enabled {
-            let m = &metrics.registry;
-            Some(MemcgSlice::new(
-                m,
-                Arc::clone(&hub),
-                cfg.probes.memcg.clone(),
-                Arc::clone(&disc),
-                grace,
-                reclaim_map,
-            )?)
-        } else {
-            None
-        };
-        let counters = Arc::new(Mutex::new(KernelCounters::new(
-            ebpf.take_map("COUNTERS").context("COUNTERS map missing")?,
-        )?));
-        let probe_ids = vec![
-            ("oom", sensor_common::record::probe_id::OOM),
-            ("memcg", sensor_common::record::probe_id::MEMCG),
-            ("tcp", sensor_common::record::probe_id::TCP),
-        ];
-        let misses = Arc::new(crate::kernel::progstats::ProgramMisses::collect(&ebpf, &reports));
-        metrics.registry.register(Box::new(LostCollector::new(
-            Arc::clone(&counters),
-            probe_ids,
-            misses,
-            Arc::clone(&metrics.daemon_lost),
-        )))?;
-        let tcp = if reports.iter().any(|r| r.probe == "tcp" && r.state.running()) {
-            Some(start_tcp(&mut ebpf, cfg, &metrics, &hub, &disc)?)
-        } else {
-            None
-        };
-
-        let dispatcher = Arc::new(Dispatcher {
-            metrics: Arc::clone(&metrics),
-            oom: Arc::clone(&oom),
-            tcp: tcp.clone(),
+/// Each probe's upkeep at its own interval, one workload rescan loop at the shortest interval a
+/// probe asked for (followed by each probe's `after_discovery`), and the probes' own tasks.
+fn spawn_background(
+    started: &[Started],
+    discovery: &Arc<Discovery>,
+    health: &Arc<Health>,
+    stop: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for s in started {
+        tasks.extend(s.running.spawn(stop.clone()));
+        if let Some(interval) = s.running.upkeep_interval() {
+            let r = Arc::clone(&s.running);
+            let work: Arc<dyn Fn() + Send + Sync> = Arc::new(move || r.upkeep());
+            tasks.push(every(
+                format!("{}_upkeep", s.name),
+                interval,
+                Arc::clone(health),
+                stop.clone(),
+                work,
+            ));
+        }
+    }
+    if let Some(interval) = started.iter().filter_map(|s| s.discovery).min() {
+        let running: Vec<Arc<dyn Running>> = started.iter().map(|s| Arc::clone(&s.running)).collect();
+        let (disc, stop_for_probes) = (Arc::clone(discovery), stop.clone());
+        let work: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            disc.rescan();
+            for r in &running {
+                r.after_discovery(&stop_for_probes);
+            }
         });
+        tasks.push(every(
+            "discovery".into(),
+            interval,
+            Arc::clone(health),
+            stop.clone(),
+            work,
+        ));
+    }
+    tasks
+}
+
+impl Pipeline {
+    pub async fn start(cfg: &Config) -> anyhow::Result<Pipeline> {
+        privileges::require_tracing()?;
+        let kernel_release = kernel::release();
+        let probes = crate::probes::all(&cfg.probes);
+        let loaded = load_probes(cfg, &probes).await?;
+        let (ebpf, reports, rings) = (loaded.ebpf, loaded.reports, loaded.rings);
+        log_reports(&reports);
+        check_outcome(&reports, cfg.strict)?;
+
+        let specs: Vec<&ProbeSpec> = probes.iter().map(|p| p.spec()).collect();
+        let names: Vec<&'static str> = specs.iter().map(|s| s.name).collect();
+        let metrics = Arc::new(SelfMetrics::new(&kernel_release, &names));
+        metrics.set_probe_reports(&specs, &reports);
+        let hub = Arc::new(EventHub::new(cfg.events.history));
+        let (ebpf, started, discovery) = {
+            let (cfg, probes, reports) = (cfg.clone(), probes.clone(), reports.clone());
+            let (metrics, hub) = (Arc::clone(&metrics), Arc::clone(&hub));
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let (n, g) = (cfg.limits.workloads_per_metric, cfg.limits.vanished_grace);
+                let discovery = Arc::new(Discovery::new(Hierarchies::discover(), n, g));
+                let (ebpf, started) = start_probes(ebpf, &cfg, &probes, &reports, &metrics, &hub, &discovery)?;
+                Ok((ebpf, started, discovery))
+            })
+            .await??
+        };
+
+        let dispatcher = Arc::new(Dispatcher::new(
+            Arc::clone(&metrics),
+            started
+                .iter()
+                .map(|s| (s.name, s.records, Arc::clone(&s.running)))
+                .collect(),
+        ));
         let (stop_tx, stop_rx) = watch::channel(false);
         let health = Arc::new(Health::new(metrics.internal_errors.clone()));
         let watch: Arc<dyn transport::ReaderWatch> = Arc::clone(&health) as _;
         let readers = transport::spawn_readers(rings, dispatcher, watch, stop_rx.clone())?;
-        let refresher = {
-            let mut stop = stop_rx.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(2));
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {
-                            let oom = Arc::clone(&oom);
-                            let _ = tokio::task::spawn_blocking(move || oom.refresh()).await;
-                        }
-                        _ = stop.changed() => return,
-                    }
-                }
-            })
-        };
-        if let Some(m) = &memcg {
-            m.start(stop_rx.clone());
-        }
-        // One maintenance loop: rescan the cgroup hierarchy, then let each slice tidy up.
-        let maintenance = {
-            let mut stop = stop_rx.clone();
-            let stop_for_slices = stop_rx.clone();
-            let interval = cfg.probes.memcg.discovery_interval;
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {
-                            let (d, t) = (Arc::clone(&disc), tcp.clone());
-                            let _ = tokio::task::spawn_blocking(move || {
-                                d.rescan();
-                                if let Some(t) = t {
-                                    t.maintain();
-                                }
-                            })
-                            .await;
-                            if let Some(m) = &memcg {
-                                m.after_rescan(&stop_for_slices);
-                            }
-                        }
-                        _ = stop.changed() => return,
-                    }
-                }
-            })
-        };
-        let background = vec![refresher, maintenance];
+        let background = spawn_background(&started, &discovery, &health, &stop_rx);
         Ok(Pipeline {
             ebpf,
             reports,
@@ -271,38 +297,11 @@ impl Pipeline {
         drop(ebpf);
         let _ = stop_tx.send(true);
         for r in readers.into_iter().chain(background) {
-            let _ = r.await;
+            if let Err(e) = r.await {
+                tracing::error!(error = %e, "a task failed while stopping");
+            }
         }
     }
-}
-
-/// Takes the TCP maps, loads the destination groups into the kernel and builds the slice.
-fn start_tcp(
-    ebpf: &mut Ebpf,
-    cfg: &Config,
-    metrics: &SelfMetrics,
-    hub: &Arc<EventHub>,
-    disc: &Arc<Discovery>,
-) -> anyhow::Result<Arc<TcpSlice>> {
-    let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("{name} map missing"));
-    let mut with_port = aya::maps::lpm_trie::LpmTrie::try_from(take("TCP_DEST_PORT")?)?;
-    let mut any_port = aya::maps::lpm_trie::LpmTrie::try_from(take("TCP_DEST_ANY")?)?;
-    crate::tcp::load_destinations(&cfg.probes.tcp.destinations, &mut with_port, &mut any_port)
-        .map_err(|e| anyhow::anyhow!("probes.tcp.destinations: {e}"))?;
-    let maps = TcpMaps {
-        counts: aya::maps::PerCpuHashMap::try_from(take("TCP_COUNTS")?)?,
-        host_counts: aya::maps::PerCpuArray::try_from(take("TCP_HOST_COUNTS")?)?,
-        hists: aya::maps::PerCpuHashMap::try_from(take("TCP_HISTS")?)?,
-    };
-    // The loaded program references both tries, so they outlive these handles.
-    Ok(TcpSlice::new(
-        &metrics.registry,
-        Arc::clone(hub),
-        &cfg.probes.tcp,
-        Arc::clone(disc),
-        maps,
-        cfg.limits.vanished_grace,
-    )?)
 }
 
 /// Resolves on SIGTERM or SIGINT with the signal's name.
@@ -316,7 +315,7 @@ pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
 }
 
 fn any_probe_enabled(cfg: &Config) -> bool {
-    cfg.probes.oom.enabled || cfg.probes.memcg.enabled || cfg.probes.tcp.enabled
+    crate::probes::all(&cfg.probes).iter().any(|p| p.enabled())
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -343,7 +342,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ),
         None => {
             let release = kernel::release();
-            let names: Vec<&'static str> = loader::registry().iter().map(|p| p.name).collect();
+            let names: Vec<&'static str> = crate::probes::specs().iter().map(|s| s.name).collect();
             let m = SelfMetrics::new(&release, &names);
             let health = Arc::new(Health::new(m.internal_errors.clone()));
             (

@@ -609,14 +609,13 @@ async fn webhook_sender(engine: Arc<Engine>, url: String, mut rx: mpsc::Receiver
 }
 
 /// `sensor check`: every configured check (or the named ones) once, concurrently.
-pub async fn run_all_once(cfg: &crate::config::Config, names: &[String]) -> anyhow::Result<Vec<RunResult>> {
+pub async fn run_all_once(checks: &[Check], alerting: &Alerting, names: &[String]) -> anyhow::Result<Vec<RunResult>> {
     for n in names {
-        if !cfg.checks.iter().any(|c| &c.name == n) {
+        if !checks.iter().any(|c| &c.name == n) {
             anyhow::bail!("no check named '{n}' in the configuration");
         }
     }
-    let selected: Vec<Check> = cfg
-        .checks
+    let selected: Vec<Check> = checks
         .iter()
         .filter(|c| names.is_empty() || names.contains(&c.name))
         .cloned()
@@ -624,7 +623,7 @@ pub async fn run_all_once(cfg: &crate::config::Config, names: &[String]) -> anyh
     if selected.is_empty() {
         anyhow::bail!("no checks configured (add a `checks:` list to the config file)");
     }
-    let mut alerting = cfg.alerting.clone();
+    let mut alerting = alerting.clone();
     alerting.webhook = None;
     let engine = Engine::new(&Registry::new(), &selected, &alerting)?;
     let runs = engine.checks.iter().map(|rt| {

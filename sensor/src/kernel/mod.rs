@@ -2,9 +2,10 @@
 
 pub mod btf;
 pub mod clock;
+pub mod context;
 pub mod features;
 pub mod privileges;
-pub mod progstats;
+pub mod task;
 pub mod tracefs;
 
 /// `uname -r` of the running kernel.

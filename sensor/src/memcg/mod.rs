@@ -2,6 +2,8 @@
 //! reclaim stalls from the vmscan tracepoints (aggregated in the kernel), and `memory.events`
 //! (or the nearest v1 equivalents) per workload.
 
+pub mod config;
+
 pub mod psi;
 
 use std::{
@@ -20,19 +22,23 @@ use prometheus::{
 use serde::Serialize;
 use tokio::sync::watch;
 
+use self::config::{MemcgConfig, PsiTrigger};
 use crate::{
     agg::{HistFamily, HistLayout, HistogramMapCollector},
     cgroup::{Discovery, Hierarchies, Janitor, OTHER, WORKLOAD_LABELS},
-    config::{MemcgProbe, PsiTrigger},
-    events::{Event, EventHub},
+    events::EventHub,
     kernel::clock,
     metrics::{counter_metric, family, Shared},
-    probe::{HookGroup, HookKind, HookSpec, ProbeSpec},
+    probe::{
+        DoctorSection, HookGroup, HookKind, HookSpec, KernelContext, LoadPlan, Probe, ProbeSpec, Running, StartContext,
+        StartError,
+    },
 };
 
 /// Reclaim stalls need both ends of each reclaim; each end is its own hook group.
 pub const SPEC: ProbeSpec = ProbeSpec {
     name: "memcg",
+    counter_id: sensor_common::record::probe_id::MEMCG,
     groups: &[
         HookGroup {
             purpose: "memcg reclaim start",
@@ -270,7 +276,7 @@ impl Collector for FileCollector {
 /// The userspace half of the memcg probe.
 pub struct MemcgSlice {
     disc: Arc<Discovery>,
-    cfg: MemcgProbe,
+    cfg: MemcgConfig,
     pressure_events: IntCounterVec,
     hub: Arc<EventHub>,
     reclaim: Option<Arc<HistogramMapCollector<u64>>>,
@@ -285,7 +291,7 @@ impl MemcgSlice {
     pub fn new(
         registry: &Registry,
         hub: Arc<EventHub>,
-        cfg: MemcgProbe,
+        cfg: MemcgConfig,
         disc: Arc<Discovery>,
         grace: Duration,
         reclaim_map: Option<PerCpuHashMap<MapData, u64, [sensor_common::agg::Log2Hist; 1]>>,
@@ -343,8 +349,8 @@ impl MemcgSlice {
         self.pressure_events.with_label_values(&[t.level.label()]).inc();
         let p = psi::read(file);
         let line = p.map(|p| match t.level {
-            crate::config::PsiLevel::Some => p.some,
-            crate::config::PsiLevel::Full => p.full.unwrap_or_default(),
+            config::PsiLevel::Some => p.some,
+            config::PsiLevel::Full => p.full.unwrap_or_default(),
         });
         let ev = PressureEvent {
             time: clock::unix_seconds(std::time::SystemTime::now()),
@@ -365,7 +371,7 @@ impl MemcgSlice {
             avg10 = ?ev.avg10,
             "memory pressure threshold crossed"
         );
-        self.hub.publish(Event::MemoryPressure(ev));
+        self.hub.publish_as("memory_pressure", &ev);
     }
 
     fn spawn_triggers(self: &Arc<Self>, file: PathBuf, cgroup: Option<String>, stop: watch::Receiver<bool>) {
@@ -434,6 +440,89 @@ impl MemcgSlice {
             self.spawn_triggers(file, Some(cg.clone()), rx);
             trig.insert(cg.clone(), tx);
         }
+    }
+}
+
+/// The memcg probe: reclaim stalls from the vmscan tracepoints, PSI triggers, memory.events.
+pub struct MemcgProbe {
+    cfg: MemcgConfig,
+}
+
+impl MemcgProbe {
+    pub fn new(cfg: MemcgConfig) -> MemcgProbe {
+        MemcgProbe { cfg }
+    }
+}
+
+impl Probe for MemcgProbe {
+    fn spec(&self) -> &'static ProbeSpec {
+        &SPEC
+    }
+
+    fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
+    fn excluded_hooks(&self) -> &[HookKind] {
+        &self.cfg.exclude_hooks
+    }
+
+    fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan) {
+        if let Some(note) = plan.task_layout(kctx) {
+            tracing::debug!(%note, "memcg: reclaim stalls are attributed without the task layout");
+        }
+    }
+
+    /// The cgroupfs half (memory.events, PSI) runs whether or not the reclaim programs attached.
+    fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError> {
+        let reclaim = if ctx.report.state.running() {
+            Some(ctx.take_map::<PerCpuHashMap<MapData, u64, [sensor_common::agg::Log2Hist; 1]>>("RECLAIM_HIST")?)
+        } else {
+            None
+        };
+        let slice = MemcgSlice::new(
+            ctx.registry,
+            Arc::clone(ctx.hub),
+            self.cfg.clone(),
+            Arc::clone(ctx.discovery),
+            ctx.vanished_grace,
+            reclaim,
+        )?;
+        Ok(Arc::new(MemcgRunning(slice)))
+    }
+
+    fn discovery_interval(&self) -> Option<Duration> {
+        Some(self.cfg.discovery_interval)
+    }
+
+    fn doctor(&self, hier: &Hierarchies) -> Option<DoctorSection> {
+        let m = sources(hier);
+        let yes_no = |ok: bool, what: &str| if ok { format!("yes ({what})") } else { "NO".to_string() };
+        Some(DoctorSection {
+            key: "memory_pressure",
+            title: "memory pressure",
+            json: serde_json::to_value(&m).unwrap_or_default(),
+            lines: vec![
+                ("host PSI".into(), yes_no(m.host_psi, HOST_PSI)),
+                ("per-cgroup PSI".into(), yes_no(m.cgroup_psi, "memory.pressure")),
+                ("memory.events".into(), m.memory_events.to_string()),
+            ],
+            notes: m.notes,
+        })
+    }
+}
+
+/// The running memcg slice: host triggers at start, per-workload ones after each rescan.
+struct MemcgRunning(Arc<MemcgSlice>);
+
+impl Running for MemcgRunning {
+    fn spawn(&self, stop: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        self.0.start(stop);
+        Vec::new()
+    }
+
+    fn after_discovery(&self, stop: &watch::Receiver<bool>) {
+        self.0.after_rescan(stop);
     }
 }
 

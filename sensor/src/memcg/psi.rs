@@ -9,7 +9,7 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, sync::watch};
 
-use crate::config::{PsiLevel, PsiTrigger};
+use super::config::{PsiLevel, PsiTrigger};
 
 /// One line of a pressure file.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

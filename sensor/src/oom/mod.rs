@@ -1,5 +1,7 @@
 //! OOM kills: probe declaration, kernel layouts, record handling, attribution and metrics.
 
+pub mod config;
+
 pub mod scope;
 
 use std::{
@@ -11,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{maps::Array, EbpfLoader};
+use aya::maps::Array;
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use sensor_common::oom::{
     field, hook, part, MarkVictimLayout, OomControlLayout, OomKillRecord, TaskLayout, TpField, CONFIG_EXPECTED_PARTS,
@@ -22,10 +24,12 @@ pub use scope::{Scope, ScopeResolver};
 
 use crate::{
     cgroup::{workload, Hierarchies, WorkloadSet, WORKLOAD_LABELS},
-    events::{Event, EventHub},
+    events::EventHub,
     kernel::{btf::KernelBtf, clock},
-    loader::KernelContext,
-    probe::{GroupReport, HookGroup, HookKind, HookSpec, ProbeSpec},
+    probe::{
+        GroupReport, HookGroup, HookKind, HookSpec, KernelContext, LoadPlan, Probe, ProbeSpec, RecordKind, Running,
+        StartContext, StartError,
+    },
 };
 
 /// `cgroup` label of a kill whose victim cgroup could not be determined.
@@ -39,6 +43,7 @@ const GROUP_FIELDS: &str = "victim fields";
 /// so the expected-parts mask is right before it can fire.
 pub const SPEC: ProbeSpec = ProbeSpec {
     name: "oom",
+    counter_id: sensor_common::record::probe_id::OOM,
     groups: &[
         HookGroup {
             purpose: GROUP_CONTEXT,
@@ -98,7 +103,7 @@ fn check_raw_victim(k: &KernelContext) -> Result<(), String> {
         Ok(false) => return Err("mark_victim does not pass the victim task_struct on this kernel".into()),
         Err(e) => return Err(format!("mark_victim prototype: {e}")),
     }
-    task_layout(btf)
+    crate::kernel::task::layout(btf)
         .map(drop)
         .map_err(|e| format!("task/cgroup layout: {e}"))
 }
@@ -120,25 +125,6 @@ fn configure(ebpf: &mut aya::Ebpf, groups: &[GroupReport]) -> Result<(), String>
     let map = ebpf.map_mut("OOM_CONFIG").ok_or("OOM_CONFIG map missing")?;
     let mut arr: Array<_, u32> = Array::try_from(map).map_err(|e| e.to_string())?;
     arr.set(CONFIG_EXPECTED_PARTS, expected, 0).map_err(|e| e.to_string())
-}
-
-pub fn task_layout(btf: &KernelBtf) -> Result<TaskLayout, crate::kernel::btf::BtfError> {
-    Ok(TaskLayout {
-        valid: 1,
-        task_pid: btf.member_offset("task_struct", "pid")?,
-        task_tgid: btf.member_offset("task_struct", "tgid")?,
-        task_comm: btf.member_offset("task_struct", "comm")?,
-        task_cgroups: btf.member_offset("task_struct", "cgroups")?,
-        cset_subsys: btf.member_offset("css_set", "subsys")?,
-        cset_dfl_cgrp: btf.member_offset("css_set", "dfl_cgrp")?,
-        memory_cgrp_id: btf.enum_value("cgroup_subsys_id", "memory_cgrp_id")?,
-        css_cgroup: btf.member_offset("cgroup_subsys_state", "cgroup")?,
-        cgroup_kn: btf.member_offset("cgroup", "kn")?,
-        kn_id: btf.member_offset("kernfs_node", "id")?,
-        kn_name: btf.member_offset("kernfs_node", "name")?,
-        kn_parent: btf.member_offset_any("kernfs_node", &["__parent", "parent"])?,
-        _pad: 0,
-    })
 }
 
 pub fn oom_control_layout(btf: &KernelBtf) -> Result<OomControlLayout, crate::kernel::btf::BtfError> {
@@ -180,7 +166,7 @@ impl Layouts {
         };
         let (task, oom_control) = match &kctx.btf {
             Ok(btf) => (
-                task_layout(btf).unwrap_or_else(|e| {
+                crate::kernel::task::layout(btf).unwrap_or_else(|e| {
                     notes.push(format!("task/cgroup layout: {e}"));
                     TaskLayout::INVALID
                 }),
@@ -203,10 +189,10 @@ impl Layouts {
     }
 
     /// Sets the globals; `TASK_LAYOUT` is shared by every slice that attributes to cgroups.
-    pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
-        loader.override_global("MARK_VICTIM_LAYOUT", &self.mark_victim, true);
-        loader.override_global("TASK_LAYOUT", &self.task, true);
-        loader.override_global("OOM_CONTROL_LAYOUT", &self.oom_control, true);
+    pub fn apply(&self, plan: &mut LoadPlan) {
+        plan.global("MARK_VICTIM_LAYOUT", &self.mark_victim);
+        plan.global("TASK_LAYOUT", &self.task);
+        plan.global("OOM_CONTROL_LAYOUT", &self.oom_control);
     }
 }
 
@@ -489,7 +475,7 @@ impl OomSlice {
         })
     }
 
-    pub fn handle(&self, rec: &OomKillRecord) {
+    pub fn handle_kill(&self, rec: &OomKillRecord) {
         let frames = (rec.stack_bytes as usize / 8).min(rec.stack.len());
         let stack = if rec.present & field::STACK != 0 {
             &rec.stack[..frames]
@@ -554,7 +540,7 @@ impl OomSlice {
             totalpages = %opt(&kill.totalpages),
             "OOM kill"
         );
-        self.hub.publish(Event::OomKill(Box::new(kill)));
+        self.hub.publish_as("oom_kill", &kill);
     }
 
     /// Recomputes the cross-check gauges and drops series of cgroups gone past the grace period.
@@ -612,6 +598,81 @@ impl OomSlice {
                 c.last.remove(&cg);
             }
         }
+    }
+}
+
+/// The OOM probe: victim fields from `oom:mark_victim`, its cgroup from the raw tracepoint, the
+/// kill's context from `oom_kill_process`; one record per kill.
+pub struct OomProbe {
+    cfg: config::OomConfig,
+}
+
+impl OomProbe {
+    pub fn new(cfg: config::OomConfig) -> OomProbe {
+        OomProbe { cfg }
+    }
+}
+
+/// How often the cross-check against the kernel's counters is recomputed.
+const REFRESH: Duration = Duration::from_secs(2);
+
+const RECORDS: &[RecordKind] = &[RecordKind {
+    kind: sensor_common::record::kind::OOM_KILL,
+    len: OomKillRecord::LEN,
+    version: sensor_common::oom::RECORD_VERSION,
+}];
+
+impl Probe for OomProbe {
+    fn spec(&self) -> &'static ProbeSpec {
+        &SPEC
+    }
+
+    fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
+    fn excluded_hooks(&self) -> &[HookKind] {
+        &self.cfg.exclude_hooks
+    }
+
+    fn records(&self) -> &'static [RecordKind] {
+        RECORDS
+    }
+
+    fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan) {
+        let layouts = Layouts::discover(kctx);
+        for n in &layouts.notes {
+            tracing::warn!(note = %n, "OOM layout is partial");
+        }
+        layouts.apply(plan);
+    }
+
+    fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError> {
+        let slice = OomSlice::new(
+            ctx.registry,
+            Arc::clone(ctx.hub),
+            ctx.workloads_per_metric,
+            ctx.vanished_grace,
+        )?;
+        Ok(Arc::new(slice))
+    }
+}
+
+impl Running for OomSlice {
+    fn handle(&self, _kind: u16, bytes: &[u8]) {
+        match crate::decode::read::<OomKillRecord>(bytes) {
+            Some(r) => self.handle_kill(&r),
+            // The dispatcher checked the length; this cannot happen, but must not panic.
+            None => tracing::error!(len = bytes.len(), "OOM record shorter than checked"),
+        }
+    }
+
+    fn upkeep_interval(&self) -> Option<Duration> {
+        Some(REFRESH)
+    }
+
+    fn upkeep(&self) {
+        self.refresh();
     }
 }
 

@@ -1,6 +1,9 @@
 //! TCP connects: destination groups, per-workload counters and histograms read from the
 //! kernel's aggregation maps, connect-failure events.
 
+pub mod config;
+pub mod kfunc;
+
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -26,21 +29,24 @@ use sensor_common::{
 };
 use serde::Serialize;
 
+use self::config::{Destination, TcpConfig};
 use crate::{
     agg::{HistFamily, HistLayout, HistogramMapCollector},
     cgroup::{Discovery, Janitor, WORKLOAD_LABELS},
-    config::{Destination, TcpProbe},
-    events::{Event, EventHub},
+    events::EventHub,
     kernel::{btf::KernelBtf, clock, tracefs::Tracefs},
-    loader::KernelContext,
     metrics::{counter_metric, family, Shared},
-    probe::{HookGroup, HookKind, HookSpec, ProbeSpec},
+    probe::{
+        HookGroup, HookKind, HookSpec, KernelContext, LoadPlan, Probe, ProbeSpec, RecordKind, Running, StartContext,
+        StartError,
+    },
 };
 
 /// Raw tracepoints first (no trace record is formatted for them, which matters on a path that
 /// fires several times per connection), classic tracepoints as the fallback.
 pub const SPEC: ProbeSpec = ProbeSpec {
     name: "tcp",
+    counter_id: sensor_common::record::probe_id::TCP,
     groups: &[
         HookGroup {
             purpose: "connect state",
@@ -455,7 +461,7 @@ impl TcpSlice {
     pub fn new(
         registry: &Registry,
         hub: Arc<EventHub>,
-        cfg: &TcpProbe,
+        cfg: &TcpConfig,
         disc: Arc<Discovery>,
         maps: TcpMaps,
         grace: Duration,
@@ -551,7 +557,7 @@ impl TcpSlice {
             comm = %f.comm,
             "connect failed"
         );
-        self.hub.publish(Event::TcpConnectFailure(f));
+        self.hub.publish_as("tcp_connect_failure", &f);
     }
 
     /// Drops vanished cgroups' series. (Connects whose outcome was missed age in the kernel:
@@ -579,6 +585,127 @@ impl TcpSlice {
                 let _ = m.remove(&k);
             }
         }
+    }
+}
+
+/// The TCP probe: connects tracked from SYN_SENT to their outcome in the kernel, counted and
+/// timed per workload and destination group there; failures as events.
+pub struct TcpProbe {
+    cfg: TcpConfig,
+}
+
+impl TcpProbe {
+    pub fn new(cfg: TcpConfig) -> TcpProbe {
+        TcpProbe { cfg }
+    }
+}
+
+/// How often workloads are rescanned for this probe (labels of new cgroups, vanished series).
+const DISCOVERY: Duration = Duration::from_secs(5);
+
+const RECORDS: &[RecordKind] = &[RecordKind {
+    kind: sensor_common::record::kind::TCP_CONNECT_FAILURE,
+    len: TcpFailureRecord::LEN,
+    version: sensor_common::tcp::FAILURE_VERSION,
+}];
+
+impl Probe for TcpProbe {
+    fn spec(&self) -> &'static ProbeSpec {
+        &SPEC
+    }
+
+    fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
+    fn excluded_hooks(&self) -> &[HookKind] {
+        &self.cfg.exclude_hooks
+    }
+
+    fn records(&self) -> &'static [RecordKind] {
+        RECORDS
+    }
+
+    fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan) {
+        if let Some(note) = plan.task_layout(kctx) {
+            tracing::debug!(%note, "tcp: connects are attributed without the task layout");
+        }
+        let memory_on_v2 = !crate::cgroup::Hierarchies::discover().memory_is_v1();
+        let (tp, mut sock, notes) = layouts(kctx, dest_group_bits(&self.cfg.destinations), memory_on_v2);
+        let slots = self.cfg.conn_slots();
+        sock.conn_mask = slots.saturating_sub(1);
+        sock.conn_max_age_ns = u64::try_from(self.cfg.connect_max_age.as_nanos()).unwrap_or(u64::MAX);
+        for n in &notes {
+            tracing::warn!(note = %n, "TCP layout is partial");
+        }
+        // Socket fields as direct loads where the running kernel has `bpf_rdonly_cast` (its BTF
+        // ids are only meaningful for the running kernel's own BTF, not a `--btf-path` file).
+        let kfunc = match (&kctx.btf, kctx.btf_path.is_none()) {
+            (Ok(b), true) if sock.raw_valid != 0 => b
+                .type_id("bpf_rdonly_cast", true)
+                .and_then(|f| Some((f, b.type_id("sock", false)?, b.type_id("tcp_sock", false)?))),
+            _ => None,
+        };
+        if let Some((_, sock_id, tcp_id)) = kfunc {
+            sock.direct = 1;
+            sock.sock_btf_id = sock_id;
+            sock.tcp_sock_btf_id = tcp_id;
+        }
+        tracing::debug!(
+            direct = kfunc.is_some(),
+            "TCP socket fields: direct loads through bpf_rdonly_cast, else bpf_probe_read_kernel"
+        );
+        plan.global("TCP_TP_LAYOUT", &tp);
+        plan.global("SOCK_LAYOUT", &sock);
+        plan.map_size("TCP_CONNS", slots);
+        plan.map_size("TCP_COUNTS", self.cfg.max_series);
+        plan.map_size("TCP_HISTS", self.cfg.max_series);
+        let id = kfunc.map(|k| k.0);
+        plan.patch(Box::new(move |object: &mut Vec<u8>| {
+            *object = kfunc::patch_rdonly_cast(object, id);
+        }));
+    }
+
+    fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError> {
+        if !ctx.report.state.running() {
+            return Ok(Arc::new(crate::probe::Idle));
+        }
+        let mut with_port: LpmTrie<MapData, DestPortKey, u16> = ctx.take_map("TCP_DEST_PORT")?;
+        let mut any_port: LpmTrie<MapData, DestAnyKey, u16> = ctx.take_map("TCP_DEST_ANY")?;
+        load_destinations(&self.cfg.destinations, &mut with_port, &mut any_port)
+            .map_err(|e| StartError::Other(format!("probes.tcp.destinations: {e}")))?;
+        let maps = TcpMaps {
+            counts: ctx.take_map("TCP_COUNTS")?,
+            host_counts: ctx.take_map("TCP_HOST_COUNTS")?,
+            hists: ctx.take_map("TCP_HISTS")?,
+        };
+        // The loaded program references both tries, so they outlive these handles.
+        let slice = TcpSlice::new(
+            ctx.registry,
+            Arc::clone(ctx.hub),
+            &self.cfg,
+            Arc::clone(ctx.discovery),
+            maps,
+            ctx.vanished_grace,
+        )?;
+        Ok(slice)
+    }
+
+    fn discovery_interval(&self) -> Option<Duration> {
+        Some(DISCOVERY)
+    }
+}
+
+impl Running for TcpSlice {
+    fn handle(&self, _kind: u16, bytes: &[u8]) {
+        match crate::decode::read::<TcpFailureRecord>(bytes) {
+            Some(r) => self.handle_failure(&r),
+            None => tracing::error!(len = bytes.len(), "TCP record shorter than checked"),
+        }
+    }
+
+    fn after_discovery(&self, _stop: &tokio::sync::watch::Receiver<bool>) {
+        self.maintain();
     }
 }
 

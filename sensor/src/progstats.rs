@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use aya::Ebpf;
 
-use crate::probe::ProbeReport;
+use crate::probe::{ProbeReport, ProbeSpec};
 
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 /// `struct bpf_prog_info` up to and including `verified_insns` etc. (UAPI, stable).
@@ -56,10 +56,10 @@ pub struct ProgramMisses {
 
 impl ProgramMisses {
     /// Every attached program of every probe.
-    pub fn collect(ebpf: &Ebpf, reports: &[ProbeReport]) -> ProgramMisses {
+    pub fn collect(ebpf: &Ebpf, specs: &[&ProbeSpec], reports: &[ProbeReport]) -> ProgramMisses {
         let mut progs = Vec::new();
         for r in reports {
-            let Some(spec) = crate::loader::registry().iter().find(|s| s.name == r.probe) else {
+            let Some(spec) = specs.iter().find(|s| s.name == r.probe) else {
                 continue;
             };
             for (g, gr) in spec.groups.iter().zip(&r.groups) {

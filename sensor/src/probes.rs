@@ -1,0 +1,84 @@
+//! The one place that lists the kernel probes. Adding a probe is one line here (see
+//! docs/architecture.md); everything generic takes this list.
+
+use std::sync::Arc;
+
+use crate::{
+    config::Probes,
+    memcg::MemcgProbe,
+    oom::OomProbe,
+    probe::{Probe, ProbeSpec},
+    tcp::TcpProbe,
+};
+
+/// Every probe this build knows, configured, in registration order.
+pub fn all(cfg: &Probes) -> Vec<Arc<dyn Probe>> {
+    vec![
+        Arc::new(OomProbe::new(cfg.oom.clone())),
+        Arc::new(MemcgProbe::new(cfg.memcg.clone())),
+        Arc::new(TcpProbe::new(cfg.tcp.clone())),
+    ]
+}
+
+/// The specs (names and hook ladders) of every probe, independent of configuration.
+pub fn specs() -> Vec<&'static ProbeSpec> {
+    all(&Probes::default()).iter().map(|p| p.spec()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use object::{Object, ObjectSection, ObjectSymbol, SectionKind, SymbolKind};
+
+    use super::*;
+
+    /// The programs of the embedded object, by name: functions in a program section (named by
+    /// its hook type, e.g. `tracepoint`), not in `.text` (helpers such as `memcpy`).
+    fn programs() -> BTreeSet<String> {
+        let file = object::File::parse(crate::loader::object()).expect("the embedded eBPF object parses");
+        file.symbols()
+            .filter(|s| s.kind() == SymbolKind::Text && s.is_global())
+            .filter(|s| {
+                s.section_index()
+                    .and_then(|i| file.section_by_index(i).ok())
+                    .is_some_and(|sec| sec.kind() == SectionKind::Text && sec.name().is_ok_and(|n| n != ".text"))
+            })
+            .filter_map(|s| s.name().ok().map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn every_program_belongs_to_a_probe_and_every_hook_exists() {
+        let progs = programs();
+        assert!(!progs.is_empty(), "no programs found in the object");
+        let hooks: BTreeSet<String> = specs()
+            .iter()
+            .flat_map(|s| s.groups.iter())
+            .flat_map(|g| g.hooks.iter())
+            .map(|h| h.program.to_string())
+            .collect();
+        let missing: Vec<&String> = hooks.difference(&progs).collect();
+        assert!(
+            missing.is_empty(),
+            "hooks whose program is not in the object: {missing:?}"
+        );
+        let orphans: Vec<&String> = progs.difference(&hooks).collect();
+        assert!(orphans.is_empty(), "programs no registered probe attaches: {orphans:?}");
+    }
+
+    #[test]
+    fn names_counter_slots_and_record_kinds_are_unique() {
+        let specs = specs();
+        let names: BTreeSet<&str> = specs.iter().map(|s| s.name).collect();
+        assert_eq!(names.len(), specs.len(), "probe names are unique");
+        let slots: BTreeSet<u32> = specs.iter().map(|s| s.counter_id).collect();
+        assert_eq!(slots.len(), specs.len(), "counter slots are unique");
+        assert!(slots.iter().all(|s| *s < sensor_common::record::probe_id::COUNT));
+        let probes = all(&Probes::default());
+        let kinds: Vec<u16> = probes.iter().flat_map(|p| p.records()).map(|k| k.kind).collect();
+        let unique: BTreeSet<u16> = kinds.iter().copied().collect();
+        assert_eq!(unique.len(), kinds.len(), "each record kind has one owner: {kinds:?}");
+        assert!(!unique.contains(&0), "kind 0 is never valid");
+    }
+}
