@@ -1,6 +1,6 @@
 //! `sensor` command line. Errors are printed as one clear message, never a backtrace.
 
-use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use sensor::{config::Config, doctor, run};
@@ -108,49 +108,64 @@ struct RunArgs {
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// Fail unless every enabled probe attaches with its preferred hook.
-    #[arg(long)]
-    strict: bool,
-    #[arg(long)]
-    btf_path: Option<PathBuf>,
-    #[arg(long)]
-    tracefs_path: Option<PathBuf>,
-    #[arg(long)]
-    perf_ring_pages: Option<usize>,
-    /// TLS and basic auth for the endpoints (Prometheus exporter-toolkit web config file).
-    #[arg(long = "web.config.file")]
-    web_config_file: Option<PathBuf>,
-    #[arg(long = "probes.oom.enabled")]
-    oom_enabled: Option<bool>,
-    /// Hooks the OOM probe must not use, comma-separated (fentry,kprobe,raw_tracepoint,tracepoint).
-    #[arg(long = "probes.oom.exclude-hooks", value_delimiter = ',')]
-    oom_exclude_hooks: Option<Vec<sensor::probe::HookKind>>,
-    #[arg(long = "probes.memcg.enabled")]
-    memcg_enabled: Option<bool>,
-    #[arg(long = "probes.memcg.discovery-interval", value_parser = humantime::parse_duration)]
-    memcg_discovery_interval: Option<Duration>,
-    /// Hooks the TCP probe must not use, comma-separated (raw_tracepoint,tracepoint).
-    #[arg(long = "probes.tcp.exclude-hooks", value_delimiter = ',')]
-    tcp_exclude_hooks: Option<Vec<sensor::probe::HookKind>>,
-    #[arg(long = "probes.tcp.enabled")]
-    tcp_enabled: Option<bool>,
-    #[arg(long = "limits.workloads-per-metric")]
-    workloads_per_metric: Option<usize>,
-    #[arg(long = "limits.vanished-grace", value_parser = humantime::parse_duration)]
-    vanished_grace: Option<Duration>,
-    #[arg(long = "alerting.availability-threshold")]
-    availability_threshold: Option<f64>,
-    #[arg(long = "alerting.window", value_parser = humantime::parse_duration)]
-    alerting_window: Option<Duration>,
-    #[arg(long = "alerting.min-samples")]
-    alerting_min_samples: Option<usize>,
-    /// URL receiving each alert and recovery as a JSON POST.
-    #[arg(long = "alerting.webhook")]
-    alerting_webhook: Option<String>,
-    #[arg(long = "events.history")]
-    events_history: Option<usize>,
+    #[command(flatten)]
+    keys: ConfigFlags,
+}
+
+/// One flag per config key, derived from the keys themselves (see `config::flag_keys`).
+#[derive(Default)]
+struct ConfigFlags(Vec<sensor::config::Override>);
+
+impl clap::FromArgMatches for ConfigFlags {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut given = Vec::new();
+        for key in sensor::config::flag_keys() {
+            if let Some(values) = m.get_many::<String>(&key.key) {
+                given.push(sensor::config::Override {
+                    values: values.cloned().collect(),
+                    key,
+                });
+            }
+        }
+        Ok(ConfigFlags(given))
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for ConfigFlags {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        use sensor::config::FlagKind;
+        cmd = cmd.next_help_heading("Config keys (each overrides the key of the same name)");
+        for k in sensor::config::flag_keys() {
+            let mut arg = clap::Arg::new(k.key.clone())
+                .long(k.flag.clone())
+                .value_name(match k.kind {
+                    FlagKind::Bool => "BOOL",
+                    FlagKind::Text => "TEXT",
+                    FlagKind::List => "LIST",
+                    FlagKind::Yaml => "YAML",
+                })
+                .help(format!("config key {}", k.key));
+            arg = match k.kind {
+                FlagKind::Bool => arg
+                    .num_args(0..=1)
+                    .default_missing_value("true")
+                    .action(clap::ArgAction::Set),
+                FlagKind::List => arg.action(clap::ArgAction::Append),
+                FlagKind::Text | FlagKind::Yaml => arg.action(clap::ArgAction::Set),
+            };
+            cmd = cmd.arg(arg);
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 #[derive(Args)]
@@ -166,67 +181,11 @@ struct DoctorArgs {
 
 impl RunArgs {
     fn config(&self) -> anyhow::Result<Config> {
-        let mut c = match &self.config {
+        let c = match &self.config {
             Some(p) => Config::load(p)?,
             None => Config::parse(sensor::config::EMBEDDED_DEFAULT, "<embedded default>")?,
         };
-        if let Some(v) = self.listen {
-            c.listen = v;
-        }
-        c.strict |= self.strict;
-        if let Some(v) = &self.btf_path {
-            c.btf_path = Some(v.clone());
-        }
-        if let Some(v) = &self.tracefs_path {
-            c.tracefs_path = Some(v.clone());
-        }
-        if let Some(v) = self.perf_ring_pages {
-            c.perf_ring_pages = v;
-        }
-        if let Some(v) = &self.web_config_file {
-            c.web_config_file = Some(v.clone());
-        }
-        if let Some(v) = self.oom_enabled {
-            c.probes.oom.enabled = v;
-        }
-        if let Some(v) = &self.oom_exclude_hooks {
-            c.probes.oom.exclude_hooks = v.clone();
-        }
-        if let Some(v) = &self.tcp_exclude_hooks {
-            c.probes.tcp.exclude_hooks = v.clone();
-        }
-        if let Some(v) = self.memcg_enabled {
-            c.probes.memcg.enabled = v;
-        }
-        if let Some(v) = self.memcg_discovery_interval {
-            c.probes.memcg.discovery_interval = v;
-        }
-        if let Some(v) = self.tcp_enabled {
-            c.probes.tcp.enabled = v;
-        }
-        if let Some(v) = self.workloads_per_metric {
-            c.limits.workloads_per_metric = v;
-        }
-        if let Some(v) = self.vanished_grace {
-            c.limits.vanished_grace = v;
-        }
-        if let Some(v) = self.availability_threshold {
-            c.alerting.availability_threshold = v;
-        }
-        if let Some(v) = self.alerting_window {
-            c.alerting.window = v;
-        }
-        if let Some(v) = self.alerting_min_samples {
-            c.alerting.min_samples = v;
-        }
-        if let Some(v) = &self.alerting_webhook {
-            c.alerting.webhook = Some(v.clone());
-        }
-        if let Some(v) = self.events_history {
-            c.events.history = v;
-        }
-        c.validate("<command line>")?;
-        Ok(c)
+        Ok(c.with_overrides(&self.keys.0)?)
     }
 }
 

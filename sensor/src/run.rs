@@ -3,7 +3,10 @@
 
 use std::{
     io::Write as _,
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::Duration,
 };
 
@@ -236,6 +239,12 @@ impl Pipeline {
         privileges::require_tracing()?;
         let kernel_release = kernel::release();
         let probes = crate::probes::all(&cfg.probes);
+        // Everything slow that does not need the programs happens before they attach: between
+        // attaching and the readers' start the rings must hold what the kernel sends.
+        let discovery = {
+            let (n, g) = (cfg.limits.workloads_per_metric, cfg.limits.vanished_grace);
+            Arc::new(tokio::task::spawn_blocking(move || Discovery::new(Hierarchies::discover(), n, g)).await?)
+        };
         let loaded = load_probes(cfg, &probes).await?;
         let (ebpf, reports, rings) = (loaded.ebpf, loaded.reports, loaded.rings);
         log_reports(&reports);
@@ -246,16 +255,11 @@ impl Pipeline {
         let metrics = Arc::new(SelfMetrics::new(&kernel_release, &names));
         metrics.set_probe_reports(&specs, &reports);
         let hub = Arc::new(EventHub::new(cfg.events.history));
-        let (ebpf, started, discovery) = {
+        let (ebpf, started) = {
             let (cfg, probes, reports) = (cfg.clone(), probes.clone(), reports.clone());
-            let (metrics, hub) = (Arc::clone(&metrics), Arc::clone(&hub));
-            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let (n, g) = (cfg.limits.workloads_per_metric, cfg.limits.vanished_grace);
-                let discovery = Arc::new(Discovery::new(Hierarchies::discover(), n, g));
-                let (ebpf, started) = start_probes(ebpf, &cfg, &probes, &reports, &metrics, &hub, &discovery)?;
-                Ok((ebpf, started, discovery))
-            })
-            .await??
+            let (metrics, hub, discovery) = (Arc::clone(&metrics), Arc::clone(&hub), Arc::clone(&discovery));
+            tokio::task::spawn_blocking(move || start_probes(ebpf, &cfg, &probes, &reports, &metrics, &hub, &discovery))
+                .await??
         };
 
         let dispatcher = Arc::new(Dispatcher::new(
@@ -421,53 +425,75 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 /// `sensor events`: one JSON line per event on stdout until SIGTERM/SIGINT.
 ///
 /// stdout is written by a thread of its own: a consumer that stops reading stalls only that
-/// thread, never the readers. Events it falls behind on are skipped and counted (logged, and in
-/// the final summary); a closed stdout ends the command with an error.
+/// thread, never the readers. Events it falls behind on are skipped and counted (logged as they
+/// happen, and in the summary at the end); a closed stdout ends the command with an error.
 pub async fn events(cfg: Config) -> anyhow::Result<()> {
     let pipeline = Pipeline::start(&cfg).await?;
     let rx = pipeline.hub.subscribe();
+    let counts = Arc::new(PrintCounts::default());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let c = Arc::clone(&counts);
     std::thread::Builder::new()
         .name("sensor-events-out".into())
         .spawn(move || {
-            let _ = done_tx.send(print_events(rx, std::io::stdout()));
+            let _ = done_tx.send(print_events(rx, std::io::stdout(), &c));
         })
         .context("cannot start the event printer")?;
     tracing::info!("streaming events as JSON lines");
-    let result = tokio::select! {
+    let mut done_rx = done_rx;
+    let stopped_by_printer = tokio::select! {
         sig = shutdown_signal() => {
             tracing::info!(signal = sig?, "stopping");
-            Ok(())
+            None
         }
-        printed = done_rx => match printed {
-            Ok(Err(e)) => Err(anyhow::Error::new(e).context("stdout")),
-            _ => Ok(()),
-        },
+        printed = &mut done_rx => Some(printed),
     };
+    // Stopping drops every sender of the hub: the printer writes what is queued and ends.
     pipeline.shutdown().await;
-    result
+    let printed = match stopped_by_printer {
+        Some(p) => Some(p),
+        None => tokio::time::timeout(Duration::from_secs(2), done_rx).await.ok(),
+    };
+    tracing::info!(
+        printed = counts.printed.load(Ordering::Relaxed),
+        skipped = counts.skipped.load(Ordering::Relaxed),
+        "event stream ended"
+    );
+    match printed {
+        Some(Ok(Err(e))) => Err(anyhow::Error::new(e).context("stdout")),
+        _ => Ok(()),
+    }
 }
 
-/// Writes each event as a JSON line until the hub closes or a write fails; skipped events are
-/// counted and reported.
+/// What the event printer wrote and what it had to skip.
+#[derive(Default)]
+struct PrintCounts {
+    printed: AtomicU64,
+    skipped: AtomicU64,
+}
+
+/// Writes each event as a JSON line until the hub closes or a write fails.
 fn print_events(
     mut rx: tokio::sync::broadcast::Receiver<Arc<crate::events::Sequenced>>,
     out: impl std::io::Write,
+    counts: &PrintCounts,
 ) -> std::io::Result<()> {
     use tokio::sync::broadcast::error::RecvError;
     let mut out = std::io::LineWriter::new(out);
-    let mut skipped = 0u64;
     loop {
         match rx.blocking_recv() {
             Ok(ev) => match serde_json::to_string(&*ev) {
-                Ok(line) => writeln!(out, "{line}")?,
+                Ok(line) => {
+                    writeln!(out, "{line}")?;
+                    counts.printed.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e) => tracing::error!(error = %e, seq = ev.seq, "event not serializable; skipped"),
             },
             Err(RecvError::Lagged(n)) => {
-                skipped += n;
+                let total = counts.skipped.fetch_add(n, Ordering::Relaxed) + n;
                 tracing::warn!(
                     skipped = n,
-                    total_skipped = skipped,
+                    total_skipped = total,
                     "stdout's reader fell behind; events skipped (still in /api/v1/events of a daemon)"
                 );
             }

@@ -235,10 +235,12 @@ fn oom_storm_with_a_stalled_then_closed_log_pipe() {
         return;
     }
     let cg = MemCgroup::new("sensor-it-storm-pipe", 64 << 20);
-    // stderr into a pipe nobody reads: a stalled log shim or journald. A short log queue so the
-    // stall also drops (and counts) lines.
+    // stderr into a pipe nobody reads: a stalled log shim or journald. One page of pipe and a
+    // short log queue, so a few dozen kill lines stall the writer and drop (and count) lines
+    // however fast the storm runs.
     let (write_end, read_end) = pipe();
-    let d = Daemon::start_with_stderr(&["--log-queue-lines", "64"], Some(Stdio::from(write_end)));
+    assert_eq!(shrink_pipe(&read_end), 4096);
+    let d = Daemon::start_with_stderr(&["--log-queue-lines", "16"], Some(Stdio::from(write_end)));
     let scraper = Scraper::start(d.port);
     let vm0 = vmstat_oom_kill();
 
@@ -248,7 +250,7 @@ fn oom_storm_with_a_stalled_then_closed_log_pipe() {
     let caused = vmstat_oom_kill() - vm0;
     assert!(caused >= 50, "a storm: only {caused} kills in {secs:.1} s");
     assert!(
-        pipe_fill(&read_end) > 50_000,
+        pipe_fill(&read_end) > 2048,
         "the log pipe should be full (the daemon stalled on stderr); it holds {} bytes",
         pipe_fill(&read_end)
     );
@@ -379,9 +381,12 @@ fn stalled_consumers_slow_nothing_else() {
     .unwrap();
     let (write_end, read_end) = pipe();
     assert_eq!(shrink_pipe(&read_end), 4096);
-    let d = Daemon::start_with_stderr(
-        &["--config", cfg.to_str().unwrap(), "--log-queue-lines", "2"],
+    // Debug logging (a few lines per scrape and check run) fills the page of pipe and the
+    // short queue within the first seconds.
+    let d = Daemon::start_with(
+        &["--config", cfg.to_str().unwrap(), "--log-queue-lines", "16"],
         Some(Stdio::from(write_end)),
+        &[("RUST_LOG", "debug")],
     );
     let scraper = Scraper::start(d.port);
     let started = Instant::now();
@@ -514,25 +519,41 @@ fn sensor_events_with_a_stalled_stdout_counts_what_it_skips() {
         let e: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
         assert_eq!(e["type"], "tcp_connect_failure", "{l}");
     }
-    let skipped: u64 = text
+    // The summary at the end: what it printed and what it skipped.
+    let summary = text
         .lines()
-        .filter(|l| l.contains("events skipped"))
-        .filter_map(|l| l.split("skipped=").nth(1))
-        .filter_map(|v| v.split_whitespace().next())
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum();
+        .find(|l| l.contains("event stream ended"))
+        .unwrap_or_else(|| panic!("no summary line\n{text}"));
+    let field = |k: &str| -> u64 {
+        summary
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {summary}"))
+    };
+    let (printed, skipped) = (field("printed"), field("skipped"));
+    let ours = lines
+        .iter()
+        .filter(|l| l.contains(&format!("\"port\":{}", target.port())))
+        .count() as u64;
     eprintln!(
-        "sensor events: {} printed, {skipped} skipped of {CONNECTS}",
+        "sensor events: {} lines ({ours} of this test's connects), {skipped} skipped, of {CONNECTS} connects",
         lines.len()
+    );
+    assert_eq!(
+        printed,
+        lines.len() as u64,
+        "the summary counts every line written\n{text}"
     );
     assert!(
         skipped > 0,
         "a stalled stdout makes the printer skip (and count) events\n{text}"
     );
-    assert_eq!(
-        lines.len() as u64 + skipped,
-        CONNECTS,
-        "printed + skipped = every event\n{text}"
+    // Other processes on the host may fail connects too: every one of ours is printed or
+    // skipped, and nothing is both.
+    assert!(
+        ours + skipped >= CONNECTS && ours <= CONNECTS,
+        "printed {ours} of ours + skipped {skipped} must cover the {CONNECTS} connects\n{text}"
     );
     assert_eq!(st.code(), Some(0), "{text}");
 }

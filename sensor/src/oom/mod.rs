@@ -406,11 +406,14 @@ pub struct OomSlice {
 }
 
 impl OomSlice {
+    /// `scopes` classifies kills from their stacks where the context hook is missing (read from
+    /// kallsyms before the programs attach, so starting is quick).
     pub fn new(
         registry: &Registry,
         hub: Arc<EventHub>,
         workloads_per_metric: usize,
         grace: Duration,
+        scopes: Option<ScopeResolver>,
     ) -> prometheus::Result<OomSlice> {
         let mut labels = vec!["scope"];
         labels.extend(WORKLOAD_LABELS);
@@ -447,13 +450,6 @@ impl OomSlice {
         registry.register(Box::new(last_kill.clone()))?;
         registry.register(Box::new(discrepancy.clone()))?;
         discrepancy.with_label_values(&["vmstat", "", "", ""]).set(0.0);
-        let scopes = match ScopeResolver::from_kallsyms() {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!(error = %e, "OOM scope classification from stacks unavailable");
-                None
-            }
-        };
         let cgroups = Hierarchies::discover();
         let cross = CrossCheck {
             vmstat_base: vmstat_oom_kill(),
@@ -605,11 +601,16 @@ impl OomSlice {
 /// kill's context from `oom_kill_process`; one record per kill.
 pub struct OomProbe {
     cfg: config::OomConfig,
+    /// Read in `prepare` (before attaching), taken by `start`.
+    scopes: Mutex<Option<ScopeResolver>>,
 }
 
 impl OomProbe {
     pub fn new(cfg: config::OomConfig) -> OomProbe {
-        OomProbe { cfg }
+        OomProbe {
+            cfg,
+            scopes: Mutex::new(None),
+        }
     }
 }
 
@@ -645,14 +646,22 @@ impl Probe for OomProbe {
             tracing::warn!(note = %n, "OOM layout is partial");
         }
         layouts.apply(plan);
+        if self.cfg.enabled {
+            let scopes = ScopeResolver::from_kallsyms()
+                .map_err(|e| tracing::warn!(error = %e, "OOM scope classification from stacks unavailable"))
+                .ok();
+            *self.scopes.lock().unwrap_or_else(|p| p.into_inner()) = scopes;
+        }
     }
 
     fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError> {
+        let scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner()).take();
         let slice = OomSlice::new(
             ctx.registry,
             Arc::clone(ctx.hub),
             ctx.workloads_per_metric,
             ctx.vanished_grace,
+            scopes,
         )?;
         Ok(Arc::new(slice))
     }

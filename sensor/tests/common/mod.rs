@@ -174,12 +174,18 @@ impl Daemon {
     /// [`Daemon::start`] with stderr going to `stderr` (e.g. a pipe) instead of the log file
     /// (which then stays empty).
     pub fn start_with_stderr(extra: &[&str], stderr: Option<Stdio>) -> Daemon {
+        Daemon::start_with(extra, stderr, &[])
+    }
+
+    /// [`Daemon::start_with_stderr`] with extra environment variables (e.g. `RUST_LOG`).
+    pub fn start_with(extra: &[&str], stderr: Option<Stdio>, env: &[(&str, &str)]) -> Daemon {
         let port = free_port();
         let stderr_path = std::env::temp_dir().join(format!("sensor-test-{}-{port}.log", std::process::id()));
         let log = std::fs::File::create(&stderr_path).expect("log file");
         let child = Command::new(SENSOR)
             .args(["run", "--listen", &format!("127.0.0.1:{port}")])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(stderr.unwrap_or_else(|| log.into()))
             .spawn()
