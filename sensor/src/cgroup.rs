@@ -21,31 +21,37 @@ pub struct Hierarchies {
 }
 
 impl Hierarchies {
+    /// From this process's mount table; none found when it cannot be read (logged).
     pub fn discover() -> Hierarchies {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        Hierarchies::parse_mountinfo(&text)
+        match procfs::process::Process::myself().and_then(|p| p.mountinfo()) {
+            Ok(m) => Hierarchies::from_mounts(&m.0),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read /proc/self/mountinfo; no cgroup hierarchy found");
+                Hierarchies::from_mounts(&[])
+            }
+        }
     }
 
+    /// Parses mountinfo text (tests and callers holding the text).
     pub fn parse_mountinfo(text: &str) -> Hierarchies {
+        use procfs::FromBufRead as _;
+        let mounts = procfs::process::MountInfos::from_buf_read(text.as_bytes())
+            .map(|m| m.0)
+            .unwrap_or_default();
+        Hierarchies::from_mounts(&mounts)
+    }
+
+    /// The first cgroup2 mount, and the first v1 mount with the memory controller.
+    fn from_mounts(mounts: &[procfs::process::MountInfo]) -> Hierarchies {
         let mut h = Hierarchies {
             memory_v1: None,
             unified: None,
         };
-        for line in text.lines() {
-            // "... mountpoint opts ... - fstype source superopts"
-            let Some((pre, post)) = line.split_once(" - ") else {
-                continue;
-            };
-            let pre: Vec<&str> = pre.split(' ').collect();
-            let post: Vec<&str> = post.split(' ').collect();
-            let (Some(mnt), Some(fstype)) = (pre.get(4), post.first()) else {
-                continue;
-            };
-            let superopts = post.get(2).copied().unwrap_or("");
-            match *fstype {
-                "cgroup2" if h.unified.is_none() => h.unified = Some(PathBuf::from(mnt)),
-                "cgroup" if h.memory_v1.is_none() && superopts.split(',').any(|o| o == "memory") => {
-                    h.memory_v1 = Some(PathBuf::from(mnt))
+        for m in mounts {
+            match m.fs_type.as_str() {
+                "cgroup2" if h.unified.is_none() => h.unified = Some(m.mount_point.clone()),
+                "cgroup" if h.memory_v1.is_none() && m.super_options.contains_key("memory") => {
+                    h.memory_v1 = Some(m.mount_point.clone())
                 }
                 _ => {}
             }

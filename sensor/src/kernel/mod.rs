@@ -10,6 +10,8 @@ pub mod tracefs;
 
 /// `uname -r` of the running kernel.
 pub fn release() -> String {
+    // procfs parses this into numbers only; the string (with its distribution suffix) is
+    // what users recognise.
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".to_string())

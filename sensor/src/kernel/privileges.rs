@@ -14,10 +14,10 @@ pub struct Caps {
 }
 
 impl Caps {
-    pub fn current() -> std::io::Result<Caps> {
-        let status = std::fs::read_to_string("/proc/self/status")?;
+    pub fn current() -> Result<Caps, procfs::ProcError> {
+        let status = procfs::process::Process::myself()?.status()?;
         Ok(Caps {
-            effective: parse_cap_eff(&status).unwrap_or(0),
+            effective: status.capeff,
         })
     }
 
@@ -29,13 +29,6 @@ impl Caps {
     pub fn can_trace(&self) -> bool {
         (self.has(CAP_BPF) && self.has(CAP_PERFMON)) || self.has(CAP_SYS_ADMIN)
     }
-}
-
-fn parse_cap_eff(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
 /// Fails with [`NEEDS`] unless this process may load and attach tracing programs.
@@ -52,16 +45,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_capeff() {
-        let s = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
-        let c = Caps {
-            effective: parse_cap_eff(s).unwrap(),
+    fn tracing_needs_bpf_and_perfmon_or_sys_admin() {
+        let all = Caps {
+            effective: 0x1ff_ffff_ffff,
         };
-        assert!(c.can_trace());
-        let none = Caps {
-            effective: parse_cap_eff("CapEff:\t0000000000000000\n").unwrap(),
-        };
+        assert!(all.can_trace());
+        let none = Caps { effective: 0 };
         assert!(!none.can_trace());
+        assert!(Caps {
+            effective: 1 << CAP_SYS_ADMIN
+        }
+        .can_trace());
         let bpf_only = Caps {
             effective: 1 << CAP_BPF,
         };

@@ -28,38 +28,23 @@ pub struct Psi {
     pub full: Option<PsiLine>,
 }
 
-/// Parses `some avg10=.. avg60=.. avg300=.. total=..` / `full ...`; `None` if `some` is missing.
+/// Parses a memory pressure file (`some avg10=.. avg60=.. avg300=.. total=..` and `full ...`,
+/// with procfs' parser); `None` when it is not one.
 pub fn parse(text: &str) -> Option<Psi> {
-    let mut some = None;
-    let mut full = None;
-    for line in text.lines() {
-        let mut it = line.split_whitespace();
-        let kind = it.next();
-        let mut l = PsiLine::default();
-        let mut have_total = false;
-        for kv in it {
-            let Some((k, v)) = kv.split_once('=') else { continue };
-            match k {
-                "avg10" => l.avg10 = v.parse().ok()?,
-                "avg60" => l.avg60 = v.parse().ok()?,
-                "avg300" => l.avg300 = v.parse().ok()?,
-                "total" => {
-                    l.total_us = v.parse().ok()?;
-                    have_total = true;
-                }
-                _ => {}
-            }
-        }
-        if !have_total {
-            continue;
-        }
-        match kind {
-            Some("some") => some = Some(l),
-            Some("full") => full = Some(l),
-            _ => {}
-        }
-    }
-    Some(Psi { some: some?, full })
+    use procfs::FromBufRead as _;
+    let p = procfs::MemoryPressure::from_buf_read(text.as_bytes()).ok()?;
+    // procfs keeps the averages as f32; through their decimal text they stay what the file says.
+    let exact = |v: f32| v.to_string().parse::<f64>().unwrap_or(f64::from(v));
+    let line = |r: &procfs::PressureRecord| PsiLine {
+        avg10: exact(r.avg10),
+        avg60: exact(r.avg60),
+        avg300: exact(r.avg300),
+        total_us: r.total,
+    };
+    Some(Psi {
+        some: line(&p.some),
+        full: Some(line(&p.full)),
+    })
 }
 
 pub fn read(path: &Path) -> Option<Psi> {
@@ -249,8 +234,18 @@ mod tests {
         assert_eq!(p.some.total_us, 170171);
         assert_eq!(p.some.avg10, 1.5);
         assert_eq!(p.full.unwrap().total_us, 106957);
-        let no_full = parse("some avg10=0.00 avg60=0.00 avg300=0.00 total=5\n").unwrap();
-        assert!(no_full.full.is_none());
+        assert!(
+            parse("some avg10=0.00 avg60=0.00 avg300=0.00 total=5\n").is_none(),
+            "memory pressure always has its full line"
+        );
+        assert_eq!(
+            parse("some avg10=0.12 avg60=0.00 avg300=0.00 total=5\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=1\n")
+                .unwrap()
+                .some
+                .avg10,
+            0.12,
+            "averages keep their decimal value"
+        );
         assert!(parse("").is_none());
         assert!(parse("garbage\nsome avg10=x total=1\n").is_none());
     }

@@ -360,10 +360,10 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 
 /// Kernel-side OOM kill counts the sensor checks itself against.
 fn vmstat_oom_kill() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/vmstat").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|v| v.trim().parse().ok())
+    procfs::vmstat()
+        .ok()?
+        .get("oom_kill")
+        .and_then(|v| u64::try_from(*v).ok())
 }
 
 /// A memory cgroup's own (non-hierarchical) kill count: `memory.events.local` on v2,
