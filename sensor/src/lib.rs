@@ -21,6 +21,7 @@ pub mod memcg;
 pub mod metrics;
 pub mod oom;
 pub mod probe;
+pub mod remediate;
 pub mod run;
 pub mod tcp;
 pub mod top;
