@@ -1051,24 +1051,8 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // Groups: per receiver, the labels each notification is grouped by, and its size.
-    let (_, body) = http_get(port, "/api/v2/alerts/groups").unwrap();
-    let groups: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-    let mut got: Vec<(String, String, usize)> = groups
-        .iter()
-        .map(|g| {
-            let labels: std::collections::BTreeMap<String, String> =
-                serde_json::from_value(g["labels"].clone()).unwrap();
-            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            (
-                g["receiver"]["name"].as_str().unwrap().to_string(),
-                labels.join(","),
-                g["alerts"].as_array().unwrap().len(),
-            )
-        })
-        .filter(|(r, _, _)| r != "remediation")
-        .collect();
-    got.sort();
+    // Groups: per receiver, the labels each notification is grouped by, and its size. The
+    // dispatcher takes alerts in asynchronously: poll until every group is there.
     let want: Vec<(String, String, usize)> = [
         // The fleet alert: one notification for the fleet.
         ("page", "alertname=SensorFleetOOMHostRatioHigh", 1),
@@ -1078,30 +1062,46 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
         ("ticket", "alertname=SensorOOMKillStorm,cluster=c1,instance=h1", 1),
         ("ticket", "alertname=SensorOOMKillStorm,cluster=c1,instance=h2", 1),
         // Workload alerts: by namespace, across hosts (h2 and h3 in one notification).
-        (
-            "ticket",
-            "alertname=SensorWorkloadOOMKillStorm,cluster=c1,namespace=cart",
-            1,
-        ),
-        (
-            "ticket",
-            "alertname=SensorWorkloadOOMKillStorm,cluster=c1,namespace=shop",
-            2,
-        ),
+        ("ticket", "alertname=SensorWorkloadOOMKillStorm,cluster=c1,namespace=cart", 1),
+        ("ticket", "alertname=SensorWorkloadOOMKillStorm,cluster=c1,namespace=shop", 2),
+        // The remediation receiver gets each of its alerts in a notification of its own.
+        ("remediation", "alertname=SensorWorkloadOOMKillStorm,cluster=c1,instance=h1,namespace=cart,pod=c,severity=warning,target=workload", 1),
+        ("remediation", "alertname=SensorWorkloadOOMKillStorm,cluster=c1,instance=h2,namespace=shop,pod=a,severity=warning,target=workload", 1),
+        ("remediation", "alertname=SensorWorkloadOOMKillStorm,cluster=c1,instance=h3,namespace=shop,pod=b,severity=warning,target=workload", 1),
     ]
     .iter()
     .map(|(r, l, n)| (r.to_string(), l.to_string(), *n))
     .collect();
     let mut want = want;
     want.sort();
-    assert_eq!(got, want, "{body}");
-    // The remediation receiver gets each of its alerts in a notification of its own.
-    let remediation: Vec<&serde_json::Value> = groups
-        .iter()
-        .filter(|g| g["receiver"]["name"] == "remediation")
-        .collect();
-    assert_eq!(remediation.len(), 3, "{body}");
-    assert!(remediation.iter().all(|g| g["alerts"].as_array().unwrap().len() == 1));
+    let start = std::time::Instant::now();
+    loop {
+        let (_, body) = http_get(port, "/api/v2/alerts/groups").unwrap();
+        let groups: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+        let mut got: Vec<(String, String, usize)> = groups
+            .iter()
+            .map(|g| {
+                let labels: std::collections::BTreeMap<String, String> =
+                    serde_json::from_value(g["labels"].clone()).unwrap_or_default();
+                let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                (
+                    g["receiver"]["name"].as_str().unwrap_or_default().to_string(),
+                    labels.join(","),
+                    g["alerts"].as_array().map_or(0, Vec::len),
+                )
+            })
+            .collect();
+        got.sort();
+        if got == want {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "groups:\n{got:#?}\nwant:\n{want:#?}\n{body}\n{}",
+            am.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     drop(am);
     let _ = std::fs::remove_dir_all(&dir);
 }
