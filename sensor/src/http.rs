@@ -96,6 +96,29 @@ async fn checks(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// Serves `app` on `listener` until `stop` turns true: HTTPS with `tls`, else plain HTTP.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    match tls {
+        Some(acceptor) => serve_tls(listener, acceptor, app, stop).await,
+        None => {
+            let mut stop = stop;
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }
+    }
+}
+
 /// HTTPS: each connection's handshake runs in its own task (a slow client delays nobody), then
 /// HTTP/1.1 on the TLS stream; returns when `stop` turns true.
 pub async fn serve_tls(

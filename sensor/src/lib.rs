@@ -23,6 +23,7 @@ pub mod oom;
 pub mod probe;
 pub mod probes;
 pub mod progstats;
+pub mod remediate;
 pub mod run;
 pub mod serde_duration;
 pub mod tcp;

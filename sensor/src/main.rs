@@ -1,6 +1,6 @@
 //! `sensor` command line. Errors are printed as one clear message, never a backtrace.
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use sensor::{config::Config, doctor, run};
@@ -35,6 +35,50 @@ enum Cmd {
     Check(CheckArgs),
     /// Console dashboard of a running daemon: checks (10 minutes, 1 hour), alerts, OOM and TCP.
     Top(TopArgs),
+    /// Receive Alertmanager webhooks and run the configured actions behind guard rails
+    /// (dry-run unless the config says `dry_run: false`).
+    Remediate(RemediateArgs),
+}
+
+/// Flags override the config key of the same name.
+#[derive(Args)]
+struct RemediateArgs {
+    /// YAML config file (deploy/remediate/remediate.yaml is a documented example); unset
+    /// means defaults: dry run, no rules.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// TLS and basic auth (Prometheus exporter-toolkit web config file).
+    #[arg(long = "web.config.file")]
+    web_config_file: Option<PathBuf>,
+    /// `--dry-run false` runs the actions.
+    #[arg(long)]
+    dry_run: Option<bool>,
+}
+
+impl RemediateArgs {
+    fn config(&self) -> anyhow::Result<sensor::remediate::config::Config> {
+        use sensor::remediate::config::Config as RConfig;
+        let mut c = match &self.config {
+            Some(p) => RConfig::load(p)?,
+            None => RConfig::default(),
+        };
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = &self.web_config_file {
+            c.web_config_file = Some(v.clone());
+        }
+        if let Some(v) = self.dry_run {
+            c.dry_run = v;
+        }
+        c.validate("<command line>")?;
+        Ok(c)
+    }
 }
 
 #[derive(Args)]
@@ -238,6 +282,15 @@ fn main() -> ExitCode {
             } else {
                 sensor::top::interactive(opts)
             }
+        })(),
+        Cmd::Remediate(args) => (|| -> anyhow::Result<()> {
+            let cfg = args.config()?;
+            if args.print_config {
+                print!("{}", serde_yaml_ng::to_string(&cfg)?);
+                return Ok(());
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(sensor::remediate::run(cfg))
         })(),
         Cmd::Doctor(args) => (|| -> anyhow::Result<()> {
             let opts = sensor::loader::LoadOptions {

@@ -386,22 +386,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let http_stop = checks_stop_rx.clone();
     let tls = web.as_ref().and_then(|w| w.tls.clone());
     let app = http::router(state, web);
-    let server = tokio::spawn(async move {
-        match tls {
-            Some(acceptor) => http::serve_tls(listener, acceptor, app, http_stop).await,
-            None => {
-                let mut stop = http_stop;
-                let r = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "HTTP server failed");
-                }
-            }
-        }
-    });
+    let server = tokio::spawn(http::serve(listener, app, tls, http_stop));
     health.set_started(true);
     tracing::info!(listen = %local, kernel = %kernel_release, "sensor running");
 

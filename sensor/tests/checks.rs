@@ -1256,3 +1256,63 @@ fn web_config_serves_tls_and_basic_auth() {
         "{err}"
     );
 }
+
+#[test]
+fn remediate_honours_the_web_config_tls_and_basic_auth() {
+    // `sensor remediate` takes the same web config file as `sensor run`: HTTPS with the PKI's
+    // certificate, and basic auth on every route.
+    let p = pki();
+    let web = tmp("remediate-web.yml");
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  alertmanager: '{hash}'\n",
+            p.server_pem.display(),
+            p.server_key.display()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut child = std::process::Command::new(SENSOR)
+        .args([
+            "remediate",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--web.config.file",
+        ])
+        .arg(&web)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ca = p.ca_pem.display();
+    let ok = format!("Basic {}", sensor::webconfig::base64_encode(b"alertmanager:s3cret"));
+    let probe_cfg = write_config(
+        "remediate-probe.yaml",
+        &format!(
+            "checks:
+  - {{name: authorized, type: http, url: 'https://127.0.0.1:{port}/metrics', tls: {{ca_file: '{ca}'}}, headers: {{Authorization: '{ok}'}}, expect: {{body_regex: 'sensor_remediation_webhooks_total'}}}}
+  - {{name: audit, type: http, url: 'https://127.0.0.1:{port}/api/v1/remediations', tls: {{ca_file: '{ca}'}}, headers: {{Authorization: '{ok}'}}, expect: {{body_regex: '^\\[\\]$'}}}}
+  - {{name: anonymous, type: http, url: 'https://127.0.0.1:{port}/api/v1/remediations', tls: {{ca_file: '{ca}'}}}}
+  - {{name: plain-http, type: http, url: 'http://127.0.0.1:{port}/healthz', timeout: 2s}}
+"
+        ),
+    );
+    let start = Instant::now();
+    let results = loop {
+        let r = sensor_check(&probe_cfg);
+        if by_name(&r, "authorized")["success"] == true || start.elapsed() > Duration::from_secs(15) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    for n in ["authorized", "audit"] {
+        let r = by_name(&results, n);
+        assert_eq!(r["success"], true, "{r}");
+        assert!(r["phases"]["tls"].is_number(), "{r}");
+    }
+    assert_eq!(by_name(&results, "anonymous")["status"], 401);
+    assert!(by_name(&results, "plain-http")["status"].is_null());
+}

@@ -503,3 +503,138 @@ pub fn probe_report<'a>(probes: &'a serde_json::Value, name: &str) -> &'a serde_
         .and_then(|ps| ps.iter().find(|p| p["probe"] == name))
         .unwrap_or_else(|| panic!("no {name} probe in {probes}"))
 }
+
+/// Minimal HTTP/1.0 request with an optional body and extra header lines; returns (status,
+/// body).
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    if let Some(b) = body {
+        s.write_all(b.as_bytes())?;
+    }
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// True when `bin` runs; else fails under CI=true (CI must not go green without it) or prints
+/// why the test is skipped.
+pub fn require_tool(bin: &str, how: &str) -> bool {
+    if Command::new(bin).arg("--version").output().is_ok() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("CI=true but {bin} is missing ({how})");
+    }
+    eprintln!("SKIP: {bin} missing ({how})");
+    false
+}
+
+/// A server process on a loopback port (Prometheus, Alertmanager, `sensor remediate`), its
+/// stderr and stdout in `log`; killed on drop.
+pub struct Service {
+    pub name: String,
+    pub child: Option<Child>,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Service {
+    /// Spawns `cmd` and waits until GET `ready` answers 200.
+    pub fn start(name: &str, cmd: Command, port: u16, ready: &str, log: PathBuf) -> Service {
+        let mut s = Service::spawn(name, cmd, port, log);
+        s.wait_ready(ready);
+        s
+    }
+
+    /// Spawns `cmd` without waiting (see [`Service::wait_until`]).
+    pub fn spawn(name: &str, mut cmd: Command, port: u16, log: PathBuf) -> Service {
+        let f = std::fs::File::create(&log).expect("log file");
+        let child = cmd
+            .stdout(f.try_clone().expect("log fd"))
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Service {
+            name: name.to_string(),
+            child: Some(child),
+            port,
+            log,
+        }
+    }
+
+    pub fn wait_ready(&mut self, ready: &str) {
+        self.wait_until(|port| matches!(http_get(port, ready), Ok((200, _))));
+    }
+
+    /// Waits (30 s at most) until `ready(port)`; panics with the log when the process exits.
+    pub fn wait_until(&mut self, ready: impl Fn(u16) -> bool) {
+        let start = Instant::now();
+        loop {
+            if ready(self.port) {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("{} exited with {st}:\n{}", self.name, self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{} not ready:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then SIGKILL after 20 s; returns once it has exited.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid with a valid signal number.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while !matches!(c.try_wait(), Ok(Some(_))) {
+                if start.elapsed() > Duration::from_secs(20) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

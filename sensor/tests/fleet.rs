@@ -1,0 +1,377 @@
+//! From a real OOM storm to a remediation, live, on loopback: a real sensor, a per-cluster
+//! Prometheus in agent mode (deploy/prometheus/agent.yml), a central Prometheus receiving its
+//! remote writes and running the fleet rules (central.yml, sensor-rules.yml), a real
+//! Alertmanager (deploy/alertmanager/alertmanager.yml) and `sensor remediate`
+//! (deploy/remediate/remediate.yaml) behind basic auth. The test configs are generated from the
+//! shipped files (loaded as YAML, intervals and targets overridden); the shipped files are
+//! never edited. Under CI=true a missing tool fails the test.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use serde_yaml_ng::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn load(rel: &str) -> Value {
+    serde_yaml_ng::from_str(&std::fs::read_to_string(root().join(rel)).unwrap()).unwrap()
+}
+
+fn write(path: &Path, v: &Value) {
+    std::fs::write(path, serde_yaml_ng::to_string(v).unwrap()).unwrap();
+}
+
+fn y(s: &str) -> Value {
+    serde_yaml_ng::from_str(s).unwrap()
+}
+
+/// Instant query on a Prometheus; the result vector (empty on any error).
+fn query(port: u16, expr: &str) -> Vec<serde_json::Value> {
+    let q: String = form_urlencoded::byte_serialize(expr.as_bytes()).collect();
+    let Ok((200, body)) = http_get(port, &format!("/api/v1/query?query={q}")) else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+fn value(series: &serde_json::Value) -> f64 {
+    series["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Polls `f` every 200 ms until it returns Some, for at most `limit`.
+fn wait<T>(what: &str, limit: Duration, explain: impl Fn() -> String, f: impl Fn() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            eprintln!("{what}: after {:.1}s", start.elapsed().as_secs_f64());
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("{what}: not within {limit:?}\n{}", explain());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const AUTH: &str = "Authorization: Basic YWxlcnRtYW5hZ2VyOnMzY3JldA=="; // alertmanager:s3cret
+
+#[test]
+fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
+    let Some(_k) = privileged("oom_storm_reaches_remediation_through_agent_central_and_alertmanager") else {
+        return;
+    };
+    if !require_tool("prometheus", "apt-get install prometheus; .ci/run does it")
+        || !require_tool(
+            "prometheus-alertmanager",
+            "apt-get install prometheus-alertmanager; .ci/run does it",
+        )
+    {
+        return;
+    }
+    let t0 = Instant::now();
+    let tmp = std::env::temp_dir().join(format!("sensor-fleet-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let cg = MemCgroup::new("sensor-it-fleet", 24 << 20);
+    let d = Daemon::start(&["--probes.tcp.enabled", "false"]);
+    let instance = format!("127.0.0.1:{}", d.port);
+    let (agent_port, central_port, am_port, rem_port) = (free_port(), free_port(), free_port(), free_port());
+
+    // sensor remediate: the shipped example, acting (not dry-run), behind basic auth; the
+    // storm rule's action appends the alert to a file.
+    let actions_file = tmp.join("actions.log");
+    let mut rem = load("deploy/remediate/remediate.yaml");
+    rem["listen"] = y(&format!("127.0.0.1:{rem_port}"));
+    rem["dry_run"] = Value::Bool(false);
+    rem["web_config_file"] = y(&tmp.join("web.yml").display().to_string());
+    std::fs::write(
+        tmp.join("web.yml"),
+        format!(
+            "basic_auth_users:\n  alertmanager: {}\n",
+            bcrypt::hash("s3cret", 4).unwrap()
+        ),
+    )
+    .unwrap();
+    let rules = rem["rules"].as_sequence_mut().unwrap();
+    let storm = rules
+        .iter_mut()
+        .find(|r| r["alert"] == "SensorWorkloadOOMKillStorm")
+        .expect("the example has the storm rule");
+    // A cgroup outside Kubernetes has no namespace/pod: the target is the host's cgroup.
+    storm["target_labels"] = y("[instance, cgroup]");
+    storm["cooldown"] = y("10m");
+    storm["actions"] = y(&format!(
+        "[{{name: write-file, type: exec, shell: true, command: ['printf \"%s %s %s\\n\" \"$ALERT_NAME\" \"$ALERT_LABEL_CGROUP\" \"$ALERT_STATUS\" >> {}']}}]",
+        actions_file.display()
+    ));
+    write(&tmp.join("remediate.yaml"), &rem);
+    let mut cmd = Command::new(SENSOR);
+    cmd.args(["remediate", "--config"]).arg(tmp.join("remediate.yaml"));
+    let mut remediate = Service::spawn("sensor remediate", cmd, rem_port, tmp.join("remediate.log"));
+    remediate.wait_until(|p| matches!(http_request(p, "GET", "/healthz", &[AUTH], None), Ok((200, _))));
+    let (code, _) = http_get(rem_port, "/api/v1/remediations").unwrap();
+    assert_eq!(code, 401, "the runner honours the web config's basic auth");
+
+    // Alertmanager: the shipped routes, with test timings, the runner's port and credentials.
+    let mut am = load("deploy/alertmanager/alertmanager.yml");
+    am["route"]["group_wait"] = y("1s");
+    am["route"]["group_interval"] = y("1s");
+    let routes = am["route"]["routes"].as_sequence_mut().unwrap();
+    let r0 = &mut routes[0];
+    assert_eq!(r0["receiver"], "remediation");
+    r0["group_wait"] = y("1s");
+    r0["group_interval"] = y("1s");
+    for r in am["receivers"].as_sequence_mut().unwrap() {
+        if r["name"] == "remediation" {
+            r["webhook_configs"][0]["url"] = y(&format!("http://127.0.0.1:{rem_port}/webhook"));
+            r["webhook_configs"][0]["http_config"] = y("{basic_auth: {username: alertmanager, password: s3cret}}");
+        } else {
+            // People's receivers: a closed loopback port (nothing leaves the host).
+            r["webhook_configs"][0]["url"] = y(&format!("http://127.0.0.1:{}/", free_port()));
+        }
+    }
+    write(&tmp.join("alertmanager.yml"), &am);
+    std::fs::create_dir_all(tmp.join("am")).unwrap();
+    let mut cmd = Command::new("prometheus-alertmanager");
+    cmd.arg(format!("--config.file={}", tmp.join("alertmanager.yml").display()))
+        .arg(format!("--storage.path={}", tmp.join("am").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{am_port}"))
+        .arg("--cluster.listen-address=");
+    let alertmanager = Service::start("alertmanager", cmd, am_port, "/-/ready", tmp.join("am.log"));
+
+    // Central Prometheus: the shipped config and rules, evaluated every second, alerting to
+    // this Alertmanager; the workload storm's 10-minute window shortened to 20 s.
+    let mut central = load("deploy/prometheus/central.yml");
+    central["global"]["evaluation_interval"] = y("1s");
+    central["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = y(&format!("['127.0.0.1:{am_port}']"));
+    write(&tmp.join("central.yml"), &central);
+    let mut rules = load("deploy/prometheus/sensor-rules.yml");
+    for g in rules["groups"].as_sequence_mut().unwrap() {
+        if g.get("interval").is_some() {
+            g["interval"] = y("1s");
+        }
+        for r in g["rules"].as_sequence_mut().unwrap() {
+            if r["alert"] == "SensorWorkloadOOMKillStorm" {
+                let e = r["expr"].as_str().unwrap().replace("10m", "20s");
+                r["expr"] = Value::String(e);
+            }
+        }
+    }
+    write(&tmp.join("sensor-rules.yml"), &rules);
+    std::fs::create_dir_all(tmp.join("central-data")).unwrap();
+    let central_cmd = || {
+        let mut c = Command::new("prometheus");
+        c.arg(format!("--config.file={}", tmp.join("central.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", tmp.join("central-data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{central_port}"))
+            .arg("--web.enable-remote-write-receiver");
+        c
+    };
+    let mut central = Service::start(
+        "central prometheus",
+        central_cmd(),
+        central_port,
+        "/-/ready",
+        tmp.join("central.log"),
+    );
+
+    // Agent: the shipped config, scraping this sensor every second, writing to the central.
+    let mut agent = load("deploy/prometheus/agent.yml");
+    agent["global"]["scrape_interval"] = y("1s");
+    agent["global"]["external_labels"]["cluster"] = y("test");
+    agent["scrape_configs"][0] = y(&format!(
+        "{{job_name: sensor, static_configs: [{{targets: ['{instance}']}}]}}"
+    ));
+    agent["remote_write"][0]["url"] = y(&format!("http://127.0.0.1:{central_port}/api/v1/write"));
+    agent["remote_write"][0]["queue_config"]["batch_send_deadline"] = y("500ms");
+    agent["remote_write"][0]["queue_config"]["max_backoff"] = y("1s");
+    write(&tmp.join("agent.yml"), &agent);
+    std::fs::create_dir_all(tmp.join("agent-data")).unwrap();
+    let mut cmd = Command::new("prometheus");
+    cmd.arg("--enable-feature=agent")
+        .arg(format!("--config.file={}", tmp.join("agent.yml").display()))
+        .arg(format!("--storage.agent.path={}", tmp.join("agent-data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{agent_port}"));
+    let agent = Service::start("agent prometheus", cmd, agent_port, "/-/ready", tmp.join("agent.log"));
+
+    let log_files: Vec<(&str, PathBuf)> = vec![
+        ("remediate", remediate.log.clone()),
+        ("alertmanager", alertmanager.log.clone()),
+        ("central", tmp.join("central.log")),
+        ("central after restart", tmp.join("central2.log")),
+        ("agent", agent.log.clone()),
+        ("sensor", d.stderr_path.clone()),
+    ];
+    let logs = || {
+        log_files
+            .iter()
+            .map(|(n, p)| format!("--- {n} ---\n{}\n", std::fs::read_to_string(p).unwrap_or_default()))
+            .collect::<String>()
+    };
+    let up = format!("up{{job=\"sensor\",instance=\"{instance}\",cluster=\"test\"}}");
+    wait(
+        "the sensor's samples reach the central tier",
+        Duration::from_secs(30),
+        logs,
+        || query(central_port, &up).first().filter(|s| value(s) == 1.0).map(|_| ()),
+    );
+
+    let audit = || -> Vec<serde_json::Value> {
+        match http_request(rem_port, "GET", "/api/v1/remediations", &[AUTH], None) {
+            Ok((200, b)) => serde_json::from_str(&b).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    };
+    let storm_entries = |result: &str| -> usize {
+        audit()
+            .iter()
+            .filter(|e| e["alert"] == "SensorWorkloadOOMKillStorm" && e["labels"]["cgroup"] == cg.rel.as_str())
+            .filter(|e| e["result"] == result)
+            .count()
+    };
+    let lines = || std::fs::read_to_string(&actions_file).unwrap_or_default();
+    let kill_labels = [
+        ("scope", "memcg"),
+        ("cgroup", cg.rel.as_str()),
+        ("container_id", ""),
+        ("pod_uid", ""),
+    ];
+
+    // Storm 1: five real OOM kills in the child cgroup -> the action runs, once.
+    let storm = Instant::now();
+    for _ in 0..5 {
+        cg.cause_oom_kill();
+    }
+    d.wait_metric("sensor_oom_kills_total", &kill_labels, 5.0, Duration::from_secs(10));
+    wait("storm 1: the action ran", Duration::from_secs(60), logs, || {
+        (storm_entries("success") == 1).then_some(())
+    });
+    eprintln!("storm 1 to action: {:.1}s", storm.elapsed().as_secs_f64());
+    let firing_line = format!("SensorWorkloadOOMKillStorm {} firing\n", cg.rel);
+    assert_eq!(lines(), firing_line, "the exec action ran exactly once");
+
+    // The storm ends: the resolved notification arrives and runs nothing.
+    wait("storm 1 resolved", Duration::from_secs(60), logs, || {
+        (storm_entries("skipped_resolved") >= 1).then_some(())
+    });
+    assert_eq!(lines(), firing_line, "nothing runs on a resolved alert");
+
+    // Storm 2 inside the cooldown: skipped, with the reason.
+    for _ in 0..5 {
+        cg.cause_oom_kill();
+    }
+    d.wait_metric("sensor_oom_kills_total", &kill_labels, 10.0, Duration::from_secs(10));
+    wait(
+        "storm 2: skipped for the cooldown",
+        Duration::from_secs(60),
+        logs,
+        || (storm_entries("skipped_cooldown") == 1).then_some(()),
+    );
+    let entry = audit().into_iter().find(|e| e["result"] == "skipped_cooldown").unwrap();
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(reason.starts_with("cooldown: this target was acted on "), "{reason}");
+    assert_eq!(lines(), firing_line, "still exactly one action");
+    let (_, m) = http_request(rem_port, "GET", "/metrics", &[AUTH], None).unwrap();
+    let counted = |result: &str| {
+        metric(
+            &m,
+            "sensor_remediation_actions_total",
+            &[
+                ("alert", "SensorWorkloadOOMKillStorm"),
+                ("action", "write-file"),
+                ("result", result),
+            ],
+        )
+    };
+    assert_eq!(counted("success"), Some(1.0), "{m}");
+    assert_eq!(counted("skipped_cooldown"), Some(1.0), "{m}");
+    assert!(counted("skipped_resolved") >= Some(1.0), "{m}");
+    assert_eq!(counted("failure"), None, "{m}");
+
+    // The central tier goes down for a while; the agent buffers. Two more kills meanwhile.
+    let down_at = std::time::SystemTime::now();
+    central.stop();
+    for _ in 0..2 {
+        cg.cause_oom_kill();
+    }
+    d.wait_metric("sensor_oom_kills_total", &kill_labels, 12.0, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(6));
+    let down_for = down_at.elapsed().unwrap().as_secs_f64();
+    central = Service::start(
+        "central prometheus",
+        central_cmd(),
+        central_port,
+        "/-/ready",
+        tmp.join("central2.log"),
+    );
+    let host_rule = format!("instance:sensor_oom_kills:increase1h{{instance=\"{instance}\"}}");
+    wait(
+        "after the restart, the fleet rule counts every kill",
+        Duration::from_secs(60),
+        logs,
+        || {
+            query(central_port, &host_rule)
+                .first()
+                .filter(|s| value(s) == 12.0)
+                .map(|_| ())
+        },
+    );
+    // Every scrape of the down time arrived: consecutive `up` samples at most ~1 s apart.
+    let span = (down_at.elapsed().unwrap().as_secs_f64() + 5.0).ceil() as u64;
+    let samples = wait(
+        "the buffered samples are in the central TSDB",
+        Duration::from_secs(30),
+        logs,
+        || {
+            let r = query(central_port, &format!("{up}[{span}s]"));
+            let ts: Vec<f64> = r.first()?["values"]
+                .as_array()?
+                .iter()
+                .filter_map(|v| v[0].as_f64())
+                .collect();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            (ts.last().is_some_and(|l| now - l < 3.0)).then_some(ts)
+        },
+    );
+    let down_start = down_at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let during: Vec<f64> = samples
+        .iter()
+        .copied()
+        .filter(|t| *t >= down_start && *t <= down_start + down_for)
+        .collect();
+    let max_gap = samples.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    eprintln!(
+        "central down {down_for:.1}s: {} samples of `up` from that time arrived, largest gap {max_gap:.2}s",
+        during.len()
+    );
+    assert!(max_gap < 1.6, "a scrape was lost: gap {max_gap}s in {samples:?}");
+    assert!(
+        during.len() as f64 >= down_for - 2.0,
+        "{} samples in {down_for}s",
+        during.len()
+    );
+    assert_eq!(lines(), firing_line, "the restart re-ran nothing");
+
+    drop(agent);
+    drop(central);
+    drop(alertmanager);
+    drop(remediate);
+    assert_eq!(d.stop().code(), Some(0));
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!("total {:.1}s", t0.elapsed().as_secs_f64());
+}
