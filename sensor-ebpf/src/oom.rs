@@ -88,6 +88,12 @@ fn begin_part<C: EbpfContext>(ctx: &C, victim_pid: Option<i32>) -> Option<&'stat
     if rec.parts != 0 {
         if let Some(pid) = victim_pid {
             if rec.present & field::PID != 0 && rec.victim_pid != pid {
+                aya_log_ebpf::warn!(
+                    ctx,
+                    "partial record of victim {} (parts {}) sent alone: its other part never came",
+                    rec.victim_pid,
+                    rec.parts
+                );
                 emit(ctx, rec);
             }
         }

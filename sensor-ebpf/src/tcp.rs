@@ -294,7 +294,7 @@ fn set_state<C: EbpfContext>(
     who: impl FnOnce() -> Who,
 ) {
     match (old, new) {
-        (state::CLOSE, state::SYN_SENT) => connect_start(sk, is_tcp, fill, who),
+        (state::CLOSE, state::SYN_SENT) => connect_start(ctx, sk, is_tcp, fill, who),
         (state::SYN_SENT, state::ESTABLISHED) => connect_done(sk),
         (state::SYN_SENT, state::CLOSE) => connect_failed(ctx, sk),
         _ => {}
@@ -402,7 +402,13 @@ fn load(p: *const u64) -> u64 {
 }
 
 #[inline(always)]
-fn connect_start(sk: u64, is_tcp: impl FnOnce() -> bool, fill: impl FnOnce() -> Dst, who: impl FnOnce() -> Who) {
+fn connect_start<C: EbpfContext>(
+    ctx: &C,
+    sk: u64,
+    is_tcp: impl FnOnce() -> bool,
+    fill: impl FnOnce() -> Dst,
+    who: impl FnOnce() -> Who,
+) {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // This socket's first slot may still be out of this CPU's cache (the other CPU used it
@@ -460,6 +466,8 @@ fn connect_start(sk: u64, is_tcp: impl FnOnce() -> bool, fill: impl FnOnce() -> 
     }
     // No slot: its end counts it as untracked.
     if p.is_null() {
+        // Off unless `kernel_log` is set (the macro checks `AYA_LOG_LEVEL` first).
+        aya_log_ebpf::warn!(ctx, "connect table full: a connect to port {} goes untracked", dport);
         return;
     }
     // SAFETY: the slot is ours (BUSY) until `publish`; `p` is a live map value.

@@ -56,5 +56,7 @@ pub unsafe fn output<C: EbpfContext>(ctx: &C, probe: u32, data: *const u8, len: 
         bump(probe, counter::EMITTED);
     } else {
         bump(probe, counter::LOST_BUFFER_FULL);
+        // Off unless `kernel_log` is set (the macro checks `AYA_LOG_LEVEL` first).
+        aya_log_ebpf::warn!(ctx, "record of probe {} not sent: perf output failed ({})", probe, ret);
     }
 }

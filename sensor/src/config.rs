@@ -47,6 +47,10 @@ pub struct Config {
     /// TLS and basic auth for the HTTP endpoints, in Prometheus exporter-toolkit's format
     /// (flag `--web.config.file`, as in the Prometheus exporters).
     pub web_config_file: Option<PathBuf>,
+    /// Kernel-side diagnostics on rare paths (connect table full, a record that could not be
+    /// sent, an OOM record sent without its other part) in the log, with the probe's name. Off
+    /// by default, and free when off.
+    pub kernel_log: bool,
     pub probes: Probes,
     pub limits: Limits,
     pub alerting: Alerting,
@@ -63,6 +67,7 @@ impl Default for Config {
             tracefs_path: None,
             perf_ring_pages: 64,
             web_config_file: None,
+            kernel_log: false,
             probes: Probes::default(),
             limits: Limits::default(),
             alerting: Alerting::default(),

@@ -15,6 +15,7 @@ pub mod events;
 pub mod health;
 pub mod http;
 pub mod kernel;
+pub mod kernel_log;
 pub mod loader;
 pub mod logging;
 pub mod memcg;

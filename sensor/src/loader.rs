@@ -23,6 +23,8 @@ pub enum LoadError {
     Rings(#[from] crate::transport::TransportError),
     #[error("{0}")]
     Btf(String),
+    #[error("kernel log ring: {0}")]
+    KernelLog(#[source] aya_log::Error),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -32,6 +34,8 @@ pub struct LoadOptions {
     /// Open the event rings (pages per CPU) before the programs attach; `None` (a dry run,
     /// as in `sensor doctor`) leaves them closed.
     pub perf_ring_pages: Option<usize>,
+    /// Kernel-side diagnostics (`kernel_log`): enabled in the programs and read back.
+    pub kernel_log: bool,
 }
 
 impl LoadOptions {
@@ -46,6 +50,8 @@ pub struct Loaded {
     pub reports: Vec<ProbeReport>,
     /// Every CPU's event ring, open since before the first program attached.
     pub rings: Vec<crate::transport::OpenRing>,
+    /// The kernel diagnostics' ring, when `kernel_log` is on.
+    pub kernel_log: Option<crate::kernel_log::Logger>,
 }
 
 /// Loads the object with what every probe asked for (layouts for this kernel, map sizes,
@@ -72,6 +78,12 @@ pub fn load(kctx: &KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOptions)
     for (name, bytes) in &globals {
         loader.override_global(name, bytes.as_slice(), true);
     }
+    let log_level = if opts.kernel_log {
+        crate::kernel_log::LEVEL_ALL
+    } else {
+        crate::kernel_log::LEVEL_OFF
+    };
+    loader.override_global("AYA_LOG_LEVEL", &log_level, true);
     for (name, size) in &map_sizes {
         loader.map_max_entries(name, *size);
     }
@@ -81,6 +93,14 @@ pub fn load(kctx: &KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOptions)
     }
     let mut ebpf = loader.load(&object)?;
     drop(object);
+    let kernel_log = if opts.kernel_log {
+        Some(
+            crate::kernel_log::Logger::init_with_logger(&mut ebpf, crate::kernel_log::KernelLog)
+                .map_err(LoadError::KernelLog)?,
+        )
+    } else {
+        None
+    };
     let rings = match opts.perf_ring_pages {
         Some(pages) => {
             let events = ebpf
@@ -99,7 +119,12 @@ pub fn load(kctx: &KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOptions)
         }
         reports.push(attach_probe(&mut ebpf, kctx, spec, p.excluded_hooks()));
     }
-    Ok(Loaded { ebpf, reports, rings })
+    Ok(Loaded {
+        ebpf,
+        reports,
+        rings,
+        kernel_log,
+    })
 }
 
 /// Names of the programs in the embedded object (for the registry's consistency test).

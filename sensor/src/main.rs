@@ -297,6 +297,7 @@ fn main() -> ExitCode {
                 btf_path: args.btf_path,
                 tracefs_path: args.tracefs_path,
                 perf_ring_pages: None,
+                kernel_log: false,
             };
             let probes = sensor::probes::all(&sensor::config::Probes::default());
             let r = doctor::report(&opts, &probes);

@@ -37,6 +37,7 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
         btf_path: cfg.btf_path.clone(),
         tracefs_path: cfg.tracefs_path.clone(),
         perf_ring_pages: Some(cfg.perf_ring_pages),
+        kernel_log: cfg.kernel_log,
     }
 }
 
@@ -246,7 +247,7 @@ impl Pipeline {
             Arc::new(tokio::task::spawn_blocking(move || Discovery::new(Hierarchies::discover(), n, g)).await?)
         };
         let loaded = load_probes(cfg, &probes).await?;
-        let (ebpf, reports, rings) = (loaded.ebpf, loaded.reports, loaded.rings);
+        let (ebpf, reports, rings, kernel_log) = (loaded.ebpf, loaded.reports, loaded.rings, loaded.kernel_log);
         log_reports(&reports);
         check_outcome(&reports, cfg.strict)?;
 
@@ -273,7 +274,15 @@ impl Pipeline {
         let health = Arc::new(Health::new(metrics.internal_errors.clone()));
         let watch: Arc<dyn transport::ReaderWatch> = Arc::clone(&health) as _;
         let readers = transport::spawn_readers(rings, dispatcher, watch, stop_rx.clone())?;
-        let background = spawn_background(&started, &discovery, &health, &stop_rx);
+        let mut background = spawn_background(&started, &discovery, &health, &stop_rx);
+        if let Some(logger) = kernel_log {
+            background.push(crate::kernel_log::spawn_reader(
+                logger,
+                Arc::clone(&health),
+                stop_rx.clone(),
+            )?);
+            tracing::info!("kernel diagnostics on (kernel_log)");
+        }
         Ok(Pipeline {
             ebpf,
             reports,

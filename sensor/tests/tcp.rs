@@ -525,7 +525,8 @@ fn a_full_connect_table_counts_every_connect_once_and_reuses_stale_slots() {
         &[("table", "10.201.0.0/24".into())],
         "    max_tracked_connects: 64\n    connect_max_age: 500ms\n",
     );
-    let d = daemon(&cfg, &[]);
+    // Kernel diagnostics on: a full table says so in the log, with the probe's name.
+    let d = daemon(&cfg, &["--kernel-log"]);
     let cg = MemCgroup::new("sensor-it-tcp-table", 1 << 30);
     let lost_before = connect_losses(&d.metrics());
     let target: SocketAddr = "10.201.0.7:5432".parse().unwrap();
@@ -557,6 +558,12 @@ fn a_full_connect_table_counts_every_connect_once_and_reuses_stale_slots() {
     assert!(
         counted <= 64,
         "at most one tracked connect per slot at a time: {counted}"
+    );
+    let log = d.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("connect table full") && l.contains("port 5432") && l.contains("probe=\"tcp\"")),
+        "the kernel's diagnostic reaches the log:\n{log}"
     );
     assert!(lost >= 2 * WAVE - 64, "the rest did not fit: {lost}");
     // Which wave each counted timeout came from, by when it started (the second wave started
