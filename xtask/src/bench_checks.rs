@@ -815,6 +815,7 @@ pub fn run(root: &Path, sensor: &Path, sensor_static: Option<&Path>, o: &Opts) -
         interval,
         o.checks
     );
+    let load_start = loadavg();
     let mut samples: Vec<Sample> = Vec::new();
     for round in 1..=o.rounds {
         for &prober in sensors.iter().chain([&Prober::Blackbox]) {
@@ -863,7 +864,8 @@ pub fn run(root: &Path, sensor: &Path, sensor_static: Option<&Path>, o: &Opts) -
         }
     }
 
-    let report = render(o, &bb_version, interval, &samples, &rss);
+    let load = [load_start, loadavg()];
+    let report = render(o, &bb_version, interval, &samples, &rss, load);
     println!("{report}");
     let path = root.join("docs/benchmarks-checks.md");
     std::fs::write(&path, report).with_context(|| format!("write {}", path.display()))?;
@@ -945,7 +947,22 @@ fn summary(o: &Opts, samples: &[Sample], rss: &[RssResult]) {
     }
 }
 
-fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rss: &[RssResult]) -> String {
+/// The 1-minute load average: other work on the machine widens the spread of the rounds.
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+fn render(
+    o: &Opts,
+    bb_version: &str,
+    interval: Duration,
+    samples: &[Sample],
+    rss: &[RssResult],
+    load: [f64; 2],
+) -> String {
     let of = |p: Prober| samples.iter().filter(move |s| s.prober == p);
     let sensor: Vec<&Sample> = of(Prober::Sensor).collect();
     let st: Vec<&Sample> = of(Prober::SensorStatic).collect();
@@ -975,10 +992,19 @@ fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rs
          This is a benchmark, not a test: nothing here fails a build.\n\n",
     );
     t.push_str(&format!(
-        "Machine: {cpus} CPUs ({model}), kernel {}, {os}; run {} at commit {}; {bb_version}.\n\n",
+        "Machine: {cpus} CPUs ({model}), kernel {}, {os}; run {} at commit {}; {bb_version}. Load average (1 min) \
+         {:.1} before the rounds and {:.1} after them{}.\n\n",
         kernel.trim(),
         date.trim(),
-        rev.trim()
+        rev.trim(),
+        load[0],
+        load[1],
+        // The rounds themselves keep about one CPU busy.
+        if load.iter().any(|l| *l > cpus as f64) {
+            ": other work shared the machine, which widens the spread between rounds"
+        } else {
+            ""
+        }
     ));
 
     t.push_str("## Probes per CPU-second: sensor vs. blackbox_exporter\n\n");
