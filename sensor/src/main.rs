@@ -5,6 +5,15 @@ use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, tim
 use clap::{Args, Parser, Subcommand};
 use sensor::{config::Config, doctor, run};
 
+/// The static build (`cargo xtask dist`, x86_64-unknown-linux-musl) uses mimalloc: musl's own
+/// malloc takes one global lock, which serialises tokio's worker threads on every allocation.
+/// mimalloc rather than jemalloc because it is a single C file that musl-tools' `musl-gcc`
+/// builds in seconds, with no autoconf step. glibc builds (development, tests) keep glibc's
+/// malloc, which has per-thread arenas already, so their measured memory numbers stay valid.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sensor",

@@ -1,8 +1,9 @@
 //! The deployment files in deploy/: the Prometheus rules (`promtool check rules`, `promtool
 //! test rules`, including 1,000 hosts of which 1% OOM within the hour -> exactly 0.01), the
-//! Prometheus configs, the container image recipe, and the Kubernetes manifests (offline schema
-//! validation, and the DaemonSet's capability set really running the sensor). Under CI=true a
-//! missing tool fails the test instead of skipping it.
+//! Prometheus configs, the container image (built with `cargo xtask image` and run with
+//! podman), and the Kubernetes manifests (offline schema validation, and the DaemonSet's
+//! capability set really running the sensor). Under CI=true a missing tool fails the test
+//! instead of skipping it.
 
 mod common;
 
@@ -220,71 +221,244 @@ fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
     out
 }
 
-#[test]
-fn dockerfile_builds_with_the_ci_command() {
-    // No Docker engine in CI, so the image recipe is tied to what CI does run: every RUN of the
-    // Dockerfile must be a command .ci/run executes, and the runtime stage must ship the file
-    // that command writes.
-    let df = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
-    let ci_run = std::fs::read_to_string(root().join(".ci/run")).unwrap();
-    let ci_lines: Vec<&str> = ci_run.lines().map(str::trim).collect();
-    let ins = dockerfile_instructions(&df);
-    let stages: Vec<usize> = ins
-        .iter()
-        .enumerate()
-        .filter(|(_, (k, _))| k == "FROM")
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(stages.len(), 2, "a build stage and a runtime stage: {ins:?}");
-    let (build, runtime) = (&ins[stages[0]..stages[1]], &ins[stages[1]..]);
-    assert!(build[0].1.ends_with(" AS build"), "{:?}", build[0]);
+/// The image's files as the Dockerfile copies them: (source in the build context, path in the
+/// image).
+fn dockerfile_copies(ins: &[(String, String)]) -> Vec<(String, String)> {
+    ins.iter()
+        .filter(|(k, _)| k == "COPY")
+        .map(|(_, v)| {
+            let parts: Vec<&str> = v.split_whitespace().collect();
+            assert_eq!(parts.len(), 2, "COPY SRC DEST without flags: {v}");
+            (parts[0].to_string(), parts[1].to_string())
+        })
+        .collect()
+}
 
-    let runs: Vec<&String> = build.iter().filter(|(k, _)| k == "RUN").map(|(_, v)| v).collect();
-    assert!(!runs.is_empty(), "the build stage builds something");
-    for r in &runs {
+/// containers.conf for podman here: no default ulimits (podman's exceed the hard limit of
+/// this kind of host, and then no container starts).
+fn podman_conf() -> PathBuf {
+    let p = std::env::temp_dir().join(format!("sensor-podman-{}.conf", std::process::id()));
+    std::fs::write(&p, "[containers]\ndefault_ulimits = []\n").unwrap();
+    p
+}
+
+#[test]
+fn image_ships_exactly_the_dist_output_and_runs() {
+    // deploy/Dockerfile is FROM scratch around what `cargo xtask dist` writes. Checked as text,
+    // then (podman installed; required under CI=true) built with `cargo xtask image` itself,
+    // inspected and run. CI ran dist before the tests, so the build here is a no-op.
+    let df = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    let ins = dockerfile_instructions(&df);
+    let get = |kind: &str| -> Vec<String> { ins.iter().filter(|(k, _)| k == kind).map(|(_, v)| v.clone()).collect() };
+    assert_eq!(get("FROM"), ["scratch"], "one stage, nothing to pull");
+    assert!(
+        get("RUN").is_empty(),
+        "a scratch image has nothing to run a command with"
+    );
+    let copies = dockerfile_copies(&ins);
+    assert!(
+        copies.iter().all(|(src, _)| src.starts_with("target/dist/")),
+        "only what dist writes: {copies:?}"
+    );
+    for want in [
+        ("target/dist/sensor", "/sensor"),
+        ("target/dist/ca-certificates.crt", "/etc/ssl/certs/ca-certificates.crt"),
+    ] {
         assert!(
-            ci_lines.contains(&r.as_str()),
-            "Dockerfile `RUN {r}` is not a command .ci/run runs; keep them the same"
+            copies.iter().any(|(s, d)| (s.as_str(), d.as_str()) == want),
+            "missing COPY {want:?}: {copies:?}"
         );
     }
-    let dist = runs
+    let sources: std::collections::BTreeSet<String> = copies.iter().map(|(s, _)| s.clone()).collect();
+    // The build context is the repository root; .dockerignore lets exactly these files in.
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    let ignore: Vec<&str> = ignore
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(ignore[0], "*", ".dockerignore starts by excluding everything");
+    let allowed: std::collections::BTreeSet<String> = ignore[1..]
         .iter()
-        .find(|r| r.starts_with("cargo xtask dist"))
-        .expect("the build stage runs `cargo xtask dist`");
-    let out_dir = dist
-        .split_whitespace()
-        .skip_while(|w| *w != "--out")
-        .nth(1)
-        .expect("dist --out DIR");
-    let workdir = build
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "WORKDIR")
-        .map(|(_, v)| v.clone())
-        .expect("WORKDIR in the build stage");
+        .map(|l| {
+            l.strip_prefix('!')
+                .unwrap_or_else(|| panic!("only exceptions after '*': {l}"))
+                .to_string()
+        })
+        .collect();
+    assert_eq!(allowed, sources, ".dockerignore exceptions vs. COPY sources");
+    let entry: Vec<String> = serde_json::from_str(&get("ENTRYPOINT").concat()).expect("ENTRYPOINT in exec form");
+    assert_eq!(entry, ["/sensor", "run"]);
+    assert_eq!(get("USER"), ["0:0"]);
+    assert_eq!(get("EXPOSE"), ["9442"]);
+    let args = get("ARG");
+    let labels = get("LABEL").concat();
+    for (key, arg) in [("version", "VERSION"), ("revision", "REVISION"), ("source", "SOURCE")] {
+        assert!(
+            labels.contains(&format!("org.opencontainers.image.{key}=\"${{{arg}}}\"")),
+            "label {key} from ARG {arg}: {labels}"
+        );
+        assert!(
+            args.iter().any(|a| a.split('=').next() == Some(arg)),
+            "ARG {arg}: {args:?}"
+        );
+    }
 
-    // Runtime: no shell steps (distroless), copies the dist binary, runs it as the entrypoint.
-    assert!(
-        runtime.iter().all(|(k, _)| k != "RUN"),
-        "runtime stage must not RUN: {runtime:?}"
-    );
-    let copy = runtime
+    if Command::new("podman").arg("--version").output().is_err() {
+        tool_missing("podman", "apt-get install podman runc musl-tools; .ci/run does it");
+        return;
+    }
+    let conf = podman_conf();
+    let podman = || {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", &conf);
+        c
+    };
+    let mut xtask = Command::new(env!("CARGO"));
+    xtask
+        .args(["xtask", "image"])
+        .current_dir(root())
+        .env("CONTAINERS_CONF", &conf);
+    // What cargo set for this test (OUT_DIR, CARGO_PKG_*, ...) would look like a changed
+    // environment to build scripts and rebuild the static binary CI built before the tests.
+    for (k, _) in std::env::vars() {
+        let injected = k.starts_with("CARGO_PKG_")
+            || matches!(
+                k.as_str(),
+                "OUT_DIR" | "CARGO_MANIFEST_DIR" | "CARGO_MANIFEST_PATH" | "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE"
+            );
+        if injected {
+            xtask.env_remove(k);
+        }
+    }
+    let out = xtask.output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "cargo xtask image: {t}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('\t'))
+            .map(str::to_string)
+            .collect()
+    };
+    let top = root().canonicalize().unwrap();
+    let written: std::collections::BTreeSet<String> = field("file")
         .iter()
-        .find(|(k, v)| k == "COPY" && v.starts_with("--from=build "))
-        .map(|(_, v)| v.clone())
-        .expect("COPY --from=build");
-    let parts: Vec<&str> = copy.split_whitespace().collect();
-    assert_eq!(parts[1], format!("{workdir}/{out_dir}/sensor"), "{copy}");
-    let entry = runtime
-        .iter()
-        .find(|(k, _)| k == "ENTRYPOINT")
-        .map(|(_, v)| v.clone())
-        .expect("ENTRYPOINT");
-    assert_eq!(entry, format!("[\"{}\"]", parts[2]));
-    assert!(
-        root().join(".dockerignore").exists(),
-        "without .dockerignore the build context includes target/"
+        .map(|f| {
+            let p = Path::new(f).canonicalize().unwrap();
+            p.strip_prefix(&top).unwrap().to_string_lossy().into_owned()
+        })
+        .collect();
+    assert_eq!(written, sources, "files dist wrote vs. COPY sources\n{t}");
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        field("image"),
+        [
+            format!("localhost/sensor:{version}"),
+            "localhost/sensor:latest".to_string()
+        ]
     );
+    let size: u64 = field("size").concat().parse().expect("size line");
+    assert!(size <= 20_000_000, "image {size} bytes, over the 20 MB budget");
+
+    let inspect = podman()
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{json .Labels}}",
+            "localhost/sensor:latest",
+        ])
+        .output()
+        .unwrap();
+    let labels: serde_json::Value =
+        serde_json::from_slice(&inspect.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&inspect)));
+    let head = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert_eq!(labels["org.opencontainers.image.version"], version, "{labels}");
+    assert_eq!(
+        labels["org.opencontainers.image.revision"],
+        String::from_utf8_lossy(&head.stdout).trim(),
+        "{labels}"
+    );
+    assert!(
+        labels["org.opencontainers.image.source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("https://")),
+        "{labels}"
+    );
+
+    // The static binary starts with nothing else in the image (runc: crun refuses hybrid
+    // cgroup hosts; no network needed).
+    let run = podman()
+        .args([
+            "run",
+            "--rm",
+            "--runtime",
+            "runc",
+            "--network",
+            "none",
+            "--entrypoint",
+            "/sensor",
+        ])
+        .args(["localhost/sensor:latest", "--version"])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run));
+    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), format!("sensor {version}"));
+
+    // And the image holds these two files, nothing more.
+    let id = podman()
+        .args([
+            "create",
+            "--runtime",
+            "runc",
+            "--network",
+            "none",
+            "localhost/sensor:latest",
+        ])
+        .output()
+        .unwrap();
+    assert!(id.status.success(), "{}", text(&id));
+    let id = String::from_utf8_lossy(&id.stdout).trim().to_string();
+    let tar = podman().args(["export", &id]).output().unwrap();
+    let _ = podman().args(["rm", &id]).output();
+    assert!(tar.status.success(), "podman export");
+    let files = image_files(&tar.stdout);
+    let want: std::collections::BTreeSet<String> = copies
+        .iter()
+        .map(|(_, d)| d.trim_start_matches('/').to_string())
+        .collect();
+    assert_eq!(files, want, "regular files in the image");
+    let _ = std::fs::remove_file(&conf);
+}
+
+/// Non-empty regular files in a tar stream (ustar headers; sizes in octal).
+fn image_files(tar: &[u8]) -> std::collections::BTreeSet<String> {
+    let mut files = std::collections::BTreeSet::new();
+    let mut off = 0;
+    while off + 512 <= tar.len() {
+        let h = &tar[off..off + 512];
+        if h.iter().all(|b| *b == 0) {
+            break;
+        }
+        let cstr = |b: &[u8]| String::from_utf8_lossy(b.split(|c| *c == 0).next().unwrap_or(b)).into_owned();
+        let (prefix, name) = (cstr(&h[345..500]), cstr(&h[0..100]));
+        let size = u64::from_str_radix(cstr(&h[124..136]).trim(), 8).unwrap_or(0);
+        let path = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
+        if matches!(h[156], b'0' | 0) && size > 0 {
+            files.insert(path.trim_start_matches("./").to_string());
+        }
+        off += 512 + size.div_ceil(512) as usize * 512;
+    }
+    files
 }
 
 fn deploy_python() -> Option<PathBuf> {

@@ -64,6 +64,10 @@ pub struct Opts {
     /// Seconds the RSS measurement waits before reading /proc/PID/status.
     #[arg(long, default_value_t = 25.0)]
     rss_wait: f64,
+    /// Also measure the static build (`cargo xtask dist`: musl with mimalloc, what the image
+    /// ships) in the same rounds and the same RSS runs, side by side with the glibc build.
+    #[arg(long = "static")]
+    pub with_static: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -496,7 +500,10 @@ impl Drop for Blackbox {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Prober {
+    /// The glibc release build (`cargo build --release`).
     Sensor,
+    /// The static musl build of `cargo xtask dist`.
+    SensorStatic,
     Blackbox,
 }
 
@@ -504,6 +511,7 @@ impl Prober {
     fn name(self) -> &'static str {
         match self {
             Prober::Sensor => "sensor",
+            Prober::SensorStatic => "sensor (static)",
             Prober::Blackbox => "blackbox_exporter",
         }
     }
@@ -543,6 +551,7 @@ impl Sample {
 
 struct Env {
     sensor: PathBuf,
+    sensor_static: Option<PathBuf>,
     blackbox: PathBuf,
     dir: PathBuf,
     target: Target,
@@ -592,10 +601,24 @@ fn window(
     })
 }
 
-fn measure_sensor(env: &Env, o: &Opts, round: usize) -> Result<Sample> {
-    let s = Sensor::start(&env.sensor, &env.dir.join("sensor.yaml"), &env.dir.join("sensor.log"))?;
+impl Env {
+    /// The binary of a sensor prober.
+    fn bin(&self, prober: Prober) -> Result<&Path> {
+        match prober {
+            Prober::SensorStatic => self.sensor_static.as_deref().context("no static build given"),
+            _ => Ok(&self.sensor),
+        }
+    }
+}
+
+fn measure_sensor(env: &Env, o: &Opts, round: usize, prober: Prober) -> Result<Sample> {
+    let s = Sensor::start(
+        env.bin(prober)?,
+        &env.dir.join("sensor.yaml"),
+        &env.dir.join("sensor.log"),
+    )?;
     std::thread::sleep(WARMUP);
-    window(env, Prober::Sensor, round, s.pid(), o.seconds, &|| s.runs())
+    window(env, prober, round, s.pid(), o.seconds, &|| s.runs())
 }
 
 fn measure_blackbox(env: &Env, o: &Opts, round: usize) -> Result<Sample> {
@@ -616,6 +639,7 @@ fn measure_blackbox(env: &Env, o: &Opts, round: usize) -> Result<Sample> {
 }
 
 struct RssResult {
+    prober: Prober,
     checks: usize,
     rss_kib: u64,
     hwm_kib: u64,
@@ -625,12 +649,16 @@ struct RssResult {
     secs: f64,
 }
 
-fn measure_rss(env: &Env, checks: usize, wait: f64) -> Result<RssResult> {
+fn measure_rss(env: &Env, prober: Prober, checks: usize, wait: f64) -> Result<RssResult> {
     let cfg = env.dir.join(format!("sensor-rss-{checks}.yaml"));
     let text = sensor_config(&env.target.url(), checks, Duration::from_secs(10));
     std::fs::write(&cfg, text).with_context(|| format!("write {}", cfg.display()))?;
     let t = Instant::now();
-    let s = Sensor::start(&env.sensor, &cfg, &env.dir.join(format!("sensor-rss-{checks}.log")))?;
+    let s = Sensor::start(
+        env.bin(prober)?,
+        &cfg,
+        &env.dir.join(format!("sensor-rss-{checks}.log")),
+    )?;
     std::thread::sleep(Duration::from_secs_f64(wait));
     // Status first: the scrape below allocates.
     let (rss_kib, hwm_kib) = rss_kib(s.pid())?;
@@ -638,6 +666,7 @@ fn measure_rss(env: &Env, checks: usize, wait: f64) -> Result<RssResult> {
     let secs = t.elapsed().as_secs_f64();
     let (ok, failed) = s.runs()?;
     Ok(RssResult {
+        prober,
         checks,
         rss_kib,
         hwm_kib,
@@ -711,7 +740,8 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
+/// `sensor` is the glibc release build; `sensor_static` the static one, measured alongside.
+pub fn run(root: &Path, sensor: &Path, sensor_static: Option<&Path>, o: &Opts) -> Result<()> {
     let positive = |x: f64| x.is_finite() && x > 0.0;
     if o.rounds == 0 || o.checks == 0 || o.rss_checks == 0 || !positive(o.rate) || !positive(o.seconds) {
         bail!("--rounds, --checks, --rss-checks, --rate and --seconds must be positive");
@@ -738,34 +768,46 @@ pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
     std::fs::write(dir.join("blackbox.yml"), BLACKBOX_CONFIG).context("write blackbox.yml")?;
     let env = Env {
         sensor: sensor.to_path_buf(),
+        sensor_static: sensor_static.map(Path::to_path_buf),
         blackbox,
         dir: dir.clone(),
         target,
     };
 
-    // Both probers must succeed against the target before anything is timed.
+    let sensors: Vec<Prober> = std::iter::once(Prober::Sensor)
+        .chain(sensor_static.map(|_| Prober::SensorStatic))
+        .collect();
+    // Every prober must succeed against the target before anything is timed.
     let one = dir.join("sensor-check-1.yaml");
     std::fs::write(&one, sensor_config(&env.target.url(), 1, interval))?;
-    let out = Command::new(sensor)
-        .arg("check")
-        .arg("--config")
-        .arg(&one)
-        .arg("--json")
-        .output()
-        .context("run sensor check")?;
-    if !out.status.success() {
-        bail!(
-            "sensor check against the target failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+    for &p in &sensors {
+        let out = Command::new(env.bin(p)?)
+            .arg("check")
+            .arg("--config")
+            .arg(&one)
+            .arg("--json")
+            .output()
+            .context("run sensor check")?;
+        if !out.status.success() {
+            bail!(
+                "{} check against the target failed: {}{}",
+                p.name(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        eprintln!(
+            "==> {} check: {}",
+            p.name(),
+            String::from_utf8_lossy(&out.stdout).trim()
         );
     }
-    eprintln!("==> sensor check: {}", String::from_utf8_lossy(&out.stdout).trim());
 
     eprintln!(
-        "==> throughput: {} rounds x (sensor, blackbox_exporter), {:.1} s windows after {:.0} s warm-up, \
+        "==> throughput: {} rounds x ({}, blackbox_exporter), {:.1} s windows after {:.0} s warm-up, \
          offered {:.0} probes/s ({} checks every {:?} / {} driver workers)",
         o.rounds,
+        sensors.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
         o.seconds,
         WARMUP.as_secs_f64(),
         o.rate,
@@ -773,12 +815,13 @@ pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
         interval,
         o.checks
     );
+    let load_start = loadavg();
     let mut samples: Vec<Sample> = Vec::new();
     for round in 1..=o.rounds {
-        for prober in [Prober::Sensor, Prober::Blackbox] {
+        for &prober in sensors.iter().chain([&Prober::Blackbox]) {
             let s = match prober {
-                Prober::Sensor => measure_sensor(&env, o, round)?,
                 Prober::Blackbox => measure_blackbox(&env, o, round)?,
+                _ => measure_sensor(&env, o, round, prober)?,
             };
             eprintln!(
                 "round {round}/{} {:<17} {:>7.0} probes/s ({} ok, {} failed), CPU {:>5.1}% -> {:>6.0} probes/CPU-s; \
@@ -804,21 +847,25 @@ pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
         o.rss_checks, o.rss_wait
     );
     let mut rss = Vec::new();
-    for n in [1, o.rss_checks] {
-        let r = measure_rss(&env, n, o.rss_wait)?;
-        eprintln!(
-            "{n:>5} checks: VmRSS {:.1} MiB, VmHWM {:.1} MiB, {} runs ok, {} failed, CPU {:.2}% over {:.0} s",
-            mib(r.rss_kib),
+    for &p in &sensors {
+        for n in [1, o.rss_checks] {
+            let r = measure_rss(&env, p, n, o.rss_wait)?;
+            eprintln!(
+                "{:<15} {n:>5} checks: VmRSS {:.1} MiB, VmHWM {:.1} MiB, {} runs ok, {} failed, CPU {:.2}% over {:.0} s",
+                p.name(),
+                mib(r.rss_kib),
             mib(r.hwm_kib),
-            r.ok,
-            r.failed,
-            100.0 * r.cpu / r.secs,
-            r.secs
-        );
-        rss.push(r);
+                r.ok,
+                r.failed,
+                100.0 * r.cpu / r.secs,
+                r.secs
+            );
+            rss.push(r);
+        }
     }
 
-    let report = render(o, &bb_version, interval, &samples, &rss);
+    let load = [load_start, loadavg()];
+    let report = render(o, &bb_version, interval, &samples, &rss, load);
     println!("{report}");
     let path = root.join("docs/benchmarks-checks.md");
     std::fs::write(&path, report).with_context(|| format!("write {}", path.display()))?;
@@ -828,22 +875,33 @@ pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
 }
 
 /// The headline numbers, and a warning when either prober fell short of the offered rate.
+/// Probes per CPU-second of `num` over `den`, one ratio per round that has both.
+fn ratios(samples: &[Sample], num: Prober, den: Prober) -> Vec<f64> {
+    samples
+        .iter()
+        .filter(|s| s.prober == num)
+        .filter_map(|s| {
+            samples
+                .iter()
+                .find(|b| b.prober == den && b.round == s.round)
+                .map(|b| s.per_cpu() / b.per_cpu())
+        })
+        .collect()
+}
+
+/// The probers that ran, in report order.
+fn probers(samples: &[Sample]) -> Vec<Prober> {
+    [Prober::Sensor, Prober::SensorStatic, Prober::Blackbox]
+        .into_iter()
+        .filter(|p| samples.iter().any(|s| s.prober == *p))
+        .collect()
+}
+
 fn summary(o: &Opts, samples: &[Sample], rss: &[RssResult]) {
     let med =
         |p: Prober, f: &dyn Fn(&Sample) -> f64| stats(samples.iter().filter(|s| s.prober == p).map(f).collect()).1;
-    let ratio = stats(
-        samples
-            .iter()
-            .filter(|s| s.prober == Prober::Sensor)
-            .filter_map(|s| {
-                samples
-                    .iter()
-                    .find(|b| b.prober == Prober::Blackbox && b.round == s.round)
-                    .map(|b| s.per_cpu() / b.per_cpu())
-            })
-            .collect(),
-    );
-    for p in [Prober::Sensor, Prober::Blackbox] {
+    let ratio = stats(ratios(samples, Prober::Sensor, Prober::Blackbox));
+    for p in probers(samples) {
         eprintln!(
             "==> {:<17} median {:>6.0} probes/CPU-s at {:>5.0} probes/s ({:.1}% of one core)",
             p.name(),
@@ -866,30 +924,50 @@ fn summary(o: &Opts, samples: &[Sample], rss: &[RssResult]) {
         "==> sensor / blackbox_exporter probes per CPU-second: min {:.2}, median {:.2}, max {:.2}",
         ratio.0, ratio.1, ratio.2
     );
-    if let [base, big] = rss {
+    let st = ratios(samples, Prober::SensorStatic, Prober::Sensor);
+    if !st.is_empty() {
+        let st = stats(st);
         eprintln!(
-            "==> RSS: {} check {:.1} MiB, {} checks {:.1} MiB ({:.1} KiB per check)",
-            base.checks,
-            mib(base.rss_kib),
-            big.checks,
-            mib(big.rss_kib),
-            (big.rss_kib as f64 - base.rss_kib as f64) / (big.checks.saturating_sub(base.checks).max(1)) as f64
+            "==> sensor (static) / sensor (glibc) probes per CPU-second: min {:.2}, median {:.2}, max {:.2}",
+            st.0, st.1, st.2
         );
+    }
+    for pair in rss.chunks(2) {
+        if let [base, big] = pair {
+            eprintln!(
+                "==> RSS {}: {} check {:.1} MiB, {} checks {:.1} MiB ({:.1} KiB per check)",
+                base.prober.name(),
+                base.checks,
+                mib(base.rss_kib),
+                big.checks,
+                mib(big.rss_kib),
+                (big.rss_kib as f64 - base.rss_kib as f64) / (big.checks.saturating_sub(base.checks).max(1)) as f64
+            );
+        }
     }
 }
 
-fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rss: &[RssResult]) -> String {
+/// The 1-minute load average: other work on the machine widens the spread of the rounds.
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+fn render(
+    o: &Opts,
+    bb_version: &str,
+    interval: Duration,
+    samples: &[Sample],
+    rss: &[RssResult],
+    load: [f64; 2],
+) -> String {
     let of = |p: Prober| samples.iter().filter(move |s| s.prober == p);
     let sensor: Vec<&Sample> = of(Prober::Sensor).collect();
+    let st: Vec<&Sample> = of(Prober::SensorStatic).collect();
     let bb: Vec<&Sample> = of(Prober::Blackbox).collect();
-    let ratios: Vec<f64> = sensor
-        .iter()
-        .filter_map(|s| {
-            bb.iter()
-                .find(|b| b.round == s.round)
-                .map(|b| s.per_cpu() / b.per_cpu())
-        })
-        .collect();
+    let bb_ratios = ratios(samples, Prober::Sensor, Prober::Blackbox);
     let col = |v: &[&Sample], f: &dyn Fn(&Sample) -> f64| v.iter().map(|s| f(s)).collect::<Vec<f64>>();
 
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -914,10 +992,19 @@ fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rs
          This is a benchmark, not a test: nothing here fails a build.\n\n",
     );
     t.push_str(&format!(
-        "Machine: {cpus} CPUs ({model}), kernel {}, {os}; run {} at commit {}; {bb_version}.\n\n",
+        "Machine: {cpus} CPUs ({model}), kernel {}, {os}; run {} at commit {}; {bb_version}. Load average (1 min) \
+         {:.1} before the rounds and {:.1} after them{}.\n\n",
         kernel.trim(),
         date.trim(),
-        rev.trim()
+        rev.trim(),
+        load[0],
+        load[1],
+        // The rounds themselves keep about one CPU busy.
+        if load.iter().any(|l| *l > cpus as f64) {
+            ": other work shared the machine, which widens the spread between rounds"
+        } else {
+            ""
+        }
     ));
 
     t.push_str("## Probes per CPU-second: sensor vs. blackbox_exporter\n\n");
@@ -925,19 +1012,39 @@ fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rs
         "Both probe the same local HTTP target at the same offered rate, {:.0} probes/s, in {} rounds that \
          alternate sensor / blackbox_exporter in one run; each prober is started fresh, runs {:.0} s of warm-up, then \
          a {:.1} s window. Probes per CPU-second = successful probes in the window / (utime + stime of the prober's \
-         process over the window, from /proc/PID/stat). The ratio is sensor over blackbox_exporter within a round.\n\n",
+         process over the window, from /proc/PID/stat). The ratio is sensor over blackbox_exporter within a round.{}\n\n",
         o.rate,
         o.rounds,
         WARMUP.as_secs_f64(),
-        o.seconds
+        o.seconds,
+        if st.is_empty() {
+            ""
+        } else {
+            " Each round also runs the static build (sensor (static), `cargo xtask dist`) between the two; \
+             \"sensor\" is the glibc release build."
+        }
     ));
     t.push_str("| | min | median | max |\n|---|---|---|---|\n");
     t.push_str(&row(
         "**sensor / blackbox_exporter, probes per CPU-second**",
-        ratios.clone(),
+        bb_ratios,
         2,
     ));
-    for (name, v) in [("sensor", &sensor), ("blackbox_exporter", &bb)] {
+    if !st.is_empty() {
+        t.push_str(&row(
+            "**sensor (static) / sensor, probes per CPU-second**",
+            ratios(samples, Prober::SensorStatic, Prober::Sensor),
+            3,
+        ));
+    }
+    for (name, v) in [
+        ("sensor", &sensor),
+        ("sensor (static)", &st),
+        ("blackbox_exporter", &bb),
+    ] {
+        if v.is_empty() {
+            continue;
+        }
         t.push_str(&row(
             &format!("{name}: probes per CPU-second"),
             col(v, &Sample::per_cpu),
@@ -982,9 +1089,14 @@ fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rs
         format!("{lo:.0}-{hi:.0} probes/s with {failed} failed")
     };
     t.push_str(&format!(
-        "\nOffered {:.0} probes/s; achieved: sensor {}, blackbox_exporter {} over all windows.\n",
+        "\nOffered {:.0} probes/s; achieved: sensor {}, {}blackbox_exporter {} over all windows.\n",
         o.rate,
         load(&sensor),
+        if st.is_empty() {
+            String::new()
+        } else {
+            format!("sensor (static) {}, ", load(&st))
+        },
         load(&bb)
     ));
     t.push_str(&format!(
@@ -998,7 +1110,7 @@ fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rs
          privileges needed) and {checks} HTTP checks of that target, `interval: {interval:?}`, `timeout: 2s`. Probes \
          are the delta of `sensor_check_runs_total{{result=\"success\"}}` summed over checks, scraped just outside the \
          CPU readings so the two scrapes are (mostly) not billed to the sensor. Its cost includes scheduling, timing \
-         every phase, the per-check histograms, the result ring used for availability windows and alerting.\n\
+         every phase, the per-check histograms, the result ring used for availability windows and alerting.\n{static_}\
          - **blackbox_exporter**: Debian's `{BLACKBOX}` with one module (`prober: http`, `timeout: 2s`, \
          `valid_status_codes: [200]`, `preferred_ip_protocol: ip4`), driven by {checks} worker threads in xtask, \
          each one keep-alive connection issuing `GET /probe?target=http://TARGET/&module=http_2xx` every {period:.1} ms \
@@ -1009,6 +1121,13 @@ fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rs
          - CPU is utime + stime in clock ticks (sysconf(_SC_CLK_TCK) = {tck}), i.e. {res:.0} ms resolution; nothing \
          is pinned. Both probers run on the same {cpus}-CPU machine as the target (and, in blackbox rounds, the driver).\n\n",
         checks = o.checks,
+        static_ = if st.is_empty() {
+            ""
+        } else {
+            "- **sensor (static)**: the same, run from `target/dist/sensor` as `cargo xtask dist` builds it for the \
+             image: x86_64-unknown-linux-musl, fully static, stripped, mimalloc as its allocator (musl's own malloc \
+             takes one global lock). \"sensor\" is `cargo build --release` for the host (glibc, glibc's malloc).\n"
+        },
         tmax = samples
             .iter()
             .map(|s| 100.0 * s.target_cpu / s.secs)
@@ -1056,7 +1175,8 @@ fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rs
          (each check's first run is offset within its interval), read {:.0} s after start{}; VmRSS and VmHWM from \
          /proc/PID/status, read before the one /metrics scrape that counts the runs. Checks-only needs at least one \
          check, so the baseline is 1 check. CPU is the average since start.\n\n\
-         | checks | VmRSS MiB | VmHWM MiB | runs ok | runs failed | CPU, % of one core |\n|---|---|---|---|---|---|\n",
+         | build | checks | VmRSS MiB | VmHWM MiB | runs ok | runs failed | CPU, % of one core |\n\
+         |---|---|---|---|---|---|---|\n",
         o.rss_wait,
         if o.rss_wait >= 20.0 {
             ", so every check has run at least twice"
@@ -1066,7 +1186,8 @@ fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rs
     ));
     for r in rss {
         t.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {} | {} | {:.2} |\n",
+            "| {} | {} | {:.1} | {:.1} | {} | {} | {:.2} |\n",
+            r.prober.name(),
             r.checks,
             mib(r.rss_kib),
             mib(r.hwm_kib),
@@ -1075,14 +1196,18 @@ fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rs
             100.0 * r.cpu / r.secs
         ));
     }
-    if let [base, big] = rss {
-        if big.checks > base.checks {
-            let per = |a: u64, b: u64| (b as f64 - a as f64) / (big.checks - base.checks) as f64;
-            t.push_str(&format!(
-                "\nPer additional check: {:.1} KiB of RSS ({:.1} KiB of peak RSS).\n",
-                per(base.rss_kib, big.rss_kib),
-                per(base.hwm_kib, big.hwm_kib)
-            ));
+    t.push('\n');
+    for pair in rss.chunks(2) {
+        if let [base, big] = pair {
+            if big.checks > base.checks {
+                let per = |a: u64, b: u64| (b as f64 - a as f64) / (big.checks - base.checks) as f64;
+                t.push_str(&format!(
+                    "Per additional check ({}): {:.1} KiB of RSS ({:.1} KiB of peak RSS).\n",
+                    base.prober.name(),
+                    per(base.rss_kib, big.rss_kib),
+                    per(base.hwm_kib, big.hwm_kib)
+                ));
+            }
         }
     }
 
@@ -1090,8 +1215,14 @@ fn render(o: &Opts, bb_version: &str, interval: Duration, samples: &[Sample], rs
         "\n## Reproduce\n\n\
          As root on Debian (installs `{BLACKBOX}` with apt-get when it is missing; the sensor needs no privileges \
          here):\n\n```\ncargo xtask bench-checks --rounds {} --seconds {} --checks {} --rate {} --rss-checks {} \
-         --rss-wait {}\n```\n\nConfigs and logs of the last run are left in `target/bench-checks/`.\n",
-        o.rounds, o.seconds, o.checks, o.rate, o.rss_checks, o.rss_wait
+         --rss-wait {}{}\n```\n\nConfigs and logs of the last run are left in `target/bench-checks/`.\n",
+        o.rounds,
+        o.seconds,
+        o.checks,
+        o.rate,
+        o.rss_checks,
+        o.rss_wait,
+        if o.with_static { " --static" } else { "" }
     ));
     t
 }

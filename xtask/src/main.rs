@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | dist | run | test | lint | bench | bench-checks | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | dist | image | run | test | lint | bench | bench-checks |
+//! demo`.
 //!
 //! `run` and `test` call `setup` themselves, so a fresh machine needs nothing else.
 
@@ -13,6 +14,7 @@ use std::{
 mod bench;
 mod bench_checks;
 mod demo;
+mod image;
 mod net;
 
 use anyhow::{bail, Context as _, Result};
@@ -31,16 +33,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install rust-src for nightly and bpf-linker built against nightly's LLVM (idempotent).
+    /// Install rust-src for nightly, bpf-linker built against nightly's LLVM and the musl target
+    /// of the static build, and check for musl-gcc (Debian's musl-tools); idempotent.
     Setup,
     /// Build the kernel programs for bpfel-unknown-none and print the object's path.
     BuildEbpf,
-    /// Build the release daemon (eBPF object embedded) and copy it to `--out`; the container
-    /// image runs exactly this, and so does CI, so the Dockerfile cannot drift from the build.
+    /// Build the fully static (musl), stripped release daemon (eBPF object embedded) and write it
+    /// and Debian's CA bundle to `--out`, what the container image ships; prints one
+    /// `file<TAB>PATH` line per file written.
     Dist {
         #[arg(long, default_value = "target/dist")]
         out: PathBuf,
     },
+    /// `dist`, then deploy/Dockerfile as `localhost/sensor:<version>` and `:latest` with podman
+    /// (else docker); prints `image<TAB>NAME` lines and `size<TAB>BYTES`.
+    Image,
     /// Build and run the daemon with the embedded default config; extra args go to `sensor run`.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -112,9 +119,13 @@ fn real_main() -> Result<()> {
     env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
     add_cargo_bin_to_path();
     match cli.cmd {
-        Cmd::Setup => setup(),
+        Cmd::Setup => {
+            setup()?;
+            image::setup_static()
+        }
         Cmd::BuildEbpf => build_ebpf(&root),
-        Cmd::Dist { out } => dist(&root, &out).map(|_| ()),
+        Cmd::Dist { out } => image::dist(&root, &out).map(|_| ()),
+        Cmd::Image => image::image(&root),
         Cmd::Run { args } => {
             setup()?;
             let bin = build_release(&root)?;
@@ -148,7 +159,14 @@ fn real_main() -> Result<()> {
         Cmd::BenchChecks(opts) => {
             setup()?;
             let bin = build_release(&root)?;
-            bench_checks::run(&root, &bin, &opts)
+            // The static build measured in the same rounds, next to the glibc one.
+            let static_bin = if opts.with_static {
+                let files = image::dist(&root, &root.join("target/dist"))?;
+                files.into_iter().next()
+            } else {
+                None
+            };
+            bench_checks::run(&root, &bin, static_bin.as_deref(), &opts)
         }
         Cmd::Demo { keep } => {
             setup()?;
@@ -193,22 +211,6 @@ fn build_release(root: &Path) -> Result<PathBuf> {
     Ok(root.join("target/release/sensor"))
 }
 
-/// Setup, release build, and a copy of the binary at `out/sensor` (what the image ships).
-fn dist(root: &Path, out: &Path) -> Result<PathBuf> {
-    setup()?;
-    let bin = build_release(root)?;
-    let out = if out.is_absolute() {
-        out.to_path_buf()
-    } else {
-        root.join(out)
-    };
-    std::fs::create_dir_all(&out).with_context(|| format!("mkdir {}", out.display()))?;
-    let dest = out.join("sensor");
-    std::fs::copy(&bin, &dest).with_context(|| format!("copy {} to {}", bin.display(), dest.display()))?;
-    step(&format!("{} ready", dest.display()));
-    Ok(dest)
-}
-
 fn workspace_root() -> PathBuf {
     // xtask/Cargo.toml lives one level below the workspace root.
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -247,7 +249,34 @@ fn cargo() -> Command {
     // .cargo/config.toml quiets aya-build's nested eBPF build; this cargo and the test
     // harness it runs should still name every test in CI logs.
     c.env_remove("CARGO_TERM_QUIET");
+    remove_cargo_run_env(&mut c);
     c
+}
+
+/// Drops what cargo sets for a process it runs (xtask under `cargo xtask`, or a test that runs
+/// `cargo xtask image`). Build scripts that read such a variable register it for reruns (ring
+/// does, for CARGO_MANIFEST_DIR and CARGO_PKG_*), so a build started from a shell, from xtask
+/// and from a test would each rebuild ring, rustls and the sensor.
+fn remove_cargo_run_env(c: &mut Command) {
+    for (k, _) in env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        let injected = k.starts_with("CARGO_PKG_")
+            || matches!(
+                k,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            );
+        if injected {
+            c.env_remove(k);
+        }
+    }
 }
 
 /// `rustup run nightly cargo`: the eBPF crate needs nightly's build-std.
