@@ -331,87 +331,103 @@ fn any_probe_enabled(cfg: &Config) -> bool {
     crate::probes::all(&cfg.probes).iter().any(|p| p.enabled())
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    // With every probe disabled the daemon runs only the synthetic checks: no BPF, no
-    // privileges (a blackbox-style deployment of the same binary).
-    let pipeline = if any_probe_enabled(&cfg) {
-        Some(Pipeline::start(&cfg).await?)
-    } else if cfg.checks.is_empty() {
+/// The kernel side when probes are enabled, or only the self metrics when the daemon runs
+/// synthetic checks alone (no BPF, no privileges: a blackbox-style deployment).
+struct Core {
+    pipeline: Option<Pipeline>,
+    registry: prometheus::Registry,
+    hub: Arc<EventHub>,
+    health: Arc<Health>,
+    reports: Vec<ProbeReport>,
+    kernel_release: String,
+}
+
+async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
+    if any_probe_enabled(cfg) {
+        let p = Pipeline::start(cfg).await?;
+        return Ok(Core {
+            registry: p.metrics.registry.clone(),
+            hub: Arc::clone(&p.hub),
+            health: Arc::clone(&p.health),
+            reports: p.reports.clone(),
+            kernel_release: p.kernel_release.clone(),
+            pipeline: Some(p),
+        });
+    }
+    if cfg.checks.is_empty() {
         bail!("every probe is disabled and no checks are configured; nothing to do");
-    } else {
-        tracing::info!(
-            checks = cfg.checks.len(),
-            "every probe disabled: running synthetic checks only"
-        );
-        None
-    };
-    let (registry, hub, health, reports, kernel_release) = match &pipeline {
-        Some(p) => (
-            p.metrics.registry.clone(),
-            Arc::clone(&p.hub),
-            Arc::clone(&p.health),
-            p.reports.clone(),
-            p.kernel_release.clone(),
-        ),
-        None => {
-            let release = kernel::release();
-            let names: Vec<&'static str> = crate::probes::specs().iter().map(|s| s.name).collect();
-            let m = SelfMetrics::new(&release, &names);
-            let health = Arc::new(Health::new(m.internal_errors.clone()));
-            (
-                m.registry,
-                Arc::new(EventHub::new(cfg.events.history)),
-                health,
-                Vec::new(),
-                release,
-            )
-        }
-    };
-    let (checks_stop_tx, checks_stop_rx) = watch::channel(false);
-    let checks = if cfg.checks.is_empty() {
-        None
-    } else {
-        let engine = crate::checks::Engine::new(&registry, &cfg.checks, &cfg.alerting)?;
-        let tasks = engine.spawn(checks_stop_rx.clone());
-        tracing::info!(checks = cfg.checks.len(), "synthetic checks running");
-        Some((engine, tasks))
-    };
-    let state = http::AppState {
-        registry,
-        hub,
-        reports: Arc::new(RwLock::new(reports)),
-        health: Arc::clone(&health),
-        checks: checks.as_ref().map(|(e, _)| Arc::clone(e)),
-    };
-    // Read before any probe work would be wasted on a typo in it.
+    }
+    tracing::info!(
+        checks = cfg.checks.len(),
+        "every probe disabled: running synthetic checks only"
+    );
+    let kernel_release = kernel::release();
+    let names: Vec<&'static str> = crate::probes::specs().iter().map(|s| s.name).collect();
+    let m = SelfMetrics::new(&kernel_release, &names);
+    Ok(Core {
+        pipeline: None,
+        health: Arc::new(Health::new(m.internal_errors.clone())),
+        registry: m.registry,
+        hub: Arc::new(EventHub::new(cfg.events.history)),
+        reports: Vec::new(),
+        kernel_release,
+    })
+}
+
+/// The synthetic checks' engine and tasks, when any are configured.
+fn start_checks(
+    cfg: &Config,
+    registry: &prometheus::Registry,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<(Arc<crate::checks::Engine>, Vec<JoinHandle<()>>)>> {
+    if cfg.checks.is_empty() {
+        return Ok(None);
+    }
+    let engine = crate::checks::Engine::new(registry, &cfg.checks, &cfg.alerting)?;
+    let tasks = engine.spawn(stop.clone());
+    tracing::info!(checks = cfg.checks.len(), "synthetic checks running");
+    Ok(Some((engine, tasks)))
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    // Read first: probe work would be wasted on a typo in it.
     let web = match &cfg.web_config_file {
         Some(p) => Some(crate::webconfig::Web::load(p).map_err(anyhow::Error::msg)?),
         None => None,
+    };
+    let core = start_core(&cfg).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let checks = start_checks(&cfg, &core.registry, &stop_rx)?;
+    let state = http::AppState {
+        registry: core.registry.clone(),
+        hub: Arc::clone(&core.hub),
+        reports: Arc::new(RwLock::new(core.reports.clone())),
+        health: Arc::clone(&core.health),
+        checks: checks.as_ref().map(|(e, _)| Arc::clone(e)),
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr()?;
-    let http_stop = checks_stop_rx.clone();
     let tls = web.as_ref().and_then(|w| w.tls.clone());
     let app = http::router(state, web);
-    let server = tokio::spawn(http::serve(listener, app, tls, http_stop));
-    health.set_started(true);
-    tracing::info!(listen = %local, kernel = %kernel_release, "sensor running");
+    let server = tokio::spawn(http::serve(listener, app, tls, stop_rx.clone()));
+    core.health.set_started(true);
+    tracing::info!(listen = %local, kernel = %core.kernel_release, "sensor running");
 
     let which = shutdown_signal().await?;
     tracing::info!(signal = which, "shutting down: detaching probes");
-    health.set_started(false);
-    let _ = checks_stop_tx.send(true);
-    if let Some((_, tasks)) = checks {
-        for t in tasks {
-            let _ = t.await;
+    core.health.set_started(false);
+    let _ = stop_tx.send(true);
+    let tasks = checks.into_iter().flat_map(|(_, t)| t).chain(std::iter::once(server));
+    for t in tasks {
+        if let Err(e) = t.await {
+            tracing::error!(error = %e, "a task failed while stopping");
         }
     }
-    if let Some(p) = pipeline {
+    if let Some(p) = core.pipeline {
         p.shutdown().await;
     }
-    let _ = server.await;
     tracing::info!("stopped");
     Ok(())
 }
