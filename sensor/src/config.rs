@@ -53,6 +53,8 @@ pub struct Config {
     pub kernel_log: bool,
     pub probes: Probes,
     pub limits: Limits,
+    /// Bounds on the HTTP server (connections, header size and time, body and query size).
+    pub http: HttpLimits,
     pub alerting: Alerting,
     pub checks: Vec<Check>,
     pub events: EventsConfig,
@@ -70,6 +72,7 @@ impl Default for Config {
             kernel_log: false,
             probes: Probes::default(),
             limits: Limits::default(),
+            http: HttpLimits::default(),
             alerting: Alerting::default(),
             checks: Vec::new(),
             events: EventsConfig::default(),
@@ -101,6 +104,58 @@ impl Default for Limits {
             workloads_per_metric: 1000,
             vanished_grace: Duration::from_secs(15 * 60),
         }
+    }
+}
+
+/// Bounds on the HTTP server of `sensor run` and `sensor remediate`: without them a thousand
+/// clients that open a connection and send half a request hold a thousand fds for ever.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// Connections served at once; one more is accepted and closed at once.
+    pub max_connections: usize,
+    /// Time to receive a complete request head, counted from the connection's start or the end
+    /// of the previous response (so it is also the keep-alive idle timeout); TLS handshakes get
+    /// the same time.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Request line plus headers; larger heads get 431.
+    pub max_header_bytes: usize,
+    /// Request bodies; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// The query string of the URL; longer ones get 414.
+    pub max_query_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 1 << 20,
+            max_query_bytes: 4096,
+        }
+    }
+}
+
+impl HttpLimits {
+    /// Zero would refuse every request; the key path comes back with the reason.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let zero = |k: &str| Err((format!(".{k}"), "must be greater than 0".to_string()));
+        if self.max_connections == 0 {
+            return zero("max_connections");
+        }
+        if self.header_read_timeout.is_zero() {
+            return zero("header_read_timeout");
+        }
+        if self.max_header_bytes == 0 {
+            return zero("max_header_bytes");
+        }
+        if self.max_query_bytes == 0 {
+            return zero("max_query_bytes");
+        }
+        Ok(())
     }
 }
 
@@ -191,6 +246,7 @@ impl Config {
             .tcp
             .validate()
             .map_err(|(k, r)| key_err(&format!("probes.tcp{k}"), r))?;
+        self.http.validate().map_err(|(k, r)| key_err(&format!("http{k}"), r))?;
         if !self.perf_ring_pages.is_power_of_two() {
             return Err(key_err(
                 "perf_ring_pages",

@@ -96,42 +96,122 @@ async fn checks(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Serves `app` on `listener` until `stop` turns true: HTTPS with `tls`, else plain HTTP.
+/// Every `reason` of `sensor_http_rejected_total`, all exported from the start at 0.
+pub const REJECT_REASONS: &[&str] = &[
+    "connections",
+    "header_timeout",
+    "header_size",
+    "bad_request",
+    "body_size",
+    "query_size",
+];
+
+/// Counts clients the server turned away, so an operator sees a scan or a slowloris attack
+/// instead of only its symptoms.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    rejected: prometheus::IntCounterVec,
+}
+
+impl HttpMetrics {
+    /// Registers `sensor_http_rejected_total{reason}` in `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let rejected = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "sensor_http_rejected_total",
+                "Connections or requests the HTTP server refused or closed, by the limit they hit.",
+            ),
+            &["reason"],
+        )?;
+        for r in REJECT_REASONS {
+            rejected.with_label_values(&[r]);
+        }
+        registry.register(Box::new(rejected.clone()))?;
+        Ok(HttpMetrics { rejected })
+    }
+
+    fn reject(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
+    }
+}
+
+/// What the per-request limits need.
+#[derive(Clone)]
+struct Bounds {
+    max_query: usize,
+    max_body: usize,
+    metrics: HttpMetrics,
+}
+
+/// Refuses over-long queries (414) and bodies declared larger than the limit (413) before any
+/// handler runs; bodies of unknown length are cut by `DefaultBodyLimit` when read.
+async fn bound_request(
+    State(b): State<Bounds>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if req.uri().query().map_or(0, str::len) > b.max_query {
+        b.metrics.reject("query_size");
+        return (StatusCode::URI_TOO_LONG, "query string too long\n").into_response();
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > b.max_body as u64) {
+        b.metrics.reject("body_size");
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response();
+    }
+    next.run(req).await
+}
+
+/// The reason a connection that ended with `e` counts as rejected; `None` for ordinary ends
+/// (a client that went away, a keep-alive connection left idle after its requests).
+fn reject_reason(e: &hyper::Error, served: bool) -> Option<&'static str> {
+    if e.is_parse_too_large() {
+        Some("header_size")
+    } else if e.is_parse() {
+        Some("bad_request")
+    } else if e.is_timeout() && !served {
+        Some("header_timeout")
+    } else {
+        None
+    }
+}
+
+/// Serves `app` on `listener` until `stop` turns true: HTTPS with `tls`, else plain HTTP, both
+/// within `limits` (connections, header time and size, body and query size). Each connection
+/// (and TLS handshake) runs in its own task, so a slow client delays nobody; connections still
+/// open at `stop` end with the runtime.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    stop: tokio::sync::watch::Receiver<bool>,
-) {
-    match tls {
-        Some(acceptor) => serve_tls(listener, acceptor, app, stop).await,
-        None => {
-            let mut stop = stop;
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }
-    }
-}
-
-/// HTTPS: each connection's handshake runs in its own task (a slow client delays nobody), then
-/// HTTP/1.1 on the TLS stream; returns when `stop` turns true.
-pub async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    app: Router,
+    limits: crate::config::HttpLimits,
+    metrics: HttpMetrics,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let bounds = Bounds {
+        max_query: limits.max_query_bytes,
+        max_body: limits.max_body_bytes,
+        metrics: metrics.clone(),
+    };
+    let app = app
+        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(bounds, bound_request));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes);
+    let handshake_timeout = limits.header_read_timeout;
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
@@ -139,20 +219,41 @@ pub async fn serve_tls(
             },
             _ = stopped(&mut stop) => return,
         };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            // Over the limit: close at once, so the client learns and the fd comes back.
+            metrics.reject("connections");
+            drop(tcp);
+            continue;
+        };
+        let (acceptor, app, h1, metrics) = (tls.clone(), app.clone(), h1.clone(), metrics.clone());
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
+            let _slot = slot;
+            let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let seen = Arc::clone(&served);
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                tower_service::Service::call(&mut app.clone(), req)
+            });
+            let r = match acceptor {
+                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => h1.serve_connection(hyper_util::rt::TokioIo::new(t), svc).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.reject("header_timeout");
+                        return;
+                    }
+                },
+                None => h1.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await,
             };
-            let svc = hyper_util::service::TowerToHyperService::new(app);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                .await;
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                if let Some(reason) = reject_reason(&e, served.load(std::sync::atomic::Ordering::Relaxed)) {
+                    metrics.reject(reason);
+                }
+            }
         });
     }
 }

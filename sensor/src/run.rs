@@ -374,12 +374,15 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
     })
 }
 
+/// The checks' engine and the tasks that run them.
+type Checks = (Arc<crate::checks::Engine>, Vec<JoinHandle<()>>);
+
 /// The synthetic checks' engine and tasks, when any are configured.
 fn start_checks(
     cfg: &Config,
     registry: &prometheus::Registry,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<Option<(Arc<crate::checks::Engine>, Vec<JoinHandle<()>>)>> {
+) -> anyhow::Result<Option<Checks>> {
     if cfg.checks.is_empty() {
         return Ok(None);
     }
@@ -410,8 +413,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let tls = web.as_ref().and_then(|w| w.tls.clone());
+    let http_metrics = http::HttpMetrics::new(&core.registry)?;
     let app = http::router(state, web);
-    let server = tokio::spawn(http::serve(listener, app, tls, stop_rx.clone()));
+    let server = tokio::spawn(http::serve(
+        listener,
+        app,
+        tls,
+        cfg.http.clone(),
+        http_metrics,
+        stop_rx.clone(),
+    ));
     core.health.set_started(true);
     tracing::info!(listen = %local, kernel = %core.kernel_release, "sensor running");
 

@@ -32,6 +32,9 @@ pub struct Config {
     /// Decisions kept for `/api/v1/remediations` (oldest dropped first).
     pub audit_size: usize,
     pub limits: Limits,
+    /// The HTTP server's bounds, as in `sensor run` (for bodies the smaller of
+    /// `http.max_body_bytes` and `max_body_bytes` applies).
+    pub http: crate::config::HttpLimits,
     pub rules: Vec<Rule>,
 }
 
@@ -44,6 +47,7 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             audit_size: 1000,
             limits: Limits::default(),
+            http: crate::config::HttpLimits::default(),
             rules: Vec::new(),
         }
     }
@@ -213,6 +217,7 @@ impl Config {
         if self.audit_size == 0 {
             return Err(bad("audit_size".into(), "must be at least 1".into()));
         }
+        self.http.validate().map_err(|(k, r)| bad(format!("http{k}"), r))?;
         let l = &self.limits;
         if l.window.is_zero() {
             return Err(bad("limits.window".into(), "must be positive".into()));

@@ -392,11 +392,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     let dry_run = cfg.dry_run;
     let rules = cfg.rules.len();
+    let limits = cfg.http.clone();
     let runner = Runner::new(cfg)?;
+    let http_metrics = crate::http::HttpMetrics::new(&runner.metrics.registry)?;
     let tls = web.as_ref().and_then(|w| w.tls.clone());
     let app = router(runner, web);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(crate::http::serve(listener, app, tls, stop_rx));
+    let server = tokio::spawn(crate::http::serve(listener, app, tls, limits, http_metrics, stop_rx));
     tracing::info!(listen = %local, dry_run, rules, "remediation runner listening");
     let which = crate::run::shutdown_signal().await?;
     tracing::info!(signal = which, "stopping");
