@@ -32,7 +32,7 @@ fn tool_missing(what: &str, how: &str) -> bool {
     if ci() {
         panic!("CI=true but {what} is missing ({how})");
     }
-    eprintln!("SKIP: {what} missing ({how})");
+    common::skip(&format!("{what} missing ({how})"));
     false
 }
 
@@ -49,9 +49,9 @@ fn promtool() -> Option<Command> {
         return Some(Command::new("promtool"));
     }
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("CI=true but promtool is missing (.ci/run installs Debian's prometheus package)");
+        panic!("CI=true but promtool is missing (`cargo xtask deps` installs Debian's prometheus package)");
     }
-    eprintln!("SKIP: promtool not installed (apt-get install prometheus)");
+    common::skip("promtool not installed (apt-get install prometheus)");
     None
 }
 
@@ -100,7 +100,7 @@ fn generated_fleet_test_is_current() {
     std::fs::copy(dir.join("generate.py"), tmp.join("generate.py")).unwrap();
     let st = Command::new("python3").arg("generate.py").current_dir(&tmp).status();
     let Ok(st) = st else {
-        eprintln!("SKIP: no python3");
+        common::skip("no python3");
         return;
     };
     assert!(st.success());
@@ -304,7 +304,10 @@ fn image_ships_exactly_the_dist_output_and_runs() {
     }
 
     if Command::new("podman").arg("--version").output().is_err() {
-        tool_missing("podman", "apt-get install podman runc musl-tools; .ci/run does it");
+        tool_missing(
+            "podman",
+            "apt-get install podman runc musl-tools; `cargo xtask deps` does it",
+        );
         return;
     }
     let conf = podman_conf();
@@ -472,7 +475,7 @@ fn deploy_python() -> Option<PathBuf> {
     }
     tool_missing(
         "target/deploy-venv with kubernetes-validate",
-        "python3 -m venv target/deploy-venv && target/deploy-venv/bin/pip install kubernetes-validate==1.37.0; .ci/run does it",
+        "cargo xtask deps, which cargo xtask test and .ci/run run",
     );
     None
 }
@@ -747,7 +750,7 @@ impl Prometheus {
     /// `config` is prometheus.yml; `files` are written next to it (rule files).
     fn start(name: &str, config: &str, files: &[(&str, String)]) -> Option<Prometheus> {
         if Command::new("prometheus").arg("--version").output().is_err() {
-            tool_missing("prometheus", "apt-get install prometheus; .ci/run does it");
+            tool_missing("prometheus", "apt-get install prometheus; `cargo xtask deps` does it");
             return None;
         }
         let dir = std::env::temp_dir().join(format!("sensor-prom-{name}-{}", std::process::id()));
@@ -1072,7 +1075,10 @@ fn alertmanager_file() -> PathBuf {
 
 #[test]
 fn alertmanager_config_passes_amtool_and_routes_the_sensor_alerts() {
-    if !require_tool("amtool", "apt-get install prometheus-alertmanager; .ci/run does it") {
+    if !require_tool(
+        "amtool",
+        "apt-get install prometheus-alertmanager; `cargo xtask deps` does it",
+    ) {
         return;
     }
     let file = alertmanager_file();

@@ -72,10 +72,10 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     let Some(_k) = privileged("oom_storm_reaches_remediation_through_agent_central_and_alertmanager") else {
         return;
     };
-    if !require_tool("prometheus", "apt-get install prometheus; .ci/run does it")
+    if !require_tool("prometheus", "apt-get install prometheus; `cargo xtask deps` does it")
         || !require_tool(
             "prometheus-alertmanager",
-            "apt-get install prometheus-alertmanager; .ci/run does it",
+            "apt-get install prometheus-alertmanager; `cargo xtask deps` does it",
         )
     {
         return;

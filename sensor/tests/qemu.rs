@@ -21,7 +21,7 @@ fn missing(what: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
         panic!("CI=true but {what}; .ci/run and `cargo xtask test` provide it");
     }
-    eprintln!("SKIP qemu test: {what} (run `cargo xtask test`, which prepares it)");
+    common::skip(&format!("{what} (run `cargo xtask test`, which prepares it)"));
     false
 }
 

@@ -25,9 +25,9 @@ fn stress_ng_present(test: &str) -> bool {
         return true;
     }
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{test}: CI=true but stress-ng is missing (.ci/run installs it)");
+        panic!("{test}: CI=true but stress-ng is missing (`cargo xtask deps` installs it)");
     }
-    eprintln!("SKIP {test}: stress-ng not installed (apt-get install stress-ng)");
+    skip_named(test, "stress-ng not installed (apt-get install stress-ng)");
     false
 }
 

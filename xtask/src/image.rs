@@ -33,7 +33,7 @@ pub fn setup_static() -> Result<()> {
     }
     if Command::new("musl-gcc").arg("--version").output().is_err() {
         bail!(
-            "musl-gcc not found: install Debian's musl-tools package (apt-get install musl-tools; .ci/run does it). \
+            "musl-gcc not found: install Debian's musl-tools package (apt-get install musl-tools; `cargo xtask deps` does it). \
              The static sensor ({STATIC_TARGET}) compiles the C code of ring and mimalloc with it"
         );
     }

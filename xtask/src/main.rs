@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | dist | image | run | test | lint | bench | bench-checks |
-//! demo`.
+//! Project tasks: `cargo xtask setup | deps | build-ebpf | dist | image | run | test | lint | bench |
+//! bench-checks | demo`.
 //!
-//! `run` and `test` call `setup` themselves, so a fresh machine needs nothing else.
+//! `run` and `test` call `setup` themselves, and `test` also `deps`, so a fresh machine needs
+//! nothing else.
 
 use std::{
     env,
@@ -14,6 +15,7 @@ use std::{
 mod bench;
 mod bench_checks;
 mod demo;
+mod deps;
 mod image;
 mod net;
 
@@ -36,6 +38,9 @@ enum Cmd {
     /// Install rust-src for nightly, bpf-linker built against nightly's LLVM and the musl target
     /// of the static build, and check for musl-gcc (Debian's musl-tools); idempotent.
     Setup,
+    /// Install what the tests use beyond Rust (Debian packages as root, the manifest
+    /// validator's venv under target/); idempotent. `test` and `.ci/run` run it.
+    Deps,
     /// Build the kernel programs for bpfel-unknown-none and print the object's path.
     BuildEbpf,
     /// Build the fully static (musl), stripped release daemon (eBPF object embedded) and write it
@@ -53,7 +58,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Run every test: unit tests and privileged integration tests against the real kernel.
+    /// Run every test: unit tests and privileged integration tests against the real kernel,
+    /// after `setup` and `deps`; the last line counts tests that could not run as skipped.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -123,6 +129,7 @@ fn real_main() -> Result<()> {
             setup()?;
             image::setup_static()
         }
+        Cmd::Deps => deps::install(),
         Cmd::BuildEbpf => build_ebpf(&root),
         Cmd::Dist { out } => image::dist(&root, &out).map(|_| ()),
         Cmd::Image => image::image(&root),
@@ -134,12 +141,27 @@ fn real_main() -> Result<()> {
         }
         Cmd::Test { args } => {
             setup()?;
-            prepare_qemu_kernel(&workspace_root());
+            if let Err(e) = deps::install() {
+                // CI must not go green without them; elsewhere the tests that need them say so
+                // and are counted as skipped.
+                if ci() {
+                    return Err(e.context("installing the test dependencies"));
+                }
+                eprintln!("==> could not install every test dependency ({e:#}); tests that need them will be skipped");
+            }
+            prepare_qemu_kernel(&root);
             step("running the test suite (unit + privileged integration tests)");
+            let skip_log = root.join("target/xtask/test-skips.log");
+            if let Some(dir) = skip_log.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&skip_log, "").with_context(|| format!("truncate {}", skip_log.display()))?;
             run_tests(
                 cargo()
                     .args(["test", "--workspace", "--exclude", "sensor-ebpf"])
-                    .args(args),
+                    .args(args)
+                    .env("SENSOR_SKIP_LOG", &skip_log),
+                &skip_log,
             )
         }
         Cmd::Bench {
@@ -322,42 +344,128 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `CI=true` (or `1`): missing test dependencies are errors, never skips.
+fn ci() -> bool {
+    env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
 /// Runs `cargo test`, echoing its output, and ends with one totals line over every test binary
-/// (cargo's own last lines are those of crates without tests, which say `0 passed`).
-fn run_tests(cmd: &mut Command) -> Result<()> {
+/// (cargo's own last lines are those of crates without tests, which say `0 passed`). A test
+/// that passed only because it skipped itself (it wrote `<test>\t<reason>` to `skip_log`) is
+/// counted as skipped, not passed, and listed with its reason.
+fn run_tests(cmd: &mut Command, skip_log: &Path) -> Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {cmd:?}"))?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut totals = Totals::default();
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
             let line = line?;
             println!("{line}");
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                let num = |key: &str| {
-                    rest.split(';')
-                        .find_map(|p| p.trim().strip_suffix(key).map(str::trim))
-                        .and_then(|n| n.rsplit(' ').next())
-                        .and_then(|n| n.parse::<u64>().ok())
-                        .unwrap_or(0)
-                };
-                passed += num("passed");
-                failed += num("failed");
-                ignored += num("ignored");
-            }
+            totals.line(&line);
         }
     }
     let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    let skips = std::fs::read_to_string(skip_log).unwrap_or_default();
+    let summary = totals.finish(&skips);
+    for (name, reason) in &summary.skipped {
+        println!("skipped: {name}: {reason}");
+    }
+    println!("{}", summary.line());
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
-    if passed == 0 {
+    if summary.passed == 0 {
         bail!("no test ran");
     }
     Ok(())
+}
+
+/// What libtest printed, summed over every test binary.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    /// Names of tests that reported `ok` (a name may repeat across binaries).
+    ok: Vec<String>,
+    /// `#[ignore]`d tests, with the reason given in the attribute when there is one.
+    ignored_tests: Vec<(String, String)>,
+}
+
+/// The totals line's numbers and every skipped test with its reason.
+struct Summary {
+    passed: u64,
+    failed: u64,
+    skipped: Vec<(String, String)>,
+}
+
+impl Summary {
+    /// The closing line CI parses: `tests: N passed, N failed, N skipped`.
+    fn line(&self) -> String {
+        format!(
+            "tests: {} passed, {} failed, {} skipped",
+            self.passed,
+            self.failed,
+            self.skipped.len()
+        )
+    }
+}
+
+impl Totals {
+    fn line(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |key: &str| {
+                rest.split(';')
+                    .find_map(|p| p.trim().strip_suffix(key).map(str::trim))
+                    .and_then(|n| n.rsplit(' ').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            self.passed += num("passed");
+            self.failed += num("failed");
+            self.ignored += num("ignored");
+        } else if let Some(rest) = line.strip_prefix("test ") {
+            if let Some(name) = rest.strip_suffix(" ... ok") {
+                self.ok.push(name.to_string());
+            } else if let Some((name, verdict)) = rest.split_once(" ... ignored") {
+                let reason = verdict.trim_start_matches(',').trim();
+                let reason = if reason.is_empty() { "#[ignore]" } else { reason };
+                self.ignored_tests.push((name.to_string(), reason.to_string()));
+            }
+        }
+    }
+
+    /// Moves the tests that passed after skipping themselves (lines `<test>\t<reason>` of the
+    /// skip log) from passed to skipped; a test that skipped and then failed stays failed.
+    fn finish(mut self, skip_log: &str) -> Summary {
+        let mut skipped = std::mem::take(&mut self.ignored_tests);
+        // libtest prints ignored tests by name; count any it did not name all the same.
+        for i in skipped.len() as u64..self.ignored {
+            skipped.push((format!("ignored test {}", i + 1), "#[ignore]".to_string()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in skip_log.lines() {
+            let Some((name, reason)) = l.split_once('\t') else {
+                continue;
+            };
+            if !seen.insert(name.to_string()) {
+                continue;
+            }
+            if let Some(i) = self.ok.iter().position(|n| n == name) {
+                self.ok.swap_remove(i);
+                self.passed = self.passed.saturating_sub(1);
+                skipped.push((name.to_string(), reason.to_string()));
+            }
+        }
+        Summary {
+            passed: self.passed,
+            failed: self.failed,
+            skipped,
+        }
+    }
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
@@ -505,4 +613,62 @@ fn build_ebpf(root: &Path) -> Result<()> {
     let obj = root.join("target").join(BPF_TARGET).join("release/sensor");
     println!("{}", obj.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUT: &str = "\
+running 3 tests
+test qemu_fentry_and_kprobe ... ok
+test manifests_validate ... ok
+test slow ... ignored, needs an hour
+test really_passes ... ok
+test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.00s
+running 1 test
+test broken ... FAILED
+test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.10s
+";
+
+    fn totals() -> Totals {
+        let mut t = Totals::default();
+        for l in OUT.lines() {
+            t.line(l);
+        }
+        t
+    }
+
+    #[test]
+    fn self_skipped_tests_are_skipped_not_passed() {
+        let log = "qemu_fentry_and_kprobe\tqemu-system-x86_64 is not installed\n\
+                   manifests_validate\tvenv missing\n\
+                   manifests_validate\tvenv missing\n\
+                   broken\tskipped, then failed\n";
+        let s = totals().finish(log);
+        assert_eq!(s.line(), "tests: 1 passed, 1 failed, 3 skipped");
+        let names: Vec<_> = s.skipped.iter().map(|(n, r)| format!("{n}: {r}")).collect();
+        assert_eq!(
+            names,
+            [
+                "slow: needs an hour",
+                "qemu_fentry_and_kprobe: qemu-system-x86_64 is not installed",
+                "manifests_validate: venv missing"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_skips_the_counts_are_libtests() {
+        let s = totals().finish("");
+        assert_eq!(s.line(), "tests: 3 passed, 1 failed, 1 skipped");
+    }
+
+    #[test]
+    fn the_package_list_has_no_duplicates() {
+        let mut p = deps::DEBIAN_PACKAGES.to_vec();
+        p.sort_unstable();
+        p.dedup();
+        assert_eq!(p.len(), deps::DEBIAN_PACKAGES.len());
+    }
 }

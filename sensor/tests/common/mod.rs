@@ -62,7 +62,10 @@ pub fn require_bpf(test: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
         panic!("{test}: CI=true but this process cannot load BPF (needs CAP_BPF+CAP_PERFMON or root)");
     }
-    eprintln!("SKIP {test}: needs CAP_BPF and CAP_PERFMON, or root (set CI=true to make this fatal)");
+    skip_named(
+        test,
+        "needs CAP_BPF and CAP_PERFMON, or root (set CI=true to make this fatal)",
+    );
     false
 }
 
@@ -547,8 +550,39 @@ pub fn require_tool(bin: &str, how: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
         panic!("CI=true but {bin} is missing ({how})");
     }
-    eprintln!("SKIP: {bin} missing ({how})");
+    skip(&format!("{bin} missing ({how})"));
     false
+}
+
+/// Reports that the running test cannot run here and returns without asserting anything:
+/// `SKIP <test>: <reason>` on stderr, and a `<test>\t<reason>` line appended to the file
+/// `SENSOR_SKIP_LOG` names, so `cargo xtask test` counts it as skipped, not passed. The test
+/// is the one of the calling thread (libtest names each test's thread after it).
+pub fn skip(reason: &str) {
+    let name = std::thread::current().name().unwrap_or("main").to_string();
+    skip_named(&name, reason);
+}
+
+/// [`skip`] for a test named by the caller (libtest's thread name when it has one).
+pub fn skip_named(test: &str, reason: &str) {
+    let name = match std::thread::current().name() {
+        Some(n) if n != "main" => n.to_string(),
+        _ => test.to_string(),
+    };
+    eprintln!("SKIP {name}: {reason}");
+    let Some(path) = std::env::var_os("SENSOR_SKIP_LOG") else {
+        return;
+    };
+    // One write of one line with O_APPEND: test binaries running at once do not interleave.
+    let line = format!("{name}\t{}\n", reason.replace(['\t', '\n'], " "));
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("cannot record the skip in {}: {e}", Path::new(&path).display());
+    }
 }
 
 /// A server process on a loopback port (Prometheus, Alertmanager, `sensor remediate`), its

@@ -1,0 +1,86 @@
+//! What the tests need beyond the Rust toolchain: Debian packages and the manifest validator's
+//! venv. One list, installed by `cargo xtask deps`, which both `cargo xtask test` and `.ci/run`
+//! run, so a fresh clone and CI cannot drift apart.
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{output, run, step};
+
+/// Debian packages the tests use: setpriv (util-linux) drops privileges for the
+/// unprivileged-start test; tail (coreutils) is the OOM victim; qemu-system-x86, busybox-static
+/// and binutils (strip) run the fentry/kprobe test inside Debian's 6.1 kernel (fetched by
+/// `cargo xtask test`); prometheus provides promtool for the rule tests and the server the
+/// dashboard, scale and demo tests query; python3 regenerates the fleet rule test; python3-venv
+/// holds the manifest validator (below); bpftool lets a failing TCP test show the kernel's side
+/// (connect table, program statistics); stress-ng makes the real OOM storms of
+/// sensor/tests/storm.rs; prometheus-alertmanager (+ amtool) checks and runs deploy/alertmanager
+/// and the live remediation test (sensor/tests/fleet.rs); musl-tools (musl-gcc) compiles the C
+/// code of ring and mimalloc for the static build (`cargo xtask dist`); podman and runc build
+/// and run the image in the image test (runc: crun refuses hybrid cgroup hosts); ca-certificates
+/// is the bundle the image ships.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "util-linux",
+    "coreutils",
+    "qemu-system-x86",
+    "busybox-static",
+    "binutils",
+    "prometheus",
+    "prometheus-alertmanager",
+    "python3",
+    "python3-venv",
+    "bpftool",
+    "stress-ng",
+    "musl-tools",
+    "podman",
+    "runc",
+    "ca-certificates",
+];
+
+/// kubernetes-validate (PyPI) bundles the Kubernetes JSON schemas, so the manifest test
+/// (sensor/tests/deploy.rs, deploy/kubernetes/validate.py) validates offline. Pinned, in a venv
+/// under target/ so it touches neither Debian's Python nor the network once installed.
+pub const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+pub const VENV: &str = "target/deploy-venv";
+
+/// Installs whatever of [`DEBIAN_PACKAGES`] and the venv is missing; a no-op when all is there.
+pub fn install() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if !missing.is_empty() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!(
+                "Debian packages missing and not root, so they cannot be installed: {}",
+                missing.join(" ")
+            );
+        }
+        step(&format!(
+            "installing Debian packages the tests use: {}",
+            missing.join(" ")
+        ));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let python = format!("{VENV}/bin/python");
+    let has_validator = Command::new(&python)
+        .args(["-c", "import kubernetes_validate"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_validator {
+        step(&format!("installing {KUBERNETES_VALIDATE} into {VENV}"));
+        run(Command::new("python3").args(["-m", "venv", VENV]))?;
+        run(Command::new(format!("{VENV}/bin/pip")).args(["install", "-q", KUBERNETES_VALIDATE]))
+            .context("the manifest validator's venv")?;
+    }
+    Ok(())
+}
+
+/// `dpkg -s` says the package is installed (not merely known, or removed with its config).
+fn installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.trim_end().ends_with(" installed"))
+}
