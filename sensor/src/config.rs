@@ -119,6 +119,10 @@ pub struct HttpLimits {
     /// the same time.
     #[serde(with = "duration")]
     pub header_read_timeout: Duration,
+    /// Longest a response write may make no progress (a client that asks and never reads);
+    /// the connection is then closed.
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
     /// Request line plus headers; larger heads get 431.
     pub max_header_bytes: usize,
     /// Request bodies; larger ones get 413.
@@ -132,6 +136,7 @@ impl Default for HttpLimits {
         HttpLimits {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
             max_body_bytes: 1 << 20,
             max_query_bytes: 4096,
@@ -148,6 +153,9 @@ impl HttpLimits {
         }
         if self.header_read_timeout.is_zero() {
             return zero("header_read_timeout");
+        }
+        if self.write_timeout.is_zero() {
+            return zero("write_timeout");
         }
         if self.max_header_bytes == 0 {
             return zero("max_header_bytes");

@@ -104,6 +104,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "bad_request",
     "body_size",
     "query_size",
+    "write_timeout",
 ];
 
 /// Counts clients the server turned away, so an operator sees a scan or a slowloris attack
@@ -169,7 +170,12 @@ async fn bound_request(
 /// The reason a connection that ended with `e` counts as rejected; `None` for ordinary ends
 /// (a client that went away, a keep-alive connection left idle after its requests).
 fn reject_reason(e: &hyper::Error, served: bool) -> Option<&'static str> {
-    if e.is_parse_too_large() {
+    let stalled = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+    if stalled {
+        Some("write_timeout")
+    } else if e.is_parse_too_large() {
         Some("header_size")
     } else if e.is_parse() {
         Some("bad_request")
@@ -206,6 +212,7 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(limits.max_header_bytes);
     let handshake_timeout = limits.header_read_timeout;
+    let write_timeout = limits.write_timeout;
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -226,6 +233,7 @@ pub async fn serve(
             continue;
         };
         let (acceptor, app, h1, metrics) = (tls.clone(), app.clone(), h1.clone(), metrics.clone());
+        let tcp = WriteDeadline::new(tcp, write_timeout);
         tokio::spawn(async move {
             let _slot = slot;
             let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -255,6 +263,101 @@ pub async fn serve(
                 }
             }
         });
+    }
+}
+
+/// A socket whose writes fail with `TimedOut` once they made no progress for `limit`: a client
+/// that asks and never reads would otherwise hold its connection slot and fd for ever.
+struct WriteDeadline<T> {
+    inner: T,
+    limit: std::time::Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(inner: T, limit: std::time::Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Called when a write is pending: starts the clock, or fails once it ran out.
+    fn pending<R>(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<R>> {
+        let limit = self.limit;
+        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match std::future::Future::poll(sleep.as_mut(), cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn progress<R>(
+        &mut self,
+        r: std::task::Poll<std::io::Result<R>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<R>> {
+        if r.is_pending() {
+            return self.pending(cx);
+        }
+        self.stalled = None;
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.progress(r, cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.progress(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        this.progress(r, cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
