@@ -490,6 +490,25 @@ checks:
     }
 
     #[test]
+    fn http_limits_parse_and_are_checked() {
+        let c = Config::parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(c.http, HttpLimits::default(), "default-config.yaml and the code agree");
+        let c = Config::parse("http: {max_connections: 10, header_read_timeout: 2s}\n", "t").unwrap();
+        assert_eq!(c.http.max_connections, 10);
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.http.max_body_bytes, 1 << 20);
+        let e = err("http: {max_connections: 0}\n");
+        assert!(
+            e.contains("key 'http.max_connections'") && e.contains("greater than 0"),
+            "{e}"
+        );
+        let e = err("http: {header_read_timeout: 0s}\n");
+        assert!(e.contains("key 'http.header_read_timeout'"), "{e}");
+        let e = err("http: {max_header_size: 1}\n");
+        assert!(e.contains("max_header_size"), "{e}");
+    }
+
+    #[test]
     fn bad_duration_and_ranges() {
         let e = err("alerting: {window: 2 fortnights}\n");
         assert!(e.contains("key 'alerting.window'") && e.contains("bad duration"), "{e}");
