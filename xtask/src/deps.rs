@@ -45,7 +45,18 @@ pub const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 pub const VENV: &str = "target/deploy-venv";
 
 /// Installs whatever of [`DEBIAN_PACKAGES`] and the venv is missing; a no-op when all is there.
+/// Both are tried, so one failing (not root, no network) still leaves the other installed.
 pub fn install() -> Result<()> {
+    let debian = debian_packages();
+    let venv = validator_venv();
+    match (debian, venv) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(a), Err(b)) => Err(a.context(format!("{b:#}"))),
+    }
+}
+
+fn debian_packages() -> Result<()> {
     let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
         // SAFETY: geteuid has no preconditions.
@@ -65,6 +76,10 @@ pub fn install() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+fn validator_venv() -> Result<()> {
     let python = format!("{VENV}/bin/python");
     let has_validator = Command::new(&python)
         .args(["-c", "import kubernetes_validate"])
