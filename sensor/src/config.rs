@@ -119,6 +119,10 @@ pub struct HttpLimits {
     /// the same time.
     #[serde(with = "duration")]
     pub header_read_timeout: Duration,
+    /// From a complete request head to the response head: bounds a body that trickles in and
+    /// a handler that hangs (408).
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
     /// Longest a response write may make no progress (a client that asks and never reads);
     /// the connection is then closed.
     #[serde(with = "duration")]
@@ -136,6 +140,7 @@ impl Default for HttpLimits {
         HttpLimits {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
             max_body_bytes: 1 << 20,
@@ -153,6 +158,9 @@ impl HttpLimits {
         }
         if self.header_read_timeout.is_zero() {
             return zero("header_read_timeout");
+        }
+        if self.request_timeout.is_zero() {
+            return zero("request_timeout");
         }
         if self.write_timeout.is_zero() {
             return zero("write_timeout");

@@ -105,6 +105,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "body_size",
     "query_size",
     "write_timeout",
+    "request_timeout",
 ];
 
 /// Counts clients the server turned away, so an operator sees a scan or a slowloris attack
@@ -213,6 +214,7 @@ pub async fn serve(
         .max_header_size(limits.max_header_bytes);
     let handshake_timeout = limits.header_read_timeout;
     let write_timeout = limits.write_timeout;
+    let request_timeout = limits.request_timeout;
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -238,9 +240,25 @@ pub async fn serve(
             let _slot = slot;
             let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let seen = Arc::clone(&served);
+            let m = metrics.clone();
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 seen.store(true, std::sync::atomic::Ordering::Relaxed);
-                tower_service::Service::call(&mut app.clone(), req)
+                let answer = tower_service::Service::call(&mut app.clone(), req);
+                let m = m.clone();
+                async move {
+                    match tokio::time::timeout(request_timeout, answer).await {
+                        Ok(r) => r,
+                        // A body that trickles in (or a handler that hangs) would hold the
+                        // connection's slot for ever.
+                        Err(_) => {
+                            m.reject("request_timeout");
+                            let mut r = (StatusCode::REQUEST_TIMEOUT, "request took too long\n").into_response();
+                            r.headers_mut()
+                                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                            Ok(r)
+                        }
+                    }
+                }
             });
             let r = match acceptor {
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {

@@ -297,3 +297,57 @@ fn a_client_that_never_reads_is_closed_after_the_write_timeout() {
     s.set_nonblocking(false).unwrap();
     assert!(closed_within(&mut s, Duration::from_secs(5)), "connection still open");
 }
+
+#[test]
+fn a_webhook_body_sent_one_byte_per_second_gets_408() {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let port = common::free_port();
+    let cfg = std::env::temp_dir().join(format!("sensor-http-limits-remediate-{}.yaml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:{port}\nhttp: {{request_timeout: 2s}}\n"),
+    )
+    .unwrap();
+    let child = std::process::Command::new(common::SENSOR)
+        .args(["remediate", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn sensor remediate");
+    // Reuses the daemon helpers (scrapes, counters) for the runner's own /metrics.
+    let d = Daemon {
+        child: Some(child),
+        port,
+        stderr_path: std::env::temp_dir().join("sensor-http-limits-remediate.log"),
+    };
+    let ready = Instant::now();
+    while http_get(port, "/healthz").is_err() {
+        assert!(
+            ready.elapsed() < Duration::from_secs(20),
+            "sensor remediate did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut s = connect(&d);
+    s.write_all(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
+    let started = Instant::now();
+    let mut writer = s.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_secs(1));
+            if writer.write_all(b" ").is_err() {
+                break;
+            }
+        }
+    });
+    scrape_within_a_second(&d);
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status(&answer), 408, "{answer}");
+    assert!(took < Duration::from_secs(6), "answered after {took:?}");
+    let _ = trickle.join();
+    assert_eq!(rejected(&d, "request_timeout"), 1.0);
+}
