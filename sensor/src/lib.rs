@@ -25,4 +25,5 @@ pub mod run;
 pub mod tcp;
 pub mod top;
 pub mod transport;
+pub mod web;
 pub mod webconfig;

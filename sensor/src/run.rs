@@ -366,10 +366,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let state = http::AppState {
         registry,
-        hub,
+        hub: Arc::clone(&hub),
         reports: Arc::new(RwLock::new(reports)),
         health: Arc::clone(&health),
         checks: checks.as_ref().map(|(e, _)| Arc::clone(e)),
+        web: crate::web::Live::start(&hub, &kernel_release, checks_stop_rx.clone()),
     };
     // Read before any probe work would be wasted on a typo in it.
     let web = match &cfg.web_config_file {
