@@ -293,3 +293,62 @@ async fn checks_handler(State(s): State<AppState>, Query(q): Query<checks::PageQ
         Err(e) => internal("building the checks", e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(seq: u64) -> Arc<Sequenced> {
+        Arc::new(Sequenced {
+            seq,
+            event: Event::TcpConnectFailure(crate::tcp::TcpFailure {
+                time: seq as f64,
+                result: "refused",
+                errno: 111,
+                address: "127.0.0.1".into(),
+                port: 9,
+                destination: "other".into(),
+                duration_seconds: 0.0,
+                pid: 1,
+                comm: "c".into(),
+                cgroup: None,
+                container_id: None,
+                pod_uid: None,
+            }),
+        })
+    }
+
+    #[test]
+    fn rings_take_each_event_once_and_stay_bounded() {
+        let mut r = Rings::default();
+        for seq in 1..=150 {
+            r.add(&failure(seq));
+        }
+        // Replayed from the history after a lag: already seen, skipped.
+        r.add(&failure(120));
+        assert_eq!(r.tcp_failures.len(), RECENT);
+        assert_eq!(r.tcp_failures.back().map(|e| e.seq), Some(150));
+        assert_eq!(r.missed, 0);
+        // A gap the history could not fill is counted.
+        r.add(&failure(160));
+        assert_eq!(r.missed, 9);
+        for i in 0..500 {
+            r.add_psi(PsiSample {
+                at: f64::from(i) * 5.0,
+                some_us: 0,
+                full_us: None,
+            });
+            r.add_tcp(TcpSample {
+                at: f64::from(i) * 0.5,
+                totals: BTreeMap::new(),
+            });
+        }
+        assert_eq!(r.psi.len(), 122, "10 minutes of 5-second samples");
+        assert_eq!(r.tcp.len(), 250, "at most one a second");
+        r.add_tcp(TcpSample {
+            at: 2000.0,
+            totals: BTreeMap::new(),
+        });
+        assert_eq!(r.tcp.len(), 1, "10 minutes and a little more");
+    }
+}
