@@ -1,4 +1,5 @@
-//! The daemon's HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/api/v1/*`.
+//! The daemon's HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/api/v1/*`, and the web view
+//! (`/`, `/api/v1/checks`, `/api/v1/summary`: see [`crate::web`]).
 
 use std::sync::{Arc, RwLock};
 
@@ -23,6 +24,8 @@ pub struct AppState {
     pub health: Arc<crate::health::Health>,
     /// The synthetic checks, when any are configured.
     pub checks: Option<Arc<crate::checks::Engine>>,
+    /// The web view's rings (`/`, `/api/v1/summary`).
+    pub web: Arc<crate::web::Live>,
 }
 
 /// The routes; with users in the web config every route asks for basic auth (as
@@ -34,7 +37,7 @@ pub fn router(state: AppState, web: Option<Arc<crate::webconfig::Web>>) -> Route
         .route("/readyz", get(readyz))
         .route("/api/v1/events", get(events))
         .route("/api/v1/probes", get(probes))
-        .route("/api/v1/checks", get(checks))
+        .merge(crate::web::routes())
         .with_state(state);
     match web {
         Some(w) if w.wants_auth() => r.layer(axum::middleware::from_fn_with_state(w, crate::webconfig::require_auth)),
@@ -86,14 +89,6 @@ async fn events(State(s): State<AppState>, Query(q): Query<Since>) -> impl IntoR
 
 async fn probes(State(s): State<AppState>) -> impl IntoResponse {
     Json(s.reports.read().map(|r| r.clone()).unwrap_or_default())
-}
-
-/// Check state, windows and alert history; an empty list when no checks are configured.
-async fn checks(State(s): State<AppState>) -> impl IntoResponse {
-    match &s.checks {
-        Some(e) => Json(serde_json::to_value(e.report()).unwrap_or_default()),
-        None => Json(serde_json::json!({ "checks": [], "alerts": [] })),
-    }
 }
 
 /// Serves `app` on `listener` until `stop` turns true: HTTPS with `tls`, else plain HTTP.

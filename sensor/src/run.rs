@@ -374,12 +374,15 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
     })
 }
 
-/// The synthetic checks' engine and tasks, when any are configured.
+/// The synthetic checks' engine and its tasks.
+type RunningChecks = (Arc<crate::checks::Engine>, Vec<JoinHandle<()>>);
+
+/// The synthetic checks, when any are configured.
 fn start_checks(
     cfg: &Config,
     registry: &prometheus::Registry,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<Option<(Arc<crate::checks::Engine>, Vec<JoinHandle<()>>)>> {
+) -> anyhow::Result<Option<RunningChecks>> {
     if cfg.checks.is_empty() {
         return Ok(None);
     }
@@ -404,6 +407,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         reports: Arc::new(RwLock::new(core.reports.clone())),
         health: Arc::clone(&core.health),
         checks: checks.as_ref().map(|(e, _)| Arc::clone(e)),
+        web: crate::web::Live::start(&core.hub, &core.kernel_release, stop_rx.clone()),
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
