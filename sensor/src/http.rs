@@ -1,5 +1,5 @@
 //! The daemon's HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/api/v1/*`, and the web view
-//! (`/`, `/api/v1/checks`, `/api/v1/summary`: see [`crate::web`]).
+//! (`/`, `/api/v1/checks`, `/api/v1/summary`, added by `run` from the `web` module).
 
 use std::sync::{Arc, RwLock};
 
@@ -24,21 +24,20 @@ pub struct AppState {
     pub health: Arc<crate::health::Health>,
     /// The synthetic checks, when any are configured.
     pub checks: Option<Arc<crate::checks::Engine>>,
-    /// The web view's rings (`/`, `/api/v1/summary`).
-    pub web: Arc<crate::web::Live>,
 }
 
 /// The routes; with users in the web config every route asks for basic auth (as
 /// exporter-toolkit does: probes then need an Authorization header too).
-pub fn router(state: AppState, web: Option<Arc<crate::webconfig::Web>>) -> Router {
+/// `extra`: routes of other parts (the web view), with their own state, behind the same auth.
+pub fn router(state: AppState, extra: Router, web: Option<Arc<crate::webconfig::Web>>) -> Router {
     let r = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/events", get(events))
         .route("/api/v1/probes", get(probes))
-        .merge(crate::web::routes())
-        .with_state(state);
+        .with_state(state)
+        .merge(extra);
     match web {
         Some(w) if w.wants_auth() => r.layer(axum::middleware::from_fn_with_state(w, crate::webconfig::require_auth)),
         _ => r,

@@ -407,14 +407,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         reports: Arc::new(RwLock::new(core.reports.clone())),
         health: Arc::clone(&core.health),
         checks: checks.as_ref().map(|(e, _)| Arc::clone(e)),
-        web: crate::web::Live::start(&core.hub, &core.kernel_release, stop_rx.clone()),
     };
+    let view = crate::web::routes(
+        state.clone(),
+        crate::web::Live::start(&core.hub, &core.kernel_release, stop_rx.clone()),
+    );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let tls = web.as_ref().and_then(|w| w.tls.clone());
-    let app = http::router(state, web);
+    let app = http::router(state, view, web);
     let server = tokio::spawn(http::serve(listener, app, tls, stop_rx.clone()));
     core.health.set_started(true);
     tracing::info!(listen = %local, kernel = %core.kernel_release, "sensor running");

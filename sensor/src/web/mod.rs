@@ -215,13 +215,22 @@ async fn psi_sampler(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// The web view's routes (merged into the daemon's router, behind the same auth).
-pub fn routes() -> Router<AppState> {
+/// What the web view's handlers read: the daemon's state and the view's own rings.
+#[derive(Clone)]
+pub struct WebState {
+    pub app: AppState,
+    pub live: Arc<Live>,
+}
+
+/// The web view's routes, with their state (merged into the daemon's router, behind the same
+/// auth).
+pub fn routes(app: AppState, live: Arc<Live>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/assets/{name}", get(asset))
         .route("/api/v1/summary", get(summary_handler))
         .route("/api/v1/checks", get(checks_handler))
+        .with_state(WebState { app, live })
 }
 
 async fn page(headers: HeaderMap) -> Response {
@@ -252,9 +261,9 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Response {
 }
 
 /// `/api/v1/summary`: host, probes, losses, OOM kills, memory pressure and TCP, in one object.
-async fn summary_handler(State(s): State<AppState>) -> Response {
+async fn summary_handler(State(WebState { app: s, live }): State<WebState>) -> Response {
     {
-        let c = s.web.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let c = live.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, body)) = c.as_ref() {
             if at.elapsed() < SUMMARY_CACHE {
                 return json_response(body.clone());
@@ -267,10 +276,10 @@ async fn summary_handler(State(s): State<AppState>) -> Response {
         let reports = s.reports.read().map(|r| r.clone()).unwrap_or_default();
         let (ready, down) = s.health.status();
         let checks = s.checks.as_deref().map(checks::counts).unwrap_or_default();
-        let sum = summary::build(&s.web, &families, &reports, (ready, down), checks, now_unix());
+        let sum = summary::build(&live, &families, &reports, (ready, down), checks, now_unix());
         let body = serde_json::to_vec(&sum).map(bytes::Bytes::from);
         if let Ok(b) = &body {
-            *s.web.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), b.clone()));
+            *live.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), b.clone()));
         }
         body
     })
@@ -284,7 +293,10 @@ async fn summary_handler(State(s): State<AppState>) -> Response {
 
 /// `/api/v1/checks`: every check (as `sensor top` reads it), or with `limit` one page of them,
 /// failing first, with each check's recent runs for the charts.
-async fn checks_handler(State(s): State<AppState>, Query(q): Query<checks::PageQuery>) -> Response {
+async fn checks_handler(
+    State(WebState { app: s, .. }): State<WebState>,
+    Query(q): Query<checks::PageQuery>,
+) -> Response {
     let Some(engine) = s.checks.clone() else {
         return json_response(bytes::Bytes::from_static(br#"{"checks":[],"alerts":[]}"#));
     };
