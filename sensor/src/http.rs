@@ -1,4 +1,5 @@
-//! The daemon's HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/api/v1/*`.
+//! The daemon's HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/api/v1/*`, and the web view
+//! (`/`, `/api/v1/checks`, `/api/v1/summary`, added by `run` from the `web` module).
 
 use std::sync::{Arc, RwLock};
 
@@ -27,15 +28,16 @@ pub struct AppState {
 
 /// The routes; with users in the web config every route asks for basic auth (as
 /// exporter-toolkit does: probes then need an Authorization header too).
-pub fn router(state: AppState, web: Option<Arc<crate::webconfig::Web>>) -> Router {
+/// `extra`: routes of other parts (the web view), with their own state, behind the same auth.
+pub fn router(state: AppState, extra: Router, web: Option<Arc<crate::webconfig::Web>>) -> Router {
     let r = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/events", get(events))
         .route("/api/v1/probes", get(probes))
-        .route("/api/v1/checks", get(checks))
-        .with_state(state);
+        .with_state(state)
+        .merge(extra);
     match web {
         Some(w) if w.wants_auth() => r.layer(axum::middleware::from_fn_with_state(w, crate::webconfig::require_auth)),
         _ => r,
@@ -86,14 +88,6 @@ async fn events(State(s): State<AppState>, Query(q): Query<Since>) -> impl IntoR
 
 async fn probes(State(s): State<AppState>) -> impl IntoResponse {
     Json(s.reports.read().map(|r| r.clone()).unwrap_or_default())
-}
-
-/// Check state, windows and alert history; an empty list when no checks are configured.
-async fn checks(State(s): State<AppState>) -> impl IntoResponse {
-    match &s.checks {
-        Some(e) => Json(serde_json::to_value(e.report()).unwrap_or_default()),
-        None => Json(serde_json::json!({ "checks": [], "alerts": [] })),
-    }
 }
 
 /// Every `reason` of `sensor_http_rejected_total`, all exported from the start at 0.

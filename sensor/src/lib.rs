@@ -30,4 +30,5 @@ pub mod serde_duration;
 pub mod tcp;
 pub mod top;
 pub mod transport;
+pub mod web;
 pub mod webconfig;

@@ -374,15 +374,15 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
     })
 }
 
-/// The checks' engine and the tasks that run them.
-type Checks = (Arc<crate::checks::Engine>, Vec<JoinHandle<()>>);
+/// The synthetic checks' engine and its tasks.
+type RunningChecks = (Arc<crate::checks::Engine>, Vec<JoinHandle<()>>);
 
-/// The synthetic checks' engine and tasks, when any are configured.
+/// The synthetic checks, when any are configured.
 fn start_checks(
     cfg: &Config,
     registry: &prometheus::Registry,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<Option<Checks>> {
+) -> anyhow::Result<Option<RunningChecks>> {
     if cfg.checks.is_empty() {
         return Ok(None);
     }
@@ -408,13 +408,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         health: Arc::clone(&core.health),
         checks: checks.as_ref().map(|(e, _)| Arc::clone(e)),
     };
+    let view = crate::web::routes(
+        state.clone(),
+        crate::web::Live::start(&core.hub, &core.kernel_release, stop_rx.clone()),
+    );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let tls = web.as_ref().and_then(|w| w.tls.clone());
     let http_metrics = http::HttpMetrics::new(&core.registry)?;
-    let app = http::router(state, web);
+    let app = http::router(state, view, web);
     let server = tokio::spawn(http::serve(
         listener,
         app,

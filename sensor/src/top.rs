@@ -1,7 +1,8 @@
 //! `sensor top`: a console dashboard of a running daemon, usable over SSH.
 //!
-//! It only reads the daemon's HTTP API (`/api/v1/checks`, `/api/v1/events`, `/api/v1/probes`),
-//! so it needs no privileges and shows exactly what Prometheus and the alert webhook see.
+//! It only reads the daemon's HTTP API (`/api/v1/checks`, `/api/v1/summary`), the endpoints the
+//! web view (`/`) draws from, so it needs no privileges and the console and the page never
+//! disagree.
 
 use std::time::{Duration, Instant};
 
@@ -37,10 +38,12 @@ pub struct Model {
     pub alerts: Vec<Value>,
     pub threshold: Option<f64>,
     pub probes: Vec<(String, String)>,
-    pub oom_kills: Vec<Value>,
+    /// `sensor_oom_kills_total` and the newest kill, from `/api/v1/summary`.
+    pub oom_kills_total: f64,
+    pub last_kill: Option<Value>,
+    /// Failed connects by result (`sensor_tcp_connects_total`), from `/api/v1/summary`.
     pub tcp_failures: std::collections::BTreeMap<String, u64>,
     pub tcp_failures_total: u64,
-    last_seq: Option<u64>,
     pub updated: Option<String>,
     pub long_updated: Option<String>,
     pub error: Option<String>,
@@ -94,42 +97,30 @@ impl Model {
         self.checks = checks["checks"].as_array().cloned().unwrap_or_default();
         self.alerts = checks["alerts"].as_array().cloned().unwrap_or_default();
         self.threshold = checks["alerting"]["availability_threshold"].as_f64();
-        let probes = get_json(&self.client, &format!("{}/api/v1/probes", self.url)).await?;
-        self.probes = probes
+        // The kernel side comes from the summary the web view draws, so both show the same.
+        let sum = get_json(&self.client, &format!("{}/api/v1/summary", self.url)).await?;
+        self.probes = sum["probes"]
             .as_array()
             .map(|a| {
                 a.iter()
                     .map(|p| {
                         let name = p["probe"].as_str().unwrap_or("?").to_string();
-                        let state = p["state"]["state"]
-                            .as_str()
-                            .or_else(|| p["state"].as_str())
-                            .unwrap_or("?")
-                            .to_string();
-                        (name, state)
+                        (name, p["state"].as_str().unwrap_or("?").to_string())
                     })
                     .collect()
             })
             .unwrap_or_default();
-        let since = self.last_seq.map(|s| s + 1).unwrap_or(0);
-        let events = get_json(&self.client, &format!("{}/api/v1/events?since={since}", self.url)).await?;
-        for e in events.as_array().into_iter().flatten() {
-            self.last_seq = e["seq"].as_u64().max(self.last_seq);
-            match e["type"].as_str() {
-                Some("oom_kill") => {
-                    self.oom_kills.push(e.clone());
-                    if self.oom_kills.len() > 100 {
-                        self.oom_kills.remove(0);
-                    }
-                }
-                Some("tcp_connect_failure") => {
-                    let r = e["result"].as_str().unwrap_or("error").to_string();
-                    *self.tcp_failures.entry(r).or_default() += 1;
-                    self.tcp_failures_total += 1;
-                }
-                _ => {}
-            }
-        }
+        self.oom_kills_total = sum["oom"]["kills_total"].as_f64().unwrap_or(0.0);
+        self.last_kill = sum["oom"]["recent"].get(0).cloned();
+        self.tcp_failures = sum["tcp"]["totals"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.as_str() != "success")
+            .filter_map(|(k, v)| Some((k.clone(), v.as_f64()? as u64)))
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        self.tcp_failures_total = self.tcp_failures.values().sum();
         Ok(())
     }
 
@@ -359,7 +350,7 @@ pub fn draw(f: &mut Frame, m: &Model) {
 fn kernel_summary(m: &Model) -> Paragraph<'_> {
     let mut lines = Vec::new();
     if m.probe_running("oom") {
-        let last = m.oom_kills.last().map(|k| {
+        let last = m.last_kill.as_ref().map(|k| {
             format!(
                 "  last: {} {} (pid {}) in {}",
                 k["time_rfc3339"].as_str().map(str::to_string).unwrap_or_else(|| {
@@ -374,15 +365,15 @@ fn kernel_summary(m: &Model) -> Paragraph<'_> {
             )
         });
         lines.push(Line::from(format!(
-            "OOM kills (recent events): {}{}",
-            m.oom_kills.len(),
+            "OOM kills since the sensor started: {}{}",
+            m.oom_kills_total,
             last.unwrap_or_default()
         )));
     }
     if m.probe_running("tcp") {
         let by: Vec<String> = m.tcp_failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
         lines.push(Line::from(format!(
-            "TCP connect failures (recent events): {}  {}",
+            "TCP connect failures since the sensor started: {}  {}",
             m.tcp_failures_total,
             by.join(", ")
         )));

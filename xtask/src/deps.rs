@@ -19,7 +19,8 @@ use crate::{output, run, step};
 /// and the live remediation test (sensor/tests/fleet.rs); musl-tools (musl-gcc) compiles the C
 /// code of ring and mimalloc for the static build (`cargo xtask dist`); podman and runc build
 /// and run the image in the image test (runc: crun refuses hybrid cgroup hosts); ca-certificates
-/// is the bundle the image ships.
+/// is the bundle the image ships; chromium (headless, driven over the DevTools protocol) loads
+/// the web view in sensor/tests/web.rs.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "coreutils",
@@ -36,6 +37,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "ca-certificates",
+    "chromium",
 ];
 
 /// kubernetes-validate (PyPI) bundles the Kubernetes JSON schemas, so the manifest test

@@ -98,6 +98,7 @@ mod tests {
                 total: 0.1,
                 ttfb: None,
                 code: None,
+                split: [0.0; 5],
             });
         }
         h
@@ -125,6 +126,7 @@ mod tests {
             total: 0.1,
             ttfb: None,
             code: None,
+            split: [0.0; 5],
         });
         h.push(Sample {
             at: 510.0,
@@ -132,6 +134,7 @@ mod tests {
             total: 0.1,
             ttfb: None,
             code: None,
+            split: [0.0; 5],
         });
         assert_eq!(e.evaluate("shop", &h, 515.0), None);
         assert!(!e.is_down());

@@ -171,6 +171,22 @@ impl CheckRuntime {
         }
     }
 
+    /// Up (last run; stream: connected now) and alert firing, without computing windows.
+    pub fn state(&self) -> (Option<bool>, bool) {
+        let s = self.lock();
+        let up = if self.is_stream() {
+            Some(s.stream.connected)
+        } else {
+            s.last.as_ref().map(|l| l.success)
+        };
+        (up, s.evaluator.is_down())
+    }
+
+    /// The runs of the last `window` seconds, oldest first (for the web view's charts).
+    pub fn points(&self, now: f64, window: f64) -> Vec<Sample> {
+        self.lock().history.in_window(now, window).copied().collect()
+    }
+
     fn is_stream(&self) -> bool {
         self.prepared.cfg.kind == CheckType::Websocket && self.prepared.cfg.ws_mode() == WebsocketMode::Stream
     }
@@ -214,6 +230,18 @@ pub struct Engine {
     alerting: Alerting,
     alerts: Mutex<VecDeque<Alert>>,
     webhook: Option<mpsc::Sender<Alert>>,
+}
+
+/// The phases of one run as the web view stacks them (see [`Sample::split`]).
+fn split(p: &Phases) -> history::PhaseSplit {
+    let f = |v: Option<f64>| v.unwrap_or(0.0) as f32;
+    [
+        f(p.dns),
+        f(p.connect),
+        f(p.tls),
+        f(p.ttfb.or(p.handshake)),
+        f(p.transfer.or(p.first_message)),
+    ]
 }
 
 /// A stable offset in `[0, interval)` per check name, so restarts keep the spread.
@@ -294,6 +322,7 @@ impl Engine {
                 total: r.phases.total,
                 ttfb: r.phases.ttfb.or(r.phases.handshake),
                 code: r.status,
+                split: split(&r.phases),
             });
             s.last = Some(r);
             let State { history, evaluator, .. } = &mut *s;
@@ -439,10 +468,12 @@ impl Engine {
     }
 
     pub fn report(&self) -> ChecksReport {
-        let now = now_unix();
-        let checks = self
-            .checks
-            .iter()
+        self.report_of(self.checks.iter(), now_unix())
+    }
+
+    /// [`Engine::report`] for some of the checks (a page of the web view).
+    pub fn report_of<'a>(&self, runtimes: impl Iterator<Item = &'a Arc<CheckRuntime>>, now: f64) -> ChecksReport {
+        let checks = runtimes
             .map(|rt| {
                 let w = rt.windows(now);
                 let s = rt.lock();
