@@ -374,12 +374,15 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
     })
 }
 
+/// The checks' engine and its tasks.
+type Checks = (Arc<crate::checks::Engine>, Vec<JoinHandle<()>>);
+
 /// The synthetic checks' engine and tasks, when any are configured.
 fn start_checks(
     cfg: &Config,
     registry: &prometheus::Registry,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<Option<(Arc<crate::checks::Engine>, Vec<JoinHandle<()>>)>> {
+) -> anyhow::Result<Option<Checks>> {
     if cfg.checks.is_empty() {
         return Ok(None);
     }
