@@ -170,3 +170,66 @@ fn all_at_once_is_a_spike_and_the_third_kill_a_repeat() {
     );
     assert_eq!(d.stop().code(), Some(0));
 }
+
+#[test]
+fn living_at_the_limit_with_reclaim_is_limit_too_small() {
+    let Some(_k) = privileged("living_at_the_limit_with_reclaim_is_limit_too_small") else {
+        return;
+    };
+    let cg = MemCgroup::new("sensor-it-limit", 64 * MIB);
+    // On v1 with the memory+swap limit equal to the memory limit, the kernel (seen on 6.18)
+    // counts no failure in either failcnt while reclaiming at the limit; without swap the memsw
+    // limit changes nothing else, so lift it and let memory.failcnt count the limit hits.
+    let no_swap = std::fs::read_to_string("/proc/swaps").is_ok_and(|t| t.lines().count() <= 1);
+    if !cg.v2 && no_swap {
+        let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), "-1");
+    }
+    // 30 intervals at the limit take 15 s at 500 ms.
+    let d = Daemon::start(&["--probes.oom.history.interval", "500ms"]);
+    let file = format!("/var/tmp/sensor-it-limit-{}", std::process::id());
+    // 44 MiB of anon plus the interpreter, then page cache churn through a file larger than
+    // what is left under the limit (reclaim on every pass) for 20 s, then anon until killed.
+    let script = format!(
+        r#"
+import time
+f = "{file}"
+with open(f, "wb") as w:
+    for _ in range(32):
+        w.write(b"\0" * (1 << 20))
+anon = [b"x" * (1 << 20) for _ in range(44)]
+t = time.monotonic()
+while time.monotonic() - t < 20:
+    with open(f, "rb") as r:
+        while r.read(1 << 20):
+            pass
+while True:
+    anon.append(b"x" * (1 << 20))
+"#
+    );
+    let since = last_seq(&d);
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg("echo $$ > \"$1\" && exec python3 -c \"$2\"")
+        .arg("sh")
+        .arg(cg.dir.join("cgroup.procs"))
+        .arg(&script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("python3");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "should be OOM-killed, got {st}");
+    let e = next_kill(&d, &cg, since);
+    let l = &e["lead_up"];
+    eprintln!("limit: {l}");
+    assert_eq!(e["reason"], "limit", "{e}");
+    assert!(l["near_limit_seconds"].as_f64().unwrap() >= 15.0, "{e}");
+    assert!(l["limit_hits_1m"].as_u64().unwrap() > 0, "{e}");
+    assert!(
+        l["verdict"].as_str().unwrap().starts_with("at the 64 MiB limit for "),
+        "{e}"
+    );
+    assert!(l["verdict"].as_str().unwrap().ends_with("(limit too small)"), "{e}");
+    assert_eq!(reason_count(&d, &cg, "limit"), 1.0);
+    assert_eq!(d.stop().code(), Some(0));
+}

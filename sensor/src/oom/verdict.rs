@@ -6,8 +6,8 @@
 //! 2. `repeat`: the workload was killed at least [`REPEAT_EARLIER`] times before in the last hour.
 //! 3. `spike`: the last sample before the kill, at most [`SPIKE_MAX_GAP_INTERVALS`] intervals
 //!    old, was at least [`SPIKE_MIN_RISE`] of the limit below it.
-//! 4. `limit`: usage was within [`NEAR_LIMIT`] of the limit for at least [`LIMIT_MIN_SECS`] and
-//!    the limit was hit (or memory stalled) in that time.
+//! 4. `limit`: usage was within [`NEAR_LIMIT`] of the limit for at least [`LIMIT_MIN_SAMPLES`]
+//!    sampling intervals (60 s at the default 2 s) and the limit was hit (or memory stalled).
 //! 5. `growth`: usage rose steadily (a non-decreasing run of at least [`GROWTH_MIN_SAMPLES`]
 //!    samples over [`GROWTH_MIN_SECS`]) by at least [`GROWTH_MIN_RISE`] of the limit; the rate is
 //!    the least-squares slope over that run.
@@ -25,8 +25,8 @@ pub const SPIKE_MIN_RISE: f64 = 0.5;
 pub const SPIKE_MAX_GAP_INTERVALS: f64 = 3.0;
 /// "At the limit" means usage within this fraction of it.
 pub const NEAR_LIMIT: f64 = 0.05;
-/// How long a workload must have been at its limit for `limit`.
-pub const LIMIT_MIN_SECS: f64 = 60.0;
+/// How long (in sampling intervals) a workload must have been at its limit for `limit`.
+pub const LIMIT_MIN_SAMPLES: f64 = 30.0;
 pub const GROWTH_MIN_SAMPLES: usize = 4;
 pub const GROWTH_MIN_SECS: f64 = 10.0;
 /// A growth's rise over its run, as a fraction of the limit.
@@ -286,15 +286,18 @@ pub fn decide(l: &LeadUp, scope: Scope, interval: f64) -> (Reason, String) {
         }
     }
     let hits = l.limit_hits_10m.unwrap_or(0);
-    let stalls = l.psi_full_ratio_1m.or(l.psi_some_ratio_1m).unwrap_or(0.0);
+    let stalls = l.psi_full_ratio_1m.or(l.psi_some_ratio_1m);
     if let Some(near) = l.near_limit_seconds {
-        if near >= LIMIT_MIN_SECS && (hits > 0 || stalls > 0.0) {
+        if near >= LIMIT_MIN_SAMPLES * interval && (hits > 0 || stalls.is_some_and(|s| s > 0.0)) {
+            // PSI exists per cgroup on v2 only: no stall figure rather than a false 0%.
+            let stalls = stalls.map_or_else(String::new, |s| {
+                format!(" and memory stalls {:.0}% of the time", s * 100.0)
+            });
             return (
                 Reason::Limit,
                 format!(
-                    "at {limit_text} limit for {} with {hits} limit hits and memory stalls {:.0}% of the time (limit too small)",
-                    span(near),
-                    stalls * 100.0
+                    "at {limit_text} limit for {} with {hits} limit hits{stalls} (limit too small)",
+                    span(near)
                 ),
             );
         }
@@ -441,11 +444,22 @@ mod tests {
         assert_eq!(l.reason, Reason::Limit, "{l:?}");
         assert_eq!(l.near_limit_seconds, Some(121.0));
         assert_eq!(l.limit_hits_1m, Some(90));
-        assert!(
-            l.verdict
-                .starts_with("at the 64 MiB limit for 2 min with 180 limit hits"),
-            "{}",
-            l.verdict
+        assert_eq!(
+            l.verdict,
+            "at the 64 MiB limit for 2 min with 180 limit hits (limit too small)"
+        );
+        // Stalls alone are evidence too.
+        let stalled: Vec<Sample> = at_limit(120, 0)
+            .into_iter()
+            .map(|x| Sample {
+                psi_full_us: Some((x.at * 250_000.0) as u64),
+                ..x
+            })
+            .collect();
+        let l = lead_up(&input(&stalled, 121.0, &[]));
+        assert_eq!(
+            l.verdict,
+            "at the 64 MiB limit for 2 min with 0 limit hits and memory stalls 25% of the time (limit too small)"
         );
         // At the limit but never hitting it, and no stalls: not this rule.
         assert_eq!(lead_up(&input(&at_limit(120, 0), 121.0, &[])).reason, Reason::Unknown);
