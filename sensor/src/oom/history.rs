@@ -145,13 +145,55 @@ pub fn read_sample(h: &Hierarchies, cgroup: &str, at: f64) -> Option<Sample> {
     })
 }
 
-/// `MemAvailable` from /proc/meminfo in bytes.
-pub fn host_available() -> Option<u64> {
+/// `(MemTotal, MemAvailable)` from /proc/meminfo in bytes.
+pub fn host_memory() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb.saturating_mul(1024))
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb.saturating_mul(1024))
+    };
+    Some((field("MemTotal:")?, field("MemAvailable:")?))
+}
+
+/// One of the host's largest memory users, for the lead-up of a global kill.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemUser {
+    pub pid: i32,
+    pub comm: String,
+    pub rss_bytes: u64,
+}
+
+/// The `n` processes with the most resident memory, from /proc/<pid>/statm (a walk of /proc:
+/// done in the upkeep, never on the kill path).
+pub fn top_users(n: usize) -> Vec<MemUser> {
+    let page = procfs::page_size();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut all: Vec<MemUser> = rd
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter_map(|pid| {
+            let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+            let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            Some(MemUser {
+                pid,
+                comm: comm.trim().to_string(),
+                rss_bytes: pages.saturating_mul(page),
+            })
+        })
+        .collect();
+    largest(&mut all, n);
+    all
+}
+
+/// Keeps the `n` largest users, largest first.
+pub fn largest(users: &mut Vec<MemUser>, n: usize) {
+    users.sort_by(|a, b| b.rss_bytes.cmp(&a.rss_bytes).then(a.pid.cmp(&b.pid)));
+    users.truncate(n);
 }
 
 #[cfg(test)]
@@ -192,6 +234,20 @@ mod tests {
         assert_eq!(h.note_kill("/a", 200.0), [100.0]);
         assert_eq!(h.note_kill("/a", 100.0 + KILL_MEMORY_SECS + 1.0), [200.0]);
         assert!(h.note_kill("/b", 300.0).is_empty());
+    }
+
+    #[test]
+    fn largest_users_first() {
+        let u = |pid, rss| MemUser {
+            pid,
+            comm: format!("p{pid}"),
+            rss_bytes: rss,
+        };
+        let mut v = vec![u(1, 10), u(2, 30), u(3, 20), u(4, 30)];
+        largest(&mut v, 3);
+        assert_eq!(v, [u(2, 30), u(4, 30), u(3, 20)]);
+        assert!(host_memory().is_some_and(|(t, a)| t >= a && t > 0));
+        assert!(!top_users(3).is_empty(), "this process at least");
     }
 
     #[test]

@@ -420,6 +420,8 @@ pub struct OomSlice {
     /// shorter of the two intervals).
     due: Mutex<(Option<Instant>, Option<Instant>)>,
     workloads_per_metric: usize,
+    /// When the host's largest memory users were last read, and them.
+    host_top: Mutex<(Option<Instant>, Vec<history::MemUser>)>,
 }
 
 impl OomSlice {
@@ -492,6 +494,7 @@ impl OomSlice {
             history_cfg,
             due: Mutex::new((None, None)),
             workloads_per_metric,
+            host_top: Mutex::new((None, Vec::new())),
         })
     }
 
@@ -580,7 +583,12 @@ impl OomSlice {
         let after = (kill.cgroup.is_some())
             .then(|| history::read_sample(&self.cgroups, cg, clock::unix_seconds(std::time::SystemTime::now())))
             .flatten();
-        let host_available = (kill.scope == Scope::Global).then(history::host_available).flatten();
+        let global = kill.scope == Scope::Global;
+        let host_available = global.then(history::host_memory).flatten().map(|(_, a)| a);
+        let host_top = match (global, self.host_top.lock()) {
+            (true, Ok(t)) => t.1.clone(),
+            _ => Vec::new(),
+        };
         verdict::lead_up(&verdict::Input {
             time: kill.time,
             scope: kill.scope,
@@ -591,6 +599,7 @@ impl OomSlice {
             victim_rss: kill.rss_bytes(),
             earlier_kills: &earlier,
             host_available,
+            host_top: &host_top,
         })
     }
 
@@ -609,11 +618,23 @@ impl OomSlice {
                 read.push((cg.as_str(), s));
             }
         }
+        self.sample_host();
         let Ok(mut h) = self.history.lock() else { return };
         let live: std::collections::HashSet<&str> = cgroups.iter().map(String::as_str).collect();
         h.retain(|c| live.contains(c));
         for (cg, s) in read {
             h.record(cg, s);
+        }
+    }
+
+    /// The host's largest memory users for global kills: every tick while `MemAvailable` is
+    /// under a quarter of `MemTotal` (when a global kill is near), else every [`HOST_TOP_EVERY`].
+    fn sample_host(&self) {
+        let low = history::host_memory().is_some_and(|(total, avail)| avail < total / 4);
+        let Ok(mut t) = self.host_top.lock() else { return };
+        if low || t.0.is_none_or(|at| at.elapsed() >= HOST_TOP_EVERY) {
+            t.1 = history::top_users(HOST_TOP_USERS);
+            t.0 = Some(Instant::now());
         }
     }
 
@@ -696,6 +717,11 @@ impl OomProbe {
 
 /// How often the cross-check against the kernel's counters is recomputed.
 const REFRESH: Duration = Duration::from_secs(2);
+
+/// Largest memory users named in a global kill's lead-up.
+const HOST_TOP_USERS: usize = 5;
+/// How often they are read while the host has memory to spare.
+const HOST_TOP_EVERY: Duration = Duration::from_secs(30);
 
 /// How often the history asks for a rescan of the memory hierarchy (new workloads).
 const HISTORY_DISCOVERY: Duration = Duration::from_secs(10);

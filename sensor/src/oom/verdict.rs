@@ -15,7 +15,10 @@
 
 use serde::Serialize;
 
-use super::{history::Sample, Scope};
+use super::{
+    history::{MemUser, Sample},
+    Scope,
+};
 
 /// Earlier kills in the last hour that make a kill a `repeat` (this one is then the third).
 pub const REPEAT_EARLIER: usize = 2;
@@ -81,6 +84,8 @@ pub struct Input<'a> {
     pub victim_rss: Option<u64>,
     pub earlier_kills: &'a [f64],
     pub host_available: Option<u64>,
+    /// The host's largest memory users, as last sampled (global kills only).
+    pub host_top: &'a [MemUser],
 }
 
 /// The lead-up attached to a kill event. Absent values are `null`.
@@ -110,6 +115,7 @@ pub struct LeadUp {
     /// Victim RSS / usage at the kill.
     pub victim_share: Option<f64>,
     pub host_available_bytes: Option<u64>,
+    pub host_top_users: Vec<MemUser>,
 }
 
 /// `12 MiB`, `1.5 GiB`, `800 KiB`.
@@ -249,6 +255,11 @@ pub fn lead_up(i: &Input<'_>) -> LeadUp {
         } else {
             None
         },
+        host_top_users: if i.scope == Scope::Global {
+            i.host_top.to_vec()
+        } else {
+            Vec::new()
+        },
     };
     let (reason, verdict) = decide(&l, i.scope, i.interval);
     l.reason = reason;
@@ -265,7 +276,17 @@ pub fn decide(l: &LeadUp, scope: Scope, interval: f64) -> (Reason, String) {
         let avail = l
             .host_available_bytes
             .map_or_else(String::new, |a| format!(": the node had {} available", bytes(a)));
-        return (Reason::Host, format!("host out of memory{avail}"));
+        let top: Vec<String> = l
+            .host_top_users
+            .iter()
+            .map(|u| format!("{} {} (pid {})", u.comm, bytes(u.rss_bytes), u.pid))
+            .collect();
+        let top = if top.is_empty() {
+            String::new()
+        } else {
+            format!("; largest: {}", top.join(", "))
+        };
+        return (Reason::Host, format!("host out of memory{avail}{top}"));
     }
     if l.earlier_kills_1h >= REPEAT_EARLIER {
         return (
@@ -350,6 +371,7 @@ mod tests {
             victim_rss: Some(LIMIT / 2),
             earlier_kills: earlier,
             host_available: Some(100 * MIB),
+            host_top: &[],
         }
     }
 
@@ -493,6 +515,23 @@ mod tests {
         let l = lead_up(&i);
         assert_eq!(l.reason, Reason::Host, "host wins over everything");
         assert_eq!(l.verdict, "host out of memory: the node had 100 MiB available");
+        let top = [
+            MemUser {
+                pid: 7,
+                comm: "java".into(),
+                rss_bytes: 3 << 30,
+            },
+            MemUser {
+                pid: 9,
+                comm: "redis".into(),
+                rss_bytes: 200 * MIB,
+            },
+        ];
+        i.host_top = &top;
+        assert_eq!(
+            lead_up(&i).verdict,
+            "host out of memory: the node had 100 MiB available; largest: java 3.0 GiB (pid 7), redis 200 MiB (pid 9)"
+        );
         let l = lead_up(&input(&[], 19.0, &[]));
         assert_eq!(
             (l.reason, l.verdict.as_str()),
