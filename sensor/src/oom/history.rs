@@ -26,6 +26,49 @@ pub struct Sample {
     pub psi_full_us: Option<u64>,
 }
 
+/// A sample as kept in the rings: `None` as [`NONE`], so one is 48 bytes rather than 72.
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    at: f64,
+    usage: u64,
+    limit: u64,
+    limit_hits: u64,
+    psi_some_us: u64,
+    psi_full_us: u64,
+}
+
+const NONE: u64 = u64::MAX;
+
+/// Bytes one kept sample costs (the README's memory figure).
+pub const SAMPLE_BYTES: usize = std::mem::size_of::<Stored>();
+
+impl From<Sample> for Stored {
+    fn from(s: Sample) -> Stored {
+        Stored {
+            at: s.at,
+            usage: s.usage,
+            limit: s.limit,
+            limit_hits: s.limit_hits.unwrap_or(NONE),
+            psi_some_us: s.psi_some_us.unwrap_or(NONE),
+            psi_full_us: s.psi_full_us.unwrap_or(NONE),
+        }
+    }
+}
+
+impl From<Stored> for Sample {
+    fn from(s: Stored) -> Sample {
+        let opt = |v: u64| (v != NONE).then_some(v);
+        Sample {
+            at: s.at,
+            usage: s.usage,
+            limit: s.limit,
+            limit_hits: opt(s.limit_hits),
+            psi_some_us: opt(s.psi_some_us),
+            psi_full_us: opt(s.psi_full_us),
+        }
+    }
+}
+
 /// Kills older than this no longer count as earlier kills of a workload.
 pub const KILL_MEMORY_SECS: f64 = 3600.0;
 /// Earlier kills remembered per workload (enough for any verdict).
@@ -36,7 +79,7 @@ const KILLS_KEPT: usize = 64;
 pub struct History {
     capacity: usize,
     max_workloads: usize,
-    samples: HashMap<String, VecDeque<Sample>>,
+    samples: HashMap<String, VecDeque<Stored>>,
     kills: HashMap<String, VecDeque<f64>>,
 }
 
@@ -59,14 +102,14 @@ impl History {
         if ring.len() >= self.capacity {
             ring.pop_front();
         }
-        ring.push_back(s);
+        ring.push_back(s.into());
     }
 
     /// Samples of `cgroup` taken before `t`, oldest first.
     pub fn before(&self, cgroup: &str, t: f64) -> Vec<Sample> {
         self.samples
             .get(cgroup)
-            .map(|r| r.iter().filter(|s| s.at <= t).copied().collect())
+            .map(|r| r.iter().filter(|s| s.at <= t).map(|s| Sample::from(*s)).collect())
             .unwrap_or_default()
     }
 
@@ -225,6 +268,20 @@ mod tests {
         h.retain(|c| c != "/a");
         h.record("/c", s(0.0, 1));
         assert_eq!(h.len(), 2, "slot freed by the vanished cgroup");
+    }
+
+    #[test]
+    fn samples_are_kept_compact_and_whole() {
+        assert_eq!(SAMPLE_BYTES, 48, "the README's memory figure");
+        let full = Sample {
+            at: 1.5,
+            usage: 2,
+            limit: 3,
+            limit_hits: Some(4),
+            psi_some_us: Some(5),
+            psi_full_us: None,
+        };
+        assert_eq!(Sample::from(Stored::from(full)), full);
     }
 
     #[test]
