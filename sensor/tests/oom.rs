@@ -240,6 +240,7 @@ fn sensor_events_prints_each_kill_within_a_second() {
         assert!(at.duration_since(killed) < Duration::from_secs(1));
         let e: serde_json::Value = serde_json::from_str(&line).expect("one complete JSON record per line");
         check_kill(&e, &cg, pid);
+        assert!(e["lead_up"]["verdict"].is_string(), "{e}");
         for key in [
             "time",
             "total_vm_bytes",
@@ -251,6 +252,8 @@ fn sensor_events_prints_each_kill_within_a_second() {
             "memcg_id",
             "trigger_pid",
             "trigger_comm",
+            "reason",
+            "lead_up",
         ] {
             assert!(!e[key].is_null(), "{key} missing: {e}");
         }
