@@ -347,6 +347,14 @@ pub fn draw(f: &mut Frame, m: &Model) {
     f.render_widget(kernel_summary(m), kernel);
 }
 
+/// `: <reason>: <verdict>` of a kill event, empty when it has none (an older daemon).
+fn verdict_suffix(k: &Value) -> String {
+    match (k["reason"].as_str(), k["lead_up"]["verdict"].as_str()) {
+        (Some(r), Some(v)) => format!(": {r}: {v}"),
+        _ => String::new(),
+    }
+}
+
 fn kernel_summary(m: &Model) -> Paragraph<'_> {
     let mut lines = Vec::new();
     if m.probe_running("oom") {
@@ -362,7 +370,7 @@ fn kernel_summary(m: &Model) -> Paragraph<'_> {
                 k["victim_comm"].as_str().unwrap_or("?"),
                 k["victim_pid"].as_i64().unwrap_or(0),
                 k["cgroup"].as_str().unwrap_or("?")
-            )
+            ) + &verdict_suffix(k)
         });
         lines.push(Line::from(format!(
             "OOM kills since the sensor started: {}{}",
@@ -542,5 +550,15 @@ mod tests {
         );
         assert!(!text.contains("alert number 29"), "{text}");
         assert!(text.contains("kernel probes: none running"), "{text}");
+    }
+
+    #[test]
+    fn the_last_kill_shows_its_verdict() {
+        let k = serde_json::json!({"reason": "growth", "lead_up": {"verdict": "steady growth of 38 MiB/min for 9 min until the 512 MiB limit (leak-like)"}});
+        assert_eq!(
+            verdict_suffix(&k),
+            ": growth: steady growth of 38 MiB/min for 9 min until the 512 MiB limit (leak-like)"
+        );
+        assert_eq!(verdict_suffix(&serde_json::json!({"cgroup": "/a"})), "");
     }
 }

@@ -674,14 +674,14 @@ fn daemonset_capabilities_are_sufficient_and_each_needed() {
     let mut m = String::new();
     for _ in 0..100 {
         m = http_get(port, "/metrics").unwrap().1;
-        if metric(&m, "sensor_oom_kills_total", &labels) == Some(1.0) {
+        if metric_sum(&m, "sensor_oom_kills_total", &labels) == 1.0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(
-        metric(&m, "sensor_oom_kills_total", &labels),
-        Some(1.0),
+        metric_sum(&m, "sensor_oom_kills_total", &labels),
+        1.0,
         "{m}\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
@@ -723,11 +723,12 @@ fn daemonset_capabilities_are_sufficient_and_each_needed() {
     ];
     let mut got = None;
     for _ in 0..100 {
-        got = metric(
+        let sum = metric_sum(
             &http_get(port, "/metrics").unwrap().1,
             "sensor_oom_kills_total",
             &unknown,
         );
+        got = (sum > 0.0).then_some(sum);
         if got.is_some() {
             break;
         }
@@ -950,7 +951,7 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
         ("container_id", ""),
         ("pod_uid", ""),
     ];
-    d.wait_metric("sensor_oom_kills_total", &kill_labels, 1.0, Duration::from_secs(5));
+    d.wait_metric_sum("sensor_oom_kills_total", &kill_labels, 1.0, Duration::from_secs(5));
 
     // The recording rules see the kill once Prometheus has scraped it and evaluated them.
     let start = std::time::Instant::now();

@@ -254,7 +254,7 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     for _ in 0..5 {
         cg.cause_oom_kill();
     }
-    d.wait_metric("sensor_oom_kills_total", &kill_labels, 5.0, Duration::from_secs(10));
+    d.wait_metric_sum("sensor_oom_kills_total", &kill_labels, 5.0, Duration::from_secs(10));
     wait("storm 1: the action ran", Duration::from_secs(60), logs, || {
         (storm_entries("success") == 1).then_some(())
     });
@@ -272,7 +272,7 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     for _ in 0..5 {
         cg.cause_oom_kill();
     }
-    d.wait_metric("sensor_oom_kills_total", &kill_labels, 10.0, Duration::from_secs(10));
+    d.wait_metric_sum("sensor_oom_kills_total", &kill_labels, 10.0, Duration::from_secs(10));
     wait(
         "storm 2: skipped for the cooldown",
         Duration::from_secs(60),
@@ -306,7 +306,7 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     for _ in 0..2 {
         cg.cause_oom_kill();
     }
-    d.wait_metric("sensor_oom_kills_total", &kill_labels, 12.0, Duration::from_secs(10));
+    d.wait_metric_sum("sensor_oom_kills_total", &kill_labels, 12.0, Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(6));
     let down_for = down_at.elapsed().unwrap().as_secs_f64();
     central = Service::start(

@@ -44,12 +44,12 @@ fn kills_are_counted_exactly_and_attributed() {
     ];
 
     let first = cg.cause_oom_kill();
-    d.wait_metric("sensor_oom_kills_total", &labels, 1.0, Duration::from_secs(5));
+    d.wait_metric_sum("sensor_oom_kills_total", &labels, 1.0, Duration::from_secs(5));
     let mut pids = vec![first];
     for _ in 0..25 {
         pids.push(cg.cause_oom_kill());
     }
-    let m = d.wait_metric("sensor_oom_kills_total", &labels, 26.0, Duration::from_secs(10));
+    let m = d.wait_metric_sum("sensor_oom_kills_total", &labels, 26.0, Duration::from_secs(10));
     assert_eq!(cg.kernel_oom_kills(), 26, "the kernel's own count for the cgroup");
     assert_eq!(
         vmstat_oom_kill() - vm0,
@@ -128,7 +128,7 @@ fn sibling_cgroups_are_not_swapped() {
             ("container_id", ""),
             ("pod_uid", ""),
         ];
-        d.wait_metric("sensor_oom_kills_total", &l, n, Duration::from_secs(10));
+        d.wait_metric_sum("sensor_oom_kills_total", &l, n, Duration::from_secs(10));
     }
     let events = d.oom_events(0);
     assert_eq!(events.len(), 12);
@@ -240,6 +240,7 @@ fn sensor_events_prints_each_kill_within_a_second() {
         assert!(at.duration_since(killed) < Duration::from_secs(1));
         let e: serde_json::Value = serde_json::from_str(&line).expect("one complete JSON record per line");
         check_kill(&e, &cg, pid);
+        assert!(e["lead_up"]["verdict"].is_string(), "{e}");
         for key in [
             "time",
             "total_vm_bytes",
@@ -251,6 +252,8 @@ fn sensor_events_prints_each_kill_within_a_second() {
             "memcg_id",
             "trigger_pid",
             "trigger_comm",
+            "reason",
+            "lead_up",
         ] {
             assert!(!e[key].is_null(), "{key} missing: {e}");
         }

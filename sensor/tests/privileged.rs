@@ -43,7 +43,7 @@ fn oom_kill_flows_to_metrics_and_events() {
         ("container_id", ""),
         ("pod_uid", ""),
     ];
-    let m = d.wait_metric("sensor_oom_kills_total", &labels, 1.0, Duration::from_secs(5));
+    let m = d.wait_metric_sum("sensor_oom_kills_total", &labels, 1.0, Duration::from_secs(5));
     assert_eq!(metric_sum(&m, "sensor_oom_kills_total", &[]), 1.0);
     assert_eq!(metric(&m, "sensor_events_total", &[("probe", "oom")]), Some(1.0));
     assert_eq!(metric(&m, "sensor_decode_errors_total", &[("probe", "oom")]), Some(0.0));

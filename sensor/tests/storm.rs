@@ -403,7 +403,7 @@ fn stalled_consumers_slow_nothing_else() {
         ("container_id", ""),
         ("pod_uid", ""),
     ];
-    d.wait_metric(
+    d.wait_metric_sum(
         "sensor_oom_kills_total",
         &kill_labels,
         KILLS as f64,

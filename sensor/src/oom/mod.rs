@@ -2,7 +2,11 @@
 
 pub mod config;
 
+pub mod history;
+
 pub mod scope;
+
+pub mod verdict;
 
 use std::{
     collections::HashMap,
@@ -20,10 +24,11 @@ use sensor_common::oom::{
 };
 use serde::Serialize;
 
+use history::History;
 pub use scope::{Scope, ScopeResolver};
 
 use crate::{
-    cgroup::{workload, Hierarchies, WorkloadSet, WORKLOAD_LABELS},
+    cgroup::{workload, Discovery, Hierarchies, WorkloadSet, WORKLOAD_LABELS},
     events::EventHub,
     kernel::{btf::KernelBtf, clock},
     probe::{
@@ -252,6 +257,9 @@ pub struct OomKill {
     pub constraint: Option<&'static str>,
     pub oom_memcg_id: Option<u64>,
     pub totalpages: Option<u64>,
+    /// The verdict's class (`reason` on `sensor_oom_kills_total`) and the kill's lead-up.
+    pub reason: verdict::Reason,
+    pub lead_up: Option<verdict::LeadUp>,
 }
 
 fn comm(raw: &[u8]) -> String {
@@ -344,6 +352,8 @@ impl OomKill {
             constraint: (context && has(field::CONSTRAINT)).then(|| constraint_name(r.constraint)),
             oom_memcg_id: (context && has(field::OC_MEMCG_ID)).then_some(r.oc_memcg_id),
             totalpages: (context && has(field::TOTALPAGES)).then_some(r.totalpages),
+            reason: verdict::Reason::Unknown,
+            lead_up: None,
         }
     }
 
@@ -403,6 +413,15 @@ pub struct OomSlice {
     cross: Mutex<CrossCheck>,
     host_seen: AtomicU64,
     hub: Arc<EventHub>,
+    disc: Arc<Discovery>,
+    history_cfg: config::HistoryConfig,
+    history: Mutex<History>,
+    /// When the history was last sampled and the cross-check last refreshed (upkeep runs at the
+    /// shorter of the two intervals).
+    due: Mutex<(Option<Instant>, Option<Instant>)>,
+    workloads_per_metric: usize,
+    /// When the host's largest memory users were last read, and them.
+    host_top: Mutex<(Option<Instant>, Vec<history::MemUser>)>,
 }
 
 impl OomSlice {
@@ -414,11 +433,13 @@ impl OomSlice {
         workloads_per_metric: usize,
         grace: Duration,
         scopes: Option<ScopeResolver>,
+        disc: Arc<Discovery>,
+        history_cfg: config::HistoryConfig,
     ) -> prometheus::Result<OomSlice> {
-        let mut labels = vec!["scope"];
+        let mut labels = vec!["scope", "reason"];
         labels.extend(WORKLOAD_LABELS);
         let kills = IntCounterVec::new(
-            Opts::new("sensor_oom_kills_total", "OOM kills by scope (memcg: a memory cgroup hit its limit; global: the host ran out) and victim workload."),
+            Opts::new("sensor_oom_kills_total", "OOM kills by scope (memcg: a memory cgroup hit its limit; global: the host ran out), the verdict of the kill's lead-up (reason: growth, spike, limit, host, repeat, unknown) and victim workload."),
             &labels,
         )?;
         let victim_rss = HistogramVec::new(
@@ -468,6 +489,12 @@ impl OomSlice {
             cross: Mutex::new(cross),
             host_seen: AtomicU64::new(0),
             hub,
+            disc,
+            history: Mutex::new(History::new(history_cfg.capacity(), workloads_per_metric)),
+            history_cfg,
+            due: Mutex::new((None, None)),
+            workloads_per_metric,
+            host_top: Mutex::new((None, Vec::new())),
         })
     }
 
@@ -487,15 +514,20 @@ impl OomSlice {
                 return;
             }
         }
-        let kill = OomKill::from_record(rec, self.scopes.as_ref(), Some(&self.cgroups));
+        let mut kill = OomKill::from_record(rec, self.scopes.as_ref(), Some(&self.cgroups));
         let cg = kill.cgroup.clone().unwrap_or_else(|| UNKNOWN_CGROUP.to_string());
+        if self.history_cfg.enabled {
+            let l = self.lead_up(&kill, &cg);
+            kill.reason = l.reason;
+            kill.lead_up = Some(l);
+        }
         let wl = match self.workloads.lock() {
             Ok(mut w) => w.labels(&cg),
             Err(_) => [crate::cgroup::OTHER.to_string(), String::new(), String::new()],
         };
         let wl_ref = [wl[0].as_str(), wl[1].as_str(), wl[2].as_str()];
         self.kills
-            .with_label_values(&[kill.scope.label(), wl_ref[0], wl_ref[1], wl_ref[2]])
+            .with_label_values(&[kill.scope.label(), kill.reason.label(), wl_ref[0], wl_ref[1], wl_ref[2]])
             .inc();
         if let Some(rss) = kill.rss_bytes() {
             self.victim_rss.with_label_values(&wl_ref).observe(rss as f64);
@@ -534,9 +566,76 @@ impl OomSlice {
             trigger_comm = %kill.trigger_comm,
             constraint = %opt(&kill.constraint),
             totalpages = %opt(&kill.totalpages),
+            reason = kill.reason.label(),
+            verdict = %kill.lead_up.as_ref().map_or("-", |l| l.verdict.as_str()),
             "OOM kill"
         );
         self.hub.publish_as("oom_kill", &kill);
+    }
+
+    /// The kill's lead-up from the bounded history plus one fresh read of the victim cgroup's
+    /// counters (a handful of small files; the kill path walks nothing).
+    fn lead_up(&self, kill: &OomKill, cg: &str) -> verdict::LeadUp {
+        let (samples, earlier) = match self.history.lock() {
+            Ok(mut h) => (h.before(cg, kill.time), h.note_kill(cg, kill.time)),
+            Err(_) => (Vec::new(), Vec::new()),
+        };
+        let after = (kill.cgroup.is_some())
+            .then(|| history::read_sample(&self.cgroups, cg, clock::unix_seconds(std::time::SystemTime::now())))
+            .flatten();
+        let global = kill.scope == Scope::Global;
+        let host_available = global.then(history::host_memory).flatten().map(|(_, a)| a);
+        let host_top = match (global, self.host_top.lock()) {
+            (true, Ok(t)) => t.1.clone(),
+            _ => Vec::new(),
+        };
+        verdict::lead_up(&verdict::Input {
+            time: kill.time,
+            scope: kill.scope,
+            interval: self.history_cfg.interval.as_secs_f64(),
+            samples: &samples,
+            after,
+            limit: kill.memory_limit_bytes,
+            victim_rss: kill.rss_bytes(),
+            earlier_kills: &earlier,
+            host_available,
+            host_top: &host_top,
+        })
+    }
+
+    /// Samples every watched memory cgroup (the first `limits.workloads_per_metric` the
+    /// discovery knows) into the history; vanished cgroups leave it.
+    pub fn sample_history(&self) {
+        let cgroups = self.disc.cgroups();
+        let now = clock::unix_seconds(std::time::SystemTime::now());
+        let mut read = Vec::new();
+        for cg in cgroups
+            .iter()
+            .filter(|c| c.as_str() != "/")
+            .take(self.workloads_per_metric)
+        {
+            if let Some(s) = history::read_sample(&self.cgroups, cg, now) {
+                read.push((cg.as_str(), s));
+            }
+        }
+        self.sample_host();
+        let Ok(mut h) = self.history.lock() else { return };
+        let live: std::collections::HashSet<&str> = cgroups.iter().map(String::as_str).collect();
+        h.retain(|c| live.contains(c));
+        for (cg, s) in read {
+            h.record(cg, s);
+        }
+    }
+
+    /// The host's largest memory users for global kills: every tick while `MemAvailable` is
+    /// under a quarter of `MemTotal` (when a global kill is near), else every [`HOST_TOP_EVERY`].
+    fn sample_host(&self) {
+        let low = history::host_memory().is_some_and(|(total, avail)| avail < total / 4);
+        let Ok(mut t) = self.host_top.lock() else { return };
+        if low || t.0.is_none_or(|at| at.elapsed() >= HOST_TOP_EVERY) {
+            t.1 = history::top_users(HOST_TOP_USERS);
+            t.0 = Some(Instant::now());
+        }
     }
 
     /// Recomputes the cross-check gauges and drops series of cgroups gone past the grace period.
@@ -584,7 +683,9 @@ impl OomSlice {
             let w = workload(&cg);
             let l = [cg.as_str(), w.container_id.as_str(), w.pod_uid.as_str()];
             for s in ["memcg", "global", "unknown"] {
-                let _ = self.kills.remove_label_values(&[s, l[0], l[1], l[2]]);
+                for r in verdict::Reason::ALL {
+                    let _ = self.kills.remove_label_values(&[s, r.label(), l[0], l[1], l[2]]);
+                }
             }
             let _ = self.victim_rss.remove_label_values(&l);
             let _ = self.last_kill.remove_label_values(&l);
@@ -616,6 +717,14 @@ impl OomProbe {
 
 /// How often the cross-check against the kernel's counters is recomputed.
 const REFRESH: Duration = Duration::from_secs(2);
+
+/// Largest memory users named in a global kill's lead-up.
+const HOST_TOP_USERS: usize = 5;
+/// How often they are read while the host has memory to spare.
+const HOST_TOP_EVERY: Duration = Duration::from_secs(30);
+
+/// How often the history asks for a rescan of the memory hierarchy (new workloads).
+const HISTORY_DISCOVERY: Duration = Duration::from_secs(10);
 
 const RECORDS: &[RecordKind] = &[RecordKind {
     kind: sensor_common::record::kind::OOM_KILL,
@@ -654,6 +763,11 @@ impl Probe for OomProbe {
         }
     }
 
+    /// The history follows new and vanished workloads.
+    fn discovery_interval(&self) -> Option<Duration> {
+        self.cfg.history.enabled.then_some(HISTORY_DISCOVERY)
+    }
+
     fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError> {
         let scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner()).take();
         let slice = OomSlice::new(
@@ -662,6 +776,8 @@ impl Probe for OomProbe {
             ctx.workloads_per_metric,
             ctx.vanished_grace,
             scopes,
+            Arc::clone(ctx.discovery),
+            self.cfg.history.clone(),
         )?;
         Ok(Arc::new(slice))
     }
@@ -677,11 +793,39 @@ impl Running for OomSlice {
     }
 
     fn upkeep_interval(&self) -> Option<Duration> {
-        Some(REFRESH)
+        if self.history_cfg.enabled {
+            Some(REFRESH.min(self.history_cfg.interval))
+        } else {
+            Some(REFRESH)
+        }
     }
 
+    /// Samples the history and refreshes the cross-check, each when its own interval is due.
     fn upkeep(&self) {
-        self.refresh();
+        let now = Instant::now();
+        // A little early counts as due: upkeep ticks jitter around the interval.
+        let due =
+            |last: Option<Instant>, every: Duration| last.is_none_or(|t| now.duration_since(t) + every / 10 >= every);
+        let (sample, refresh) = match self.due.lock() {
+            Ok(mut d) => {
+                let sample = self.history_cfg.enabled && due(d.0, self.history_cfg.interval);
+                let refresh = due(d.1, REFRESH);
+                if sample {
+                    d.0 = Some(now);
+                }
+                if refresh {
+                    d.1 = Some(now);
+                }
+                (sample, refresh)
+            }
+            Err(_) => (false, true),
+        };
+        if sample {
+            self.sample_history();
+        }
+        if refresh {
+            self.refresh();
+        }
     }
 }
 

@@ -239,6 +239,26 @@ impl Daemon {
         self.wait_metric_or_explain(name, labels, want, limit, String::new)
     }
 
+    /// Polls `/metrics` until the sum of the series of `name` carrying at least `labels` equals
+    /// `want` (for families with labels the test does not pin, e.g. the OOM `reason`).
+    pub fn wait_metric_sum(&self, name: &str, labels: &[(&str, &str)], want: f64, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let m = self.metrics();
+            if metric_sum(&m, name, labels) == want {
+                return m;
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "sum of {name}{labels:?} = {}, want {want} after {limit:?}\n--- metrics ---\n{m}\n--- log ---\n{}",
+                    metric_sum(&m, name, labels),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// [`Daemon::wait_metric`], whose panic also carries `explain()` (e.g. the kernel's side).
     pub fn wait_metric_or_explain(
         &self,
