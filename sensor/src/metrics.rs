@@ -157,6 +157,9 @@ impl SelfMetrics {
             Box::new(decode_errors_total.clone()),
             Box::new(internal_errors.clone()),
             Box::new(LogDropsCollector::new()),
+            // The sensor's own footprint (process_resident_memory_bytes, CPU, fds, threads), so
+            // fleet dashboards can show what it costs per host.
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             must(registry.register(c), "registration");
         }

@@ -222,6 +222,33 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
         let anon = e["anon_rss_bytes"].as_u64().expect("anon rss");
         assert!((24 << 20..=32 << 20).contains(&anon), "{e}");
 
+        // The host-wide kill: global scope, the "host" verdict with what the node had left.
+        assert_eq!(
+            part(sec, "host victim exit"),
+            "137",
+            "the unlimited allocator was OOM-killed:\n{sec}"
+        );
+        let host: Vec<serde_json::Value> = serde_json::from_str(part(sec, "host events")).expect("host events JSON");
+        let host: Vec<_> = host.into_iter().filter(|e| e["type"] == "oom_kill").collect();
+        assert_eq!(host.len(), 2, "the memcg kill and the host kill: {host:?}");
+        let h = &host[1];
+        assert_eq!(h["scope"], "global", "{h}");
+        assert_eq!(h["constraint"], "none", "{h}");
+        assert_eq!(h["victim_comm"], "tail", "{h}");
+        assert_eq!(h["reason"], "host", "{h}");
+        assert!(
+            h["lead_up"]["verdict"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("host out of memory")),
+            "{h}"
+        );
+        let hm = part(sec, "host metrics");
+        assert!(
+            hm.lines()
+                .any(|l| l.contains("reason=\"host\"") && l.contains("scope=\"global\"") && l.ends_with(" 1")),
+            "one global kill with the host verdict:\n{hm}"
+        );
+
         let m = part(sec, "metrics");
         // Any verdict (`reason`): the kill is counted once, in its cgroup, as a memcg kill.
         let prefix =

@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # PID 1 of the test VM (Debian's 6.1 kernel, which has kprobes and fentry): runs the sensor
 # once per OOM context hook (the second time also on the TCP probe's classic-tracepoint entry),
-# causes one real memcg OOM kill and 20 connects each time, prints what the sensor reported
+# causes one real memcg OOM kill, 20 connects and one host-wide OOM kill each time, prints what
+# the sensor reported
 # between markers on the serial console, and powers off.
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -40,6 +41,15 @@ pass() {
   echo "--- tcp after"; wget -q -O - http://127.0.0.1:9442/metrics | grep "$tcp"
   echo "--- kernel"; grep oom_kill $cg/memory.events.local
   echo "--- memory.events"; cat $cg/memory.events
+  # The host runs out: an allocator without a memory limit, the sensor protected from the
+  # OOM killer; the kill must be counted as global with the verdict "host".
+  echo -1000 > /proc/$spid/oom_score_adj
+  echo "--- host victim"   # the shell's "Killed" lands here
+  sh -c "exec /tail /dev/zero"
+  echo "--- host victim exit $?"
+  sleep 5
+  echo "--- host events"; wget -q -O - http://127.0.0.1:9442/api/v1/events; echo
+  echo "--- host metrics"; wget -q -O - http://127.0.0.1:9442/metrics | grep -E '^sensor_oom_kills_total'
   kill -TERM $spid; wait $spid; echo "--- sensor exit $?"
   echo "--- log"; cat /tmp/sensor-$name.log
   echo "=== END $name ==="
