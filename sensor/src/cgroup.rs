@@ -237,6 +237,9 @@ pub struct Discovery {
     pub hier: Hierarchies,
     state: Mutex<Discovered>,
     workloads: Mutex<WorkloadSet>,
+    /// Cumulative reclaim time (ns) per cgroup path, as the probe that measures it last
+    /// published it (`None` until it does); read by others (an OOM kill's lead-up).
+    reclaim_ns: Mutex<Option<HashMap<String, u64>>>,
 }
 
 #[derive(Default)]
@@ -257,6 +260,7 @@ impl Discovery {
         let d = Discovery {
             hier,
             state: Mutex::new(Discovered::default()),
+            reclaim_ns: Mutex::new(None),
             workloads: Mutex::new(WorkloadSet::new(workloads_per_metric, grace)),
         };
         d.rescan();
@@ -326,6 +330,29 @@ impl Discovery {
     }
 
     /// Forgets the path of an id whose kernel entries were dropped.
+    /// Publishes cumulative reclaim time per cgroup id (ns); ids without a known path are left
+    /// out.
+    pub fn set_reclaim_ns(&self, totals: impl IntoIterator<Item = (u64, u64)>) {
+        let by_path: HashMap<String, u64> = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            totals
+                .into_iter()
+                .filter_map(|(id, ns)| st.by_id.get(&id).map(|p| (p.clone(), ns)))
+                .collect()
+        };
+        *self.reclaim_ns.lock().unwrap_or_else(|p| p.into_inner()) = Some(by_path);
+    }
+
+    /// The last published cumulative reclaim time of `cgroup` (ns): 0 for a cgroup that has not
+    /// reclaimed yet, `None` while nothing measures it.
+    pub fn reclaim_ns(&self, cgroup: &str) -> Option<u64> {
+        self.reclaim_ns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|m| m.get(cgroup).copied().unwrap_or(0))
+    }
+
     pub fn forget(&self, id: u64) {
         if let Ok(mut s) = self.state.lock() {
             if !s.live.contains(&id) {

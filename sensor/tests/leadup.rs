@@ -185,7 +185,12 @@ fn living_at_the_limit_with_reclaim_is_limit_too_small() {
         let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), "-1");
     }
     // 30 intervals at the limit take 15 s at 500 ms.
-    let d = Daemon::start(&["--probes.oom.history.interval", "500ms"]);
+    let d = Daemon::start(&[
+        "--probes.oom.history.interval",
+        "500ms",
+        "--probes.memcg.discovery-interval",
+        "500ms",
+    ]);
     let file = format!("/var/tmp/sensor-it-limit-{}", std::process::id());
     // 44 MiB of anon plus the interpreter, then page cache churn through a file larger than
     // what is left under the limit (reclaim on every pass) for 20 s, then anon until killed.
@@ -230,6 +235,16 @@ while True:
         "{e}"
     );
     assert!(l["verdict"].as_str().unwrap().ends_with("(limit too small)"), "{e}");
+    // The memcg probe's reclaim programs measure the workload's reclaim time where they run.
+    let probes: serde_json::Value = serde_json::from_str(&d.get("/api/v1/probes").1).unwrap();
+    let memcg = probe_report(&probes, "memcg");
+    if memcg["state"] == "attached" || memcg["state"] == "degraded" {
+        assert!(
+            l["reclaim_seconds_1m"].as_f64().is_some_and(|r| r > 0.0)
+                && l["reclaim_seconds_10m"].as_f64() >= l["reclaim_seconds_1m"].as_f64(),
+            "reclaim time in the lead-up: {e}"
+        );
+    }
     assert_eq!(reason_count(&d, &cg, "limit"), 1.0);
     assert_eq!(d.stop().code(), Some(0));
 }

@@ -395,7 +395,10 @@ impl MemcgSlice {
     pub fn after_rescan(self: &Arc<Self>, stop: &watch::Receiver<bool>) {
         self.sync_cgroup_triggers(stop);
         if let Some(r) = &self.reclaim {
-            let keys: Vec<u64> = r.snapshot().into_iter().map(|(k, _)| k).collect();
+            let snapshot = r.snapshot();
+            // Other probes read each workload's reclaim time (an OOM kill's lead-up).
+            self.disc.set_reclaim_ns(snapshot.iter().map(|(k, h)| (*k, h[0].sum)));
+            let keys: Vec<u64> = snapshot.into_iter().map(|(k, _)| k).collect();
             let expired = match self.janitor.lock() {
                 Ok(mut j) => j.sweep(keys, |id| *id == 0 || self.disc.is_live(*id), self.grace),
                 Err(_) => Vec::new(),

@@ -17,7 +17,7 @@ pub struct OomConfig {
 }
 
 /// `probes.oom.history`: how often each watched memory cgroup is sampled and for how long the
-/// samples are kept (memory: about 48 bytes per sample, `window / interval` samples per workload).
+/// samples are kept (memory: about 56 bytes per sample, `window / interval` samples per workload).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HistoryConfig {

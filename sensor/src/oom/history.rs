@@ -24,9 +24,12 @@ pub struct Sample {
     /// PSI memory totals of the cgroup in microseconds (cgroup v2 only).
     pub psi_some_us: Option<u64>,
     pub psi_full_us: Option<u64>,
+    /// Cumulative time tasks of the cgroup spent in reclaim, in nanoseconds (the memcg probe's
+    /// kernel histograms, where it runs).
+    pub reclaim_ns: Option<u64>,
 }
 
-/// A sample as kept in the rings: `None` as [`NONE`], so one is 48 bytes rather than 72.
+/// A sample as kept in the rings: `None` as [`NONE`], so one is 56 bytes rather than 88.
 #[derive(Debug, Clone, Copy)]
 struct Stored {
     at: f64,
@@ -35,6 +38,7 @@ struct Stored {
     limit_hits: u64,
     psi_some_us: u64,
     psi_full_us: u64,
+    reclaim_ns: u64,
 }
 
 const NONE: u64 = u64::MAX;
@@ -51,6 +55,7 @@ impl From<Sample> for Stored {
             limit_hits: s.limit_hits.unwrap_or(NONE),
             psi_some_us: s.psi_some_us.unwrap_or(NONE),
             psi_full_us: s.psi_full_us.unwrap_or(NONE),
+            reclaim_ns: s.reclaim_ns.unwrap_or(NONE),
         }
     }
 }
@@ -65,6 +70,7 @@ impl From<Stored> for Sample {
             limit_hits: opt(s.limit_hits),
             psi_some_us: opt(s.psi_some_us),
             psi_full_us: opt(s.psi_full_us),
+            reclaim_ns: opt(s.reclaim_ns),
         }
     }
 }
@@ -158,8 +164,9 @@ pub fn parse_psi_totals(text: &str) -> (Option<u64>, Option<u64>) {
     (total("some "), total("full "))
 }
 
-/// Reads one sample of a memory cgroup (four small files); `None` when it is gone.
-pub fn read_sample(h: &Hierarchies, cgroup: &str, at: f64) -> Option<Sample> {
+/// Reads one sample of a memory cgroup (four small files) with its last published reclaim
+/// time; `None` when it is gone.
+pub fn read_sample(h: &Hierarchies, cgroup: &str, at: f64, reclaim_ns: Option<u64>) -> Option<Sample> {
     let dir = h.memory_dir(cgroup)?;
     let (limit, usage) = h.memory_limit_usage(cgroup);
     let usage = usage?;
@@ -185,6 +192,7 @@ pub fn read_sample(h: &Hierarchies, cgroup: &str, at: f64) -> Option<Sample> {
         limit_hits,
         psi_some_us: psi.0,
         psi_full_us: psi.1,
+        reclaim_ns,
     })
 }
 
@@ -272,7 +280,7 @@ mod tests {
 
     #[test]
     fn samples_are_kept_compact_and_whole() {
-        assert_eq!(SAMPLE_BYTES, 48, "the README's memory figure");
+        assert_eq!(SAMPLE_BYTES, 56, "the README's memory figure");
         let full = Sample {
             at: 1.5,
             usage: 2,
@@ -280,6 +288,7 @@ mod tests {
             limit_hits: Some(4),
             psi_some_us: Some(5),
             psi_full_us: None,
+            reclaim_ns: Some(6),
         };
         assert_eq!(Sample::from(Stored::from(full)), full);
     }

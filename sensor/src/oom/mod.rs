@@ -581,7 +581,10 @@ impl OomSlice {
             Err(_) => (Vec::new(), Vec::new()),
         };
         let after = (kill.cgroup.is_some())
-            .then(|| history::read_sample(&self.cgroups, cg, clock::unix_seconds(std::time::SystemTime::now())))
+            .then(|| {
+                let now = clock::unix_seconds(std::time::SystemTime::now());
+                history::read_sample(&self.cgroups, cg, now, self.disc.reclaim_ns(cg))
+            })
             .flatten();
         let global = kill.scope == Scope::Global;
         let host_available = global.then(history::host_memory).flatten().map(|(_, a)| a);
@@ -614,7 +617,7 @@ impl OomSlice {
             .filter(|c| c.as_str() != "/")
             .take(self.workloads_per_metric)
         {
-            if let Some(s) = history::read_sample(&self.cgroups, cg, now) {
+            if let Some(s) = history::read_sample(&self.cgroups, cg, now, self.disc.reclaim_ns(cg)) {
                 read.push((cg.as_str(), s));
             }
         }

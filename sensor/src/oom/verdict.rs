@@ -108,6 +108,10 @@ pub struct LeadUp {
     /// Share of time some / all tasks of the cgroup stalled on memory in the last minute (PSI).
     pub psi_some_ratio_1m: Option<f64>,
     pub psi_full_ratio_1m: Option<f64>,
+    /// Time the cgroup's tasks spent in reclaim in the last 1 and 10 minutes (summed over
+    /// tasks; the memcg probe's kernel histograms, where it runs).
+    pub reclaim_seconds_1m: Option<f64>,
+    pub reclaim_seconds_10m: Option<f64>,
     /// Rise from the last sample to the kill, and the time it took.
     pub last_rise_bytes: Option<u64>,
     pub last_rise_seconds: Option<f64>,
@@ -197,7 +201,11 @@ pub fn lead_up(i: &Input<'_>) -> LeadUp {
     let newest = i.after.or(last.copied());
     let delta = |secs: f64, f: fn(&Sample) -> Option<u64>| {
         let now = newest.as_ref()?;
-        let base = base_before(i.samples, now.at, secs)?;
+        // The base is the newest sample old enough that has the counter (a counter can start
+        // being measured after the first samples, e.g. reclaim time once the memcg probe has
+        // published it), else the oldest that has it.
+        let measured: Vec<Sample> = i.samples.iter().filter(|s| f(s).is_some()).copied().collect();
+        let base = base_before(&measured, now.at, secs)?;
         counter_delta(f(now), f(base))
     };
     let ratio = |f: fn(&Sample) -> Option<u64>| {
@@ -243,6 +251,8 @@ pub fn lead_up(i: &Input<'_>) -> LeadUp {
         limit_hits_10m: delta(600.0, |s| s.limit_hits),
         psi_some_ratio_1m: ratio(|s| s.psi_some_us),
         psi_full_ratio_1m: ratio(|s| s.psi_full_us),
+        reclaim_seconds_1m: delta(60.0, |s| s.reclaim_ns).map(|ns| ns as f64 / 1e9),
+        reclaim_seconds_10m: delta(600.0, |s| s.reclaim_ns).map(|ns| ns as f64 / 1e9),
         last_rise_bytes: rise,
         last_rise_seconds: rise_secs,
         earlier_kills_1h: i.earlier_kills.len(),
@@ -308,12 +318,16 @@ pub fn decide(l: &LeadUp, scope: Scope, interval: f64) -> (Reason, String) {
     }
     let hits = l.limit_hits_10m.unwrap_or(0);
     let stalls = l.psi_full_ratio_1m.or(l.psi_some_ratio_1m);
+    let reclaim = l.reclaim_seconds_1m.filter(|r| *r > 0.0);
     if let Some(near) = l.near_limit_seconds {
-        if near >= LIMIT_MIN_SAMPLES * interval && (hits > 0 || stalls.is_some_and(|s| s > 0.0)) {
-            // PSI exists per cgroup on v2 only: no stall figure rather than a false 0%.
-            let stalls = stalls.map_or_else(String::new, |s| {
-                format!(" and memory stalls {:.0}% of the time", s * 100.0)
-            });
+        if near >= LIMIT_MIN_SAMPLES * interval && (hits > 0 || stalls.is_some_and(|s| s > 0.0) || reclaim.is_some()) {
+            // PSI exists per cgroup on v2 only: no stall figure rather than a false 0%; where it
+            // is missing, the reclaim time the memcg probe measured says the same.
+            let stalls = match (stalls, reclaim) {
+                (Some(s), _) => format!(" and memory stalls {:.0}% of the time", s * 100.0),
+                (None, Some(r)) => format!(" and {r:.1} s in reclaim in the last minute"),
+                (None, None) => String::new(),
+            };
             return (
                 Reason::Limit,
                 format!(
@@ -568,5 +582,43 @@ mod tests {
         assert_eq!(bytes(3 << 29), "1.5 GiB");
         assert_eq!(bytes(800 << 10), "800 KiB");
         assert_eq!((span(45.0), span(540.0)), ("45 s".to_string(), "9 min".to_string()));
+    }
+
+    #[test]
+    fn reclaim_time_is_limit_evidence_where_psi_is_missing() {
+        // cgroup v1: no PSI, no limit hits counted, but the memcg probe saw 0.1 s of reclaim
+        // per 2 s sample.
+        let mut at_limit: Vec<Sample> = at_limit(120, 0)
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| Sample {
+                reclaim_ns: Some(i as u64 * 100_000_000),
+                ..s
+            })
+            .collect();
+        let l = lead_up(&input(&at_limit, 121.0, &[]));
+        assert_eq!(l.reclaim_seconds_1m, Some(3.0));
+        assert_eq!(
+            l.reclaim_seconds_10m,
+            Some(6.0),
+            "the window holds 2 minutes of samples"
+        );
+        assert_eq!(l.reason, Reason::Limit, "{}", l.verdict);
+        assert_eq!(
+            l.verdict,
+            "at the 64 MiB limit for 2 min with 0 limit hits and 3.0 s in reclaim in the last minute (limit too small)"
+        );
+        // Without reclaim (and without hits or PSI) the same history is not this rule.
+        for s in &mut at_limit {
+            s.reclaim_ns = Some(0);
+        }
+        assert_ne!(lead_up(&input(&at_limit, 121.0, &[])).reason, Reason::Limit);
+        // Samples taken before reclaim was first published do not hide it.
+        for (i, s) in at_limit.iter_mut().enumerate() {
+            s.reclaim_ns = (i >= 5).then_some(i as u64 * 100_000_000);
+        }
+        let l = lead_up(&input(&at_limit, 121.0, &[]));
+        assert_eq!(l.reclaim_seconds_1m, Some(3.0));
+        assert_eq!(l.reclaim_seconds_10m, Some(5.5), "from the first sample that has it");
     }
 }
