@@ -20,7 +20,7 @@ use std::{
 use aya::maps::Array;
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use sensor_common::oom::{
-    field, hook, part, MarkVictimLayout, OomControlLayout, OomKillRecord, TaskLayout, TpField, CONFIG_EXPECTED_PARTS,
+    field, hook, part, MarkVictimLayout, OomControlLayout, OomKillRecord, TpField, CONFIG_EXPECTED_PARTS,
 };
 use serde::Serialize;
 
@@ -147,7 +147,6 @@ pub fn oom_control_layout(btf: &KernelBtf) -> Result<OomControlLayout, crate::ke
 #[derive(Debug, Clone)]
 pub struct Layouts {
     pub mark_victim: MarkVictimLayout,
-    pub task: TaskLayout,
     pub oom_control: OomControlLayout,
     /// Why a layout is partial, for logs.
     pub notes: Vec<String>,
@@ -169,34 +168,27 @@ impl Layouts {
                 MarkVictimLayout::ABSENT
             }
         };
-        let (task, oom_control) = match &kctx.btf {
-            Ok(btf) => (
-                crate::kernel::task::layout(btf).unwrap_or_else(|e| {
-                    notes.push(format!("task/cgroup layout: {e}"));
-                    TaskLayout::INVALID
-                }),
-                oom_control_layout(btf).unwrap_or_else(|e| {
-                    notes.push(format!("oom_control layout: {e}"));
-                    OomControlLayout::INVALID
-                }),
-            ),
+        let oom_control = match &kctx.btf {
+            Ok(btf) => oom_control_layout(btf).unwrap_or_else(|e| {
+                notes.push(format!("oom_control layout: {e}"));
+                OomControlLayout::INVALID
+            }),
             Err(e) => {
                 notes.push(format!("BTF: {e}"));
-                (TaskLayout::INVALID, OomControlLayout::INVALID)
+                OomControlLayout::INVALID
             }
         };
         Layouts {
             mark_victim,
-            task,
             oom_control,
             notes,
         }
     }
 
-    /// Sets the globals; `TASK_LAYOUT` is shared by every slice that attributes to cgroups.
+    /// Sets the OOM programs' globals (`TASK_LAYOUT`, shared by every slice that attributes to
+    /// cgroups, comes from `LoadPlan::task_layout`).
     pub fn apply(&self, plan: &mut LoadPlan) {
         plan.global("MARK_VICTIM_LAYOUT", &self.mark_victim);
-        plan.global("TASK_LAYOUT", &self.task);
         plan.global("OOM_CONTROL_LAYOUT", &self.oom_control);
     }
 }
@@ -471,7 +463,8 @@ impl OomSlice {
         registry.register(Box::new(last_kill.clone()))?;
         registry.register(Box::new(discrepancy.clone()))?;
         discrepancy.with_label_values(&["vmstat", "", "", ""]).set(0.0);
-        let cgroups = Hierarchies::discover();
+        // The discovery's view of the hierarchies, read once at start.
+        let cgroups = disc.hier.clone();
         let cross = CrossCheck {
             vmstat_base: vmstat_oom_kill(),
             cgroup_base: snapshot_cgroup_counters(&cgroups, 20_000),
@@ -753,7 +746,9 @@ impl Probe for OomProbe {
     }
 
     fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan) {
-        let layouts = Layouts::discover(kctx);
+        let mut layouts = Layouts::discover(kctx);
+        layouts.notes.extend(plan.task_layout(kctx));
+
         for n in &layouts.notes {
             tracing::warn!(note = %n, "OOM layout is partial");
         }
