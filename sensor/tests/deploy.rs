@@ -234,14 +234,6 @@ fn dockerfile_copies(ins: &[(String, String)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// containers.conf for podman here: no default ulimits (podman's exceed the hard limit of
-/// this kind of host, and then no container starts).
-fn podman_conf() -> PathBuf {
-    let p = std::env::temp_dir().join(format!("sensor-podman-{}.conf", std::process::id()));
-    std::fs::write(&p, "[containers]\ndefault_ulimits = []\n").unwrap();
-    p
-}
-
 #[test]
 fn image_ships_exactly_the_dist_output_and_runs() {
     // deploy/Dockerfile is FROM scratch around what `cargo xtask dist` writes. Checked as text,
@@ -310,7 +302,7 @@ fn image_ships_exactly_the_dist_output_and_runs() {
         );
         return;
     }
-    let conf = podman_conf();
+    let conf = common::runtimes::podman_conf();
     let podman = || {
         let mut c = Command::new("podman");
         c.env("CONTAINERS_CONF", &conf);
