@@ -1,15 +1,18 @@
 //! Cgroups: where the hierarchies are mounted, workload attribution from a cgroup path
-//! (container id, pod uid), best-effort reads of memory limits, and bounded workload label sets.
+//! (container id, pod uid; names from the runtimes through `workloads`), best-effort reads of
+//! memory limits, and bounded workload label sets.
 
 use std::{
     collections::{HashMap, HashSet},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
+
+use crate::workloads::{Names, Resolver};
 
 /// Where the memory controller lives on this host.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -165,8 +168,25 @@ pub fn workload(path: &str) -> Workload {
     w
 }
 
-/// Label values for one workload: `cgroup`, `container_id`, `pod_uid`.
-pub const WORKLOAD_LABELS: [&str; 3] = ["cgroup", "container_id", "pod_uid"];
+/// Label names of one workload: from the cgroup path (`cgroup`, `container_id`, `pod_uid`),
+/// then the runtime's names (`namespace`, `pod`, `container`; empty when unknown).
+pub const WORKLOAD_LABELS: [&str; 6] = ["cgroup", "container_id", "pod_uid", "namespace", "pod", "container"];
+
+/// Label values in [`WORKLOAD_LABELS`] order.
+pub type WorkloadLabels = [String; 6];
+
+/// The path-derived labels followed by the names.
+pub fn with_names(base: [String; 3], n: &Names) -> WorkloadLabels {
+    let [cgroup, container_id, pod_uid] = base;
+    [
+        cgroup,
+        container_id,
+        pod_uid,
+        n.namespace.clone(),
+        n.pod.clone(),
+        n.container.clone(),
+    ]
+}
 
 /// Bounds the workloads one metric family may label: the first `max` distinct cgroups get their
 /// own series, later ones fold into `cgroup="other"`. Cgroups whose directory is gone are
@@ -189,7 +209,8 @@ impl WorkloadSet {
         }
     }
 
-    /// Label values for `cgroup`: its own, or the `other` bucket when the set is full.
+    /// Path-derived label values for `cgroup`: its own, or the `other` bucket when the set is
+    /// full.
     pub fn labels(&mut self, cgroup: &str) -> [String; 3] {
         if let Some(gone) = self.members.get_mut(cgroup) {
             *gone = None;
@@ -240,6 +261,9 @@ pub struct Discovery {
     /// Cumulative reclaim time (ns) per cgroup path, as the probe that measures it last
     /// published it (`None` until it does); read by others (an OOM kill's lead-up).
     reclaim_ns: Mutex<Option<HashMap<String, u64>>>,
+    /// Names from the container runtimes, once the daemon set them up.
+    resolver: OnceLock<Arc<Resolver>>,
+    grace: Duration,
 }
 
 #[derive(Default)]
@@ -250,6 +274,8 @@ struct Discovered {
     by_id: HashMap<u64, String>,
     live: HashSet<u64>,
     last_scan: Option<Instant>,
+    /// Container ids of the cgroups seen, with when they were first seen gone.
+    containers: HashMap<String, Option<Instant>>,
 }
 
 /// Cgroups walked at most per scan.
@@ -262,24 +288,60 @@ impl Discovery {
             state: Mutex::new(Discovered::default()),
             reclaim_ns: Mutex::new(None),
             workloads: Mutex::new(WorkloadSet::new(workloads_per_metric, grace)),
+            resolver: OnceLock::new(),
+            grace,
         };
         d.rescan();
         d
     }
 
+    /// Names workloads through `r` from now on: every container already seen is looked up
+    /// (in the background), and each new one as a rescan finds it.
+    pub fn set_resolver(&self, r: Arc<Resolver>) {
+        let ids: Vec<String> = self
+            .state
+            .lock()
+            .map(|s| s.containers.keys().cloned().collect())
+            .unwrap_or_default();
+        for id in &ids {
+            r.request(id);
+        }
+        let _ = self.resolver.set(r);
+    }
+
+    pub fn resolver(&self) -> Option<&Arc<Resolver>> {
+        self.resolver.get()
+    }
+
+    /// The cached names of a container id, never waiting (a lookup starts for an id not seen
+    /// before; empty names until it ends).
+    pub fn names(&self, container_id: &str) -> Arc<Names> {
+        match self.resolver.get() {
+            Some(r) => r.names(container_id),
+            None => Arc::default(),
+        }
+    }
+
+    /// Path-derived labels plus the cached names of their container.
+    pub fn named(&self, base: [String; 3]) -> WorkloadLabels {
+        let n = self.names(&base[1]);
+        with_names(base, &n)
+    }
+
     /// Label values for a cgroup path (bounded: `other` once the set is full).
-    pub fn labels(&self, cgroup: &str) -> [String; 3] {
-        match self.workloads.lock() {
+    pub fn labels(&self, cgroup: &str) -> WorkloadLabels {
+        let base = match self.workloads.lock() {
             Ok(mut w) => w.labels(cgroup),
             Err(_) => [OTHER.to_string(), String::new(), String::new()],
-        }
+        };
+        self.named(base)
     }
 
     /// Label values for a kernfs id: `""` for 0 (not attributed), the path when known, else
     /// `unknown` (after one forced rescan at most per second).
-    pub fn labels_for_id(&self, id: u64) -> [String; 3] {
+    pub fn labels_for_id(&self, id: u64) -> WorkloadLabels {
         if id == 0 {
-            return [String::new(), String::new(), String::new()];
+            return Default::default();
         }
         let path = self.path_of(id).or_else(|| {
             self.rescan_if_older(Duration::from_secs(1));
@@ -319,13 +381,29 @@ impl Discovery {
         if let Ok(mut w) = self.workloads.lock() {
             w.sweep(|cg| paths.contains(cg), Instant::now());
         }
+        let ids: HashSet<String> = found
+            .iter()
+            .map(|(p, _)| workload(p).container_id)
+            .filter(|id| !id.is_empty())
+            .collect();
+        let mut expired = Vec::new();
         if let Ok(mut s) = self.state.lock() {
             for (p, id) in &found {
                 s.by_id.insert(*id, p.clone());
             }
             s.cgroups = found.into_iter().map(|(p, _)| p).collect();
             s.live = live;
-            s.last_scan = Some(Instant::now());
+            let now = Instant::now();
+            s.last_scan = Some(now);
+            expired = track_containers(&mut s.containers, &ids, now, self.grace);
+        }
+        if let Some(r) = self.resolver.get() {
+            // A workload is named when its cgroup first appears: its container may be gone by
+            // the time it is OOM-killed.
+            for id in &ids {
+                r.request(id);
+            }
+            r.forget(expired.iter().map(String::as_str));
         }
     }
 
@@ -360,6 +438,28 @@ impl Discovery {
             }
         }
     }
+}
+
+/// Notes which container ids are live; returns those gone for `grace` (then forgotten).
+fn track_containers(
+    seen: &mut HashMap<String, Option<Instant>>,
+    live: &HashSet<String>,
+    now: Instant,
+    grace: Duration,
+) -> Vec<String> {
+    for id in live {
+        seen.insert(id.clone(), None);
+    }
+    let mut expired = Vec::new();
+    for (id, gone) in seen.iter_mut() {
+        if !live.contains(id) && now.duration_since(*gone.get_or_insert(now)) >= grace {
+            expired.push(id.clone());
+        }
+    }
+    for id in &expired {
+        seen.remove(id);
+    }
+    expired
 }
 
 /// Walks the memory hierarchy (bounded) and returns `(path, kernfs id)` of every cgroup.
@@ -455,7 +555,16 @@ mod tests {
             // plain Docker and podman
             (format!("/system.slice/docker-{CID}.scope"), CID, ""),
             (format!("/docker/{CID}"), CID, ""),
+            // podman: systemd driver (its scope, and the container's own sub-cgroup under
+            // cgroup v2) and cgroupfs driver; conmon is podman's, no container's
             (format!("/machine.slice/libpod-{CID}.scope"), CID, ""),
+            (format!("/machine.slice/libpod-{CID}.scope/container"), CID, ""),
+            (format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{CID}.scope"), CID, ""),
+            (format!("/libpod_parent/libpod-{CID}"), CID, ""),
+            (format!("/libpod_parent/libpod-conmon-{CID}"), "", ""),
+            (format!("/machine.slice/libpod-conmon-{CID}.scope"), "", ""),
+            // a podman pod (kube play): pod cgroup, then the container
+            (format!("/machine.slice/machine-libpod_pod_0123abcd.slice/libpod-{CID}.scope"), CID, ""),
             // pod-level cgroup, no container yet
             (format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"), "", UID),
             // must yield nothing
@@ -508,5 +617,22 @@ mod tests {
         );
         assert_eq!(s.len(), 1);
         assert_eq!(s.labels("/c")[0], "/c", "slot freed");
+    }
+
+    #[test]
+    fn container_names_are_kept_for_the_grace_period() {
+        let mut seen = HashMap::new();
+        let t0 = Instant::now();
+        let g = Duration::from_secs(60);
+        let live: HashSet<String> = ["a".to_string(), "b".to_string()].into();
+        assert!(track_containers(&mut seen, &live, t0, g).is_empty());
+        let live: HashSet<String> = ["b".to_string()].into();
+        assert!(track_containers(&mut seen, &live, t0 + Duration::from_secs(1), g).is_empty());
+        assert!(track_containers(&mut seen, &live, t0 + Duration::from_secs(60), g).is_empty());
+        assert_eq!(
+            track_containers(&mut seen, &live, t0 + Duration::from_secs(61), g),
+            ["a"]
+        );
+        assert_eq!(seen.len(), 1);
     }
 }

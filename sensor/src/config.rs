@@ -17,6 +17,7 @@ pub use crate::{
     memcg::config::{MemcgConfig, PsiLevel, PsiTrigger},
     oom::config::OomConfig,
     tcp::config::{Destination, TcpConfig},
+    workloads::config::{RuntimeConfig, RuntimeKind, WorkloadsConfig},
 };
 
 /// The configuration `sensor run` uses when no `--config` is given.
@@ -53,6 +54,8 @@ pub struct Config {
     pub kernel_log: bool,
     pub probes: Probes,
     pub limits: Limits,
+    /// Names of workloads from the container runtimes.
+    pub workloads: WorkloadsConfig,
     /// Bounds on the HTTP server (connections, header size and time, body and query size).
     pub http: HttpLimits,
     pub alerting: Alerting,
@@ -72,6 +75,7 @@ impl Default for Config {
             kernel_log: false,
             probes: Probes::default(),
             limits: Limits::default(),
+            workloads: WorkloadsConfig::default(),
             http: HttpLimits::default(),
             alerting: Alerting::default(),
             checks: Vec::new(),
@@ -263,6 +267,9 @@ impl Config {
             .validate()
             .map_err(|(k, r)| key_err(&format!("probes.tcp{k}"), r))?;
         self.http.validate().map_err(|(k, r)| key_err(&format!("http{k}"), r))?;
+        self.workloads
+            .validate()
+            .map_err(|(k, r)| key_err(&format!("workloads{k}"), r))?;
         if !self.perf_ring_pages.is_power_of_two() {
             return Err(key_err(
                 "perf_ring_pages",
@@ -633,6 +640,9 @@ checks:
             ("probes.tcp.destinations", "probes.tcp.destinations", FlagKind::Yaml),
             ("probes.tcp.max_series", "probes.tcp.max-series", FlagKind::Yaml),
             ("limits.vanished_grace", "limits.vanished-grace", FlagKind::Text),
+            ("workloads.runtimes", "workloads.runtimes", FlagKind::List),
+            ("workloads.lookup_timeout", "workloads.lookup-timeout", FlagKind::Text),
+            ("workloads.cache_size", "workloads.cache-size", FlagKind::Yaml),
             ("alerting.webhook", "alerting.webhook", FlagKind::Yaml),
             ("events.history", "events.history", FlagKind::Yaml),
             ("checks", "checks", FlagKind::List),

@@ -23,6 +23,8 @@ pub struct Report {
     /// True when `probes` come from real load+attach attempts, false when only prechecked.
     pub attach_tested: bool,
     pub cgroups: crate::cgroup::Hierarchies,
+    /// The container runtimes that name workloads: found, not found or error, and why.
+    pub runtimes: Vec<crate::workloads::RuntimeReport>,
     /// Each probe's own section (e.g. `memory_pressure`), under its key.
     #[serde(flatten)]
     pub sections: BTreeMap<&'static str, serde_json::Value>,
@@ -123,6 +125,7 @@ pub fn report(opts: &LoadOptions, registered: &[Arc<dyn Probe>]) -> Report {
         sections: section_text.iter().map(|d| (d.key, d.json.clone())).collect(),
         section_text,
         cgroups,
+        runtimes: Vec::new(),
     }
 }
 
@@ -178,6 +181,15 @@ pub fn render_text(r: &Report) -> String {
     );
     let _ = writeln!(o, "  v1 memory hierarchy      {}", path(&r.cgroups.memory_v1));
     let _ = writeln!(o, "  v2 hierarchy             {}", path(&r.cgroups.unified));
+    let _ = writeln!(o, "\ncontainer runtimes (workload names)");
+    for rt in &r.runtimes {
+        let state = match rt.state {
+            "found" => "FOUND",
+            "not_found" => "not found",
+            _ => "ERROR",
+        };
+        let _ = writeln!(o, "  {:<11} {:<9} {}: {}", rt.kind, state, rt.socket, rt.detail);
+    }
     for d in &r.section_text {
         let _ = writeln!(o, "\n{}", d.title);
         for (label, value) in &d.lines {

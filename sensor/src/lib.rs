@@ -32,3 +32,4 @@ pub mod top;
 pub mod transport;
 pub mod web;
 pub mod webconfig;
+pub mod workloads;

@@ -230,6 +230,9 @@ struct DoctorArgs {
     btf_path: Option<PathBuf>,
     #[arg(long)]
     tracefs_path: Option<PathBuf>,
+    /// The daemon's config file: its `workloads.runtimes` are the runtimes checked.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -309,7 +312,13 @@ fn main() -> ExitCode {
                 kernel_log: false,
             };
             let probes = sensor::probes::all(&sensor::config::Probes::default());
-            let r = doctor::report(&opts, &probes);
+            let mut r = doctor::report(&opts, &probes);
+            let cfg = match &args.config {
+                Some(p) => Config::load(p)?,
+                None => Config::parse(sensor::config::EMBEDDED_DEFAULT, "<embedded default>")?,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            r.runtimes = rt.block_on(sensor::workloads::doctor(&cfg.workloads));
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

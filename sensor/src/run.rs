@@ -255,6 +255,10 @@ impl Pipeline {
         let names: Vec<&'static str> = specs.iter().map(|s| s.name).collect();
         let metrics = Arc::new(SelfMetrics::new(&kernel_release, &names));
         metrics.set_probe_reports(&specs, &reports);
+        // Workload names: looked up on this runtime, never on a reader's path.
+        let resolver =
+            crate::workloads::Resolver::new(&cfg.workloads, &metrics.registry, tokio::runtime::Handle::current())?;
+        discovery.set_resolver(Arc::new(resolver));
         let hub = Arc::new(EventHub::new(cfg.events.history));
         let (ebpf, started) = {
             let (cfg, probes, reports) = (cfg.clone(), probes.clone(), reports.clone());

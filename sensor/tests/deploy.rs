@@ -662,6 +662,9 @@ fn daemonset_capabilities_are_sufficient_and_each_needed() {
         ("cgroup", cg.rel.as_str()),
         ("container_id", ""),
         ("pod_uid", ""),
+        ("namespace", ""),
+        ("pod", ""),
+        ("container", ""),
     ];
     let mut m = String::new();
     for _ in 0..100 {
@@ -712,6 +715,9 @@ fn daemonset_capabilities_are_sufficient_and_each_needed() {
         ("cgroup", cg.rel.as_str()),
         ("container_id", ""),
         ("pod_uid", ""),
+        ("namespace", ""),
+        ("pod", ""),
+        ("container", ""),
     ];
     let mut got = None;
     for _ in 0..100 {
@@ -942,6 +948,9 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
         ("cgroup", cg.rel.as_str()),
         ("container_id", ""),
         ("pod_uid", ""),
+        ("namespace", ""),
+        ("pod", ""),
+        ("container", ""),
     ];
     d.wait_metric_sum("sensor_oom_kills_total", &kill_labels, 1.0, Duration::from_secs(5));
 

@@ -247,6 +247,9 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
         ("cgroup", cg.rel.as_str()),
         ("container_id", ""),
         ("pod_uid", ""),
+        ("namespace", ""),
+        ("pod", ""),
+        ("container", ""),
     ];
 
     // Storm 1: five real OOM kills in the child cgroup -> the action runs, once.

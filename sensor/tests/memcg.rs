@@ -7,8 +7,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn wl(cg: &MemCgroup) -> [(&str, &str); 3] {
-    [("cgroup", cg.rel.as_str()), ("container_id", ""), ("pod_uid", "")]
+fn wl(cg: &MemCgroup) -> [(&str, &str); 6] {
+    [
+        ("cgroup", cg.rel.as_str()),
+        ("container_id", ""),
+        ("pod_uid", ""),
+        ("namespace", ""),
+        ("pod", ""),
+        ("container", ""),
+    ]
 }
 
 #[test]
@@ -222,7 +229,14 @@ fn vanished_cgroups_are_dropped_after_the_grace_period() {
     let cg = MemCgroup::new("sensor-it-vanish", 48 << 20);
     cg.churn_page_cache(200);
     let rel = cg.rel.clone();
-    let labels = [("cgroup", rel.as_str()), ("container_id", ""), ("pod_uid", "")];
+    let labels = [
+        ("cgroup", rel.as_str()),
+        ("container_id", ""),
+        ("pod_uid", ""),
+        ("namespace", ""),
+        ("pod", ""),
+        ("container", ""),
+    ];
     let start = Instant::now();
     while metric(&d.metrics(), "sensor_memcg_reclaim_duration_seconds_count", &labels).is_none() {
         assert!(start.elapsed() < Duration::from_secs(10), "no reclaim series appeared");

@@ -41,6 +41,9 @@ fn kills_are_counted_exactly_and_attributed() {
         ("cgroup", cg.rel.as_str()),
         ("container_id", ""),
         ("pod_uid", ""),
+        ("namespace", ""),
+        ("pod", ""),
+        ("container", ""),
     ];
 
     let first = cg.cause_oom_kill();
@@ -83,6 +86,9 @@ fn kills_are_counted_exactly_and_attributed() {
             ("cgroup", ""),
             ("container_id", ""),
             ("pod_uid", ""),
+            ("namespace", ""),
+            ("pod", ""),
+            ("container", ""),
         ],
         0.0,
         Duration::from_secs(6),
@@ -94,6 +100,9 @@ fn kills_are_counted_exactly_and_attributed() {
             ("cgroup", cg.rel.as_str()),
             ("container_id", ""),
             ("pod_uid", ""),
+            ("namespace", ""),
+            ("pod", ""),
+            ("container", ""),
         ],
         0.0,
         Duration::from_secs(6),
@@ -127,6 +136,9 @@ fn sibling_cgroups_are_not_swapped() {
             ("cgroup", cg.rel.as_str()),
             ("container_id", ""),
             ("pod_uid", ""),
+            ("namespace", ""),
+            ("pod", ""),
+            ("container", ""),
         ];
         d.wait_metric_sum("sensor_oom_kills_total", &l, n, Duration::from_secs(10));
     }
@@ -189,6 +201,9 @@ fn stalled_reader_losses_are_counted() {
             ("cgroup", ""),
             ("container_id", ""),
             ("pod_uid", ""),
+            ("namespace", ""),
+            ("pod", ""),
+            ("container", ""),
         ],
         lost as f64,
         Duration::from_secs(8),

@@ -42,6 +42,9 @@ fn oom_kill_flows_to_metrics_and_events() {
         ("cgroup", cg.rel.as_str()),
         ("container_id", ""),
         ("pod_uid", ""),
+        ("namespace", ""),
+        ("pod", ""),
+        ("container", ""),
     ];
     let m = d.wait_metric_sum("sensor_oom_kills_total", &labels, 1.0, Duration::from_secs(5));
     assert_eq!(metric_sum(&m, "sensor_oom_kills_total", &[]), 1.0);

@@ -158,7 +158,9 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
         assert_eq!(part(sec, "kernel"), "oom_kill 1", "{sec}");
         // Pure cgroup v2 here: memory.events and per-cgroup PSI per workload.
         let m = part(sec, "metrics");
-        let wl = format!("cgroup=\"/victim-{pass}\",container_id=\"\",pod_uid=\"\"");
+        // Unsorted, in the collector's order: the path's labels, then the runtime's names.
+        let wl =
+            format!("cgroup=\"/victim-{pass}\",container_id=\"\",pod_uid=\"\",namespace=\"\",pod=\"\",container=\"\"");
         for line in part(sec, "memory.events").lines() {
             let (event, value) = line.split_once(' ').unwrap();
             let series = format!("sensor_memcg_events_total{{event=\"{event}\",{wl}}}");
@@ -252,7 +254,7 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
         let m = part(sec, "metrics");
         // Any verdict (`reason`): the kill is counted once, in its cgroup, as a memcg kill.
         let prefix =
-            format!("sensor_oom_kills_total{{cgroup=\"/victim-{pass}\",container_id=\"\",pod_uid=\"\",reason=\"");
+            format!("sensor_oom_kills_total{{cgroup=\"/victim-{pass}\",container=\"\",container_id=\"\",namespace=\"\",pod=\"\",pod_uid=\"\",reason=\"");
         let kills: f64 = m
             .lines()
             .filter(|l| l.starts_with(&prefix) && l.contains("scope=\"memcg\"}"))
@@ -270,7 +272,7 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
             "{m}"
         );
         assert_eq!(metric(m, "sensor_events_total{probe=\"oom\"}"), Some(1.0), "{m}");
-        let unseen = "sensor_oom_kills_unseen{cgroup=\"\",container_id=\"\",pod_uid=\"\",source=\"vmstat\"}";
+        let unseen = "sensor_oom_kills_unseen{cgroup=\"\",container=\"\",container_id=\"\",namespace=\"\",pod=\"\",pod_uid=\"\",source=\"vmstat\"}";
         assert_eq!(metric(m, unseen), Some(0.0), "{m}");
     }
     let doctor = section(&out, "DOCTOR", "DOCTOR");

@@ -402,6 +402,9 @@ fn stalled_consumers_slow_nothing_else() {
         ("cgroup", cg.rel.as_str()),
         ("container_id", ""),
         ("pod_uid", ""),
+        ("namespace", ""),
+        ("pod", ""),
+        ("container", ""),
     ];
     d.wait_metric_sum(
         "sensor_oom_kills_total",

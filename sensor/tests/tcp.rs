@@ -206,13 +206,16 @@ fn daemon(cfg: &std::path::Path, extra: &[&str]) -> Daemon {
     Daemon::start(&args)
 }
 
-fn series<'a>(result: &'a str, dest: &'a str, cg: &'a MemCgroup) -> [(&'a str, &'a str); 5] {
+fn series<'a>(result: &'a str, dest: &'a str, cg: &'a MemCgroup) -> [(&'a str, &'a str); 8] {
     [
         ("result", result),
         ("destination", dest),
         ("cgroup", cg.rel.as_str()),
         ("container_id", ""),
         ("pod_uid", ""),
+        ("namespace", ""),
+        ("pod", ""),
+        ("container", ""),
     ]
 }
 
@@ -285,6 +288,9 @@ fn successes_and_refusals(extra: &[&str], hook: &str) {
             ("cgroup", cg.rel.as_str()),
             ("container_id", ""),
             ("pod_uid", ""),
+            ("namespace", ""),
+            ("pod", ""),
+            ("container", ""),
         ];
         assert_eq!(
             metric(&m, "sensor_tcp_connect_duration_seconds_count", &wl),
@@ -320,6 +326,9 @@ fn successes_and_refusals(extra: &[&str], hook: &str) {
             ("cgroup", cg.rel.as_str()),
             ("container_id", ""),
             ("pod_uid", ""),
+            ("namespace", ""),
+            ("pod", ""),
+            ("container", ""),
         ];
         assert_eq!(metric(&m, "sensor_tcp_resets_total", &wl), Some(200.0));
         let ev = tcp_failures(&d, closed.port());

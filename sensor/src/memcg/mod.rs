@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use self::config::{MemcgConfig, PsiTrigger};
 use crate::{
     agg::{HistFamily, HistLayout, HistogramMapCollector},
-    cgroup::{Discovery, Hierarchies, Janitor, OTHER, WORKLOAD_LABELS},
+    cgroup::{Discovery, Hierarchies, Janitor, WorkloadLabels, OTHER, WORKLOAD_LABELS},
     events::EventHub,
     kernel::clock,
     metrics::{counter_metric, family, Shared},
@@ -228,8 +228,8 @@ impl Collector for FileCollector {
             }
         }
         let hier = &self.disc.hier;
-        let mut psi_sum: HashMap<[String; 3], (u64, u64)> = HashMap::new();
-        let mut ev_sum: HashMap<([String; 3], &'static str), u64> = HashMap::new();
+        let mut psi_sum: HashMap<WorkloadLabels, (u64, u64)> = HashMap::new();
+        let mut ev_sum: HashMap<(WorkloadLabels, &'static str), u64> = HashMap::new();
         for cg in cgroups.iter().filter(|c| c.as_str() != "/") {
             let l = self.disc.labels(cg);
             if !hier.memory_is_v1() {
@@ -243,7 +243,7 @@ impl Collector for FileCollector {
                 *ev_sum.entry((l.clone(), event)).or_default() += v;
             }
         }
-        let wl = |l: &[String; 3]| {
+        let wl = |l: &WorkloadLabels| {
             WORKLOAD_LABELS
                 .iter()
                 .zip(l.iter())

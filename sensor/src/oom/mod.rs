@@ -28,7 +28,7 @@ use history::History;
 pub use scope::{Scope, ScopeResolver};
 
 use crate::{
-    cgroup::{workload, Discovery, Hierarchies, WorkloadSet, WORKLOAD_LABELS},
+    cgroup::{with_names, workload, Discovery, Hierarchies, WorkloadSet, WORKLOAD_LABELS},
     events::EventHub,
     kernel::{btf::KernelBtf, clock},
     probe::{
@@ -238,6 +238,10 @@ pub struct OomKill {
     pub cgroup_v2_id: Option<u64>,
     pub container_id: Option<String>,
     pub pod_uid: Option<String>,
+    /// Names from the container runtime (`namespace`, `pod`, `container`, `image`,
+    /// `runtime`); empty when unknown.
+    #[serde(flatten)]
+    pub names: crate::workloads::Names,
     /// Read from cgroupfs right after the kill: best effort, absent if the cgroup is gone.
     pub memory_limit_bytes: Option<u64>,
     pub memory_usage_bytes: Option<u64>,
@@ -331,6 +335,7 @@ impl OomKill {
             cgroup_v2_id: (has(field::DFL_CGROUP_ID) && r.cgroup.dfl_cgroup_id != 0).then_some(r.cgroup.dfl_cgroup_id),
             container_id: w.clone().and_then(|w| nonempty(w.container_id)),
             pod_uid: w.and_then(|w| nonempty(w.pod_uid)),
+            names: Default::default(),
             memory_limit_bytes: limit,
             memory_usage_bytes: usage,
             trigger_pid: r.trigger_pid,
@@ -414,6 +419,8 @@ pub struct OomSlice {
     workloads_per_metric: usize,
     /// When the host's largest memory users were last read, and them.
     host_top: Mutex<(Option<Instant>, Vec<history::MemUser>)>,
+    /// Itself, for the task that counts a kill once its container is named.
+    me: std::sync::OnceLock<std::sync::Weak<OomSlice>>,
 }
 
 impl OomSlice {
@@ -462,7 +469,9 @@ impl OomSlice {
         registry.register(Box::new(victim_rss.clone()))?;
         registry.register(Box::new(last_kill.clone()))?;
         registry.register(Box::new(discrepancy.clone()))?;
-        discrepancy.with_label_values(&["vmstat", "", "", ""]).set(0.0);
+        discrepancy
+            .with_label_values(&["vmstat", "", "", "", "", "", ""])
+            .set(0.0);
         // The discovery's view of the hierarchies, read once at start.
         let cgroups = disc.hier.clone();
         let cross = CrossCheck {
@@ -488,6 +497,7 @@ impl OomSlice {
             due: Mutex::new((None, None)),
             workloads_per_metric,
             host_top: Mutex::new((None, Vec::new())),
+            me: std::sync::OnceLock::new(),
         })
     }
 
@@ -514,14 +524,41 @@ impl OomSlice {
             kill.reason = l.reason;
             kill.lead_up = Some(l);
         }
-        let wl = match self.workloads.lock() {
+        let base = match self.workloads.lock() {
             Ok(mut w) => w.labels(&cg),
             Err(_) => [crate::cgroup::OTHER.to_string(), String::new(), String::new()],
         };
-        let wl_ref = [wl[0].as_str(), wl[1].as_str(), wl[2].as_str()];
-        self.kills
-            .with_label_values(&[kill.scope.label(), kill.reason.label(), wl_ref[0], wl_ref[1], wl_ref[2]])
-            .inc();
+        // A container never seen before (it started and was killed between two rescans):
+        // its names are looked up first, on a task, never here on the reader. The kill is
+        // counted once they come, or after NAME_WAIT without them.
+        let unseen = self
+            .disc
+            .resolver()
+            .filter(|r| !base[1].is_empty() && r.cached(&base[1]).is_none());
+        if let (Some(r), Some(me), Ok(rt)) = (
+            unseen,
+            self.me.get().and_then(std::sync::Weak::upgrade),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            let r = Arc::clone(r);
+            rt.spawn(async move {
+                let names = r.resolve(&base[1], NAME_WAIT).await;
+                me.count_kill(kill, cg, base, &names);
+            });
+            return;
+        }
+        let names = self.disc.names(&base[1]);
+        self.count_kill(kill, cg, base, &names);
+    }
+
+    /// Counts, logs and publishes a kill with its workload's names.
+    fn count_kill(&self, mut kill: OomKill, cg: String, base: [String; 3], names: &crate::workloads::Names) {
+        kill.names = names.clone();
+        let wl = with_names(base, names);
+        let wl_ref: [&str; 6] = std::array::from_fn(|i| wl[i].as_str());
+        let mut kill_labels = vec![kill.scope.label(), kill.reason.label()];
+        kill_labels.extend(wl_ref);
+        self.kills.with_label_values(&kill_labels).inc();
         if let Some(rss) = kill.rss_bytes() {
             self.victim_rss.with_label_values(&wl_ref).observe(rss as f64);
         }
@@ -546,6 +583,11 @@ impl OomSlice {
             cgroup = %opt(&kill.cgroup),
             container_id = %opt(&kill.container_id),
             pod_uid = %opt(&kill.pod_uid),
+            namespace = %kill.names.namespace,
+            pod = %kill.names.pod,
+            container = %kill.names.container,
+            image = %kill.names.image,
+            runtime = %kill.names.runtime,
             memcg_id = %opt(&kill.memcg_id),
             total_vm_bytes = %opt(&kill.total_vm_bytes),
             anon_rss_bytes = %opt(&kill.anon_rss_bytes),
@@ -658,12 +700,13 @@ impl OomSlice {
             let shown = if d > 0 { d.min(prev.max(0)) } else { d };
             if cg.is_empty() {
                 self.discrepancy
-                    .with_label_values(&["vmstat", "", "", ""])
+                    .with_label_values(&["vmstat", "", "", "", "", "", ""])
                     .set(shown as f64);
             } else if let Ok(mut w) = self.workloads.lock() {
-                let l = w.labels(&cg);
+                let l = self.disc.named(w.labels(&cg));
+                drop(w);
                 self.discrepancy
-                    .with_label_values(&["memcg", &l[0], &l[1], &l[2]])
+                    .with_label_values(&["memcg", &l[0], &l[1], &l[2], &l[3], &l[4], &l[5]])
                     .set(shown as f64);
             }
         }
@@ -676,16 +719,11 @@ impl OomSlice {
             Err(_) => Vec::new(),
         };
         for cg in expired {
-            let w = workload(&cg);
-            let l = [cg.as_str(), w.container_id.as_str(), w.pod_uid.as_str()];
-            for s in ["memcg", "global", "unknown"] {
-                for r in verdict::Reason::ALL {
-                    let _ = self.kills.remove_label_values(&[s, r.label(), l[0], l[1], l[2]]);
-                }
-            }
-            let _ = self.victim_rss.remove_label_values(&l);
-            let _ = self.last_kill.remove_label_values(&l);
-            let _ = self.discrepancy.remove_label_values(&["memcg", l[0], l[1], l[2]]);
+            // Whatever names its series carried (empty before the lookup ended, then named).
+            remove_cgroup(&self.kills, &cg);
+            remove_cgroup(&self.victim_rss, &cg);
+            remove_cgroup(&self.last_kill, &cg);
+            remove_cgroup(&self.discrepancy, &cg);
             if let Ok(mut c) = self.cross.lock() {
                 c.seen.remove(&cg);
                 c.last.remove(&cg);
@@ -693,6 +731,23 @@ impl OomSlice {
         }
     }
 }
+
+/// Removes every series of `vec` labelled `cgroup="<cg>"`.
+fn remove_cgroup<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricVec<T>, cg: &str) {
+    use prometheus::core::Collector as _;
+    for mf in vec.collect() {
+        for m in mf.get_metric() {
+            if m.get_label().iter().any(|l| l.name() == "cgroup" && l.value() == cg) {
+                let labels: HashMap<&str, &str> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
+/// Longest a kill of a container never seen before waits for its names before it is counted
+/// (without them).
+const NAME_WAIT: Duration = Duration::from_millis(750);
 
 /// The OOM probe: victim fields from `oom:mark_victim`, its cgroup from the raw tracepoint, the
 /// kill's context from `oom_kill_process`; one record per kill.
@@ -777,7 +832,9 @@ impl Probe for OomProbe {
             Arc::clone(ctx.discovery),
             self.cfg.history.clone(),
         )?;
-        Ok(Arc::new(slice))
+        let slice = Arc::new(slice);
+        let _ = slice.me.set(Arc::downgrade(&slice));
+        Ok(slice)
     }
 }
 

@@ -314,6 +314,9 @@ pub struct TcpFailure {
     pub cgroup: Option<String>,
     pub container_id: Option<String>,
     pub pod_uid: Option<String>,
+    /// Names from the container runtime; empty when unknown (not looked up on this path).
+    #[serde(flatten)]
+    pub names: crate::workloads::Names,
 }
 
 fn address(family: u16, a: &[u8; 16]) -> String {
@@ -323,11 +326,14 @@ fn address(family: u16, a: &[u8; 16]) -> String {
     }
 }
 
-const HIST_LABELS: [&str; 4] = [
+const HIST_LABELS: [&str; 7] = [
     "destination",
     WORKLOAD_LABELS[0],
     WORKLOAD_LABELS[1],
     WORKLOAD_LABELS[2],
+    WORKLOAD_LABELS[3],
+    WORKLOAD_LABELS[4],
+    WORKLOAD_LABELS[5],
 ];
 
 const CONNECTS: &str = "sensor_tcp_connects_total";
@@ -418,21 +424,21 @@ impl Collector for CountCollector {
                 CONNECTS,
                 CONNECTS_HELP,
                 MetricType::COUNTER,
-                &["result", "destination", wl[0], wl[1], wl[2]],
+                &["result", "destination", wl[0], wl[1], wl[2], wl[3], wl[4], wl[5]],
                 series(connects),
             ),
             family(
                 RETRANS,
                 RETRANS_HELP,
                 MetricType::COUNTER,
-                &["destination", wl[0], wl[1], wl[2]],
+                &["destination", wl[0], wl[1], wl[2], wl[3], wl[4], wl[5]],
                 series(retrans),
             ),
             family(
                 RESETS,
                 RESETS_HELP,
                 MetricType::COUNTER,
-                &["direction", "destination", wl[0], wl[1], wl[2]],
+                &["direction", "destination", wl[0], wl[1], wl[2], wl[3], wl[4], wl[5]],
                 series(resets),
             ),
         ]
@@ -545,6 +551,7 @@ impl TcpSlice {
             cgroup: path,
             container_id: nonempty(&wl[1]),
             pod_uid: nonempty(&wl[2]),
+            names: (*self.disc.names(&wl[1])).clone(),
         };
         tracing::debug!(
             target: "sensor::tcp",

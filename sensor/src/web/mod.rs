@@ -334,6 +334,7 @@ mod tests {
                     cgroup: None,
                     container_id: None,
                     pod_uid: None,
+                    names: Default::default(),
                 },
             )
             .expect("a TcpFailure is a JSON object"),

@@ -399,6 +399,29 @@ impl MemCgroup {
         cg
     }
 
+    /// A child of `parent` named exactly `name` (e.g. a 64-hex container id), with its own
+    /// limit; drop it before its parent.
+    pub fn child(parent: &MemCgroup, name: &str, limit_bytes: u64) -> MemCgroup {
+        if parent.v2 {
+            let _ = std::fs::write(parent.dir.join("cgroup.subtree_control"), "+memory");
+        }
+        let dir = parent.dir.join(name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let cg = MemCgroup {
+            dir,
+            v2: parent.v2,
+            rel: format!("{}/{name}", parent.rel),
+        };
+        if cg.v2 {
+            cg.write("memory.max", &limit_bytes.to_string());
+            let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
+        } else {
+            cg.write("memory.limit_in_bytes", &limit_bytes.to_string());
+            let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), limit_bytes.to_string());
+        }
+        cg
+    }
+
     fn write(&self, file: &str, value: &str) {
         std::fs::write(self.dir.join(file), value)
             .unwrap_or_else(|e| panic!("write {value} to {}/{file}: {e}", self.dir.display()));

@@ -1,0 +1,333 @@
+//! The runtimes' answers: one request per lookup over the runtime's unix socket, and the
+//! mapping of what it says to workload names.
+
+use std::{collections::HashMap, path::Path};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+
+use super::{config::RuntimeKind, Names};
+
+/// Larger answers are garbage to us (a Docker inspect is a few KiB).
+const MAX_ANSWER: usize = 4 << 20;
+
+/// Why a runtime could not answer; counted as `result="error"`.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("connect {socket}: {source}")]
+    Connect { socket: String, source: std::io::Error },
+    #[error("HTTP: {0}")]
+    Http(String),
+    #[error("answered {0}")]
+    Status(u16),
+    #[error("answer is not the expected JSON: {0}")]
+    Garbage(String),
+    #[error("gRPC: {0}")]
+    Grpc(String),
+}
+
+/// What a runtime knows about a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    /// The runtime's own name for it (Docker/Podman `Name`, CRI-O `name`, nerdctl's label).
+    pub name: String,
+    pub image: String,
+    pub labels: HashMap<String, String>,
+}
+
+pub const K8S_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+pub const K8S_POD: &str = "io.kubernetes.pod.name";
+pub const K8S_CONTAINER: &str = "io.kubernetes.container.name";
+
+/// The names of a found container: Kubernetes names from its `io.kubernetes.*` labels; outside
+/// Kubernetes (no such labels) `container` is the runtime's name and `namespace`/`pod` empty.
+pub fn names(found: &Found, runtime: RuntimeKind) -> Names {
+    let label = |k: &str| found.labels.get(k).cloned().unwrap_or_default();
+    let k8s = found.labels.contains_key(K8S_POD) || found.labels.contains_key(K8S_CONTAINER);
+    Names {
+        namespace: label(K8S_NAMESPACE),
+        pod: label(K8S_POD),
+        container: if k8s {
+            label(K8S_CONTAINER)
+        } else {
+            found.name.trim_start_matches('/').to_string()
+        },
+        image: found.image.clone(),
+        runtime: runtime.label().to_string(),
+    }
+}
+
+/// Aborts a spawned task when dropped (a lookup that timed out drops its connection).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `GET path` over the unix socket; (status, body).
+pub async fn unix_get(socket: &Path, path: &str) -> Result<(u16, Bytes), LookupError> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| LookupError::Connect {
+            socket: socket.display().to_string(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| LookupError::Http(e.to_string()))?;
+    let _conn = AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "runtime API connection ended");
+        }
+    }));
+    let req = http::Request::get(path)
+        .header(http::header::HOST, "localhost")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| LookupError::Http(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| LookupError::Http(e.to_string()))?;
+    let status = resp.status().as_u16();
+    let body = Limited::new(resp.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map_err(|e| LookupError::Http(e.to_string()))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+#[derive(Deserialize)]
+struct DockerInspect {
+    #[serde(rename = "Name", default)]
+    name: String,
+    #[serde(rename = "Config")]
+    config: DockerConfig,
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    #[serde(rename = "Image", default)]
+    image: String,
+    #[serde(rename = "Labels", default)]
+    labels: Option<HashMap<String, String>>,
+}
+
+/// A Docker Engine API answer to `GET /containers/{id}/json`: 200 found, 404 not found.
+pub fn docker_answer(status: u16, body: &[u8]) -> Result<Option<Found>, LookupError> {
+    match status {
+        200 => {
+            let v: DockerInspect = serde_json::from_slice(body).map_err(|e| LookupError::Garbage(e.to_string()))?;
+            Ok(Some(Found {
+                name: v.name,
+                image: v.config.image,
+                labels: v.config.labels.unwrap_or_default(),
+            }))
+        }
+        404 => Ok(None),
+        s => Err(LookupError::Status(s)),
+    }
+}
+
+#[derive(Deserialize)]
+struct CrioInfo {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    image: String,
+    #[serde(default)]
+    labels: Option<HashMap<String, String>>,
+}
+
+/// A CRI-O answer to `GET /containers/{id}` (its `ContainerInfo`): 200 found, 404 not found
+/// (older CRI-O says 500 with "can't find the container"; that is also not found).
+pub fn crio_answer(status: u16, body: &[u8]) -> Result<Option<Found>, LookupError> {
+    match status {
+        200 => {
+            let v: CrioInfo = serde_json::from_slice(body).map_err(|e| LookupError::Garbage(e.to_string()))?;
+            Ok(Some(Found {
+                name: v.name,
+                image: v.image,
+                labels: v.labels.unwrap_or_default(),
+            }))
+        }
+        404 => Ok(None),
+        500 if String::from_utf8_lossy(body).contains("can't find the container") => Ok(None),
+        s => Err(LookupError::Status(s)),
+    }
+}
+
+/// containerd: `containers.v1.Containers/Get` in each namespace until one knows the id.
+pub async fn containerd_lookup(socket: &Path, namespaces: &[String], id: &str) -> Result<Option<Found>, LookupError> {
+    use containerd_client::{
+        services::v1::{containers_client::ContainersClient, GetContainerRequest},
+        tonic::{metadata::MetadataValue, Code, Request},
+    };
+    if !socket.exists() {
+        return Err(LookupError::Connect {
+            socket: socket.display().to_string(),
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+    }
+    let channel = containerd_client::connect(socket)
+        .await
+        .map_err(|e| LookupError::Grpc(format!("connect {}: {e}", socket.display())))?;
+    let mut client = ContainersClient::new(channel);
+    for ns in namespaces {
+        let mut req = Request::new(GetContainerRequest { id: id.to_string() });
+        let ns_value =
+            MetadataValue::try_from(ns.as_str()).map_err(|e| LookupError::Grpc(format!("namespace {ns}: {e}")))?;
+        req.metadata_mut().insert("containerd-namespace", ns_value);
+        match client.get(req).await {
+            Ok(resp) => {
+                let Some(c) = resp.into_inner().container else {
+                    return Err(LookupError::Garbage("Get answered without a container".into()));
+                };
+                return Ok(Some(containerd_found(c.labels, c.image)));
+            }
+            Err(s) if s.code() == Code::NotFound => continue,
+            Err(s) => return Err(LookupError::Grpc(format!("{:?}: {}", s.code(), s.message()))),
+        }
+    }
+    Ok(None)
+}
+
+/// containerd has no container name beyond its id: nerdctl keeps one in a label.
+pub fn containerd_found(labels: HashMap<String, String>, image: String) -> Found {
+    Found {
+        name: labels.get("nerdctl/name").cloned().unwrap_or_default(),
+        image,
+        labels,
+    }
+}
+
+/// Whether the runtime answers at all (for `sensor doctor`): its version, or why not.
+pub async fn ping(kind: RuntimeKind, socket: &Path) -> Result<String, LookupError> {
+    match kind {
+        RuntimeKind::Containerd => {
+            use containerd_client::services::v1::version_client::VersionClient;
+            let channel = containerd_client::connect(socket)
+                .await
+                .map_err(|e| LookupError::Grpc(format!("connect: {e}")))?;
+            let v = VersionClient::new(channel)
+                .version(())
+                .await
+                .map_err(|s| LookupError::Grpc(format!("{:?}: {}", s.code(), s.message())))?;
+            Ok(format!("containerd {}", v.into_inner().version))
+        }
+        RuntimeKind::Docker | RuntimeKind::Crio => {
+            let path = if kind == RuntimeKind::Docker {
+                "/version"
+            } else {
+                "/info"
+            };
+            let (status, body) = unix_get(socket, path).await?;
+            if status != 200 {
+                return Err(LookupError::Status(status));
+            }
+            let v: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| LookupError::Garbage(e.to_string()))?;
+            let version = v
+                .get("Version")
+                .or_else(|| v.get("version"))
+                .and_then(|x| x.as_str())
+                .unwrap_or("?");
+            Ok(format!("{} API, version {version}", kind.label()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_answers_found_not_found_garbage() {
+        let body = br#"{"Id":"abc","Name":"/web-1","Image":"sha256:1","Config":{"Image":"nginx:1.27","Labels":{"app":"web"}}}"#;
+        let f = docker_answer(200, body).unwrap().unwrap();
+        assert_eq!(
+            names(&f, RuntimeKind::Docker),
+            Names {
+                namespace: String::new(),
+                pod: String::new(),
+                container: "web-1".into(),
+                image: "nginx:1.27".into(),
+                runtime: "docker".into(),
+            }
+        );
+        // Podman answers null labels for a container without any.
+        let body = br#"{"Name":"p","Config":{"Image":"localhost/x:1","Labels":null}}"#;
+        assert_eq!(docker_answer(200, body).unwrap().unwrap().labels.len(), 0);
+        assert!(docker_answer(404, br#"{"message":"no such container"}"#)
+            .unwrap()
+            .is_none());
+        assert!(matches!(docker_answer(200, b"<html>"), Err(LookupError::Garbage(_))));
+        assert!(matches!(
+            docker_answer(200, br#"{"Name":1}"#),
+            Err(LookupError::Garbage(_))
+        ));
+        assert!(matches!(docker_answer(200, b""), Err(LookupError::Garbage(_))));
+        assert!(matches!(docker_answer(500, b"boom"), Err(LookupError::Status(500))));
+    }
+
+    #[test]
+    fn kubernetes_labels_win_over_the_runtime_name() {
+        let body = br#"{"Name":"/k8s_cart_cart-7f9c_shop_uid_0","Config":{"Image":"shop/cart:3","Labels":{
+            "io.kubernetes.pod.namespace":"shop","io.kubernetes.pod.name":"cart-7f9c","io.kubernetes.container.name":"cart"}}}"#;
+        let n = names(&docker_answer(200, body).unwrap().unwrap(), RuntimeKind::Docker);
+        assert_eq!(
+            (n.namespace.as_str(), n.pod.as_str(), n.container.as_str()),
+            ("shop", "cart-7f9c", "cart")
+        );
+        assert_eq!(n.image, "shop/cart:3");
+    }
+
+    #[test]
+    fn crio_answers_found_not_found_garbage() {
+        let body = br#"{"name":"k8s_cart_cart-7f9c_shop_1","pid":42,"image":"quay.io/shop/cart:3","labels":{
+            "io.kubernetes.pod.namespace":"shop","io.kubernetes.pod.name":"cart-7f9c","io.kubernetes.container.name":"cart"},
+            "annotations":{},"root":"/x","sandbox":"/y","ip_addresses":[]}"#;
+        let n = names(&crio_answer(200, body).unwrap().unwrap(), RuntimeKind::Crio);
+        assert_eq!(
+            (
+                n.namespace.as_str(),
+                n.pod.as_str(),
+                n.container.as_str(),
+                n.image.as_str(),
+                n.runtime.as_str()
+            ),
+            ("shop", "cart-7f9c", "cart", "quay.io/shop/cart:3", "crio")
+        );
+        assert!(crio_answer(404, b"").unwrap().is_none());
+        assert!(crio_answer(500, b"can't find the container with id 0123")
+            .unwrap()
+            .is_none());
+        assert!(matches!(crio_answer(500, b"internal"), Err(LookupError::Status(500))));
+        assert!(matches!(crio_answer(200, b"[1,2"), Err(LookupError::Garbage(_))));
+    }
+
+    #[test]
+    fn containerd_names_from_labels_or_nerdctl() {
+        let kube: HashMap<String, String> = [(K8S_NAMESPACE, "shop"), (K8S_POD, "cart-7f9c"), (K8S_CONTAINER, "cart")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let n = names(
+            &containerd_found(kube, "docker.io/shop/cart:3".into()),
+            RuntimeKind::Containerd,
+        );
+        assert_eq!((n.container.as_str(), n.runtime.as_str()), ("cart", "containerd"));
+        let nerd = [("nerdctl/name".to_string(), "db".to_string())].into_iter().collect();
+        let n = names(&containerd_found(nerd, "postgres:16".into()), RuntimeKind::Containerd);
+        assert_eq!(
+            (n.namespace.as_str(), n.pod.as_str(), n.container.as_str()),
+            ("", "", "db")
+        );
+        let n = names(&containerd_found(HashMap::new(), "x".into()), RuntimeKind::Containerd);
+        assert_eq!(n.container, "", "no name anywhere: empty, never the id");
+    }
+}

@@ -1,0 +1,379 @@
+//! Workload names from the container runtimes: container id -> Kubernetes namespace, pod and
+//! container (or the runtime's container name), image and runtime. Lookups run on the async
+//! runtime, off every record path; callers read a bounded cache and, for an id never seen,
+//! ask for a lookup (or await one with a deadline where waiting is allowed).
+
+pub mod api;
+pub mod config;
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use serde::Serialize;
+use tokio::{runtime::Handle, sync::watch};
+
+use self::config::{RuntimeConfig, RuntimeKind, WorkloadsConfig};
+
+/// Names of one container; empty strings where unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Names {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub image: String,
+    pub runtime: String,
+}
+
+/// How long an id no runtime could name stays unnamed before it is asked about again.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// The `result` label values.
+pub const RESULTS: [&str; 4] = ["ok", "not_found", "error", "timeout"];
+
+enum Entry {
+    Named(Arc<Names>),
+    /// No runtime named it; asked again after this instant.
+    Unnamed(Instant),
+}
+
+/// Bounded cache: the oldest entry leaves first when full.
+struct Cache {
+    map: HashMap<String, Entry>,
+    order: VecDeque<String>,
+    cap: usize,
+}
+
+impl Cache {
+    /// Returns the entries that left to make room (and the one replaced, if any).
+    fn insert(&mut self, id: &str, e: Entry) -> Vec<(String, Entry)> {
+        let mut gone = Vec::new();
+        match self.map.insert(id.to_string(), e) {
+            Some(old) => gone.push((id.to_string(), old)),
+            None => self.order.push_back(id.to_string()),
+        }
+        while self.map.len() > self.cap {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(e) = self.map.remove(&old) {
+                gone.push((old, e));
+            }
+        }
+        gone
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        let e = self.map.remove(id)?;
+        self.order.retain(|x| x != id);
+        Some(e)
+    }
+}
+
+/// Resolves container ids through the configured runtimes and keeps the answers.
+pub struct Resolver {
+    runtimes: Vec<RuntimeConfig>,
+    timeout: Duration,
+    cache: Mutex<Cache>,
+    /// Lookups under way; waiters watch for the `true` sent when one ends.
+    inflight: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    lookups: IntCounterVec,
+    info: IntGaugeVec,
+    handle: Handle,
+}
+
+impl Resolver {
+    /// Registers `sensor_workload_lookups_total` and `sensor_workload_info`; lookups run on
+    /// `handle`.
+    pub fn new(cfg: &WorkloadsConfig, registry: &Registry, handle: Handle) -> prometheus::Result<Resolver> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "sensor_workload_lookups_total",
+                "Container id lookups by runtime and result (ok, not_found, error: absent, refused or garbage answer, timeout).",
+            ),
+            &["runtime", "result"],
+        )?;
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "sensor_workload_info",
+                "Names of a container the runtimes named (1 per container id); join on container_id for the image.",
+            ),
+            &["container_id", "namespace", "pod", "container", "image", "runtime"],
+        )?;
+        registry.register(Box::new(lookups.clone()))?;
+        registry.register(Box::new(info.clone()))?;
+        for r in &cfg.runtimes {
+            for res in RESULTS {
+                lookups.with_label_values(&[r.kind.label(), res]);
+            }
+        }
+        Ok(Resolver {
+            runtimes: cfg.runtimes.clone(),
+            timeout: cfg.lookup_timeout,
+            cache: Mutex::new(Cache {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                cap: cfg.cache_size.max(1),
+            }),
+            inflight: Mutex::new(HashMap::new()),
+            lookups,
+            info,
+            handle,
+        })
+    }
+
+    /// The cached names of `id`: `Some(names)` when named, `Some(empty)` while a failed lookup
+    /// is fresh, `None` when nothing is known yet.
+    pub fn cached(&self, id: &str) -> Option<Arc<Names>> {
+        let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        match c.map.get(id)? {
+            Entry::Named(n) => Some(Arc::clone(n)),
+            Entry::Unnamed(until) if Instant::now() < *until => Some(Arc::default()),
+            Entry::Unnamed(_) => None,
+        }
+    }
+
+    /// Names from the cache, never waiting; an id not known yet is looked up in the
+    /// background (empty names until then).
+    pub fn names(self: &Arc<Self>, id: &str) -> Arc<Names> {
+        if id.is_empty() {
+            return Arc::default();
+        }
+        match self.cached(id) {
+            Some(n) => n,
+            None => {
+                self.request(id);
+                Arc::default()
+            }
+        }
+    }
+
+    /// Starts a background lookup of `id` unless it is cached or under way.
+    pub fn request(self: &Arc<Self>, id: &str) {
+        if id.is_empty() || self.cached(id).is_some() {
+            return;
+        }
+        if let Some(done) = self.begin(id) {
+            let (me, id) = (Arc::clone(self), id.to_string());
+            self.handle.spawn(async move { me.lookup_and_store(&id, done).await });
+        }
+    }
+
+    /// The names of `id`, waiting for a lookup at most `wait` (empty names past it; the
+    /// lookup goes on and fills the cache).
+    pub async fn resolve(self: &Arc<Self>, id: &str, wait: Duration) -> Arc<Names> {
+        if id.is_empty() {
+            return Arc::default();
+        }
+        if let Some(n) = self.cached(id) {
+            return n;
+        }
+        self.request(id);
+        let rx = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        if let Some(mut rx) = rx {
+            let _ = tokio::time::timeout(wait, rx.wait_for(|done| *done)).await;
+        }
+        self.cached(id).unwrap_or_default()
+    }
+
+    /// Marks `id` as under way; `None` when it already is.
+    fn begin(&self, id: &str) -> Option<watch::Sender<bool>> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.contains_key(id) {
+            return None;
+        }
+        let (tx, rx) = watch::channel(false);
+        inflight.insert(id.to_string(), rx);
+        Some(tx)
+    }
+
+    async fn lookup_and_store(&self, id: &str, done: watch::Sender<bool>) {
+        let named = self.lookup(id).await.map(Arc::new);
+        let entry = match &named {
+            Some(n) => Entry::Named(Arc::clone(n)),
+            None => Entry::Unnamed(Instant::now() + RETRY_AFTER),
+        };
+        let gone = {
+            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            c.insert(id, entry)
+        };
+        for (old, e) in gone {
+            self.drop_info(&old, &e);
+        }
+        if let Some(n) = named {
+            self.info
+                .with_label_values(&[id, &n.namespace, &n.pod, &n.container, &n.image, &n.runtime])
+                .set(1);
+        }
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let _ = done.send(true);
+    }
+
+    /// Asks each runtime in order; the first that knows `id` names it. Every answer is counted.
+    async fn lookup(&self, id: &str) -> Option<Names> {
+        for rt in &self.runtimes {
+            if rt.optional && !rt.socket.exists() {
+                continue;
+            }
+            let result = tokio::time::timeout(self.timeout, ask(rt, id)).await;
+            let label = match &result {
+                Ok(Ok(Some(_))) => "ok",
+                Ok(Ok(None)) => "not_found",
+                Ok(Err(e)) => {
+                    tracing::debug!(runtime = rt.kind.label(), socket = %rt.socket.display(), error = %e, container_id = id, "workload lookup failed");
+                    "error"
+                }
+                Err(_) => "timeout",
+            };
+            self.lookups.with_label_values(&[rt.kind.label(), label]).inc();
+            if let Ok(Ok(Some(found))) = result {
+                return Some(api::names(&found, rt.kind));
+            }
+        }
+        None
+    }
+
+    /// Forgets ids (their workloads vanished past the grace period): cache and info series.
+    pub fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        for id in ids {
+            let e = self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            if let Some(e) = e {
+                self.drop_info(id, &e);
+            }
+        }
+    }
+
+    fn drop_info(&self, id: &str, e: &Entry) {
+        if let Entry::Named(n) = e {
+            let _ = self
+                .info
+                .remove_label_values(&[id, &n.namespace, &n.pod, &n.container, &n.image, &n.runtime]);
+        }
+    }
+
+    /// Ids cached now (tests, benchmarks).
+    pub fn cached_ids(&self) -> HashSet<String> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+/// One runtime's answer for one id.
+async fn ask(rt: &RuntimeConfig, id: &str) -> Result<Option<api::Found>, api::LookupError> {
+    if !is_container_id(id) {
+        return Ok(None);
+    }
+    match rt.kind {
+        RuntimeKind::Containerd => api::containerd_lookup(&rt.socket, &rt.namespaces, id).await,
+        RuntimeKind::Docker => {
+            let (status, body) = api::unix_get(&rt.socket, &format!("/containers/{id}/json")).await?;
+            api::docker_answer(status, &body)
+        }
+        RuntimeKind::Crio => {
+            let (status, body) = api::unix_get(&rt.socket, &format!("/containers/{id}")).await?;
+            api::crio_answer(status, &body)
+        }
+    }
+}
+
+/// Only ids as the cgroup parser yields them (64 hex digits) go into a request path.
+fn is_container_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// One runtime's state for `sensor doctor`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RuntimeReport {
+    pub kind: &'static str,
+    pub socket: String,
+    /// `found`, `not_found` (no socket) or `error`.
+    pub state: &'static str,
+    pub detail: String,
+}
+
+/// Asks every configured runtime for its version (at most `lookup_timeout` each).
+pub async fn doctor(cfg: &WorkloadsConfig) -> Vec<RuntimeReport> {
+    let mut out = Vec::new();
+    for rt in &cfg.runtimes {
+        let socket = rt.socket.display().to_string();
+        let (state, detail) = if !rt.socket.exists() {
+            ("not_found", format!("no socket at {socket}"))
+        } else {
+            match tokio::time::timeout(cfg.lookup_timeout, api::ping(rt.kind, &rt.socket)).await {
+                Ok(Ok(v)) => ("found", v),
+                Ok(Err(e)) => ("error", e.to_string()),
+                Err(_) => (
+                    "error",
+                    format!("no answer within {}", humantime::format_duration(cfg.lookup_timeout)),
+                ),
+            }
+        };
+        out.push(RuntimeReport {
+            kind: rt.kind.label(),
+            socket,
+            state,
+            detail,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_is_bounded_oldest_first() {
+        let mut c = Cache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap: 2,
+        };
+        let ids = |v: Vec<(String, Entry)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert!(c.insert("a", Entry::Named(Arc::default())).is_empty());
+        assert!(c.insert("b", Entry::Named(Arc::default())).is_empty());
+        assert_eq!(
+            ids(c.insert("a", Entry::Named(Arc::default()))),
+            ["a"],
+            "replaced, no growth"
+        );
+        assert_eq!(ids(c.insert("c", Entry::Named(Arc::default()))), ["a"]);
+        assert_eq!(c.map.len(), 2);
+        assert!(c.remove("b").is_some());
+        assert_eq!(c.order, ["c"]);
+    }
+
+    #[tokio::test]
+    async fn absent_optional_runtime_is_skipped_and_required_counted() {
+        let registry = Registry::new();
+        let mut cfg = WorkloadsConfig {
+            runtimes: vec![RuntimeConfig {
+                kind: RuntimeKind::Docker,
+                socket: "/nonexistent/docker.sock".into(),
+                namespaces: vec![],
+                optional: true,
+            }],
+            ..WorkloadsConfig::default()
+        };
+        let id = "ab".repeat(32);
+        let r = Arc::new(Resolver::new(&cfg, &registry, Handle::current()).unwrap());
+        assert_eq!(*r.resolve(&id, Duration::from_secs(5)).await, Names::default());
+        assert_eq!(r.lookups.with_label_values(&["docker", "error"]).get(), 0);
+        cfg.runtimes[0].optional = false;
+        let registry = Registry::new();
+        let r = Arc::new(Resolver::new(&cfg, &registry, Handle::current()).unwrap());
+        assert_eq!(*r.resolve(&id, Duration::from_secs(5)).await, Names::default());
+        assert_eq!(r.lookups.with_label_values(&["docker", "error"]).get(), 1);
+        // Cached as unnamed: no second lookup.
+        r.request(&id);
+        assert_eq!(*r.resolve(&id, Duration::from_secs(5)).await, Names::default());
+        assert_eq!(r.lookups.with_label_values(&["docker", "error"]).get(), 1);
+    }
+}
