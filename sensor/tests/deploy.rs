@@ -78,6 +78,7 @@ fn prometheus_rules_pass_promtool() {
             "fleet.test.yml",
             "alerts.test.yml",
             "outliers.test.yml",
+            "workloads.test.yml",
         ])
         .current_dir(dir.join("tests"))
         .output()
@@ -88,7 +89,31 @@ fn prometheus_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches("SUCCESS").count(), 3, "{text}");
+    assert_eq!(text.matches("SUCCESS").count(), 4, "{text}");
+}
+
+/// The kube-state-metrics join deploy/README.md documents is, word for word, the expression
+/// promtool tests in deploy/prometheus/tests/workloads.test.yml.
+#[test]
+fn documented_kube_pod_info_join_is_the_tested_one() {
+    let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let test = std::fs::read_to_string(prometheus_dir().join("tests/workloads.test.yml")).unwrap();
+    // The last `expr: |` block of the file is the join.
+    let block = test
+        .split("      - expr: |\n")
+        .last()
+        .and_then(|t| t.split("        eval_time:").next())
+        .unwrap();
+    let tested = words(block);
+    assert!(tested.contains("kube_pod_info"), "{tested}");
+    let readme = std::fs::read_to_string(root().join("deploy/README.md")).unwrap();
+    let block = readme
+        .split("```promql")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.contains("kube_pod_info"))
+        .expect("a ```promql block with the join in deploy/README.md");
+    assert_eq!(words(block), tested);
 }
 
 #[test]
