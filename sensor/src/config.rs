@@ -712,4 +712,65 @@ checks:
             .to_string();
         assert!(e.contains("key 'probes.tcp.destinations': not valid YAML"), "{e}");
     }
+
+    #[test]
+    fn workloads_defaults_flags_and_errors() {
+        let c = Config::parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(
+            c.workloads,
+            WorkloadsConfig::default(),
+            "embedded default = built-in default"
+        );
+        let kinds: Vec<(RuntimeKind, bool)> = c.workloads.runtimes.iter().map(|r| (r.kind, r.optional)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (RuntimeKind::Containerd, true),
+                (RuntimeKind::Docker, true),
+                (RuntimeKind::Crio, true)
+            ]
+        );
+        let o = |key: &str, v: &str| Override {
+            key: flag(key),
+            values: vec![v.to_string()],
+        };
+        let c = Config::default()
+            .with_overrides(&[
+                o(
+                    "workloads.runtimes",
+                    "[{kind: docker, socket: /run/podman/podman.sock}]",
+                ),
+                o("workloads.lookup_timeout", "500ms"),
+                o("workloads.cache_size", "50"),
+            ])
+            .unwrap();
+        assert_eq!(c.workloads.runtimes.len(), 1);
+        assert_eq!(c.workloads.runtimes[0].socket, Path::new("/run/podman/podman.sock"));
+        assert!(!c.workloads.runtimes[0].optional, "listed by hand: must be there");
+        assert_eq!(c.workloads.lookup_timeout, Duration::from_millis(500));
+        assert_eq!(c.workloads.cache_size, 50);
+        for (yaml, key) in [
+            ("workloads: {cache_size: 0}", "workloads.cache_size"),
+            ("workloads: {lookup_timeout: 0s}", "workloads.lookup_timeout"),
+            (
+                "workloads: {runtimes: [{kind: containerd, socket: /x}]}",
+                "workloads.runtimes[0].namespaces",
+            ),
+            (
+                "workloads: {runtimes: [{kind: docker, socket: /x, namespaces: [a]}]}",
+                "workloads.runtimes[0].namespaces",
+            ),
+            (
+                "workloads: {runtimes: [{kind: rkt, socket: /x}]}",
+                "workloads.runtimes[0].kind",
+            ),
+            (
+                "workloads: {runtimes: [{kind: docker, sock: /x}]}",
+                "workloads.runtimes[0]",
+            ),
+        ] {
+            let e = Config::parse(yaml, "f.yaml").unwrap_err().to_string();
+            assert!(e.contains(&format!("key '{key}")), "{yaml}: {e}");
+        }
+    }
 }

@@ -51,7 +51,7 @@ fn reclaim_is_attributed_to_the_stalled_cgroup_only() {
     let inf = metric(
         &m,
         "sensor_memcg_reclaim_duration_seconds_bucket",
-        &[wl(&busy)[0], wl(&busy)[1], wl(&busy)[2], ("le", "+Inf")],
+        &[wl(&busy).as_slice(), &[("le", "+Inf")]].concat(),
     );
     assert_eq!(inf, Some(n), "+Inf bucket equals the count");
     assert!(
@@ -89,7 +89,13 @@ fn memory_events_equal_the_cgroup_files() {
     std::thread::sleep(Duration::from_millis(600));
     let m = d.metrics();
     let w = wl(&cg);
-    let get = |event: &str| metric(&m, "sensor_memcg_events_total", &[("event", event), w[0], w[1], w[2]]);
+    let get = |event: &str| {
+        metric(
+            &m,
+            "sensor_memcg_events_total",
+            &[&[("event", event)], w.as_slice()].concat(),
+        )
+    };
     if cg.v2 {
         for e in ["low", "high", "max", "oom", "oom_kill", "oom_group_kill"] {
             assert_eq!(

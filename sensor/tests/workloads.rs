@@ -451,3 +451,49 @@ fn runtime_faults_leave_names_empty_and_kills_counted_on_time() {
     assert_eq!(metric_sum(&m, "sensor_workload_info", &[("container_id", &id)]), 0.0);
     eprintln!("kill counted {delay_unknown:.3}s (unknown id), {delay_stopped:.3}s (service stopped) after it happened");
 }
+
+#[test]
+fn doctor_lists_each_runtime_found_not_found_or_error() {
+    // Doctor loads and attaches when it can: hold the kernel like the other privileged tests.
+    let _k = privileged("doctor_lists_each_runtime_found_not_found_or_error");
+    let Some(ctrd) = Containerd::start() else { return };
+    let Some(svc) = PodmanService::start() else { return };
+    let hang = Hang::start();
+    let absent = std::env::temp_dir().join(format!("sensor-absent-{}.sock", runtimes::tag()));
+    let cfg = config(
+        &[
+            containerd(&ctrd.socket),
+            docker(&svc.socket),
+            docker(&hang.path),
+            docker(&absent),
+        ],
+        "300ms",
+    );
+    let out = run_sensor(&["doctor", "--json", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rts = v["runtimes"].as_array().unwrap();
+    let states: Vec<(&str, &str)> = rts
+        .iter()
+        .map(|r| (r["kind"].as_str().unwrap(), r["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("containerd", "found"),
+            ("docker", "found"),
+            ("docker", "error"),
+            ("docker", "not_found")
+        ],
+        "{rts:?}"
+    );
+    assert!(rts[0]["detail"].as_str().unwrap().starts_with("containerd "), "{rts:?}");
+    assert!(rts[1]["detail"].as_str().unwrap().contains("/_ping"), "{rts:?}");
+    assert!(
+        rts[2]["detail"].as_str().unwrap().contains("no answer within 300ms"),
+        "{rts:?}"
+    );
+    let text = run_sensor(&["doctor", "--config", cfg.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("container runtimes"), "{text}");
+}

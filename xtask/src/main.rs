@@ -14,6 +14,7 @@ use std::{
 
 mod bench;
 mod bench_checks;
+mod bench_workloads;
 mod demo;
 mod deps;
 mod image;
@@ -107,6 +108,10 @@ enum Cmd {
     /// Synthetic HTTP checks: probes per CPU-second vs. prometheus-blackbox-exporter on one local
     /// target, and RSS with 1,000 checks; writes docs/benchmarks-checks.md.
     BenchChecks(bench_checks::Opts),
+    /// Workload names from the container runtimes: lookup latency per runtime, daemon CPU per
+    /// lookup, memory per cached workload, kills named in a container churn (Markdown on
+    /// stdout). The lead folds it into `bench` subcommands.
+    BenchWorkloads(bench_workloads::Opts),
 }
 
 fn main() -> ExitCode {
@@ -189,6 +194,11 @@ fn real_main() -> Result<()> {
                 None
             };
             bench_checks::run(&root, &bin, static_bin.as_deref(), &opts)
+        }
+        Cmd::BenchWorkloads(opts) => {
+            setup()?;
+            let bin = build_release(&root)?;
+            bench_workloads::run(&bin, &opts)
         }
         Cmd::Demo { keep } => {
             setup()?;

@@ -219,24 +219,24 @@ pub async fn ping(kind: RuntimeKind, socket: &Path) -> Result<String, LookupErro
                 .map_err(|s| LookupError::Grpc(format!("{:?}: {}", s.code(), s.message())))?;
             Ok(format!("containerd {}", v.into_inner().version))
         }
-        RuntimeKind::Docker | RuntimeKind::Crio => {
-            let path = if kind == RuntimeKind::Docker {
-                "/version"
-            } else {
-                "/info"
-            };
-            let (status, body) = unix_get(socket, path).await?;
+        // `/_ping` is the Docker API's own liveness call (its `/version` gathers host facts
+        // and can take a second on Podman).
+        RuntimeKind::Docker => {
+            let (status, body) = unix_get(socket, "/_ping").await?;
+            if status != 200 || body.as_ref() != b"OK" {
+                return Err(LookupError::Status(status));
+            }
+            Ok("Docker Engine API answers /_ping".to_string())
+        }
+        RuntimeKind::Crio => {
+            let (status, body) = unix_get(socket, "/info").await?;
             if status != 200 {
                 return Err(LookupError::Status(status));
             }
             let v: serde_json::Value =
                 serde_json::from_slice(&body).map_err(|e| LookupError::Garbage(e.to_string()))?;
-            let version = v
-                .get("Version")
-                .or_else(|| v.get("version"))
-                .and_then(|x| x.as_str())
-                .unwrap_or("?");
-            Ok(format!("{} API, version {version}", kind.label()))
+            let storage = v.get("storage_driver").and_then(|x| x.as_str()).unwrap_or("?");
+            Ok(format!("CRI-O answers /info (storage driver {storage})"))
         }
     }
 }

@@ -32,6 +32,10 @@ pub struct Names {
 /// How long an id no runtime could name stays unnamed before it is asked about again.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 
+/// Lookups in flight at once: a node that starts with thousands of containers asks its
+/// runtime a few at a time, not all at once.
+const CONCURRENT_LOOKUPS: usize = 16;
+
 /// The `result` label values.
 pub const RESULTS: [&str; 4] = ["ok", "not_found", "error", "timeout"];
 
@@ -82,6 +86,7 @@ pub struct Resolver {
     lookups: IntCounterVec,
     info: IntGaugeVec,
     handle: Handle,
+    permits: tokio::sync::Semaphore,
 }
 
 impl Resolver {
@@ -121,6 +126,7 @@ impl Resolver {
             lookups,
             info,
             handle,
+            permits: tokio::sync::Semaphore::new(CONCURRENT_LOOKUPS),
         })
     }
 
@@ -190,7 +196,10 @@ impl Resolver {
     }
 
     async fn lookup_and_store(&self, id: &str, done: watch::Sender<bool>) {
-        let named = self.lookup(id).await.map(Arc::new);
+        let named = match self.permits.acquire().await {
+            Ok(_permit) => self.lookup(id).await.map(Arc::new),
+            Err(_) => None,
+        };
         let entry = match &named {
             Some(n) => Entry::Named(Arc::clone(n)),
             None => Entry::Unnamed(Instant::now() + RETRY_AFTER),
@@ -217,6 +226,7 @@ impl Resolver {
             if rt.optional && !rt.socket.exists() {
                 continue;
             }
+            let start = Instant::now();
             let result = tokio::time::timeout(self.timeout, ask(rt, id)).await;
             let label = match &result {
                 Ok(Ok(Some(_))) => "ok",
@@ -228,6 +238,14 @@ impl Resolver {
                 Err(_) => "timeout",
             };
             self.lookups.with_label_values(&[rt.kind.label(), label]).inc();
+            // One line per answer with its latency (`cargo xtask bench workloads` reads them).
+            tracing::debug!(
+                target: "sensor::workloads::lookup",
+                runtime = rt.kind.label(),
+                result = label,
+                seconds = start.elapsed().as_secs_f64(),
+                "workload lookup"
+            );
             if let Ok(Ok(Some(found))) = result {
                 return Some(api::names(&found, rt.kind));
             }
