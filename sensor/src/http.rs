@@ -82,8 +82,17 @@ struct Since {
     since: u64,
 }
 
-async fn events(State(s): State<AppState>, Query(q): Query<Since>) -> impl IntoResponse {
-    Json(s.hub.since(q.since))
+/// From memory, or from the journal's files for what memory no longer holds (off the async
+/// threads).
+async fn events(State(s): State<AppState>, Query(q): Query<Since>) -> axum::response::Response {
+    let hub = Arc::clone(&s.hub);
+    match tokio::task::spawn_blocking(move || hub.history(q.since)).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading event history failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "reading event history failed\n").into_response()
+        }
+    }
 }
 
 async fn probes(State(s): State<AppState>) -> impl IntoResponse {

@@ -27,6 +27,7 @@ const GENERIC: &[&str] = &[
     "agg",
     "progstats",
     "kernel_log",
+    "journal",
 ];
 
 fn src() -> PathBuf {
