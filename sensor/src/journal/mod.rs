@@ -303,11 +303,7 @@ pub struct Recovered {
 /// Reads every segment of `dir`, cuts torn or corrupt tails (counted and logged) and returns
 /// what they held. `queue` ids are skipped after an unclean end: events that were queued but
 /// never written may have been seen live with those ids.
-fn recover(
-    dir: &Path,
-    queue: usize,
-    m: &JournalMetrics,
-) -> Result<(Recovered, Vec<KeptSegment>), JournalError> {
+fn recover(dir: &Path, queue: usize, m: &JournalMetrics) -> Result<(Recovered, Vec<KeptSegment>), JournalError> {
     let mut r = Recovered::default();
     let mut hi = 0u64;
     let mut last_mark: Option<Mark> = None;
