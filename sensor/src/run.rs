@@ -389,16 +389,18 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
 /// The synthetic checks' engine and its tasks.
 type RunningChecks = (Arc<crate::checks::Engine>, Vec<JoinHandle<()>>);
 
-/// The synthetic checks, when any are configured.
+/// The synthetic checks, when any are configured; their alerts become `check_alert` events.
 fn start_checks(
     cfg: &Config,
     registry: &prometheus::Registry,
+    hub: &Arc<EventHub>,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Option<RunningChecks>> {
     if cfg.checks.is_empty() {
         return Ok(None);
     }
     let engine = crate::checks::Engine::new(registry, &cfg.checks, &cfg.alerting)?;
+    engine.publish_alerts_to(Arc::clone(hub));
     let tasks = engine.spawn(stop.clone());
     tracing::info!(checks = cfg.checks.len(), "synthetic checks running");
     Ok(Some((engine, tasks)))
@@ -412,7 +414,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let core = start_core(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let checks = start_checks(&cfg, &core.registry, &stop_rx)?;
+    let checks = start_checks(&cfg, &core.registry, &core.hub, &stop_rx)?;
     let state = http::AppState {
         registry: core.registry.clone(),
         hub: Arc::clone(&core.hub),
