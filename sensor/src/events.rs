@@ -181,6 +181,32 @@ impl EventHub {
         out
     }
 
+    /// The newest `events.history` events, oldest first, reaching into the journal when this
+    /// run has fewer (blocking).
+    pub fn newest(&self) -> Vec<serde_json::Value> {
+        let (mem, oldest) = {
+            let h = self.locked();
+            (
+                h.1.iter().cloned().collect::<Vec<_>>(),
+                h.1.front().map_or(h.0 + 1, |e| e.seq),
+            )
+        };
+        let mut out = Vec::new();
+        if let Some(j) = &self.journal {
+            let want = self.capacity.saturating_sub(mem.len());
+            if want > 0 {
+                out.extend(j.newest(oldest, want).into_iter().map(serde_json::Value::Object));
+            }
+        }
+        for ev in mem {
+            match serde_json::to_value(&*ev) {
+                Ok(v) => out.push(v),
+                Err(e) => tracing::error!(seq = ev.seq, error = %e, "event not serializable; left out"),
+            }
+        }
+        out
+    }
+
     /// Writes what the journal has queued and marks a clean end (blocking).
     pub fn close(&self) {
         if let Some(j) = &self.journal {

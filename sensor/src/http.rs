@@ -78,15 +78,19 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 
 #[derive(Deserialize)]
 struct Since {
-    #[serde(default)]
-    since: u64,
+    since: Option<u64>,
 }
 
-/// From memory, or from the journal's files for what memory no longer holds (off the async
-/// threads).
+/// Without `since`: the newest `events.history` events. With it: the next page of events
+/// after it, oldest first. From memory, or from the journal's files for what memory no longer
+/// holds (off the async threads).
 async fn events(State(s): State<AppState>, Query(q): Query<Since>) -> axum::response::Response {
     let hub = Arc::clone(&s.hub);
-    match tokio::task::spawn_blocking(move || hub.history(q.since)).await {
+    let read = move || match q.since {
+        Some(since) => hub.history(since),
+        None => hub.newest(),
+    };
+    match tokio::task::spawn_blocking(read).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "reading event history failed");

@@ -259,6 +259,13 @@ fn kill_9_mid_storm_then_restart_loses_nothing() {
     assert_eq!(down.len(), 1, "{down:?}");
     let down = down[0];
     let run1: Vec<Value> = all.iter().filter(|e| seq(e) < seq(down)).cloned().collect();
+    // Without `since`: the newest events, across the restart.
+    let (code, body) = d2.get("/api/v1/events");
+    assert_eq!(code, 200);
+    let newest: Vec<Value> = serde_json::from_str(&body).unwrap();
+    if all.len() <= 1000 {
+        assert_eq!(newest, all);
+    }
     assert!(seq(down) > journal_max, "ids stay monotonic across the restart");
     assert!(all.windows(2).all(|p| seq(&p[1]) > seq(&p[0])));
     let per = |cg: &MemCgroup| {
@@ -450,4 +457,47 @@ fn journal_disabled_keeps_history_in_memory_only() {
     let out = sensor_events(&["--since", "0", "--journal.enabled", "false"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("journal.enabled is false"));
+}
+
+#[test]
+fn check_alerts_are_journaled() {
+    let Some(_g) = common::privileged("check_alerts_are_journaled") else {
+        return;
+    };
+    let jdir = tmp_dir("alerts");
+    let jpath = jdir.display().to_string();
+    let checks = format!(
+        "[{{name: gone, type: http, url: \"http://127.0.0.1:{}/\", interval: 1s, timeout: 1s}}]",
+        free_port()
+    );
+    let d = Daemon::start(&[
+        "--journal.path",
+        &jpath,
+        "--checks",
+        &checks,
+        "--alerting.window",
+        "3s",
+        "--alerting.min-samples",
+        "2",
+    ]);
+    d.wait_metric(
+        "sensor_check_alert_firing",
+        &[("check", "gone")],
+        1.0,
+        Duration::from_secs(30),
+    );
+    assert_eq!(d.stop().code(), Some(0));
+    let out = sensor_events(&["--since", "0", "--journal.path", &jpath]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let alerts: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["type"] == "check_alert")
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(
+        (alerts[0]["check"].as_str(), alerts[0]["state"].as_str()),
+        (Some("gone"), Some("firing"))
+    );
+    let _ = std::fs::remove_dir_all(&jdir);
 }

@@ -478,6 +478,50 @@ impl Journal {
         out
     }
 
+    /// The newest `n` events with `seq < below`, oldest first; reads segments from the newest
+    /// back until it has them. Blocking.
+    pub fn newest(&self, below: u64, n: usize) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        let segs = match list_segments(&self.dir) {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.io_errors.with_label_values(&["read"]).inc();
+                tracing::warn!(error = %e, "journal read failed");
+                return Vec::new();
+            }
+        };
+        let mut parts: Vec<Vec<serde_json::Map<String, serde_json::Value>>> = Vec::new();
+        let mut have = 0;
+        for (_, path) in segs.iter().rev() {
+            if have >= n {
+                break;
+            }
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        self.metrics.io_errors.with_label_values(&["read"]).inc();
+                        tracing::warn!(file = %path.display(), error = %e, "journal read failed");
+                    }
+                    continue;
+                }
+            };
+            let part: Vec<_> = format::scan(&bytes)
+                .records
+                .iter()
+                .filter_map(|r| match format::decode(r) {
+                    Ok(Decoded::Event { seq, json }) if seq < below => Some(json),
+                    _ => None,
+                })
+                .collect();
+            have += part.len();
+            parts.push(part);
+        }
+        let mut out: Vec<_> = parts.into_iter().rev().flatten().collect();
+        let extra = out.len().saturating_sub(n);
+        out.drain(..extra);
+        out
+    }
+
     /// Writes what is queued and a clean-shutdown mark (`next_seq`: the id the next event would
     /// have got), syncs, and stops the writer. Blocking.
     pub fn close(&self, next_seq: u64) {

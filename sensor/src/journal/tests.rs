@@ -257,3 +257,24 @@ fn sizes_parse_and_print() {
     assert_eq!(size::format(64 << 20), "64MiB");
     assert_eq!(size::format(1000), "1000");
 }
+
+#[test]
+fn newest_reads_back_from_the_last_segment() {
+    let dir = tmp("newest");
+    let mut c = cfg(&dir);
+    c.max_bytes = MIN_MAX_BYTES;
+    let (j, m) = open(&c);
+    for seq in 1..=300 {
+        j.append(Arc::new(Ev { seq, pad: 300 }));
+    }
+    while m.last_seq.get() < 300 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let s: Vec<u64> = j.newest(290, 5).iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(s, [285, 286, 287, 288, 289]);
+    let all = j.newest(u64::MAX, 10_000);
+    assert_eq!(all.last().unwrap()["seq"], 300);
+    assert!(all.len() < 300, "older segments were removed");
+    j.close(301);
+    let _ = std::fs::remove_dir_all(&dir);
+}
