@@ -42,6 +42,9 @@ pub(super) struct Writer {
     file: File,
     /// Bytes encoded for the active segment, not yet written.
     buf: Vec<u8>,
+    /// Events in `buf`, and the id of the last one.
+    buf_events: u64,
+    buf_last_seq: Option<u64>,
     /// The latest state of each name, written again at the head of every new segment so
     /// removing old segments never loses one.
     states: BTreeMap<String, State>,
@@ -86,6 +89,8 @@ impl Writer {
             segments,
             file,
             buf: Vec::new(),
+            buf_events: 0,
+            buf_last_seq: None,
             states,
             m,
             dropped_max,
@@ -111,7 +116,6 @@ impl Writer {
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.flush();
                     self.sync();
                     return;
                 }
@@ -123,8 +127,6 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let mut events = 0u64;
-            let mut last_seq = None;
             let mut close = None;
             for e in batch {
                 match e {
@@ -135,8 +137,8 @@ impl Writer {
                             continue;
                         }
                         if self.append(KIND_EVENT, &payload, item.seq()) {
-                            events += 1;
-                            last_seq = Some(item.seq());
+                            self.buf_events += 1;
+                            self.buf_last_seq = Some(item.seq());
                         }
                     }
                     Entry::State(s) => {
@@ -156,15 +158,7 @@ impl Writer {
             if let Some(next_seq) = close {
                 self.mark(next_seq, true);
             }
-            let written = self.flush();
-            if written {
-                self.m.written.inc_by(events);
-                if let Some(s) = last_seq {
-                    self.m.last_seq.set(i64::try_from(s).unwrap_or(i64::MAX));
-                }
-            } else if events > 0 {
-                self.m.dropped.with_label_values(&["write_error"]).inc_by(events);
-            }
+            self.flush();
             if close.is_some() {
                 self.sync();
                 return;
@@ -244,16 +238,31 @@ impl Writer {
         }
     }
 
-    /// Writes the batch; on failure the segment is cut back to its last whole record.
-    fn flush(&mut self) -> bool {
+    /// Writes the batch (counted as written or dropped); on failure the segment is cut back to
+    /// its last whole record.
+    fn flush(&mut self) {
+        let (events, last_seq) = (self.buf_events, self.buf_last_seq.take());
+        self.buf_events = 0;
         if self.buf.is_empty() {
-            return true;
+            return;
         }
+        let ok = self.write_buf();
+        self.buf.clear();
+        if ok {
+            self.m.written.inc_by(events);
+            if let Some(s) = last_seq {
+                self.m.last_seq.set(i64::try_from(s).unwrap_or(i64::MAX));
+            }
+        } else {
+            self.m.dropped.with_label_values(&["write_error"]).inc_by(events);
+        }
+    }
+
+    fn write_buf(&mut self) -> bool {
         let Some(seg) = self.segments.back_mut() else {
-            self.buf.clear();
             return false;
         };
-        let ok = match self.file.write_all(&self.buf) {
+        match self.file.write_all(&self.buf) {
             Ok(()) => {
                 seg.size += self.buf.len() as u64;
                 self.unsynced = true;
@@ -267,9 +276,7 @@ impl Writer {
                 }
                 false
             }
-        };
-        self.buf.clear();
-        ok
+        }
     }
 
     fn sync_if_due(&mut self, now: bool) {
