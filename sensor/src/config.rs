@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::serde_duration as duration;
 pub use crate::{
     checks::config::{Alerting, Check, CheckType},
+    journal::{Fsync, JournalConfig},
     memcg::config::{MemcgConfig, PsiLevel, PsiTrigger},
     oom::config::OomConfig,
     tcp::config::{Destination, TcpConfig},
@@ -61,6 +62,8 @@ pub struct Config {
     pub alerting: Alerting,
     pub checks: Vec<Check>,
     pub events: EventsConfig,
+    /// The on-disk event journal: history across restarts, bounded on disk.
+    pub journal: JournalConfig,
 }
 
 impl Default for Config {
@@ -80,6 +83,7 @@ impl Default for Config {
             alerting: Alerting::default(),
             checks: Vec::new(),
             events: EventsConfig::default(),
+            journal: JournalConfig::default(),
         }
     }
 }
@@ -182,7 +186,8 @@ impl HttpLimits {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventsConfig {
-    /// Recent events kept for `/api/v1/events`.
+    /// Recent events kept in memory; also the most one `/api/v1/events` answer returns (page
+    /// with `?since=` the last `seq`).
     pub history: usize,
 }
 
@@ -270,6 +275,9 @@ impl Config {
         self.workloads
             .validate()
             .map_err(|(k, r)| key_err(&format!("workloads{k}"), r))?;
+        self.journal
+            .validate()
+            .map_err(|(k, r)| key_err(&format!("journal{k}"), r))?;
         if !self.perf_ring_pages.is_power_of_two() {
             return Err(key_err(
                 "perf_ring_pages",
@@ -524,6 +532,49 @@ checks:
     }
 
     #[test]
+    fn journal_keys_parse_and_are_checked() {
+        let c = Config::parse(EMBEDDED_DEFAULT, "embedded").unwrap();
+        assert_eq!(
+            c.journal,
+            JournalConfig::default(),
+            "default-config.yaml and the code agree"
+        );
+        assert_eq!(c.journal.max_bytes, 64 << 20);
+        let c = Config::parse(
+            "journal: {path: /tmp/j, max_bytes: 1MiB, fsync: batch, fsync_interval: 5s}\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.journal.max_bytes, 1 << 20);
+        assert_eq!(c.journal.segment_bytes(), 128 << 10);
+        assert_eq!(c.journal.fsync, Fsync::Batch);
+        assert_eq!(c.journal.path, std::path::PathBuf::from("/tmp/j"));
+        let c = Config::parse("journal: {max_bytes: 131072}\n", "t").unwrap();
+        assert_eq!(c.journal.max_bytes, 131072);
+        let e = err("journal: {max_bytes: 1KiB}\n");
+        assert!(e.contains("key 'journal.max_bytes'") && e.contains("at least"), "{e}");
+        let e = err("journal: {max_bytes: lots}\n");
+        assert!(e.contains("journal.max_bytes") && e.contains("bad size"), "{e}");
+        let e = err("journal: {fsync: sometimes}\n");
+        assert!(e.contains("journal.fsync"), "{e}");
+        let o = |key: &str, v: &str| Override {
+            key: flag(key),
+            values: vec![v.to_string()],
+        };
+        let c = Config::default()
+            .with_overrides(&[
+                o("journal.path", "/tmp/x"),
+                o("journal.max_bytes", "2MiB"),
+                o("journal.enabled", "false"),
+                o("journal.fsync", "never"),
+            ])
+            .unwrap();
+        assert_eq!(c.journal.max_bytes, 2 << 20);
+        assert!(!c.journal.enabled);
+        assert_eq!(c.journal.fsync, Fsync::Never);
+    }
+
+    #[test]
     fn bad_duration_and_ranges() {
         let e = err("alerting: {window: 2 fortnights}\n");
         assert!(e.contains("key 'alerting.window'") && e.contains("bad duration"), "{e}");
@@ -645,6 +696,12 @@ checks:
             ("workloads.cache_size", "workloads.cache-size", FlagKind::Yaml),
             ("alerting.webhook", "alerting.webhook", FlagKind::Yaml),
             ("events.history", "events.history", FlagKind::Yaml),
+            ("journal.enabled", "journal.enabled", FlagKind::Bool),
+            ("journal.path", "journal.path", FlagKind::Text),
+            ("journal.max_bytes", "journal.max-bytes", FlagKind::Text),
+            ("journal.fsync", "journal.fsync", FlagKind::Text),
+            ("journal.fsync_interval", "journal.fsync-interval", FlagKind::Text),
+            ("journal.queue", "journal.queue", FlagKind::Yaml),
             ("checks", "checks", FlagKind::List),
         ] {
             let k = keys

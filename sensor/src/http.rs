@@ -78,12 +78,25 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 
 #[derive(Deserialize)]
 struct Since {
-    #[serde(default)]
-    since: u64,
+    since: Option<u64>,
 }
 
-async fn events(State(s): State<AppState>, Query(q): Query<Since>) -> impl IntoResponse {
-    Json(s.hub.since(q.since))
+/// Without `since`: the newest `events.history` events. With it: the next page of events
+/// after it, oldest first. From memory, or from the journal's files for what memory no longer
+/// holds (off the async threads).
+async fn events(State(s): State<AppState>, Query(q): Query<Since>) -> axum::response::Response {
+    let hub = Arc::clone(&s.hub);
+    let read = move || match q.since {
+        Some(since) => hub.history(since),
+        None => hub.newest(),
+    };
+    match tokio::task::spawn_blocking(read).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading event history failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "reading event history failed\n").into_response()
+        }
+    }
 }
 
 async fn probes(State(s): State<AppState>) -> impl IntoResponse {

@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod events;
 pub mod health;
 pub mod http;
+pub mod journal;
 pub mod kernel;
 pub mod kernel_log;
 pub mod loader;

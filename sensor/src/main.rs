@@ -38,8 +38,9 @@ enum Cmd {
     Run(RunArgs),
     /// Show what this kernel supports and which hook each probe would use.
     Doctor(DoctorArgs),
-    /// Load the probes and print each event (OOM kill, ...) as one JSON line until SIGINT.
-    Events(RunArgs),
+    /// Load the probes and print each event (OOM kill, ...) as one JSON line until SIGINT;
+    /// with --since, print the journal's history instead (no probes loaded).
+    Events(EventsArgs),
     /// Run the configured synthetic checks once and print the results (exit 1 if any fails).
     Check(CheckArgs),
     /// Console dashboard of a running daemon: checks (10 minutes, 1 hour), alerts, OOM and TCP.
@@ -88,6 +89,16 @@ impl RemediateArgs {
         c.validate("<command line>")?;
         Ok(c)
     }
+}
+
+#[derive(Args)]
+struct EventsArgs {
+    /// Print every journaled event with a larger `seq` (history across restarts, from
+    /// journal.path) and exit; 0 for everything the journal holds.
+    #[arg(long)]
+    since: Option<u64>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args)]
@@ -259,7 +270,11 @@ fn main() -> ExitCode {
             rt.block_on(run::run(cfg))
         })(),
         Cmd::Events(args) => (|| -> anyhow::Result<()> {
-            let cfg = args.config()?;
+            let cfg = args.run.config()?;
+            if let Some(since) = args.since {
+                run::print_history(&cfg, since, std::io::stdout().lock())?;
+                return Ok(());
+            }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run::events(cfg))
         })(),

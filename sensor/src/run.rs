@@ -236,7 +236,9 @@ fn spawn_background(
 }
 
 impl Pipeline {
-    pub async fn start(cfg: &Config) -> anyhow::Result<Pipeline> {
+    /// `journal`: write events to the on-disk journal (`sensor run`; `sensor events` only
+    /// watches and leaves the journal to the daemon).
+    pub async fn start(cfg: &Config, journal: bool) -> anyhow::Result<Pipeline> {
         privileges::require_tracing()?;
         let kernel_release = kernel::release();
         let probes = crate::probes::all(&cfg.probes);
@@ -245,6 +247,11 @@ impl Pipeline {
         let discovery = {
             let (n, g) = (cfg.limits.workloads_per_metric, cfg.limits.vanished_grace);
             Arc::new(tokio::task::spawn_blocking(move || Discovery::new(Hierarchies::discover(), n, g)).await?)
+        };
+        let (journal, journal_metrics) = {
+            let mut jc = cfg.journal.clone();
+            jc.enabled &= journal;
+            tokio::task::spawn_blocking(move || crate::journal::open_configured(&jc)).await??
         };
         let loaded = load_probes(cfg, &probes).await?;
         let (ebpf, reports, rings, kernel_log) = (loaded.ebpf, loaded.reports, loaded.rings, loaded.kernel_log);
@@ -259,7 +266,8 @@ impl Pipeline {
         let resolver =
             crate::workloads::Resolver::new(&cfg.workloads, &metrics.registry, tokio::runtime::Handle::current())?;
         discovery.set_resolver(Arc::new(resolver));
-        let hub = Arc::new(EventHub::new(cfg.events.history));
+        journal_metrics.register(&metrics.registry)?;
+        let hub = Arc::new(EventHub::with_journal(cfg.events.history, journal));
         let (ebpf, started) = {
             let (cfg, probes, reports) = (cfg.clone(), probes.clone(), reports.clone());
             let (metrics, hub, discovery) = (Arc::clone(&metrics), Arc::clone(&hub), Arc::clone(&discovery));
@@ -302,13 +310,14 @@ impl Pipeline {
     }
 
     /// Detaches every program (no new events after this), then drains what the kernel already
-    /// wrote and stops the readers.
+    /// wrote, stops the readers and closes the journal (a clean end).
     pub async fn shutdown(self) {
         let Pipeline {
             ebpf,
             readers,
             background,
             stop_tx,
+            hub,
             ..
         } = self;
         drop(ebpf);
@@ -317,6 +326,9 @@ impl Pipeline {
             if let Err(e) = r.await {
                 tracing::error!(error = %e, "a task failed while stopping");
             }
+        }
+        if let Err(e) = tokio::task::spawn_blocking(move || hub.close()).await {
+            tracing::error!(error = %e, "closing the journal failed");
         }
     }
 }
@@ -348,7 +360,7 @@ struct Core {
 
 async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
     if any_probe_enabled(cfg) {
-        let p = Pipeline::start(cfg).await?;
+        let p = Pipeline::start(cfg, true).await?;
         return Ok(Core {
             registry: p.metrics.registry.clone(),
             hub: Arc::clone(&p.hub),
@@ -381,16 +393,18 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
 /// The synthetic checks' engine and its tasks.
 type RunningChecks = (Arc<crate::checks::Engine>, Vec<JoinHandle<()>>);
 
-/// The synthetic checks, when any are configured.
+/// The synthetic checks, when any are configured; their alerts become `check_alert` events.
 fn start_checks(
     cfg: &Config,
     registry: &prometheus::Registry,
+    hub: &Arc<EventHub>,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Option<RunningChecks>> {
     if cfg.checks.is_empty() {
         return Ok(None);
     }
     let engine = crate::checks::Engine::new(registry, &cfg.checks, &cfg.alerting)?;
+    engine.publish_alerts_to(Arc::clone(hub));
     let tasks = engine.spawn(stop.clone());
     tracing::info!(checks = cfg.checks.len(), "synthetic checks running");
     Ok(Some((engine, tasks)))
@@ -404,7 +418,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let core = start_core(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let checks = start_checks(&cfg, &core.registry, &stop_rx)?;
+    let checks = start_checks(&cfg, &core.registry, &core.hub, &stop_rx)?;
     let state = http::AppState {
         registry: core.registry.clone(),
         hub: Arc::clone(&core.hub),
@@ -457,7 +471,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 /// thread, never the readers. Events it falls behind on are skipped and counted (logged as they
 /// happen, and in the summary at the end); a closed stdout ends the command with an error.
 pub async fn events(cfg: Config) -> anyhow::Result<()> {
-    let pipeline = Pipeline::start(&cfg).await?;
+    let pipeline = Pipeline::start(&cfg, false).await?;
     let rx = pipeline.hub.subscribe();
     let counts = Arc::new(PrintCounts::default());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -492,6 +506,39 @@ pub async fn events(cfg: Config) -> anyhow::Result<()> {
         Some(Ok(Err(e))) => Err(anyhow::Error::new(e).context("stdout")),
         _ => Ok(()),
     }
+}
+
+/// `sensor events --since N`: prints every journaled event with `seq > N` as a JSON line,
+/// oldest first, and returns how many (reads the journal's files; loads no probe).
+pub fn print_history(cfg: &Config, since: u64, out: impl std::io::Write) -> anyhow::Result<u64> {
+    if !cfg.journal.enabled {
+        bail!("journal.enabled is false: no event history is kept across restarts");
+    }
+    let dir = &cfg.journal.path;
+    if !dir.is_dir() {
+        bail!("no journal at {} (journal.path)", dir.display());
+    }
+    let mut out = std::io::BufWriter::new(out);
+    let mut n = 0u64;
+    let mut failed = None;
+    crate::journal::each_event(dir, since, |_, json| {
+        match writeln!(out, "{}", serde_json::Value::Object(json)) {
+            Ok(()) => {
+                n += 1;
+                true
+            }
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        }
+    })
+    .with_context(|| format!("reading the journal at {}", dir.display()))?;
+    if let Some(e) = failed {
+        return Err(anyhow::Error::new(e).context("stdout"));
+    }
+    out.flush().context("stdout")?;
+    Ok(n)
 }
 
 /// What the event printer wrote and what it had to skip.

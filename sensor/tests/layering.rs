@@ -28,6 +28,7 @@ const GENERIC: &[&str] = &[
     "progstats",
     "kernel_log",
     "workloads",
+    "journal",
 ];
 
 fn src() -> PathBuf {

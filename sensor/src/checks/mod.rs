@@ -230,6 +230,8 @@ pub struct Engine {
     alerting: Alerting,
     alerts: Mutex<VecDeque<Alert>>,
     webhook: Option<mpsc::Sender<Alert>>,
+    /// Where alerts are also published as `check_alert` events (and so journaled).
+    events: std::sync::OnceLock<Arc<crate::events::EventHub>>,
 }
 
 /// The phases of one run as the web view stacks them (see [`Sample::split`]).
@@ -296,6 +298,7 @@ impl Engine {
             alerting: alerting.clone(),
             alerts: Mutex::new(VecDeque::new()),
             webhook,
+            events: std::sync::OnceLock::new(),
         });
         if let (Some(rx), Some(url)) = (rx, alerting.webhook.clone()) {
             tokio::spawn(webhook_sender(Arc::clone(&engine), url, rx));
@@ -333,7 +336,17 @@ impl Engine {
         }
     }
 
+    /// Publishes every alert and recovery from now on as a `check_alert` event on `hub`.
+    pub fn publish_alerts_to(&self, hub: Arc<crate::events::EventHub>) {
+        if self.events.set(hub).is_err() {
+            tracing::warn!("check alerts already go to an event hub");
+        }
+    }
+
     fn raise(&self, a: Alert) {
+        if let Some(hub) = self.events.get() {
+            hub.publish_as("check_alert", &a);
+        }
         match a.state {
             AlertState::Firing => tracing::warn!(check = %a.check, availability = a.availability, "{}", a.message),
             AlertState::Resolved => tracing::info!(check = %a.check, availability = a.availability, "{}", a.message),

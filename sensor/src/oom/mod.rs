@@ -2,6 +2,8 @@
 
 pub mod config;
 
+pub mod down;
+
 pub mod history;
 
 pub mod scope;
@@ -394,6 +396,8 @@ struct CrossCheck {
     cgroup_base: HashMap<String, u64>,
     /// Kills the sensor attributed per cgroup.
     seen: HashMap<String, u64>,
+    /// Every kill the sensor saw (`seen` loses the cgroups that vanish).
+    seen_total: u64,
     /// Last computed differences; a positive one is only published when it persists.
     last: HashMap<String, i64>,
 }
@@ -421,6 +425,9 @@ pub struct OomSlice {
     host_top: Mutex<(Option<Instant>, Vec<history::MemUser>)>,
     /// Itself, for the task that counts a kill once its container is named.
     me: std::sync::OnceLock<std::sync::Weak<OomSlice>>,
+    boot_id: String,
+    /// The kernel counters last saved in the journal (kills while down, see `down`).
+    saved: Mutex<down::Expected>,
 }
 
 impl OomSlice {
@@ -478,8 +485,11 @@ impl OomSlice {
             vmstat_base: vmstat_oom_kill(),
             cgroup_base: snapshot_cgroup_counters(&cgroups, 20_000),
             seen: HashMap::new(),
+            seen_total: 0,
             last: HashMap::new(),
         };
+        let boot_id = down::boot_id();
+        let saved = down::on_start(&hub, &cross, &boot_id);
         Ok(OomSlice {
             kills,
             victim_rss,
@@ -498,7 +508,16 @@ impl OomSlice {
             workloads_per_metric,
             host_top: Mutex::new((None, Vec::new())),
             me: std::sync::OnceLock::new(),
+            boot_id,
+            saved: Mutex::new(saved),
         })
+    }
+
+    /// Saves the kernel counters as they should read now, if they changed.
+    fn save_counters(&self) {
+        let Ok(c) = self.cross.lock() else { return };
+        let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        down::checkpoint(&self.hub, &c, &self.boot_id, &mut saved);
     }
 
     pub fn handle_kill(&self, rec: &OomKillRecord) {
@@ -563,8 +582,12 @@ impl OomSlice {
             self.victim_rss.with_label_values(&wl_ref).observe(rss as f64);
         }
         self.host_seen.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut c) = self.cross.lock() {
+        // Held until the event is published: a saved expectation (`down`) counts a kill
+        // exactly when the event comes before it in the journal.
+        let mut cross = self.cross.lock().ok();
+        if let Some(c) = cross.as_mut() {
             *c.seen.entry(cg).or_insert(0) += 1;
+            c.seen_total += 1;
             // Rings of different CPUs may deliver kills out of time order: keep the latest.
             // Under the lock, so two readers cannot interleave the compare and the set.
             let last = self.last_kill.with_label_values(&wl_ref);
@@ -606,6 +629,7 @@ impl OomSlice {
             "OOM kill"
         );
         self.hub.publish_as("oom_kill", &kill);
+        drop(cross);
     }
 
     /// The kill's lead-up from the bounded history plus one fresh read of the victim cgroup's
@@ -880,6 +904,7 @@ impl Running for OomSlice {
         }
         if refresh {
             self.refresh();
+            self.save_counters();
         }
     }
 }

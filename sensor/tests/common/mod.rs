@@ -183,12 +183,25 @@ impl Daemon {
     }
 
     /// [`Daemon::start_with_stderr`] with extra environment variables (e.g. `RUST_LOG`).
+    ///
+    /// Unless `extra` sets `--journal.path` or `--journal.enabled`, the daemon's journal is a
+    /// fresh directory of its own (removed on drop), so no test sees another's history.
     pub fn start_with(extra: &[&str], stderr: Option<Stdio>, env: &[(&str, &str)]) -> Daemon {
         let port = free_port();
         let stderr_path = std::env::temp_dir().join(format!("sensor-test-{}-{port}.log", std::process::id()));
         let log = std::fs::File::create(&stderr_path).expect("log file");
+        let own_journal = !extra
+            .iter()
+            .any(|a| a.starts_with("--journal.path") || a.starts_with("--journal.enabled"));
+        let journal = journal_dir(port);
+        let _ = std::fs::remove_dir_all(&journal);
         let child = Command::new(SENSOR)
             .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(if own_journal {
+                vec!["--journal.path".to_string(), journal.display().to_string()]
+            } else {
+                Vec::new()
+            })
             .args(extra)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -342,7 +355,13 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_dir_all(journal_dir(self.port));
     }
+}
+
+/// The journal directory [`Daemon::start_with`] gives a daemon on `port`.
+pub fn journal_dir(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("sensor-test-journal-{}-{port}", std::process::id()))
 }
 
 pub fn run_sensor(args: &[&str]) -> Output {
