@@ -487,6 +487,15 @@ fn dropped_syns_time_out_in_a_namespace_v4_and_v6() {
     });
     assert_eq!(r4, [0, 0, 3, 0], "the kernel timed the connects out");
     assert_eq!(r6, [0, 0, 3, 0]);
+    let m = d.metrics();
+    let lost = |r: &str| metric(&m, "sensor_events_lost_total", &[("probe", "tcp"), ("reason", r)]).unwrap_or(0.0);
+    eprintln!(
+        "DIAG recursion={} untracked={} timeouts4={:?} timeouts6={:?}",
+        lost("recursion"),
+        lost("untracked"),
+        metric(&m, "sensor_tcp_connects_total", &series("timeout", "blackhole4", &cg)),
+        metric(&m, "sensor_tcp_connects_total", &series("timeout", "blackhole6", &cg)),
+    );
     for (dest, port_events) in [("blackhole4", t4), ("blackhole6", t6)] {
         d.wait_metric_or_explain(
             "sensor_tcp_connects_total",

@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask setup | deps | build-ebpf | dist | image | run | test | lint | bench |
-//! bench-checks | demo`.
+//! bench-checks | demo | fuzz | soak`.
 //!
 //! `run` and `test` call `setup` themselves, and `test` also `deps`, so a fresh machine needs
 //! nothing else.
@@ -16,8 +16,10 @@ mod bench;
 mod bench_checks;
 mod demo;
 mod deps;
+mod fuzz;
 mod image;
 mod net;
+mod soak;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -107,6 +109,16 @@ enum Cmd {
     /// Synthetic HTTP checks: probes per CPU-second vs. prometheus-blackbox-exporter on one local
     /// target, and RSS with 1,000 checks; writes docs/benchmarks-checks.md.
     BenchChecks(bench_checks::Opts),
+    /// Build the cargo-fuzz targets (sensor/fuzz) and run each for `--seconds`; prints
+    /// executions, coverage and crashes per target and fails on any crash.
+    Fuzz(fuzz::Opts),
+    /// The release daemon under cgroup churn, OOM kills, connect storms, a flapping check and
+    /// scrapes every second; asserts exact counts and flat RSS/fds/threads, writes docs/soak.md.
+    /// Takes the machine-wide kernel lock.
+    Soak(soak::Opts),
+    /// The soak's connect load (run by `soak` inside its network namespace and cgroup).
+    #[command(hide = true)]
+    SoakLoad,
 }
 
 fn main() -> ExitCode {
@@ -190,6 +202,16 @@ fn real_main() -> Result<()> {
             };
             bench_checks::run(&root, &bin, static_bin.as_deref(), &opts)
         }
+        Cmd::Fuzz(opts) => {
+            setup()?;
+            fuzz::run_all(&root, &opts)
+        }
+        Cmd::Soak(opts) => {
+            setup()?;
+            let bin = build_release(&root)?;
+            soak::run(&root, &bin, &opts)
+        }
+        Cmd::SoakLoad => soak::load(),
         Cmd::Demo { keep } => {
             setup()?;
             let bin = build_release(&root)?;
