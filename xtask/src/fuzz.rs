@@ -53,6 +53,10 @@ struct Outcome {
     cov_start: Option<u64>,
     cov_end: Option<u64>,
     new_units: u64,
+    /// libFuzzer's executions per second.
+    rate: u64,
+    /// How long it ran (less than asked when it crashed).
+    secs: u64,
     /// The input that crashed it (libFuzzer's artifact), with the kind of crash.
     crash: Option<(String, String)>,
     last_status: Option<String>,
@@ -94,14 +98,13 @@ pub fn run_all(root: &Path, opts: &Opts) -> Result<()> {
             (Some(a), Some(b)) => format!("{a}->{b}"),
             _ => "-".into(),
         };
-        let rate = o.execs / opts.seconds.max(1);
         let crash = o
             .crash
             .as_ref()
             .map_or_else(|| "none".to_string(), |(k, p)| format!("{k} {p}"));
         println!(
-            "{t:<16} {:>6} {:>12} {rate:>9} {cov:>14} {:>9}  {crash}",
-            opts.seconds, o.execs, o.new_units
+            "{t:<16} {:>6} {:>12} {:>9} {cov:>14} {:>9}  {crash}",
+            o.secs, o.execs, o.rate, o.new_units
         );
         if o.crash.is_some() {
             crashed.push(*t);
@@ -186,6 +189,7 @@ fn fuzz_one(root: &Path, target: &str, opts: &Opts) -> Result<Outcome> {
         }
     }
     let status = child.wait()?;
+    o.secs = started.elapsed().as_secs();
     if !status.success() && o.crash.is_none() {
         // Died without naming an input (e.g. the harness could not start): show why.
         eprintln!("{}", tail.join("\n"));
@@ -206,6 +210,8 @@ impl Outcome {
         };
         if let Some(rest) = line.strip_prefix("stat::number_of_executed_units:") {
             self.execs = rest.trim().parse().unwrap_or(self.execs);
+        } else if let Some(rest) = line.strip_prefix("stat::average_exec_per_sec:") {
+            self.rate = rest.trim().parse().unwrap_or(self.rate);
         } else if let Some(rest) = line.strip_prefix("stat::new_units_added:") {
             self.new_units = rest.trim().parse().unwrap_or(self.new_units);
         } else if line.starts_with('#') && line.contains(" cov: ") {
@@ -246,6 +252,7 @@ mod tests {
             "#1024\tpulse  cov: 150 ft: 200 corp: 9/3Kb lim: 14 exec/s: 512 rss: 41Mb",
             "#4096\tNEW    cov: 155 ft: 210 corp: 10/3Kb lim: 38 exec/s: 600 rss: 41Mb L: 5/9 MS: 1 ChangeBit-",
             "stat::number_of_executed_units: 5000",
+            "stat::average_exec_per_sec: 900",
             "stat::new_units_added: 7",
         ] {
             o.line(l);
