@@ -467,7 +467,7 @@ fn config(path: &Path, flap_port: u16) -> Result<()> {
          # state within the warm-up (the default keeps them 15 minutes).\n\
          limits: {{workloads_per_metric: 1000, vanished_grace: 30s}}\n\
          alerting: {{availability_threshold: 0.8, window: 20s}}\n\
-         checks:\n  - name: soak-flap\n    url: http://127.0.0.1:{flap_port}/\n    interval: 1s\n    timeout: 1s\n"
+         checks:\n  - name: soak-flap\n    type: http\n    url: http://127.0.0.1:{flap_port}/\n    interval: 1s\n    timeout: 1s\n"
     );
     fs::write(path, text).with_context(|| format!("write {}", path.display()))
 }
