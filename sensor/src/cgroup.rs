@@ -139,7 +139,13 @@ fn pod_uid(seg: &str) -> Option<String> {
     if !(before.is_empty() || before.ends_with('-')) {
         return None;
     }
-    let uid = s[i + 3..].replace('_', "-");
+    let raw = &s[i + 3..];
+    // Systemd writes the uid's dashes as underscores, the cgroupfs driver keeps them; a segment
+    // mixing both is neither (found by the `cgroup_workload` fuzz target).
+    if raw.contains('_') && raw.contains('-') {
+        return None;
+    }
+    let uid = raw.replace('_', "-");
     let parts: Vec<&str> = uid.split('-').collect();
     let uuid = parts.len() == 5
         && [8, 4, 4, 4, 12]
@@ -576,6 +582,10 @@ mod tests {
             ("/kubepods/burstable/podnotauid/xyz".into(), "", ""),
             ("/my-ipod-thing.slice/nothex.scope".into(), "", ""),
             (format!("/system.slice/snapd-{CID}x.scope"), "", ""),
+            // Fuzz regression (`cgroup_workload`, crash-da4e36c0): a uid mixing the systemd
+            // and cgroupfs separators is no pod uid.
+            ("/kubepods.slice/cri-pod1b2c3d4e_5f59_7182_96a4-b5c6d7e8f901.slice".into(), "", ""),
+            ("/kubepods/pod1b2c3d4e-5f59-7182_96a4-b5c6d7e8f901".into(), "", ""),
         ];
         for (path, cid, uid) in cases {
             let w = workload(&path);

@@ -54,24 +54,11 @@ pub enum ClientAuth {
     RequireAndVerifyClientCert,
 }
 
-/// The loaded configuration: a TLS acceptor and/or the users allowed in.
-pub struct Web {
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-    users: BTreeMap<String, String>,
-    /// Credentials already verified: bcrypt is deliberately slow, scrapes come every few
-    /// seconds. Only successes are cached, so wrong guesses always pay the full cost.
-    verified: Mutex<HashSet<(String, String)>>,
-}
-
-fn err(file: &Path, key: &str, reason: impl std::fmt::Display) -> String {
-    format!("web config {}: {key}: {reason}", file.display())
-}
-
-impl Web {
-    pub fn load(file: &Path) -> Result<Arc<Web>, String> {
-        let text =
-            std::fs::read_to_string(file).map_err(|e| format!("web config {}: cannot read: {e}", file.display()))?;
-        let de = serde_yaml_ng::Deserializer::from_str(&text);
+impl WebConfigFile {
+    /// Parses the file's text and checks what needs no file system (the TLS files are read by
+    /// [`Web::load`]); `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<WebConfigFile, String> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
         let cfg: WebConfigFile = match serde_path_to_error::deserialize(de) {
             Ok(c) => c,
             // An empty file is a valid "no TLS, no auth".
@@ -90,6 +77,28 @@ impl Web {
                 ));
             }
         }
+        Ok(cfg)
+    }
+}
+
+/// The loaded configuration: a TLS acceptor and/or the users allowed in.
+pub struct Web {
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    users: BTreeMap<String, String>,
+    /// Credentials already verified: bcrypt is deliberately slow, scrapes come every few
+    /// seconds. Only successes are cached, so wrong guesses always pay the full cost.
+    verified: Mutex<HashSet<(String, String)>>,
+}
+
+fn err(file: &Path, key: &str, reason: impl std::fmt::Display) -> String {
+    format!("web config {}: {key}: {reason}", file.display())
+}
+
+impl Web {
+    pub fn load(file: &Path) -> Result<Arc<Web>, String> {
+        let text =
+            std::fs::read_to_string(file).map_err(|e| format!("web config {}: cannot read: {e}", file.display()))?;
+        let cfg = WebConfigFile::parse(&text, file)?;
         let tls = cfg.tls_server_config.as_ref().map(|t| acceptor(file, t)).transpose()?;
         Ok(Arc::new(Web {
             tls,
@@ -199,8 +208,8 @@ fn acceptor(file: &Path, t: &TlsServerConfig) -> Result<tokio_rustls::TlsAccepto
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// `Basic base64(user:password)` -> (user, password).
-fn decode_basic(v: &str) -> Option<(String, String)> {
+/// `Basic base64(user:password)` -> (user, password); `None` for anything else.
+pub fn decode_basic(v: &str) -> Option<(String, String)> {
     let b64 = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic "))?.trim();
     let raw = base64_decode(b64)?;
     let s = String::from_utf8(raw).ok()?;

@@ -1,5 +1,5 @@
-//! What the tests need beyond the Rust toolchain: Debian packages and the manifest validator's
-//! venv. One list, installed by `cargo xtask deps`, which both `cargo xtask test` and `.ci/run`
+//! What the tests need beyond the Rust toolchain: Debian packages, the manifest validator's
+//! venv and cargo-fuzz. One list, installed by `cargo xtask deps`, which both `cargo xtask test` and `.ci/run`
 //! run, so a fresh clone and CI cannot drift apart.
 
 use std::process::Command;
@@ -50,15 +50,16 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
 pub const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 pub const VENV: &str = "target/deploy-venv";
 
-/// Installs whatever of [`DEBIAN_PACKAGES`] and the venv is missing; a no-op when all is there.
+/// Installs whatever of [`DEBIAN_PACKAGES`], the venv and cargo-fuzz is missing; a no-op when all is there.
 /// Both are tried, so one failing (not root, no network) still leaves the other installed.
 pub fn install() -> Result<()> {
     let debian = debian_packages();
     let venv = validator_venv();
-    match (debian, venv) {
-        (Ok(()), Ok(())) => Ok(()),
-        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
-        (Err(a), Err(b)) => Err(a.context(format!("{b:#}"))),
+    let fuzz = cargo_fuzz();
+    let mut errors = [debian, venv, fuzz].into_iter().filter_map(Result::err);
+    match errors.next() {
+        None => Ok(()),
+        Some(first) => Err(errors.fold(first, |acc, e| acc.context(format!("{e:#}")))),
     }
 }
 
@@ -96,6 +97,22 @@ fn validator_venv() -> Result<()> {
         run(Command::new("python3").args(["-m", "venv", VENV]))?;
         run(Command::new(format!("{VENV}/bin/pip")).args(["install", "-q", KUBERNETES_VALIDATE]))
             .context("the manifest validator's venv")?;
+    }
+    Ok(())
+}
+
+/// cargo-fuzz, the runner of sensor/fuzz (`cargo xtask fuzz`, run by `.ci/run`); installed with
+/// cargo when `cargo fuzz` is missing.
+pub const CARGO_FUZZ: &str = "^0.13";
+
+pub fn cargo_fuzz() -> Result<()> {
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !present {
+        step(&format!("installing cargo-fuzz {CARGO_FUZZ}"));
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ]))?;
     }
     Ok(())
 }

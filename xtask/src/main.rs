@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask setup | deps | build-ebpf | dist | image | run | test | lint | bench |
-//! bench-checks | demo`.
+//! bench-checks | demo | fuzz | soak`.
 //!
 //! `run` and `test` call `setup` themselves, and `test` also `deps`, so a fresh machine needs
 //! nothing else.
@@ -17,8 +17,10 @@ mod bench_checks;
 mod bench_workloads;
 mod demo;
 mod deps;
+mod fuzz;
 mod image;
 mod net;
+mod soak;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -112,6 +114,16 @@ enum Cmd {
     /// lookup, memory per cached workload, kills named in a container churn (Markdown on
     /// stdout). The lead folds it into `bench` subcommands.
     BenchWorkloads(bench_workloads::Opts),
+    /// Build the cargo-fuzz targets (sensor/fuzz) and run each for `--seconds`; prints
+    /// executions, coverage and crashes per target and fails on any crash.
+    Fuzz(fuzz::Opts),
+    /// The release daemon under cgroup churn, OOM kills, connect storms, a flapping check and
+    /// scrapes every second; asserts exact counts and flat RSS/fds/threads, writes docs/soak.md.
+    /// Takes the machine-wide kernel lock.
+    Soak(soak::Opts),
+    /// The soak's connect load (run by `soak` inside its network namespace and cgroup).
+    #[command(hide = true)]
+    SoakLoad,
 }
 
 fn main() -> ExitCode {
@@ -200,6 +212,16 @@ fn real_main() -> Result<()> {
             let bin = build_release(&root)?;
             bench_workloads::run(&bin, &opts)
         }
+        Cmd::Fuzz(opts) => {
+            setup()?;
+            fuzz::run_all(&root, &opts)
+        }
+        Cmd::Soak(opts) => {
+            setup()?;
+            let bin = build_release(&root)?;
+            soak::run(&root, &bin, &opts)
+        }
+        Cmd::SoakLoad => soak::load(),
         Cmd::Demo { keep } => {
             setup()?;
             let bin = build_release(&root)?;

@@ -139,9 +139,12 @@ fn parse_field_line(line: &str) -> Option<TpField> {
         Some(i) => (&decl_full[..i], &decl_full[i..]),
         None => (decl_full, ""),
     };
+    // After the last character that cannot be in an identifier, which may be several bytes
+    // long: a byte index inside it would panic (found by the `tracefs_format` fuzz target).
     let name_start = base
-        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .map_or(0, |i| i + 1);
+        .char_indices()
+        .rfind(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '_'))
+        .map_or(0, |(i, c)| i + c.len_utf8());
     let name = base[name_start..].to_string();
     if name.is_empty() {
         return None;
@@ -227,5 +230,23 @@ print fmt: \"pid=%d\", REC->pid
         assert_eq!(f.fields[0].name, "comm");
         assert_eq!(f.fields[0].decl, "char[]");
         assert!(!f.fields[0].is_data_loc());
+    }
+
+    /// Fuzz regression (`tracefs_format`, crash-66044467): a multi-byte character right before
+    /// the name panicked on a byte index inside it. Also a name that is only such a character.
+    #[test]
+    fn non_ascii_before_the_name_is_no_panic() {
+        let crash = b"name: inct_sock_set_state\nID: 1500\nformat:\n\tfield:unsigned s: 1\xca\x87\nm500\nform/at:\n\tfield:u6nsigned sh'rt common_type;\toffset:0;\tsize:2;\tsie\nID: 1500\nformat:\n";
+        let f = TracepointFormat::parse(&String::from_utf8_lossy(crash));
+        let names: Vec<&str> = f.fields.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["common_type"], "the one line with an offset and a size");
+        let f = TracepointFormat::parse(
+            "\tfield:unsigned \u{287}pid;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:\u{e9};\toffset:0;\tsize:1;\n",
+        );
+        assert_eq!(f.fields.len(), 1);
+        assert_eq!(
+            (f.fields[0].name.as_str(), f.fields[0].decl.as_str()),
+            ("pid", "unsigned \u{287}")
+        );
     }
 }

@@ -319,6 +319,39 @@ pub struct TcpFailure {
     pub names: crate::workloads::Names,
 }
 
+impl TcpFailure {
+    /// Converts a record; `names` are the destination groups by id, `cgroup` and `workload`
+    /// (the `WORKLOAD_LABELS` values) the attribution of its cgroup id.
+    pub fn from_record(
+        r: &TcpFailureRecord,
+        names: &[String],
+        cgroup: Option<String>,
+        workload: &[String; 3],
+        workload_names: crate::workloads::Names,
+    ) -> TcpFailure {
+        let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
+        let end = r.comm.iter().position(|b| *b == 0).unwrap_or(r.comm.len());
+        TcpFailure {
+            time: clock::unix_seconds(clock::ktime_to_wall(r.header.ktime_ns)),
+            result: result_label(r.result),
+            errno: r.sk_err,
+            address: address(r.family, &r.daddr),
+            port: r.dport,
+            destination: names
+                .get(usize::from(r.dest))
+                .cloned()
+                .unwrap_or_else(|| "other".into()),
+            duration_seconds: r.duration_ns as f64 / 1e9,
+            pid: r.tgid,
+            comm: String::from_utf8_lossy(&r.comm[..end]).into_owned(),
+            cgroup,
+            container_id: nonempty(&workload[1]),
+            pod_uid: nonempty(&workload[2]),
+            names: workload_names,
+        }
+    }
+}
+
 fn address(family: u16, a: &[u8; 16]) -> String {
     match family {
         AF_INET => Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string(),
@@ -532,27 +565,8 @@ impl TcpSlice {
     pub fn handle_failure(&self, r: &TcpFailureRecord) {
         let path = self.disc.path_of(r.cgroup_id);
         let wl = self.disc.labels_for_id(r.cgroup_id);
-        let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
-        let end = r.comm.iter().position(|b| *b == 0).unwrap_or(r.comm.len());
-        let f = TcpFailure {
-            time: clock::unix_seconds(clock::ktime_to_wall(r.header.ktime_ns)),
-            result: result_label(r.result),
-            errno: r.sk_err,
-            address: address(r.family, &r.daddr),
-            port: r.dport,
-            destination: self
-                .names
-                .get(usize::from(r.dest))
-                .cloned()
-                .unwrap_or_else(|| "other".into()),
-            duration_seconds: r.duration_ns as f64 / 1e9,
-            pid: r.tgid,
-            comm: String::from_utf8_lossy(&r.comm[..end]).into_owned(),
-            cgroup: path,
-            container_id: nonempty(&wl[1]),
-            pod_uid: nonempty(&wl[2]),
-            names: (*self.disc.names(&wl[1])).clone(),
-        };
+        let names = (*self.disc.names(&wl[1])).clone();
+        let f = TcpFailure::from_record(r, &self.names, path, &wl, names);
         tracing::debug!(
             target: "sensor::tcp",
             event = "tcp_connect_failure",
