@@ -23,8 +23,7 @@ pub const TARGETS: &[&str] = &[
     "http_query",
     "tracefs_format",
     "cgroup_workload",
-    // "journal_reader": the event journal's segment reader (issue 19 part 1) goes here once the
-    // journal lands, with its target in sensor/fuzz and seeds in sensor/fuzz/corpus.
+    "journal_reader",
 ];
 
 const FUZZ_DIR: &str = "sensor/fuzz";

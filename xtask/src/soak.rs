@@ -460,12 +460,14 @@ fn start_load(cg: &Cg, last: Arc<Mutex<Connects>>) -> Result<(Child, std::thread
     Ok((child, reader))
 }
 
-fn config(path: &Path, flap_port: u16) -> Result<()> {
+fn config(path: &Path, flap_port: u16, journal: &Path) -> Result<()> {
+    let journal = journal.display();
     let text = format!(
         "probes:\n  tcp:\n    destinations:\n      soak_ok: \"127.0.0.1/32:{PORT_OK}\"\n      soak_refused: \"127.0.0.1/32:{PORT_REFUSED}\"\n\
          # Vanished churn cgroups leave the label sets after 30 s, so the run reaches its steady\n\
          # state within the warm-up (the default keeps them 15 minutes).\n\
          limits: {{workloads_per_metric: 1000, vanished_grace: 30s}}\n\
+         journal: {{path: {journal}}}\n\
          alerting: {{availability_threshold: 0.8, window: 20s}}\n\
          checks:\n  - name: soak-flap\n    type: http\n    url: http://127.0.0.1:{flap_port}/\n    interval: 1s\n    timeout: 1s\n"
     );
@@ -497,13 +499,27 @@ fn start_daemon(bin: &Path, cfg: &Path, port: u16, log: &Path) -> Result<Child> 
     Ok(child)
 }
 
-/// The event journal's count of OOM kills in the soak's cgroups.
-///
-/// JOURNAL HOOK (issue 19 part 1): once the persistent journal lands, read the `oom_kill`
-/// records it holds for `cgroups` (e.g. `sensor events --since 0` or the journal reader) and
-/// return their number; `run` then asserts kills caused = counted = journaled.
-fn journal_kills(_journal: Option<&Path>, _cgroups: &[String]) -> Option<u64> {
-    None
+/// The event journal's count of OOM kills in the soak's cgroups, read back with `sensor
+/// events --since 0` (the journal reader, no probes loaded) once the daemon has exited;
+/// `None` when it could not be read (the report then says so and the run fails).
+fn journal_kills(bin: &Path, journal: &Path, cgroups: &[String]) -> Option<u64> {
+    let out = Command::new(bin)
+        .args(["events", "--since", "0", "--journal.path"])
+        .arg(journal)
+        .stderr(Stdio::inherit())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("    sensor events --since 0 failed: {}", out.status);
+        return None;
+    }
+    let kills = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["type"] == "oom_kill")
+        .filter(|e| e["cgroup"].as_str().is_some_and(|c| cgroups.iter().any(|r| r == c)))
+        .count();
+    Some(kills as u64)
 }
 
 /// What the run measured.
@@ -566,13 +582,13 @@ impl Findings {
                 self.kills_caused, self.kills_counted
             ));
         }
-        if let Some(j) = self.kills_journaled {
-            if j != self.kills_caused {
-                f.push(format!(
-                    "kills caused {} != kills in the journal {j}",
-                    self.kills_caused
-                ));
-            }
+        match self.kills_journaled {
+            Some(j) if j != self.kills_caused => f.push(format!(
+                "kills caused {} != kills in the journal {j}",
+                self.kills_caused
+            )),
+            Some(_) => {}
+            None => f.push("the journal could not be read back".into()),
         }
         if self.made.ok == 0 || self.made.refused == 0 {
             f.push(format!("the load made no connects of some kind: {:?}", self.made));
@@ -714,7 +730,10 @@ pub fn run(root: &Path, bin: &Path, opts: &Opts) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let (flap_port, flap) = flapping_server(Arc::clone(&stop))?;
     let cfg = dir.join("soak.yaml");
-    config(&cfg, flap_port)?;
+    let journal = dir.join("journal");
+    // A fresh journal: the kills it holds at the end are this run's.
+    let _ = fs::remove_dir_all(&journal);
+    config(&cfg, flap_port, &journal)?;
     let port = free_port()?;
     let host_before = vmstat_oom_kill();
     step(&format!(
@@ -814,7 +833,7 @@ pub fn run(root: &Path, bin: &Path, opts: &Opts) -> Result<()> {
             .iter()
             .map(|r| metric_sum(&text, "sensor_oom_kills_total", &[("cgroup", r)]) as u64)
             .sum(),
-        kills_journaled: journal_kills(None, &oom_rels),
+        kills_journaled: None,
         host_kills: vmstat_oom_kill() - host_before,
         made,
         counted: Connects {
@@ -855,7 +874,12 @@ pub fn run(root: &Path, bin: &Path, opts: &Opts) -> Result<()> {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    let findings = Findings { exit, ..findings };
+    let kills_journaled = journal_kills(bin, &journal, &oom_rels);
+    let findings = Findings {
+        exit,
+        kills_journaled,
+        ..findings
+    };
     let report = findings.report();
     println!("{report}");
     let path = root.join(&opts.report);

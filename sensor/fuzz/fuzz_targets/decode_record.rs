@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
         kind::TCP_CONNECT_FAILURE => {
             let r: TcpFailureRecord = read(data).expect("an accepted record is long enough");
             let names = ["dns".to_string(), "postgres".to_string()];
-            let wl = [String::new(), String::new(), String::new()];
+            let wl: sensor::cgroup::WorkloadLabels = Default::default();
             let f = TcpFailure::from_record(&r, &names, None, &wl, Default::default());
             assert!(f.address.parse::<std::net::IpAddr>().is_ok(), "{}", f.address);
             assert!(!f.comm.contains('\0'));

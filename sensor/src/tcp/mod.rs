@@ -326,7 +326,7 @@ impl TcpFailure {
         r: &TcpFailureRecord,
         names: &[String],
         cgroup: Option<String>,
-        workload: &[String; 3],
+        workload: &crate::cgroup::WorkloadLabels,
         workload_names: crate::workloads::Names,
     ) -> TcpFailure {
         let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
