@@ -478,6 +478,22 @@ impl Journal {
         out
     }
 
+    /// Calls `f` with each event of earlier runs with `seq > since`, oldest first. Blocking.
+    pub fn each_before_start(&self, since: u64, mut f: impl FnMut(&serde_json::Map<String, serde_json::Value>)) {
+        let below = self.next_seq();
+        let r = each_event(&self.dir, since, |seq, json| {
+            if seq >= below {
+                return false;
+            }
+            f(&json);
+            true
+        });
+        if let Err(e) = r {
+            self.metrics.io_errors.with_label_values(&["read"]).inc();
+            tracing::warn!(error = %e, "journal read failed");
+        }
+    }
+
     /// The newest `n` events with `seq < below`, oldest first; reads segments from the newest
     /// back until it has them. Blocking.
     pub fn newest(&self, below: u64, n: usize) -> Vec<serde_json::Map<String, serde_json::Value>> {
