@@ -385,7 +385,8 @@ pub struct Journal {
     recovered: Recovered,
     /// Highest id dropped on a full queue (the writer marks it taken).
     dropped_max: Arc<AtomicU64>,
-    _lock: File,
+    /// Held (flock) while this process writes the directory; released by `close`.
+    lock: Mutex<Option<File>>,
 }
 
 impl Journal {
@@ -425,7 +426,7 @@ impl Journal {
             metrics,
             recovered,
             dropped_max,
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         }))
     }
 
@@ -550,6 +551,8 @@ impl Journal {
             tracing::error!("journal writer panicked");
         }
         self.metrics.up.set(0);
+        // The next writer (a restarted daemon in the same process's tests) may take over.
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
