@@ -142,14 +142,12 @@ impl EventHub {
         self.journal.is_some()
     }
 
-    /// Journaled events of earlier runs with `seq > since`, oldest first (blocking: reads
-    /// the segment files). Empty without a journal.
-    pub fn journaled_before_start(&self, since: u64) -> Vec<serde_json::Value> {
-        let Some(j) = &self.journal else { return Vec::new() };
-        j.events(since, j.next_seq(), usize::MAX)
-            .into_iter()
-            .map(serde_json::Value::Object)
-            .collect()
+    /// Calls `f` with each journaled event of earlier runs with `seq > since`, oldest first,
+    /// one at a time (blocking: reads the segment files). Nothing without a journal.
+    pub fn each_journaled_before_start(&self, since: u64, f: impl FnMut(&serde_json::Map<String, serde_json::Value>)) {
+        if let Some(j) = &self.journal {
+            j.each_before_start(since, f);
+        }
     }
 
     /// History for `/api/v1/events?since=`: events with `seq > since`, oldest first, at most

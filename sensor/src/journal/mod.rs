@@ -385,7 +385,8 @@ pub struct Journal {
     recovered: Recovered,
     /// Highest id dropped on a full queue (the writer marks it taken).
     dropped_max: Arc<AtomicU64>,
-    _lock: File,
+    /// Held (flock) while this process writes the directory; released by `close`.
+    lock: Mutex<Option<File>>,
 }
 
 impl Journal {
@@ -425,7 +426,7 @@ impl Journal {
             metrics,
             recovered,
             dropped_max,
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         }))
     }
 
@@ -476,6 +477,22 @@ impl Journal {
             tracing::warn!(error = %e, "journal read failed");
         }
         out
+    }
+
+    /// Calls `f` with each event of earlier runs with `seq > since`, oldest first. Blocking.
+    pub fn each_before_start(&self, since: u64, mut f: impl FnMut(&serde_json::Map<String, serde_json::Value>)) {
+        let below = self.next_seq();
+        let r = each_event(&self.dir, since, |seq, json| {
+            if seq >= below {
+                return false;
+            }
+            f(&json);
+            true
+        });
+        if let Err(e) = r {
+            self.metrics.io_errors.with_label_values(&["read"]).inc();
+            tracing::warn!(error = %e, "journal read failed");
+        }
     }
 
     /// The newest `n` events with `seq < below`, oldest first; reads segments from the newest
@@ -534,6 +551,8 @@ impl Journal {
             tracing::error!("journal writer panicked");
         }
         self.metrics.up.set(0);
+        // The next writer (a restarted daemon in the same process's tests) may take over.
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 

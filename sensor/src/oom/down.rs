@@ -130,13 +130,13 @@ pub(super) fn on_start(hub: &EventHub, c: &CrossCheck, boot_id: &str) -> Expecte
         match serde_json::from_value::<Expected>(saved.state) {
             Ok(prev) => {
                 let (mut after, mut total) = (HashMap::new(), 0u64);
-                for ev in hub.journaled_before_start(saved.after_seq) {
-                    if ev["type"] == "oom_kill" {
-                        let cg = ev["cgroup"].as_str().unwrap_or(UNKNOWN_CGROUP).to_string();
-                        *after.entry(cg).or_insert(0) += 1;
+                hub.each_journaled_before_start(saved.after_seq, |ev| {
+                    if ev.get("type").and_then(|t| t.as_str()) == Some("oom_kill") {
+                        let cg = ev.get("cgroup").and_then(|c| c.as_str()).unwrap_or(UNKNOWN_CGROUP);
+                        *after.entry(cg.to_string()).or_insert(0) += 1;
                         total += 1;
                     }
-                }
+                });
                 if let Some(k) = compute(&prev, &after, total, &now) {
                     let per: Vec<String> = k
                         .workloads
