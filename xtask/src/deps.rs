@@ -20,7 +20,9 @@ use crate::{output, run, step};
 /// code of ring and mimalloc for the static build (`cargo xtask dist`); podman and runc build
 /// and run the image in the image test (runc: crun refuses hybrid cgroup hosts); ca-certificates
 /// is the bundle the image ships; chromium (headless, driven over the DevTools protocol) loads
-/// the web view in sensor/tests/web.rs.
+/// the web view in sensor/tests/web.rs; containerd (with podman, runc and busybox-static) runs
+/// the kubelet-style containers of sensor/tests/workloads.rs (sensor/tests/common/runtimes.rs);
+/// protobuf-compiler (protoc) builds containerd's gRPC API bindings.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "coreutils",
@@ -38,6 +40,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "runc",
     "ca-certificates",
     "chromium",
+    "containerd",
+    "protobuf-compiler",
 ];
 
 /// kubernetes-validate (PyPI) bundles the Kubernetes JSON schemas, so the manifest test

@@ -10,6 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod runtimes;
+
 pub const SENSOR: &str = env!("CARGO_BIN_EXE_sensor");
 
 /// Privileged tests share the kernel (every daemon sees every OOM kill), so they run one at a
