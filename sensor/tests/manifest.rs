@@ -1026,17 +1026,19 @@ struct CtrPod<'a> {
 }
 
 impl<'a> CtrPod<'a> {
-    fn start(ctd: &'a Containerd, run: &PodRun, extra: &[&str]) -> CtrPod<'a> {
-        let id = format!("sensor-{}", runtimes::random_hex(8));
-        let pid_file = ctd.dir.join(format!("{id}.pid"));
-        let log = ctd.dir.join(format!("{id}.log"));
+    /// `ctr run` of the image with the template's options: detached (output to `<id>.log`) or
+    /// in the foreground (output to ctr's own stdout / stderr).
+    fn command(ctd: &Containerd, run: &PodRun, extra: &[&str], id: &str, detach: bool) -> Command {
         let cgroup = format!("{}/kubepods/burstable/pod{}/{id}", ctd.cgroup_root, runtimes::pod_uid());
         let mut cmd = ctd.ctr();
-        cmd.args(["run", "-d", "--runtime", "io.containerd.runc.v2", "--cgroup", &cgroup])
+        cmd.args(["run", "--runtime", "io.containerd.runc.v2", "--cgroup", &cgroup])
             .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("--log-uri")
-            .arg(format!("file://{}", log.display()));
+            .arg(ctd.dir.join(format!("{id}.pid")));
+        if detach {
+            cmd.arg("-d")
+                .arg("--log-uri")
+                .arg(format!("file://{}", ctd.dir.join(format!("{id}.log")).display()));
+        }
         assert_eq!(
             run.user,
             (0, 0),
@@ -1095,17 +1097,22 @@ impl<'a> CtrPod<'a> {
         cmd.args(["--memory-limit", &run.memory_limit.to_string()])
             .args(["--cpus", &run.cpu_limit.to_string()]);
         cmd.arg(IMAGE)
-            .arg(&id)
+            .arg(id)
             .args(["/sensor", "run"])
             .args(&run.args)
             .args(extra);
-        run_ok(&mut cmd);
+        cmd
+    }
+
+    fn start(ctd: &'a Containerd, run: &PodRun, extra: &[&str]) -> CtrPod<'a> {
+        let id = format!("sensor-{}", runtimes::random_hex(8));
+        run_ok(&mut CtrPod::command(ctd, run, extra, &id, true));
         let pod = CtrPod {
             ctd,
-            id,
             port: run.ready_port,
-            pid_file,
-            log,
+            pid_file: ctd.dir.join(format!("{id}.pid")),
+            log: ctd.dir.join(format!("{id}.log")),
+            id,
         };
         // What the CNI loopback plugin does for every pod: the netns's `lo` up (runc leaves a
         // new network namespace's loopback down).
@@ -1118,6 +1125,23 @@ impl<'a> CtrPod<'a> {
             );
         }
         pod
+    }
+
+    /// Runs the container in the foreground to its end (for starts that must fail); its output.
+    fn run_to_exit(ctd: &'a Containerd, run: &PodRun) -> Output {
+        let id = format!("sensor-{}", runtimes::random_hex(8));
+        let out = CtrPod::command(ctd, run, &[], &id, false)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("ctr run");
+        drop(CtrPod {
+            ctd,
+            port: run.ready_port,
+            pid_file: PathBuf::new(),
+            log: PathBuf::new(),
+            id,
+        });
+        out
     }
 }
 
@@ -1283,5 +1307,45 @@ fn daemonset_runs_under_containerd_with_its_default_seccomp() {
         ctd.remove_all();
         let _ = ctr.wait();
         eprintln!("containerd, overlay {overlay:?}: ready, probes as on the host, OOM kill, connect and check counted");
+    }
+
+    // Each added capability removed in turn, under containerd's default profile.
+    let full = PodRun::from_daemonset(&daemonset(None), &tag());
+    for missing in full.cap_add.clone() {
+        let mut run = full.clone();
+        run.cap_add.retain(|c| *c != missing);
+        match missing.as_str() {
+            "BPF" | "PERFMON" => {
+                let out = CtrPod::run_to_exit(&ctd, &run);
+                assert_eq!(
+                    out.status.code(),
+                    Some(1),
+                    "without {missing}: exit 1, not a crash: {}",
+                    text(&out)
+                );
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stderr),
+                    "sensor: the sensor needs CAP_BPF and CAP_PERFMON, or root\n"
+                );
+            }
+            "SYSLOG" => {
+                let pod = CtrPod::start(&ctd, &run, &[]);
+                wait_ready(&pod, &run);
+                let m = pod.metrics();
+                let degraded =
+                    metric(&m, "sensor_probe_state", &[("probe", "oom"), ("state", "degraded")]) == Some(1.0);
+                let mut victim = KubeContainer::new(
+                    "shop",
+                    "cart-7f9c",
+                    "cart",
+                    16 << 20,
+                    &[runtimes::BUSYBOX, "tail", "/dev/zero"],
+                );
+                let out = ctd.run(&mut victim, runtimes::VICTIM_IMAGE);
+                assert_eq!(out.status.code(), Some(137), "{}", text(&out));
+                assert_oom_counted(&pod, &victim.id, if degraded { "unknown" } else { "memcg" });
+            }
+            other => panic!("capability {other} added by the template: say what happens without it"),
+        }
     }
 }
