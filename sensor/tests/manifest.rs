@@ -665,7 +665,16 @@ fn assert_oom_counted(pod: &dyn Pod, id: &str, scope: &str) {
 fn podman_oom_victim(name: &str) -> String {
     runtimes::podman_rm(&[name]);
     let before = vmstat_oom_kill();
-    let out = runtimes::podman_run(name, 16 << 20, &[runtimes::BUSYBOX, "tail", "/dev/zero"]);
+    let mem = (16u64 << 20).to_string();
+    // From a scratch directory: conmon leaves a file named `oom` in its working directory when
+    // the container is OOM-killed (seen with runtimes::podman_run, whose cwd is sensor/).
+    let out = podman()
+        .args(["run", "--name", name, "--memory", &mem, "--memory-swap", &mem])
+        .args([runtimes::VICTIM_IMAGE, runtimes::BUSYBOX, "tail", "/dev/zero"])
+        .current_dir(std::env::temp_dir())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(
         out.status.code(),
         Some(137),
