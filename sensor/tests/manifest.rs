@@ -352,11 +352,23 @@ impl PodRun {
                 let path = vol["hostPath"]["path"].as_str().expect("hostPath.path");
                 let p = PathBuf::from(path);
                 match vol["hostPath"]["type"].as_str().unwrap_or("") {
-                    "Directory" => assert!(p.is_dir(), "hostPath {path} (type Directory) missing on this host"),
-                    "" => {}
+                    "Directory" => {
+                        assert!(p.is_dir(), "hostPath {path} (type Directory) missing on this host");
+                        p
+                    }
+                    // kubelet creates a missing directory empty; a fresh empty directory of
+                    // the test's is the same to the container and leaves no state on the host.
+                    "DirectoryOrCreate" if !p.is_dir() => {
+                        let d = std::env::temp_dir()
+                            .join(format!("sensor-manifest-host-{}-{tag}", std::process::id()))
+                            .join(path.trim_start_matches('/'));
+                        let _ = std::fs::remove_dir_all(&d);
+                        std::fs::create_dir_all(&d).unwrap();
+                        d
+                    }
+                    "DirectoryOrCreate" | "" => p,
                     t => panic!("hostPath type {t} not mapped"),
                 }
-                p
             };
             mounts.push(Mount {
                 src,
@@ -1355,6 +1367,43 @@ fn daemonset_runs_under_containerd_with_its_default_seccomp() {
                 assert_oom_counted(&pod, &victim.id, if degraded { "unknown" } else { "memcg" });
             }
             other => panic!("capability {other} added by the template: say what happens without it"),
+        }
+    }
+}
+
+#[test]
+fn every_template_field_maps_onto_podman_and_ctr() {
+    // Without privileges: the base template and every overlay parse into runtime options
+    // (an unmapped field fails here first), and the options carry each capability, mount and
+    // env entry of the template.
+    let mut trees = vec![None];
+    let overlays = std::fs::read_dir(root().join("deploy/kubernetes/overlays")).unwrap();
+    let mut names: Vec<String> = overlays
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    trees.extend(names.iter().map(|n| Some(n.as_str())));
+    for tree in trees {
+        let run = PodRun::from_daemonset(&daemonset(tree), &format!("{}-parse", tag()));
+        let args = run.podman_args().join(" ");
+        for c in &run.cap_add {
+            assert!(args.contains(&format!("--cap-add {c}")), "{tree:?}: {args}");
+        }
+        for m in &run.mounts {
+            assert!(
+                args.contains(&format!(":{}:", m.dst)),
+                "{tree:?}: {} not mounted: {args}",
+                m.dst
+            );
+        }
+        for (k, _) in &run.env {
+            assert!(args.contains(&format!("-e {k}=")), "{tree:?}: {args}");
+        }
+        assert!(run.args.iter().any(|a| a == "--config"), "{tree:?}: {:?}", run.args);
+        assert_eq!(run.privileged, tree == Some("privileged"), "{tree:?}");
+        if tree == Some("seccomp") {
+            assert!(matches!(run.seccomp, Seccomp::Localhost(_)), "{:?}", run.seccomp);
         }
     }
 }
