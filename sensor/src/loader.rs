@@ -25,7 +25,7 @@ pub enum LoadError {
     Btf(String),
     #[error("kernel log ring: {0}")]
     KernelLog(#[source] aya_log::Error),
-    /// A seccomp filter refuses `bpf()` or `perf_event_open()` (the reason names the fix).
+    /// A seccomp filter refuses `bpf()` (the reason names the fix).
     #[error("{0}")]
     Seccomp(String),
 }
