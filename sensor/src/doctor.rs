@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::Serialize;
 
 use crate::{
-    kernel::{self, features::Support, privileges::Caps},
+    kernel::{self, features::Support, privileges::Caps, seccomp},
     loader::{self, LoadOptions},
     probe::{DoctorSection, GroupReport, HookAttempt, Probe, ProbeReport, ProbeState},
 };
@@ -16,6 +16,7 @@ pub struct Report {
     pub btf: Component,
     pub tracefs: Component,
     pub privileged: bool,
+    pub seccomp: SeccompReport,
     pub program_types: Vec<Support>,
     pub map_types: Vec<Support>,
     pub attach: Vec<Support>,
@@ -39,6 +40,14 @@ pub struct Component {
     pub path: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// This process's seccomp mode, and the diagnosis when the filter refuses `bpf()`.
+#[derive(Debug, Serialize)]
+pub struct SeccompReport {
+    pub mode: seccomp::Mode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denies_bpf: Option<String>,
 }
 
 /// Builds the report; when privileged it really loads and attaches (then detaches), so what
@@ -117,6 +126,10 @@ pub fn report(opts: &LoadOptions, registered: &[Arc<dyn Probe>]) -> Report {
             },
         },
         privileged,
+        seccomp: SeccompReport {
+            mode: seccomp::ProcessSecurity::current().seccomp,
+            denies_bpf: kctx.features.bpf_denied_by_seccomp.clone(),
+        },
         program_types: kctx.features.program_types.clone(),
         map_types: kctx.features.map_types.clone(),
         attach: kctx.features.attach.clone(),
@@ -158,6 +171,16 @@ pub fn render_text(r: &Report) -> String {
             "MISSING: the sensor needs CAP_BPF and CAP_PERFMON, or root; attachment not tested"
         }
     );
+    let mode = match r.seccomp.mode {
+        seccomp::Mode::Disabled => "none",
+        seccomp::Mode::Strict => "strict",
+        seccomp::Mode::Filter => "filter",
+        seccomp::Mode::Unknown => "unknown",
+    };
+    let _ = match &r.seccomp.denies_bpf {
+        Some(why) => writeln!(o, "seccomp      {mode}: {why}"),
+        None => writeln!(o, "seccomp      {mode}"),
+    };
     for (title, list) in [
         ("program types", &r.program_types),
         ("map types", &r.map_types),

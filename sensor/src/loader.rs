@@ -25,6 +25,9 @@ pub enum LoadError {
     Btf(String),
     #[error("kernel log ring: {0}")]
     KernelLog(#[source] aya_log::Error),
+    /// A seccomp filter refuses `bpf()` (the reason names the fix).
+    #[error("{0}")]
+    Seccomp(String),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -57,6 +60,9 @@ pub struct Loaded {
 /// Loads the object with what every probe asked for (layouts for this kernel, map sizes,
 /// patches), opens the event rings, then attaches every enabled probe. Blocking.
 pub fn load(kctx: &KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOptions) -> Result<Loaded, LoadError> {
+    if let Some(why) = &kctx.features.bpf_denied_by_seccomp {
+        return Err(LoadError::Seccomp(why.clone()));
+    }
     let mut plan = LoadPlan::default();
     for p in probes {
         p.prepare(kctx, &mut plan);

@@ -517,9 +517,10 @@ fn kubernetes_manifests_validate_offline() {
     let dir = root().join("deploy/kubernetes");
     let (ok, t) = validate_manifests(&py, &dir);
     assert!(ok, "{t}");
-    // 5 built-in kinds x 2 Kubernetes versions + the ServiceMonitor, for the base and for the
-    // privileged overlay.
-    for tree in ["base", "overlays/privileged"] {
+    // 5 built-in kinds x 2 Kubernetes versions + the ServiceMonitor, for the base and for each
+    // overlay (privileged; seccomp: the Localhost profile).
+    let trees = ["base", "overlays/privileged", "overlays/seccomp"];
+    for tree in trees {
         for kind in [
             "Namespace/sensor",
             "ServiceAccount/sensor",
@@ -535,7 +536,7 @@ fn kubernetes_manifests_validate_offline() {
         let sm = format!("OK {tree} ServiceMonitor/sensor (schemas/ CRD subset)");
         assert!(t.lines().any(|l| l == sm), "missing `{sm}` in\n{t}");
     }
-    assert_eq!(t.lines().count(), 22, "{t}");
+    assert_eq!(t.lines().count(), 11 * trees.len(), "{t}");
 
     // The validator must catch what it is for: a misspelt field in the DaemonSet and a bad
     // duration in the ServiceMonitor.

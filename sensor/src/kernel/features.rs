@@ -10,6 +10,8 @@ use aya::{
 };
 use serde::Serialize;
 
+use super::seccomp::{errno, ProcessSecurity};
+
 /// One yes/no answer with the reason when it is no.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Support {
@@ -42,27 +44,26 @@ pub struct KernelFeatures {
     pub map_types: Vec<Support>,
     /// Attach mechanisms that a loadable program type still needs (kprobe PMU, BTF, ...).
     pub attach: Vec<Support>,
+    /// `Some(why)` when a seccomp filter, not the kernel, refused the probes' `bpf()` calls:
+    /// loading cannot work then, and the reason names the fix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bpf_denied_by_seccomp: Option<String>,
 }
 
 impl KernelFeatures {
     pub fn probe(btf_available: bool) -> KernelFeatures {
-        let program_types = [
+        /// One probe's answer: supported or not, or the call failed (errno, message).
+        type Answer = Result<bool, (Option<i32>, String)>;
+        let programs: Vec<(&'static str, Answer)> = [
             ("tracepoint", ProgramType::TracePoint),
             ("raw_tracepoint", ProgramType::RawTracePoint),
             ("kprobe", ProgramType::KProbe),
             ("tracing (fentry/fexit)", ProgramType::Tracing),
         ]
         .into_iter()
-        .map(|(name, t)| match is_program_supported(t) {
-            Ok(true) => Support::yes(name),
-            Ok(false) => Support::no(name, "the kernel refuses this program type"),
-            Err(e) => Support::no(
-                name,
-                format!("the kernel refuses this program type: {}", error_chain(&e)),
-            ),
-        })
+        .map(|(name, t)| (name, is_program_supported(t).map_err(|e| (errno(&e), error_chain(&e)))))
         .collect();
-        let map_types = [
+        let maps: Vec<(&'static str, Answer)> = [
             ("perf_event_array", MapType::PerfEventArray),
             ("ringbuf", MapType::RingBuf),
             ("percpu_array", MapType::PerCpuArray),
@@ -71,12 +72,34 @@ impl KernelFeatures {
             ("lru_hash", MapType::LruHash),
         ]
         .into_iter()
-        .map(|(name, t)| match is_map_supported(t) {
-            Ok(true) => Support::yes(name),
-            Ok(false) => Support::no(name, "the kernel refuses this map type"),
-            Err(e) => Support::no(name, format!("probe failed: {}", error_chain(&e))),
-        })
+        .map(|(name, t)| (name, is_map_supported(t).map_err(|e| (errno(&e), error_chain(&e)))))
         .collect();
+        // Only when every call was refused with EPERM under a filter is seccomp the cause: one
+        // call that got through means bpf() passes the filter.
+        let errnos: Vec<Option<i32>> = programs
+            .iter()
+            .chain(&maps)
+            .map(|(_, a)| a.as_ref().err().and_then(|(e, _)| *e))
+            .collect();
+        let bpf_denied_by_seccomp = ProcessSecurity::current().diagnose_bpf(&errnos);
+        let support = |(name, answer): (&'static str, Answer), kind: &str, failed: &str| match answer {
+            Ok(true) => Support::yes(name),
+            Ok(false) => Support::no(name, format!("the kernel refuses this {kind}")),
+            Err((_, msg)) => Support::no(
+                name,
+                bpf_denied_by_seccomp
+                    .clone()
+                    .unwrap_or_else(|| format!("{failed}: {msg}")),
+            ),
+        };
+        let program_types = programs
+            .into_iter()
+            .map(|a| support(a, "program type", "probing this program type failed"))
+            .collect();
+        let map_types = maps
+            .into_iter()
+            .map(|a| support(a, "map type", "probe failed"))
+            .collect();
         let mut attach = Vec::new();
         attach.push(kprobe_attach_support());
         attach.push(if btf_available {
@@ -88,6 +111,7 @@ impl KernelFeatures {
             program_types,
             map_types,
             attach,
+            bpf_denied_by_seccomp,
         }
     }
 

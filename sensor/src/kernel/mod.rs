@@ -5,6 +5,7 @@ pub mod clock;
 pub mod context;
 pub mod features;
 pub mod privileges;
+pub mod seccomp;
 pub mod task;
 pub mod tracefs;
 
