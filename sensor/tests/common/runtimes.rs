@@ -75,10 +75,11 @@ pub fn podman_conf() -> PathBuf {
     .clone()
 }
 
-/// `podman` with [`podman_conf`].
+/// `podman` with [`podman_conf`], run from the temp dir: podman's monitor writes an `oom` file
+/// into its working directory when a container is OOM-killed.
 pub fn podman() -> Command {
     let mut c = Command::new("podman");
-    c.env("CONTAINERS_CONF", podman_conf());
+    c.env("CONTAINERS_CONF", podman_conf()).current_dir(std::env::temp_dir());
     c
 }
 
