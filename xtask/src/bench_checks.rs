@@ -612,8 +612,9 @@ fn row(label: &str, v: Vec<f64>, decimals: usize) -> String {
 pub fn run(root: &Path, sensor: &Path, sensor_static: Option<&Path>, o: &Opts) -> Result<()> {
     let positive = |x: f64| x.is_finite() && x > 0.0;
     if o.rounds == 0 || o.checks == 0 || o.rss_checks == 0 || !positive(o.rate) || !positive(o.seconds) {
-        bail!("--rounds, --checks, --rss-checks, --rate and --seconds must be positive");
+        bail!("--checks-rounds, --checks, --rss-checks, --checks-rate and --checks-seconds must be positive");
     }
+    eprintln!("==> bench checks on {}", machine());
     let blackbox = ensure_blackbox()?;
     let bb_version = command_text(Command::new(&blackbox).arg("--version"))
         .lines()

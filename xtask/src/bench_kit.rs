@@ -334,16 +334,16 @@ impl CgroupParent {
         Ok(dir)
     }
 
-    /// Makes the kernel reclaim in `dir` (memory.reclaim on v2, memory.force_empty on v1): real
-    /// memcg reclaim, which the memcg probe times. Anonymous memory without swap cannot go, so
-    /// the kernel retries and gives up: the answer (EAGAIN/EBUSY) is expected.
-    pub fn reclaim(&self, dir: &Path) {
-        let (f, v) = if self.v2 {
-            ("memory.reclaim", "1M")
+    /// The file that makes the kernel reclaim in `dir` when written (memory.reclaim on v2,
+    /// memory.force_empty on v1) and what to write: real memcg reclaim, which the memcg probe
+    /// times and attributes to the writer's cgroup.
+    fn reclaim_file(&self, dir: &Path) -> Result<(CString, &'static [u8])> {
+        let (f, v): (&str, &'static [u8]) = if self.v2 {
+            ("memory.reclaim", b"1M")
         } else {
-            ("memory.force_empty", "0")
+            ("memory.force_empty", b"0")
         };
-        let _ = std::fs::write(dir.join(f), v);
+        Ok((CString::new(dir.join(f).into_os_string().into_encoded_bytes())?, v))
     }
 }
 
@@ -434,13 +434,17 @@ struct Plan {
     procs: CString,
     connect: Option<libc::sockaddr_in>,
     touch: usize,
+    /// A cgroup file and what to write to it to make the kernel reclaim, from the child itself
+    /// (reclaim is attributed to the task that runs it).
+    reclaim: Option<(CString, &'static [u8])>,
     ready: libc::c_int,
     /// Keep running (until killed) after the work, instead of exiting.
     stay: bool,
 }
 
 /// The child's side of [`spawn`]: join the cgroup, connect once, touch `touch` bytes of
-/// anonymous memory (charged to the cgroup), say ready, then wait to be killed or exit.
+/// anonymous memory (charged to the cgroup), ask for reclaim, say ready, then wait to be killed
+/// or exit.
 ///
 /// # Safety
 /// Only in a freshly forked child.
@@ -477,6 +481,14 @@ unsafe fn child_main(p: &Plan) -> ! {
             while i < p.touch {
                 std::ptr::write_volatile(m.add(i), 1);
                 i += 4096;
+            }
+        }
+        if let Some((file, value)) = &p.reclaim {
+            // EAGAIN/EBUSY are expected: anonymous memory without swap cannot go.
+            let fd = libc::open(file.as_ptr(), libc::O_WRONLY);
+            if fd >= 0 {
+                libc::write(fd, value.as_ptr().cast(), value.len());
+                libc::close(fd);
             }
         }
         libc::write(p.ready, b"r".as_ptr().cast(), 1);
@@ -563,8 +575,8 @@ impl Drop for Ready {
     }
 }
 
-/// `n` workload cgroups, each with one live process that made one loopback connect and charged
-/// `touch` bytes, after the kernel was made to reclaim in each. Killed and removed by
+/// `n` workload cgroups, each with one live process that made one loopback connect, charged
+/// `touch` bytes and made the kernel reclaim in its cgroup. Killed and removed by
 /// [`Workloads::remove`] (or on drop).
 pub struct Workloads<'a> {
     parent: &'a CgroupParent,
@@ -592,6 +604,7 @@ impl<'a> Workloads<'a> {
                 procs,
                 connect: Some(dst),
                 touch,
+                reclaim: Some(parent.reclaim_file(&dir)?),
                 ready: ready.w,
                 stay: true,
             };
@@ -599,9 +612,6 @@ impl<'a> Workloads<'a> {
             w.members.push((pid, dir));
         }
         ready.wait(n, Duration::from_secs(60 + n as u64 / 20))?;
-        for (_, dir) in &w.members {
-            parent.reclaim(dir);
-        }
         Ok(w)
     }
 
@@ -642,6 +652,7 @@ pub fn oom_victim(dir: &Path, bytes: usize) -> Result<(i32, i32)> {
         procs: CString::new(dir.join("cgroup.procs").into_os_string().into_encoded_bytes())?,
         connect: None,
         touch: bytes,
+        reclaim: None,
         ready: ready.w,
         stay: false,
     };

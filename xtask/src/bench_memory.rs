@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Bytes of anonymous memory each workload process touches (its memcg activity, with the
-/// reclaim the benchmark asks the kernel for).
+/// reclaim it then asks the kernel for).
 const TOUCH: usize = 2 << 20;
 /// The default discovery interval is 5 s: a new cgroup has a name after at most this long.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(6);
@@ -250,9 +250,9 @@ fn memory_body(
          (start-up included) {cpu:.2} s.\n\n\
          **Churn.** {b1} batches of {w} workload cgroups, each a memory cgroup of its own under a uniquely named \
          parent (`sensor-bench-memory-PID`) holding one live process forked by xtask that joined it, made one \
-         loopback TCP connect (to a listener in xtask) and touched {touch} MiB of anonymous memory, after which the \
-         benchmark made the kernel reclaim in it (`memory.force_empty` on v1, `memory.reclaim` on v2: real memcg \
-         reclaim, which the memcg probe times). After {wait:.0} s (one discovery interval) one /metrics scrape, as \
+         loopback TCP connect (to a listener in xtask) and touched {touch} MiB of anonymous memory, then made the \
+         kernel reclaim in its cgroup (it writes `memory.force_empty` on v1, `memory.reclaim` on v2: real memcg \
+         reclaim in the workload's own context, which the memcg probe times and attributes to it). After {wait:.0} s (one discovery interval) one /metrics scrape, as \
          Prometheus would make, then RSS; then every process is killed and its cgroup removed, and the next batch \
          starts. The last batch stays while RSS is read: that is the row \"RSS with {w} workload cgroups after {c} \
          created and removed\"; growth compares batch 2 with batch {b}. Series of removed cgroups stay for the \
@@ -435,7 +435,7 @@ fn scrape_report(
             1,
             "-",
             Goal::AtMost(20.0),
-            "≤ 20 (was ~65)",
+            "≤ 20",
         ),
         Row::measured(
             &format!("/metrics scrape, {} active workloads, median latency", o.workloads),
@@ -463,7 +463,7 @@ fn scrape_report(
     let mut t = format!(
         "Sensor (default configuration, all probes) and node_exporter (default collectors) on the same host. \
          {w} workload cgroups as in the memory benchmark (each: a live process that made one loopback connect, \
-         2 MiB of anonymous memory, kernel reclaim requested), {seen} of them named in the sensor's TCP series \
+         2 MiB of anonymous memory, memcg reclaim in its own context), {seen} of them named in the sensor's TCP series \
          after one discovery interval. Series = non-comment lines of the exposition: {before} before the \
          workloads, {after} with them ({s_series} at the last round, {bytes} bytes).\n\n\
          {r} rounds; each round scrapes the sensor {n} times back to back, then node_exporter {n} times. \

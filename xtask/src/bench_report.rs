@@ -110,9 +110,28 @@ pub fn machine() -> String {
     format!(
         "{cpus} CPUs ({model}), {mem} RAM, kernel {}, {os}; commit {}; {}",
         kernel.trim(),
-        text(Command::new("git").args(["describe", "--always", "--dirty"])),
+        commit(),
         text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
     )
+}
+
+/// The commit, `-dirty` when files other than the report and its results (which a run of
+/// several benchmarks rewrites as it goes) differ from it.
+fn commit() -> String {
+    let rev = text(Command::new("git").args(["rev-parse", "--short", "HEAD"]));
+    let changed = text(Command::new("git").args([
+        "status",
+        "--porcelain",
+        "--",
+        ".",
+        &format!(":!{RESULTS}"),
+        &format!(":!{REPORT}"),
+    ]));
+    if changed.is_empty() {
+        rev
+    } else {
+        format!("{rev}-dirty")
+    }
 }
 
 fn text(cmd: &mut Command) -> String {
