@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     bench::{in_fresh_netns, stats},
-    bench_kit::{metric_sum, oom_victim, pid_cpu, CgroupParent, KernelLock, Served},
+    bench_kit::{cpu_split, metric_sum, oom_victim, pid_cpu, CgroupParent, KernelLock, Served},
     bench_report::{machine, store, Goal, Row},
     net::http_get,
 };
@@ -36,6 +36,9 @@ pub struct Opts {
     /// Load generator threads (one leaves the other CPU to the daemon on a 2-CPU host).
     #[arg(long, default_value_t = 1)]
     pub event_threads: usize,
+    /// No CPU profile of the daemon during an extra storm (bpftrace).
+    #[arg(long)]
+    pub no_profile: bool,
     /// OOM kills caused, one after another.
     #[arg(long, default_value_t = 100)]
     pub kills: usize,
@@ -93,6 +96,8 @@ struct Storm {
     lost: f64,
     refused: f64,
     cpu: f64,
+    /// The part of `cpu` spent in the kernel (system time: ring reads, wake-ups, HTTP).
+    sys: f64,
     secs: f64,
 }
 
@@ -107,7 +112,9 @@ fn storm_round(sensor: &Served, o: &Opts) -> Result<Storm> {
     let (c0, t0) = (pid_cpu(sensor.pid())?, Instant::now());
     std::thread::sleep(Duration::from_secs(1));
     let idle_rate = (pid_cpu(sensor.pid())? - c0) / t0.elapsed().as_secs_f64();
+    let stat = format!("/proc/{}/stat", sensor.pid());
     let (c1, t1) = (pid_cpu(sensor.pid())?, Instant::now());
+    let (_, s1) = cpu_split(&stat)?;
     let out = in_fresh_netns(&[
         "bench-refuse".into(),
         "--threads".into(),
@@ -119,6 +126,7 @@ fn storm_round(sensor: &Served, o: &Opts) -> Result<Storm> {
     // The reader drains what the storm left in the rings; its CPU for that belongs here.
     std::thread::sleep(Duration::from_millis(700));
     let cpu = (pid_cpu(sensor.pid())? - c1 - idle_rate * t1.elapsed().as_secs_f64()).max(0.0);
+    let sys = cpu_split(&stat)?.1 - s1;
     let after = counters(sensor)?;
     let mut it = out.split_whitespace().map(str::parse::<u64>);
     let (Some(Ok(generated)), Some(Ok(other))) = (it.next(), it.next()) else {
@@ -131,6 +139,7 @@ fn storm_round(sensor: &Served, o: &Opts) -> Result<Storm> {
         lost: after[1] - before[1],
         refused: after[2] - before[2],
         cpu,
+        sys,
         secs,
     })
 }
@@ -159,6 +168,12 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
         );
         rounds.push(s);
     }
+    let profile = if o.no_profile {
+        None
+    } else {
+        eprintln!("==> one more storm with a CPU profile of the daemon (bpftrace, 499 Hz)");
+        Some(profile_storm(&sensor, o)?)
+    };
     drop(sensor);
     let per: Vec<f64> = rounds.iter().map(Storm::us_per_event).collect();
     let rate: Vec<f64> = rounds.iter().map(|s| s.events / s.secs).collect();
@@ -193,6 +208,11 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     t.push_str(&line("**daemon CPU per kernel event, µs**", per, 3));
     t.push_str(&line("kernel events decoded per second", rate, 0));
     t.push_str(&line(
+        "of which in the kernel (system time), %",
+        rounds.iter().map(|s| 100.0 * s.sys / s.cpu.max(1e-9)).collect(),
+        0,
+    ));
+    t.push_str(&line(
         "daemon CPU, % of one core",
         rounds.iter().map(|s| 100.0 * s.cpu / s.secs).collect(),
         1,
@@ -211,11 +231,90 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
             s.us_per_event()
         ));
     }
+    if let Some(p) = &profile {
+        t.push_str(&profile_table(p));
+    }
     t.push_str(&format!(
         "\nReproduce: `cargo xtask bench events --event-rounds {} --event-seconds {} --event-threads {}`.\n",
         o.event_rounds, o.event_seconds, o.event_threads
     ));
     store(root, "events", &m, &rows, &t)
+}
+
+/// Samples per function of the daemon during one more storm (not a measured round): bpftrace's
+/// `profile` at 499 Hz on every thread of the daemon, keyed by the innermost user-space frame,
+/// which for samples in the kernel is the function that made the system call.
+fn profile_storm(sensor: &Served, o: &Opts) -> Result<Vec<(String, u64)>> {
+    let script = format!("profile:hz:499 /pid == {}/ {{ @[ustack(1)] = count(); }}", sensor.pid());
+    let mut bt = Command::new("bpftrace")
+        .args(["-e", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start bpftrace")?;
+    let mut out = BufReader::new(bt.stdout.take().context("bpftrace stdout")?);
+    let mut first = String::new();
+    out.read_line(&mut first)?;
+    if !first.contains("Attaching") {
+        crate::net::stop_child(bt, libc::SIGKILL);
+        bail!("bpftrace did not attach: {first}");
+    }
+    let storm = in_fresh_netns(&[
+        "bench-refuse".into(),
+        "--threads".into(),
+        o.event_threads.to_string(),
+        "--seconds".into(),
+        o.event_seconds.to_string(),
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child; bpftrace prints its maps on SIGINT.
+    unsafe { libc::kill(bt.id() as i32, libc::SIGINT) };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut out, &mut text)?;
+    let _ = bt.wait();
+    storm?;
+    Ok(parse_profile(&text))
+}
+
+/// bpftrace's `@[ustack(1)]` map (`@[\n    sym+off\n]: N`) as (demangled function, samples),
+/// largest first.
+fn parse_profile(text: &str) -> Vec<(String, u64)> {
+    let mut by: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut frame = String::new();
+    for l in text.lines().map(str::trim) {
+        if let Some(n) = l.strip_prefix("]: ").or_else(|| l.strip_prefix("@[]: ")) {
+            let name = if frame.is_empty() {
+                "(no user frame)".to_string()
+            } else {
+                std::mem::take(&mut frame)
+            };
+            *by.entry(name).or_default() += n.trim().parse::<u64>().unwrap_or(0);
+        } else if !l.is_empty() && !l.starts_with('@') {
+            let sym = l.split('+').next().unwrap_or(l);
+            frame = format!("{:#}", rustc_demangle::demangle(sym));
+        }
+    }
+    let mut v: Vec<(String, u64)> = by.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v
+}
+
+fn profile_table(p: &[(String, u64)]) -> String {
+    let total: u64 = p.iter().map(|x| x.1).sum();
+    let mut t = format!(
+        "\nWhere the daemon's CPU goes during a storm: {total} samples of bpftrace's `profile:hz:499` on the \
+         daemon's threads during one more storm (not a measured round), by innermost user-space frame (for a \
+         sample in the kernel, the function that made the system call); the 15 largest:\n\n\
+         | function | samples | share |\n|---|---|---|\n"
+    );
+    for (f, n) in p.iter().take(15) {
+        t.push_str(&format!(
+            "| `{}` | {n} | {:.1}% |\n",
+            f.replace('|', "\\|"),
+            100.0 * *n as f64 / total.max(1) as f64
+        ));
+    }
+    t
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -435,6 +534,20 @@ fn oom_report(o: &Opts, s: &Seen) -> (Vec<Row>, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bpftrace_profile_is_summed_per_demangled_function() {
+        let text = "Attaching 1 probe...\n\n@[\n    _ZN4core3ptr13drop_in_place17h0123456789abcdefE+10\n]: 3\n\
+                    @[\n    _ZN4core3ptr13drop_in_place17h0123456789abcdefE+22\n]: 2\n@[\n    epoll_wait+71\n]: 7\n@[]: 1\n";
+        assert_eq!(
+            parse_profile(text),
+            [
+                ("epoll_wait".to_string(), 7),
+                ("core::ptr::drop_in_place".to_string(), 5),
+                ("(no user frame)".to_string(), 1)
+            ]
+        );
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

@@ -66,6 +66,11 @@ pub fn clk_tck() -> f64 {
 
 /// utime + stime in seconds from a /proc/.../stat file.
 pub fn cpu_seconds(stat: &str) -> Result<f64> {
+    cpu_split(stat).map(|(u, s)| u + s)
+}
+
+/// (utime, stime) in seconds from a /proc/.../stat file.
+pub fn cpu_split(stat: &str) -> Result<(f64, f64)> {
     let text = std::fs::read_to_string(stat).with_context(|| format!("read {stat}"))?;
     // The command name may contain spaces and parentheses; the fields follow the last ')'.
     let rest = text.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
@@ -77,7 +82,7 @@ pub fn cpu_seconds(stat: &str) -> Result<f64> {
             .parse::<u64>()
             .with_context(|| format!("{stat}: field {}", i + 3))
     };
-    Ok((num(11)? + num(12)?) as f64 / clk_tck())
+    Ok((num(11)? as f64 / clk_tck(), num(12)? as f64 / clk_tck()))
 }
 
 pub fn pid_cpu(pid: u32) -> Result<f64> {
