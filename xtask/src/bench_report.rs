@@ -140,9 +140,28 @@ fn text(cmd: &mut Command) -> String {
         .unwrap_or_default()
 }
 
+/// Smoke runs (`--quick`) write their report under target/bench/ instead, so they never replace
+/// measured figures in docs/.
+static QUICK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_quick() {
+    QUICK.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// (results file, report) for this run.
+fn paths(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    if QUICK.load(std::sync::atomic::Ordering::Relaxed) {
+        let dir = root.join("target/bench");
+        let _ = std::fs::create_dir_all(&dir);
+        (dir.join("quick-results.json"), dir.join("benchmarks-quick.md"))
+    } else {
+        (root.join(RESULTS), root.join(REPORT))
+    }
+}
+
 /// Stores one benchmark's rows and section in the results file and regenerates the report.
 pub fn store(root: &Path, key: &str, machine: &str, rows: &[Row], body: &str) -> Result<()> {
-    let path = root.join(RESULTS);
+    let (path, report) = paths(root);
     let mut all: Value = std::fs::read_to_string(&path)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -150,7 +169,6 @@ pub fn store(root: &Path, key: &str, machine: &str, rows: &[Row], body: &str) ->
     update(&mut all, key, machine, rows, body);
     std::fs::write(&path, serde_json::to_string_pretty(&all)? + "\n")
         .with_context(|| format!("write {}", path.display()))?;
-    let report = root.join(REPORT);
     std::fs::write(&report, render(&all)).with_context(|| format!("write {}", report.display()))?;
     eprintln!("==> wrote {} and {}", path.display(), report.display());
     Ok(())

@@ -144,7 +144,8 @@ struct BenchArgs {
     /// Benchmarks to run (default: all).
     #[arg(value_enum)]
     what: Vec<Which>,
-    /// Smoke run: every duration and count cut to seconds (the numbers mean little).
+    /// Smoke run: every duration and count cut to seconds (the numbers mean little); writes
+    /// target/bench/benchmarks-quick.md, never docs/.
     #[arg(long)]
     quick: bool,
     #[command(flatten)]
@@ -279,6 +280,7 @@ fn bench_all(root: &Path, mut a: BenchArgs) -> Result<()> {
         ];
     }
     if a.quick {
+        bench_report::set_quick();
         a.tcp.quick();
         a.checks.quick();
         a.memory.quick();
@@ -314,7 +316,11 @@ fn bench_all(root: &Path, mut a: BenchArgs) -> Result<()> {
     step(&format!(
         "benchmarks done in {:.0} s; report: {}",
         started.elapsed().as_secs_f64(),
-        bench_report::REPORT
+        if a.quick {
+            "target/bench/benchmarks-quick.md"
+        } else {
+            bench_report::REPORT
+        }
     ));
     Ok(())
 }
