@@ -171,7 +171,7 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     let profile = if o.no_profile {
         None
     } else {
-        eprintln!("==> one more storm with a CPU profile of the daemon (bpftrace, 499 Hz)");
+        eprintln!("==> one more storm with a CPU profile of the daemon (bpftrace, 997 Hz, twice as long)");
         Some(profile_storm(&sensor, o)?)
     };
     drop(sensor);
@@ -242,10 +242,10 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
 }
 
 /// Samples per function of the daemon during one more storm (not a measured round): bpftrace's
-/// `profile` at 499 Hz on every thread of the daemon, keyed by the innermost user-space frame,
+/// `profile` at 997 Hz on every thread of the daemon, keyed by the innermost user-space frame,
 /// which for samples in the kernel is the function that made the system call.
 fn profile_storm(sensor: &Served, o: &Opts) -> Result<Vec<(String, u64)>> {
-    let script = format!("profile:hz:499 /pid == {}/ {{ @[ustack(1)] = count(); }}", sensor.pid());
+    let script = format!("profile:hz:997 /pid == {}/ {{ @[ustack(1)] = count(); }}", sensor.pid());
     let mut bt = Command::new("bpftrace")
         .args(["-e", &script])
         .stdout(Stdio::piped())
@@ -264,7 +264,7 @@ fn profile_storm(sensor: &Served, o: &Opts) -> Result<Vec<(String, u64)>> {
         "--threads".into(),
         o.event_threads.to_string(),
         "--seconds".into(),
-        o.event_seconds.to_string(),
+        (2.0 * o.event_seconds).to_string(),
     ]);
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: kill(2) on our own child; bpftrace prints its maps on SIGINT.
@@ -291,7 +291,7 @@ fn parse_profile(text: &str) -> Vec<(String, u64)> {
             *by.entry(name).or_default() += n.trim().parse::<u64>().unwrap_or(0);
         } else if !l.is_empty() && !l.starts_with('@') {
             let sym = l.split('+').next().unwrap_or(l);
-            frame = format!("{:#}", rustc_demangle::demangle(sym));
+            frame = tidy(&format!("{:#}", rustc_demangle::demangle(sym)));
         }
     }
     let mut v: Vec<(String, u64)> = by.into_iter().collect();
@@ -299,10 +299,38 @@ fn parse_profile(text: &str) -> Vec<(String, u64)> {
     v
 }
 
+/// A function name as bpftrace's own demangler may leave a legacy Rust symbol
+/// (`_$LT$a..B$GT$::f::h0123456789abcdef`) in Rust's spelling, without the hash.
+fn tidy(name: &str) -> String {
+    let mut n = name.to_string();
+    if let Some((head, hash)) = n.rsplit_once("::h") {
+        if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            n = head.to_string();
+        }
+    }
+    for (from, to) in [
+        ("$LT$", "<"),
+        ("$GT$", ">"),
+        ("$C$", ","),
+        ("$u20$", " "),
+        ("$RF$", "&"),
+        ("$BP$", "*"),
+        ("$u7b$", "{"),
+        ("$u7d$", "}"),
+        ("$u27$", "'"),
+        ("..", "::"),
+    ] {
+        n = n.replace(from, to);
+    }
+    n.strip_prefix('_')
+        .filter(|r| r.starts_with('<'))
+        .map_or(n.clone(), str::to_string)
+}
+
 fn profile_table(p: &[(String, u64)]) -> String {
     let total: u64 = p.iter().map(|x| x.1).sum();
     let mut t = format!(
-        "\nWhere the daemon's CPU goes during a storm: {total} samples of bpftrace's `profile:hz:499` on the \
+        "\nWhere the daemon's CPU goes during a storm: {total} samples of bpftrace's `profile:hz:997` on the \
          daemon's threads during one more storm (not a measured round), by innermost user-space frame (for a \
          sample in the kernel, the function that made the system call); the 15 largest:\n\n\
          | function | samples | share |\n|---|---|---|\n"
@@ -547,6 +575,19 @@ mod tests {
                 ("(no user frame)".to_string(), 1)
             ]
         );
+    }
+
+    #[test]
+    fn legacy_names_read_as_rust() {
+        assert_eq!(
+            tidy("_$LT$alloc..collections..btree..map..BTreeMap$LT$K$C$V$C$A$GT$$u20$as$u20$core..ops..drop..Drop$GT$::drop::h215ca57fb1e760f7"),
+            "<alloc::collections::btree::map::BTreeMap<K,V,A> as core::ops::drop::Drop>::drop"
+        );
+        assert_eq!(
+            tidy("sensor::events::EventHub::publish::hed20586444464fa2"),
+            "sensor::events::EventHub::publish"
+        );
+        assert_eq!(tidy("epoll_wait"), "epoll_wait");
     }
 
     #[test]
