@@ -107,11 +107,14 @@ pub fn machine() -> String {
         .unwrap_or_default();
     let os = std::fs::read_to_string("/etc/debian_version")
         .map_or_else(|_| "Linux".into(), |v| format!("Debian {}", v.trim()));
+    // Other work on the machine widens the spread between rounds: say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     format!(
-        "{cpus} CPUs ({model}), {mem} RAM, kernel {}, {os}; commit {}; {}",
+        "{cpus} CPUs ({model}), {mem} RAM, kernel {}, {os}; commit {}; {}; load average {} (1, 5 min) at the start",
         kernel.trim(),
         commit(),
-        text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+        text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        load.split_whitespace().take(2).collect::<Vec<_>>().join(", ")
     )
 }
 
