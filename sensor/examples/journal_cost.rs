@@ -1,4 +1,4 @@
-//! What the journal costs, as ratios in one run (docs/benchmarks.md): publishing an event with
+//! What the journal costs, as ratios in one run (docs/measurements.md): publishing an event with
 //! the journal against without it (the record path), the writer's throughput, and how long
 //! opening a full 64 MiB journal takes. `cargo run --release -p sensor --example journal_cost`.
 

@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: loopback connect-and-close rate with the sensor attached against the
+//! `cargo xtask bench tcp`: loopback connect-and-close rate with the sensor attached against the
 //! same without it, alternating in one run, plus an equivalent bpftrace latency histogram on the
 //! same tracepoint so our overhead sits next to a known tool's.
 
@@ -165,22 +165,33 @@ pub fn connect_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
 /// its TIME_WAIT limit (131,072 here): past it, closes skip TIME_WAIT, the peer's last segments
 /// draw resets, and a reused port's SYN can meet the old connection and wait 1 s to retry.
 fn isolated_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
+    let mut args = vec![
+        "bench-load".to_string(),
+        "--threads".into(),
+        threads.to_string(),
+        "--seconds".into(),
+        secs.to_string(),
+    ];
+    if close == Close::Rst {
+        args.push("--rst".into());
+    }
+    let stdout = in_fresh_netns(&args)?;
+    stdout
+        .trim()
+        .parse()
+        .with_context(|| format!("measurement printed no rate: {stdout:?}"))
+}
+
+/// Runs `cargo xtask ARGS` (this binary) in a network namespace of its own, loopback up and
+/// accept backlog and TIME_WAIT limit raised (see [`isolated_rate`]); returns its stdout.
+pub fn in_fresh_netns(args: &[String]) -> Result<String> {
     let exe = std::env::current_exe().context("xtask's own path")?;
     let mut cmd = Command::new("unshare");
     let setup = "ip link set lo up && sysctl -qw net.core.somaxconn=65535 net.ipv4.tcp_max_syn_backlog=65535 \
                  net.ipv4.tcp_max_tw_buckets=1000000 && exec \"$@\"";
-    cmd.args(["--net", "--", "sh", "-c", setup, "sh"]).arg(&exe).args([
-        "bench-load",
-        "--threads",
-        &threads.to_string(),
-        "--seconds",
-        &secs.to_string(),
-    ]);
-    if close == Close::Rst {
-        cmd.arg("--rst");
-    }
+    cmd.args(["--net", "--", "sh", "-c", setup, "sh"]).arg(&exe).args(args);
     let out = cmd.output().context("run unshare (util-linux) and ip (iproute2)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
             "measurement in a new network namespace failed ({}): {}{}",
@@ -189,10 +200,7 @@ fn isolated_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    stdout
-        .trim()
-        .parse()
-        .with_context(|| format!("measurement printed no rate: {stdout:?}"))
+    Ok(stdout)
 }
 
 /// Starts what `mode` measures and returns it once attached.
@@ -337,20 +345,46 @@ fn rows(label: &str, rates: &[[f64; 3]]) -> (String, f64) {
     )
 }
 
-pub fn run(root: &Path, rounds: usize, secs: f64, threads: usize) -> Result<()> {
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "bench_opts")]
+pub struct Opts {
+    /// TCP: rounds of baseline / sensor / bpftrace; the report gives the median ratio.
+    #[arg(long, default_value_t = 15)]
+    pub tcp_rounds: usize,
+    /// TCP: seconds per measurement.
+    #[arg(long, default_value_t = 2.0)]
+    pub tcp_seconds: f64,
+    /// TCP: client threads.
+    #[arg(long, default_value_t = 2)]
+    pub tcp_threads: usize,
+}
+
+impl Opts {
+    pub fn quick(&mut self) {
+        self.tcp_rounds = 2;
+        self.tcp_seconds = 1.0;
+    }
+}
+
+pub fn run(root: &Path, o: &Opts) -> Result<()> {
+    let (rounds, secs, threads) = (o.tcp_rounds.max(1), o.tcp_seconds, o.tcp_threads.max(1));
     // SENSOR_BENCH_SENSOR compares another build (e.g. an experiment) against the same baseline.
     let sensor = std::env::var_os("SENSOR_BENCH_SENSOR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/release/sensor"));
+    let m = crate::bench_report::machine();
+    eprintln!("==> bench tcp on {m}");
+    // The sensor and bpftrace load BPF.
+    let lock = crate::bench_kit::KernelLock::acquire("bench tcp")?;
     let fin = measure(&sensor, rounds, secs, threads, Close::Fin)?;
     let rst = measure(&sensor, rounds, secs, threads, Close::Rst)?;
+    drop(lock);
     let (fin_rows, fin_med) = rows("close (FIN)", &fin);
     let (rst_rows, rst_med) = rows("abortive close (RST)", &rst);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let report = format!(
-        "## TCP connect overhead\n\n\
-         Loopback connect-and-close with {threads} client threads, {secs} s per measurement, {rounds} rounds \
+        "Loopback connect-and-close with {threads} client threads, {secs} s per measurement, {rounds} rounds \
          alternating baseline / sensor / bpftrace (order rotated each round), on kernel {} with {cpus} CPUs. \
          Ratios are the rate with the tool attached over the baseline of the same round. Each measurement \
          runs in a network namespace of its own (`unshare --net`, accept backlog and TIME_WAIT limit raised), \
@@ -364,16 +398,30 @@ pub fn run(root: &Path, rounds: usize, secs: f64, threads: usize) -> Result<()> 
          The sensor runs with its default configuration (all probes: OOM, memcg, TCP counters, latency and RTT \
          histograms per workload and destination, reset and retransmit counters, failure events) and uses raw \
          tracepoints; the bpftrace script keeps only a global connect-latency histogram on the classic \
-         tracepoint:\n\n```\n{}\n```\n",
+         tracepoint:\n\n```\n{}\n```\n\n\
+         Reproduce: `cargo xtask bench tcp --tcp-rounds {rounds} --tcp-seconds {secs} --tcp-threads {threads}`; \
+         the history of this figure (harness fixes, A/B runs) is in [tcp-overhead.md](tcp-overhead.md).\n",
         kernel.trim(),
         BPFTRACE.trim()
     );
     println!("{report}");
-    let path = root.join("docs/benchmarks.md");
-    let header =
-        "# Benchmarks\n\nGenerated by `cargo xtask bench`; numbers from the last run on the machine named.\n\n";
-    std::fs::write(&path, format!("{header}{report}")).with_context(|| format!("write {}", path.display()))?;
-    eprintln!("==> wrote {}", path.display());
+    let bpf_med = |r: &[[f64; 3]]| stats(r.iter().map(|x| x[2] / x[0]).collect()).1;
+    let summary = |what: &str, med: f64, bpf: f64| {
+        crate::bench_report::Row::measured(
+            &format!("loopback connect rate with the sensor / without, {what}"),
+            med,
+            "",
+            3,
+            &format!("bpftrace histogram {bpf:.3}"),
+            crate::bench_report::Goal::AtLeast(0.97),
+            "≥ 0.97",
+        )
+    };
+    let summary_rows = [
+        summary("close (FIN)", fin_med, bpf_med(&fin)),
+        summary("abortive close (RST)", rst_med, bpf_med(&rst)),
+    ];
+    crate::bench_report::store(root, "tcp", &m, &summary_rows, &report)?;
     for (what, med) in [("close (FIN)", fin_med), ("abortive close (RST)", rst_med)] {
         if med < 0.97 {
             eprintln!("==> the sensor's median connect-rate ratio for {what} is {med:.3}, below the 0.97 target");

@@ -1,4 +1,4 @@
-//! `cargo xtask bench-checks`: synthetic HTTP checks against a local target, as probes per
+//! `cargo xtask bench checks`: synthetic HTTP checks against a local target, as probes per
 //! CPU-second of the sensor next to prometheus-blackbox-exporter probing the same target at the
 //! same offered rate (rounds alternate in one run), plus the daemon's RSS with 1,000 checks.
 //!
@@ -24,7 +24,12 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     bench::stats,
-    net::{free_port, http_get, stop_child},
+    bench_kit::{
+        clk_tck, command_text, cpu_seconds, find_in_path, loadavg, metric_sum, mib, pid_cpu, rss_kib, wait_http_ok,
+        Served,
+    },
+    bench_report::{demote_headings, machine, store, Goal, Row},
+    net::{free_port, stop_child},
 };
 
 const BLACKBOX: &str = "prometheus-blackbox-exporter";
@@ -45,18 +50,19 @@ const TARGET_THREADS: usize = 4;
 const WARMUP: Duration = Duration::from_secs(2);
 
 #[derive(clap::Args, Debug, Clone)]
+#[group(id = "bench_checks_opts")]
 pub struct Opts {
     /// Sensor and blackbox_exporter measurements each (alternating).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long = "checks-rounds", default_value_t = 5)]
     rounds: usize,
     /// Seconds per measurement window.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long = "checks-seconds", default_value_t = 5.0)]
     seconds: f64,
     /// Checks in the sensor's config; also the number of driver workers for blackbox_exporter.
     #[arg(long, default_value_t = 50)]
     checks: usize,
     /// Offered probes per second, the same for both (each check's interval is checks / rate).
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(long = "checks-rate", default_value_t = 1000.0)]
     rate: f64,
     /// Checks for the RSS measurement (interval 10s).
     #[arg(long, default_value_t = 1000)]
@@ -70,51 +76,13 @@ pub struct Opts {
     pub with_static: bool,
 }
 
-// ---------------------------------------------------------------------------------------------
-// /proc helpers
-
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
+impl Opts {
+    pub fn quick(&mut self) {
+        self.rounds = 1;
+        self.seconds = 2.0;
+        self.rss_checks = 100;
+        self.rss_wait = 5.0;
     }
-}
-
-/// utime + stime in seconds from a /proc/.../stat file.
-fn cpu_seconds(stat: &str) -> Result<f64> {
-    let text = std::fs::read_to_string(stat).with_context(|| format!("read {stat}"))?;
-    // The command name may contain spaces and parentheses; the fields follow the last ')'.
-    let rest = text.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime and stime are fields 14 and 15.
-    let num = |i: usize| -> Result<u64> {
-        f.get(i)
-            .context("short stat")?
-            .parse::<u64>()
-            .with_context(|| format!("{stat}: field {}", i + 3))
-    };
-    Ok((num(11)? + num(12)?) as f64 / clk_tck())
-}
-
-fn pid_cpu(pid: u32) -> Result<f64> {
-    cpu_seconds(&format!("/proc/{pid}/stat"))
-}
-
-/// VmRSS and VmHWM in KiB.
-fn rss_kib(pid: u32) -> Result<(u64, u64)> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    let field = |key: &str| -> Result<u64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {key} in {path}"))
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -216,22 +184,6 @@ fn serve(mut s: TcpStream) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // HTTP clients: one-shot (metrics, readiness) and keep-alive (the blackbox driver).
-
-fn wait_http_ok(addr: SocketAddr, path: &str, child: &mut Child, what: &str) -> Result<()> {
-    let t = Instant::now();
-    loop {
-        if matches!(http_get(addr, path), Ok((200, _))) {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!("{what} exited with {status} before it was ready");
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("{what} did not answer {path} with 200 within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// One persistent HTTP/1.1 connection.
 struct KeepAlive {
@@ -340,62 +292,25 @@ fn sensor_config(target: &str, checks: usize, interval: Duration) -> String {
     cfg
 }
 
-struct Sensor {
-    child: Option<Child>,
-    addr: SocketAddr,
-}
+/// `sensor run --config FILE` (the shared [`Served`] daemon) and its check counters.
+struct Sensor(Served);
 
 impl Sensor {
     fn start(bin: &Path, config: &Path, log: &Path) -> Result<Sensor> {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let log = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-        let mut child = Command::new(bin)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .args(["--listen", &addr.to_string()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("start {}", bin.display()))?;
-        if let Err(e) = wait_http_ok(addr, "/readyz", &mut child, "the sensor") {
-            stop_child(child, libc::SIGKILL);
-            return Err(e);
-        }
-        Ok(Sensor {
-            child: Some(child),
-            addr,
-        })
+        let config = config.to_str().context("config path is not UTF-8")?;
+        Served::sensor(bin, &["--config", config], log).map(Sensor)
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.0.pid()
     }
 
     /// `sensor_check_runs_total` summed over checks: (success, failure).
     fn runs(&self) -> Result<(u64, u64)> {
-        let (status, body) = http_get(self.addr, "/metrics")?;
-        if status != 200 {
-            bail!("sensor /metrics answered {status}");
-        }
-        let (mut ok, mut failed) = (0.0, 0.0);
-        for l in body.lines().filter(|l| l.starts_with("sensor_check_runs_total{")) {
-            let v: f64 = l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            if l.contains("result=\"success\"") {
-                ok += v;
-            } else {
-                failed += v;
-            }
-        }
+        let body = self.0.metrics()?;
+        let ok = metric_sum(&body, "sensor_check_runs_total", &["result=\"success\""]);
+        let failed = metric_sum(&body, "sensor_check_runs_total", &["result=\"failure\""]);
         Ok((ok as u64, failed as u64))
-    }
-}
-
-impl Drop for Sensor {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.take() {
-            stop_child(c, libc::SIGINT);
-        }
     }
 }
 
@@ -680,52 +595,9 @@ fn measure_rss(env: &Env, prober: Prober, checks: usize, wait: f64) -> Result<Rs
 // ---------------------------------------------------------------------------------------------
 // Setup.
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 fn ensure_blackbox() -> Result<PathBuf> {
-    if let Some(p) = find_in_path(BLACKBOX) {
-        return Ok(p);
-    }
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", BLACKBOX])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            // apt's progress goes to stderr with ours; stdout is the report.
-            .stdout(std::io::stderr())
-            .status()
-            .context("cannot run apt-get")
-    };
-    eprintln!("==> {BLACKBOX} not found: apt-get install -y {BLACKBOX}");
-    if !install()?.success() {
-        eprintln!("==> install failed: apt-get update, then retrying");
-        crate::run(
-            Command::new("apt-get")
-                .args(["update", "-qq"])
-                .stdout(std::io::stderr()),
-        )?;
-        if !install()?.success() {
-            bail!("apt-get install {BLACKBOX} failed");
-        }
-    }
-    find_in_path(BLACKBOX).with_context(|| format!("{BLACKBOX} still not on PATH after installing it"))
-}
-
-fn command_text(cmd: &mut Command) -> String {
-    cmd.output()
-        .map(|o| {
-            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
-            s.push_str(&String::from_utf8_lossy(&o.stderr));
-            s
-        })
-        .unwrap_or_default()
+    // `cargo xtask bench` installs the bench dependencies (xtask/src/deps.rs) first.
+    find_in_path(BLACKBOX).with_context(|| format!("{BLACKBOX} not installed (cargo xtask deps --bench)"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -736,16 +608,13 @@ fn row(label: &str, v: Vec<f64>, decimals: usize) -> String {
     format!("| {label} | {a:.decimals$} | {b:.decimals$} | {c:.decimals$} |\n")
 }
 
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
 /// `sensor` is the glibc release build; `sensor_static` the static one, measured alongside.
 pub fn run(root: &Path, sensor: &Path, sensor_static: Option<&Path>, o: &Opts) -> Result<()> {
     let positive = |x: f64| x.is_finite() && x > 0.0;
     if o.rounds == 0 || o.checks == 0 || o.rss_checks == 0 || !positive(o.rate) || !positive(o.seconds) {
-        bail!("--rounds, --checks, --rss-checks, --rate and --seconds must be positive");
+        bail!("--checks-rounds, --checks, --rss-checks, --checks-rate and --checks-seconds must be positive");
     }
+    eprintln!("==> bench checks on {}", machine());
     let blackbox = ensure_blackbox()?;
     let bb_version = command_text(Command::new(&blackbox).arg("--version"))
         .lines()
@@ -867,11 +736,52 @@ pub fn run(root: &Path, sensor: &Path, sensor_static: Option<&Path>, o: &Opts) -
     let load = [load_start, loadavg()];
     let report = render(o, &bb_version, interval, &samples, &rss, load);
     println!("{report}");
-    let path = root.join("docs/benchmarks-checks.md");
-    std::fs::write(&path, report).with_context(|| format!("write {}", path.display()))?;
-    eprintln!("==> wrote {}", path.display());
     summary(o, &samples, &rss);
-    Ok(())
+    // The document's title and preamble give way to the report's section heading.
+    let body = report
+        .split_once("\n\nMachine: ")
+        .map_or(report.clone(), |(_, rest)| format!("Machine: {rest}"));
+    store(
+        root,
+        "checks",
+        &machine(),
+        &summary_rows(samples.as_slice(), &rss),
+        &demote_headings(&body),
+    )
+}
+
+/// The report's summary rows: probes per CPU-second against blackbox_exporter, RSS with many checks.
+fn summary_rows(samples: &[Sample], rss: &[RssResult]) -> Vec<Row> {
+    let med = |p: Prober| stats(samples.iter().filter(|s| s.prober == p).map(Sample::per_cpu).collect()).1;
+    let ratio = stats(ratios(samples, Prober::Sensor, Prober::Blackbox)).1;
+    let mut rows = vec![Row::measured(
+        "HTTP check probes per CPU-second (same target, same offered rate)",
+        med(Prober::Sensor),
+        "",
+        0,
+        &format!(
+            "blackbox_exporter {:.0} (sensor / blackbox_exporter {ratio:.2})",
+            med(Prober::Blackbox)
+        ),
+        Goal::None,
+        "-",
+    )];
+    if let Some(r) = rss
+        .iter()
+        .filter(|r| r.prober == Prober::Sensor)
+        .max_by_key(|r| r.checks)
+    {
+        rows.push(Row::measured(
+            &format!("RSS with {} HTTP checks (kernel probes off)", r.checks),
+            mib(r.rss_kib),
+            " MiB",
+            1,
+            "-",
+            Goal::None,
+            "-",
+        ));
+    }
+    rows
 }
 
 /// The headline numbers, and a warning when either prober fell short of the offered rate.
@@ -947,14 +857,6 @@ fn summary(o: &Opts, samples: &[Sample], rss: &[RssResult]) {
     }
 }
 
-/// The 1-minute load average: other work on the machine widens the spread of the rounds.
-fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(f64::NAN)
-}
-
 fn render(
     o: &Opts,
     bb_version: &str,
@@ -988,7 +890,7 @@ fn render(
     let mut t = String::new();
     t.push_str("# Benchmarks: synthetic checks\n\n");
     t.push_str(
-        "Generated by `cargo xtask bench-checks`; numbers from the last run on the machine named. \
+        "Generated by `cargo xtask bench checks`; numbers from the last run on the machine named. \
          This is a benchmark, not a test: nothing here fails a build.\n\n",
     );
     t.push_str(&format!(
@@ -1214,8 +1116,8 @@ fn render(
     t.push_str(&format!(
         "\n## Reproduce\n\n\
          As root on Debian (installs `{BLACKBOX}` with apt-get when it is missing; the sensor needs no privileges \
-         here):\n\n```\ncargo xtask bench-checks --rounds {} --seconds {} --checks {} --rate {} --rss-checks {} \
-         --rss-wait {}{}\n```\n\nConfigs and logs of the last run are left in `target/bench-checks/`.\n",
+         here):\n\n```\ncargo xtask bench checks --checks-rounds {} --checks-seconds {} --checks {} --checks-rate {} \
+         --rss-checks {} --rss-wait {}{}\n```\n\nConfigs and logs of the last run are left in `target/bench-checks/`.\n",
         o.rounds,
         o.seconds,
         o.checks,

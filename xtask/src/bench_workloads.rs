@@ -21,6 +21,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::bench_report::{Goal, Row};
 use crate::net::{free_port, http_get, loopback, stop_child};
 
 const IMAGE: &str = "localhost/sensor-victim:busybox";
@@ -30,14 +31,22 @@ const LOCK: &str = "/tmp/sensor-kernel-tests.lock";
 pub struct Opts {
     /// Containers created (not started) whose cgroups the daemon discovers and names, for
     /// latency, CPU and memory; a quarter of them podman's, the rest containerd's.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long = "workloads-cached", default_value_t = 400)]
     pub cached: usize,
     /// Kubelet-style containers started and OOM-killed one after the other.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long = "workloads-churn", default_value_t = 200)]
     pub churn: usize,
     /// Seconds each of the two daemons runs after the cgroups appear.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long = "workloads-window", default_value_t = 20.0)]
     pub window: f64,
+}
+
+impl Opts {
+    pub fn quick(&mut self) {
+        self.cached = 40;
+        self.churn = 10;
+        self.window = 5.0;
+    }
 }
 
 fn hex(bytes: usize) -> Result<String> {
@@ -493,7 +502,11 @@ fn churn(env: &mut Env, sensor: &Path, n: usize) -> Result<(f64, f64)> {
 }
 
 /// Runs the benchmark with the `sensor` binary (a release build) and prints the report.
-pub fn run(sensor: &Path, o: &Opts) -> Result<()> {
+pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
+    use std::fmt::Write as _;
+    let machine = crate::bench_report::machine();
+    eprintln!("{machine}");
+    let mut md = String::new();
     let _lock = kernel_lock()?;
     let mut env = Env::start()?;
     let ids = env.create(o.cached)?;
@@ -506,16 +519,15 @@ pub fn run(sensor: &Path, o: &Opts) -> Result<()> {
     let named = cached_run(&env, sensor, &ids, &rts, "named", o.window)?;
     let (kills, named_kills) = churn(&mut env, sensor, o.churn)?;
 
-    println!("### Workload names (`cargo xtask bench workloads`)\n");
-    println!(
+    writeln!(md, 
         "{} containers created (3/4 containerd, 1/4 podman), their cgroups made at once; the daemon \
          (discovery every 200 ms) named {} of them with {} lookups in {} s.\n",
         ids.len(),
         named.named,
         named.lookups,
         o.window
-    );
-    println!("| runtime | answer | lookups | p50 | p99 |\n|---|---|---|---|---|");
+    )?;
+    writeln!(md, "| runtime | answer | lookups | p50 | p99 |\n|---|---|---|---|---|")?;
     let mut keys: Vec<(String, String)> = named.answers.iter().map(|(r, s, _)| (r.clone(), s.clone())).collect();
     keys.sort();
     keys.dedup();
@@ -528,11 +540,11 @@ pub fn run(sensor: &Path, o: &Opts) -> Result<()> {
             .collect();
         let n = v.len();
         let (p50, p99) = (percentile(&mut v, 0.5), percentile(&mut v, 0.99));
-        println!("| {rt} | {res} | {n} | {:.2} ms | {:.2} ms |", p50 * 1e3, p99 * 1e3);
+        writeln!(md, "| {rt} | {res} | {n} | {:.2} ms | {:.2} ms |", p50 * 1e3, p99 * 1e3)?;
     }
     let cpu_per_lookup = (named.cpu - anchor.cpu) / named.lookups.max(1.0);
     let bytes_per_name = (named.rss_delta_kib - anchor.rss_delta_kib) * 1024.0 / named.named.max(1.0);
-    println!(
+    writeln!(md, 
         "\n| measure | value |\n|---|---|\n\
          | daemon CPU per lookup (named run minus anchor run without runtimes, same cgroups) | {:.3} ms ({:.3} s vs {:.3} s) |\n\
          | memory per cached workload (RSS growth, named minus anchor) | {:.0} bytes ({:.0} KiB vs {:.0} KiB) |\n\
@@ -547,6 +559,21 @@ pub fn run(sensor: &Path, o: &Opts) -> Result<()> {
         named_kills,
         kills,
         100.0 * named_kills / kills.max(1.0)
-    );
-    Ok(())
+    )?;
+    let share = 100.0 * named_kills / kills.max(1.0);
+    let rows = [
+        Row::measured(
+            &format!("kills named in a churn of {} containers", o.churn),
+            share,
+            "%",
+            1,
+            "-",
+            Goal::AtLeast(100.0),
+            "100%",
+        ),
+        Row::measured("daemon CPU per runtime lookup", cpu_per_lookup * 1e3, " ms", 3, "-", Goal::None, "-"),
+        Row::measured("memory per cached workload name", bytes_per_name, " B", 0, "-", Goal::None, "-"),
+    ];
+    print!("{md}");
+    crate::bench_report::store(root, "workloads", &machine, &rows, &md)
 }

@@ -44,6 +44,18 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "protobuf-compiler",
 ];
 
+/// What `cargo xtask bench` compares against and drives, installed before it runs (not by
+/// `deps`, since the tests need none of it): bpftrace (the TCP benchmark's anchor),
+/// prometheus-node-exporter (memory and scrape anchors), prometheus-blackbox-exporter (the checks
+/// anchor), iproute2 and util-linux (`ip`, `unshare`: load in network namespaces of its own).
+pub const BENCH_PACKAGES: &[&str] = &[
+    "bpftrace",
+    "prometheus-node-exporter",
+    "prometheus-blackbox-exporter",
+    "iproute2",
+    "util-linux",
+];
+
 /// kubernetes-validate (PyPI) bundles the Kubernetes JSON schemas, so the manifest test
 /// (sensor/tests/deploy.rs, deploy/kubernetes/validate.py) validates offline. Pinned, in a venv
 /// under target/ so it touches neither Debian's Python nor the network once installed.
@@ -63,8 +75,17 @@ pub fn install() -> Result<()> {
     }
 }
 
+/// Installs whatever of [`BENCH_PACKAGES`] is missing; a no-op when all is there.
+pub fn install_bench() -> Result<()> {
+    install_debian(BENCH_PACKAGES, "the benchmarks")
+}
+
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    install_debian(DEBIAN_PACKAGES, "the tests")
+}
+
+fn install_debian(packages: &[&str], users: &str) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -74,7 +95,7 @@ fn debian_packages() -> Result<()> {
             );
         }
         step(&format!(
-            "installing Debian packages the tests use: {}",
+            "installing Debian packages {users} use: {}",
             missing.join(" ")
         ));
         run(Command::new("apt-get").args(["update", "-qq"]))?;

@@ -1,5 +1,5 @@
-//! Project tasks: `cargo xtask setup | deps | build-ebpf | dist | image | run | test | lint | bench |
-//! bench-checks | demo | fuzz | soak`.
+//! Project tasks: `cargo xtask setup | deps | build-ebpf | dist | image | run | test | lint |
+//! bench [tcp|checks|memory|scrape|events|oom-latency|workloads|all] | demo | fuzz | soak`.
 //!
 //! `run` and `test` call `setup` themselves, and `test` also `deps`, so a fresh machine needs
 //! nothing else.
@@ -15,6 +15,10 @@ use std::{
 mod bench;
 mod bench_checks;
 mod bench_workloads;
+mod bench_events;
+mod bench_kit;
+mod bench_memory;
+mod bench_report;
 mod demo;
 mod deps;
 mod fuzz;
@@ -43,7 +47,12 @@ enum Cmd {
     Setup,
     /// Install what the tests use beyond Rust (Debian packages as root, the manifest
     /// validator's venv under target/); idempotent. `test` and `.ci/run` run it.
-    Deps,
+    Deps {
+        /// Also what the benchmarks compare against (bpftrace, node_exporter, blackbox_exporter);
+        /// `cargo xtask bench` installs these itself.
+        #[arg(long)]
+        bench: bool,
+    },
     /// Build the kernel programs for bpfel-unknown-none and print the object's path.
     BuildEbpf,
     /// Build the fully static (musl), stripped release daemon (eBPF object embedded) and write it
@@ -85,17 +94,11 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Connect-rate overhead of the sensor vs. baseline and bpftrace; writes docs/benchmarks.md.
-    Bench {
-        /// Rounds of baseline / sensor / bpftrace; the report gives the median ratio.
-        #[arg(long, default_value_t = 21)]
-        rounds: usize,
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 2.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-    },
+    /// Benchmarks with real load, each against an anchor measured in the same run where one
+    /// exists; installs the anchors first (bpftrace, node_exporter, blackbox_exporter) and writes
+    /// one report, docs/benchmarks.md (from docs/bench-results.json: a partial run updates only
+    /// its own section and summary rows).
+    Bench(BenchArgs),
     /// One loopback connect-rate measurement; `bench` runs it in a fresh network namespace.
     #[command(hide = true)]
     BenchLoad {
@@ -107,13 +110,6 @@ enum Cmd {
         #[arg(long)]
         rst: bool,
     },
-    /// Synthetic HTTP checks: probes per CPU-second vs. prometheus-blackbox-exporter on one local
-    /// target, and RSS with 1,000 checks; writes docs/benchmarks-checks.md.
-    BenchChecks(bench_checks::Opts),
-    /// Workload names from the container runtimes: lookup latency per runtime, daemon CPU per
-    /// lookup, memory per cached workload, kills named in a container churn (Markdown on
-    /// stdout). The lead folds it into `bench` subcommands.
-    BenchWorkloads(bench_workloads::Opts),
     /// Build the cargo-fuzz targets (sensor/fuzz) and run each for `--seconds`; prints
     /// executions, coverage and crashes per target and fails on any crash.
     Fuzz(fuzz::Opts),
@@ -124,6 +120,58 @@ enum Cmd {
     /// The soak's connect load (run by `soak` inside its network namespace and cgroup).
     #[command(hide = true)]
     SoakLoad,
+    /// The events benchmark's load generator: refused connects to a closed loopback port (run in
+    /// a fresh network namespace); prints `refused other`.
+    #[command(hide = true)]
+    BenchRefuse {
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        seconds: f64,
+    },
+}
+
+/// One benchmark of `cargo xtask bench`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    /// Connect-rate overhead vs. baseline and bpftrace.
+    Tcp,
+    /// Synthetic HTTP checks vs. blackbox_exporter, RSS with 1,000 checks.
+    Checks,
+    /// Daemon RSS idle, peak, with 1,000 workloads after 10,000 created and removed.
+    Memory,
+    /// /metrics with 1,000 active workloads vs. node_exporter's per-series cost.
+    Scrape,
+    /// Userspace CPU per kernel event (connect-failure storm).
+    Events,
+    /// OOM kill -> /api/v1/events, `sensor events` stdout and /metrics.
+    OomLatency,
+    /// Workload names from podman and a private containerd: lookup latency per runtime, daemon
+    /// CPU per lookup, memory per cached name, share of kills named in a container churn.
+    Workloads,
+    /// Every benchmark above, in this order.
+    All,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Benchmarks to run (default: all).
+    #[arg(value_enum)]
+    what: Vec<Which>,
+    /// Smoke run: every duration and count cut to seconds (the numbers mean little); writes
+    /// target/bench/benchmarks-quick.md, never docs/.
+    #[arg(long)]
+    quick: bool,
+    #[command(flatten)]
+    tcp: bench::Opts,
+    #[command(flatten)]
+    checks: bench_checks::Opts,
+    #[command(flatten)]
+    memory: bench_memory::Opts,
+    #[command(flatten)]
+    events: bench_events::Opts,
+    #[command(flatten)]
+    workloads: bench_workloads::Opts,
 }
 
 fn main() -> ExitCode {
@@ -146,7 +194,13 @@ fn real_main() -> Result<()> {
             setup()?;
             image::setup_static()
         }
-        Cmd::Deps => deps::install(),
+        Cmd::Deps { bench } => {
+            deps::install()?;
+            if bench {
+                deps::install_bench()?;
+            }
+            Ok(())
+        }
         Cmd::BuildEbpf => build_ebpf(&root),
         Cmd::Dist { out } => image::dist(&root, &out).map(|_| ()),
         Cmd::Image => image::image(&root),
@@ -181,36 +235,16 @@ fn real_main() -> Result<()> {
                 &skip_log,
             )
         }
-        Cmd::Bench {
-            rounds,
-            seconds,
-            threads,
-        } => {
-            setup()?;
-            build_release(&root)?;
-            bench::run(&root, rounds.max(1), seconds, threads.max(1))
-        }
+        Cmd::Bench(args) => bench_all(&root, args),
         Cmd::BenchLoad { threads, seconds, rst } => {
             let close = if rst { bench::Close::Rst } else { bench::Close::Fin };
             println!("{}", bench::connect_rate(threads.max(1), seconds, close)?);
             Ok(())
         }
-        Cmd::BenchChecks(opts) => {
-            setup()?;
-            let bin = build_release(&root)?;
-            // The static build measured in the same rounds, next to the glibc one.
-            let static_bin = if opts.with_static {
-                let files = image::dist(&root, &root.join("target/dist"))?;
-                files.into_iter().next()
-            } else {
-                None
-            };
-            bench_checks::run(&root, &bin, static_bin.as_deref(), &opts)
-        }
-        Cmd::BenchWorkloads(opts) => {
-            setup()?;
-            let bin = build_release(&root)?;
-            bench_workloads::run(&bin, &opts)
+        Cmd::BenchRefuse { threads, seconds } => {
+            let (refused, other) = bench_events::refuse_storm(threads.max(1), seconds)?;
+            println!("{refused} {other}");
+            Ok(())
         }
         Cmd::Fuzz(opts) => {
             setup()?;
@@ -256,6 +290,68 @@ fn real_main() -> Result<()> {
             run(bpf_cargo("clippy").args(["--", "-D", "warnings"]))
         }
     }
+}
+
+/// `cargo xtask bench`: installs the anchors, builds the daemon, runs each benchmark asked for.
+fn bench_all(root: &Path, mut a: BenchArgs) -> Result<()> {
+    let mut what = a.what.clone();
+    if what.is_empty() || what.contains(&Which::All) {
+        what = vec![
+            Which::Tcp,
+            Which::Checks,
+            Which::Memory,
+            Which::Scrape,
+            Which::Events,
+            Which::OomLatency,
+            Which::Workloads,
+        ];
+    }
+    if a.quick {
+        bench_report::set_quick();
+        a.tcp.quick();
+        a.checks.quick();
+        a.memory.quick();
+        a.events.quick();
+        a.workloads.quick();
+    }
+    deps::install_bench().context("installing what the benchmarks compare against")?;
+    setup()?;
+    let bin = build_release(root)?;
+    let static_bin = if what.contains(&Which::Checks) && a.checks.with_static {
+        image::dist(root, &root.join("target/dist"))?.into_iter().next()
+    } else {
+        None
+    };
+    let started = Instant::now();
+    for (i, w) in what.iter().enumerate() {
+        step(&format!(
+            "bench {}/{}: {w:?} ({:.0} s into the run)",
+            i + 1,
+            what.len(),
+            started.elapsed().as_secs_f64()
+        ));
+        match w {
+            Which::Tcp => bench::run(root, &a.tcp)?,
+            // The static build (musl, what the image ships) in the same rounds, next to glibc's.
+            Which::Checks => bench_checks::run(root, &bin, static_bin.as_deref(), &a.checks)?,
+            Which::Memory => bench_memory::run_memory(root, &bin, &a.memory)?,
+            Which::Scrape => bench_memory::run_scrape(root, &bin, &a.memory)?,
+            Which::Events => bench_events::run_events(root, &bin, &a.events)?,
+            Which::OomLatency => bench_events::run_oom(root, &bin, &a.events)?,
+            Which::Workloads => bench_workloads::run(root, &bin, &a.workloads)?,
+            Which::All => {}
+        }
+    }
+    step(&format!(
+        "benchmarks done in {:.0} s; report: {}",
+        started.elapsed().as_secs_f64(),
+        if a.quick {
+            "target/bench/benchmarks-quick.md"
+        } else {
+            bench_report::REPORT
+        }
+    ));
+    Ok(())
 }
 
 /// `cargo build --release --locked -p sensor`; returns the binary's path.
@@ -698,9 +794,11 @@ test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; 
 
     #[test]
     fn the_package_list_has_no_duplicates() {
-        let mut p = deps::DEBIAN_PACKAGES.to_vec();
-        p.sort_unstable();
-        p.dedup();
-        assert_eq!(p.len(), deps::DEBIAN_PACKAGES.len());
+        for list in [deps::DEBIAN_PACKAGES, deps::BENCH_PACKAGES] {
+            let mut p = list.to_vec();
+            p.sort_unstable();
+            p.dedup();
+            assert_eq!(p.len(), list.len());
+        }
     }
 }
