@@ -519,7 +519,8 @@ pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
     let named = cached_run(&env, sensor, &ids, &rts, "named", o.window)?;
     let (kills, named_kills) = churn(&mut env, sensor, o.churn)?;
 
-    writeln!(md, 
+    writeln!(
+        md,
         "{} containers created (3/4 containerd, 1/4 podman), their cgroups made at once; the daemon \
          (discovery every 200 ms) named {} of them with {} lookups in {} s.\n",
         ids.len(),
@@ -544,7 +545,7 @@ pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
     }
     let cpu_per_lookup = (named.cpu - anchor.cpu) / named.lookups.max(1.0);
     let bytes_per_name = (named.rss_delta_kib - anchor.rss_delta_kib) * 1024.0 / named.named.max(1.0);
-    writeln!(md, 
+    writeln!(md,
         "\n| measure | value |\n|---|---|\n\
          | daemon CPU per lookup (named run minus anchor run without runtimes, same cgroups) | {:.3} ms ({:.3} s vs {:.3} s) |\n\
          | memory per cached workload (RSS growth, named minus anchor) | {:.0} bytes ({:.0} KiB vs {:.0} KiB) |\n\
@@ -571,8 +572,24 @@ pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
             Goal::AtLeast(100.0),
             "100%",
         ),
-        Row::measured("daemon CPU per runtime lookup", cpu_per_lookup * 1e3, " ms", 3, "-", Goal::None, "-"),
-        Row::measured("memory per cached workload name", bytes_per_name, " B", 0, "-", Goal::None, "-"),
+        Row::measured(
+            "daemon CPU per runtime lookup",
+            cpu_per_lookup * 1e3,
+            " ms",
+            3,
+            "-",
+            Goal::None,
+            "-",
+        ),
+        Row::measured(
+            "memory per cached workload name",
+            bytes_per_name,
+            " B",
+            0,
+            "-",
+            Goal::None,
+            "-",
+        ),
     ];
     print!("{md}");
     crate::bench_report::store(root, "workloads", &machine, &rows, &md)

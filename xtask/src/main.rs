@@ -14,11 +14,11 @@ use std::{
 
 mod bench;
 mod bench_checks;
-mod bench_workloads;
 mod bench_events;
 mod bench_kit;
 mod bench_memory;
 mod bench_report;
+mod bench_workloads;
 mod demo;
 mod deps;
 mod fuzz;

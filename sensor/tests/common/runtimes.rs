@@ -79,7 +79,8 @@ pub fn podman_conf() -> PathBuf {
 /// into its working directory when a container is OOM-killed.
 pub fn podman() -> Command {
     let mut c = Command::new("podman");
-    c.env("CONTAINERS_CONF", podman_conf()).current_dir(std::env::temp_dir());
+    c.env("CONTAINERS_CONF", podman_conf())
+        .current_dir(std::env::temp_dir());
     c
 }
 
