@@ -400,6 +400,8 @@ struct CrossCheck {
     seen_total: u64,
     /// Last computed differences; a positive one is only published when it persists.
     last: HashMap<String, i64>,
+    /// The labels each cgroup's gauge carries (its names may arrive after its first refresh).
+    labelled: HashMap<String, crate::cgroup::WorkloadLabels>,
 }
 
 /// Userspace half of the OOM slice: turns records into metrics, events and log lines.
@@ -487,6 +489,7 @@ impl OomSlice {
             seen: HashMap::new(),
             seen_total: 0,
             last: HashMap::new(),
+            labelled: HashMap::new(),
         };
         let boot_id = down::boot_id();
         let saved = down::on_start(&hub, &cross, &boot_id);
@@ -729,9 +732,13 @@ impl OomSlice {
             } else if let Ok(mut w) = self.workloads.lock() {
                 let l = self.disc.named(w.labels(&cg));
                 drop(w);
+                if c.labelled.get(&cg).is_some_and(|old| *old != l) {
+                    remove_cgroup(&self.discrepancy, &cg);
+                }
                 self.discrepancy
                     .with_label_values(&["memcg", &l[0], &l[1], &l[2], &l[3], &l[4], &l[5]])
                     .set(shown as f64);
+                c.labelled.insert(cg, l);
             }
         }
         drop(c);
@@ -749,6 +756,7 @@ impl OomSlice {
             remove_cgroup(&self.last_kill, &cg);
             remove_cgroup(&self.discrepancy, &cg);
             if let Ok(mut c) = self.cross.lock() {
+                c.labelled.remove(&cg);
                 c.seen.remove(&cg);
                 c.last.remove(&cg);
             }
