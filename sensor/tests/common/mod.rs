@@ -86,9 +86,14 @@ pub fn free_port() -> u16 {
 
 /// Minimal HTTP/1.0 GET; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    let s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    get_on(s, "127.0.0.1", path)
+}
+
+/// An HTTP/1.0 GET on a connected stream (TCP or unix); returns (status, body).
+pub fn get_on(mut s: impl Read + Write, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);

@@ -6,7 +6,7 @@
 //! tool is missing, and panics with the tool's output when a started component misbehaves.
 
 use std::{
-    io::{Read, Write},
+    io::Read,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -179,17 +179,9 @@ pub fn podman_rm(names: &[&str]) {
 
 /// A minimal HTTP/1.0 GET over a unix socket; returns (status, body).
 pub fn unix_http_get(socket: &Path, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = UnixStream::connect(socket)?;
+    let s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    super::get_on(s, "localhost", path)
 }
 
 /// `podman system service --time 0 unix://<tmp>/podman.sock`: podman's Docker Engine API, as a
