@@ -45,7 +45,8 @@ pub struct KernelFeatures {
 }
 
 impl KernelFeatures {
-    pub fn probe(btf_available: bool) -> KernelFeatures {
+    /// What the kernel accepts (the BTF entry comes with [`KernelFeatures::with_btf`]).
+    pub fn probe() -> KernelFeatures {
         let program_types = [
             ("tracepoint", ProgramType::TracePoint),
             ("raw_tracepoint", ProgramType::RawTracePoint),
@@ -77,18 +78,21 @@ impl KernelFeatures {
             Err(e) => Support::no(name, format!("probe failed: {}", error_chain(&e))),
         })
         .collect();
-        let mut attach = Vec::new();
-        attach.push(kprobe_attach_support());
-        attach.push(if btf_available {
+        KernelFeatures {
+            program_types,
+            map_types,
+            attach: vec![kprobe_attach_support()],
+        }
+    }
+
+    /// Adds whether kernel BTF could be read.
+    pub fn with_btf(mut self, btf_available: bool) -> KernelFeatures {
+        self.attach.push(if btf_available {
             Support::yes("btf")
         } else {
             Support::no("btf", "no kernel BTF (/sys/kernel/btf/vmlinux or --btf-path)")
         });
-        KernelFeatures {
-            program_types,
-            map_types,
-            attach,
-        }
+        self
     }
 
     pub fn program(&self, name: &str) -> Option<&Support> {
