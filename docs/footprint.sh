@@ -72,6 +72,7 @@ cleanup() {
     rm -f "$log"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 status() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$daemon/status"; }
 mb() { awk -v v="$1" 'BEGIN {printf "%.1f", v / 1024}'; }
@@ -113,12 +114,17 @@ for ((r = 1; r <= rounds + 1; r++)); do
         ) &
         pids+=($!)
     done
-    # Every workload exported (its connect counted under its own cgroup label).
-    for _ in $(seq 1 300); do
-        n=$(curl -sf "http://127.0.0.1:$port/metrics" | grep '^sensor_tcp_connects_total' |
-            grep -c "cgroup=\"$rel/wl-$r-" || true)
-        [ "$n" -ge "$workloads" ] && break
+    # Every workload exported (its connect counted under its own cgroup label), or as many as
+    # `limits.workloads_per_metric` leaves room for next to the host's other cgroups: the count
+    # stopped growing for 5 polls after the daemon's discovery interval.
+    n=0 same=0
+    for _ in $(seq 1 120); do
         sleep 1
+        m=$(curl -sf "http://127.0.0.1:$port/metrics" | grep '^sensor_tcp_connects_total' |
+            grep -c "cgroup=\"$rel/wl-$r-" || true)
+        if [ "$m" -eq "$n" ] && [ "$n" -gt 0 ]; then same=$((same + 1)); else same=0; fi
+        n=$m
+        [ "$n" -ge "$workloads" ] || [ "$same" -ge 5 ] && break
     done
     one=$(curl -sf "http://127.0.0.1:$port/metrics" | grep -c "cgroup=\"$rel/wl-$r-0\"" || true)
     sample "round$r" "live=$workloads exported=$n series_of_one_workload=$one created_before=$(( (r - 1) * workloads ))"
