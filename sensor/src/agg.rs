@@ -1,7 +1,7 @@
 //! Userspace half of in-kernel aggregation: sums per-CPU log2 histograms read from a map and
 //! turns them into Prometheus histograms at scrape time.
 
-use std::sync::Mutex;
+use std::{sync::Mutex, time::Duration};
 
 use aya::maps::{MapData, PerCpuHashMap};
 use prometheus::{
@@ -9,24 +9,260 @@ use prometheus::{
     proto::{self, MetricFamily, MetricType},
 };
 use sensor_common::agg::{Log2Hist, LOG2_BUCKETS};
+use serde::{Deserialize, Serialize};
 
-/// Which log2 buckets to export and how to convert units: bucket `i` holds integer values in
-/// `[2^i, 2^(i+1))`, so its inclusive upper bound is `(2^(i+1) - 1) * scale`. Buckets below
-/// `first` fold into `first`; those above `last` only appear in `+Inf`.
-#[derive(Debug, Clone, Copy)]
+/// Which slots of a kernel log2 histogram are exported as `le` buckets, and how to convert
+/// units: slot `i` holds integer values in `[2^i, 2^(i+1))`, so its inclusive upper bound is
+/// `(2^(i+1) - 1) / divisor` (a division, so `le` prints as the exact decimal, 0.000131071). Every exported bound is a slot edge, so each bucket's count is
+/// exact; slots between two exported ones add to the upper one, slots above the last only to
+/// `+Inf`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct HistLayout {
-    pub scale: f64,
-    pub first: usize,
-    pub last: usize,
+    pub divisor: f64,
+    /// Exported slots, increasing.
+    pub slots: Vec<usize>,
 }
 
 impl HistLayout {
-    /// Nanosecond values exported in seconds, from ~1 µs to ~137 s.
-    pub const NANOS_AS_SECONDS: HistLayout = HistLayout {
-        scale: 1e-9,
-        first: 9,
-        last: 36,
+    /// Nanosecond values exported in seconds at the configured bucket bounds.
+    pub fn nanos_as_seconds(buckets: &Buckets) -> Result<HistLayout, String> {
+        Ok(HistLayout {
+            divisor: 1e9,
+            slots: buckets.slots()?,
+        })
+    }
+}
+
+/// Which labels a histogram family keeps: every label, only the destination group (TCP), or
+/// none (one host-level series). Keys that differ only in the dropped labels are summed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Per {
+    Workload,
+    Destination,
+    Host,
+}
+
+/// The default `per` of a histogram family's config section.
+pub trait DefaultPer {
+    const PER: Per;
+}
+
+/// Families exported per workload unless configured otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ByWorkload;
+impl DefaultPer for ByWorkload {
+    const PER: Per = Per::Workload;
+}
+
+/// Families exported per destination group unless configured otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ByDestination;
+impl DefaultPer for ByDestination {
+    const PER: Per = Per::Destination;
+}
+
+fn default_per<D: DefaultPer>() -> Per {
+    D::PER
+}
+
+/// A histogram family's config section: `{per: workload, buckets: ...}`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistogramConfig<D: DefaultPer> {
+    /// Labels kept: `workload` (all), `destination` (TCP only) or `host` (none).
+    #[serde(default = "default_per::<D>")]
+    pub per: Per,
+    #[serde(default)]
+    pub buckets: Buckets,
+    #[serde(skip)]
+    _default: std::marker::PhantomData<D>,
+}
+
+impl<D: DefaultPer> Default for HistogramConfig<D> {
+    fn default() -> Self {
+        HistogramConfig {
+            per: D::PER,
+            buckets: Buckets::default(),
+            _default: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<D: DefaultPer> HistogramConfig<D> {
+    /// Checks serde cannot express; the error is (key path below the section, reason).
+    /// `allowed` lists the `per` values the family supports.
+    pub fn validate(&self, allowed: &[Per]) -> Result<(), (String, String)> {
+        if !allowed.contains(&self.per) {
+            let names: Vec<String> = allowed.iter().map(|p| format!("{p:?}").to_lowercase()).collect();
+            return Err((".per".into(), format!("must be one of {}", names.join(", "))));
+        }
+        self.buckets.slots().map(drop).map_err(|e| (".buckets".into(), e))
+    }
+
+    /// How many of `label_names` (the family's full label list, the destination first where
+    /// there is one, then the workload labels) are kept.
+    pub fn kept_labels(&self, label_names: &[&str], has_destination: bool) -> usize {
+        match self.per {
+            Per::Workload => label_names.len(),
+            Per::Destination => usize::from(has_destination),
+            Per::Host => 0,
+        }
+    }
+}
+
+/// Histogram bucket bounds of a duration family. The kernel counts in log2 slots of
+/// nanoseconds, so every bound is rounded up to a power of two nanoseconds; the exported `le`
+/// is that power of two minus 1 ns (the kernel counts whole nanoseconds), e.g. `1ms` is
+/// exported as `le="0.001048575"`. Either a list of bounds, or a range: every slot edge from
+/// `min` to `max`, `factor` (a power of two) apart.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Buckets {
+    List(Vec<Duration>),
+    Log2 { min: Duration, max: Duration, factor: u32 },
+}
+
+impl Default for Buckets {
+    /// 16 µs to 34 s, 8x apart: 8 bounds and `+Inf`. Loopback connects (10-100 µs) land at or
+    /// below 131 µs, same-zone ones (0.2-1 ms) between 131 µs and 1.05 ms, cross-region ones
+    /// (50-200 ms) between 8.4 ms and 537 ms.
+    fn default() -> Self {
+        Buckets::Log2 {
+            min: Duration::from_micros(16),
+            max: Duration::from_secs(34),
+            factor: 8,
+        }
+    }
+}
+
+/// Largest bound: slot 62 ends at 2^63 - 1 ns (292 years); slot 63 also holds larger values.
+const MAX_SLOT: usize = LOG2_BUCKETS - 2;
+
+/// The slot whose inclusive upper edge is the smallest `2^(i+1) - 1` ns at or above `d - 1 ns`.
+fn slot_of(d: Duration) -> Result<usize, String> {
+    let ns = u64::try_from(d.as_nanos()).map_err(|_| format!("{} is too large", fmt_dur(d)))?;
+    if ns == 0 {
+        return Err("a bound must be greater than 0".into());
+    }
+    let slot = match ns.max(2).checked_next_power_of_two() {
+        Some(p) => p.trailing_zeros() as usize - 1,
+        None => usize::MAX,
     };
+    if slot > MAX_SLOT {
+        return Err(format!("{} is too large", fmt_dur(d)));
+    }
+    Ok(slot)
+}
+
+fn fmt_dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+impl Buckets {
+    /// The exported slots, increasing; an error names the bound that does not work.
+    pub fn slots(&self) -> Result<Vec<usize>, String> {
+        match self {
+            Buckets::List(bounds) => {
+                if bounds.is_empty() {
+                    return Err("at least one bound is needed".into());
+                }
+                let mut out: Vec<usize> = Vec::with_capacity(bounds.len());
+                for (i, b) in bounds.iter().enumerate() {
+                    let s = slot_of(*b)?;
+                    if let Some(&prev) = out.last() {
+                        if s <= prev {
+                            return Err(format!(
+                                "{} and {} must increase and fall in different log2 slots (each bound is rounded up to a power of two nanoseconds)",
+                                fmt_dur(bounds[i - 1]),
+                                fmt_dur(*b)
+                            ));
+                        }
+                    }
+                    out.push(s);
+                }
+                Ok(out)
+            }
+            Buckets::Log2 { min, max, factor } => {
+                if *factor < 2 || !factor.is_power_of_two() {
+                    return Err(format!("factor {factor} is not a power of two of at least 2"));
+                }
+                let (lo, hi) = (slot_of(*min)?, slot_of(*max)?);
+                if hi < lo {
+                    return Err("max must not be below min".into());
+                }
+                let step = factor.trailing_zeros() as usize;
+                Ok((lo..=hi).step_by(step).collect())
+            }
+        }
+    }
+}
+
+impl Serialize for Buckets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self {
+            Buckets::List(bounds) => {
+                let mut seq = s.serialize_seq(Some(bounds.len()))?;
+                for b in bounds {
+                    seq.serialize_element(&fmt_dur(*b))?;
+                }
+                seq.end()
+            }
+            Buckets::Log2 { min, max, factor } => {
+                let mut m = s.serialize_map(Some(3))?;
+                m.serialize_entry("min", &fmt_dur(*min))?;
+                m.serialize_entry("max", &fmt_dur(*max))?;
+                m.serialize_entry("factor", factor)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Buckets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(BucketsVisitor)
+    }
+}
+
+struct BucketsVisitor;
+
+fn parse_dur<E: serde::de::Error>(s: &str) -> Result<Duration, E> {
+    humantime::parse_duration(s).map_err(|e| E::custom(format!("bad duration '{s}' ({e}); use e.g. 100us, 1ms, 2s")))
+}
+
+impl<'de> serde::de::Visitor<'de> for BucketsVisitor {
+    type Value = Buckets;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of bounds such as [100us, 1ms, 10ms], or {min: 16us, max: 34s, factor: 8}")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Buckets, A::Error> {
+        let mut out = Vec::new();
+        while let Some(s) = seq.next_element::<String>()? {
+            out.push(parse_dur(&s)?);
+        }
+        Ok(Buckets::List(out))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Buckets, A::Error> {
+        use serde::de::Error;
+        let (mut min, mut max, mut factor) = (None, None, None);
+        while let Some(k) = map.next_key::<String>()? {
+            match k.as_str() {
+                "min" => min = Some(parse_dur(&map.next_value::<String>()?)?),
+                "max" => max = Some(parse_dur(&map.next_value::<String>()?)?),
+                "factor" => factor = Some(map.next_value::<u32>()?),
+                other => return Err(A::Error::unknown_field(other, &["min", "max", "factor"])),
+            }
+        }
+        Ok(Buckets::Log2 {
+            min: min.ok_or_else(|| A::Error::missing_field("min"))?,
+            max: max.ok_or_else(|| A::Error::missing_field("max"))?,
+            factor: factor.ok_or_else(|| A::Error::missing_field("factor"))?,
+        })
+    }
 }
 
 /// Adds per-CPU copies into one histogram.
@@ -42,27 +278,24 @@ pub fn sum_percpu<'a>(values: impl IntoIterator<Item = &'a Log2Hist>) -> Log2His
     out
 }
 
-/// Converts to a Prometheus histogram with cumulative buckets.
-pub fn to_prometheus(h: &Log2Hist, layout: HistLayout) -> proto::Histogram {
-    let last = layout.last.min(LOG2_BUCKETS - 1);
-    let first = layout.first.min(last);
+/// Converts to a Prometheus histogram with cumulative buckets at the layout's slots.
+pub fn to_prometheus(h: &Log2Hist, layout: &HistLayout) -> proto::Histogram {
     let mut cumulative = 0u64;
-    let mut buckets = Vec::with_capacity(last - first + 1);
-    for (i, n) in h.buckets.iter().enumerate().take(last + 1) {
-        cumulative += n;
-        if i < first {
-            continue;
-        }
+    let mut next = 0usize;
+    let mut buckets = Vec::with_capacity(layout.slots.len());
+    for &slot in layout.slots.iter().filter(|s| **s < LOG2_BUCKETS) {
+        cumulative += h.buckets[next..=slot].iter().sum::<u64>();
+        next = slot + 1;
         let mut b = proto::Bucket::default();
         b.set_cumulative_count(cumulative);
-        b.set_upper_bound(((1u64 << (i + 1)) - 1) as f64 * layout.scale);
+        b.set_upper_bound(((1u64 << (slot + 1)) - 1) as f64 / layout.divisor);
         buckets.push(b);
     }
     let mut out = proto::Histogram::default();
     // The bucket total, not `count`, so +Inf always equals the sum of buckets even if the two
     // per-CPU fields were read between updates.
     out.set_sample_count(h.buckets.iter().sum());
-    out.set_sample_sum(h.sum as f64 * layout.scale);
+    out.set_sample_sum(h.sum as f64 / layout.divisor);
     out.set_bucket(buckets);
     out
 }
@@ -70,11 +303,13 @@ pub fn to_prometheus(h: &Log2Hist, layout: HistLayout) -> proto::Histogram {
 type LabelFn<K> = Box<dyn Fn(&K) -> Option<Vec<String>> + Send + Sync>;
 
 /// One exported histogram family: part `i` of the map's values.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HistFamily {
     pub name: &'static str,
     pub help: &'static str,
     pub layout: HistLayout,
+    /// The collector's first `labels` label names are kept (see [`HistogramConfig::kept_labels`]).
+    pub labels: usize,
 }
 
 /// Exports every key of a per-CPU map of `N` log2 histograms as one series in each of `N`
@@ -101,7 +336,10 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
                 Desc::new(
                     f.name.into(),
                     f.help.into(),
-                    label_names.iter().map(|s| (*s).to_string()).collect(),
+                    label_names[..f.labels.min(label_names.len())]
+                        .iter()
+                        .map(|s| (*s).to_string())
+                        .collect(),
                     Default::default(),
                 )
             })
@@ -145,11 +383,12 @@ impl<K: aya::Pod + Send + Sync, const N: usize> Collector for HistogramMapCollec
         for (k, parts) in self.snapshot() {
             // Several keys may map to the same labels (e.g. folded into "other").
             let Some(labels) = (self.labels)(&k) else { continue };
-            for (m, h) in merged.iter_mut().zip(parts.iter()) {
+            for ((m, h), f) in merged.iter_mut().zip(parts.iter()).zip(self.families.iter()) {
                 if h.buckets.iter().all(|&b| b == 0) {
                     continue;
                 }
-                let e = m.entry(labels.clone()).or_insert(Log2Hist::ZERO);
+                let kept = labels[..f.labels.min(labels.len())].to_vec();
+                let e = m.entry(kept).or_insert(Log2Hist::ZERO);
                 *e = sum_percpu([&*e, h]);
             }
         }
@@ -161,11 +400,12 @@ impl<K: aya::Pod + Send + Sync, const N: usize> Collector for HistogramMapCollec
                     .into_iter()
                     .map(|(labels, h)| {
                         let mut metric = proto::Metric::default();
-                        metric.set_histogram(to_prometheus(&h, f.layout));
+                        metric.set_histogram(to_prometheus(&h, &f.layout));
                         (labels, metric)
                     })
                     .collect();
-                crate::metrics::family(f.name, f.help, MetricType::HISTOGRAM, self.label_names, series)
+                let names = &self.label_names[..f.labels.min(self.label_names.len())];
+                crate::metrics::family(f.name, f.help, MetricType::HISTOGRAM, names, series)
             })
             .collect()
     }
@@ -211,7 +451,11 @@ mod tests {
     fn converts_to_cumulative_seconds() {
         // 500 ns folds into the first exported bucket; 3 ms and 200 s (above last) only in +Inf.
         let h = hist(&[500, 1500, 3_000_000, 200_000_000_000]);
-        let p = to_prometheus(&h, HistLayout::NANOS_AS_SECONDS);
+        let every = HistLayout {
+            divisor: 1e9,
+            slots: (9..=36).collect(),
+        };
+        let p = to_prometheus(&h, &every);
         let b = p.get_bucket();
         assert_eq!(b.len(), 36 - 9 + 1);
         assert_eq!(b[0].upper_bound(), 1023e-9);
@@ -225,5 +469,103 @@ mod tests {
         assert_eq!(b.last().unwrap().cumulative_count(), 3);
         assert_eq!(p.get_sample_count(), 4);
         assert!((p.get_sample_sum() - 200.0030020).abs() < 1e-9);
+    }
+
+    fn dur(s: &str) -> Duration {
+        humantime::parse_duration(s).unwrap()
+    }
+
+    /// The default separates loopback, same-zone and cross-region connects, in at most 12
+    /// buckets, every bound on a slot edge.
+    #[test]
+    fn default_buckets_separate_latency_classes() {
+        let layout = HistLayout::nanos_as_seconds(&Buckets::default()).unwrap();
+        assert_eq!(layout.slots, vec![13, 16, 19, 22, 25, 28, 31, 34]);
+        assert!(layout.slots.len() < 12);
+        let h = hist(&[40_000, 90_000, 300_000, 900_000, 50_000_000, 150_000_000]);
+        let p = to_prometheus(&h, &layout);
+        let le: Vec<f64> = p.get_bucket().iter().map(|b| b.upper_bound()).collect();
+        assert_eq!(le[1], 131071e-9);
+        assert_eq!(le[2], 1048575e-9);
+        assert_eq!(le.last().copied(), Some(34359738367e-9));
+        let counts: Vec<u64> = p.get_bucket().iter().map(|b| b.cumulative_count()).collect();
+        // loopback <= 131 us; same zone in (131 us, 1.05 ms]; cross region above 8.4 ms.
+        assert_eq!(counts, vec![0, 2, 4, 4, 5, 6, 6, 6]);
+    }
+
+    #[test]
+    fn bucket_lists_round_up_to_slot_edges() {
+        let b = Buckets::List(vec![dur("100us"), dur("1ms"), dur("1024ns"), dur("1s")]);
+        // 1024 ns is a power of two: its slot ends at 1023 ns, below 100 us, so out of order.
+        assert!(b.slots().unwrap_err().contains("must increase"), "{:?}", b.slots());
+        let b = Buckets::List(vec![dur("1024ns"), dur("100us"), dur("1ms"), dur("1s")]);
+        assert_eq!(b.slots().unwrap(), vec![9, 16, 19, 29]);
+        let p = to_prometheus(
+            &hist(&[1023, 1024, 999_999, 2_000_000_000]),
+            &HistLayout::nanos_as_seconds(&b).unwrap(),
+        );
+        let got: Vec<(f64, u64)> = p
+            .get_bucket()
+            .iter()
+            .map(|b| (b.upper_bound(), b.cumulative_count()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(1023e-9, 1), (131071e-9, 2), (1048575e-9, 3), (1073741823e-9, 3)]
+        );
+        assert_eq!(p.get_sample_count(), 4);
+        // Two bounds in one slot cannot be told apart by the kernel.
+        let b = Buckets::List(vec![dur("600us"), dur("1ms")]);
+        assert!(b.slots().is_err());
+        assert!(Buckets::List(vec![]).slots().is_err());
+        assert!(Buckets::List(vec![Duration::ZERO]).slots().is_err());
+    }
+
+    #[test]
+    fn log2_ranges_step_by_factor() {
+        let r = |min: &str, max: &str, factor| Buckets::Log2 {
+            min: dur(min),
+            max: dur(max),
+            factor,
+        };
+        assert_eq!(r("1us", "137s", 2).slots().unwrap(), (9..=36).collect::<Vec<_>>());
+        assert_eq!(
+            r("16us", "1s", 4).slots().unwrap(),
+            vec![13, 15, 17, 19, 21, 23, 25, 27, 29]
+        );
+        assert!(r("1ms", "1us", 2).slots().is_err());
+        assert!(r("1us", "1s", 3).slots().is_err());
+        assert!(r("1us", "1s", 1).slots().is_err());
+    }
+
+    #[test]
+    fn histogram_config_parses_both_forms_and_names_errors() {
+        type H = HistogramConfig<ByDestination>;
+        let h: H = serde_yaml_ng::from_str("{buckets: [100us, 1ms, 100ms]}").unwrap();
+        assert_eq!(h.per, Per::Destination, "the family's default per");
+        assert_eq!(h.buckets.slots().unwrap(), vec![16, 19, 26]);
+        let h: H = serde_yaml_ng::from_str("{per: workload, buckets: {min: 1us, max: 1s, factor: 2}}").unwrap();
+        assert_eq!(h.per, Per::Workload);
+        assert_eq!(h.buckets.slots().unwrap().len(), 21);
+        let back: H = serde_yaml_ng::from_str(&serde_yaml_ng::to_string(&h).unwrap()).unwrap();
+        assert_eq!(back, h);
+        let h: H = serde_yaml_ng::from_str("{}").unwrap();
+        assert_eq!(h, H::default());
+        assert!(serde_yaml_ng::from_str::<H>("{buckets: {min: 1us, max: 1s}}")
+            .unwrap_err()
+            .to_string()
+            .contains("factor"));
+        assert!(serde_yaml_ng::from_str::<H>("{buckets: [soon]}")
+            .unwrap_err()
+            .to_string()
+            .contains("bad duration"));
+        assert!(serde_yaml_ng::from_str::<H>("{per: pod}").is_err());
+        let h: H = serde_yaml_ng::from_str("{per: destination, buckets: [1ms, 1ms]}").unwrap();
+        assert_eq!(
+            h.validate(&[Per::Workload, Per::Destination]).unwrap_err().0,
+            ".buckets"
+        );
+        assert_eq!(h.validate(&[Per::Workload, Per::Host]).unwrap_err().0, ".per");
+        assert_eq!(h.kept_labels(&["destination", "cgroup"], true), 1);
     }
 }

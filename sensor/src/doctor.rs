@@ -53,7 +53,7 @@ pub struct SeccompReport {
 /// Builds the report; when privileged it really loads and attaches (then detaches), so what
 /// doctor says is what `run` will do.
 pub fn report(opts: &LoadOptions, registered: &[Arc<dyn Probe>]) -> Report {
-    let kctx = opts.kernel_context();
+    let mut kctx = opts.kernel_context();
     let cgroups = crate::cgroup::Hierarchies::discover();
     let privileged = Caps::current().map(|c| c.can_trace()).unwrap_or(false);
     let not_tested = |reason: String| -> Vec<ProbeReport> {
@@ -86,7 +86,7 @@ pub fn report(opts: &LoadOptions, registered: &[Arc<dyn Probe>]) -> Report {
             .collect()
     };
     let (probes, attach_tested) = if privileged {
-        match loader::load(&kctx, registered, opts) {
+        match loader::load(&mut kctx, registered, opts) {
             Ok(l) => (l.reports, true),
             Err(e) => (not_tested(crate::kernel::features::error_chain(&e)), true),
         }
@@ -99,10 +99,10 @@ pub fn report(opts: &LoadOptions, registered: &[Arc<dyn Probe>]) -> Report {
     let section_text: Vec<DoctorSection> = registered.iter().filter_map(|p| p.doctor(&cgroups)).collect();
     Report {
         kernel_release: kernel::release(),
-        btf: match &kctx.btf {
-            Ok(b) => Component {
+        btf: match &kctx.btf_source {
+            Ok(path) => Component {
                 available: true,
-                path: Some(b.path.display().to_string()),
+                path: Some(path.display().to_string()),
                 error: None,
             },
             Err(e) => Component {

@@ -5,6 +5,7 @@
 //! (`oom`, ...) -> `metrics` / `events` -> `http`.
 
 pub mod agg;
+pub mod alloc;
 pub mod cgroup;
 pub mod checks;
 pub mod config;

@@ -57,9 +57,13 @@ pub struct Loaded {
     pub kernel_log: Option<crate::kernel_log::Logger>,
 }
 
+/// Each hook's precondition per probe and group (see `precheck`).
+type Prechecks = Vec<Vec<Vec<Result<(), String>>>>;
+
 /// Loads the object with what every probe asked for (layouts for this kernel, map sizes,
-/// patches), opens the event rings, then attaches every enabled probe. Blocking.
-pub fn load(kctx: &KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOptions) -> Result<Loaded, LoadError> {
+/// patches), opens the event rings, then attaches every enabled probe. Blocking. The parsed
+/// BTF in `kctx` is released once the probes took what they need from it.
+pub fn load(kctx: &mut KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOptions) -> Result<Loaded, LoadError> {
     if let Some(why) = &kctx.features.bpf_denied_by_seccomp {
         return Err(LoadError::Seccomp(why.clone()));
     }
@@ -67,20 +71,30 @@ pub fn load(kctx: &KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOptions)
     for p in probes {
         p.prepare(kctx, &mut plan);
     }
+    let prechecks: Prechecks = probes
+        .iter()
+        .map(|p| {
+            let groups = p.spec().groups.iter();
+            groups
+                .map(|g| g.hooks.iter().map(|h| precheck(kctx, h)).collect())
+                .collect()
+        })
+        .collect();
+    kctx.release_btf();
     let LoadPlan {
         globals,
         map_sizes,
         patches,
     } = plan;
-    // aya parses the running kernel's BTF itself; only a `--btf-path` file is handed over.
+    // Only a `--btf-path` file is handed to aya. aya parses the running kernel's BTF in
+    // `EbpfLoader::new` for CO-RE relocations, which the object has none of (Rust eBPF has no
+    // CO-RE; a test checks the object): that copy is dropped at once, never held while loading.
     let custom_btf = match &kctx.btf_path {
         Some(_) => Some(kctx.aya_btf().map_err(LoadError::Btf)?),
         None => None,
     };
     let mut loader = EbpfLoader::new();
-    if custom_btf.is_some() {
-        loader.btf(custom_btf.as_ref());
-    }
+    loader.btf(custom_btf.as_ref());
     for (name, bytes) in &globals {
         loader.override_global(name, bytes.as_slice(), true);
     }
@@ -117,13 +131,13 @@ pub fn load(kctx: &KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOptions)
         None => Vec::new(),
     };
     let mut reports = Vec::new();
-    for p in probes {
+    for (p, checks) in probes.iter().zip(&prechecks) {
         let spec = p.spec();
         if !p.enabled() {
             reports.push(ProbeReport::disabled(spec.name));
             continue;
         }
-        reports.push(attach_probe(&mut ebpf, kctx, spec, p.excluded_hooks()));
+        reports.push(attach_probe(&mut ebpf, kctx, spec, p.excluded_hooks(), checks));
     }
     Ok(Loaded {
         ebpf,
@@ -138,19 +152,25 @@ pub fn object() -> &'static [u8] {
     EBPF_OBJECT
 }
 
-fn attach_probe(ebpf: &mut Ebpf, kctx: &KernelContext, spec: &ProbeSpec, excluded: &[HookKind]) -> ProbeReport {
+fn attach_probe(
+    ebpf: &mut Ebpf,
+    kctx: &KernelContext,
+    spec: &ProbeSpec,
+    excluded: &[HookKind],
+    prechecks: &[Vec<Result<(), String>>],
+) -> ProbeReport {
     let mut groups: Vec<GroupReport> = Vec::new();
-    for group in spec.groups {
+    for (group, checks) in spec.groups.iter().zip(prechecks) {
         configure(ebpf, spec, &groups);
         let mut attempts = Vec::new();
-        for hook in group.hooks {
+        for (hook, check) in group.hooks.iter().zip(checks) {
             let res = if excluded.contains(&hook.kind) {
                 Err(format!(
                     "excluded by configuration (probes.{}.exclude_hooks)",
                     spec.name
                 ))
             } else {
-                precheck(kctx, hook).and_then(|()| attach_hook(ebpf, kctx, hook))
+                check.clone().and_then(|()| attach_hook(ebpf, kctx, hook))
             };
             let ok = res.is_ok();
             attempts.push(HookAttempt {

@@ -5,12 +5,11 @@ use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, tim
 use clap::{Args, Parser, Subcommand};
 use sensor::{config::Config, doctor, run};
 
-/// The static build (`cargo xtask dist`, x86_64-unknown-linux-musl) uses mimalloc: musl's own
-/// malloc takes one global lock, which serialises tokio's worker threads on every allocation.
-/// mimalloc rather than jemalloc because it is a single C file that musl-tools' `musl-gcc`
-/// builds in seconds, with no autoconf step. glibc builds (development, tests) keep glibc's
-/// malloc, which has per-thread arenas already, so their measured memory numbers stay valid.
-#[cfg(target_env = "musl")]
+/// mimalloc in every build (glibc and the static musl one of `cargo xtask dist`): musl's own
+/// malloc takes one global lock, which serialises tokio's worker threads on every allocation,
+/// and glibc's keeps what start-up freed (the parsed kernel BTF) resident in per-thread arenas:
+/// docs/footprint.md has the measurements. mimalloc rather than jemalloc because it is a single
+/// C file that musl-tools' `musl-gcc` builds in seconds, with no autoconf step.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -257,6 +256,7 @@ impl RunArgs {
 }
 
 fn main() -> ExitCode {
+    sensor::alloc::configure();
     let cli = Cli::parse();
     let log = sensor::logging::init(&cli.log_format, cli.log_queue_lines);
     let result = match cli.cmd {

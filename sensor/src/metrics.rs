@@ -239,6 +239,47 @@ pub fn family(
     mf
 }
 
+/// `sensor_series{family}`: what each family costs the Prometheus that scrapes this host.
+pub const SERIES: &str = "sensor_series";
+const SERIES_HELP: &str = "Series this scrape exposes per metric family, as Prometheus stores them (a histogram: one per bucket including +Inf, plus _sum and _count; a summary: one per quantile plus _sum and _count); includes itself.";
+
+/// Series of one family in the text exposition.
+fn series_of(mf: &MetricFamily) -> usize {
+    mf.get_metric()
+        .iter()
+        .map(|m| match mf.get_field_type() {
+            MetricType::HISTOGRAM => {
+                let b = m.get_histogram().get_bucket();
+                let inf = b.last().is_some_and(|b| b.upper_bound() == f64::INFINITY);
+                b.len() + usize::from(!inf) + 2
+            }
+            MetricType::SUMMARY => m.get_summary().get_quantile().len() + 2,
+            _ => 1,
+        })
+        .sum()
+}
+
+/// The `sensor_series` family for `families` (computed at scrape, so it is exact for it).
+pub fn series_family(families: &[MetricFamily]) -> MetricFamily {
+    let mut series: Vec<(Vec<String>, proto::Metric)> = families
+        .iter()
+        .filter(|mf| mf.name() != SERIES)
+        .map(|mf| (vec![mf.name().to_string()], gauge_metric(series_of(mf) as f64)))
+        .collect();
+    let own = series.len() + 1;
+    series.push((vec![SERIES.to_string()], gauge_metric(own as f64)));
+    series.sort_by(|a, b| a.0.cmp(&b.0));
+    family(SERIES, SERIES_HELP, MetricType::GAUGE, &["family"], series)
+}
+
+pub fn gauge_metric(v: f64) -> proto::Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(v);
+    let mut m = proto::Metric::default();
+    m.set_gauge(g);
+    m
+}
+
 pub fn counter_metric(v: f64) -> proto::Metric {
     let mut c = proto::Counter::default();
     c.set_value(v);
@@ -343,12 +384,62 @@ impl<C: Collector> Collector for Shared<C> {
     }
 }
 
-/// Renders the registry in the Prometheus text format.
+/// Renders the registry in the Prometheus text format, with `sensor_series` computed from
+/// this very scrape.
 pub fn render(registry: &Registry) -> String {
-    let families = registry.gather();
+    let mut families = registry.gather();
+    families.push(series_family(&families));
     let mut out = String::new();
     if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
         tracing::error!(error = %e, "encoding metrics failed");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+
+    /// Three workloads with a counter, two with a two-bound histogram, one host gauge: the
+    /// exact series counts, equal to the lines of the exposition.
+    #[test]
+    fn sensor_series_counts_each_family_exactly() {
+        let reg = Registry::new();
+        let c = IntCounterVec::new(Opts::new("t_connects_total", "h"), &["cgroup"]).unwrap();
+        let h = HistogramVec::new(
+            HistogramOpts::new("t_duration_seconds", "h").buckets(vec![0.1, 1.0]),
+            &["cgroup"],
+        )
+        .unwrap();
+        let g = IntGauge::new("t_up", "h").unwrap();
+        reg.register(Box::new(c.clone())).unwrap();
+        reg.register(Box::new(h.clone())).unwrap();
+        reg.register(Box::new(g.clone())).unwrap();
+        for w in ["/a", "/b", "/c"] {
+            c.with_label_values(&[w]).inc();
+        }
+        for w in ["/a", "/b"] {
+            h.with_label_values(&[w]).observe(0.5);
+        }
+        g.set(1);
+        let text = super::render(&reg);
+        let value = |family: &str| super::tests_support::metric(&text, family);
+        assert_eq!(value("t_connects_total"), Some(3.0));
+        assert_eq!(value("t_duration_seconds"), Some(2.0 * (2.0 + 1.0 + 2.0)));
+        assert_eq!(value("t_up"), Some(1.0));
+        assert_eq!(value(super::SERIES), Some(4.0), "three families and itself");
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(samples, 3 + 10 + 1 + 4, "{text}");
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    /// `sensor_series{family="..."}` from an exposition.
+    pub fn metric(text: &str, family: &str) -> Option<f64> {
+        let prefix = format!("{}{{family=\"{family}\"}} ", super::SERIES);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+    }
 }

@@ -67,6 +67,26 @@ mod tests {
         assert!(orphans.is_empty(), "programs no registered probe attaches: {orphans:?}");
     }
 
+    /// The loader hands aya no kernel BTF (it would only be used for CO-RE relocations): that
+    /// holds while the object has none. `.BTF.ext` header: magic, version, flags, hdr_len, then
+    /// offset/length pairs for func info, line info and (when hdr_len >= 32) CO-RE relocations.
+    #[test]
+    fn object_has_no_core_relocations() {
+        let file = object::File::parse(crate::loader::object()).expect("the embedded eBPF object parses");
+        let Some(ext) = file.section_by_name(".BTF.ext") else {
+            return;
+        };
+        let d = ext.data().expect("section data");
+        let u32_at = |o: usize| u32::from_le_bytes(d[o..o + 4].try_into().expect("4 bytes"));
+        assert_eq!(u16::from_le_bytes([d[0], d[1]]), 0xeb9f, "BTF.ext magic");
+        let hdr_len = u32_at(4) as usize;
+        let core_relo_len = if hdr_len >= 32 { u32_at(28) } else { 0 };
+        assert_eq!(
+            core_relo_len, 0,
+            "the object has CO-RE relocations: hand aya the kernel BTF"
+        );
+    }
+
     #[test]
     fn names_counter_slots_and_record_kinds_are_unique() {
         let specs = specs();

@@ -96,13 +96,13 @@ async fn load_probes(cfg: &Config, probes: &[Arc<dyn Probe>]) -> anyhow::Result<
     let opts = load_options(cfg);
     let probes = probes.to_vec();
     tokio::task::spawn_blocking(move || {
-        let kctx = opts.kernel_context();
+        let mut kctx = opts.kernel_context();
         if let Ok(t) = &kctx.tracefs {
             if t.mounted_by_sensor {
                 tracing::info!(path = %t.root.display(), "mounted tracefs");
             }
         }
-        loader::load(&kctx, &probes, &opts).context("cannot load the sensor's eBPF programs")
+        loader::load(&mut kctx, &probes, &opts).context("cannot load the sensor's eBPF programs")
     })
     .await?
 }
@@ -274,6 +274,7 @@ impl Pipeline {
             tokio::task::spawn_blocking(move || start_probes(ebpf, &cfg, &probes, &reports, &metrics, &hub, &discovery))
                 .await??
         };
+        crate::alloc::release_free_memory();
 
         let dispatcher = Arc::new(Dispatcher::new(
             Arc::clone(&metrics),

@@ -1040,6 +1040,8 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
             if e.contains("by (result") {
                 assert!(r.iter().any(|s| s["metric"]["result"] == "success"), "{panel}: {r:?}");
             }
+        } else if e.contains("sensor_series") {
+            assert!(!r.is_empty(), "series panel {panel} is empty: {q}");
         } else if e.contains("sensor_check_") {
             assert!(!r.is_empty(), "checks panel {panel} is empty: {q}");
             if r.iter().any(|s| s["metric"].get("check").is_some()) {

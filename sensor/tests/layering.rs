@@ -25,6 +25,7 @@ const GENERIC: &[&str] = &[
     "kernel",
     "cgroup",
     "agg",
+    "alloc",
     "progstats",
     "kernel_log",
     "workloads",

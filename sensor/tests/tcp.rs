@@ -303,10 +303,21 @@ fn classic_tracepoint_fallback_counts_the_same() {
     let Some(_k) = privileged("classic_tracepoint_fallback_counts_the_same") else {
         return;
     };
-    successes_and_refusals(&["--probes.tcp.exclude-hooks", "raw_tracepoint"], "tracepoint");
+    // Also the per-workload RTT of `probes.tcp.rtt.per: workload` (the default is per
+    // destination group).
+    successes_and_refusals(
+        &[
+            "--probes.tcp.exclude-hooks",
+            "raw_tracepoint",
+            "--probes.tcp.rtt.per",
+            "workload",
+        ],
+        "tracepoint",
+    );
 }
 
 fn successes_and_refusals(extra: &[&str], hook: &str) {
+    let rtt_per_workload = extra.windows(2).any(|w| w == ["--probes.tcp.rtt.per", "workload"]);
     let (srv4, stop4) = server("127.0.0.1:0");
     let (srv6, stop6) = server("[::1]:0");
     let (closed4, closed6) = (closed_port("127.0.0.1"), closed_port("[::1]"));
@@ -354,10 +365,42 @@ fn successes_and_refusals(extra: &[&str], hook: &str) {
             sum > 0.0 && sum < 1.0,
             "{dest}: 1000 loopback connects took {sum}s in total"
         );
+        let rtt_wl: &[(&str, &str)] = if rtt_per_workload { &wl } else { &wl[..1] };
         assert_eq!(
-            metric(&m, "sensor_tcp_rtt_seconds_count", &wl),
+            metric(&m, "sensor_tcp_rtt_seconds_count", rtt_wl),
             Some(1000.0),
             "RTT sampled once per connection"
+        );
+    }
+    // Series counts: each histogram series is 8 bounds (the default buckets), +Inf, _sum and
+    // _count; sensor_series counts exactly what this scrape exposes.
+    let m = d.metrics();
+    let lines = |family: &str, label: &str| {
+        m.lines()
+            .filter(|l| l.starts_with(&format!("{family}_")) && l.contains(label))
+            .count()
+    };
+    let own = format!("cgroup=\"{}\"", cg.rel);
+    let dur = "sensor_tcp_connect_duration_seconds";
+    assert_eq!(
+        lines(dur, &own),
+        2 * 11,
+        "two destinations x (8 + 1 + 2) for this workload"
+    );
+    assert_eq!(
+        lines("sensor_tcp_rtt_seconds", &own),
+        if rtt_per_workload { 22 } else { 0 }
+    );
+    assert_eq!(lines("sensor_tcp_rtt_seconds", "destination=\"srv4\""), 11);
+    for family in [dur, "sensor_tcp_rtt_seconds", "sensor_tcp_connects_total"] {
+        let exposed = m
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.split(['{', ' ']).next().is_some_and(|n| n.starts_with(family)))
+            .count();
+        assert_eq!(
+            metric(&m, "sensor_series", &[("family", family)]),
+            Some(exposed as f64),
+            "sensor_series{{family={family}}}"
         );
     }
     for (closed, dest) in [(closed4, "closed4"), (closed6, "closed6")] {

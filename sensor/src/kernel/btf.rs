@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 
 pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -30,10 +30,16 @@ pub struct KernelBtf {
 impl KernelBtf {
     pub fn open(path: Option<&Path>) -> Result<KernelBtf, BtfError> {
         let path = path.map_or_else(|| PathBuf::from(DEFAULT_BTF), Path::to_path_buf);
-        let btf = Btf::from_file(&path).map_err(|e| BtfError::Open {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        // Mapped and read on demand (an index of type offsets, ~1 MB) rather than parsed into
+        // tables (25 MB for a distribution kernel's 5.5 MB BTF: the start-up peak, see
+        // docs/footprint.md); lookups scan the mapping, fine for the few dozen start-up makes.
+        // Kernels whose sysfs BTF cannot be mapped get the parsed form.
+        let btf = Btf::from_file_with_backend(&path, Backend::Mmap)
+            .or_else(|_| Btf::from_file(&path))
+            .map_err(|e| BtfError::Open {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         Ok(KernelBtf { path, btf })
     }
 

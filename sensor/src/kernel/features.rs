@@ -51,7 +51,8 @@ pub struct KernelFeatures {
 }
 
 impl KernelFeatures {
-    pub fn probe(btf_available: bool) -> KernelFeatures {
+    /// What the kernel accepts (the BTF entry comes with [`KernelFeatures::with_btf`]).
+    pub fn probe() -> KernelFeatures {
         /// One probe's answer: supported or not, or the call failed (errno, message).
         type Answer = Result<bool, (Option<i32>, String)>;
         let programs: Vec<(&'static str, Answer)> = [
@@ -100,19 +101,22 @@ impl KernelFeatures {
             .into_iter()
             .map(|a| support(a, "map type", "probe failed"))
             .collect();
-        let mut attach = Vec::new();
-        attach.push(kprobe_attach_support());
-        attach.push(if btf_available {
+        KernelFeatures {
+            program_types,
+            map_types,
+            attach: vec![kprobe_attach_support()],
+            bpf_denied_by_seccomp,
+        }
+    }
+
+    /// Adds whether kernel BTF could be read.
+    pub fn with_btf(mut self, btf_available: bool) -> KernelFeatures {
+        self.attach.push(if btf_available {
             Support::yes("btf")
         } else {
             Support::no("btf", "no kernel BTF (/sys/kernel/btf/vmlinux or --btf-path)")
         });
-        KernelFeatures {
-            program_types,
-            map_types,
-            attach,
-            bpf_denied_by_seccomp,
-        }
+        self
     }
 
     pub fn program(&self, name: &str) -> Option<&Support> {

@@ -4,7 +4,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{probe::HookKind, serde_duration as duration};
+use crate::{
+    agg::{ByWorkload, HistogramConfig, Per},
+    probe::HookKind,
+    serde_duration as duration,
+};
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -17,6 +21,8 @@ pub struct MemcgConfig {
     /// How often the memory cgroup hierarchy is rescanned for new and vanished workloads.
     #[serde(with = "duration")]
     pub discovery_interval: Duration,
+    /// `sensor_memcg_reclaim_duration_seconds`: labels kept (`workload` or `host`) and buckets.
+    pub reclaim_duration: HistogramConfig<ByWorkload>,
 }
 
 impl Default for MemcgConfig {
@@ -37,6 +43,7 @@ impl Default for MemcgConfig {
                 },
             ],
             discovery_interval: Duration::from_secs(5),
+            reclaim_duration: HistogramConfig::default(),
         }
     }
 }
@@ -82,6 +89,9 @@ impl MemcgConfig {
                 return Err((key, "stall must be positive and shorter than the window".into()));
             }
         }
+        self.reclaim_duration
+            .validate(&[Per::Workload, Per::Host])
+            .map_err(|(k, r)| (format!(".reclaim_duration{k}"), r))?;
         if self.discovery_interval < Duration::from_millis(100) {
             return Err((".discovery_interval".into(), "must be at least 100ms".into()));
         }

@@ -321,8 +321,10 @@ impl MemcgSlice {
                 let c = Arc::new(HistogramMapCollector::new(
                     [HistFamily {
                         name: "sensor_memcg_reclaim_duration_seconds",
-                        help: "Time tasks spent in direct or memcg reclaim, by the stalled task's memory cgroup (aggregated in the kernel).",
-                        layout: HistLayout::NANOS_AS_SECONDS,
+                        help: "Time tasks spent in direct or memcg reclaim, by the stalled task's memory cgroup (aggregated in the kernel; labels and buckets per probes.memcg.reclaim_duration).",
+                        layout: HistLayout::nanos_as_seconds(&cfg.reclaim_duration.buckets)
+                            .map_err(prometheus::Error::Msg)?,
+                        labels: cfg.reclaim_duration.kept_labels(&WORKLOAD_LABELS, false),
                     }],
                     &WORKLOAD_LABELS,
                     map,

@@ -4,7 +4,11 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::{probe::HookKind, serde_duration as duration};
+use crate::{
+    agg::{ByDestination, ByWorkload, HistogramConfig, Per},
+    probe::HookKind,
+    serde_duration as duration,
+};
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -23,6 +27,12 @@ pub struct TcpConfig {
     /// SYN retry time (127 s with the default `tcp_syn_retries` of 6).
     #[serde(with = "duration")]
     pub connect_max_age: Duration,
+    /// `sensor_tcp_connect_duration_seconds`: labels kept (`workload`, `destination` or
+    /// `host`) and buckets.
+    pub connect_duration: HistogramConfig<ByWorkload>,
+    /// `sensor_tcp_rtt_seconds`: per destination group by default (the RTT is the network's,
+    /// the connect duration already shows each workload).
+    pub rtt: HistogramConfig<ByDestination>,
 }
 
 impl TcpConfig {
@@ -43,6 +53,8 @@ impl Default for TcpConfig {
             max_tracked_connects: sensor_common::tcp::DEFAULT_TRACKED_CONNECTS,
             max_series: sensor_common::tcp::DEFAULT_SERIES,
             connect_max_age: Duration::from_secs(300),
+            connect_duration: HistogramConfig::default(),
+            rtt: HistogramConfig::default(),
         }
     }
 }
@@ -122,6 +134,11 @@ impl TcpConfig {
                 "max_tracked_connects and max_series must be at least 64".into(),
             ));
         }
+        let per = [Per::Workload, Per::Destination, Per::Host];
+        self.connect_duration
+            .validate(&per)
+            .map_err(|(k, r)| (format!(".connect_duration{k}"), r))?;
+        self.rtt.validate(&per).map_err(|(k, r)| (format!(".rtt{k}"), r))?;
         if self.connect_max_age < Duration::from_millis(100) {
             return Err((".connect_max_age".into(), "must be at least 100ms".into()));
         }

@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use self::config::{Destination, TcpConfig};
 use crate::{
-    agg::{HistFamily, HistLayout, HistogramMapCollector},
+    agg::{DefaultPer, HistFamily, HistLayout, HistogramConfig, HistogramMapCollector},
     cgroup::{Discovery, Janitor, WORKLOAD_LABELS},
     events::EventHub,
     kernel::{btf::KernelBtf, clock, tracefs::Tracefs},
@@ -478,6 +478,20 @@ impl Collector for CountCollector {
     }
 }
 
+/// A histogram family of the TCP flow map, as configured.
+fn hist_family<D: DefaultPer>(
+    name: &'static str,
+    help: &'static str,
+    h: &HistogramConfig<D>,
+) -> prometheus::Result<HistFamily> {
+    Ok(HistFamily {
+        name,
+        help,
+        layout: HistLayout::nanos_as_seconds(&h.buckets).map_err(prometheus::Error::Msg)?,
+        labels: h.kept_labels(&HIST_LABELS, true),
+    })
+}
+
 /// The kernel maps the TCP slice reads.
 pub struct TcpMaps {
     pub counts: PerCpuHashMap<MapData, FlowCountKey, u64>,
@@ -526,16 +540,16 @@ impl TcpSlice {
         };
         let hists = Arc::new(HistogramMapCollector::new(
             [
-                HistFamily {
-                    name: "sensor_tcp_connect_duration_seconds",
-                    help: "Time from SYN sent to connection established, by destination group and workload (aggregated in the kernel).",
-                    layout: HistLayout::NANOS_AS_SECONDS,
-                },
-                HistFamily {
-                    name: "sensor_tcp_rtt_seconds",
-                    help: "RTT of active opens, the handshake's sample (srtt_us when the connection becomes ESTABLISHED), by destination group and workload.",
-                    layout: HistLayout::NANOS_AS_SECONDS,
-                },
+                hist_family(
+                    "sensor_tcp_connect_duration_seconds",
+                    "Time from SYN sent to connection established, by destination group and workload (aggregated in the kernel; labels and buckets per probes.tcp.connect_duration).",
+                    &cfg.connect_duration,
+                )?,
+                hist_family(
+                    "sensor_tcp_rtt_seconds",
+                    "RTT of active opens, the handshake's sample (srtt_us when the connection becomes ESTABLISHED), by destination group (and workload with probes.tcp.rtt.per: workload).",
+                    &cfg.rtt,
+                )?,
             ],
             &HIST_LABELS,
             maps.hists,
