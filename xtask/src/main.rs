@@ -229,7 +229,7 @@ fn real_main() -> Result<()> {
             std::fs::write(&skip_log, "").with_context(|| format!("truncate {}", skip_log.display()))?;
             run_tests(
                 cargo()
-                    .args(["test", "--workspace", "--exclude", "sensor-ebpf"])
+                    .args(["test", "--no-fail-fast", "--workspace", "--exclude", "sensor-ebpf"])
                     .args(args)
                     .env("SENSOR_SKIP_LOG", &skip_log),
                 &skip_log,
