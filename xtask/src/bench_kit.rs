@@ -225,11 +225,19 @@ impl Served {
         })
     }
 
-    /// `sensor run --listen 127.0.0.1:PORT` plus `args`.
+    /// `sensor run --listen 127.0.0.1:PORT` plus `args`, with a fresh event journal of its own
+    /// next to its log (the default config's journal, so its cost is measured, but never the
+    /// host's /var/lib/sensor/journal or another run's history).
     pub fn sensor(bin: &Path, args: &[&str], log: &Path) -> Result<Served> {
         let addr = loopback(free_port()?);
+        let journal = log.with_extension("journal");
+        let _ = std::fs::remove_dir_all(&journal);
         let mut cmd = Command::new(bin);
-        cmd.arg("run").args(["--listen", &addr.to_string()]).args(args);
+        cmd.arg("run")
+            .args(["--listen", &addr.to_string()])
+            .arg("--journal.path")
+            .arg(&journal)
+            .args(args);
         Served::start(cmd, addr, "/readyz", log, "the sensor")
     }
 

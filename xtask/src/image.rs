@@ -182,6 +182,10 @@ pub fn image(root: &Path) -> Result<()> {
     step(&format!("{engine} build {tag} (revision {revision})"));
     run(Command::new(engine)
         .arg("build")
+        // Buildah 1.28 reuses a cached LABEL layer when only a build-arg it expands changed
+        // (measured: a new commit with the same binary kept the old revision label); the image
+        // is two COPYs, so building it afresh costs nothing.
+        .arg("--no-cache")
         .arg("-f")
         .arg(root.join("deploy/Dockerfile"))
         .args(["--build-arg", &format!("VERSION={version}")])

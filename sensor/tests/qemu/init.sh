@@ -17,7 +17,7 @@ ip link set lo up
 pass() {
   name=$1; shift
   echo "=== PASS $name ==="
-  /sensor run --listen 127.0.0.1:9442 --probes.memcg.discovery-interval 500ms "$@" > /tmp/sensor-$name.log 2>&1 &
+  /sensor run --listen 127.0.0.1:9442 --probes.memcg.discovery-interval 500ms --journal.path /tmp/journal-$name "$@" > /tmp/sensor-$name.log 2>&1 &
   spid=$!
   i=0
   until wget -q -O /dev/null http://127.0.0.1:9442/readyz; do
