@@ -683,15 +683,7 @@ fn daemonset_capabilities_are_sufficient_and_each_needed() {
     // CAP_SYSLOG 34, CAP_PERFMON 38, CAP_BPF 39.
     assert_eq!(eff, format!("{:016x}", (1u64 << 34) | (1 << 38) | (1 << 39)));
     cg.cause_oom_kill();
-    let labels = [
-        ("scope", "memcg"),
-        ("cgroup", cg.rel.as_str()),
-        ("container_id", ""),
-        ("pod_uid", ""),
-        ("namespace", ""),
-        ("pod", ""),
-        ("container", ""),
-    ];
+    let labels = cg.kill_labels();
     let mut m = String::new();
     for _ in 0..100 {
         m = http_get(port, "/metrics").unwrap().1;
@@ -969,15 +961,7 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
         drop(std::net::TcpStream::connect(addr).unwrap());
         let _ = listener.accept().unwrap();
     }
-    let kill_labels = [
-        ("scope", "memcg"),
-        ("cgroup", cg.rel.as_str()),
-        ("container_id", ""),
-        ("pod_uid", ""),
-        ("namespace", ""),
-        ("pod", ""),
-        ("container", ""),
-    ];
+    let kill_labels = cg.kill_labels();
     d.wait_metric_sum("sensor_oom_kills_total", &kill_labels, 1.0, Duration::from_secs(5));
 
     // The recording rules see the kill once Prometheus has scraped it and evaluated them.

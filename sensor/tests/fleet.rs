@@ -242,15 +242,7 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
             .count()
     };
     let lines = || std::fs::read_to_string(&actions_file).unwrap_or_default();
-    let kill_labels = [
-        ("scope", "memcg"),
-        ("cgroup", cg.rel.as_str()),
-        ("container_id", ""),
-        ("pod_uid", ""),
-        ("namespace", ""),
-        ("pod", ""),
-        ("container", ""),
-    ];
+    let kill_labels = cg.kill_labels();
 
     // Storm 1: five real OOM kills in the child cgroup -> the action runs, once.
     let storm = Instant::now();

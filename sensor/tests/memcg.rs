@@ -7,15 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn wl(cg: &MemCgroup) -> [(&str, &str); 6] {
-    [
-        ("cgroup", cg.rel.as_str()),
-        ("container_id", ""),
-        ("pod_uid", ""),
-        ("namespace", ""),
-        ("pod", ""),
-        ("container", ""),
-    ]
+fn wl(cg: &MemCgroup) -> [(&'static str, &str); 6] {
+    cg.workload_labels()
 }
 
 #[test]

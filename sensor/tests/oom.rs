@@ -36,15 +36,7 @@ fn kills_are_counted_exactly_and_attributed() {
     let cg = MemCgroup::new("sensor-it-26", 24 << 20);
     let vm0 = vmstat_oom_kill();
     let d = Daemon::start(&[]);
-    let labels = [
-        ("scope", "memcg"),
-        ("cgroup", cg.rel.as_str()),
-        ("container_id", ""),
-        ("pod_uid", ""),
-        ("namespace", ""),
-        ("pod", ""),
-        ("container", ""),
-    ];
+    let labels = cg.kill_labels();
 
     let first = cg.cause_oom_kill();
     d.wait_metric_sum("sensor_oom_kills_total", &labels, 1.0, Duration::from_secs(5));

@@ -37,15 +37,7 @@ fn oom_kill_flows_to_metrics_and_events() {
 
     let pid = cg.cause_oom_kill();
     assert_eq!(cg.kernel_oom_kills(), 1, "the kernel itself counted one kill");
-    let labels = [
-        ("scope", "memcg"),
-        ("cgroup", cg.rel.as_str()),
-        ("container_id", ""),
-        ("pod_uid", ""),
-        ("namespace", ""),
-        ("pod", ""),
-        ("container", ""),
-    ];
+    let labels = cg.kill_labels();
     let m = d.wait_metric_sum("sensor_oom_kills_total", &labels, 1.0, Duration::from_secs(5));
     assert_eq!(metric_sum(&m, "sensor_oom_kills_total", &[]), 1.0);
     assert_eq!(metric(&m, "sensor_events_total", &[("probe", "oom")]), Some(1.0));

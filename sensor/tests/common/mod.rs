@@ -451,6 +451,25 @@ impl MemCgroup {
             .unwrap_or_else(|e| panic!("write {value} to {}/{file}: {e}", self.dir.display()));
     }
 
+    /// The workload labels its series carry (a plain cgroup: no container, no names), in
+    /// `WORKLOAD_LABELS` order.
+    pub fn workload_labels(&self) -> [(&'static str, &str); 6] {
+        [
+            ("cgroup", self.rel.as_str()),
+            ("container_id", ""),
+            ("pod_uid", ""),
+            ("namespace", ""),
+            ("pod", ""),
+            ("container", ""),
+        ]
+    }
+
+    /// The labels of a memcg OOM kill in it on `sensor_oom_kills_total` (the reason aside).
+    pub fn kill_labels(&self) -> [(&'static str, &str); 7] {
+        let [a, b, c, d, e, f] = self.workload_labels();
+        [("scope", "memcg"), a, b, c, d, e, f]
+    }
+
     pub fn limit(&self) -> u64 {
         let f = if self.v2 { "memory.max" } else { "memory.limit_in_bytes" };
         std::fs::read_to_string(self.dir.join(f))
