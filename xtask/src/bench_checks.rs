@@ -872,20 +872,9 @@ fn render(
     let bb_ratios = ratios(samples, Prober::Sensor, Prober::Blackbox);
     let col = |v: &[&Sample], f: &dyn Fn(&Sample) -> f64| v.iter().map(|s| f(s)).collect::<Vec<f64>>();
 
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    // Machine, kernel, OS, commit and time as every benchmark prints them.
+    let machine = crate::bench_report::machine();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let date = command_text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
-    let rev = command_text(Command::new("git").args(["describe", "--always", "--dirty"]));
-    let os = std::fs::read_to_string("/etc/debian_version")
-        .map_or_else(|_| "Linux".into(), |v| format!("Debian {}", v.trim()));
 
     let mut t = String::new();
     t.push_str("# Benchmarks: synthetic checks\n\n");
@@ -894,11 +883,8 @@ fn render(
          This is a benchmark, not a test: nothing here fails a build.\n\n",
     );
     t.push_str(&format!(
-        "Machine: {cpus} CPUs ({model}), kernel {}, {os}; run {} at commit {}; {bb_version}. Load average (1 min) \
-         {:.1} before the rounds and {:.1} after them{}.\n\n",
-        kernel.trim(),
-        date.trim(),
-        rev.trim(),
+        "Machine: {machine}; {bb_version}. Load average (1 min) {:.1} before the rounds and {:.1} after \
+         them{}.\n\n",
         load[0],
         load[1],
         // The rounds themselves keep about one CPU busy.
