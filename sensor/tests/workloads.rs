@@ -44,6 +44,15 @@ fn containerd(socket: &Path) -> String {
     )
 }
 
+/// A private containerd holding the busybox victim image (and its name); `None` (after `skip`) when podman or
+/// containerd is missing.
+fn containerd_with_victim() -> Option<(Containerd, &'static str)> {
+    let image = runtimes::victim_image()?;
+    let ctrd = Containerd::start()?;
+    ctrd.import(image);
+    Some((ctrd, image))
+}
+
 fn daemon(cfg: &Path) -> Daemon {
     Daemon::start(&["--config", cfg.to_str().unwrap()])
 }
@@ -100,9 +109,9 @@ fn counted_within(d: &Daemon, id: &str, limit: Duration) -> f64 {
 /// podman's service answers the Docker API for a container the CLI ran.
 #[test]
 fn harness_runs_kubelet_style_and_podman_containers() {
-    let Some(image) = runtimes::victim_image() else { return };
-    let Some(ctrd) = Containerd::start() else { return };
-    ctrd.import(image);
+    let Some((ctrd, image)) = containerd_with_victim() else {
+        return;
+    };
     let mut c = KubeContainer::new(
         "shop",
         "cart-7f9c",
@@ -231,9 +240,9 @@ fn kubelet_style_containerd_container_oom_and_connect_carry_pod_names() {
     let Some(_k) = privileged("kubelet_style_containerd_container_oom_and_connect_carry_pod_names") else {
         return;
     };
-    let Some(image) = runtimes::victim_image() else { return };
-    let Some(ctrd) = Containerd::start() else { return };
-    ctrd.import(image);
+    let Some((ctrd, image)) = containerd_with_victim() else {
+        return;
+    };
     let cfg = config(&[containerd(&ctrd.socket)], "2s");
     let d = daemon(&cfg);
     let listener = Listener::start();
@@ -294,9 +303,9 @@ fn fifty_short_lived_containers_each_oom_killed_are_all_named() {
     let Some(_k) = privileged("fifty_short_lived_containers_each_oom_killed_are_all_named") else {
         return;
     };
-    let Some(image) = runtimes::victim_image() else { return };
-    let Some(ctrd) = Containerd::start() else { return };
-    ctrd.import(image);
+    let Some((ctrd, image)) = containerd_with_victim() else {
+        return;
+    };
     let cfg = config(&[containerd(&ctrd.socket)], "2s");
     let d = daemon(&cfg);
     const N: usize = 50;
