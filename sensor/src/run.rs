@@ -431,8 +431,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         state.clone(),
         crate::web::Live::start(&core.hub, &core.kernel_release, stop_rx.clone()),
     );
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
+    let listener = crate::http::listen(cfg.listen, cfg.http.max_connections)
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let tls = web.as_ref().and_then(|w| w.tls.clone());

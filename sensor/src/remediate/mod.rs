@@ -386,8 +386,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(p) => Some(crate::webconfig::Web::load(p).map_err(anyhow::Error::msg)?),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
+    let listener = crate::http::listen(cfg.listen, cfg.http.max_connections)
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let dry_run = cfg.dry_run;
