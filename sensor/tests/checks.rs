@@ -1151,6 +1151,9 @@ fn web_config_serves_tls_and_basic_auth() {
         .arg(&daemon_cfg)
         .arg("--web.config.file")
         .arg(&web)
+        // Its own journal, never the host's /var/lib/sensor/journal.
+        .arg("--journal.path")
+        .arg(common::journal_dir(port))
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -1197,6 +1200,7 @@ fn web_config_serves_tls_and_basic_auth() {
     let denied = top(false);
     let _ = child.kill();
     let _ = child.wait();
+    let _ = std::fs::remove_dir_all(common::journal_dir(port));
     let text = String::from_utf8_lossy(&ok.stdout);
     assert!(
         ok.status.success() && text.contains("Checks: last 10 minutes") && text.contains("self"),

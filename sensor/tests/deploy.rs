@@ -616,6 +616,9 @@ fn start_with_caps(caps: &[String], config: &Path) -> (std::process::Child, u16,
         .args(["run", "--config"])
         .arg(config)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        // Its own journal, never the host's /var/lib/sensor/journal.
+        .arg("--journal.path")
+        .arg(common::journal_dir(port))
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -701,6 +704,7 @@ fn daemonset_capabilities_are_sufficient_and_each_needed() {
     let oom_degraded = metric(&m, "sensor_probe_state", &[("probe", "oom"), ("state", "degraded")]) == Some(1.0);
     let _ = child.kill();
     let _ = child.wait();
+    let _ = std::fs::remove_dir_all(common::journal_dir(port));
 
     // Without BPF or PERFMON the sensor refuses to start, with its one sentence.
     for missing in ["BPF", "PERFMON"] {
@@ -752,6 +756,7 @@ fn daemonset_capabilities_are_sufficient_and_each_needed() {
     }
     let _ = child.kill();
     let _ = child.wait();
+    let _ = std::fs::remove_dir_all(common::journal_dir(port));
     assert_eq!(got, Some(1.0), "{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
 
