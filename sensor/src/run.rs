@@ -381,11 +381,17 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
     let kernel_release = kernel::release();
     let names: Vec<&'static str> = crate::probes::specs().iter().map(|s| s.name).collect();
     let m = SelfMetrics::new(&kernel_release, &names);
+    // Check alerts are events too: they keep their history across restarts like any other.
+    let (journal, journal_metrics) = {
+        let jc = cfg.journal.clone();
+        tokio::task::spawn_blocking(move || crate::journal::open_configured(&jc)).await??
+    };
+    journal_metrics.register(&m.registry)?;
     Ok(Core {
         pipeline: None,
         health: Arc::new(Health::new(m.internal_errors.clone())),
         registry: m.registry,
-        hub: Arc::new(EventHub::new(cfg.events.history)),
+        hub: Arc::new(EventHub::with_journal(cfg.events.history, journal)),
         reports: Vec::new(),
         kernel_release,
     })
@@ -458,8 +464,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tracing::error!(error = %e, "a task failed while stopping");
         }
     }
-    if let Some(p) = core.pipeline {
-        p.shutdown().await;
+    match core.pipeline {
+        Some(p) => p.shutdown().await,
+        None => {
+            let hub = core.hub;
+            if let Err(e) = tokio::task::spawn_blocking(move || hub.close()).await {
+                tracing::error!(error = %e, "closing the journal failed");
+            }
+        }
     }
     tracing::info!("stopped");
     Ok(())
