@@ -471,40 +471,54 @@ fn check_alerts_are_journaled() {
     let Some(_g) = common::privileged("check_alerts_are_journaled") else {
         return;
     };
-    let jdir = tmp_dir("alerts");
-    let jpath = jdir.display().to_string();
-    let checks = format!(
-        "[{{name: gone, type: http, url: \"http://127.0.0.1:{}/\", interval: 1s, timeout: 1s}}]",
-        free_port()
-    );
-    let d = Daemon::start(&[
-        "--journal.path",
-        &jpath,
-        "--checks",
-        &checks,
-        "--alerting.window",
-        "3s",
-        "--alerting.min-samples",
-        "2",
-    ]);
-    d.wait_metric(
-        "sensor_check_alert_firing",
-        &[("check", "gone")],
-        1.0,
-        Duration::from_secs(30),
-    );
-    assert_eq!(d.stop().code(), Some(0));
-    let out = sensor_events(&["--since", "0", "--journal.path", &jpath]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let alerts: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|e| e["type"] == "check_alert")
-        .collect();
-    assert_eq!(alerts.len(), 1, "{alerts:?}");
-    assert_eq!(
-        (alerts[0]["check"].as_str(), alerts[0]["state"].as_str()),
-        (Some("gone"), Some("firing"))
-    );
-    let _ = std::fs::remove_dir_all(&jdir);
+    // With the probes, and checks only (every probe disabled: no pipeline, same journal).
+    for probes_off in [false, true] {
+        let jdir = tmp_dir(if probes_off { "alerts-checks-only" } else { "alerts" });
+        let jpath = jdir.display().to_string();
+        let checks = format!(
+            "[{{name: gone, type: http, url: \"http://127.0.0.1:{}/\", interval: 1s, timeout: 1s}}]",
+            free_port()
+        );
+        let mut args = vec![
+            "--journal.path",
+            &jpath,
+            "--checks",
+            &checks,
+            "--alerting.window",
+            "3s",
+            "--alerting.min-samples",
+            "2",
+        ];
+        if probes_off {
+            args.extend([
+                "--probes.oom.enabled",
+                "false",
+                "--probes.memcg.enabled",
+                "false",
+                "--probes.tcp.enabled",
+                "false",
+            ]);
+        }
+        let d = Daemon::start(&args);
+        d.wait_metric(
+            "sensor_check_alert_firing",
+            &[("check", "gone")],
+            1.0,
+            Duration::from_secs(30),
+        );
+        assert_eq!(d.stop().code(), Some(0));
+        let out = sensor_events(&["--since", "0", "--journal.path", &jpath]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let alerts: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e["type"] == "check_alert")
+            .collect();
+        assert_eq!(alerts.len(), 1, "probes off: {probes_off}: {alerts:?}");
+        assert_eq!(
+            (alerts[0]["check"].as_str(), alerts[0]["state"].as_str()),
+            (Some("gone"), Some("firing"))
+        );
+        let _ = std::fs::remove_dir_all(&jdir);
+    }
 }
