@@ -144,11 +144,31 @@ enum Wait {
     Switching,
 }
 
+/// Records read per [`STORM_WINDOW`]: tells a storm from quiet times.
+struct Rate {
+    /// Start of the current window and the records read in it.
+    window: (Instant, u32),
+}
+
+impl Rate {
+    fn new(now: Instant) -> Rate {
+        Rate { window: (now, 0) }
+    }
+
+    /// Counts `n` records read at `now`; true when the rate makes it a storm.
+    fn storm(&mut self, n: usize, now: Instant) -> bool {
+        if now.duration_since(self.window.0) > STORM_WINDOW {
+            self.window = (now, 0);
+        }
+        self.window.1 = self.window.1.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        self.window.1 >= STORM_RECORDS
+    }
+}
+
 struct PerfRing {
     cpu: u32,
     wait: Wait,
-    /// Start of the current rate window and the records read in it.
-    window: (Instant, u32),
+    rate: Rate,
 }
 
 impl PerfRing {
@@ -156,18 +176,8 @@ impl PerfRing {
         PerfRing {
             cpu,
             wait: Wait::Woken(fd),
-            window: (Instant::now(), 0),
+            rate: Rate::new(Instant::now()),
         }
-    }
-
-    /// Counts `n` records read after a wakeup; true when the rate makes it a storm.
-    fn storm(&mut self, n: usize) -> bool {
-        let now = Instant::now();
-        if now.duration_since(self.window.0) > STORM_WINDOW {
-            self.window = (now, 0);
-        }
-        self.window.1 = self.window.1.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
-        self.window.1 >= STORM_RECORDS
     }
 
     fn start_polling(&mut self) {
@@ -185,7 +195,7 @@ impl PerfRing {
         match unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
             Ok(fd) => {
                 self.wait = Wait::Woken(fd);
-                self.window = (Instant::now(), 0);
+                self.rate = Rate::new(Instant::now());
                 Ok(())
             }
             Err(e) => {
@@ -213,7 +223,7 @@ impl RingSource for PerfRing {
                 let mut g = fd.readable_mut().await?;
                 let n = drain(self.cpu, &mut g.get_inner_mut().0, sink);
                 g.clear_ready();
-                if self.storm(n) {
+                if self.rate.storm(n, Instant::now()) {
                     self.start_polling();
                 }
             }
@@ -438,6 +448,21 @@ mod tests {
         fn reader_failed(&self, _cpu: u32, why: &str) {
             self.failures.lock().unwrap().push(why.to_string());
         }
+    }
+
+    #[test]
+    fn a_storm_is_a_rate_not_a_count() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut r = Rate::new(t0);
+        // A record every millisecond (1,000 a second) never makes a storm.
+        assert!((0..100).all(|i| !r.storm(1, ms(i))));
+        // 32 within 10 ms (3,200 a second) do.
+        let mut r = Rate::new(t0);
+        assert!((0..31).all(|i| !r.storm(1, t0 + Duration::from_micros(100 * i))));
+        assert!(r.storm(1, ms(4)));
+        // A batch read after one wakeup counts as its records.
+        assert!(Rate::new(t0).storm(40, ms(1)));
     }
 
     #[tokio::test]
