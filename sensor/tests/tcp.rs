@@ -792,6 +792,15 @@ fn a_connect_failure_storm_is_counted_exactly_in_few_events() {
         )
         .unwrap_or(-1.0) as u64
     };
+    // One refusal elsewhere first, until its series carries the cgroup: the daemon's workload
+    // discovery knows the new cgroup before the storm (else its events name no cgroup).
+    assert_eq!(connect(&cg, None, closed_port("127.0.0.1"), 1, 1, None), [0, 1, 0, 0]);
+    d.wait_metric(
+        "sensor_tcp_connects_total",
+        &series("refused", "other", &cg),
+        1.0,
+        Duration::from_secs(10),
+    );
     let m0 = d.metrics();
     for reason in ["interval", "key_limit"] {
         assert!(
@@ -836,10 +845,13 @@ fn a_connect_failure_storm_is_counted_exactly_in_few_events() {
     let immediate: Vec<_> = ev.iter().filter(|e| e["interval_seconds"] == 0.0).collect();
     assert_eq!(immediate.len(), 1, "only the key's first failure is published at once");
     assert_eq!(count(immediate[0]), 1);
-    assert!(ev.iter().all(|e| e["result"] == "refused"
-        && e["destination"] == "storm"
-        && e["cgroup"] == cg.rel.as_str()
-        && e["overflow"] == false));
+    assert!(
+        ev.iter().all(|e| e["result"] == "refused"
+            && e["destination"] == "storm"
+            && e["cgroup"] == cg.rel.as_str()
+            && e["overflow"] == false),
+        "{ev:?}"
+    );
     assert!(ev[1..]
         .iter()
         .all(|e| e["interval_seconds"] == 0.5 && e["first_time"].as_f64().unwrap() <= e["time"].as_f64().unwrap()));
