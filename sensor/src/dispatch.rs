@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use prometheus::IntCounter;
+
 use crate::{decode::KindTable, metrics::SelfMetrics, probe::Running, transport::Sink};
 
 pub struct Dispatcher {
@@ -10,6 +12,8 @@ pub struct Dispatcher {
     kinds: KindTable,
     /// Running probes by name, indexed by `kinds`' owners.
     probes: Vec<(&'static str, Arc<dyn Running>)>,
+    /// Each probe's `sensor_events_total` series, looked up once (not hashed per record).
+    events_total: Vec<IntCounter>,
 }
 
 impl Dispatcher {
@@ -24,10 +28,15 @@ impl Dispatcher {
             kinds.add(records, i);
             named.push((name, running));
         }
+        let events_total = named
+            .iter()
+            .map(|(name, _)| metrics.events_total.with_label_values(&[*name]))
+            .collect();
         Dispatcher {
             metrics,
             kinds,
             probes: named,
+            events_total,
         }
     }
 
@@ -40,8 +49,8 @@ impl Sink for Dispatcher {
     fn sample(&self, bytes: &[u8]) {
         match self.kinds.check(bytes) {
             Ok((kind, owner)) => {
-                if let Some((name, probe)) = self.probes.get(owner) {
-                    self.metrics.events_total.with_label_values(&[*name]).inc();
+                if let (Some((_, probe)), Some(total)) = (self.probes.get(owner), self.events_total.get(owner)) {
+                    total.inc();
                     probe.handle(kind, bytes);
                 }
             }

@@ -268,6 +268,8 @@ pub trait Running: Send + Sync {
     fn spawn(&self, _stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
         Vec::new()
     }
+    /// At shutdown, after the readers' final drain: publish what is still held (blocking).
+    fn finish(&self) {}
 }
 
 /// A kernel record kind: its header must carry exactly this length and version.

@@ -51,6 +51,8 @@ pub struct Pipeline {
     pub kernel_release: String,
     readers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
+    /// The probes' running halves, told to finish after the readers' final drain.
+    running: Vec<Arc<dyn Running>>,
     stop_tx: watch::Sender<bool>,
     pub stop_rx: watch::Receiver<bool>,
 }
@@ -305,6 +307,7 @@ impl Pipeline {
             kernel_release,
             readers,
             background,
+            running: started.iter().map(|s| Arc::clone(&s.running)).collect(),
             stop_tx,
             stop_rx,
         })
@@ -317,6 +320,7 @@ impl Pipeline {
             ebpf,
             readers,
             background,
+            running,
             stop_tx,
             hub,
             ..
@@ -327,6 +331,10 @@ impl Pipeline {
             if let Err(e) = r.await {
                 tracing::error!(error = %e, "a task failed while stopping");
             }
+        }
+        let finish = tokio::task::spawn_blocking(move || running.iter().for_each(|r| r.finish()));
+        if let Err(e) = finish.await {
+            tracing::error!(error = %e, "a probe failed to finish");
         }
         if let Err(e) = tokio::task::spawn_blocking(move || hub.close()).await {
             tracing::error!(error = %e, "closing the journal failed");

@@ -104,7 +104,7 @@ pub fn spawn_readers(
         watch.reader_running(cpu, true);
         let reader = Reader {
             cpu,
-            ring: PerfRing { cpu, fd },
+            ring: PerfRing::new(cpu, fd),
             sink: Arc::clone(&sink),
         };
         handles.push(tokio::spawn(supervise(reader, Arc::clone(&watch), shutdown.clone())));
@@ -125,21 +125,129 @@ trait RingSource: Send + 'static {
     fn drain_now(&mut self, sink: &dyn Sink);
 }
 
+/// Records within [`STORM_WINDOW`] that switch a ring to polling: above about 3,000 a second
+/// a wakeup per record (epoll, a task wake) costs more than reading them.
+const STORM_RECORDS: u32 = 32;
+const STORM_WINDOW: Duration = Duration::from_millis(10);
+/// How often a ring in a storm is read. Also the most any record (an OOM kill during a connect
+/// storm) waits then; outside storms every record wakes its reader at once.
+const STORM_POLL: Duration = Duration::from_millis(2);
+
+/// How a ring's reader learns of new records.
+enum Wait {
+    /// Registered with epoll: woken by the kernel for every record (quiet times).
+    Woken(AsyncFd<Ring>),
+    /// Out of epoll, read every [`STORM_POLL`] (a storm): the kernel's wakeups reach nobody,
+    /// so they cost the reader nothing. Back to `Woken` after a read that finds nothing.
+    Polled(Ring),
+    /// Between the two (only while switching).
+    Switching,
+}
+
+/// Records read per [`STORM_WINDOW`]: tells a storm from quiet times.
+struct Rate {
+    /// Start of the current window and the records read in it.
+    window: (Instant, u32),
+}
+
+impl Rate {
+    fn new(now: Instant) -> Rate {
+        Rate { window: (now, 0) }
+    }
+
+    /// Counts `n` records read at `now`; true when the rate makes it a storm.
+    fn storm(&mut self, n: usize, now: Instant) -> bool {
+        if now.duration_since(self.window.0) > STORM_WINDOW {
+            self.window = (now, 0);
+        }
+        self.window.1 = self.window.1.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        self.window.1 >= STORM_RECORDS
+    }
+}
+
 struct PerfRing {
     cpu: u32,
-    fd: AsyncFd<Ring>,
+    wait: Wait,
+    rate: Rate,
+}
+
+impl PerfRing {
+    fn new(cpu: u32, fd: AsyncFd<Ring>) -> PerfRing {
+        PerfRing {
+            cpu,
+            wait: Wait::Woken(fd),
+            rate: Rate::new(Instant::now()),
+        }
+    }
+
+    fn start_polling(&mut self) {
+        if let Wait::Woken(fd) = std::mem::replace(&mut self.wait, Wait::Switching) {
+            tracing::debug!(cpu = self.cpu, "record storm: reading the ring every {STORM_POLL:?}");
+            self.wait = Wait::Polled(fd.into_inner());
+        }
+    }
+
+    fn start_waking(&mut self) -> std::io::Result<()> {
+        let Wait::Polled(ring) = std::mem::replace(&mut self.wait, Wait::Switching) else {
+            return Ok(());
+        };
+        // SAFETY: as in `spawn_readers`: the buffer owns its fd and `Ring` returns that fd.
+        match unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
+            Ok(fd) => {
+                self.wait = Wait::Woken(fd);
+                self.rate = Rate::new(Instant::now());
+                Ok(())
+            }
+            Err(e) => {
+                let (ring, err) = e.into_parts();
+                // Still read, on the timer, until a restart registers it again.
+                self.wait = Wait::Polled(ring);
+                Err(err)
+            }
+        }
+    }
+
+    fn buffer(&mut self) -> Option<&mut PerfEventArrayBuffer<MapData>> {
+        match &mut self.wait {
+            Wait::Woken(fd) => Some(&mut fd.get_mut().0),
+            Wait::Polled(ring) => Some(&mut ring.0),
+            Wait::Switching => None,
+        }
+    }
 }
 
 impl RingSource for PerfRing {
     async fn next_batch<'a>(&'a mut self, sink: &'a dyn Sink) -> std::io::Result<()> {
-        let mut g = self.fd.readable_mut().await?;
-        drain(self.cpu, &mut g.get_inner_mut().0, sink);
-        g.clear_ready();
+        match &mut self.wait {
+            Wait::Woken(fd) => {
+                let mut g = fd.readable_mut().await?;
+                let n = drain(self.cpu, &mut g.get_inner_mut().0, sink);
+                g.clear_ready();
+                if self.rate.storm(n, Instant::now()) {
+                    self.start_polling();
+                }
+            }
+            Wait::Polled(_) => {
+                tokio::time::sleep(STORM_POLL).await;
+                let cpu = self.cpu;
+                let n = self.buffer().map_or(0, |b| drain(cpu, b, sink));
+                if n == 0 {
+                    tracing::debug!(cpu, "record storm over: woken per record again");
+                    self.start_waking()?;
+                }
+            }
+            Wait::Switching => {
+                return Err(std::io::Error::other("ring lost while switching how it is read"));
+            }
+        }
         Ok(())
     }
 
     fn drain_now(&mut self, sink: &dyn Sink) {
-        drain(self.cpu, &mut self.fd.get_mut().0, sink);
+        let cpu = self.cpu;
+        if let Some(b) = self.buffer() {
+            drain(cpu, b, sink);
+        }
     }
 }
 
@@ -224,11 +332,13 @@ fn deliver(sink: &dyn Sink, bytes: &[u8]) {
     }
 }
 
-/// Hands every sample in the ring to the sink.
-fn drain(cpu: u32, buf: &mut PerfEventArrayBuffer<MapData>, sink: &dyn Sink) {
+/// Hands every sample in the ring to the sink; returns how many.
+fn drain(cpu: u32, buf: &mut PerfEventArrayBuffer<MapData>, sink: &dyn Sink) -> usize {
     let mut scratch = Vec::new();
+    let mut n = 0;
     buf.for_each(|ev| match ev {
         PerfEvent::Sample { head, tail } => {
+            n += 1;
             if tail.is_empty() {
                 deliver(sink, head);
             } else {
@@ -242,6 +352,7 @@ fn drain(cpu: u32, buf: &mut PerfEventArrayBuffer<MapData>, sink: &dyn Sink) {
         #[allow(unreachable_patterns)]
         _ => {}
     });
+    n
 }
 
 /// The kernel's per-probe counters (`COUNTERS` map), summed over CPUs.
@@ -337,6 +448,21 @@ mod tests {
         fn reader_failed(&self, _cpu: u32, why: &str) {
             self.failures.lock().unwrap().push(why.to_string());
         }
+    }
+
+    #[test]
+    fn a_storm_is_a_rate_not_a_count() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut r = Rate::new(t0);
+        // A record every millisecond (1,000 a second) never makes a storm.
+        assert!((0..100).all(|i| !r.storm(1, ms(i))));
+        // 32 within 10 ms (3,200 a second) do.
+        let mut r = Rate::new(t0);
+        assert!((0..31).all(|i| !r.storm(1, t0 + Duration::from_micros(100 * i))));
+        assert!(r.storm(1, ms(4)));
+        // A batch read after one wakeup counts as its records.
+        assert!(Rate::new(t0).storm(40, ms(1)));
     }
 
     #[tokio::test]

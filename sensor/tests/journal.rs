@@ -331,7 +331,15 @@ fn journal_stays_within_max_bytes_and_history_crosses_a_restart() {
     };
     let jdir = tmp_dir("bound");
     let jpath = jdir.display().to_string();
-    let args = ["--journal.path", jpath.as_str(), "--journal.max-bytes", "64KiB"];
+    // An event per connect failure (no coalescing): they are what fills the journal.
+    let args = [
+        "--journal.path",
+        jpath.as_str(),
+        "--journal.max-bytes",
+        "64KiB",
+        "--probes.tcp.failure-events.interval",
+        "0s",
+    ];
     let cg = MemCgroup::new("journal-bound", 64 << 20);
     let d = Daemon::start(&args);
     let port = free_port();
@@ -435,7 +443,14 @@ fn journal_disabled_keeps_history_in_memory_only() {
     };
     let jdir = tmp_dir("disabled");
     let jpath = jdir.display().to_string();
-    let args = ["--journal.enabled", "false", "--journal.path", jpath.as_str()];
+    let args = [
+        "--journal.enabled",
+        "false",
+        "--journal.path",
+        jpath.as_str(),
+        "--probes.tcp.failure-events.interval",
+        "0s",
+    ];
     let cg = MemCgroup::new("journal-disabled", 64 << 20);
     let port = free_port();
     let d = Daemon::start(&args);

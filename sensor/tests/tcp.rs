@@ -288,6 +288,24 @@ fn tcp_failures(d: &Daemon, port: u16) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The failures an event stands for (`count`: 1, or the sum over its interval).
+fn count(e: &serde_json::Value) -> u64 {
+    e["count"].as_u64().unwrap_or_else(|| panic!("no count: {e}"))
+}
+
+/// The failure events to `port` once their counts add up to `want` (sums are published at the
+/// end of `probes.tcp.failure_events.interval`, 1 s by default), or after 5 s.
+fn wait_failures(d: &Daemon, port: u16, want: u64) -> Vec<serde_json::Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let ev = tcp_failures(d, port);
+        if ev.iter().map(count).sum::<u64>() >= want || start.elapsed() > Duration::from_secs(5) {
+            return ev;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn successes_and_refusals_are_counted_exactly_v4_and_v6() {
     let Some(_k) = privileged("successes_and_refusals_are_counted_exactly_v4_and_v6") else {
@@ -426,8 +444,14 @@ fn successes_and_refusals(extra: &[&str], hook: &str) {
             ("container", ""),
         ];
         assert_eq!(metric(&m, "sensor_tcp_resets_total", &wl), Some(200.0));
-        let ev = tcp_failures(&d, closed.port());
-        assert_eq!(ev.len(), 200);
+        // Coalesced: the first at once, the rest summed per interval, every refusal counted.
+        let ev = wait_failures(&d, closed.port(), 200);
+        assert_eq!(ev.iter().map(count).sum::<u64>(), 200, "{ev:?}");
+        assert!(ev.len() < 20, "{} events for 200 refusals", ev.len());
+        assert_eq!((count(&ev[0]), ev[0]["interval_seconds"].as_f64()), (1, Some(0.0)));
+        assert!(ev[1..]
+            .iter()
+            .all(|e| e["interval_seconds"] == 1.0 && e["overflow"] == false));
         assert!(ev
             .iter()
             .all(|e| e["result"] == "refused" && e["errno"] == 111 && e["destination"] == dest));
@@ -617,11 +641,15 @@ fn dropped_syns_time_out_in_a_namespace_v4_and_v6() {
                 kernel_tcp_state()
             );
         }
-        let ev: Vec<_> = tcp_failures(&d, target.port())
+        let ev: Vec<_> = wait_failures(&d, target.port(), counted)
             .into_iter()
             .filter(|e| e["destination"] == dest)
             .collect();
-        assert_eq!(ev.len() as u64, counted, "one event per counted timeout");
+        assert_eq!(
+            ev.iter().map(count).sum::<u64>(),
+            counted,
+            "every counted timeout in an event's count"
+        );
         for e in &ev {
             assert_eq!(e["result"], "timeout");
             assert_eq!(e["errno"], 110, "ETIMEDOUT: {e}");
@@ -647,9 +675,10 @@ fn a_full_connect_table_counts_every_connect_once_and_reuses_stale_slots() {
         return;
     };
     let ns = Netns::new();
+    // An event per failure (no coalescing): each one's time tells its wave.
     let cfg = config_with(
         &[("table", "10.201.0.0/24".into())],
-        "    max_tracked_connects: 64\n    connect_max_age: 500ms\n",
+        "    max_tracked_connects: 64\n    connect_max_age: 500ms\n    failure_events: {interval: 0s}\n",
     );
     // Kernel diagnostics on: a full table says so in the log, with the probe's name.
     let d = daemon(&cfg, &["--kernel-log"]);
@@ -696,6 +725,7 @@ fn a_full_connect_table_counts_every_connect_once_and_reuses_stale_slots() {
     // a second after the first).
     let ev = tcp_failures(&d, target.port());
     assert_eq!(ev.len() as u64, counted, "one event per counted failure");
+    assert!(ev.iter().all(|e| count(e) == 1 && e["interval_seconds"] == 0.0));
     let split = t0 + 0.6;
     let n1 = ev
         .iter()
@@ -733,7 +763,102 @@ fn connects_beyond_the_hot_region_are_all_tracked() {
     let counted = metric(&m, "sensor_tcp_connects_total", &series("timeout", "spill", &cg)).unwrap_or(0.0) as u64;
     let lost = connect_losses(&m) - lost_before;
     assert_eq!((counted, lost), (N, 0), "every pending connect tracked");
-    assert_eq!(tcp_failures(&d, target.port()).len() as u64, N, "one event each");
+    let ev = wait_failures(&d, target.port(), N);
+    assert_eq!(ev.iter().map(count).sum::<u64>(), N, "each in an event's count");
+    assert_eq!(d.stop().code(), Some(0));
+}
+
+/// A storm of refused connects from one workload to one destination group: every refusal is
+/// counted in the metrics and in the events' `count`, yet it takes a handful of events (the
+/// first at once, then one per `failure_events.interval`), not one journal record per failure.
+#[test]
+fn a_connect_failure_storm_is_counted_exactly_in_few_events() {
+    let Some(_k) = privileged("a_connect_failure_storm_is_counted_exactly_in_few_events") else {
+        return;
+    };
+    let closed = closed_port("127.0.0.1");
+    let cfg = config_with(
+        &[("storm", format!("127.0.0.1/32:{}", closed.port()))],
+        "    failure_events: {interval: 500ms, max_keys: 64}\n",
+    );
+    // A large ring: the test is about coalescing, not about a debug build keeping up.
+    let d = daemon(&cfg, &["--perf-ring-pages", "512"]);
+    let cg = MemCgroup::new("sensor-it-tcp-storm", 1 << 30);
+    let coalesced = |m: &str, reason: &str| {
+        metric(
+            m,
+            "sensor_events_coalesced_total",
+            &[("probe", "tcp"), ("reason", reason)],
+        )
+        .unwrap_or(-1.0) as u64
+    };
+    // One refusal elsewhere first, until its series carries the cgroup: the daemon's workload
+    // discovery knows the new cgroup before the storm (else its events name no cgroup).
+    assert_eq!(connect(&cg, None, closed_port("127.0.0.1"), 1, 1, None), [0, 1, 0, 0]);
+    d.wait_metric(
+        "sensor_tcp_connects_total",
+        &series("refused", "other", &cg),
+        1.0,
+        Duration::from_secs(10),
+    );
+    let m0 = d.metrics();
+    for reason in ["interval", "key_limit"] {
+        assert!(
+            metric(
+                &m0,
+                "sensor_events_coalesced_total",
+                &[("probe", "tcp"), ("reason", reason)]
+            )
+            .is_some(),
+            "{reason} exported from the start"
+        );
+    }
+    const N: u64 = 20_000;
+    let started = std::time::Instant::now();
+    assert_eq!(connect(&cg, None, closed, N, 1, None), [0, N, 0, 0]);
+    let secs = started.elapsed().as_secs_f64();
+    let m = d.wait_metric(
+        "sensor_tcp_connects_total",
+        &series("refused", "storm", &cg),
+        N as f64,
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        lost(&m, "buffer_full"),
+        lost(&m0, "buffer_full"),
+        "no record lost at the ring"
+    );
+    let ev = wait_failures(&d, closed.port(), N);
+    assert_eq!(
+        ev.iter().map(count).sum::<u64>(),
+        N,
+        "every refusal in an event's count"
+    );
+    // The first at once, then at most one sum per 500 ms interval (plus the one the storm's end
+    // straddles).
+    let most = 2 + (secs / 0.5).ceil() as usize;
+    eprintln!(
+        "storm: {N} refusals in {secs:.2} s -> {} events (at most {most})",
+        ev.len()
+    );
+    assert!(ev.len() <= most, "{} events for {N} refusals in {secs:.2} s", ev.len());
+    let immediate: Vec<_> = ev.iter().filter(|e| e["interval_seconds"] == 0.0).collect();
+    assert_eq!(immediate.len(), 1, "only the key's first failure is published at once");
+    assert_eq!(count(immediate[0]), 1);
+    assert!(
+        ev.iter().all(|e| e["result"] == "refused"
+            && e["destination"] == "storm"
+            && e["cgroup"] == cg.rel.as_str()
+            && e["overflow"] == false),
+        "{ev:?}"
+    );
+    assert!(ev[1..]
+        .iter()
+        .all(|e| e["interval_seconds"] == 0.5 && e["first_time"].as_f64().unwrap() <= e["time"].as_f64().unwrap()));
+    let m = d.metrics();
+    // Other refused connects on the host may add to the probe-wide counter, never take away.
+    assert!(coalesced(&m, "interval") - coalesced(&m0, "interval") >= N - 1);
+    assert_eq!(coalesced(&m, "key_limit"), 0);
     assert_eq!(d.stop().code(), Some(0));
 }
 

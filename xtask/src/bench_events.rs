@@ -79,13 +79,16 @@ pub fn refuse_storm(threads: usize, secs: f64) -> Result<(u64, u64)> {
     Ok((refused.into_inner(), other.into_inner()))
 }
 
-/// Kernel-event counters of the daemon: (records decoded, records lost, refused connects).
-fn counters(sensor: &Served) -> Result<[f64; 3]> {
+/// Kernel-event counters of the daemon: (records decoded, records lost, refused connects,
+/// events written to the journal, records summed into another event's count).
+fn counters(sensor: &Served) -> Result<[f64; 5]> {
     let m = sensor.metrics()?;
     Ok([
         metric_sum(&m, "sensor_events_total", &["probe=\"tcp\""]),
         metric_sum(&m, "sensor_events_lost_total", &["probe=\"tcp\""]),
         metric_sum(&m, "sensor_tcp_connects_total", &["result=\"refused\""]),
+        metric_sum(&m, "sensor_journal_events_written_total", &[]),
+        metric_sum(&m, "sensor_events_coalesced_total", &["probe=\"tcp\""]),
     ])
 }
 
@@ -95,6 +98,9 @@ struct Storm {
     events: f64,
     lost: f64,
     refused: f64,
+    /// Events the journal wrote during the storm (each interval's sums, not a record each).
+    journaled: f64,
+    coalesced: f64,
     cpu: f64,
     /// The part of `cpu` spent in the kernel (system time: ring reads, wake-ups, HTTP).
     sys: f64,
@@ -123,8 +129,9 @@ fn storm_round(sensor: &Served, o: &Opts) -> Result<Storm> {
         o.event_seconds.to_string(),
     ])?;
     let secs = t1.elapsed().as_secs_f64();
-    // The reader drains what the storm left in the rings; its CPU for that belongs here.
-    std::thread::sleep(Duration::from_millis(700));
+    // The reader drains what the storm left in the rings and the last interval's sums are
+    // published (1 s); the CPU for that belongs here.
+    std::thread::sleep(Duration::from_millis(1200));
     let cpu = (pid_cpu(sensor.pid())? - c1 - idle_rate * t1.elapsed().as_secs_f64()).max(0.0);
     let sys = cpu_split(&stat)?.1 - s1;
     let after = counters(sensor)?;
@@ -138,6 +145,8 @@ fn storm_round(sensor: &Served, o: &Opts) -> Result<Storm> {
         events: after[0] - before[0],
         lost: after[1] - before[1],
         refused: after[2] - before[2],
+        journaled: after[3] - before[3],
+        coalesced: after[4] - before[4],
         cpu,
         sys,
         secs,
@@ -156,13 +165,15 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     for r in 1..=o.event_rounds {
         let s = storm_round(&sensor, o)?;
         eprintln!(
-            "    round {r}/{}: {} refused connects generated ({}/s), {} kernel events decoded, {} lost, {} refusals counted; daemon CPU {:.2} s -> {:.3} µs/event",
+            "    round {r}/{}: {} refused connects generated ({}/s), {} kernel events decoded, {} lost, {} refusals counted, {} coalesced, {} events journaled; daemon CPU {:.2} s -> {:.3} µs/event",
             o.event_rounds,
             s.generated,
             (s.generated as f64 / s.secs) as u64,
             s.events,
             s.lost,
             s.refused,
+            s.coalesced,
+            s.journaled,
             s.cpu,
             s.us_per_event()
         );
@@ -192,12 +203,14 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     };
     let mut t = format!(
         "`sensor run` with its default configuration (every probe; a refused connect is one TCP failure record \
-         through the ring, read, decoded, attributed to its workload, counted and published as an event). The load \
+         through the ring, read, decoded, counted and either published as an event, attributed to its workload, \
+         or summed into its key's next event: `probes.tcp.failure_events`, one event per workload, destination \
+         and result per second). The load \
          generator (`cargo xtask bench-refuse`, {th} thread) runs in a network namespace it creates (`unshare \
          --net`, loopback up) and connects to a closed port on 127.0.0.1 for {secs} s: each connect is refused by \
          the kernel. {r} rounds. Kernel events = the delta of the daemon's own `sensor_events_total{{probe=\"tcp\"}}`; \
-         daemon CPU = utime + stime of its process (/proc/PID/stat) from the storm's start until 0.7 s after its \
-         end (ring drained), minus the daemon's idle rate measured in the second before. CPU per event = CPU / \
+         daemon CPU = utime + stime of its process (/proc/PID/stat) from the storm's start until 1.2 s after its \
+         end (ring drained, last sums published), minus the daemon's idle rate measured in the second before. CPU per event = CPU / \
          events. Nothing is pinned; the generator and the kernel's side of each connect share the 2 CPUs with the \
          daemon.\n\n\
          | | min | median | max |\n|---|---|---|---|\n",
@@ -217,16 +230,18 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
         rounds.iter().map(|s| 100.0 * s.cpu / s.secs).collect(),
         1,
     ));
-    t.push_str("\n| round | refused (generator) | other results | events decoded | events lost | refusals counted | daemon CPU s | µs/event |\n|---|---|---|---|---|---|---|---|\n");
+    t.push_str("\n| round | refused (generator) | other results | events decoded | events lost | refusals counted | coalesced | journal records | daemon CPU s | µs/event |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (i, s) in rounds.iter().enumerate() {
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.3} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.3} |\n",
             i + 1,
             s.generated,
             s.other,
             s.events,
             s.lost,
             s.refused,
+            s.coalesced,
+            s.journaled,
             s.cpu,
             s.us_per_event()
         ));

@@ -316,7 +316,11 @@ fn bench_all(root: &Path, mut a: BenchArgs) -> Result<()> {
     }
     deps::install_bench().context("installing what the benchmarks compare against")?;
     setup()?;
-    let bin = build_release(root)?;
+    // SENSOR_BENCH_SENSOR measures another build (e.g. main's, for a before/after) instead.
+    let bin = match std::env::var_os("SENSOR_BENCH_SENSOR") {
+        Some(b) => PathBuf::from(b),
+        None => build_release(root)?,
+    };
     let static_bin = if what.contains(&Which::Checks) && a.checks.with_static {
         image::dist(root, &root.join("target/dist"))?.into_iter().next()
     } else {

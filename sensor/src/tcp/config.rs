@@ -33,6 +33,33 @@ pub struct TcpConfig {
     /// `sensor_tcp_rtt_seconds`: per destination group by default (the RTT is the network's,
     /// the connect duration already shows each workload).
     pub rtt: HistogramConfig<ByDestination>,
+    /// How connect failures become events (`tcp_connect_failure`): the counters stay exact
+    /// per record, events are coalesced per workload, destination group and result.
+    pub failure_events: FailureEvents,
+}
+
+/// `probes.tcp.failure_events`: a key's first failure is published at once; further failures
+/// of the key are summed into one event per `interval` (its `count`), so a storm of refused
+/// connects costs a few events, not one journal record each.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailureEvents {
+    /// `0s`: one event per failure (no coalescing).
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Keys (workload x destination x result) waiting for their interval's summary; failures
+    /// of further keys are summed into one overflow event per interval and counted in
+    /// `sensor_events_coalesced_total{reason="key_limit"}`.
+    pub max_keys: usize,
+}
+
+impl Default for FailureEvents {
+    fn default() -> Self {
+        FailureEvents {
+            interval: Duration::from_secs(1),
+            max_keys: 1024,
+        }
+    }
 }
 
 impl TcpConfig {
@@ -55,6 +82,7 @@ impl Default for TcpConfig {
             connect_max_age: Duration::from_secs(300),
             connect_duration: HistogramConfig::default(),
             rtt: HistogramConfig::default(),
+            failure_events: FailureEvents::default(),
         }
     }
 }
@@ -141,6 +169,12 @@ impl TcpConfig {
         self.rtt.validate(&per).map_err(|(k, r)| (format!(".rtt{k}"), r))?;
         if self.connect_max_age < Duration::from_millis(100) {
             return Err((".connect_max_age".into(), "must be at least 100ms".into()));
+        }
+        if self.failure_events.max_keys == 0 {
+            return Err((".failure_events.max_keys".into(), "must be at least 1".into()));
+        }
+        if self.failure_events.interval > Duration::from_secs(3600) {
+            return Err((".failure_events.interval".into(), "at most 1h".into()));
         }
         if self.max_tracked_connects > sensor_common::tcp::ConnSlot::MAX_SLOTS {
             return Err((

@@ -1,6 +1,7 @@
 //! TCP connects: destination groups, per-workload counters and histograms read from the
 //! kernel's aggregation maps, connect-failure events.
 
+pub mod coalesce;
 pub mod config;
 pub mod kfunc;
 
@@ -18,7 +19,7 @@ use aya::maps::{
 use prometheus::{
     core::{Collector, Desc},
     proto::{MetricFamily, MetricType},
-    Registry,
+    IntCounter, IntCounterVec, Opts, Registry,
 };
 use sensor_common::{
     agg::Log2Hist,
@@ -29,7 +30,10 @@ use sensor_common::{
 };
 use serde::Serialize;
 
-use self::config::{Destination, TcpConfig};
+use self::{
+    coalesce::{Admit, Coalescer, FailureKey},
+    config::{Destination, TcpConfig},
+};
 use crate::{
     agg::{DefaultPer, HistFamily, HistLayout, HistogramConfig, HistogramMapCollector},
     cgroup::{Discovery, Janitor, WORKLOAD_LABELS},
@@ -317,6 +321,17 @@ pub struct TcpFailure {
     /// Names from the container runtime; empty when unknown (not looked up on this path).
     #[serde(flatten)]
     pub names: crate::workloads::Names,
+    /// Failures this event stands for: 1 for a key's first (published at once), else the
+    /// failures of the same workload, destination group and result summed over the interval;
+    /// the other fields are the latest one's.
+    pub count: u64,
+    /// Time of the first failure summed (`time` for a single one).
+    pub first_time: f64,
+    /// `probes.tcp.failure_events.interval` for a sum, 0 for a failure published at once.
+    pub interval_seconds: f64,
+    /// A sum over keys that did not fit in `failure_events.max_keys` (the other fields are the
+    /// latest failure's, of any key).
+    pub overflow: bool,
 }
 
 impl TcpFailure {
@@ -331,8 +346,9 @@ impl TcpFailure {
     ) -> TcpFailure {
         let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
         let end = r.comm.iter().position(|b| *b == 0).unwrap_or(r.comm.len());
+        let time = clock::unix_seconds(clock::ktime_to_wall(r.header.ktime_ns));
         TcpFailure {
-            time: clock::unix_seconds(clock::ktime_to_wall(r.header.ktime_ns)),
+            time,
             result: result_label(r.result),
             errno: r.sk_err,
             address: address(r.family, &r.daddr),
@@ -348,7 +364,20 @@ impl TcpFailure {
             container_id: nonempty(&workload[1]),
             pod_uid: nonempty(&workload[2]),
             names: workload_names,
+            count: 1,
+            first_time: time,
+            interval_seconds: 0.0,
+            overflow: false,
         }
+    }
+
+    /// This (latest) failure standing for `p`'s sum over `interval`.
+    fn summing<S>(mut self, p: &coalesce::Pending<S>, interval: Duration, overflow: bool) -> TcpFailure {
+        self.count = p.count;
+        self.first_time = clock::unix_seconds(clock::ktime_to_wall(p.first_ktime_ns));
+        self.interval_seconds = interval.as_secs_f64();
+        self.overflow = overflow;
+        self
     }
 }
 
@@ -369,6 +398,8 @@ const HIST_LABELS: [&str; 7] = [
     WORKLOAD_LABELS[5],
 ];
 
+const COALESCED: &str = "sensor_events_coalesced_total";
+const COALESCED_HELP: &str = "Kernel records not published as an event of their own but summed into a later event's count: reason interval (the same workload, destination and result within probes.tcp.failure_events.interval), key_limit (more keys than failure_events.max_keys: summed into the interval's overflow event).";
 const CONNECTS: &str = "sensor_tcp_connects_total";
 const CONNECTS_HELP: &str = "TCP active opens by result (success, refused, timeout, reset, unreachable, error), destination group and workload.";
 const RETRANS: &str = "sensor_tcp_retransmits_total";
@@ -504,6 +535,12 @@ pub struct TcpSlice {
     disc: Arc<Discovery>,
     names: Vec<String>,
     hub: Arc<EventHub>,
+    /// Failures waiting for their interval's event; `None`: an event per failure.
+    coalescer: Option<Mutex<Coalescer<TcpFailureRecord>>>,
+    /// `probes.tcp.failure_events.interval`.
+    interval: Duration,
+    /// `sensor_events_coalesced_total{probe="tcp",reason}`: `interval`, `key_limit`.
+    coalesced: [IntCounter; 2],
     counts: Arc<CountCollector>,
     hists: Arc<HistogramMapCollector<FlowKey, 2>>,
     janitor: Mutex<Janitor<u64>>,
@@ -565,10 +602,16 @@ impl TcpSlice {
         });
         registry.register(Box::new(Shared(Arc::clone(&counts))))?;
         registry.register(Box::new(Shared(Arc::clone(&hists))))?;
+        let coalesced = IntCounterVec::new(Opts::new(COALESCED, COALESCED_HELP), &["probe", "reason"])?;
+        registry.register(Box::new(coalesced.clone()))?;
+        let fe = &cfg.failure_events;
         Ok(Arc::new(TcpSlice {
             disc,
             names,
             hub,
+            coalescer: (!fe.interval.is_zero()).then(|| Mutex::new(Coalescer::new(fe.max_keys))),
+            interval: fe.interval,
+            coalesced: ["interval", "key_limit"].map(|r| coalesced.with_label_values(&["tcp", r])),
             counts,
             hists,
             janitor: Mutex::new(Janitor::default()),
@@ -576,11 +619,51 @@ impl TcpSlice {
         }))
     }
 
+    /// A failure record: published now when it is its key's first (or without coalescing),
+    /// else summed into its key's next event and counted as coalesced.
     pub fn handle_failure(&self, r: &TcpFailureRecord) {
+        if let Some(c) = &self.coalescer {
+            let key = FailureKey {
+                cgroup_id: r.cgroup_id,
+                dest: r.dest,
+                result: r.result,
+            };
+            let admit = c
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .admit(key, r.header.ktime_ns, *r);
+            match admit {
+                Admit::Publish => {}
+                Admit::Interval => return self.coalesced[0].inc(),
+                Admit::KeyLimit => return self.coalesced[1].inc(),
+            }
+        }
+        self.publish_failure(self.failure(r));
+    }
+
+    /// Ends a coalescing interval: publishes each key's sum and the overflow's.
+    pub fn flush_failures(&self) {
+        let Some(c) = &self.coalescer else {
+            return;
+        };
+        let due = c.lock().unwrap_or_else(|p| p.into_inner()).flush();
+        for (_, p) in &due.keyed {
+            self.publish_failure(self.failure(&p.last).summing(p, self.interval, false));
+        }
+        if let Some(p) = &due.overflow {
+            self.publish_failure(self.failure(&p.last).summing(p, self.interval, true));
+        }
+    }
+
+    /// The record attributed to its workload and destination group.
+    fn failure(&self, r: &TcpFailureRecord) -> TcpFailure {
         let path = self.disc.path_of(r.cgroup_id);
         let wl = self.disc.labels_for_id(r.cgroup_id);
         let names = (*self.disc.names(&wl[1])).clone();
-        let f = TcpFailure::from_record(r, &self.names, path, &wl, names);
+        TcpFailure::from_record(r, &self.names, path, &wl, names)
+    }
+
+    fn publish_failure(&self, f: TcpFailure) {
         tracing::debug!(
             target: "sensor::tcp",
             event = "tcp_connect_failure",
@@ -590,6 +673,7 @@ impl TcpSlice {
             destination = %f.destination,
             pid = f.pid,
             comm = %f.comm,
+            count = f.count,
             "connect failed"
         );
         self.hub.publish_as("tcp_connect_failure", &f);
@@ -741,6 +825,18 @@ impl Running for TcpSlice {
 
     fn after_discovery(&self, _stop: &tokio::sync::watch::Receiver<bool>) {
         self.maintain();
+    }
+
+    fn upkeep_interval(&self) -> Option<Duration> {
+        self.coalescer.as_ref().map(|_| self.interval)
+    }
+
+    fn upkeep(&self) {
+        self.flush_failures();
+    }
+
+    fn finish(&self) {
+        self.flush_failures();
     }
 }
 

@@ -335,6 +335,10 @@ mod tests {
                     container_id: None,
                     pod_uid: None,
                     names: Default::default(),
+                    count: 1,
+                    first_time: seq as f64,
+                    interval_seconds: 0.0,
+                    overflow: false,
                 },
             )
             .expect("a TcpFailure is a JSON object"),

@@ -328,7 +328,7 @@
     $('tcp-failures-count').textContent = t.recent_failures.length > SHOW ? `(newest ${SHOW} of the last ${t.recent_failures.length})` : '';
     table($('tcp-failures'), ['TIME', 'RESULT', 'ADDRESS', 'PORT ', 'DESTINATION', 'PROCESS', 'WORKLOAD'],
       t.recent_failures.slice(0, SHOW).map((f) => h('tr', {},
-        h('td', {}, clock(f.time)), h('td', { class: 'down' }, f.result), h('td', {}, f.address), h('td', { class: 'num' }, f.port),
+        h('td', {}, clock(f.time)), h('td', { class: 'down' }, (f.count ?? 1) > 1 ? `${f.result} \u00d7${num(f.count)}` : f.result), h('td', {}, f.address), h('td', { class: 'num' }, f.port),
         h('td', {}, f.destination), h('td', {}, `${f.comm} (pid ${f.pid})`), h('td', { class: 'wrap' }, workload(f)))), none);
   }
 
