@@ -1,7 +1,12 @@
 //! Userspace half of in-kernel aggregation: sums per-CPU log2 histograms read from a map and
 //! turns them into Prometheus histograms at scrape time.
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    collections::{hash_map::Entry, HashMap},
+    rc::Rc,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use aya::maps::{MapData, PerCpuHashMap};
 use prometheus::{
@@ -278,6 +283,28 @@ pub fn sum_percpu<'a>(values: impl IntoIterator<Item = &'a Log2Hist>) -> Log2His
     out
 }
 
+/// Cumulative counts at the layout's exported slots (above the last: only in `+Inf`), into `out`.
+pub fn cumulative(h: &Log2Hist, layout: &HistLayout, out: &mut Vec<u64>) {
+    out.clear();
+    let mut sum = 0u64;
+    let mut next = 0usize;
+    for &slot in layout.slots.iter().filter(|s| **s < LOG2_BUCKETS) {
+        sum += h.buckets[next..=slot].iter().sum::<u64>();
+        next = slot + 1;
+        out.push(sum);
+    }
+}
+
+impl HistLayout {
+    /// The exported upper bounds, in the unit of the family.
+    pub fn bounds(&self) -> impl Iterator<Item = f64> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| **s < LOG2_BUCKETS)
+            .map(|&slot| ((1u64 << (slot + 1)) - 1) as f64 / self.divisor)
+    }
+}
+
 /// Converts to a Prometheus histogram with cumulative buckets at the layout's slots.
 pub fn to_prometheus(h: &Log2Hist, layout: &HistLayout) -> proto::Histogram {
     let mut cumulative = 0u64;
@@ -302,6 +329,14 @@ pub fn to_prometheus(h: &Log2Hist, layout: &HistLayout) -> proto::Histogram {
 
 type LabelFn<K> = Box<dyn Fn(&K) -> Option<Vec<String>> + Send + Sync>;
 
+/// A key's labels for the direct text exposition, given how many of the collector's label
+/// names the family keeps: up to two pre-rendered fragments (see `metrics::text::labels`),
+/// empty ones skipped. Keys with equal fragments are summed.
+pub type TextLabelFn<K> = Box<dyn Fn(&K, usize) -> Option<[Arc<str>; 2]> + Send + Sync>;
+
+/// Per-key totals of a map: `[histogram part]` per key.
+pub type Snapshot<K, const N: usize> = Vec<(K, [Log2Hist; N])>;
+
 /// One exported histogram family: part `i` of the map's values.
 #[derive(Debug, Clone)]
 pub struct HistFamily {
@@ -320,6 +355,9 @@ pub struct HistogramMapCollector<K: aya::Pod, const N: usize = 1> {
     label_names: &'static [&'static str],
     map: Mutex<PerCpuHashMap<MapData, K, [Log2Hist; N]>>,
     labels: LabelFn<K>,
+    text_labels: Option<TextLabelFn<K>>,
+    /// Each family's `le` values, as text.
+    les: [Vec<String>; N],
     desc: Vec<Desc>,
 }
 
@@ -344,13 +382,23 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
                 )
             })
             .collect::<prometheus::Result<Vec<_>>>()?;
+        let les = std::array::from_fn(|i| crate::metrics::text::le_values(families[i].layout.bounds()));
         Ok(HistogramMapCollector {
             families,
             label_names,
             map: Mutex::new(map),
             labels,
+            text_labels: None,
+            les,
             desc,
         })
+    }
+
+    /// Label fragments for the text exposition, rendered (and cached) by the caller; without
+    /// them they are rendered from `labels` at each scrape.
+    pub fn with_text_labels(mut self, f: TextLabelFn<K>) -> Self {
+        self.text_labels = Some(f);
+        self
     }
 
     /// Deletes a key from the kernel map (its cgroup is gone).
@@ -370,19 +418,85 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
             .map(|(k, per_cpu)| (k, std::array::from_fn(|i| sum_percpu(per_cpu.iter().map(|v| &v[i])))))
             .collect()
     }
+
+    /// [`Self::snapshot`], read from the kernel once per scrape however many collectors ask
+    /// (the TCP counters read the connect histogram's counts).
+    pub fn snapshot_shared(&self) -> Rc<Snapshot<K, N>>
+    where
+        K: 'static,
+    {
+        let owner = self as *const Self as usize;
+        crate::metrics::text::memo(owner, "snapshot", || self.snapshot()).unwrap_or_else(|| Rc::new(self.snapshot()))
+    }
+
+    fn text_key(&self, k: &K, kept: usize, empty: &Arc<str>) -> Option<[Arc<str>; 2]> {
+        if let Some(f) = &self.text_labels {
+            return f(k, kept);
+        }
+        let values = (self.labels)(k)?;
+        let pairs = self.label_names.iter().copied().zip(values.iter().map(String::as_str));
+        Some([crate::metrics::text::labels(pairs.take(kept)).into(), Arc::clone(empty)])
+    }
+
+    /// Writes every family as exposition text (see `metrics::text`).
+    fn write_text(&self, w: &mut crate::metrics::text::Writer)
+    where
+        K: 'static,
+    {
+        let snap = self.snapshot_shared();
+        let empty: Arc<str> = Arc::from("");
+        let mut cum = Vec::new();
+        for (i, f) in self.families.iter().enumerate() {
+            let kept = f.labels.min(self.label_names.len());
+            let mut merged: HashMap<[Arc<str>; 2], Log2Hist> = HashMap::new();
+            for (k, parts) in snap.iter() {
+                let h = &parts[i];
+                if h.buckets.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                let Some(key) = self.text_key(k, kept, &empty) else { continue };
+                match merged.entry(key) {
+                    Entry::Occupied(mut e) => {
+                        let s = sum_percpu([&*e.get(), h]);
+                        *e.get_mut() = s;
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(*h);
+                    }
+                }
+            }
+            let mut rows: Vec<([Arc<str>; 2], Log2Hist)> = merged.into_iter().collect();
+            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let mut fam = w.family(f.name, f.help, "histogram");
+            for (key, h) in rows {
+                cumulative(&h, &f.layout, &mut cum);
+                let count = h.buckets.iter().sum();
+                fam.histogram(
+                    &[&key[0], &key[1]],
+                    &self.les[i],
+                    &cum,
+                    count,
+                    h.sum as f64 / f.layout.divisor,
+                );
+            }
+        }
+    }
 }
 
-impl<K: aya::Pod + Send + Sync, const N: usize> Collector for HistogramMapCollector<K, N> {
+impl<K: aya::Pod + Send + Sync + 'static, const N: usize> Collector for HistogramMapCollector<K, N> {
     fn desc(&self) -> Vec<&Desc> {
         self.desc.iter().collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
+        if crate::metrics::text::write(|w| self.write_text(w)) {
+            return Vec::new();
+        }
         let mut merged: [std::collections::BTreeMap<Vec<String>, Log2Hist>; N] =
             std::array::from_fn(|_| Default::default());
-        for (k, parts) in self.snapshot() {
+        for (k, parts) in self.snapshot_shared().iter() {
             // Several keys may map to the same labels (e.g. folded into "other").
-            let Some(labels) = (self.labels)(&k) else { continue };
+            let Some(labels) = (self.labels)(k) else { continue };
             for ((m, h), f) in merged.iter_mut().zip(parts.iter()).zip(self.families.iter()) {
                 if h.buckets.iter().all(|&b| b == 0) {
                     continue;

@@ -356,6 +356,41 @@ impl Discovery {
         self.labels(path.as_deref().unwrap_or("unknown"))
     }
 
+    /// [`Self::labels_for_id`] rendered as a label fragment for the text exposition
+    /// (`cgroup="...",container_id="...",...`), once per id and scrape.
+    pub fn label_text_for_id(&self, id: u64) -> Arc<str> {
+        self.memo_text("label_text_for_id", id, |d, id| d.labels_for_id(*id))
+    }
+
+    /// [`Self::labels`] rendered as a label fragment, once per path and scrape.
+    pub fn label_text(&self, cgroup: &str) -> Arc<str> {
+        self.memo_text("label_text", cgroup.to_string(), |d, cg| d.labels(cg))
+    }
+
+    fn memo_text<Q: std::hash::Hash + Eq + 'static>(
+        &self,
+        what: &'static str,
+        key: Q,
+        labels: impl Fn(&Self, &Q) -> WorkloadLabels,
+    ) -> Arc<str> {
+        let render = |key: &Q| -> Arc<str> {
+            let l = labels(self, key);
+            crate::metrics::text::labels(WORKLOAD_LABELS.iter().copied().zip(l.iter().map(String::as_str))).into()
+        };
+        let owner = self as *const Self as usize;
+        let Some(memo) = crate::metrics::text::memo(owner, what, || {
+            std::cell::RefCell::new(HashMap::<Q, Arc<str>>::new())
+        }) else {
+            return render(&key);
+        };
+        if let Some(t) = memo.borrow().get(&key) {
+            return Arc::clone(t);
+        }
+        let t = render(&key);
+        memo.borrow_mut().insert(key, Arc::clone(&t));
+        t
+    }
+
     pub fn path_of(&self, id: u64) -> Option<String> {
         self.state.lock().ok().and_then(|s| s.by_id.get(&id).cloned())
     }
