@@ -67,6 +67,13 @@ impl DefaultPer for ByDestination {
     const PER: Per = Per::Destination;
 }
 
+/// Families exported per host unless configured otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ByHost;
+impl DefaultPer for ByHost {
+    const PER: Per = Per::Host;
+}
+
 fn default_per<D: DefaultPer>() -> Per {
     D::PER
 }
@@ -583,6 +590,32 @@ mod tests {
         assert_eq!(b.last().unwrap().cumulative_count(), 3);
         assert_eq!(p.get_sample_count(), 4);
         assert!((p.get_sample_sum() - 200.0030020).abs() < 1e-9);
+    }
+
+    /// The direct text of a histogram equals what the crate's encoder writes for the same
+    /// protobuf family, byte for byte.
+    #[test]
+    fn text_histogram_equals_the_encoders() {
+        let layout = HistLayout::nanos_as_seconds(&Buckets::default()).unwrap();
+        let h = hist(&[500, 40_000, 90_000, 3_000_000, 200_000_000_000]);
+        let labels = vec!["/a\"b".to_string(), String::new()];
+        let mut m = proto::Metric::default();
+        m.set_histogram(to_prometheus(&h, &layout));
+        let mf = crate::metrics::family("t_seconds", "h", MetricType::HISTOGRAM, &["cgroup", "pod"], vec![(labels, m)]);
+        let mut want = String::new();
+        prometheus::TextEncoder::new().encode_utf8(&[mf], &mut want).unwrap();
+        let ((), chunks) = crate::metrics::text::capture(|| {
+            crate::metrics::text::write(|w| {
+                let frag = crate::metrics::text::labels([("cgroup", "/a\"b"), ("pod", "")]);
+                let mut cum = Vec::new();
+                cumulative(&h, &layout, &mut cum);
+                let les = crate::metrics::text::le_values(layout.bounds());
+                let sum = h.sum as f64 / layout.divisor;
+                w.family("t_seconds", "h", "histogram").histogram(&[&frag, ""], &les, &cum, 5, sum);
+            });
+        });
+        assert_eq!(format!("{}{}", chunks[0].header, chunks[0].body), want);
+        assert_eq!(chunks[0].series, 8 + 3);
     }
 
     fn dur(s: &str) -> Duration {
