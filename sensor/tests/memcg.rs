@@ -229,7 +229,7 @@ fn vanished_cgroups_are_dropped_after_the_grace_period() {
         "200ms",
         "--limits.vanished-grace",
         "1s",
-        "--probes.memcg.reclaim_duration.per",
+        "--probes.memcg.reclaim-duration.per",
         "workload",
     ]);
     let cg = MemCgroup::new("sensor-it-vanish", 48 << 20);
