@@ -461,10 +461,12 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
                 if h.buckets.iter().all(|&b| b == 0) {
                     continue;
                 }
-                let Some(key) = self.text_key(k, kept, &empty) else { continue };
+                let Some(key) = self.text_key(k, kept, &empty) else {
+                    continue;
+                };
                 match merged.entry(key) {
                     Entry::Occupied(mut e) => {
-                        let s = sum_percpu([&*e.get(), h]);
+                        let s = sum_percpu([e.get(), h]);
                         *e.get_mut() = s;
                     }
                     Entry::Vacant(e) => {
@@ -601,7 +603,13 @@ mod tests {
         let labels = vec!["/a\"b".to_string(), String::new()];
         let mut m = proto::Metric::default();
         m.set_histogram(to_prometheus(&h, &layout));
-        let mf = crate::metrics::family("t_seconds", "h", MetricType::HISTOGRAM, &["cgroup", "pod"], vec![(labels, m)]);
+        let mf = crate::metrics::family(
+            "t_seconds",
+            "h",
+            MetricType::HISTOGRAM,
+            &["cgroup", "pod"],
+            vec![(labels, m)],
+        );
         let mut want = String::new();
         prometheus::TextEncoder::new().encode_utf8(&[mf], &mut want).unwrap();
         let ((), chunks) = crate::metrics::text::capture(|| {
@@ -611,7 +619,8 @@ mod tests {
                 cumulative(&h, &layout, &mut cum);
                 let les = crate::metrics::text::le_values(layout.bounds());
                 let sum = h.sum as f64 / layout.divisor;
-                w.family("t_seconds", "h", "histogram").histogram(&[&frag, ""], &les, &cum, 5, sum);
+                w.family("t_seconds", "h", "histogram")
+                    .histogram(&[&frag, ""], &les, &cum, 5, sum);
             });
         });
         assert_eq!(format!("{}{}", chunks[0].header, chunks[0].body), want);

@@ -39,11 +39,17 @@ fn reclaim_is_attributed_to_the_stalled_cgroup_only() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let busy_s = total(&m, &busy).unwrap_or(0.0);
-    assert!(busy_s > 0.0 && busy_s < 60.0, "busy cgroup's reclaim time {busy_s}s:\n{m}");
+    assert!(
+        busy_s > 0.0 && busy_s < 60.0,
+        "busy cgroup's reclaim time {busy_s}s:\n{m}"
+    );
     let n = metric(&m, "sensor_memcg_reclaim_duration_seconds_count", &[]).unwrap_or(0.0);
     assert!(n > 0.0, "no host-level reclaim histogram:\n{m}");
     let sum = metric(&m, "sensor_memcg_reclaim_duration_seconds_sum", &[]).unwrap();
-    assert!(sum >= busy_s, "host reclaim time {sum}s below the busy cgroup's {busy_s}s");
+    assert!(
+        sum >= busy_s,
+        "host reclaim time {sum}s below the busy cgroup's {busy_s}s"
+    );
     let inf = metric(&m, "sensor_memcg_reclaim_duration_seconds_bucket", &[("le", "+Inf")]);
     assert_eq!(inf, Some(n), "+Inf bucket equals the count");
     assert_eq!(

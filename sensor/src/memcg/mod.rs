@@ -139,11 +139,19 @@ pub struct PressureEvent {
     pub avg60: Option<f64>,
 }
 
-/// Reads a small cgroup file into `buf` (one open and read: no size query, no new buffer).
+/// Reads a small cgroup file into `buf`: open, one read (the kernel hands a small seq file over
+/// whole), close; no size query and no read to see the end unless the buffer filled up. A scrape
+/// reads up to three of these per workload, so each syscall counts.
 fn read_small<'a>(path: &Path, buf: &'a mut Vec<u8>) -> Option<&'a str> {
     use std::io::Read;
     buf.clear();
-    std::fs::File::open(path).ok()?.read_to_end(buf).ok()?;
+    buf.resize(512, 0);
+    let mut f = std::fs::File::open(path).ok()?;
+    let n = f.read(buf).ok()?;
+    buf.truncate(n);
+    if n == 512 {
+        f.read_to_end(buf).ok()?;
+    }
     std::str::from_utf8(buf).ok()
 }
 
@@ -700,7 +708,11 @@ mod tests {
             let d = root.join(cg);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("memory.failcnt"), format!("{failcnt}\n")).unwrap();
-            std::fs::write(d.join("memory.oom_control"), format!("oom_kill_disable 0\nunder_oom 0\noom_kill {kills}\n")).unwrap();
+            std::fs::write(
+                d.join("memory.oom_control"),
+                format!("oom_kill_disable 0\nunder_oom 0\noom_kill {kills}\n"),
+            )
+            .unwrap();
         }
         let hier = Hierarchies {
             memory_v1: Some(root.clone()),
@@ -733,7 +745,10 @@ mod tests {
         assert_eq!(got, want);
         assert!(got.contains("sensor_memcg_events_total{event=\"max\",cgroup=\"/a\",container_id=\"\",pod_uid=\"\",namespace=\"\",pod=\"\",container=\"\"} 3\n"), "{got}");
         assert!(got.contains("cgroup=\"/b\\\"q\""), "escaped: {got}");
-        assert!(got.contains("sensor_memcg_events_total{event=\"oom_kill\",cgroup=\"other\""), "{got}");
+        assert!(
+            got.contains("sensor_memcg_events_total{event=\"oom_kill\",cgroup=\"other\""),
+            "{got}"
+        );
     }
 
     #[test]

@@ -101,11 +101,7 @@ pub fn write(f: impl FnOnce(&mut Writer)) -> bool {
 /// A value computed once per capture for `(owner, what)` (`owner`: the address of the object
 /// it belongs to); `None` outside a capture, where the caller computes it itself.
 pub fn memo<T: 'static>(owner: usize, what: &'static str, init: impl FnOnce() -> T) -> Option<Rc<T>> {
-    let found = CAPTURE.with(|c| {
-        c.borrow()
-            .as_ref()
-            .map(|cap| cap.memo.get(&(owner, what)).cloned())
-    })?;
+    let found = CAPTURE.with(|c| c.borrow().as_ref().map(|cap| cap.memo.get(&(owner, what)).cloned()))?;
     if let Some(v) = found.and_then(|v| v.downcast::<T>().ok()) {
         return Some(v);
     }
@@ -316,7 +312,9 @@ mod tests {
         assert_eq!(c.series, 3);
         let h = &chunks[1];
         assert_eq!(h.series, 5);
-        assert!(h.body.starts_with("t_seconds_bucket{cgroup=\"/a\\\"b\\\\c\\nd\",pod=\"\",le=\"0.001\"} 1\n"));
+        assert!(h
+            .body
+            .starts_with("t_seconds_bucket{cgroup=\"/a\\\"b\\\\c\\nd\",pod=\"\",le=\"0.001\"} 1\n"));
         assert!(h.body.contains(",le=\"+Inf\"} 3\nt_seconds_sum{"));
         assert!(h.body.ends_with("pod=\"\"} 3\n"));
     }
