@@ -423,7 +423,7 @@ pub fn to_prometheus(h: &Log2Hist, layout: &HistLayout) -> proto::Histogram {
 type LabelFn<K> = Box<dyn Fn(&K) -> Option<Vec<String>> + Send + Sync>;
 
 /// A key's labels for the direct text exposition, given how many of the collector's label
-/// names the family keeps: up to two pre-rendered fragments (see `metrics::text::labels`),
+/// names the family keeps: up to two pre-rendered fragments (see `expo::labels`),
 /// empty ones skipped. Keys with equal fragments are summed.
 pub type TextLabelFn<K> = Box<dyn Fn(&K, usize) -> Option<[Arc<str>; 2]> + Send + Sync>;
 
@@ -477,7 +477,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
                 )
             })
             .collect::<prometheus::Result<Vec<_>>>()?;
-        let les = std::array::from_fn(|i| crate::metrics::text::le_values(families[i].layout.bounds()));
+        let les = std::array::from_fn(|i| crate::expo::le_values(families[i].layout.bounds()));
         Ok(HistogramMapCollector {
             families,
             label_names,
@@ -535,7 +535,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
         K: 'static,
     {
         let owner = self as *const Self as usize;
-        crate::metrics::text::memo(owner, "snapshot", || self.snapshot()).unwrap_or_else(|| Rc::new(self.snapshot()))
+        crate::expo::memo(owner, "snapshot", || self.snapshot()).unwrap_or_else(|| Rc::new(self.snapshot()))
     }
 
     fn text_key(&self, k: &K, kept: usize, empty: &Arc<str>) -> Option<[Arc<str>; 2]> {
@@ -544,11 +544,11 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
         }
         let values = (self.labels)(k)?;
         let pairs = self.label_names.iter().copied().zip(values.iter().map(String::as_str));
-        Some([crate::metrics::text::labels(pairs.take(kept)).into(), Arc::clone(empty)])
+        Some([crate::expo::labels(pairs.take(kept)).into(), Arc::clone(empty)])
     }
 
-    /// Writes every family as exposition text (see `metrics::text`).
-    fn write_text(&self, w: &mut crate::metrics::text::Writer)
+    /// Writes every family as exposition text (see `expo`).
+    fn write_text(&self, w: &mut crate::expo::Writer)
     where
         K: 'static,
     {
@@ -600,7 +600,7 @@ impl<K: aya::Pod + Send + Sync + 'static, const N: usize> Collector for Histogra
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        if crate::metrics::text::write(|w| self.write_text(w)) {
+        if crate::expo::write(|w| self.write_text(w)) {
             return Vec::new();
         }
         let mut merged: [std::collections::BTreeMap<Vec<String>, Log2Hist>; N] =
@@ -714,12 +714,12 @@ mod tests {
         );
         let mut want = String::new();
         prometheus::TextEncoder::new().encode_utf8(&[mf], &mut want).unwrap();
-        let ((), chunks) = crate::metrics::text::capture(|| {
-            crate::metrics::text::write(|w| {
-                let frag = crate::metrics::text::labels([("cgroup", "/a\"b"), ("pod", "")]);
+        let ((), chunks) = crate::expo::capture(|| {
+            crate::expo::write(|w| {
+                let frag = crate::expo::labels([("cgroup", "/a\"b"), ("pod", "")]);
                 let mut cum = Vec::new();
                 cumulative(&h, &layout, &mut cum);
-                let les = crate::metrics::text::le_values(layout.bounds());
+                let les = crate::expo::le_values(layout.bounds());
                 let sum = h.sum as f64 / layout.divisor;
                 w.family("t_seconds", "h", "histogram")
                     .histogram(&[&frag, ""], &les, &cum, 5, sum);

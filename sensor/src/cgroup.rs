@@ -196,7 +196,7 @@ pub fn with_names(base: [String; 3], n: &Names) -> WorkloadLabels {
 
 /// Workload labels as a fragment of the text exposition.
 fn render_labels(l: &WorkloadLabels) -> Arc<str> {
-    crate::metrics::text::labels(WORKLOAD_LABELS.iter().copied().zip(l.iter().map(String::as_str))).into()
+    crate::expo::labels(WORKLOAD_LABELS.iter().copied().zip(l.iter().map(String::as_str))).into()
 }
 
 /// Bounds the workloads one metric family may label: the first `max` distinct cgroups get their
@@ -390,8 +390,7 @@ impl Discovery {
         render: impl Fn(&Self, &Q) -> Arc<str>,
     ) -> Arc<str> {
         let owner = self as *const Self as usize;
-        let Some(memo) =
-            crate::metrics::text::memo(owner, what, || std::cell::RefCell::new(HashMap::<Q, Arc<str>>::new()))
+        let Some(memo) = crate::expo::memo(owner, what, || std::cell::RefCell::new(HashMap::<Q, Arc<str>>::new()))
         else {
             return render(self, &key);
         };

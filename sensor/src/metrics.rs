@@ -1,8 +1,6 @@
 //! The daemon's own metrics (`sensor_*` self series) and helpers to build metric families
 //! from values read out of kernel maps at scrape time.
 
-pub mod text;
-
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
@@ -12,6 +10,7 @@ use prometheus::{
 };
 
 use crate::{
+    expo,
     probe::{ProbeReport, ProbeSpec},
     transport::{KernelCounters, LOST_REASONS},
 };
@@ -389,13 +388,13 @@ impl<C: Collector> Collector for Shared<C> {
 
 /// Renders the registry in the Prometheus text format, with `sensor_series` computed from
 /// this very scrape. Collectors with a series per workload write their text directly while the
-/// registry is gathered (see [`text`]); the rest goes through the crate's encoder. Families come
+/// registry is gathered (see [`crate::expo`]); the rest goes through the crate's encoder. Families come
 /// out sorted by name, each with its HELP and TYPE once.
 pub fn render(registry: &Registry) -> String {
-    let (families, chunks) = text::capture(|| registry.gather());
+    let (families, chunks) = expo::capture(|| registry.gather());
     enum Part<'a> {
         Proto(&'a MetricFamily),
-        Text(&'a text::Chunk),
+        Text(&'a expo::Chunk),
     }
     let mut parts: Vec<(&str, usize, Part)> = families
         .iter()
@@ -411,7 +410,7 @@ pub fn render(registry: &Registry) -> String {
     let series = series_family(parts.iter().map(|(n, s, _)| (*n, *s)));
     parts.push((SERIES, 0, Part::Proto(&series)));
     parts.sort_by(|a, b| a.0.cmp(b.0));
-    let mut out = String::with_capacity(text::size_hint());
+    let mut out = String::with_capacity(expo::size_hint());
     let encoder = prometheus::TextEncoder::new();
     for (_, _, part) in parts {
         match part {
@@ -426,7 +425,7 @@ pub fn render(registry: &Registry) -> String {
             }
         }
     }
-    text::note_size(out.len());
+    expo::note_size(out.len());
     out
 }
 

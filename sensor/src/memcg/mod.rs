@@ -230,7 +230,7 @@ impl Collector for FileCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        if crate::metrics::text::write(|w| self.write_text(w)) {
+        if crate::expo::write(|w| self.write_text(w)) {
             return Vec::new();
         }
         let cgroups = self.disc.cgroups();
@@ -302,10 +302,10 @@ fn reclaim_text_labels(disc: Arc<Discovery>) -> crate::agg::TextLabelFn<u64> {
 }
 
 impl FileCollector {
-    /// The three families as exposition text (see `metrics::text`): the same files, label
+    /// The three families as exposition text (see `expo`): the same files, label
     /// fragments rendered once per workload and scrape, summed per fragment (workloads folded
     /// into `other` share one).
-    fn write_text(&self, w: &mut crate::metrics::text::Writer) {
+    fn write_text(&self, w: &mut crate::expo::Writer) {
         let host = psi::read(Path::new(HOST_PSI));
         let hier = &self.disc.hier;
         let mut psi_sum: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
@@ -383,7 +383,7 @@ impl ReclaimTotals {
         totals.into_iter()
     }
 
-    fn write_text(&self, w: &mut crate::metrics::text::Writer) {
+    fn write_text(&self, w: &mut crate::expo::Writer) {
         let mut sums: HashMap<Arc<str>, u64> = HashMap::new();
         for (id, ns) in self.totals() {
             *sums.entry(self.disc.label_text_for_id(id)).or_default() += ns;
@@ -403,7 +403,7 @@ impl Collector for ReclaimTotals {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        if crate::metrics::text::write(|w| self.write_text(w)) {
+        if crate::expo::write(|w| self.write_text(w)) {
             return Vec::new();
         }
         let mut sums: HashMap<WorkloadLabels, u64> = HashMap::new();
@@ -735,7 +735,7 @@ mod tests {
             });
         }
         prometheus::TextEncoder::new().encode_utf8(&sorted, &mut want).unwrap();
-        let ((), chunks) = crate::metrics::text::capture(|| assert!(c.collect().is_empty()));
+        let ((), chunks) = crate::expo::capture(|| assert!(c.collect().is_empty()));
         let got: String = chunks
             .iter()
             .filter(|c| c.series > 0)

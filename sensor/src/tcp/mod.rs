@@ -424,9 +424,9 @@ impl CountCollector {
         entries
     }
 
-    /// The three counter families as exposition text (see `metrics::text`), from label
+    /// The three counter families as exposition text (see `expo`), from label
     /// fragments rendered once per workload and scrape.
-    fn write_text(&self, w: &mut crate::metrics::text::Writer) {
+    fn write_text(&self, w: &mut crate::expo::Writer) {
         type Key = (&'static str, Arc<str>, Arc<str>);
         let mut connects: HashMap<Key, u64> = HashMap::new();
         let mut retrans: HashMap<Key, u64> = HashMap::new();
@@ -482,7 +482,7 @@ fn dest_frags(names: &[String]) -> Vec<Arc<str>> {
         .iter()
         .map(String::as_str)
         .chain(["other"])
-        .map(|n| Arc::from(crate::metrics::text::labels([("destination", n)])))
+        .map(|n| Arc::from(crate::expo::labels([("destination", n)])))
         .collect()
 }
 
@@ -497,7 +497,7 @@ impl Collector for CountCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        if crate::metrics::text::write(|w| self.write_text(w)) {
+        if crate::expo::write(|w| self.write_text(w)) {
             return Vec::new();
         }
         let mut connects: BTreeMap<Vec<String>, u64> = BTreeMap::new();

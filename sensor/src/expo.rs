@@ -2,7 +2,7 @@
 //!
 //! `Registry::gather` builds a protobuf `MetricFamily` for every series (two `String`s per
 //! label, eight labels per workload series) and the text encoder then walks them again; with
-//! 1,000 workloads that was most of a scrape's CPU. During [`capture`] (called by
+//! 1,000 workloads that is 25,000 protobuf messages per scrape. During [`capture`] (called by
 //! `metrics::render` around the gather), a collector that supports it writes its families here
 //! as exposition text instead, from pre-rendered label fragments, and returns no protobuf
 //! families; outside a capture (the web view's summary, tests) it builds them as before.
