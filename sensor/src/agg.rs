@@ -1,7 +1,12 @@
 //! Userspace half of in-kernel aggregation: sums per-CPU log2 histograms read from a map and
 //! turns them into Prometheus histograms at scrape time.
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    collections::{hash_map::Entry, HashMap},
+    rc::Rc,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use aya::maps::{MapData, PerCpuHashMap};
 use prometheus::{
@@ -60,6 +65,13 @@ impl DefaultPer for ByWorkload {
 pub struct ByDestination;
 impl DefaultPer for ByDestination {
     const PER: Per = Per::Destination;
+}
+
+/// Families exported per host unless configured otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ByHost;
+impl DefaultPer for ByHost {
+    const PER: Per = Per::Host;
 }
 
 fn default_per<D: DefaultPer>() -> Per {
@@ -265,6 +277,92 @@ impl<'de> serde::de::Visitor<'de> for BucketsVisitor {
     }
 }
 
+/// `union bpf_attr` as the `BPF_MAP_*_BATCH` commands read it.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `enum bpf_cmd`'s `BPF_MAP_LOOKUP_BATCH`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every entry of a per-CPU hash map with its per-CPU values, read with `BPF_MAP_LOOKUP_BATCH`
+/// 128 keys at a time: at a scrape of 1,000 workloads that is 8 syscalls instead of 2,000.
+/// Like the key-by-key walk it is not atomic: entries updated meanwhile are read as they are.
+fn lookup_batch<K: aya::Pod, V: aya::Pod>(map: &PerCpuHashMap<MapData, K, V>) -> std::io::Result<Vec<(K, Vec<V>)>> {
+    use std::os::fd::{AsFd, AsRawFd};
+
+    use aya::maps::IterableMap;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let (ksz, vsz) = (std::mem::size_of::<K>(), std::mem::size_of::<V>().next_multiple_of(8));
+    let fd = map.map().fd().as_fd().as_raw_fd();
+    let mut count = 128usize;
+    let (mut keys, mut values) = (vec![0u8; count * ksz], vec![0u8; count * cpus * vsz]);
+    let mut out = Vec::new();
+    // The kernel's position token (4 bytes for hash maps), kept in 8 for any map type.
+    let (mut token, mut next) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &token as *const u64 as u64 },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: count as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at buffers of `count` keys and `count` x `cpus` values of the
+        // map's sizes (per-CPU values are 8-byte aligned per CPU) and at two 8-byte tokens, all
+        // alive for the call; the kernel writes only within them.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        let err = (r < 0).then(std::io::Error::last_os_error);
+        let end = match err.as_ref().and_then(std::io::Error::raw_os_error) {
+            None if err.is_none() => false,
+            Some(libc::ENOENT) => true,
+            // One hash bucket holds more keys than asked for: ask for more.
+            Some(libc::ENOSPC) if count < 1 << 16 => {
+                count *= 2;
+                keys.resize(count * ksz, 0);
+                values.resize(count * cpus * vsz, 0);
+                continue;
+            }
+            _ => return Err(err.unwrap_or_else(|| std::io::Error::other("bpf() failed"))),
+        };
+        let got = (attr.count as usize).min(count);
+        for i in 0..got {
+            // SAFETY: `i` < `count`: the reads stay within the buffers; K and V are Pod (any
+            // bytes are a valid value), read unaligned from the byte buffers.
+            let k = unsafe { std::ptr::read_unaligned(keys.as_ptr().add(i * ksz) as *const K) };
+            let v = (0..cpus)
+                // SAFETY: as above, `(i * cpus + c) * vsz + size_of::<V>()` <= the buffer's length.
+                .map(|c| unsafe { std::ptr::read_unaligned(values.as_ptr().add((i * cpus + c) * vsz) as *const V) })
+                .collect();
+            out.push((k, v));
+        }
+        if end {
+            return Ok(out);
+        }
+        token = next;
+        first = false;
+    }
+}
+
 /// Adds per-CPU copies into one histogram.
 pub fn sum_percpu<'a>(values: impl IntoIterator<Item = &'a Log2Hist>) -> Log2Hist {
     let mut out = Log2Hist::ZERO;
@@ -276,6 +374,28 @@ pub fn sum_percpu<'a>(values: impl IntoIterator<Item = &'a Log2Hist>) -> Log2His
         out.count = out.count.wrapping_add(v.count);
     }
     out
+}
+
+/// Cumulative counts at the layout's exported slots (above the last: only in `+Inf`), into `out`.
+pub fn cumulative(h: &Log2Hist, layout: &HistLayout, out: &mut Vec<u64>) {
+    out.clear();
+    let mut sum = 0u64;
+    let mut next = 0usize;
+    for &slot in layout.slots.iter().filter(|s| **s < LOG2_BUCKETS) {
+        sum += h.buckets[next..=slot].iter().sum::<u64>();
+        next = slot + 1;
+        out.push(sum);
+    }
+}
+
+impl HistLayout {
+    /// The exported upper bounds, in the unit of the family.
+    pub fn bounds(&self) -> impl Iterator<Item = f64> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| **s < LOG2_BUCKETS)
+            .map(|&slot| ((1u64 << (slot + 1)) - 1) as f64 / self.divisor)
+    }
 }
 
 /// Converts to a Prometheus histogram with cumulative buckets at the layout's slots.
@@ -302,6 +422,14 @@ pub fn to_prometheus(h: &Log2Hist, layout: &HistLayout) -> proto::Histogram {
 
 type LabelFn<K> = Box<dyn Fn(&K) -> Option<Vec<String>> + Send + Sync>;
 
+/// A key's labels for the direct text exposition, given how many of the collector's label
+/// names the family keeps: up to two pre-rendered fragments (see `expo::labels`),
+/// empty ones skipped. Keys with equal fragments are summed.
+pub type TextLabelFn<K> = Box<dyn Fn(&K, usize) -> Option<[Arc<str>; 2]> + Send + Sync>;
+
+/// Per-key totals of a map: `[histogram part]` per key.
+pub type Snapshot<K, const N: usize> = Vec<(K, [Log2Hist; N])>;
+
 /// One exported histogram family: part `i` of the map's values.
 #[derive(Debug, Clone)]
 pub struct HistFamily {
@@ -320,6 +448,11 @@ pub struct HistogramMapCollector<K: aya::Pod, const N: usize = 1> {
     label_names: &'static [&'static str],
     map: Mutex<PerCpuHashMap<MapData, K, [Log2Hist; N]>>,
     labels: LabelFn<K>,
+    text_labels: Option<TextLabelFn<K>>,
+    /// Whether the kernel took `BPF_MAP_LOOKUP_BATCH` (5.6+); cleared at its first refusal.
+    batch: std::sync::atomic::AtomicBool,
+    /// Each family's `le` values, as text.
+    les: [Vec<String>; N],
     desc: Vec<Desc>,
 }
 
@@ -344,13 +477,24 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
                 )
             })
             .collect::<prometheus::Result<Vec<_>>>()?;
+        let les = std::array::from_fn(|i| crate::expo::le_values(families[i].layout.bounds()));
         Ok(HistogramMapCollector {
             families,
             label_names,
             map: Mutex::new(map),
             labels,
+            text_labels: None,
+            batch: std::sync::atomic::AtomicBool::new(true),
+            les,
             desc,
         })
+    }
+
+    /// Label fragments for the text exposition, rendered (and cached) by the caller; without
+    /// them they are rendered from `labels` at each scrape.
+    pub fn with_text_labels(mut self, f: TextLabelFn<K>) -> Self {
+        self.text_labels = Some(f);
+        self
     }
 
     /// Deletes a key from the kernel map (its cgroup is gone).
@@ -360,29 +504,110 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
         }
     }
 
-    /// Current per-key totals (also used by tests and the API).
+    /// Current per-key totals (also used by tests and the API). Read with
+    /// `BPF_MAP_LOOKUP_BATCH` (a syscall per 128 keys instead of two per key), or key by key
+    /// where the kernel has no batch operations.
     pub fn snapshot(&self) -> Vec<(K, [Log2Hist; N])> {
         let Ok(map) = self.map.lock() else {
             return Vec::new();
         };
+        let total =
+            |k: K, per_cpu: &[[Log2Hist; N]]| (k, std::array::from_fn(|i| sum_percpu(per_cpu.iter().map(|v| &v[i]))));
+        if self.batch.load(std::sync::atomic::Ordering::Relaxed) {
+            match lookup_batch::<K, [Log2Hist; N]>(&map) {
+                Ok(entries) => return entries.into_iter().map(|(k, v)| total(k, &v)).collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "batched map lookup unavailable; reading key by key");
+                    self.batch.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
         map.iter()
             .filter_map(Result::ok)
-            .map(|(k, per_cpu)| (k, std::array::from_fn(|i| sum_percpu(per_cpu.iter().map(|v| &v[i])))))
+            .map(|(k, per_cpu)| total(k, &per_cpu))
             .collect()
+    }
+
+    /// [`Self::snapshot`], read from the kernel once per scrape however many collectors ask
+    /// (the TCP counters read the connect histogram's counts).
+    pub fn snapshot_shared(&self) -> Rc<Snapshot<K, N>>
+    where
+        K: 'static,
+    {
+        let owner = self as *const Self as usize;
+        crate::expo::memo(owner, "snapshot", || self.snapshot()).unwrap_or_else(|| Rc::new(self.snapshot()))
+    }
+
+    fn text_key(&self, k: &K, kept: usize, empty: &Arc<str>) -> Option<[Arc<str>; 2]> {
+        if let Some(f) = &self.text_labels {
+            return f(k, kept);
+        }
+        let values = (self.labels)(k)?;
+        let pairs = self.label_names.iter().copied().zip(values.iter().map(String::as_str));
+        Some([crate::expo::labels(pairs.take(kept)).into(), Arc::clone(empty)])
+    }
+
+    /// Writes every family as exposition text (see `expo`).
+    fn write_text(&self, w: &mut crate::expo::Writer)
+    where
+        K: 'static,
+    {
+        let snap = self.snapshot_shared();
+        let empty: Arc<str> = Arc::from("");
+        let mut cum = Vec::new();
+        for (i, f) in self.families.iter().enumerate() {
+            let kept = f.labels.min(self.label_names.len());
+            let mut merged: HashMap<[Arc<str>; 2], Log2Hist> = HashMap::new();
+            for (k, parts) in snap.iter() {
+                let h = &parts[i];
+                if h.buckets.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                let Some(key) = self.text_key(k, kept, &empty) else {
+                    continue;
+                };
+                match merged.entry(key) {
+                    Entry::Occupied(mut e) => {
+                        let s = sum_percpu([e.get(), h]);
+                        *e.get_mut() = s;
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(*h);
+                    }
+                }
+            }
+            let mut rows: Vec<([Arc<str>; 2], Log2Hist)> = merged.into_iter().collect();
+            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let mut fam = w.family(f.name, f.help, "histogram");
+            for (key, h) in rows {
+                cumulative(&h, &f.layout, &mut cum);
+                let count = h.buckets.iter().sum();
+                fam.histogram(
+                    &[&key[0], &key[1]],
+                    &self.les[i],
+                    &cum,
+                    count,
+                    h.sum as f64 / f.layout.divisor,
+                );
+            }
+        }
     }
 }
 
-impl<K: aya::Pod + Send + Sync, const N: usize> Collector for HistogramMapCollector<K, N> {
+impl<K: aya::Pod + Send + Sync + 'static, const N: usize> Collector for HistogramMapCollector<K, N> {
     fn desc(&self) -> Vec<&Desc> {
         self.desc.iter().collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
+        if crate::expo::write(|w| self.write_text(w)) {
+            return Vec::new();
+        }
         let mut merged: [std::collections::BTreeMap<Vec<String>, Log2Hist>; N] =
             std::array::from_fn(|_| Default::default());
-        for (k, parts) in self.snapshot() {
+        for (k, parts) in self.snapshot_shared().iter() {
             // Several keys may map to the same labels (e.g. folded into "other").
-            let Some(labels) = (self.labels)(&k) else { continue };
+            let Some(labels) = (self.labels)(k) else { continue };
             for ((m, h), f) in merged.iter_mut().zip(parts.iter()).zip(self.families.iter()) {
                 if h.buckets.iter().all(|&b| b == 0) {
                     continue;
@@ -469,6 +694,39 @@ mod tests {
         assert_eq!(b.last().unwrap().cumulative_count(), 3);
         assert_eq!(p.get_sample_count(), 4);
         assert!((p.get_sample_sum() - 200.0030020).abs() < 1e-9);
+    }
+
+    /// The direct text of a histogram equals what the crate's encoder writes for the same
+    /// protobuf family, byte for byte.
+    #[test]
+    fn text_histogram_equals_the_encoders() {
+        let layout = HistLayout::nanos_as_seconds(&Buckets::default()).unwrap();
+        let h = hist(&[500, 40_000, 90_000, 3_000_000, 200_000_000_000]);
+        let labels = vec!["/a\"b".to_string(), String::new()];
+        let mut m = proto::Metric::default();
+        m.set_histogram(to_prometheus(&h, &layout));
+        let mf = crate::metrics::family(
+            "t_seconds",
+            "h",
+            MetricType::HISTOGRAM,
+            &["cgroup", "pod"],
+            vec![(labels, m)],
+        );
+        let mut want = String::new();
+        prometheus::TextEncoder::new().encode_utf8(&[mf], &mut want).unwrap();
+        let ((), chunks) = crate::expo::capture(|| {
+            crate::expo::write(|w| {
+                let frag = crate::expo::labels([("cgroup", "/a\"b"), ("pod", "")]);
+                let mut cum = Vec::new();
+                cumulative(&h, &layout, &mut cum);
+                let les = crate::expo::le_values(layout.bounds());
+                let sum = h.sum as f64 / layout.divisor;
+                w.family("t_seconds", "h", "histogram")
+                    .histogram(&[&frag, ""], &les, &cum, 5, sum);
+            });
+        });
+        assert_eq!(format!("{}{}", chunks[0].header, chunks[0].body), want);
+        assert_eq!(chunks[0].series, 8 + 3);
     }
 
     fn dur(s: &str) -> Duration {

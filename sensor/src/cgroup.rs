@@ -194,6 +194,11 @@ pub fn with_names(base: [String; 3], n: &Names) -> WorkloadLabels {
     ]
 }
 
+/// Workload labels as a fragment of the text exposition.
+fn render_labels(l: &WorkloadLabels) -> Arc<str> {
+    crate::expo::labels(WORKLOAD_LABELS.iter().copied().zip(l.iter().map(String::as_str))).into()
+}
+
 /// Bounds the workloads one metric family may label: the first `max` distinct cgroups get their
 /// own series, later ones fold into `cgroup="other"`. Cgroups whose directory is gone are
 /// released after `grace`, and the caller drops their series.
@@ -346,14 +351,55 @@ impl Discovery {
     /// Label values for a kernfs id: `""` for 0 (not attributed), the path when known, else
     /// `unknown` (after one forced rescan at most per second).
     pub fn labels_for_id(&self, id: u64) -> WorkloadLabels {
+        match self.path_for_id(id) {
+            None => Default::default(),
+            Some(path) => self.labels(&path),
+        }
+    }
+
+    /// The path labels of `id` are taken from: `None` for 0, `unknown` when not found.
+    fn path_for_id(&self, id: u64) -> Option<String> {
         if id == 0 {
-            return Default::default();
+            return None;
         }
         let path = self.path_of(id).or_else(|| {
             self.rescan_if_older(Duration::from_secs(1));
             self.path_of(id)
         });
-        self.labels(path.as_deref().unwrap_or("unknown"))
+        Some(path.unwrap_or_else(|| "unknown".to_string()))
+    }
+
+    /// [`Self::labels_for_id`] rendered as a label fragment for the text exposition
+    /// (`cgroup="...",container_id="...",...`), once per id and scrape (and once per path).
+    pub fn label_text_for_id(&self, id: u64) -> Arc<str> {
+        self.memo_text("label_text_for_id", id, |d, id| match d.path_for_id(*id) {
+            None => render_labels(&WorkloadLabels::default()),
+            Some(path) => d.label_text(&path),
+        })
+    }
+
+    /// [`Self::labels`] rendered as a label fragment, once per path and scrape.
+    pub fn label_text(&self, cgroup: &str) -> Arc<str> {
+        self.memo_text("label_text", cgroup.to_string(), |d, cg| render_labels(&d.labels(cg)))
+    }
+
+    fn memo_text<Q: std::hash::Hash + Eq + 'static>(
+        &self,
+        what: &'static str,
+        key: Q,
+        render: impl Fn(&Self, &Q) -> Arc<str>,
+    ) -> Arc<str> {
+        let owner = self as *const Self as usize;
+        let Some(memo) = crate::expo::memo(owner, what, || std::cell::RefCell::new(HashMap::<Q, Arc<str>>::new()))
+        else {
+            return render(self, &key);
+        };
+        if let Some(t) = memo.borrow().get(&key) {
+            return Arc::clone(t);
+        }
+        let t = render(self, &key);
+        memo.borrow_mut().insert(key, Arc::clone(&t));
+        t
     }
 
     pub fn path_of(&self, id: u64) -> Option<String> {

@@ -13,6 +13,7 @@ pub mod decode;
 pub mod dispatch;
 pub mod doctor;
 pub mod events;
+pub mod expo;
 pub mod health;
 pub mod http;
 pub mod journal;

@@ -10,6 +10,7 @@ use prometheus::{
 };
 
 use crate::{
+    expo,
     probe::{ProbeReport, ProbeSpec},
     transport::{KernelCounters, LOST_REASONS},
 };
@@ -259,12 +260,13 @@ fn series_of(mf: &MetricFamily) -> usize {
         .sum()
 }
 
-/// The `sensor_series` family for `families` (computed at scrape, so it is exact for it).
-pub fn series_family(families: &[MetricFamily]) -> MetricFamily {
+/// The `sensor_series` family for families of the given `(name, series)` (computed at scrape,
+/// so it is exact for it).
+pub fn series_family<'a>(families: impl IntoIterator<Item = (&'a str, usize)>) -> MetricFamily {
     let mut series: Vec<(Vec<String>, proto::Metric)> = families
-        .iter()
-        .filter(|mf| mf.name() != SERIES)
-        .map(|mf| (vec![mf.name().to_string()], gauge_metric(series_of(mf) as f64)))
+        .into_iter()
+        .filter(|(name, _)| *name != SERIES)
+        .map(|(name, n)| (vec![name.to_string()], gauge_metric(n as f64)))
         .collect();
     let own = series.len() + 1;
     series.push((vec![SERIES.to_string()], gauge_metric(own as f64)));
@@ -385,14 +387,45 @@ impl<C: Collector> Collector for Shared<C> {
 }
 
 /// Renders the registry in the Prometheus text format, with `sensor_series` computed from
-/// this very scrape.
+/// this very scrape. Collectors with a series per workload write their text directly while the
+/// registry is gathered (see [`crate::expo`]); the rest goes through the crate's encoder. Families come
+/// out sorted by name, each with its HELP and TYPE once.
 pub fn render(registry: &Registry) -> String {
-    let mut families = registry.gather();
-    families.push(series_family(&families));
-    let mut out = String::new();
-    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
-        tracing::error!(error = %e, "encoding metrics failed");
+    let (families, chunks) = expo::capture(|| registry.gather());
+    enum Part<'a> {
+        Proto(&'a MetricFamily),
+        Text(&'a expo::Chunk),
     }
+    let mut parts: Vec<(&str, usize, Part)> = families
+        .iter()
+        .filter(|mf| mf.name() != SERIES)
+        .map(|mf| (mf.name(), series_of(mf), Part::Proto(mf)))
+        .chain(
+            chunks
+                .iter()
+                .filter(|c| c.series > 0)
+                .map(|c| (c.name, c.series, Part::Text(c))),
+        )
+        .collect();
+    let series = series_family(parts.iter().map(|(n, s, _)| (*n, *s)));
+    parts.push((SERIES, 0, Part::Proto(&series)));
+    parts.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out = String::with_capacity(expo::size_hint());
+    let encoder = prometheus::TextEncoder::new();
+    for (_, _, part) in parts {
+        match part {
+            Part::Proto(mf) => {
+                if let Err(e) = encoder.encode_utf8(std::slice::from_ref(mf), &mut out) {
+                    tracing::error!(error = %e, family = mf.name(), "encoding metrics failed");
+                }
+            }
+            Part::Text(c) => {
+                out.push_str(&c.header);
+                out.push_str(&c.body);
+            }
+        }
+    }
+    expo::note_size(out.len());
     out
 }
 

@@ -17,6 +17,7 @@ const GENERIC: &[&str] = &[
     "events",
     "doctor",
     "metrics",
+    "expo",
     "http",
     "probe",
     "transport",

@@ -1,4 +1,4 @@
-//! Memory-cgroup pressure on the real kernel: reclaim histograms per cgroup, PSI totals and
+//! Memory-cgroup pressure on the real kernel: reclaim time per cgroup (and histograms), PSI totals and
 //! triggers, memory.events. Under CI=true these fail (never skip) when BPF cannot be loaded.
 
 mod common;
@@ -29,26 +29,36 @@ fn reclaim_is_attributed_to_the_stalled_cgroup_only() {
         .expect("idle sleeper");
     busy.churn_page_cache(300);
     let start = Instant::now();
-    let count = |m: &str, cg: &MemCgroup| metric(m, "sensor_memcg_reclaim_duration_seconds_count", &wl(cg));
+    // By default each workload has its reclaim time, the bucketed histogram is the host's.
+    let total = |m: &str, cg: &MemCgroup| metric(m, "sensor_memcg_reclaim_seconds_total", &wl(cg));
     let m = loop {
         let m = d.metrics();
-        if count(&m, &busy).is_some_and(|c| c > 0.0) || start.elapsed() > Duration::from_secs(10) {
+        if total(&m, &busy).is_some_and(|c| c > 0.0) || start.elapsed() > Duration::from_secs(10) {
             break m;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let n = count(&m, &busy).unwrap_or(0.0);
-    assert!(n > 0.0, "busy cgroup shows no reclaim:\n{m}");
-    let sum = metric(&m, "sensor_memcg_reclaim_duration_seconds_sum", &wl(&busy)).unwrap();
-    assert!(sum > 0.0 && sum < 60.0, "reclaim time {sum}s");
-    let inf = metric(
-        &m,
-        "sensor_memcg_reclaim_duration_seconds_bucket",
-        &[wl(&busy).as_slice(), &[("le", "+Inf")]].concat(),
-    );
-    assert_eq!(inf, Some(n), "+Inf bucket equals the count");
+    let busy_s = total(&m, &busy).unwrap_or(0.0);
     assert!(
-        count(&m, &idle).unwrap_or(0.0) == 0.0,
+        busy_s > 0.0 && busy_s < 60.0,
+        "busy cgroup's reclaim time {busy_s}s:\n{m}"
+    );
+    let n = metric(&m, "sensor_memcg_reclaim_duration_seconds_count", &[]).unwrap_or(0.0);
+    assert!(n > 0.0, "no host-level reclaim histogram:\n{m}");
+    let sum = metric(&m, "sensor_memcg_reclaim_duration_seconds_sum", &[]).unwrap();
+    assert!(
+        sum >= busy_s,
+        "host reclaim time {sum}s below the busy cgroup's {busy_s}s"
+    );
+    let inf = metric(&m, "sensor_memcg_reclaim_duration_seconds_bucket", &[("le", "+Inf")]);
+    assert_eq!(inf, Some(n), "+Inf bucket equals the count");
+    assert_eq!(
+        metric(&m, "sensor_memcg_reclaim_duration_seconds_count", &wl(&busy)),
+        None,
+        "no per-workload buckets by default"
+    );
+    assert!(
+        total(&m, &idle).unwrap_or(0.0) == 0.0,
         "the idle sibling must show no reclaim:\n{m}"
     );
     let _ = sleeper.kill();
@@ -219,11 +229,14 @@ fn vanished_cgroups_are_dropped_after_the_grace_period() {
     let Some(_k) = privileged("vanished_cgroups_are_dropped_after_the_grace_period") else {
         return;
     };
+    // The per-workload histogram of `per: workload`, and the reclaim-time counter.
     let d = Daemon::start(&[
         "--probes.memcg.discovery-interval",
         "200ms",
         "--limits.vanished-grace",
         "1s",
+        "--probes.memcg.reclaim-duration.per",
+        "workload",
     ]);
     let cg = MemCgroup::new("sensor-it-vanish", 48 << 20);
     cg.churn_page_cache(200);
@@ -237,10 +250,20 @@ fn vanished_cgroups_are_dropped_after_the_grace_period() {
         ("container", ""),
     ];
     let start = Instant::now();
-    while metric(&d.metrics(), "sensor_memcg_reclaim_duration_seconds_count", &labels).is_none() {
+    let m = loop {
+        let m = d.metrics();
+        if metric(&m, "sensor_memcg_reclaim_duration_seconds_count", &labels).is_some() {
+            break m;
+        }
         assert!(start.elapsed() < Duration::from_secs(10), "no reclaim series appeared");
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    let sum = metric(&m, "sensor_memcg_reclaim_duration_seconds_sum", &labels).unwrap();
+    assert_eq!(
+        metric(&m, "sensor_memcg_reclaim_seconds_total", &labels),
+        Some(sum),
+        "the counter is the histogram's sum"
+    );
     drop(cg);
     let start = Instant::now();
     loop {

@@ -470,9 +470,56 @@ fn successes_and_refusals(extra: &[&str], hook: &str) {
     }
     let m = d.metrics();
     assert_eq!(connect_losses(&m), lost_before);
+    valid_exposition(&m);
     stop4.store(true, Ordering::Relaxed);
     stop6.store(true, Ordering::Relaxed);
     assert_eq!(d.stop().code(), Some(0));
+}
+
+/// The scrape (per-workload families written as text directly, the rest by the prometheus
+/// crate's encoder) is valid exposition text: `promtool check metrics` finds no problem, and
+/// every family has its HELP and TYPE once, its samples together, families sorted by name.
+fn valid_exposition(m: &str) {
+    use std::io::Write as _;
+    let mut types: Vec<&str> = Vec::new();
+    for l in m.lines().filter(|l| l.starts_with("# TYPE ")) {
+        types.push(l.split(' ').nth(2).unwrap());
+    }
+    let mut sorted = types.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(types, sorted, "families once each, sorted by name");
+    let mut family = "";
+    for l in m.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            family = rest.split(' ').next().unwrap();
+        } else if !l.starts_with('#') {
+            let name = l.split(['{', ' ']).next().unwrap();
+            assert!(name.starts_with(family), "{name} outside its family {family}");
+        }
+    }
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match promtool {
+        Ok(c) => c,
+        Err(e) => {
+            // CI installs it (`cargo xtask deps`: Debian's prometheus package).
+            common::skip(&format!("promtool not available ({e}): exposition not linted"));
+            return;
+        }
+    };
+    child.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Two namespaces joined by a veth pair; `peer` blackholes `10.201.0.0/24` / `fd00:201::/64`, so

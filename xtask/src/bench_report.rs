@@ -177,6 +177,16 @@ pub fn store(root: &Path, key: &str, machine: &str, rows: &[Row], body: &str) ->
     Ok(())
 }
 
+/// Writes the report again from the results file, running nothing.
+pub fn rerender(root: &Path) -> Result<()> {
+    let (path, report) = paths(root);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let all: Value = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    std::fs::write(&report, render(&all)).with_context(|| format!("write {}", report.display()))?;
+    eprintln!("==> wrote {} from {}", report.display(), path.display());
+    Ok(())
+}
+
 fn update(all: &mut Value, key: &str, machine: &str, rows: &[Row], body: &str) {
     if !all.is_object() {
         *all = json!({});

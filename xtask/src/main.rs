@@ -151,6 +151,9 @@ enum Which {
     Workloads,
     /// Every benchmark above, in this order.
     All,
+    /// Runs nothing: writes docs/benchmarks.md again from docs/bench-results.json (after a merge
+    /// of two branches' results).
+    Report,
 }
 
 #[derive(clap::Args)]
@@ -294,6 +297,9 @@ fn real_main() -> Result<()> {
 
 /// `cargo xtask bench`: installs the anchors, builds the daemon, runs each benchmark asked for.
 fn bench_all(root: &Path, mut a: BenchArgs) -> Result<()> {
+    if a.what == [Which::Report] {
+        return bench_report::rerender(root);
+    }
     let mut what = a.what.clone();
     if what.is_empty() || what.contains(&Which::All) {
         what = vec![
@@ -343,7 +349,7 @@ fn bench_all(root: &Path, mut a: BenchArgs) -> Result<()> {
             Which::Events => bench_events::run_events(root, &bin, &a.events)?,
             Which::OomLatency => bench_events::run_oom(root, &bin, &a.events)?,
             Which::Workloads => bench_workloads::run(root, &bin, &a.workloads)?,
-            Which::All => {}
+            Which::All | Which::Report => {}
         }
     }
     step(&format!(

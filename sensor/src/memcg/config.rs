@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    agg::{ByWorkload, HistogramConfig, Per},
+    agg::{ByHost, HistogramConfig, Per},
     probe::HookKind,
     serde_duration as duration,
 };
@@ -21,8 +21,10 @@ pub struct MemcgConfig {
     /// How often the memory cgroup hierarchy is rescanned for new and vanished workloads.
     #[serde(with = "duration")]
     pub discovery_interval: Duration,
-    /// `sensor_memcg_reclaim_duration_seconds`: labels kept (`workload` or `host`) and buckets.
-    pub reclaim_duration: HistogramConfig<ByWorkload>,
+    /// `sensor_memcg_reclaim_duration_seconds`: labels kept (`host`, the default, or
+    /// `workload`) and buckets. Each workload's reclaim time is
+    /// `sensor_memcg_reclaim_seconds_total` either way.
+    pub reclaim_duration: HistogramConfig<ByHost>,
 }
 
 impl Default for MemcgConfig {

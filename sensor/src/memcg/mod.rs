@@ -139,15 +139,28 @@ pub struct PressureEvent {
     pub avg60: Option<f64>,
 }
 
-fn read_kv(path: &Path) -> Vec<(String, u64)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_string(), v.trim().parse().ok()?))
-        })
-        .collect()
+/// Reads a small cgroup file into `buf`: open, one read (the kernel hands a small seq file over
+/// whole), close; no size query and no read to see the end unless the buffer filled up. A scrape
+/// reads up to three of these per workload, so each syscall counts.
+fn read_small<'a>(path: &Path, buf: &'a mut Vec<u8>) -> Option<&'a str> {
+    use std::io::Read;
+    buf.clear();
+    buf.resize(512, 0);
+    let mut f = std::fs::File::open(path).ok()?;
+    let n = f.read(buf).ok()?;
+    buf.truncate(n);
+    if n == 512 {
+        f.read_to_end(buf).ok()?;
+    }
+    std::str::from_utf8(buf).ok()
+}
+
+/// `key value` lines.
+fn kv_lines(text: &str) -> impl Iterator<Item = (&str, u64)> {
+    text.lines().filter_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        Some((k, v.trim().parse().ok()?))
+    })
 }
 
 /// `memory.events` counters of one cgroup (v1: the nearest equivalents).
@@ -155,31 +168,30 @@ fn memory_events(hier: &Hierarchies, cgroup: &str) -> Vec<(&'static str, u64)> {
     let Some(dir) = hier.memory_dir(cgroup) else {
         return Vec::new();
     };
+    let mut buf = Vec::with_capacity(256);
     if hier.memory_is_v1() {
         let mut out = Vec::new();
         // A charge fails on the memory+swap counter first when swap accounting is on, so the
         // times the limit was hit are spread over both failure counters.
-        let read = |f: &str| {
-            std::fs::read_to_string(dir.join(f))
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-        };
+        let mut read = |f: &str| read_small(&dir.join(f), &mut buf).and_then(|s| s.trim().parse::<u64>().ok());
         if let Some(f) = read("memory.failcnt") {
             out.push(("max", f + read("memory.memsw.failcnt").unwrap_or(0)));
         }
-        if let Some((_, v)) = read_kv(&dir.join("memory.oom_control"))
-            .into_iter()
-            .find(|(k, _)| k == "oom_kill")
-        {
+        let oom = read_small(&dir.join("memory.oom_control"), &mut buf)
+            .and_then(|t| kv_lines(t).find(|(k, _)| *k == "oom_kill").map(|(_, v)| v));
+        if let Some(v) = oom {
             out.push(("oom_kill", v));
         }
         out
     } else {
         const EVENTS: [&str; 6] = ["low", "high", "max", "oom", "oom_kill", "oom_group_kill"];
-        read_kv(&dir.join("memory.events"))
-            .into_iter()
-            .filter_map(|(k, v)| EVENTS.iter().find(|e| **e == k).map(|e| (*e, v)))
-            .collect()
+        read_small(&dir.join("memory.events"), &mut buf)
+            .map(|t| {
+                kv_lines(t)
+                    .filter_map(|(k, v)| EVENTS.iter().find(|e| **e == k).map(|e| (*e, v)))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -218,6 +230,9 @@ impl Collector for FileCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
+        if crate::expo::write(|w| self.write_text(w)) {
+            return Vec::new();
+        }
         let cgroups = self.disc.cgroups();
         let mut waiting = Vec::new();
         let mut stalled = Vec::new();
@@ -270,6 +285,142 @@ impl Collector for FileCollector {
             mk(STALLED, STALLED_HELP, stalled),
             mk(EVENTS, EVENTS_HELP, events),
         ]
+    }
+}
+
+/// The reclaim histogram's label fragment: none (per host) or the workload's.
+fn reclaim_text_labels(disc: Arc<Discovery>) -> crate::agg::TextLabelFn<u64> {
+    let empty: Arc<str> = Arc::from("");
+    Box::new(move |id: &u64, kept: usize| {
+        let wl = if kept == 0 {
+            Arc::clone(&empty)
+        } else {
+            disc.label_text_for_id(*id)
+        };
+        Some([wl, Arc::clone(&empty)])
+    })
+}
+
+impl FileCollector {
+    /// The three families as exposition text (see `expo`): the same files, label
+    /// fragments rendered once per workload and scrape, summed per fragment (workloads folded
+    /// into `other` share one).
+    fn write_text(&self, w: &mut crate::expo::Writer) {
+        let host = psi::read(Path::new(HOST_PSI));
+        let hier = &self.disc.hier;
+        let mut psi_sum: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
+        let mut ev_sum: HashMap<(&'static str, Arc<str>), u64> = HashMap::new();
+        for cg in self.disc.cgroups().iter().filter(|c| c.as_str() != "/") {
+            let l = self.disc.label_text(cg);
+            if !hier.memory_is_v1() {
+                if let Some(p) = hier.memory_dir(cg).and_then(|d| psi::read(&d.join("memory.pressure"))) {
+                    let e = psi_sum.entry(Arc::clone(&l)).or_default();
+                    e.0 += p.some.total_us;
+                    e.1 += p.full.map_or(0, |f| f.total_us);
+                }
+            }
+            for (event, v) in memory_events(hier, cg) {
+                *ev_sum.entry((event, Arc::clone(&l))).or_default() += v;
+            }
+        }
+        let mut psi_rows: Vec<(Arc<str>, (u64, u64))> = psi_sum.into_iter().collect();
+        psi_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut f = w.family(WAITING, WAITING_HELP, "counter");
+        if let Some(p) = host {
+            f.float(&[], p.some.total_us as f64 / 1e6);
+        }
+        for (l, (some, _)) in &psi_rows {
+            f.float(&[l], *some as f64 / 1e6);
+        }
+        let mut f = w.family(STALLED, STALLED_HELP, "counter");
+        if let Some(full) = host.and_then(|p| p.full) {
+            f.float(&[], full.total_us as f64 / 1e6);
+        }
+        for (l, (_, full)) in &psi_rows {
+            f.float(&[l], *full as f64 / 1e6);
+        }
+        let mut rows: Vec<((&'static str, Arc<str>), u64)> = ev_sum.into_iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut f = w.family(EVENTS, EVENTS_HELP, "counter");
+        for ((event, l), v) in rows {
+            f.int(&[event_frag(event), &l], v);
+        }
+    }
+}
+
+/// `event="..."` fragments of `memory_events`' names.
+fn event_frag(event: &str) -> &'static str {
+    match event {
+        "low" => "event=\"low\"",
+        "high" => "event=\"high\"",
+        "max" => "event=\"max\"",
+        "oom" => "event=\"oom\"",
+        "oom_kill" => "event=\"oom_kill\"",
+        _ => "event=\"oom_group_kill\"",
+    }
+}
+
+const RECLAIM_TOTAL: &str = "sensor_memcg_reclaim_seconds_total";
+const RECLAIM_TOTAL_HELP: &str = "Time tasks spent in direct or memcg reclaim, by the stalled task's workload: the _sum of sensor_memcg_reclaim_duration_seconds per workload (whose buckets are per host by default; probes.memcg.reclaim_duration.per: workload keeps them per workload).";
+
+/// `sensor_memcg_reclaim_seconds_total{<workload labels>}`: one series per workload that went
+/// through reclaim, from the same kernel map (read once per scrape) as the histogram.
+struct ReclaimTotals {
+    hist: Arc<HistogramMapCollector<u64>>,
+    disc: Arc<Discovery>,
+    desc: Vec<Desc>,
+}
+
+impl ReclaimTotals {
+    /// Nanoseconds per key, for keys that counted something.
+    fn totals(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let snap = self.hist.snapshot_shared();
+        let totals: Vec<(u64, u64)> = snap
+            .iter()
+            .filter(|(_, [h])| h.buckets.iter().any(|&b| b != 0))
+            .map(|(id, [h])| (*id, h.sum))
+            .collect();
+        totals.into_iter()
+    }
+
+    fn write_text(&self, w: &mut crate::expo::Writer) {
+        let mut sums: HashMap<Arc<str>, u64> = HashMap::new();
+        for (id, ns) in self.totals() {
+            *sums.entry(self.disc.label_text_for_id(id)).or_default() += ns;
+        }
+        let mut rows: Vec<(Arc<str>, u64)> = sums.into_iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut f = w.family(RECLAIM_TOTAL, RECLAIM_TOTAL_HELP, "counter");
+        for (l, ns) in rows {
+            f.float(&[&l], ns as f64 / 1e9);
+        }
+    }
+}
+
+impl Collector for ReclaimTotals {
+    fn desc(&self) -> Vec<&Desc> {
+        self.desc.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if crate::expo::write(|w| self.write_text(w)) {
+            return Vec::new();
+        }
+        let mut sums: HashMap<WorkloadLabels, u64> = HashMap::new();
+        for (id, ns) in self.totals() {
+            *sums.entry(self.disc.labels_for_id(id)).or_default() += ns;
+        }
+        let series = sums
+            .into_iter()
+            .map(|(l, ns)| (l.to_vec(), counter_metric(ns as f64 / 1e9)))
+            .collect();
+        vec![family(
+            RECLAIM_TOTAL,
+            RECLAIM_TOTAL_HELP,
+            MetricType::COUNTER,
+            &WORKLOAD_LABELS,
+            series,
+        )]
     }
 }
 
@@ -329,8 +480,19 @@ impl MemcgSlice {
                     &WORKLOAD_LABELS,
                     map,
                     Box::new(move |id: &u64| Some(d.labels_for_id(*id).to_vec())),
-                )?);
+                )?
+                .with_text_labels(reclaim_text_labels(Arc::clone(&disc))));
                 registry.register(Box::new(Shared(Arc::clone(&c))))?;
+                registry.register(Box::new(ReclaimTotals {
+                    hist: Arc::clone(&c),
+                    disc: Arc::clone(&disc),
+                    desc: vec![Desc::new(
+                        RECLAIM_TOTAL.into(),
+                        RECLAIM_TOTAL_HELP.into(),
+                        WORKLOAD_LABELS.iter().map(|l| (*l).to_string()).collect(),
+                        Default::default(),
+                    )?],
+                }))?;
                 Some(c)
             }
             None => None,
@@ -534,6 +696,60 @@ impl Running for MemcgRunning {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The memory.events families written as text equal the crate encoder's output for the
+    /// same files (a v1 layout in a temporary directory: pure file parsing), and two cgroups
+    /// folded into `other` are one series.
+    #[test]
+    fn events_text_equals_the_encoders() {
+        let root = std::env::temp_dir().join(format!("sensor-scrape-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (cg, failcnt, kills) in [("a", 3, 1), ("b\"q", 5, 0), ("c", 7, 2)] {
+            let d = root.join(cg);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("memory.failcnt"), format!("{failcnt}\n")).unwrap();
+            std::fs::write(
+                d.join("memory.oom_control"),
+                format!("oom_kill_disable 0\nunder_oom 0\noom_kill {kills}\n"),
+            )
+            .unwrap();
+        }
+        let hier = Hierarchies {
+            memory_v1: Some(root.clone()),
+            unified: None,
+        };
+        // Two workloads per family: the third folds into `other`.
+        let disc = Arc::new(Discovery::new(hier, 2, Duration::from_secs(60)));
+        let c = FileCollector {
+            disc,
+            descs: Vec::new(),
+        };
+        let mut want = String::new();
+        let proto: Vec<MetricFamily> = c.collect().into_iter().filter(|f| !f.get_metric().is_empty()).collect();
+        // The registry sorts series by label values; so does the text.
+        let mut sorted = proto.clone();
+        for f in &mut sorted {
+            f.mut_metric().sort_by(|a, b| {
+                let v = |m: &proto::Metric| m.get_label().iter().map(|l| l.value().to_string()).collect::<Vec<_>>();
+                v(a).cmp(&v(b))
+            });
+        }
+        prometheus::TextEncoder::new().encode_utf8(&sorted, &mut want).unwrap();
+        let ((), chunks) = crate::expo::capture(|| assert!(c.collect().is_empty()));
+        let got: String = chunks
+            .iter()
+            .filter(|c| c.series > 0)
+            .map(|c| format!("{}{}", c.header, c.body))
+            .collect();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(got, want);
+        assert!(got.contains("sensor_memcg_events_total{event=\"max\",cgroup=\"/a\",container_id=\"\",pod_uid=\"\",namespace=\"\",pod=\"\",container=\"\"} 3\n"), "{got}");
+        assert!(got.contains("cgroup=\"/b\\\"q\""), "escaped: {got}");
+        assert!(
+            got.contains("sensor_memcg_events_total{event=\"oom_kill\",cgroup=\"other\""),
+            "{got}"
+        );
+    }
 
     #[test]
     fn v1_and_v2_sources_are_described() {

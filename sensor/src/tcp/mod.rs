@@ -6,7 +6,7 @@ pub mod config;
 pub mod kfunc;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -417,6 +417,7 @@ struct CountCollector {
     hists: Arc<HistogramMapCollector<FlowKey, 2>>,
     disc: Arc<Discovery>,
     names: Vec<String>,
+    dest_frags: Vec<Arc<str>>,
     descs: Vec<Desc>,
 }
 
@@ -427,18 +428,10 @@ impl CountCollector {
             .cloned()
             .unwrap_or_else(|| "other".to_string())
     }
-}
 
-impl Collector for CountCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let mut connects: BTreeMap<Vec<String>, u64> = BTreeMap::new();
-        let mut retrans: BTreeMap<Vec<String>, u64> = BTreeMap::new();
-        let mut resets: BTreeMap<Vec<String>, u64> = BTreeMap::new();
-        let entries: Vec<(FlowCountKey, u64)> = match self.map.lock() {
+    /// Every key's total over the CPUs, plus the host-level resets and retransmits.
+    fn entries(&self) -> Vec<(FlowCountKey, u64)> {
+        let mut entries: Vec<(FlowCountKey, u64)> = match self.map.lock() {
             Ok(m) => m
                 .iter()
                 .filter_map(Result::ok)
@@ -446,7 +439,6 @@ impl Collector for CountCollector {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        let mut entries = entries;
         if let Ok(host) = self.host.lock() {
             for what in [kind::RETRANSMIT, kind::RESET_RECEIVED, kind::RESET_SENT] {
                 if let Ok(v) = host.get(&u32::from(what - kind::RETRANSMIT), 0) {
@@ -460,7 +452,90 @@ impl Collector for CountCollector {
                 }
             }
         }
-        for (k, [h, _]) in self.hists.snapshot() {
+        entries
+    }
+
+    /// The three counter families as exposition text (see `expo`), from label
+    /// fragments rendered once per workload and scrape.
+    fn write_text(&self, w: &mut crate::expo::Writer) {
+        type Key = (&'static str, Arc<str>, Arc<str>);
+        let mut connects: HashMap<Key, u64> = HashMap::new();
+        let mut retrans: HashMap<Key, u64> = HashMap::new();
+        let mut resets: HashMap<Key, u64> = HashMap::new();
+        let dest = |id: u16| Arc::clone(dest_frag(&self.dest_frags, id));
+        for (k, [h, _]) in self.hists.snapshot_shared().iter() {
+            let key = (RESULT_FRAGS[0], dest(k.dest), self.disc.label_text_for_id(k.cgroup_id));
+            *connects.entry(key).or_default() += h.buckets.iter().sum::<u64>();
+        }
+        for (k, v) in self.entries() {
+            let (target, first) = match k.kind {
+                r if r < result::COUNT => (&mut connects, result_frag(r)),
+                kind::RETRANSMIT => (&mut retrans, ""),
+                kind::RESET_RECEIVED => (&mut resets, "direction=\"received\""),
+                kind::RESET_SENT => (&mut resets, "direction=\"sent\""),
+                _ => continue,
+            };
+            let key = (first, dest(k.dest), self.disc.label_text_for_id(k.cgroup_id));
+            *target.entry(key).or_default() += v;
+        }
+        for (name, help, m) in [
+            (CONNECTS, CONNECTS_HELP, connects),
+            (RETRANS, RETRANS_HELP, retrans),
+            (RESETS, RESETS_HELP, resets),
+        ] {
+            let mut rows: Vec<(Key, u64)> = m.into_iter().collect();
+            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let mut f = w.family(name, help, "counter");
+            for ((first, dest, wl), v) in rows {
+                f.int(&[first, &dest, &wl], v);
+            }
+        }
+    }
+}
+
+/// `result="..."` fragments in `result::*` order (`result_label`).
+const RESULT_FRAGS: [&str; 6] = [
+    "result=\"success\"",
+    "result=\"refused\"",
+    "result=\"timeout\"",
+    "result=\"reset\"",
+    "result=\"unreachable\"",
+    "result=\"error\"",
+];
+
+fn result_frag(r: u16) -> &'static str {
+    RESULT_FRAGS.get(usize::from(r)).copied().unwrap_or(RESULT_FRAGS[5])
+}
+
+/// `destination="..."` fragments by group id; the last is `other`, for ids not configured.
+fn dest_frags(names: &[String]) -> Vec<Arc<str>> {
+    names
+        .iter()
+        .map(String::as_str)
+        .chain(["other"])
+        .map(|n| Arc::from(crate::expo::labels([("destination", n)])))
+        .collect()
+}
+
+fn dest_frag(frags: &[Arc<str>], id: u16) -> &Arc<str> {
+    let last = frags.len() - 1;
+    &frags[usize::from(id).min(last)]
+}
+
+impl Collector for CountCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if crate::expo::write(|w| self.write_text(w)) {
+            return Vec::new();
+        }
+        let mut connects: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+        let mut retrans: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+        let mut resets: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+        let entries = self.entries();
+        for (k, [h, _]) in self.hists.snapshot_shared().iter() {
             let mut labels = vec![result_label(result::SUCCESS).to_string(), self.dest(k.dest)];
             labels.extend(self.disc.labels_for_id(k.cgroup_id));
             *connects.entry(labels).or_default() += h.buckets.iter().sum::<u64>();
@@ -507,6 +582,19 @@ impl Collector for CountCollector {
             ),
         ]
     }
+}
+
+/// The flow histograms' label fragments: none, the destination group, or it and the workload.
+fn text_label_fn(disc: Arc<Discovery>, frags: Vec<Arc<str>>) -> crate::agg::TextLabelFn<FlowKey> {
+    let empty: Arc<str> = Arc::from("");
+    Box::new(move |k: &FlowKey, kept: usize| {
+        let dest = Arc::clone(dest_frag(&frags, k.dest));
+        Some(match kept {
+            0 => [Arc::clone(&empty), Arc::clone(&empty)],
+            1 => [dest, Arc::clone(&empty)],
+            _ => [dest, disc.label_text_for_id(k.cgroup_id)],
+        })
+    })
 }
 
 /// A histogram family of the TCP flow map, as configured.
@@ -591,13 +679,15 @@ impl TcpSlice {
             &HIST_LABELS,
             maps.hists,
             label_fn(Arc::clone(&disc), names.clone()),
-        )?);
+        )?
+        .with_text_labels(text_label_fn(Arc::clone(&disc), dest_frags(&names))));
         let counts = Arc::new(CountCollector {
             map: Mutex::new(maps.counts),
             host: Mutex::new(maps.host_counts),
             hists: Arc::clone(&hists),
             disc: Arc::clone(&disc),
             names: names.clone(),
+            dest_frags: dest_frags(&names),
             descs,
         });
         registry.register(Box::new(Shared(Arc::clone(&counts))))?;
@@ -917,5 +1007,11 @@ mod tests {
         assert_eq!(address(AF_INET6, &Ipv6Addr::LOCALHOST.octets()), "::1");
         assert_eq!(result_label(result::TIMEOUT), "timeout");
         assert_eq!(result_label(99), "error");
+        for r in 0..8 {
+            assert_eq!(result_frag(r), format!("result=\"{}\"", result_label(r)));
+        }
+        let frags = dest_frags(&["other".into(), "db".into()]);
+        assert_eq!(&**dest_frag(&frags, 1), "destination=\"db\"");
+        assert_eq!(&**dest_frag(&frags, 9), "destination=\"other\"");
     }
 }

@@ -109,7 +109,8 @@ pub struct WorkloadRow {
     pub pod_uid: String,
     /// Reclaim: seconds in reclaim; max events: the count.
     pub value: f64,
-    /// Reclaim: stalls; max events: unused (0).
+    /// Reclaim: stalls (0 unless the reclaim histogram is kept per workload); max events:
+    /// unused (0).
     pub count: f64,
 }
 
@@ -365,11 +366,17 @@ fn memory(rings: &Rings, families: &[MetricFamily], running: bool) -> Memory {
         })
         .collect();
     let mut reclaim: BTreeMap<(String, String, String), (f64, f64)> = BTreeMap::new();
+    // Each workload's reclaim time; its number of stalls where the histogram is kept per
+    // workload (`probes.memcg.reclaim_duration.per: workload`; per host by default).
+    for m in series(families, "sensor_memcg_reclaim_seconds_total") {
+        reclaim.entry(workload_key(m)).or_default().0 += value(m);
+    }
     for m in series(families, "sensor_memcg_reclaim_duration_seconds") {
-        let h = m.get_histogram();
-        let e = reclaim.entry(workload_key(m)).or_default();
-        e.0 += h.get_sample_sum();
-        e.1 += h.get_sample_count() as f64;
+        let key = workload_key(m);
+        if key.0.is_empty() {
+            continue;
+        }
+        reclaim.entry(key).or_default().1 += m.get_histogram().get_sample_count() as f64;
     }
     let mut max_events: BTreeMap<(String, String, String), f64> = BTreeMap::new();
     let mut workloads = std::collections::BTreeSet::new();
