@@ -1,7 +1,7 @@
 //! Userspace half of in-kernel aggregation: sums per-CPU log2 histograms read from a map and
 //! turns them into Prometheus histograms at scrape time.
 
-use std::{sync::Mutex, time::Duration};
+use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
 use aya::maps::{MapData, PerCpuHashMap};
 use prometheus::{
@@ -321,6 +321,8 @@ pub struct HistogramMapCollector<K: aya::Pod, const N: usize = 1> {
     map: Mutex<PerCpuHashMap<MapData, K, [Log2Hist; N]>>,
     labels: LabelFn<K>,
     desc: Vec<Desc>,
+    /// Totals of retired keys (see [`Self::retire`]) by their labels, still exported.
+    retired: Mutex<BTreeMap<Vec<String>, [Log2Hist; N]>>,
 }
 
 impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
@@ -350,7 +352,44 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
             map: Mutex::new(map),
             labels,
             desc,
+            retired: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The map's keys.
+    pub fn keys(&self) -> Vec<K> {
+        match self.map.lock() {
+            Ok(map) => map.keys().filter_map(Result::ok).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Moves the totals of `keys` out of the kernel map into userspace, under the labels they
+    /// have now, and deletes the keys: for keys whose labels no longer change (a vanished
+    /// workload folded into `other`), so the kernel map and each scrape stop carrying them while
+    /// their counts stay in the exported series. Returns the keys retired.
+    pub fn retire(&self, keys: &[K]) -> usize {
+        let Ok(mut map) = self.map.lock() else { return 0 };
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for k in keys {
+            let Ok(per_cpu) = map.get(k, 0) else { continue };
+            let Some(labels) = (self.labels)(k) else { continue };
+            let e = retired.entry(labels).or_insert([Log2Hist::ZERO; N]);
+            for (i, total) in e.iter_mut().enumerate() {
+                *total = sum_percpu(std::iter::once(&*total).chain(per_cpu.iter().map(|v| &v[i])));
+            }
+            if map.remove(k).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The totals of retired keys by their labels.
+    pub fn retired(&self) -> Vec<(Vec<String>, [Log2Hist; N])> {
+        let r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        r.iter().map(|(l, h)| (l.clone(), *h)).collect()
     }
 
     /// Deletes a key from the kernel map (its cgroup is gone).
@@ -380,9 +419,12 @@ impl<K: aya::Pod + Send + Sync, const N: usize> Collector for HistogramMapCollec
     fn collect(&self) -> Vec<MetricFamily> {
         let mut merged: [std::collections::BTreeMap<Vec<String>, Log2Hist>; N] =
             std::array::from_fn(|_| Default::default());
-        for (k, parts) in self.snapshot() {
+        let live = self
+            .snapshot()
+            .into_iter()
+            .filter_map(|(k, parts)| Some(((self.labels)(&k)?, parts)));
+        for (labels, parts) in live.chain(self.retired()) {
             // Several keys may map to the same labels (e.g. folded into "other").
-            let Some(labels) = (self.labels)(&k) else { continue };
             for ((m, h), f) in merged.iter_mut().zip(parts.iter()).zip(self.families.iter()) {
                 if h.buckets.iter().all(|&b| b == 0) {
                     continue;

@@ -331,6 +331,7 @@ impl MemcgSlice {
                     Box::new(move |id: &u64| Some(d.labels_for_id(*id).to_vec())),
                 )?);
                 registry.register(Box::new(Shared(Arc::clone(&c))))?;
+                disc.note_retired("memcg_reclaim", 0);
                 Some(c)
             }
             None => None,
@@ -397,6 +398,13 @@ impl MemcgSlice {
     pub fn after_rescan(self: &Arc<Self>, stop: &watch::Receiver<bool>) {
         self.sync_cgroup_triggers(stop);
         if let Some(r) = &self.reclaim {
+            // A vanished workload folded into `other`: its totals move into userspace at once.
+            let folded: Vec<u64> = r
+                .keys()
+                .into_iter()
+                .filter(|id| *id != 0 && self.disc.is_folded_vanished(*id))
+                .collect();
+            self.disc.note_retired("memcg_reclaim", r.retire(&folded));
             let snapshot = r.snapshot();
             // Other probes read each workload's reclaim time (an OOM kill's lead-up).
             self.disc.set_reclaim_ns(snapshot.iter().map(|(k, h)| (*k, h[0].sum)));

@@ -5,7 +5,7 @@ pub mod config;
 pub mod kfunc;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -32,7 +32,7 @@ use serde::Serialize;
 use self::config::{Destination, TcpConfig};
 use crate::{
     agg::{DefaultPer, HistFamily, HistLayout, HistogramConfig, HistogramMapCollector},
-    cgroup::{Discovery, Janitor, WORKLOAD_LABELS},
+    cgroup::{Discovery, Janitor, WorkloadLabels, WORKLOAD_LABELS},
     events::EventHub,
     kernel::{btf::KernelBtf, clock, tracefs::Tracefs},
     metrics::{counter_metric, family, Shared},
@@ -387,9 +387,37 @@ struct CountCollector {
     disc: Arc<Discovery>,
     names: Vec<String>,
     descs: Vec<Desc>,
+    /// Counts of retired keys (vanished workloads folded into `other`) by destination group,
+    /// kind and workload labels, still exported.
+    retired: Mutex<BTreeMap<(u16, u16, WorkloadLabels), u64>>,
 }
 
 impl CountCollector {
+    /// Moves the counts of `ids`' keys into userspace under their current labels and deletes
+    /// the keys (see [`HistogramMapCollector::retire`]). Returns the keys retired.
+    fn retire(&self, ids: &HashSet<u64>) -> usize {
+        let Ok(mut m) = self.map.lock() else { return 0 };
+        let keys: Vec<FlowCountKey> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| ids.contains(&k.cgroup_id))
+            .collect();
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for k in keys {
+            let Ok(v) = m.get(&k, 0) else { continue };
+            let total = v.iter().copied().fold(0u64, u64::wrapping_add);
+            let e = retired
+                .entry((k.dest, k.kind, self.disc.labels_for_id(k.cgroup_id)))
+                .or_default();
+            *e = e.wrapping_add(total);
+            if m.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
     fn dest(&self, id: u16) -> String {
         self.names
             .get(usize::from(id))
@@ -415,29 +443,35 @@ impl Collector for CountCollector {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        let mut entries = entries;
+        let mut entries: Vec<(u16, u16, WorkloadLabels, u64)> = entries
+            .into_iter()
+            .map(|(k, v)| (k.dest, k.kind, self.disc.labels_for_id(k.cgroup_id), v))
+            .collect();
         if let Ok(host) = self.host.lock() {
             for what in [kind::RETRANSMIT, kind::RESET_RECEIVED, kind::RESET_SENT] {
                 if let Ok(v) = host.get(&u32::from(what - kind::RETRANSMIT), 0) {
-                    let key = FlowCountKey {
-                        cgroup_id: 0,
-                        dest: sensor_common::tcp::DEST_OTHER,
-                        kind: what,
-                        _pad: 0,
-                    };
-                    entries.push((key, v.iter().copied().fold(0u64, u64::wrapping_add)));
+                    let total = v.iter().copied().fold(0u64, u64::wrapping_add);
+                    entries.push((sensor_common::tcp::DEST_OTHER, what, Default::default(), total));
                 }
             }
+        }
+        if let Ok(r) = self.retired.lock() {
+            entries.extend(r.iter().map(|((d, k, l), v)| (*d, *k, l.clone(), *v)));
         }
         for (k, [h, _]) in self.hists.snapshot() {
             let mut labels = vec![result_label(result::SUCCESS).to_string(), self.dest(k.dest)];
             labels.extend(self.disc.labels_for_id(k.cgroup_id));
             *connects.entry(labels).or_default() += h.buckets.iter().sum::<u64>();
         }
-        for (k, v) in entries {
-            let wl = self.disc.labels_for_id(k.cgroup_id);
-            let dest = self.dest(k.dest);
-            let (target, first) = match k.kind {
+        // Retired histograms are labelled destination first, then the workload.
+        for (l, [h, _]) in self.hists.retired() {
+            let mut labels = vec![result_label(result::SUCCESS).to_string()];
+            labels.extend(l);
+            *connects.entry(labels).or_default() += h.buckets.iter().sum::<u64>();
+        }
+        for (dest, kind_, wl, v) in entries {
+            let dest = self.dest(dest);
+            let (target, first) = match kind_ {
                 r if r < result::COUNT => (&mut connects, Some(result_label(r).to_string())),
                 kind::RETRANSMIT => (&mut retrans, None),
                 kind::RESET_RECEIVED => (&mut resets, Some("received".to_string())),
@@ -562,9 +596,12 @@ impl TcpSlice {
             disc: Arc::clone(&disc),
             names: names.clone(),
             descs,
+            retired: Mutex::new(BTreeMap::new()),
         });
         registry.register(Box::new(Shared(Arc::clone(&counts))))?;
         registry.register(Box::new(Shared(Arc::clone(&hists))))?;
+        disc.note_retired("tcp_hists", 0);
+        disc.note_retired("tcp_counts", 0);
         Ok(Arc::new(TcpSlice {
             disc,
             names,
@@ -595,11 +632,41 @@ impl TcpSlice {
         self.hub.publish_as("tcp_connect_failure", &f);
     }
 
-    /// Drops vanished cgroups' series. (Connects whose outcome was missed age in the kernel:
-    /// a new connect takes over their slot after `connect_max_age`.)
+    /// Drops vanished cgroups' series: a workload folded into `other` at once (its counts move
+    /// into userspace, still in `other`), one with series of its own after the grace period.
+    /// (Connects whose outcome was missed age in the kernel: a new connect takes over their
+    /// slot after `connect_max_age`.)
     pub fn maintain(&self) {
-        let keys: Vec<FlowKey> = self.hists.snapshot().into_iter().map(|(k, _)| k).collect();
-        let ids: Vec<u64> = keys.iter().map(|k| k.cgroup_id).collect();
+        let mut keys: Vec<FlowKey> = self.hists.keys();
+        let count_ids: HashSet<u64> = match self.counts.map.lock() {
+            Ok(m) => m.keys().filter_map(Result::ok).map(|k| k.cgroup_id).collect(),
+            Err(_) => HashSet::new(),
+        };
+        let all: HashSet<u64> = keys
+            .iter()
+            .map(|k| k.cgroup_id)
+            .chain(count_ids.iter().copied())
+            .collect();
+        let folded: HashSet<u64> = all
+            .iter()
+            .copied()
+            .filter(|id| *id != 0 && self.disc.is_folded_vanished(*id))
+            .collect();
+        if !folded.is_empty() {
+            let (out, kept): (Vec<FlowKey>, Vec<FlowKey>) =
+                keys.into_iter().partition(|k| folded.contains(&k.cgroup_id));
+            self.disc.note_retired("tcp_hists", self.hists.retire(&out));
+            self.disc.note_retired("tcp_counts", self.counts.retire(&folded));
+            keys = kept;
+        }
+        // Ids with failure counts but no success have keys in the count map only.
+        let ids: Vec<u64> = keys
+            .iter()
+            .map(|k| k.cgroup_id)
+            .chain(count_ids.into_iter().filter(|id| !folded.contains(id)))
+            .collect::<HashSet<u64>>()
+            .into_iter()
+            .collect();
         let expired = match self.janitor.lock() {
             Ok(mut j) => j.sweep(ids, |id| *id == 0 || self.disc.is_live(*id), self.grace),
             Err(_) => Vec::new(),
