@@ -401,13 +401,18 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
 
     /// Current per-key totals (also used by tests and the API).
     pub fn snapshot(&self) -> Vec<(K, [Log2Hist; N])> {
-        let Ok(map) = self.map.lock() else {
-            return Vec::new();
-        };
-        map.iter()
-            .filter_map(Result::ok)
-            .map(|(k, per_cpu)| (k, std::array::from_fn(|i| sum_percpu(per_cpu.iter().map(|v| &v[i])))))
-            .collect()
+        let mut out = Vec::new();
+        self.for_each(|k, h| out.push((k, h)));
+        out
+    }
+
+    /// Calls `f` with each key's current totals, one key at a time: a scrape holds one key's
+    /// values, not a copy of the whole map (1 KiB per key for the TCP map).
+    pub fn for_each(&self, mut f: impl FnMut(K, [Log2Hist; N])) {
+        let Ok(map) = self.map.lock() else { return };
+        for (k, per_cpu) in map.iter().filter_map(Result::ok) {
+            f(k, std::array::from_fn(|i| sum_percpu(per_cpu.iter().map(|v| &v[i]))));
+        }
     }
 }
 
@@ -419,20 +424,29 @@ impl<K: aya::Pod + Send + Sync, const N: usize> Collector for HistogramMapCollec
     fn collect(&self) -> Vec<MetricFamily> {
         let mut merged: [std::collections::BTreeMap<Vec<String>, Log2Hist>; N] =
             std::array::from_fn(|_| Default::default());
-        let live = self
-            .snapshot()
-            .into_iter()
-            .filter_map(|(k, parts)| Some(((self.labels)(&k)?, parts)));
-        for (labels, parts) in live.chain(self.retired()) {
+        let families = &self.families;
+        let mut add = |labels: &[String], parts: &[Log2Hist; N]| {
             // Several keys may map to the same labels (e.g. folded into "other").
-            for ((m, h), f) in merged.iter_mut().zip(parts.iter()).zip(self.families.iter()) {
+            for ((m, h), f) in merged.iter_mut().zip(parts.iter()).zip(families.iter()) {
                 if h.buckets.iter().all(|&b| b == 0) {
                     continue;
                 }
-                let kept = labels[..f.labels.min(labels.len())].to_vec();
-                let e = m.entry(kept).or_insert(Log2Hist::ZERO);
-                *e = sum_percpu([&*e, h]);
+                let kept = &labels[..f.labels.min(labels.len())];
+                match m.get_mut(kept) {
+                    Some(e) => *e = sum_percpu([&*e, h]),
+                    None => {
+                        m.insert(kept.to_vec(), *h);
+                    }
+                }
             }
+        };
+        self.for_each(|k, parts| {
+            if let Some(labels) = (self.labels)(&k) {
+                add(&labels, &parts);
+            }
+        });
+        for (labels, parts) in self.retired() {
+            add(&labels, &parts);
         }
         merged
             .into_iter()

@@ -87,6 +87,9 @@ fn workloads_seen(metrics: &str, parent: &CgroupParent) -> usize {
 }
 
 pub fn run_memory(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
+    // SENSOR_BENCH_SENSOR measures another build (e.g. the one before a change), as `bench tcp`.
+    let other = std::env::var_os("SENSOR_BENCH_SENSOR").map(std::path::PathBuf::from);
+    let sensor_bin = other.as_deref().unwrap_or(sensor_bin);
     let m = machine();
     eprintln!("==> bench memory on {m}");
     let _lock = KernelLock::acquire("bench memory")?;

@@ -405,10 +405,11 @@ impl MemcgSlice {
                 .filter(|id| *id != 0 && self.disc.is_folded_vanished(*id))
                 .collect();
             self.disc.note_retired("memcg_reclaim", r.retire(&folded));
-            let snapshot = r.snapshot();
+            let mut totals = Vec::new();
+            r.for_each(|k, h| totals.push((k, h[0].sum)));
             // Other probes read each workload's reclaim time (an OOM kill's lead-up).
-            self.disc.set_reclaim_ns(snapshot.iter().map(|(k, h)| (*k, h[0].sum)));
-            let keys: Vec<u64> = snapshot.into_iter().map(|(k, _)| k).collect();
+            self.disc.set_reclaim_ns(totals.iter().copied());
+            let keys: Vec<u64> = totals.into_iter().map(|(k, _)| k).collect();
             let expired = match self.janitor.lock() {
                 Ok(mut j) => j.sweep(keys, |id| *id == 0 || self.disc.is_live(*id), self.grace),
                 Err(_) => Vec::new(),

@@ -458,11 +458,11 @@ impl Collector for CountCollector {
         if let Ok(r) = self.retired.lock() {
             entries.extend(r.iter().map(|((d, k, l), v)| (*d, *k, l.clone(), *v)));
         }
-        for (k, [h, _]) in self.hists.snapshot() {
+        self.hists.for_each(|k, [h, _]| {
             let mut labels = vec![result_label(result::SUCCESS).to_string(), self.dest(k.dest)];
             labels.extend(self.disc.labels_for_id(k.cgroup_id));
             *connects.entry(labels).or_default() += h.buckets.iter().sum::<u64>();
-        }
+        });
         // Retired histograms are labelled destination first, then the workload.
         for (l, [h, _]) in self.hists.retired() {
             let mut labels = vec![result_label(result::SUCCESS).to_string()];
