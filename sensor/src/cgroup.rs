@@ -406,12 +406,16 @@ impl Discovery {
 
     /// Whether `id` is a cgroup a rescan found gone whose series are folded into `other`
     /// (over `limits.workloads_per_metric`): nothing about it needs to be kept apart any more.
+    /// An id no walk ever found (it came and went between two) counts as gone too.
     pub fn is_folded_vanished(&self, id: u64) -> bool {
-        let gone = self
-            .state
-            .lock()
-            .is_ok_and(|s| !s.live.contains(&id) && s.by_id.get(&id).is_some_and(|k| k.gone.is_some()));
-        gone && self.labels_for_id(id)[0] == OTHER
+        // Labelling an unknown id first walks again (at most once a second): a cgroup created
+        // since the last walk is then live.
+        let folded = self.labels_for_id(id)[0] == OTHER;
+        folded
+            && self
+                .state
+                .lock()
+                .is_ok_and(|s| !s.live.contains(&id) && s.by_id.get(&id).is_none_or(|k| k.gone.is_some()))
     }
 
     /// Cgroup ids whose path is kept (live or vanished).
@@ -434,12 +438,20 @@ impl Discovery {
             .map(|s| s.last_scan.is_none_or(|t| t.elapsed() >= age))
             .unwrap_or(false);
         if stale {
-            self.rescan();
+            self.scan(false);
         }
     }
 
-    /// Walks the hierarchy: new cgroups appear, vanished ones start their grace period.
+    /// Walks the hierarchy: new cgroups appear, vanished ones start their grace period. The
+    /// discovery loop calls it, then each slice's upkeep.
     pub fn rescan(&self) {
+        self.scan(true);
+    }
+
+    /// A walk; `scheduled` for the discovery loop's. Only those age vanished ids (see
+    /// [`forget_vanished`]): a walk forced by a scrape between two of them is followed by no
+    /// slice's upkeep, so it must not count as one.
+    fn scan(&self, scheduled: bool) {
         let found = walk(&self.hier, WALK_LIMIT);
         let live: HashSet<u64> = found.iter().map(|(_, id)| *id).collect();
         let paths: HashSet<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
@@ -470,8 +482,9 @@ impl Discovery {
             s.cgroups = found.into_iter().map(|(p, _)| p).collect();
             let now = Instant::now();
             match self.workloads.lock() {
-                Ok(w) => forget_vanished(&mut s.by_id, &live, now, self.grace, |p| w.contains(p)),
-                Err(_) => forget_vanished(&mut s.by_id, &live, now, self.grace, |_| false),
+                Ok(w) if scheduled => forget_vanished(&mut s.by_id, &live, now, self.grace, |p| w.contains(p)),
+                Err(_) if scheduled => forget_vanished(&mut s.by_id, &live, now, self.grace, |_| false),
+                _ => {}
             }
             // After a burst of removals the table gives its room back.
             let keep = s.by_id.len() * 2;
@@ -809,7 +822,6 @@ mod tests {
         d.rescan();
         assert_eq!(d.path_of(c), None, "folded and gone: forgotten");
         assert_eq!(d.path_of(b).as_deref(), Some("/b"), "named: kept for the grace period");
-        assert!(!d.is_folded_vanished(c));
         assert_eq!(d.known_ids(), 3, "root, a and b");
         assert_eq!(d.labels_for_id(b)[0], "/b");
     }

@@ -633,7 +633,8 @@ fn a_vanished_workload_over_the_cap_is_retired_into_other() {
         }
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "keys of the removed cgroup not retired:\n{m}"
+            "keys of the removed cgroup not retired:\n{m}\n--- log ---\n{}",
+            d.log()
         );
         std::thread::sleep(Duration::from_millis(100));
     };

@@ -652,6 +652,13 @@ impl TcpSlice {
             .copied()
             .filter(|id| *id != 0 && self.disc.is_folded_vanished(*id))
             .collect();
+        tracing::debug!(
+            keys = keys.len(),
+            ids = all.len(),
+            gone = all.iter().filter(|id| !self.disc.is_live(**id)).count(),
+            folded = folded.len(),
+            "tcp upkeep"
+        );
         if !folded.is_empty() {
             let (out, kept): (Vec<FlowKey>, Vec<FlowKey>) =
                 keys.into_iter().partition(|k| folded.contains(&k.cgroup_id));
