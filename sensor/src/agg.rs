@@ -2,7 +2,7 @@
 //! turns them into Prometheus histograms at scrape time.
 
 use std::{
-    collections::{hash_map::Entry, HashMap},
+    collections::{hash_map::Entry, BTreeMap, HashMap},
     rc::Rc,
     sync::{Arc, Mutex},
     time::Duration,
@@ -454,6 +454,8 @@ pub struct HistogramMapCollector<K: aya::Pod, const N: usize = 1> {
     /// Each family's `le` values, as text.
     les: [Vec<String>; N],
     desc: Vec<Desc>,
+    /// Totals of retired keys (see [`Self::retire`]) by their labels, still exported.
+    retired: Mutex<BTreeMap<Vec<String>, [Log2Hist; N]>>,
 }
 
 impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
@@ -487,6 +489,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
             batch: std::sync::atomic::AtomicBool::new(true),
             les,
             desc,
+            retired: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -495,6 +498,42 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
     pub fn with_text_labels(mut self, f: TextLabelFn<K>) -> Self {
         self.text_labels = Some(f);
         self
+    }
+
+    /// The map's keys.
+    pub fn keys(&self) -> Vec<K> {
+        match self.map.lock() {
+            Ok(map) => map.keys().filter_map(Result::ok).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Moves the totals of `keys` out of the kernel map into userspace, under the labels they
+    /// have now, and deletes the keys: for keys whose labels no longer change (a vanished
+    /// workload folded into `other`), so the kernel map and each scrape stop carrying them while
+    /// their counts stay in the exported series. Returns the keys retired.
+    pub fn retire(&self, keys: &[K]) -> usize {
+        let Ok(mut map) = self.map.lock() else { return 0 };
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for k in keys {
+            let Ok(per_cpu) = map.get(k, 0) else { continue };
+            let Some(labels) = (self.labels)(k) else { continue };
+            let e = retired.entry(labels).or_insert([Log2Hist::ZERO; N]);
+            for (i, total) in e.iter_mut().enumerate() {
+                *total = sum_percpu(std::iter::once(&*total).chain(per_cpu.iter().map(|v| &v[i])));
+            }
+            if map.remove(k).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The totals of retired keys by their labels.
+    pub fn retired(&self) -> Vec<(Vec<String>, [Log2Hist; N])> {
+        let r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        r.iter().map(|(l, h)| (l.clone(), *h)).collect()
     }
 
     /// Deletes a key from the kernel map (its cgroup is gone).
@@ -528,6 +567,15 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
             .collect()
     }
 
+    /// Calls `f` with each key's current totals, one key at a time: a scrape holds one key's
+    /// values, not a copy of the whole map (1 KiB per key for the TCP map).
+    pub fn for_each(&self, mut f: impl FnMut(K, [Log2Hist; N])) {
+        let Ok(map) = self.map.lock() else { return };
+        for (k, per_cpu) in map.iter().filter_map(Result::ok) {
+            f(k, std::array::from_fn(|i| sum_percpu(per_cpu.iter().map(|v| &v[i]))));
+        }
+    }
+
     /// [`Self::snapshot`], read from the kernel once per scrape however many collectors ask
     /// (the TCP counters read the connect histogram's counts).
     pub fn snapshot_shared(&self) -> Rc<Snapshot<K, N>>
@@ -545,6 +593,54 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
         let values = (self.labels)(k)?;
         let pairs = self.label_names.iter().copied().zip(values.iter().map(String::as_str));
         Some([crate::expo::labels(pairs.take(kept)).into(), Arc::clone(empty)])
+    }
+
+    /// Adds the retired keys' totals of family `i` to the live series with the same labels (a
+    /// live key's fragments joined are its label text), or as series of their own.
+    fn merge_retired_text(
+        &self,
+        i: usize,
+        kept: usize,
+        merged: &mut HashMap<[Arc<str>; 2], Log2Hist>,
+        empty: &Arc<str>,
+    ) {
+        let retired = self.retired();
+        if retired.is_empty() {
+            return;
+        }
+        let mut by_text: HashMap<String, [Arc<str>; 2]> = merged
+            .keys()
+            .map(|k| {
+                let text = k
+                    .iter()
+                    .filter(|f| !f.is_empty())
+                    .map(|f| &**f)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                (text, k.clone())
+            })
+            .collect();
+        for (labels, parts) in retired {
+            let h = &parts[i];
+            if h.buckets.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let pairs = self.label_names.iter().copied().zip(labels.iter().map(String::as_str));
+            let text = crate::expo::labels(pairs.take(kept));
+            let key = by_text
+                .entry(text)
+                .or_insert_with_key(|t| [Arc::from(t.as_str()), Arc::clone(empty)])
+                .clone();
+            match merged.entry(key) {
+                Entry::Occupied(mut e) => {
+                    let s = sum_percpu([e.get(), h]);
+                    *e.get_mut() = s;
+                }
+                Entry::Vacant(e) => {
+                    e.insert(*h);
+                }
+            }
+        }
     }
 
     /// Writes every family as exposition text (see `expo`).
@@ -576,6 +672,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
                     }
                 }
             }
+            self.merge_retired_text(i, kept, &mut merged, &empty);
             let mut rows: Vec<([Arc<str>; 2], Log2Hist)> = merged.into_iter().collect();
             rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             let mut fam = w.family(f.name, f.help, "histogram");
@@ -605,17 +702,29 @@ impl<K: aya::Pod + Send + Sync + 'static, const N: usize> Collector for Histogra
         }
         let mut merged: [std::collections::BTreeMap<Vec<String>, Log2Hist>; N] =
             std::array::from_fn(|_| Default::default());
-        for (k, parts) in self.snapshot_shared().iter() {
+        let families = &self.families;
+        let mut add = |labels: &[String], parts: &[Log2Hist; N]| {
             // Several keys may map to the same labels (e.g. folded into "other").
-            let Some(labels) = (self.labels)(k) else { continue };
-            for ((m, h), f) in merged.iter_mut().zip(parts.iter()).zip(self.families.iter()) {
+            for ((m, h), f) in merged.iter_mut().zip(parts.iter()).zip(families.iter()) {
                 if h.buckets.iter().all(|&b| b == 0) {
                     continue;
                 }
-                let kept = labels[..f.labels.min(labels.len())].to_vec();
-                let e = m.entry(kept).or_insert(Log2Hist::ZERO);
-                *e = sum_percpu([&*e, h]);
+                let kept = &labels[..f.labels.min(labels.len())];
+                match m.get_mut(kept) {
+                    Some(e) => *e = sum_percpu([&*e, h]),
+                    None => {
+                        m.insert(kept.to_vec(), *h);
+                    }
+                }
             }
+        };
+        self.for_each(|k, parts| {
+            if let Some(labels) = (self.labels)(&k) {
+                add(&labels, &parts);
+            }
+        });
+        for (labels, parts) in self.retired() {
+            add(&labels, &parts);
         }
         merged
             .into_iter()

@@ -195,7 +195,7 @@ pub fn with_names(base: [String; 3], n: &Names) -> WorkloadLabels {
 }
 
 /// Workload labels as a fragment of the text exposition.
-fn render_labels(l: &WorkloadLabels) -> Arc<str> {
+pub(crate) fn render_labels(l: &WorkloadLabels) -> Arc<str> {
     crate::expo::labels(WORKLOAD_LABELS.iter().copied().zip(l.iter().map(String::as_str))).into()
 }
 
@@ -223,12 +223,13 @@ impl WorkloadSet {
     /// Path-derived label values for `cgroup`: its own, or the `other` bucket when the set is
     /// full.
     pub fn labels(&mut self, cgroup: &str) -> [String; 3] {
-        if let Some(gone) = self.members.get_mut(cgroup) {
-            *gone = None;
-        } else if self.members.len() < self.max {
+        // A member's grace runs from when `sweep` first found it gone: labelling it again (a
+        // scrape of its kernel keys) does not restart it.
+        if !self.members.contains_key(cgroup) {
+            if self.members.len() >= self.max {
+                return [OTHER.to_string(), String::new(), String::new()];
+            }
             self.members.insert(cgroup.to_string(), None);
-        } else {
-            return [OTHER.to_string(), String::new(), String::new()];
         }
         let w = workload(cgroup);
         [cgroup.to_string(), w.container_id, w.pod_uid]
@@ -258,6 +259,11 @@ impl WorkloadSet {
         self.members.len()
     }
 
+    /// Whether `cgroup` has series of its own (not folded into `other`).
+    pub fn contains(&self, cgroup: &str) -> bool {
+        self.members.contains_key(cgroup)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
     }
@@ -275,18 +281,40 @@ pub struct Discovery {
     /// Names from the container runtimes, once the daemon set them up.
     resolver: OnceLock<Arc<Resolver>>,
     grace: Duration,
+    /// `sensor_workload_keys_retired_total{map}` (registered by the daemon).
+    retired: prometheus::IntCounterVec,
 }
 
 #[derive(Default)]
 struct Discovered {
     /// Paths relative to the hierarchy root, in walk order.
     cgroups: Vec<String>,
-    /// kernfs id (= directory inode) -> path; ids of vanished cgroups stay until forgotten.
-    by_id: HashMap<u64, String>,
+    /// kernfs id (= directory inode) -> path. Ids of vanished cgroups stay while kernel map keys
+    /// may still name them (see [`forget_vanished`]).
+    by_id: HashMap<u64, Known>,
     live: HashSet<u64>,
     last_scan: Option<Instant>,
     /// Container ids of the cgroups seen, with when they were first seen gone.
     containers: HashMap<String, Option<Instant>>,
+}
+
+/// A cgroup id's path; once a rescan found it gone, when, and whether it had series of its own
+/// then.
+struct Known {
+    path: String,
+    gone: Option<(Instant, bool)>,
+}
+
+fn retired_counter() -> prometheus::IntCounterVec {
+    let opts = prometheus::Opts::new(
+        "sensor_workload_keys_retired_total",
+        "Kernel map keys of vanished workloads folded into cgroup=\"other\" (over limits.workloads_per_metric), deleted at the next rescan rather than after limits.vanished_grace; their counts stay in the other series.",
+    );
+    match prometheus::IntCounterVec::new(opts, &["map"]) {
+        Ok(c) => c,
+        // A static definition; a failure is a programming error the tests catch.
+        Err(e) => panic!("sensor_workload_keys_retired_total: {e}"),
+    }
 }
 
 /// Cgroups walked at most per scan.
@@ -301,6 +329,7 @@ impl Discovery {
             workloads: Mutex::new(WorkloadSet::new(workloads_per_metric, grace)),
             resolver: OnceLock::new(),
             grace,
+            retired: retired_counter(),
         };
         d.rescan();
         d
@@ -403,7 +432,41 @@ impl Discovery {
     }
 
     pub fn path_of(&self, id: u64) -> Option<String> {
-        self.state.lock().ok().and_then(|s| s.by_id.get(&id).cloned())
+        self.state
+            .lock()
+            .ok()
+            .and_then(|s| s.by_id.get(&id).map(|k| k.path.clone()))
+    }
+
+    /// Counts kernel map keys of folded vanished workloads whose totals a slice moved into
+    /// userspace (see [`crate::agg::HistogramMapCollector::retire`]).
+    /// (A slice notes 0 at start, so its series exists from then on.)
+    pub fn note_retired(&self, map: &str, keys: usize) {
+        self.retired.with_label_values(&[map]).inc_by(keys as u64);
+    }
+
+    /// `sensor_workload_keys_retired_total`, for the daemon's registry.
+    pub fn retired_metric(&self) -> prometheus::IntCounterVec {
+        self.retired.clone()
+    }
+
+    /// Whether `id` is a cgroup a rescan found gone whose series are folded into `other`
+    /// (over `limits.workloads_per_metric`): nothing about it needs to be kept apart any more.
+    /// An id no walk ever found (it came and went between two) counts as gone too.
+    pub fn is_folded_vanished(&self, id: u64) -> bool {
+        // Labelling an unknown id first walks again (at most once a second): a cgroup created
+        // since the last walk is then live.
+        let folded = self.labels_for_id(id)[0] == OTHER;
+        folded
+            && self
+                .state
+                .lock()
+                .is_ok_and(|s| !s.live.contains(&id) && s.by_id.get(&id).is_none_or(|k| k.gone.is_some()))
+    }
+
+    /// Cgroup ids whose path is kept (live or vanished).
+    pub fn known_ids(&self) -> usize {
+        self.state.lock().map_or(0, |s| s.by_id.len())
     }
 
     pub fn is_live(&self, id: u64) -> bool {
@@ -421,12 +484,20 @@ impl Discovery {
             .map(|s| s.last_scan.is_none_or(|t| t.elapsed() >= age))
             .unwrap_or(false);
         if stale {
-            self.rescan();
+            self.scan(false);
         }
     }
 
-    /// Walks the hierarchy: new cgroups appear, vanished ones start their grace period.
+    /// Walks the hierarchy: new cgroups appear, vanished ones start their grace period. The
+    /// discovery loop calls it, then each slice's upkeep.
     pub fn rescan(&self) {
+        self.scan(true);
+    }
+
+    /// A walk; `scheduled` for the discovery loop's. Only those age vanished ids (see
+    /// [`forget_vanished`]): a walk forced by a scrape between two of them is followed by no
+    /// slice's upkeep, so it must not count as one.
+    fn scan(&self, scheduled: bool) {
         let found = walk(&self.hier, WALK_LIMIT);
         let live: HashSet<u64> = found.iter().map(|(_, id)| *id).collect();
         let paths: HashSet<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
@@ -441,11 +512,30 @@ impl Discovery {
         let mut expired = Vec::new();
         if let Ok(mut s) = self.state.lock() {
             for (p, id) in &found {
-                s.by_id.insert(*id, p.clone());
+                match s.by_id.get_mut(id) {
+                    Some(k) if k.path == *p => k.gone = None,
+                    _ => {
+                        s.by_id.insert(
+                            *id,
+                            Known {
+                                path: p.clone(),
+                                gone: None,
+                            },
+                        );
+                    }
+                }
             }
             s.cgroups = found.into_iter().map(|(p, _)| p).collect();
-            s.live = live;
             let now = Instant::now();
+            match self.workloads.lock() {
+                Ok(w) if scheduled => forget_vanished(&mut s.by_id, &live, now, self.grace, |p| w.contains(p)),
+                Err(_) if scheduled => forget_vanished(&mut s.by_id, &live, now, self.grace, |_| false),
+                _ => {}
+            }
+            // After a burst of removals the table gives its room back.
+            let keep = s.by_id.len() * 2;
+            s.by_id.shrink_to(keep);
+            s.live = live;
             s.last_scan = Some(now);
             expired = track_containers(&mut s.containers, &ids, now, self.grace);
         }
@@ -467,7 +557,8 @@ impl Discovery {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             totals
                 .into_iter()
-                .filter_map(|(id, ns)| st.by_id.get(&id).map(|p| (p.clone(), ns)))
+                .filter(|(id, _)| st.live.contains(id))
+                .filter_map(|(id, ns)| st.by_id.get(&id).map(|k| (k.path.clone(), ns)))
                 .collect()
         };
         *self.reclaim_ns.lock().unwrap_or_else(|p| p.into_inner()) = Some(by_path);
@@ -490,6 +581,38 @@ impl Discovery {
             }
         }
     }
+}
+
+/// Forgets the paths of vanished cgroup ids no series needs any more. The first rescan that
+/// finds an id gone keeps it: the slices' upkeep after that rescan still labels (and, for a
+/// workload folded into `other`, retires) its kernel map keys. A workload with series of its
+/// own (`named` when it vanished) keeps its path for twice the grace period, so its series keep
+/// their labels until the slices drop them (after the grace period); a folded one is forgotten
+/// at the next rescan.
+fn forget_vanished(
+    by_id: &mut HashMap<u64, Known>,
+    live: &HashSet<u64>,
+    now: Instant,
+    grace: Duration,
+    named: impl Fn(&str) -> bool,
+) {
+    by_id.retain(|id, k| {
+        if live.contains(id) {
+            k.gone = None;
+            return true;
+        }
+        match k.gone {
+            None => {
+                k.gone = Some((now, named(&k.path)));
+                true
+            }
+            Some((since, ref mut was_named)) => {
+                // Admitted after it vanished (its kernel keys labelled it first): named too.
+                *was_named = *was_named || named(&k.path);
+                *was_named && now.duration_since(since) < grace.saturating_mul(2)
+            }
+        }
+    });
 }
 
 /// Notes which container ids are live; returns those gone for `grace` (then forgotten).
@@ -673,6 +796,106 @@ mod tests {
         );
         assert_eq!(s.len(), 1);
         assert_eq!(s.labels("/c")[0], "/c", "slot freed");
+    }
+
+    #[test]
+    fn labelling_a_vanished_member_does_not_restart_its_grace() {
+        let mut s = WorkloadSet::new(2, Duration::from_secs(60));
+        s.labels("/a");
+        let t0 = Instant::now();
+        assert!(s.sweep(|_| false, t0).is_empty());
+        // A scrape of its kernel keys labels it again, between every rescan.
+        s.labels("/a");
+        assert!(s.sweep(|_| false, t0 + Duration::from_secs(30)).is_empty());
+        s.labels("/a");
+        assert_eq!(s.sweep(|_| false, t0 + Duration::from_secs(60)), ["/a"]);
+    }
+
+    /// A directory tree standing in for a memory hierarchy (discovery only reads directory
+    /// names and inode numbers).
+    struct FakeHierarchy(PathBuf);
+
+    impl FakeHierarchy {
+        fn new(name: &str, dirs: &[&str]) -> FakeHierarchy {
+            let root = std::env::temp_dir().join(format!("sensor-cgroup-unit-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            for d in dirs {
+                std::fs::create_dir_all(root.join(d)).unwrap();
+            }
+            FakeHierarchy(root)
+        }
+
+        fn hier(&self) -> Hierarchies {
+            Hierarchies {
+                memory_v1: Some(self.0.clone()),
+                unified: None,
+            }
+        }
+
+        fn id(&self, d: &str) -> u64 {
+            std::fs::metadata(self.0.join(d)).unwrap().ino()
+        }
+
+        fn remove(&self, d: &str) {
+            std::fs::remove_dir(self.0.join(d)).unwrap();
+        }
+    }
+
+    impl Drop for FakeHierarchy {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_vanished_workload_over_the_cap_keeps_no_state() {
+        let h = FakeHierarchy::new("folded", &["a", "b", "c"]);
+        let (a, b, c) = (h.id("a"), h.id("b"), h.id("c"));
+        let d = Discovery::new(h.hier(), 2, Duration::from_secs(600));
+        assert_eq!(d.labels_for_id(a)[0], "/a");
+        assert_eq!(d.labels_for_id(b)[0], "/b");
+        assert_eq!(d.labels_for_id(c)[0], OTHER, "over the cap of 2");
+        h.remove("b");
+        h.remove("c");
+        d.rescan();
+        // The first rescan that finds them gone keeps their paths: the slices' upkeep after it
+        // still labels their kernel keys, and retires the folded one's.
+        assert!(d.is_folded_vanished(c));
+        assert!(!d.is_folded_vanished(b), "has series of its own for the grace period");
+        assert!(!d.is_folded_vanished(a), "live");
+        assert_eq!(d.path_of(c).as_deref(), Some("/c"));
+        assert_eq!(d.known_ids(), 4);
+        d.rescan();
+        assert_eq!(d.path_of(c), None, "folded and gone: forgotten");
+        assert_eq!(d.path_of(b).as_deref(), Some("/b"), "named: kept for the grace period");
+        assert_eq!(d.known_ids(), 3, "root, a and b");
+        assert_eq!(d.labels_for_id(b)[0], "/b");
+    }
+
+    #[test]
+    fn vanished_ids_are_forgotten_after_twice_the_grace_period() {
+        let mut by_id = HashMap::new();
+        let known = |p: &str| Known {
+            path: p.into(),
+            gone: None,
+        };
+        by_id.insert(1, known("/named"));
+        by_id.insert(2, known("/folded"));
+        by_id.insert(3, known("/live"));
+        let live: HashSet<u64> = [3].into();
+        let g = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let named = |p: &str| p == "/named";
+        forget_vanished(&mut by_id, &live, t0, g, named);
+        assert_eq!(by_id.len(), 3, "first seen gone: all kept");
+        forget_vanished(&mut by_id, &live, t0 + Duration::from_secs(5), g, named);
+        assert!(!by_id.contains_key(&2));
+        // Still named or not (its slot expired after the grace period), the path stays twice
+        // the grace period, so the slices can drop its keys with their labels.
+        forget_vanished(&mut by_id, &live, t0 + Duration::from_secs(119), g, |_| false);
+        assert!(by_id.contains_key(&1));
+        forget_vanished(&mut by_id, &live, t0 + Duration::from_secs(120), g, |_| false);
+        assert_eq!(by_id.keys().copied().collect::<Vec<_>>(), [3]);
     }
 
     #[test]

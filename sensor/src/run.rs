@@ -268,6 +268,7 @@ impl Pipeline {
         let resolver =
             crate::workloads::Resolver::new(&cfg.workloads, &metrics.registry, tokio::runtime::Handle::current())?;
         discovery.set_resolver(Arc::new(resolver));
+        metrics.registry.register(Box::new(discovery.retired_metric()))?;
         journal_metrics.register(&metrics.registry)?;
         let hub = Arc::new(EventHub::with_journal(cfg.events.history, journal));
         let (ebpf, started) = {

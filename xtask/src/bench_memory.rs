@@ -87,6 +87,9 @@ fn workloads_seen(metrics: &str, parent: &CgroupParent) -> usize {
 }
 
 pub fn run_memory(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
+    // SENSOR_BENCH_SENSOR measures another build (e.g. the one before a change), as `bench tcp`.
+    let other = std::env::var_os("SENSOR_BENCH_SENSOR").map(std::path::PathBuf::from);
+    let sensor_bin = other.as_deref().unwrap_or(sensor_bin);
     let m = machine();
     eprintln!("==> bench memory on {m}");
     let _lock = KernelLock::acquire("bench memory")?;
@@ -257,7 +260,9 @@ fn memory_body(
          starts. The last batch stays while RSS is read: that is the row \"RSS with {w} workload cgroups after {c} \
          created and removed\"; growth compares batch 2 with batch {b}. Series of removed cgroups stay for the \
          default `limits.vanished_grace` (15 min), up to `limits.workloads_per_metric` (1,000) workloads per \
-         family, the rest folded into `cgroup=\"other\"`: that is part of what is measured.\n\n\
+         family, the rest folded into `cgroup=\"other\"`: that is part of what is measured. A removed workload \
+         folded into `other` keeps no state: its kernel map keys are retired into `other` at the next rescan \
+         (`sensor_workload_keys_retired_total`) and discovery forgets its id at the one after.\n\n\
          | batch | workloads named in TCP series | series in the scrape | sensor VmRSS MiB | sensor VmHWM MiB | node_exporter VmRSS MiB |\n\
          |---|---|---|---|---|---|\n",
         idle_s = o.idle,

@@ -383,10 +383,24 @@ impl ReclaimTotals {
         totals.into_iter()
     }
 
+    /// Nanoseconds of retired keys (vanished workloads folded into `other`) by the labels they
+    /// had: the counter never goes down when their kernel keys are deleted.
+    fn retired(&self) -> Vec<(WorkloadLabels, u64)> {
+        self.hist
+            .retired()
+            .into_iter()
+            .filter(|(_, [h])| h.buckets.iter().any(|&b| b != 0))
+            .map(|(l, [h])| (std::array::from_fn(|i| l.get(i).cloned().unwrap_or_default()), h.sum))
+            .collect()
+    }
+
     fn write_text(&self, w: &mut crate::expo::Writer) {
         let mut sums: HashMap<Arc<str>, u64> = HashMap::new();
         for (id, ns) in self.totals() {
             *sums.entry(self.disc.label_text_for_id(id)).or_default() += ns;
+        }
+        for (l, ns) in self.retired() {
+            *sums.entry(crate::cgroup::render_labels(&l)).or_default() += ns;
         }
         let mut rows: Vec<(Arc<str>, u64)> = sums.into_iter().collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -409,6 +423,9 @@ impl Collector for ReclaimTotals {
         let mut sums: HashMap<WorkloadLabels, u64> = HashMap::new();
         for (id, ns) in self.totals() {
             *sums.entry(self.disc.labels_for_id(id)).or_default() += ns;
+        }
+        for (l, ns) in self.retired() {
+            *sums.entry(l).or_default() += ns;
         }
         let series = sums
             .into_iter()
@@ -493,6 +510,7 @@ impl MemcgSlice {
                         Default::default(),
                     )?],
                 }))?;
+                disc.note_retired("memcg_reclaim", 0);
                 Some(c)
             }
             None => None,
@@ -559,10 +577,18 @@ impl MemcgSlice {
     pub fn after_rescan(self: &Arc<Self>, stop: &watch::Receiver<bool>) {
         self.sync_cgroup_triggers(stop);
         if let Some(r) = &self.reclaim {
-            let snapshot = r.snapshot();
+            // A vanished workload folded into `other`: its totals move into userspace at once.
+            let folded: Vec<u64> = r
+                .keys()
+                .into_iter()
+                .filter(|id| *id != 0 && self.disc.is_folded_vanished(*id))
+                .collect();
+            self.disc.note_retired("memcg_reclaim", r.retire(&folded));
+            let mut totals = Vec::new();
+            r.for_each(|k, h| totals.push((k, h[0].sum)));
             // Other probes read each workload's reclaim time (an OOM kill's lead-up).
-            self.disc.set_reclaim_ns(snapshot.iter().map(|(k, h)| (*k, h[0].sum)));
-            let keys: Vec<u64> = snapshot.into_iter().map(|(k, _)| k).collect();
+            self.disc.set_reclaim_ns(totals.iter().copied());
+            let keys: Vec<u64> = totals.into_iter().map(|(k, _)| k).collect();
             let expired = match self.janitor.lock() {
                 Ok(mut j) => j.sweep(keys, |id| *id == 0 || self.disc.is_live(*id), self.grace),
                 Err(_) => Vec::new(),

@@ -6,7 +6,7 @@ pub mod config;
 pub mod kfunc;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -36,7 +36,7 @@ use self::{
 };
 use crate::{
     agg::{DefaultPer, HistFamily, HistLayout, HistogramConfig, HistogramMapCollector},
-    cgroup::{Discovery, Janitor, WORKLOAD_LABELS},
+    cgroup::{Discovery, Janitor, WorkloadLabels, WORKLOAD_LABELS},
     events::EventHub,
     kernel::{btf::KernelBtf, clock, tracefs::Tracefs},
     metrics::{counter_metric, family, Shared},
@@ -419,9 +419,37 @@ struct CountCollector {
     names: Vec<String>,
     dest_frags: Vec<Arc<str>>,
     descs: Vec<Desc>,
+    /// Counts of retired keys (vanished workloads folded into `other`) by destination group,
+    /// kind and workload labels, still exported.
+    retired: Mutex<BTreeMap<(u16, u16, WorkloadLabels), u64>>,
 }
 
 impl CountCollector {
+    /// Moves the counts of `ids`' keys into userspace under their current labels and deletes
+    /// the keys (see [`HistogramMapCollector::retire`]). Returns the keys retired.
+    fn retire(&self, ids: &HashSet<u64>) -> usize {
+        let Ok(mut m) = self.map.lock() else { return 0 };
+        let keys: Vec<FlowCountKey> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| ids.contains(&k.cgroup_id))
+            .collect();
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for k in keys {
+            let Ok(v) = m.get(&k, 0) else { continue };
+            let total = v.iter().copied().fold(0u64, u64::wrapping_add);
+            let e = retired
+                .entry((k.dest, k.kind, self.disc.labels_for_id(k.cgroup_id)))
+                .or_default();
+            *e = e.wrapping_add(total);
+            if m.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
     fn dest(&self, id: u16) -> String {
         self.names
             .get(usize::from(id))
@@ -455,6 +483,12 @@ impl CountCollector {
         entries
     }
 
+    /// Counts of retired keys by destination group, kind and the workload labels they had.
+    fn retired_counts(&self) -> Vec<((u16, u16, WorkloadLabels), u64)> {
+        let r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        r.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
     /// The three counter families as exposition text (see `expo`), from label
     /// fragments rendered once per workload and scrape.
     fn write_text(&self, w: &mut crate::expo::Writer) {
@@ -477,6 +511,28 @@ impl CountCollector {
             };
             let key = (first, dest(k.dest), self.disc.label_text_for_id(k.cgroup_id));
             *target.entry(key).or_default() += v;
+        }
+        // Retired keys (vanished workloads folded into `other`), under the labels they had.
+        for (l, [h, _]) in self.hists.retired() {
+            let Some((d, wl)) = l.split_first() else { continue };
+            let key = (
+                RESULT_FRAGS[0],
+                Arc::from(crate::expo::labels([("destination", d.as_str())])),
+                crate::cgroup::render_labels(&workload_labels(wl)),
+            );
+            *connects.entry(key).or_default() += h.buckets.iter().sum::<u64>();
+        }
+        for ((d, k, wl), v) in self.retired_counts() {
+            let (target, first) = match k {
+                r if r < result::COUNT => (&mut connects, result_frag(r)),
+                kind::RETRANSMIT => (&mut retrans, ""),
+                kind::RESET_RECEIVED => (&mut resets, "direction=\"received\""),
+                kind::RESET_SENT => (&mut resets, "direction=\"sent\""),
+                _ => continue,
+            };
+            *target
+                .entry((first, dest(d), crate::cgroup::render_labels(&wl)))
+                .or_default() += v;
         }
         for (name, help, m) in [
             (CONNECTS, CONNECTS_HELP, connects),
@@ -540,10 +596,18 @@ impl Collector for CountCollector {
             labels.extend(self.disc.labels_for_id(k.cgroup_id));
             *connects.entry(labels).or_default() += h.buckets.iter().sum::<u64>();
         }
-        for (k, v) in entries {
-            let wl = self.disc.labels_for_id(k.cgroup_id);
-            let dest = self.dest(k.dest);
-            let (target, first) = match k.kind {
+        // Retired histograms are labelled destination first, then the workload.
+        for (l, [h, _]) in self.hists.retired() {
+            let mut labels = vec![result_label(result::SUCCESS).to_string()];
+            labels.extend(l);
+            *connects.entry(labels).or_default() += h.buckets.iter().sum::<u64>();
+        }
+        let live = entries
+            .into_iter()
+            .map(|(k, v)| ((k.dest, k.kind, self.disc.labels_for_id(k.cgroup_id)), v));
+        for ((d, k, wl), v) in live.chain(self.retired_counts()) {
+            let dest = self.dest(d);
+            let (target, first) = match k {
                 r if r < result::COUNT => (&mut connects, Some(result_label(r).to_string())),
                 kind::RETRANSMIT => (&mut retrans, None),
                 kind::RESET_RECEIVED => (&mut resets, Some("received".to_string())),
@@ -582,6 +646,11 @@ impl Collector for CountCollector {
             ),
         ]
     }
+}
+
+/// The workload labels of a retired histogram key (its labels after the destination).
+fn workload_labels(l: &[String]) -> WorkloadLabels {
+    std::array::from_fn(|i| l.get(i).cloned().unwrap_or_default())
 }
 
 /// The flow histograms' label fragments: none, the destination group, or it and the workload.
@@ -689,9 +758,12 @@ impl TcpSlice {
             names: names.clone(),
             dest_frags: dest_frags(&names),
             descs,
+            retired: Mutex::new(BTreeMap::new()),
         });
         registry.register(Box::new(Shared(Arc::clone(&counts))))?;
         registry.register(Box::new(Shared(Arc::clone(&hists))))?;
+        disc.note_retired("tcp_hists", 0);
+        disc.note_retired("tcp_counts", 0);
         let coalesced = IntCounterVec::new(Opts::new(COALESCED, COALESCED_HELP), &["probe", "reason"])?;
         registry.register(Box::new(coalesced.clone()))?;
         let fe = &cfg.failure_events;
@@ -769,11 +841,48 @@ impl TcpSlice {
         self.hub.publish_as("tcp_connect_failure", &f);
     }
 
-    /// Drops vanished cgroups' series. (Connects whose outcome was missed age in the kernel:
-    /// a new connect takes over their slot after `connect_max_age`.)
+    /// Drops vanished cgroups' series: a workload folded into `other` at once (its counts move
+    /// into userspace, still in `other`), one with series of its own after the grace period.
+    /// (Connects whose outcome was missed age in the kernel: a new connect takes over their
+    /// slot after `connect_max_age`.)
     pub fn maintain(&self) {
-        let keys: Vec<FlowKey> = self.hists.snapshot().into_iter().map(|(k, _)| k).collect();
-        let ids: Vec<u64> = keys.iter().map(|k| k.cgroup_id).collect();
+        let mut keys: Vec<FlowKey> = self.hists.keys();
+        let count_ids: HashSet<u64> = match self.counts.map.lock() {
+            Ok(m) => m.keys().filter_map(Result::ok).map(|k| k.cgroup_id).collect(),
+            Err(_) => HashSet::new(),
+        };
+        let all: HashSet<u64> = keys
+            .iter()
+            .map(|k| k.cgroup_id)
+            .chain(count_ids.iter().copied())
+            .collect();
+        let folded: HashSet<u64> = all
+            .iter()
+            .copied()
+            .filter(|id| *id != 0 && self.disc.is_folded_vanished(*id))
+            .collect();
+        tracing::debug!(
+            keys = keys.len(),
+            ids = all.len(),
+            gone = all.iter().filter(|id| !self.disc.is_live(**id)).count(),
+            folded = folded.len(),
+            "tcp upkeep"
+        );
+        if !folded.is_empty() {
+            let (out, kept): (Vec<FlowKey>, Vec<FlowKey>) =
+                keys.into_iter().partition(|k| folded.contains(&k.cgroup_id));
+            self.disc.note_retired("tcp_hists", self.hists.retire(&out));
+            self.disc.note_retired("tcp_counts", self.counts.retire(&folded));
+            keys = kept;
+        }
+        // Ids with failure counts but no success have keys in the count map only.
+        let ids: Vec<u64> = keys
+            .iter()
+            .map(|k| k.cgroup_id)
+            .chain(count_ids.into_iter().filter(|id| !folded.contains(id)))
+            .collect::<HashSet<u64>>()
+            .into_iter()
+            .collect();
         let expired = match self.janitor.lock() {
             Ok(mut j) => j.sweep(ids, |id| *id == 0 || self.disc.is_live(*id), self.grace),
             Err(_) => Vec::new(),
