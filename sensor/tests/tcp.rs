@@ -811,16 +811,19 @@ fn timeouts_during_a_connect_storm_are_all_counted_once() {
         storm[1],
         recovered(&m, "success")
     );
-    assert_eq!(
-        refused + untracked,
-        storm[1],
-        "each refusal counted once or as untracked (skipped {skipped}, recovered {rec_refused})"
+    // Never more than caused (a recovered end is not counted again); any shortfall is an end
+    // without its start (`untracked`, host-wide: other processes' too, hence not equality).
+    assert!(
+        refused <= storm[1] && refused + untracked >= storm[1],
+        "each refusal counted once or as untracked: {refused} counted, {untracked} untracked, {} caused (skipped {skipped}, recovered {rec_refused})",
+        storm[1]
     );
     // Each recovery is an end whose run the kernel skipped.
-    assert!(
-        rec_timeouts + rec_refused <= skipped,
-        "{rec_timeouts} + {rec_refused} > {skipped}"
-    );
+    let rec_all: u64 = ["success", "refused", "timeout", "reset", "unreachable", "error"]
+        .iter()
+        .map(|r| recovered(&m, r))
+        .sum();
+    assert!(rec_all <= skipped, "{rec_all} recovered > {skipped} skipped");
     assert_eq!(d.stop().code(), Some(0));
 }
 
