@@ -11,7 +11,9 @@
 //!
 //! Every hook has a raw tracepoint entry (preferred: no trace record is formatted, socket fields
 //! are read at BTF offsets only where needed) and a classic tracepoint entry (fallback: fields
-//! at tracefs offsets). Both feed the same bodies.
+//! at tracefs offsets). Both feed the same bodies. The exception is `inet_sk_error_report`,
+//! which recovers connect ends the kernel skipped (see `error_report`): raw only, since its
+//! classic tracepoint has no socket address to find the connect by.
 
 use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering::SeqCst};
 
