@@ -25,6 +25,13 @@ pub mod kind {
 /// Slots of the host-level reset/retransmit counters: `kind - kind::RETRANSMIT`.
 pub const HOST_COUNT_SLOTS: u32 = 3;
 
+/// Slots of the recovery counters (`TCP_RECOVERED`), by [`result`]: connect ends the
+/// `inet_sock_set_state` program missed (the kernel skipped its run) and the
+/// `inet_sk_error_report` program counted instead. `result::SUCCESS` counts connects that got
+/// established unseen: their slot is freed, the success itself is not counted (its time is
+/// unknown).
+pub const RECOVERED_SLOTS: u32 = result::COUNT as u32;
+
 /// Destination group of traffic that matches no configured group.
 pub const DEST_OTHER: u16 = 0;
 
@@ -223,7 +230,10 @@ pub struct SockLayout {
     /// Slots in the connect table minus one (a power of two minus one); set by the loader
     /// whatever else is known.
     pub conn_mask: u32,
-    pub _pad: u32,
+    /// `tcp_sock.rcv_nxt` (0: unknown): still 0 on a connect that never got a SYN-ACK
+    /// (`tcp_connect_init` zeroes it), which tells the error-report program a failed connect
+    /// from one that got established unseen.
+    pub rcv_nxt: u32,
     /// A slot whose connect started longer ago than this may be taken over by a new connect:
     /// its outcome was missed (or, if it still comes, counts as untracked).
     pub conn_max_age_ns: u64,

@@ -11,7 +11,9 @@
 //!
 //! Every hook has a raw tracepoint entry (preferred: no trace record is formatted, socket fields
 //! are read at BTF offsets only where needed) and a classic tracepoint entry (fallback: fields
-//! at tracefs offsets). Both feed the same bodies.
+//! at tracefs offsets). Both feed the same bodies. The exception is `inet_sk_error_report`,
+//! which recovers connect ends the kernel skipped (see `error_report`): raw only, since its
+//! classic tracepoint has no socket address to find the connect by.
 
 use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering::SeqCst};
 
@@ -32,7 +34,7 @@ use sensor_common::{
     tcp::{
         kind, result, state, ConnSlot, DestAnyKey, DestPortKey, FlowCountKey, FlowKey, SockLayout, TcpFailureRecord,
         TcpTpLayout, AF_INET, AF_INET6, DEFAULT_SERIES, DEFAULT_TRACKED_CONNECTS, DEST_OTHER, FAILURE_VERSION,
-        HOST_COUNT_SLOTS, IPPROTO_TCP, MAX_DEST_GROUPS,
+        HOST_COUNT_SLOTS, IPPROTO_TCP, MAX_DEST_GROUPS, RECOVERED_SLOTS,
     },
 };
 
@@ -65,6 +67,10 @@ static TCP_COUNTS: PerCpuHashMap<FlowCountKey, u64> = PerCpuHashMap::with_max_en
 /// lookup), by `kind - kind::RETRANSMIT`.
 #[map]
 static TCP_HOST_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HOST_COUNT_SLOTS, 0);
+
+/// Connect ends recovered by the error-report program, by result (see `RECOVERED_SLOTS`).
+#[map]
+static TCP_RECOVERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(RECOVERED_SLOTS, 0);
 
 /// Per flow: [connect latency, handshake RTT], so a success costs one lookup.
 #[map]
@@ -574,6 +580,13 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
     let Some((started, s)) = take_start(sk, |st, s| (st, *s)) else {
         return;
     };
+    failure(ctx, sk, started, &s);
+}
+
+/// Counts and reports the failed connect of slot copy `s` (started at `started`), whose slot
+/// its caller already freed: with its reason from the socket's `sk_err`. Returns the result.
+#[inline(always)]
+fn failure<C: EbpfContext>(ctx: &C, sk: u64, started: u64, s: &ConnSlot) -> u16 {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let err = if sl!(valid) != 0 {
@@ -617,6 +630,58 @@ fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
             TcpFailureRecord::LEN as usize,
         )
     };
+    res
+}
+
+/// The end of a connect whose `SYN_SENT -> CLOSE` run the kernel skipped (a softirq ended it
+/// on a CPU where the set_state program was running, see docs/tcp-lost-runs.md). Where
+/// `tcp_done_with_error()` ends connects (the loader checks it), `sk_error_report()` follows
+/// the state change in the same call, and this program has its own per-CPU `active` count, so
+/// the set_state program's nesting does not skip it. A socket already CLOSE that still holds a
+/// slot lost its end: counted here as the set_state program would have, slot freed. A run that
+/// was not skipped freed the slot before, so nothing is counted twice; where the error is
+/// reported before the state change (older kernels' timeouts), the state is still SYN_SENT here
+/// and nothing happens. Runs on failures only, never on the connect hot path.
+#[inline(always)]
+fn error_report<C: EbpfContext>(ctx: &C, sk: u64) {
+    if sl!(valid) == 0 || sl!(raw_valid) == 0 || sl!(rcv_nxt) == 0 {
+        return;
+    }
+    // Every AF_INET/AF_INET6 socket's error report comes here (UDP's ICMP errors too).
+    if sk_field::<u16>(sk, sl!(sk_protocol), false) != Some(IPPROTO_TCP)
+        || sk_field::<u8>(sk, sl!(skc_state), false) != Some(state::CLOSE as u8)
+    {
+        return;
+    }
+    let (p, st) = find_slot(sk);
+    // No slot: its end was counted (or it was never tracked, which its end counted).
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: `p` is a live map value; the copy is trusted only if the compare-and-swap below
+    // finds the same lock word (unique per start).
+    let s = unsafe { *p };
+    // A SYN-ACK sets `rcv_nxt`: the connect got established, and that run was the one skipped.
+    // Its success has no time to count; the slot is freed and the recovery counted as such.
+    let established = sk_field::<u32>(sk, sl!(rcv_nxt), true).is_some_and(|v| v != 0);
+    if !swap_state(p, st, ConnSlot::FREE) {
+        return;
+    }
+    let res = if established {
+        result::SUCCESS
+    } else {
+        failure(ctx, sk, st, &s)
+    };
+    if let Some(c) = TCP_RECOVERED.get_ptr_mut(u32::from(res)) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid during the program run.
+        unsafe { *c += 1 };
+    }
+}
+
+#[raw_tracepoint(tracepoint = "inet_sk_error_report")]
+pub fn tcp_error_report_raw(ctx: RawTracePointContext) -> u32 {
+    error_report(&ctx, ctx.arg(0));
+    0
 }
 
 /// Counts a reset or retransmit: with the workload and destination when the socket is still

@@ -197,6 +197,23 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
         };
         assert_eq!(tcp["groups"][0]["purpose"], "connect state", "{tcp}");
         assert_eq!(tcp["groups"][0]["hook"], tcp_hook, "{tcp}");
+        // The connect-end recovery program: a raw tracepoint only (excluded in the second
+        // pass). Debian's 6.1 backports `tcp_done_with_error()` (state change before the error
+        // report), so it attaches; a 6.1 without it must say so instead.
+        let rec = tcp["groups"]
+            .as_array()
+            .and_then(|g| g.iter().find(|g| g["purpose"] == "connect end recovery"))
+            .unwrap_or_else(|| panic!("no connect end recovery group: {tcp}"));
+        if pass == "fentry" {
+            let why = rec["attempts"][0]["error"].as_str().unwrap_or("");
+            assert!(
+                rec["hook"] == "raw_tracepoint" || why.contains("no tcp_done_with_error in BTF"),
+                "{tcp}"
+            );
+        } else {
+            assert_eq!(rec["hook"], serde_json::Value::Null, "{tcp}");
+            assert_eq!(tcp["state"], "degraded", "{tcp}");
+        }
         let count = |p: &str| -> f64 {
             part(sec, p)
                 .rsplit(' ')

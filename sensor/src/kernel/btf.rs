@@ -128,7 +128,17 @@ impl KernelBtf {
         let Type::Ptr(ap) = self.btf.resolve_chained_type(param).map_err(err)? else {
             return Ok(false);
         };
-        match self.btf.resolve_chained_type(&ap).map_err(err)? {
+        // `const struct sock *` and the like: the qualifiers sit between pointer and struct.
+        let mut t = self.btf.resolve_chained_type(&ap).map_err(err)?;
+        for _ in 0..4 {
+            t = match t {
+                Type::Const(q) | Type::Volatile(q) | Type::Restrict(q) => {
+                    self.btf.resolve_chained_type(&q).map_err(err)?
+                }
+                _ => break,
+            };
+        }
+        match t {
             Type::Struct(st) => Ok(self.btf.resolve_name(&st).is_ok_and(|n| n == strukt)),
             _ => Ok(false),
         }
@@ -219,5 +229,21 @@ mod tests {
         assert!(btf.member_offset_any("kernfs_node", &["__parent", "parent"]).is_ok());
         assert!(btf.enum_value("cgroup_subsys_id", "memory_cgrp_id").is_ok());
         assert!(btf.enum_value("cgroup_subsys_id", "no_such_cgrp_id").is_err());
+        // A `const struct sock *` argument (the qualifier is looked through), and a plain one.
+        if btf.has_func("sk_error_report") {
+            assert_eq!(
+                btf.raw_tp_arg_is_struct_ptr("inet_sk_error_report", 0, "sock").ok(),
+                Some(true)
+            );
+            assert_eq!(
+                btf.raw_tp_arg_is_struct_ptr("inet_sk_error_report", 0, "task_struct")
+                    .ok(),
+                Some(false)
+            );
+        }
+        assert_eq!(
+            btf.raw_tp_arg_is_struct_ptr("inet_sock_set_state", 0, "sock").ok(),
+            Some(true)
+        );
     }
 }

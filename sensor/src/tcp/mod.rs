@@ -124,9 +124,44 @@ pub const SPEC: ProbeSpec = ProbeSpec {
                 },
             ],
         },
+        HookGroup {
+            purpose: "connect end recovery",
+            required: false,
+            hooks: &[HookSpec {
+                kind: HookKind::RawTracepoint,
+                program: "tcp_error_report_raw",
+                target: "inet_sk_error_report",
+                check: Some(check_recovery),
+            }],
+        },
     ],
     configure: None,
 };
+
+/// The kernel function whose presence says a connect's `-> CLOSE` state change comes before its
+/// `sk_error_report()` (6.10, and stable kernels it was backported to, e.g. Debian's 6.1).
+const ORDERED_END: &str = "tcp_done_with_error";
+
+/// The error-report entry recovers connect ends the set_state program missed (docs/
+/// tcp-lost-runs.md). It needs the raw entries' socket fields, `tcp_sock.rcv_nxt`, a socket
+/// argument, and a kernel that changes the state before it reports the error: where the error
+/// comes first (timeouts, ICMP errors on older kernels) a skipped end cannot be recognised.
+fn check_recovery(k: &KernelContext) -> Result<(), String> {
+    check_raw(k)?;
+    let btf = k.btf.as_ref().map_err(|e| format!("needs kernel BTF: {e}"))?;
+    match btf.raw_tp_arg_is_struct_ptr("inet_sk_error_report", 0, "sock") {
+        Ok(true) => {}
+        Ok(false) => return Err("inet_sk_error_report's argument is not a struct sock pointer".into()),
+        Err(e) => return Err(format!("no inet_sk_error_report raw tracepoint in BTF ({e})")),
+    }
+    btf.member_offset("tcp_sock", "rcv_nxt").map_err(|e| e.to_string())?;
+    if !btf.has_func(ORDERED_END) {
+        return Err(format!(
+            "this kernel reports a failed connect's error before its state change (no {ORDERED_END} in BTF): a skipped end cannot be recognised"
+        ));
+    }
+    Ok(())
+}
 
 /// The raw entries read the socket themselves: they need its field offsets from BTF.
 fn check_raw(k: &KernelContext) -> Result<(), String> {
@@ -178,6 +213,8 @@ pub fn sock_layout(btf: &KernelBtf, dest_groups: u32, memory_on_v2: bool) -> Res
     l.sk_err = off("sock", "sk_err")?;
     l.srtt_us = off("tcp_sock", "srtt_us")?;
     l.skc_state = off("sock", "__sk_common")? + off("sock_common", "skc_state")?;
+    // Only the error-report entry needs it (its check asks for it again).
+    l.rcv_nxt = off("tcp_sock", "rcv_nxt").unwrap_or(0);
     l.valid = 1;
     l.dest_groups = dest_groups;
     l.cgroup_id_from_helper = u32::from(memory_on_v2);
@@ -404,6 +441,8 @@ const CONNECTS: &str = "sensor_tcp_connects_total";
 const CONNECTS_HELP: &str = "TCP active opens by result (success, refused, timeout, reset, unreachable, error), destination group and workload.";
 const RETRANS: &str = "sensor_tcp_retransmits_total";
 const RETRANS_HELP: &str = "TCP segments retransmitted (tcp:tcp_retransmit_skb); by destination group and workload while the connection is being opened (SYN retransmits), else host-level (destination other, empty workload).";
+const RECOVERED: &str = "sensor_tcp_recovered_total";
+const RECOVERED_HELP: &str = "TCP connect ends the kernel skipped in the inet_sock_set_state program (recursion) and the inet_sk_error_report program recovered, by result: failures are counted in sensor_tcp_connects_total and sent as events like any other; result=success are connects established unseen, whose table slot was freed (the success itself is not counted).";
 const RESETS: &str = "sensor_tcp_resets_total";
 const RESETS_HELP: &str =
     "TCP resets sent and received; by destination group and workload while the connection is being opened (refused connects), else host-level (destination other, empty workload).";
@@ -412,6 +451,8 @@ struct CountCollector {
     map: Mutex<PerCpuHashMap<MapData, FlowCountKey, u64>>,
     /// Host-level resets and retransmits (sockets not connecting), by `kind - RETRANSMIT`.
     host: Mutex<PerCpuArray<MapData, u64>>,
+    /// Connect ends recovered by the error-report program, by result.
+    recovered: Mutex<PerCpuArray<MapData, u64>>,
     /// Each success is observed once in the latency histogram (part 0): its count is the
     /// success count.
     hists: Arc<HistogramMapCollector<FlowKey, 2>>,
@@ -455,6 +496,22 @@ impl CountCollector {
             .get(usize::from(id))
             .cloned()
             .unwrap_or_else(|| "other".to_string())
+    }
+
+    /// Every result, at 0 until something is recovered (also where the hook is not attached).
+    fn recovered_series(&self) -> BTreeMap<Vec<String>, u64> {
+        let Ok(map) = self.recovered.lock() else {
+            return BTreeMap::new();
+        };
+        (0..result::COUNT)
+            .map(|r| {
+                let v = map
+                    .get(&u32::from(r), 0)
+                    .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
+                    .unwrap_or(0);
+                (vec![result_label(r).to_string()], v)
+            })
+            .collect()
     }
 
     /// Every key's total over the CPUs, plus the host-level resets and retransmits.
@@ -546,6 +603,11 @@ impl CountCollector {
                 f.int(&[first, &dest, &wl], v);
             }
         }
+        let mut f = w.family(RECOVERED, RECOVERED_HELP, "counter");
+        for (labels, v) in self.recovered_series() {
+            let text = crate::expo::labels(["result"].into_iter().zip(labels.iter().map(String::as_str)));
+            f.int(&[&text], v);
+        }
     }
 }
 
@@ -619,6 +681,7 @@ impl Collector for CountCollector {
             labels.extend(wl);
             *target.entry(labels).or_default() += v;
         }
+        let recovered = self.recovered_series();
         let series =
             |m: BTreeMap<Vec<String>, u64>| m.into_iter().map(|(l, v)| (l, counter_metric(v as f64))).collect();
         let wl = WORKLOAD_LABELS;
@@ -643,6 +706,13 @@ impl Collector for CountCollector {
                 MetricType::COUNTER,
                 &["direction", "destination", wl[0], wl[1], wl[2], wl[3], wl[4], wl[5]],
                 series(resets),
+            ),
+            family(
+                RECOVERED,
+                RECOVERED_HELP,
+                MetricType::COUNTER,
+                &["result"],
+                series(recovered),
             ),
         ]
     }
@@ -684,6 +754,8 @@ fn hist_family<D: DefaultPer>(
 pub struct TcpMaps {
     pub counts: PerCpuHashMap<MapData, FlowCountKey, u64>,
     pub host_counts: PerCpuArray<MapData, u64>,
+    /// Connect ends recovered by the error-report program, by result.
+    pub recovered: PerCpuArray<MapData, u64>,
     /// Connect latency and handshake RTT per flow, in one value.
     pub hists: PerCpuHashMap<MapData, FlowKey, [Log2Hist; 2]>,
 }
@@ -718,6 +790,7 @@ impl TcpSlice {
             (CONNECTS, CONNECTS_HELP),
             (RETRANS, RETRANS_HELP),
             (RESETS, RESETS_HELP),
+            (RECOVERED, RECOVERED_HELP),
         ]
         .into_iter()
         .map(|(n, h)| Desc::new(n.into(), h.into(), vec![], Default::default()))
@@ -753,6 +826,7 @@ impl TcpSlice {
         let counts = Arc::new(CountCollector {
             map: Mutex::new(maps.counts),
             host: Mutex::new(maps.host_counts),
+            recovered: Mutex::new(maps.recovered),
             hists: Arc::clone(&hists),
             disc: Arc::clone(&disc),
             names: names.clone(),
@@ -995,6 +1069,7 @@ impl Probe for TcpProbe {
         let maps = TcpMaps {
             counts: ctx.take_map("TCP_COUNTS")?,
             host_counts: ctx.take_map("TCP_HOST_COUNTS")?,
+            recovered: ctx.take_map("TCP_RECOVERED")?,
             hists: ctx.take_map("TCP_HISTS")?,
         };
         // The loaded program references both tries, so they outlive these handles.
