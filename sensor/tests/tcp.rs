@@ -827,20 +827,27 @@ fn a_vanished_workload_over_the_cap_is_retired_into_other() {
     assert_eq!(d.stop().code(), Some(0));
 }
 
-#[test]
-fn dropped_syns_time_out_in_a_namespace_v4_and_v6() {
-    let Some(_k) = privileged("dropped_syns_time_out_in_a_namespace_v4_and_v6") else {
-        return;
-    };
+/// A namespace whose peer drops SYNs to the blackhole groups (10.201.0.0/24, fd00:201::/64),
+/// a daemon with those groups, and whether the recovery program attached: it must exactly
+/// where the kernel ends connects with `tcp_done_with_error()`.
+fn blackhole_daemon() -> (Netns, Daemon, bool) {
     let ns = Netns::new();
     let cfg = config(&[
         ("blackhole4", "10.201.0.0/24".into()),
         ("blackhole6", "[fd00:201::/64]".into()),
     ]);
     let d = daemon(&cfg, &[]);
-    // Where the kernel ends connects with `tcp_done_with_error()`, the recovery program attaches.
     let recovery = recovery_hook(&d) == "raw_tracepoint";
     assert_eq!(recovery, kernel_orders_connect_ends(), "{}", recovery_hook(&d));
+    (ns, d, recovery)
+}
+
+#[test]
+fn dropped_syns_time_out_in_a_namespace_v4_and_v6() {
+    let Some(_k) = privileged("dropped_syns_time_out_in_a_namespace_v4_and_v6") else {
+        return;
+    };
+    let (ns, d, recovery) = blackhole_daemon();
     let recursion_before = lost(&d.metrics(), "recursion");
     let cg = MemCgroup::new("sensor-it-tcp-timeout", 1 << 30);
     let t4: SocketAddr = "10.201.0.5:5432".parse().unwrap();
@@ -922,14 +929,7 @@ fn timeouts_during_a_connect_storm_are_all_counted_once() {
     let Some(_k) = privileged("timeouts_during_a_connect_storm_are_all_counted_once") else {
         return;
     };
-    let ns = Netns::new();
-    let cfg = config(&[
-        ("blackhole4", "10.201.0.0/24".into()),
-        ("blackhole6", "[fd00:201::/64]".into()),
-    ]);
-    let d = daemon(&cfg, &[]);
-    let recovery = recovery_hook(&d) == "raw_tracepoint";
-    assert_eq!(recovery, kernel_orders_connect_ends(), "{}", recovery_hook(&d));
+    let (ns, d, recovery) = blackhole_daemon();
     if !recovery {
         skip_named(
             "timeouts_during_a_connect_storm_are_all_counted_once",
