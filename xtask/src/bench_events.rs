@@ -256,11 +256,25 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     store(root, "events", &m, &rows, &t)
 }
 
-/// Samples per function of the daemon during one more storm (not a measured round): bpftrace's
-/// `profile` at 997 Hz on every thread of the daemon, keyed by the innermost user-space frame,
-/// which for samples in the kernel is the function that made the system call.
+/// Samples per function of the daemon during one more storm (not a measured round).
 fn profile_storm(sensor: &Served, o: &Opts) -> Result<Vec<(String, u64)>> {
-    let script = format!("profile:hz:997 /pid == {}/ {{ @[ustack(1)] = count(); }}", sensor.pid());
+    profile_during(sensor.pid(), || {
+        in_fresh_netns(&[
+            "bench-refuse".into(),
+            "--threads".into(),
+            o.event_threads.to_string(),
+            "--seconds".into(),
+            (2.0 * o.event_seconds).to_string(),
+        ])
+        .map(|_| ())
+    })
+}
+
+/// Samples per function of process `pid` while `load` runs: bpftrace's `profile` at 997 Hz on
+/// every thread of it, keyed by the innermost user-space frame, which for samples in the kernel
+/// is the function that made the system call.
+pub fn profile_during(pid: u32, load: impl FnOnce() -> Result<()>) -> Result<Vec<(String, u64)>> {
+    let script = format!("profile:hz:997 /pid == {pid}/ {{ @[ustack(1)] = count(); }}");
     let mut bt = Command::new("bpftrace")
         .args(["-e", &script])
         .stdout(Stdio::piped())
@@ -274,20 +288,14 @@ fn profile_storm(sensor: &Served, o: &Opts) -> Result<Vec<(String, u64)>> {
         crate::net::stop_child(bt, libc::SIGKILL);
         bail!("bpftrace did not attach: {first}");
     }
-    let storm = in_fresh_netns(&[
-        "bench-refuse".into(),
-        "--threads".into(),
-        o.event_threads.to_string(),
-        "--seconds".into(),
-        (2.0 * o.event_seconds).to_string(),
-    ]);
+    let loaded = load();
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: kill(2) on our own child; bpftrace prints its maps on SIGINT.
     unsafe { libc::kill(bt.id() as i32, libc::SIGINT) };
     let mut text = String::new();
     std::io::Read::read_to_string(&mut out, &mut text)?;
     let _ = bt.wait();
-    storm?;
+    loaded?;
     Ok(parse_profile(&text))
 }
 
@@ -343,10 +351,16 @@ fn tidy(name: &str) -> String {
 }
 
 fn profile_table(p: &[(String, u64)]) -> String {
+    profile_table_during(p, "during a storm", "during one more storm")
+}
+
+/// The 15 largest functions of a profile (`profile_during`) as a table, with a sentence saying
+/// when it was taken (`what`: during what; `when`: the run it comes from).
+pub fn profile_table_during(p: &[(String, u64)], what: &str, when: &str) -> String {
     let total: u64 = p.iter().map(|x| x.1).sum();
     let mut t = format!(
-        "\nWhere the daemon's CPU goes during a storm: {total} samples of bpftrace's `profile:hz:997` on the \
-         daemon's threads during one more storm (not a measured round), by innermost user-space frame (for a \
+        "\nWhere the daemon's CPU goes {what}: {total} samples of bpftrace's `profile:hz:997` on the \
+         daemon's threads {when} (not a measured round), by innermost user-space frame (for a \
          sample in the kernel, the function that made the system call); the 15 largest:\n\n\
          | function | samples | share |\n|---|---|---|\n"
     );

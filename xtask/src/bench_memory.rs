@@ -382,6 +382,8 @@ pub fn run_scrape(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
         );
         rounds.push((s, n));
     }
+    // Where a scrape's time goes: one more round of back-to-back scrapes, profiled.
+    let profile = crate::bench_events::profile_during(sensor.pid(), || scrape_round(&sensor, o.scrapes).map(|_| ()));
     let removed = w.remove();
     drop(listener);
     drop(parent);
@@ -396,6 +398,14 @@ pub fn run_scrape(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     let per_workload = (after as f64 - before as f64) / o.workloads as f64;
     let (rows, mut body) = scrape_report(o, &rounds, before, after, seen, per_workload);
     body.push_str(&families_table(&families, o.workloads));
+    match profile {
+        Ok(p) => body.push_str(&crate::bench_events::profile_table_during(
+            &p,
+            "in a scrape",
+            &format!("during {} more back-to-back scrapes", o.scrapes),
+        )),
+        Err(e) => eprintln!("==> no scrape profile: {e:#}"),
+    }
     for r in &rows {
         eprintln!(
             "==> {}: {} (anchor {}; goal {}: {})",
