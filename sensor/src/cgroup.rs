@@ -181,6 +181,12 @@ pub const WORKLOAD_LABELS: [&str; 6] = ["cgroup", "container_id", "pod_uid", "na
 /// Label values in [`WORKLOAD_LABELS`] order.
 pub type WorkloadLabels = [String; 6];
 
+/// Workload labels from a label list that starts with them (a retired key's labels after its
+/// other labels are cut off); missing values are empty.
+pub fn workload_labels_from(l: &[String]) -> WorkloadLabels {
+    std::array::from_fn(|i| l.get(i).cloned().unwrap_or_default())
+}
+
 /// The path-derived labels followed by the names.
 pub fn with_names(base: [String; 3], n: &Names) -> WorkloadLabels {
     let [cgroup, container_id, pod_uid] = base;

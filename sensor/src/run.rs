@@ -253,7 +253,7 @@ impl Pipeline {
         let (journal, journal_metrics) = {
             let mut jc = cfg.journal.clone();
             jc.enabled &= journal;
-            tokio::task::spawn_blocking(move || crate::journal::open_configured(&jc)).await??
+            open_journal(jc).await?
         };
         let loaded = load_probes(cfg, &probes).await?;
         let (ebpf, reports, rings, kernel_log) = (loaded.ebpf, loaded.reports, loaded.rings, loaded.kernel_log);
@@ -337,9 +337,21 @@ impl Pipeline {
         if let Err(e) = finish.await {
             tracing::error!(error = %e, "a probe failed to finish");
         }
-        if let Err(e) = tokio::task::spawn_blocking(move || hub.close()).await {
-            tracing::error!(error = %e, "closing the journal failed");
-        }
+        close_hub(hub).await;
+    }
+}
+
+/// Opens the configured journal off the runtime's threads (it reads every segment).
+async fn open_journal(
+    jc: crate::journal::JournalConfig,
+) -> anyhow::Result<(Option<Arc<crate::journal::Journal>>, crate::journal::JournalMetrics)> {
+    Ok(tokio::task::spawn_blocking(move || crate::journal::open_configured(&jc)).await??)
+}
+
+/// Closes the hub's journal (writes what is queued, syncs) off the runtime's threads.
+async fn close_hub(hub: Arc<EventHub>) {
+    if let Err(e) = tokio::task::spawn_blocking(move || hub.close()).await {
+        tracing::error!(error = %e, "closing the journal failed");
     }
 }
 
@@ -391,10 +403,7 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
     let names: Vec<&'static str> = crate::probes::specs().iter().map(|s| s.name).collect();
     let m = SelfMetrics::new(&kernel_release, &names);
     // Check alerts are events too: they keep their history across restarts like any other.
-    let (journal, journal_metrics) = {
-        let jc = cfg.journal.clone();
-        tokio::task::spawn_blocking(move || crate::journal::open_configured(&jc)).await??
-    };
+    let (journal, journal_metrics) = open_journal(cfg.journal.clone()).await?;
     journal_metrics.register(&m.registry)?;
     Ok(Core {
         pipeline: None,
@@ -475,12 +484,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     match core.pipeline {
         Some(p) => p.shutdown().await,
-        None => {
-            let hub = core.hub;
-            if let Err(e) = tokio::task::spawn_blocking(move || hub.close()).await {
-                tracing::error!(error = %e, "closing the journal failed");
-            }
-        }
+        None => close_hub(core.hub).await,
     }
     tracing::info!("stopped");
     Ok(())

@@ -316,13 +316,10 @@ fn recover(dir: &Path, queue: usize, m: &JournalMetrics) -> Result<(Recovered, V
             // Events only need their id here: no JSON object per event (a full 64 MiB journal
             // is some 190,000 of them).
             let entry = match format::event_seq(rec) {
-                Some(Ok(seq)) => {
-                    hi = hi.max(seq);
-                    r.events += 1;
-                    last_mark = None;
-                    continue;
-                }
-                Some(Err(e)) => Err(e),
+                Some(seq) => seq.map(|seq| Decoded::Event {
+                    seq,
+                    json: serde_json::Map::new(),
+                }),
                 None => format::decode(rec),
             };
             match entry {

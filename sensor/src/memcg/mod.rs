@@ -390,7 +390,7 @@ impl ReclaimTotals {
             .retired()
             .into_iter()
             .filter(|(_, [h])| h.buckets.iter().any(|&b| b != 0))
-            .map(|(l, [h])| (std::array::from_fn(|i| l.get(i).cloned().unwrap_or_default()), h.sum))
+            .map(|(l, [h])| (crate::cgroup::workload_labels_from(&l), h.sum))
             .collect()
     }
 

@@ -575,7 +575,7 @@ impl CountCollector {
             let key = (
                 RESULT_FRAGS[0],
                 Arc::from(crate::expo::labels([("destination", d.as_str())])),
-                crate::cgroup::render_labels(&workload_labels(wl)),
+                crate::cgroup::render_labels(&crate::cgroup::workload_labels_from(wl)),
             );
             *connects.entry(key).or_default() += h.buckets.iter().sum::<u64>();
         }
@@ -716,11 +716,6 @@ impl Collector for CountCollector {
             ),
         ]
     }
-}
-
-/// The workload labels of a retired histogram key (its labels after the destination).
-fn workload_labels(l: &[String]) -> WorkloadLabels {
-    std::array::from_fn(|i| l.get(i).cloned().unwrap_or_default())
 }
 
 /// The flow histograms' label fragments: none, the destination group, or it and the workload.
