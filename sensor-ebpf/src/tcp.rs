@@ -14,17 +14,19 @@
 //! at tracefs offsets). Both feed the same bodies. The exception is `inet_sk_error_report`,
 //! which recovers connect ends the kernel skipped (see `error_report`): raw only, since its
 //! classic tracepoint has no socket address to find the connect by.
-
-use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering::SeqCst};
+//!
+//! The connect table comes in two forms (see `conn`): an array claimed by compare-and-swap
+//! where the kernel has BPF atomics (5.12+), a hash map without them; each hook has a program
+//! per form (see `entries`), and the loader attaches one form's.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task},
     },
-    macros::{map, raw_tracepoint, tracepoint},
-    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, PerCpuHashMap},
+    macros::map,
+    maps::{lpm_trie::Key, LpmTrie, PerCpuArray, PerCpuHashMap},
     programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
@@ -33,8 +35,8 @@ use sensor_common::{
     record::{counter, kind as rkind, probe_id, RecordHeader},
     tcp::{
         kind, result, state, ConnSlot, DestAnyKey, DestPortKey, FlowCountKey, FlowKey, SockLayout, TcpFailureRecord,
-        TcpTpLayout, AF_INET, AF_INET6, DEFAULT_SERIES, DEFAULT_TRACKED_CONNECTS, DEST_OTHER, FAILURE_VERSION,
-        HOST_COUNT_SLOTS, IPPROTO_TCP, MAX_DEST_GROUPS, RECOVERED_SLOTS,
+        TcpTpLayout, AF_INET, AF_INET6, DEFAULT_SERIES, DEST_OTHER, FAILURE_VERSION, HOST_COUNT_SLOTS, IPPROTO_TCP,
+        MAX_DEST_GROUPS, RECOVERED_SLOTS,
     },
 };
 
@@ -50,15 +52,7 @@ static TCP_TP_LAYOUT: TcpTpLayout = TcpTpLayout::INVALID;
 
 /// `struct sock` / `struct tcp_sock` offsets from BTF and load-time switches.
 #[unsafe(no_mangle)]
-static SOCK_LAYOUT: SockLayout = SockLayout::INVALID;
-
-/// Active opens from SYN_SENT until they end (ESTABLISHED or CLOSE): see [`ConnSlot`]. A
-/// connect that finds no slot in its windows is not tracked; its end counts it as `untracked`.
-/// `BPF_F_MMAPABLE` (5.5+) only for its page-aligned values: each 64-byte slot is then exactly
-/// one cache line, and a connect start, which usually finds its slot out of the cache, waits for
-/// one line instead of two.
-#[map]
-static TCP_CONNS: Array<ConnSlot> = Array::with_max_entries(DEFAULT_TRACKED_CONNECTS, BPF_F_MMAPABLE);
+pub(crate) static SOCK_LAYOUT: SockLayout = SockLayout::INVALID;
 
 #[map]
 static TCP_COUNTS: PerCpuHashMap<FlowCountKey, u64> = PerCpuHashMap::with_max_entries(DEFAULT_SERIES, 0);
@@ -105,9 +99,12 @@ fn tp_layout() -> TcpTpLayout {
 macro_rules! sl {
     ($f:ident) => {
         // SAFETY: read of a plain global in .rodata that the loader may have rewritten.
-        unsafe { core::ptr::read_volatile(&raw const SOCK_LAYOUT.$f) }
+        unsafe { core::ptr::read_volatile(&raw const $crate::tcp::SOCK_LAYOUT.$f) }
     };
 }
+
+mod conn;
+use conn::Conns;
 
 /// Reads a `T` at `off` bytes into the socket at `sk` with `bpf_probe_read_kernel`.
 #[inline(always)]
@@ -290,7 +287,7 @@ fn classify(reset_received: bool, sk_err: i32) -> u16 {
 /// an active open returns at once. For a new connect, `is_tcp` checks the socket's protocol,
 /// `fill` reads its destination, `who` the connecting task.
 #[inline(always)]
-fn set_state<C: EbpfContext>(
+fn set_state<T: Conns, C: EbpfContext>(
     ctx: &C,
     sk: u64,
     old: i32,
@@ -300,9 +297,9 @@ fn set_state<C: EbpfContext>(
     who: impl FnOnce() -> Who,
 ) {
     match (old, new) {
-        (state::CLOSE, state::SYN_SENT) => connect_start(ctx, sk, is_tcp, fill, who),
-        (state::SYN_SENT, state::ESTABLISHED) => connect_done(sk),
-        (state::SYN_SENT, state::CLOSE) => connect_failed(ctx, sk),
+        (state::CLOSE, state::SYN_SENT) => connect_start::<T, C>(ctx, sk, is_tcp, fill, who),
+        (state::SYN_SENT, state::ESTABLISHED) => connect_done::<T>(sk),
+        (state::SYN_SENT, state::CLOSE) => connect_failed::<T, C>(ctx, sk),
         _ => {}
     }
 }
@@ -321,8 +318,9 @@ fn set_words(dst: &mut [u8; 16], words: [u64; 2]) {
     unsafe { core::ptr::write((dst as *mut [u8; 16]).cast::<[u64; 2]>(), words) };
 }
 
-#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn tcp_set_state_raw(ctx: RawTracePointContext) -> u32 {
+/// The raw `inet_sock_set_state` entry's body: socket fields at BTF offsets.
+#[inline(always)]
+fn raw_set_state<T: Conns>(ctx: &RawTracePointContext, who: impl FnOnce() -> Who) {
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
@@ -345,70 +343,42 @@ pub fn tcp_set_state_raw(ctx: RawTracePointContext) -> u32 {
             _ => (0, 0, [0; 2]),
         }
     };
-    set_state(&ctx, sk, old, new, is_tcp, fill, who_by_btf);
-    0
+    set_state::<T, _>(ctx, sk, old, new, is_tcp, fill, who);
 }
 
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn tcp_set_state(ctx: TracePointContext) -> u32 {
+/// The classic `inet_sock_set_state` entry's body: fields at tracefs offsets.
+#[inline(always)]
+fn tp_set_state<T: Conns>(ctx: &TracePointContext) {
     let l = tp_layout();
-    if l.valid == 0 || tp::<u16>(&ctx, l.ss_protocol) != Some(IPPROTO_TCP) {
-        return 0;
+    if l.valid == 0 || tp::<u16>(ctx, l.ss_protocol) != Some(IPPROTO_TCP) {
+        return;
     }
     let (Some(old), Some(new), Some(sk)) = (
-        tp::<i32>(&ctx, l.ss_oldstate),
-        tp::<i32>(&ctx, l.ss_newstate),
-        tp::<u64>(&ctx, l.ss_skaddr),
+        tp::<i32>(ctx, l.ss_oldstate),
+        tp::<i32>(ctx, l.ss_newstate),
+        tp::<u64>(ctx, l.ss_skaddr),
     ) else {
-        return 0;
+        return;
     };
     let fill = || -> Dst {
-        let family = tp::<u16>(&ctx, l.ss_family).unwrap_or(0);
-        let dport = tp::<u16>(&ctx, l.ss_dport).unwrap_or(0);
+        let family = tp::<u16>(ctx, l.ss_family).unwrap_or(0);
+        let dport = tp::<u16>(ctx, l.ss_dport).unwrap_or(0);
         match family {
             AF_INET => (
                 family,
                 dport,
-                v4_words(tp::<[u8; 4]>(&ctx, l.ss_daddr).unwrap_or([0; 4])),
+                v4_words(tp::<[u8; 4]>(ctx, l.ss_daddr).unwrap_or([0; 4])),
             ),
-            AF_INET6 => (family, dport, tp::<[u64; 2]>(&ctx, l.ss_daddr_v6).unwrap_or([0; 2])),
+            AF_INET6 => (family, dport, tp::<[u64; 2]>(ctx, l.ss_daddr_v6).unwrap_or([0; 2])),
             _ => (0, 0, [0; 2]),
         }
     };
     // The entry checked the protocol already.
-    set_state(&ctx, sk, old, new, || true, fill, who_by_helpers);
-    0
-}
-
-/// The slot at position `i` of `sk`'s windows (hot region first, see [`ConnSlot::index`]).
-#[inline(always)]
-fn conn_slot(sk: u64, i: u32) -> Option<*mut ConnSlot> {
-    TCP_CONNS.get_ptr_mut(ConnSlot::index(sk, i, sl!(conn_mask)))
-}
-
-/// Compare-and-swap of a slot's lock word from `seen` to `to`.
-#[inline(always)]
-fn swap_state(p: *mut ConnSlot, seen: u64, to: u64) -> bool {
-    // SAFETY: `p` is a live map value; the BPF atomic is fully ordered.
-    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(&raw mut (*p).state, seen, to).1 }
-}
-
-/// Stores a slot's lock word with a fully ordered exchange, so the slot's other stores are
-/// visible before it on weakly ordered CPUs too.
-#[inline(always)]
-fn publish(p: *mut ConnSlot, state: u64) {
-    // SAFETY: as in `swap_state`.
-    unsafe { atomic_xchg::<u64, { SeqCst }>(&raw mut (*p).state, state) };
+    set_state::<T, _>(ctx, sk, old, new, || true, fill, who_by_helpers);
 }
 
 #[inline(always)]
-fn load(p: *const u64) -> u64 {
-    // SAFETY: `p` points into a live map value; a volatile load is never elided or merged.
-    unsafe { core::ptr::read_volatile(p) }
-}
-
-#[inline(always)]
-fn connect_start<C: EbpfContext>(
+fn connect_start<T: Conns, C: EbpfContext>(
     ctx: &C,
     sk: u64,
     is_tcp: impl FnOnce() -> bool,
@@ -417,14 +387,7 @@ fn connect_start<C: EbpfContext>(
 ) {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // This socket's first slot may still be out of this CPU's cache (the other CPU used it
-    // last, or the network stack evicted it): load it now, so that a miss overlaps with reading
-    // the socket and the task below instead of stalling the claim (the value is read again
-    // there). After the clock, whose `rdtsc` is fenced and would wait for the miss.
-    if let Some(q) = conn_slot(sk, 0) {
-        // SAFETY: `q` is a live map value.
-        let _ = unsafe { load(&raw const (*q).state) };
-    }
+    T::warm(sk);
     if !is_tcp() {
         return;
     }
@@ -433,98 +396,33 @@ fn connect_start<C: EbpfContext>(
         return;
     }
     let (cgroup_id, tgid, comm) = who();
-    // In window order (the hot window first): the first free slot, or a slot still holding
-    // this socket (its last connect's outcome was missed), whichever comes first and can be
-    // claimed; else a slot whose connect outlived `conn_max_age_ns` (also missed). Ends search
-    // in the same order, so a stale entry for this socket behind the slot taken here stays
-    // hidden until it is reclaimed. A slot lost to another CPU's claim (bursts of connects
-    // meet in the small hot region) sends the search on to the next one.
-    // Plain initialised locals rather than `Option<(ptr, u64)>`: LLVM may spill the payload of
-    // a `None` from any register, even one a helper call clobbered, which the verifier refuses.
-    let mut p: *mut ConnSlot = core::ptr::null_mut();
-    let mut stale: *mut ConnSlot = core::ptr::null_mut();
-    let mut stale_seen = 0u64;
-    for i in 0..ConnSlot::SLOTS_PER_CONNECT {
-        let Some(q) = conn_slot(sk, i) else { continue };
-        // SAFETY: `q` is a live map value.
-        let st = unsafe { load(&raw const (*q).state) };
-        if st == ConnSlot::BUSY {
-            continue;
-        }
-        // SAFETY: as above.
-        if st == ConnSlot::FREE || unsafe { load(&raw const (*q).sk) } == sk {
-            if swap_state(q, st, ConnSlot::BUSY) {
-                p = q;
-                break;
-            }
-            continue;
-        }
-        if stale.is_null() && now.saturating_sub(st) > sl!(conn_max_age_ns) {
-            stale = q;
-            stale_seen = st;
-        }
-    }
-    // A stale slot is reused without counting: the end its connect missed was a program run
-    // the kernel skipped (counted as `recursion`), or, if that connect does end after all, its
-    // end finds no slot and counts it as untracked. Either way each connect is counted once.
-    if p.is_null() && !stale.is_null() && swap_state(stale, stale_seen, ConnSlot::BUSY) {
-        p = stale;
-    }
-    // No slot: its end counts it as untracked.
-    if p.is_null() {
+    let claimed = T::start(sk, now, |s| {
+        s.sk = sk;
+        s.cgroup_id = cgroup_id;
+        s.tgid = tgid;
+        s.family = family as u8;
+        s.dport = dport;
+        s.flags = 0;
+        set_words(&mut s.comm, comm);
+        set_words(&mut s.daddr, daddr);
+    });
+    // No entry: its end counts it as untracked.
+    if !claimed {
         // Off unless `kernel_log` is set (the macro checks `AYA_LOG_LEVEL` first).
         aya_log_ebpf::warn!(ctx, "connect table full: a connect to port {} goes untracked", dport);
-        return;
     }
-    // SAFETY: the slot is ours (BUSY) until `publish`; `p` is a live map value.
-    let s = unsafe { &mut *p };
-    s.sk = sk;
-    s.cgroup_id = cgroup_id;
-    s.tgid = tgid;
-    s.family = family as u8;
-    s.dport = dport;
-    s.flags = 0;
-    set_words(&mut s.comm, comm);
-    set_words(&mut s.daddr, daddr);
-    publish(p, now);
-}
-
-/// `sk`'s slot, searched in window order, with its lock word; null when `sk` holds none (or
-/// its slot is being written). Plain values rather than an `Option`, for the verifier (see
-/// `connect_start`).
-#[inline(always)]
-fn find_slot(sk: u64) -> (*mut ConnSlot, u64) {
-    for i in 0..ConnSlot::SLOTS_PER_CONNECT {
-        let Some(p) = conn_slot(sk, i) else { continue };
-        // The lock word first, then the owner: a claimer writes `sk` before it publishes its
-        // start time, so an owner read after a start time is that start's. Read the other way
-        // round, a free slot's stale `sk` (this address's previous socket) could pair with the
-        // start time of a connect that claimed the slot in between, and the compare-and-swap on
-        // that start time would end the wrong connect. (x86 keeps two loads in order; arm64 may
-        // not, and BPF has load-acquire only from 6.15, so there the window is the few
-        // nanoseconds between the loads, on a slot last owned by a socket at this address.)
-        // SAFETY: `p` is a live map value.
-        let st = unsafe { load(&raw const (*p).state) };
-        // SAFETY: as above.
-        if st > ConnSlot::BUSY && unsafe { load(&raw const (*p).sk) } == sk {
-            return (p, st);
-        }
-    }
-    (core::ptr::null_mut(), 0)
 }
 
 /// Takes `sk`'s slot: `read` of it and the slot freed. `None` (counted as untracked) when the
 /// connect was not tracked or its slot was taken over meanwhile.
 #[inline(always)]
-fn take_start<R>(sk: u64, read: impl FnOnce(u64, &ConnSlot) -> R) -> Option<R> {
-    let (p, st) = find_slot(sk);
+fn take_start<T: Conns, R>(sk: u64, read: impl FnOnce(u64, &ConnSlot) -> R) -> Option<R> {
+    let (p, st) = T::find(sk);
     if !p.is_null() {
-        // Only trusted if the lock word did not change meanwhile (it is unique per start);
-        // the same compare-and-swap frees the slot. Its stale `sk` is harmless: a free slot is
-        // never anyone's (`find_slot` wants a start time in `state`).
+        // Only trusted if the entry is still this start's when it is freed (see `release`).
         // SAFETY: `p` is a live map value.
         let r = read(st, unsafe { &*p });
-        if swap_state(p, st, ConnSlot::FREE) {
+        if T::release(sk, p, st) {
             return Some(r);
         }
     }
@@ -540,9 +438,9 @@ fn untracked() {
 }
 
 #[inline(always)]
-fn connect_done(sk: u64) {
+fn connect_done<T: Conns>(sk: u64) {
     let Some((started, cgroup_id, family, dport, daddr)) =
-        take_start(sk, |st, s| (st, s.cgroup_id, s.family, s.dport, s.daddr))
+        take_start::<T, _>(sk, |st, s| (st, s.cgroup_id, s.family, s.dport, s.daddr))
     else {
         return;
     };
@@ -576,8 +474,8 @@ fn connect_done(sk: u64) {
 }
 
 #[inline(always)]
-fn connect_failed<C: EbpfContext>(ctx: &C, sk: u64) {
-    let Some((started, s)) = take_start(sk, |st, s| (st, *s)) else {
+fn connect_failed<T: Conns, C: EbpfContext>(ctx: &C, sk: u64) {
+    let Some((started, s)) = take_start::<T, _>(sk, |st, s| (st, *s)) else {
         return;
     };
     failure(ctx, sk, started, &s);
@@ -643,7 +541,7 @@ fn failure<C: EbpfContext>(ctx: &C, sk: u64, started: u64, s: &ConnSlot) -> u16 
 /// reported before the state change (older kernels' timeouts), the state is still SYN_SENT here
 /// and nothing happens. Runs on failures only, never on the connect hot path.
 #[inline(always)]
-fn error_report<C: EbpfContext>(ctx: &C, sk: u64) {
+fn error_report<T: Conns, C: EbpfContext>(ctx: &C, sk: u64) {
     if sl!(valid) == 0 || sl!(raw_valid) == 0 || sl!(rcv_nxt) == 0 {
         return;
     }
@@ -653,18 +551,18 @@ fn error_report<C: EbpfContext>(ctx: &C, sk: u64) {
     {
         return;
     }
-    let (p, st) = find_slot(sk);
+    let (p, st) = T::find(sk);
     // No slot: its end was counted (or it was never tracked, which its end counted).
     if p.is_null() {
         return;
     }
-    // SAFETY: `p` is a live map value; the copy is trusted only if the compare-and-swap below
-    // finds the same lock word (unique per start).
+    // SAFETY: `p` is a live map value; the copy is trusted only if the release below finds
+    // the same lock word (unique per start).
     let s = unsafe { *p };
     // A SYN-ACK sets `rcv_nxt`: the connect got established, and that run was the one skipped.
     // Its success has no time to count; the slot is freed and the recovery counted as such.
     let established = sk_field::<u32>(sk, sl!(rcv_nxt), true).is_some_and(|v| v != 0);
-    if !swap_state(p, st, ConnSlot::FREE) {
+    if !T::release(sk, p, st) {
         return;
     }
     let res = if established {
@@ -678,20 +576,14 @@ fn error_report<C: EbpfContext>(ctx: &C, sk: u64) {
     }
 }
 
-#[raw_tracepoint(tracepoint = "inet_sk_error_report")]
-pub fn tcp_error_report_raw(ctx: RawTracePointContext) -> u32 {
-    error_report(&ctx, ctx.arg(0));
-    0
-}
-
 /// Counts a reset or retransmit: with the workload and destination when the socket is still
 /// connecting (a refused connect, a SYN retransmit), else in the host-level slot. `flag` is set
 /// on a connecting socket's slot.
 #[inline(always)]
-fn counted(sk: u64, what: u16, flag: u8) {
+fn counted<T: Conns>(sk: u64, what: u16, flag: u8) {
     // The socket is hot in the cache, the table may not be: ask the socket first.
     if sl!(valid) == 0 || sk_field::<u8>(sk, sl!(skc_state), false) == Some(state::SYN_SENT as u8) {
-        let (p, _) = find_slot(sk);
+        let (p, _) = T::find(sk);
         if !p.is_null() {
             // SAFETY: `p` is a live map value. The socket's own state changes are serialized
             // by its lock, so nothing else writes `flags` meanwhile.
@@ -712,48 +604,14 @@ fn counted(sk: u64, what: u16, flag: u8) {
     }
 }
 
-#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
-pub fn tcp_receive_reset_raw(ctx: RawTracePointContext) -> u32 {
-    counted(ctx.arg(0), kind::RESET_RECEIVED, ConnSlot::RESET_RECEIVED);
-    0
-}
-
-#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    if let Some(sk) = tp::<u64>(&ctx, tp_layout().rx_reset_skaddr) {
-        counted(sk, kind::RESET_RECEIVED, ConnSlot::RESET_RECEIVED);
+/// A socket argument of a classic tracepoint (0 when its layout has none).
+#[inline(always)]
+fn tp_sk(ctx: &TracePointContext, off: impl FnOnce(&TcpTpLayout) -> u16) -> u64 {
+    let l = tp_layout();
+    if l.valid == 0 {
+        return 0;
     }
-    0
+    tp::<u64>(ctx, off(&l)).unwrap_or(0)
 }
 
-#[raw_tracepoint(tracepoint = "tcp_send_reset")]
-pub fn tcp_send_reset_raw(ctx: RawTracePointContext) -> u32 {
-    counted(ctx.arg(0), kind::RESET_SENT, 0);
-    0
-}
-
-#[tracepoint(category = "tcp", name = "tcp_send_reset")]
-pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    counted(
-        tp::<u64>(&ctx, tp_layout().tx_reset_skaddr).unwrap_or(0),
-        kind::RESET_SENT,
-        0,
-    );
-    0
-}
-
-#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
-pub fn tcp_retransmit_raw(ctx: RawTracePointContext) -> u32 {
-    counted(ctx.arg(0), kind::RETRANSMIT, 0);
-    0
-}
-
-#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
-pub fn tcp_retransmit(ctx: TracePointContext) -> u32 {
-    counted(
-        tp::<u64>(&ctx, tp_layout().retrans_skaddr).unwrap_or(0),
-        kind::RETRANSMIT,
-        0,
-    );
-    0
-}
+mod entries;

@@ -20,6 +20,8 @@ pub struct Report {
     pub program_types: Vec<Support>,
     pub map_types: Vec<Support>,
     pub attach: Vec<Support>,
+    /// Instruction-set features (BPF atomics) that pick between program variants.
+    pub instructions: Vec<Support>,
     pub probes: Vec<ProbeReport>,
     /// True when `probes` come from real load+attach attempts, false when only prechecked.
     pub attach_tested: bool,
@@ -78,6 +80,7 @@ pub fn report(opts: &LoadOptions, registered: &[Arc<dyn Probe>]) -> Report {
                                 target: h.target,
                                 ok: false,
                                 error: Some(reason.clone()),
+                                log: None,
                             })
                             .collect(),
                     })
@@ -133,6 +136,7 @@ pub fn report(opts: &LoadOptions, registered: &[Arc<dyn Probe>]) -> Report {
         program_types: kctx.features.program_types.clone(),
         map_types: kctx.features.map_types.clone(),
         attach: kctx.features.attach.clone(),
+        instructions: kctx.features.instructions.clone(),
         probes,
         attach_tested,
         sections: section_text.iter().map(|d| (d.key, d.json.clone())).collect(),
@@ -150,7 +154,9 @@ fn yn(s: &Support) -> String {
     }
 }
 
-pub fn render_text(r: &Report) -> String {
+/// The human report: one line of reason per hook that could not attach; with `verbose`, the
+/// verifier's log under it where the kernel refused the program.
+pub fn render_text(r: &Report, verbose: bool) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     let comp = |c: &Component| match (&c.path, &c.error, c.available) {
@@ -185,6 +191,7 @@ pub fn render_text(r: &Report) -> String {
         ("program types", &r.program_types),
         ("map types", &r.map_types),
         ("attach mechanisms", &r.attach),
+        ("instructions", &r.instructions),
     ] {
         let _ = writeln!(o, "\n{title}");
         for s in list.iter() {
@@ -237,7 +244,14 @@ pub fn render_text(r: &Report) -> String {
                 Some(a) => format!("uses {} {}", a.hook.label(), a.target),
                 None => "NOT ATTACHED".to_string(),
             };
-            let unavailable: Vec<&str> = g.attempts.iter().filter(|a| !a.ok).map(|a| a.hook.label()).collect();
+            let used = g.attempts.iter().find(|a| a.ok).map(|a| a.hook);
+            let mut unavailable: Vec<&str> = g
+                .attempts
+                .iter()
+                .filter(|a| !a.ok && Some(a.hook) != used)
+                .map(|a| a.hook.label())
+                .collect();
+            unavailable.dedup();
             let why = if unavailable.is_empty() {
                 String::new()
             } else {
@@ -252,6 +266,11 @@ pub fn render_text(r: &Report) -> String {
                     a.target,
                     a.error.as_deref().unwrap_or("")
                 );
+                if let (true, Some(log)) = (verbose, &a.log) {
+                    for l in log.lines() {
+                        let _ = writeln!(o, "        | {l}");
+                    }
+                }
             }
         }
     }

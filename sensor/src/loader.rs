@@ -165,19 +165,27 @@ fn attach_probe(
         let mut attempts = Vec::new();
         for (hook, check) in group.hooks.iter().zip(checks) {
             let res = if excluded.contains(&hook.kind) {
-                Err(format!(
+                Err(Failure::reason(format!(
                     "excluded by configuration (probes.{}.exclude_hooks)",
                     spec.name
-                ))
+                )))
             } else {
-                check.clone().and_then(|()| attach_hook(ebpf, kctx, hook))
+                check
+                    .clone()
+                    .map_err(Failure::reason)
+                    .and_then(|()| attach_hook(ebpf, kctx, hook))
             };
             let ok = res.is_ok();
+            let (error, log) = match res {
+                Ok(()) => (None, None),
+                Err(f) => (Some(f.reason), f.log),
+            };
             attempts.push(HookAttempt {
                 hook: hook.kind,
                 target: hook.target,
                 ok,
-                error: res.err(),
+                error,
+                log,
             });
             if ok {
                 break;
@@ -185,8 +193,51 @@ fn attach_probe(
         }
         groups.push(GroupReport::from_attempts(group, attempts));
     }
+    detach_if_required_missing(ebpf, spec, &mut groups);
     configure(ebpf, spec, &groups);
     ProbeReport::from_groups(spec.name, groups)
+}
+
+/// A probe whose required part is missing runs nothing: its attached optional parts (e.g.
+/// resets without the connects they belong to) are unloaded, so the report, the state and
+/// `sensor_probe_attached` all say "nothing runs" instead of "unsupported, yet attached".
+fn detach_if_required_missing(ebpf: &mut Ebpf, spec: &ProbeSpec, groups: &mut [GroupReport]) {
+    let Some(missing) = groups
+        .iter()
+        .find(|g| g.required && g.hook.is_none())
+        .map(|g| g.purpose)
+    else {
+        return;
+    };
+    for (g, hg) in groups.iter_mut().zip(spec.groups) {
+        let Some(i) = g.attempts.iter().position(|a| a.ok) else {
+            continue;
+        };
+        let Some(hook) = hg.hooks.get(i) else { continue };
+        let why = match unload(ebpf, hook) {
+            Ok(()) => format!("detached: the required part '{missing}' could not attach"),
+            Err(e) => {
+                tracing::error!(probe = spec.name, program = hook.program, error = %e, "unloading failed");
+                format!("the required part '{missing}' could not attach; unloading failed: {e}")
+            }
+        };
+        g.attempts[i].ok = false;
+        g.attempts[i].error = Some(why);
+        g.hook = None;
+    }
+}
+
+fn unload(ebpf: &mut Ebpf, hook: &HookSpec) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| format!("program {} missing", hook.program))?;
+    let r = match hook.kind {
+        HookKind::Tracepoint => <&mut TracePoint>::try_from(prog).and_then(TracePoint::unload),
+        HookKind::RawTracepoint => <&mut RawTracePoint>::try_from(prog).and_then(RawTracePoint::unload),
+        HookKind::Kprobe => <&mut KProbe>::try_from(prog).and_then(KProbe::unload),
+        HookKind::Fentry => <&mut FEntry>::try_from(prog).and_then(FEntry::unload),
+    };
+    r.map_err(|e| crate::kernel::features::error_chain(&e))
 }
 
 fn configure(ebpf: &mut Ebpf, spec: &ProbeSpec, groups: &[GroupReport]) {
@@ -253,9 +304,28 @@ fn split_tp(target: &str) -> Result<(&str, &str), String> {
         .ok_or_else(|| format!("bad tracepoint name {target}"))
 }
 
-/// Keeps error strings bounded (a verifier log can be megabytes) and includes the source chain.
-fn short(e: impl std::error::Error) -> String {
-    let s = crate::kernel::features::error_chain(&e);
+/// Why a hook could not attach: a reason for people, and the verifier's log when the kernel
+/// refused the program (kept for `doctor --json` and `--verbose`, never in the reason).
+#[derive(Debug)]
+struct Failure {
+    reason: String,
+    log: Option<String>,
+}
+
+impl Failure {
+    fn reason(reason: String) -> Failure {
+        Failure { reason, log: None }
+    }
+}
+
+/// An attach-time error with its source chain, bounded.
+fn short(e: impl std::error::Error) -> Failure {
+    Failure::reason(bounded(crate::kernel::features::error_chain(&e)))
+}
+
+/// Keeps strings bounded (a verifier log can be megabytes): the end is kept, where the
+/// verifier says why it stopped.
+fn bounded(s: String) -> String {
     const MAX: usize = 2000;
     if s.len() <= MAX {
         return s;
@@ -267,31 +337,46 @@ fn short(e: impl std::error::Error) -> String {
     format!("...{}", &s[cut..])
 }
 
-fn attach_hook(ebpf: &mut Ebpf, kctx: &KernelContext, hook: &HookSpec) -> Result<(), String> {
+/// A load error as a reason: the missing kernel feature when the verifier's log names one (see
+/// `crate::kernel::reasons`), else its last line; the whole log goes aside.
+fn load_failure(e: aya::programs::ProgramError) -> Failure {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            Failure {
+                reason: crate::kernel::reasons::from_verifier(&log, &io_error),
+                log: Some(bounded(log)),
+            }
+        }
+        e => short(e),
+    }
+}
+
+fn attach_hook(ebpf: &mut Ebpf, kctx: &KernelContext, hook: &HookSpec) -> Result<(), Failure> {
     let prog = ebpf
         .program_mut(hook.program)
-        .ok_or_else(|| format!("program {} missing from the eBPF object", hook.program))?;
+        .ok_or_else(|| Failure::reason(format!("program {} missing from the eBPF object", hook.program)))?;
     match hook.kind {
         HookKind::Tracepoint => {
-            let (cat, name) = split_tp(hook.target)?;
+            let (cat, name) = split_tp(hook.target).map_err(Failure::reason)?;
             let p: &mut TracePoint = prog.try_into().map_err(short)?;
-            p.load().map_err(short)?;
+            p.load().map_err(load_failure)?;
             p.attach(cat, name).map(drop).map_err(short)
         }
         HookKind::RawTracepoint => {
             let p: &mut RawTracePoint = prog.try_into().map_err(short)?;
-            p.load().map_err(short)?;
+            p.load().map_err(load_failure)?;
             p.attach(hook.target).map(drop).map_err(short)
         }
         HookKind::Kprobe => {
             let p: &mut KProbe = prog.try_into().map_err(short)?;
-            p.load().map_err(short)?;
+            p.load().map_err(load_failure)?;
             p.attach(hook.target, 0).map(drop).map_err(short)
         }
         HookKind::Fentry => {
-            let btf = kctx.aya_btf()?;
+            let btf = kctx.aya_btf().map_err(Failure::reason)?;
             let p: &mut FEntry = prog.try_into().map_err(short)?;
-            p.load(hook.target, &btf).map_err(short)?;
+            p.load(hook.target, &btf).map_err(load_failure)?;
             p.attach().map(drop).map_err(short)
         }
     }

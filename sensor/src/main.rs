@@ -236,6 +236,9 @@ struct DoctorArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    /// With the verifier's log under each program the kernel refused.
+    #[arg(long)]
+    verbose: bool,
     #[arg(long)]
     btf_path: Option<PathBuf>,
     #[arg(long)]
@@ -337,7 +340,7 @@ fn main() -> ExitCode {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                print!("{}", doctor::render_text(&r));
+                print!("{}", doctor::render_text(&r, args.verbose));
             }
             Ok(())
         })(),

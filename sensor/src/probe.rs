@@ -122,8 +122,12 @@ pub struct HookAttempt {
     pub hook: HookKind,
     pub target: &'static str,
     pub ok: bool,
+    /// Why not, in one line: the missing kernel feature and what brings it where known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The verifier's log when the kernel refused the program (`doctor --json`, `--verbose`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -395,6 +399,7 @@ mod tests {
             target: "t",
             ok,
             error: (!ok).then(|| "refused".to_string()),
+            log: None,
         }
     }
 

@@ -245,3 +245,58 @@ fn bad_config_names_file_key_and_reason() {
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("oom:\n    enabled: false"), "{printed}");
 }
+
+/// A probe whose required part cannot attach runs nothing: the OOM probe without its
+/// `oom/mark_victim` tracepoint (excluded here) unloads the raw tracepoint it had attached, and
+/// `/api/v1/probes`, `sensor_probe_state` and `sensor_probe_attached` all say so.
+#[test]
+fn a_probe_without_its_required_part_attaches_nothing() {
+    let Some(_k) = privileged("a_probe_without_its_required_part_attaches_nothing") else {
+        return;
+    };
+    let d = Daemon::start(&["--probes.oom.exclude-hooks", "tracepoint"]);
+    let (code, body) = d.get("/api/v1/probes");
+    assert_eq!(code, 200);
+    let probes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let oom = probe_report(&probes, "oom");
+    assert_eq!(oom["state"], "unsupported", "{oom}");
+    let groups = oom["groups"].as_array().unwrap();
+    assert!(groups.iter().all(|g| g["hook"].is_null()), "nothing runs: {oom}");
+    // This kernel's raw mark_victim passes the task: that part attached, then was unloaded.
+    let raw = groups.iter().find(|g| g["purpose"] == "victim cgroup").unwrap();
+    assert_eq!(
+        raw["attempts"][0]["error"], "detached: the required part 'victim fields' could not attach",
+        "{oom}"
+    );
+    let m = d.metrics();
+    for hook in ["fentry", "kprobe", "raw_tracepoint", "tracepoint"] {
+        assert_eq!(
+            metric(&m, "sensor_probe_attached", &[("probe", "oom"), ("hook", hook)]),
+            Some(0.0),
+            "{hook}:\n{m}"
+        );
+    }
+    assert_eq!(
+        metric(&m, "sensor_probe_state", &[("probe", "oom"), ("state", "unsupported")]),
+        Some(1.0),
+        "{m}"
+    );
+    // The kernel agrees: this daemon holds its other probes' programs, and no OOM program.
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool (installed by cargo xtask deps)");
+    let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let ours: Vec<&str> = progs
+        .iter()
+        .filter(|p| {
+            p["pids"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|x| x["pid"] == d.pid()))
+        })
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(ours.iter().any(|n| n.starts_with("tcp_")), "{ours:?}");
+    assert!(!ours.iter().any(|n| n.starts_with("oom_")), "{ours:?}");
+    assert_eq!(d.stop().code(), Some(0));
+}

@@ -254,6 +254,11 @@ fn config_with(dests: &[(&str, String)], tcp_keys: &str) -> std::path::PathBuf {
 
 /// The daemon with a TCP config file and fast cgroup discovery, plus `extra` flags.
 fn daemon(cfg: &std::path::Path, extra: &[&str]) -> Daemon {
+    daemon_with(cfg, extra, &[])
+}
+
+/// [`daemon`] with environment variables.
+fn daemon_with(cfg: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
     let mut args = vec![
         "--config",
         cfg.to_str().unwrap(),
@@ -261,7 +266,7 @@ fn daemon(cfg: &std::path::Path, extra: &[&str]) -> Daemon {
         "200ms",
     ];
     args.extend_from_slice(extra);
-    Daemon::start(&args)
+    Daemon::start_with(&args, None, env)
 }
 
 fn series<'a>(result: &'a str, dest: &'a str, cg: &'a MemCgroup) -> [(&'a str, &'a str); 8] {
@@ -419,7 +424,24 @@ fn classic_tracepoint_fallback_counts_the_same() {
     );
 }
 
+/// The programs for kernels without BPF atomics (5.10, 5.11: the connect table in a hash map
+/// instead of the compare-and-swap array), forced here on a kernel that has them: the same
+/// exact counts, RTTs, resets and events. Kernels without atomics pick them by feature probe
+/// (the QEMU 5.10 test).
+#[test]
+fn the_hash_map_connect_table_counts_the_same() {
+    let Some(_k) = privileged("the_hash_map_connect_table_counts_the_same") else {
+        return;
+    };
+    successes_and_refusals_with(&[], &[("SENSOR_FORCE_NO_BPF_ATOMICS", "1")], "raw_tracepoint");
+}
+
 fn successes_and_refusals(extra: &[&str], hook: &str) {
+    successes_and_refusals_with(extra, &[], hook);
+}
+
+fn successes_and_refusals_with(extra: &[&str], env: &[(&str, &str)], hook: &str) {
+    let no_atomics = !env.is_empty();
     let rtt_per_workload = extra.windows(2).any(|w| w == ["--probes.tcp.rtt.per", "workload"]);
     let (srv4, stop4) = server("127.0.0.1:0");
     let (srv6, stop6) = server("[::1]:0");
@@ -430,13 +452,26 @@ fn successes_and_refusals(extra: &[&str], hook: &str) {
         ("closed4", format!("127.0.0.1/32:{}", closed4.port())),
         ("closed6", format!("[::1/128]:{}", closed6.port())),
     ]);
-    let d = daemon(&cfg, extra);
+    let d = daemon_with(&cfg, extra, env);
     let (code, body) = d.get("/api/v1/probes");
     assert_eq!(code, 200);
     let probes: serde_json::Value = serde_json::from_str(&body).unwrap();
     let tcp = probe_report(&probes, "tcp");
     assert_eq!(tcp["groups"][0]["purpose"], "connect state");
     assert_eq!(tcp["groups"][0]["hook"], hook, "{tcp}");
+    // Which table: the first candidate (the array's raw entry) refused for want of atomics.
+    let first = &tcp["groups"][0]["attempts"][0];
+    assert_eq!(first["ok"], !no_atomics, "{tcp}");
+    if no_atomics {
+        assert!(
+            first["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("BPF atomics: kernel 5.12+"),
+            "{tcp}"
+        );
+        assert_eq!(tcp["state"], "degraded", "{tcp}");
+    }
     // The error-report program runs right after every refused connect's end here (this
     // kernel changes the state first): with it attached, each refusal still counts once.
     let recovery = if hook == "raw_tracepoint" && kernel_orders_connect_ends() {

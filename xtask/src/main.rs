@@ -23,6 +23,7 @@ mod demo;
 mod deps;
 mod fuzz;
 mod image;
+mod kernels;
 mod net;
 mod soak;
 
@@ -223,7 +224,7 @@ fn real_main() -> Result<()> {
                 }
                 eprintln!("==> could not install every test dependency ({e:#}); tests that need them will be skipped");
             }
-            prepare_qemu_kernel(&root);
+            kernels::prepare(&root);
             step("running the test suite (unit + privileged integration tests)");
             let skip_log = root.join("target/xtask/test-skips.log");
             if let Some(dir) = skip_log.parent() {
@@ -685,61 +686,6 @@ fn cargo_nightly_rustc() -> Command {
     let mut c = Command::new("rustup");
     c.args(["run", NIGHTLY, "rustc"]);
     c
-}
-
-/// Fetches Debian's 6.1 cloud kernel (which has kprobes and fentry) into target/qemu for the
-/// QEMU test of those hooks. Best effort: without apt the test says what is missing.
-fn prepare_qemu_kernel(root: &Path) {
-    let dir = root.join("target/qemu");
-    let kernel = dir.join("vmlinuz");
-    if kernel.exists() {
-        return;
-    }
-    if let Err(e) = fetch_kernel(&dir, &kernel) {
-        eprintln!("==> could not fetch the QEMU test kernel ({e:#}); the fentry/kprobe test will report it");
-    }
-}
-
-fn fetch_kernel(dir: &Path, kernel: &Path) -> Result<()> {
-    const PATTERN: &str = "^linux-image-6\\.1\\.0-[0-9]+-cloud-amd64-unsigned$";
-    let search = || output(Command::new("apt-cache").args(["search", "--names-only", PATTERN])).unwrap_or_default();
-    let mut found = search();
-    if found.trim().is_empty() {
-        step("apt-get update (to find Debian's 6.1 cloud kernel)");
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        found = search();
-    }
-    // Highest ABI number: linux-image-6.1.0-<N>-cloud-amd64-unsigned.
-    let name = found
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .max_by_key(|n| n.split('-').nth(3).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0))
-        .context("no linux-image-6.1.0-*-cloud-amd64-unsigned package in apt")?
-        .to_string();
-    step(&format!("fetching {name} for the QEMU test of the fentry/kprobe hooks"));
-    let dl = dir.join("dl");
-    let _ = std::fs::remove_dir_all(&dl);
-    std::fs::create_dir_all(&dl)?;
-    run(Command::new("apt-get")
-        .args(["download", "-qq", &name])
-        .current_dir(&dl))?;
-    let deb = std::fs::read_dir(&dl)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("apt-get download produced no .deb")?;
-    let x = dl.join("x");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x))?;
-    let vmlinuz = std::fs::read_dir(x.join("boot"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
-        .context("no boot/vmlinuz-* in the package")?;
-    std::fs::copy(&vmlinuz, kernel)?;
-    let _ = std::fs::remove_dir_all(&dl);
-    Ok(())
 }
 
 fn build_ebpf(root: &Path) -> Result<()> {

@@ -22,14 +22,14 @@ pub struct Support {
 }
 
 impl Support {
-    fn yes(name: &'static str) -> Support {
+    pub(crate) fn yes(name: &'static str) -> Support {
         Support {
             name,
             supported: true,
             detail: None,
         }
     }
-    fn no(name: &'static str, detail: impl Into<String>) -> Support {
+    pub(crate) fn no(name: &'static str, detail: impl Into<String>) -> Support {
         Support {
             name,
             supported: false,
@@ -44,6 +44,8 @@ pub struct KernelFeatures {
     pub map_types: Vec<Support>,
     /// Attach mechanisms that a loadable program type still needs (kprobe PMU, BTF, ...).
     pub attach: Vec<Support>,
+    /// Instruction-set features the programs choose between (`atomics`).
+    pub instructions: Vec<Support>,
     /// `Some(why)` when a seccomp filter, not the kernel, refused the probes' `bpf()` calls:
     /// loading cannot work then, and the reason names the fix.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,6 +107,7 @@ impl KernelFeatures {
             program_types,
             map_types,
             attach: vec![kprobe_attach_support()],
+            instructions: vec![super::insn::atomics()],
             bpf_denied_by_seccomp,
         }
     }
@@ -121,6 +124,11 @@ impl KernelFeatures {
 
     pub fn program(&self, name: &str) -> Option<&Support> {
         self.program_types.iter().find(|s| s.name.starts_with(name))
+    }
+
+    /// Whether BPF atomics (compare-and-swap) load: else the programs without them are used.
+    pub fn atomics(&self) -> bool {
+        self.instructions.iter().any(|s| s.name == "atomics" && s.supported)
     }
 
     pub fn attach(&self, name: &str) -> Option<&Support> {

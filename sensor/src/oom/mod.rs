@@ -107,7 +107,9 @@ fn check_raw_victim(k: &KernelContext) -> Result<(), String> {
     let btf = k.btf.as_ref().map_err(|e| format!("needs kernel BTF: {e}"))?;
     match btf.raw_tp_arg_is_struct_ptr("mark_victim", 0, "task_struct") {
         Ok(true) => {}
-        Ok(false) => return Err("mark_victim does not pass the victim task_struct on this kernel".into()),
+        Ok(false) => {
+            return Err("raw tracepoint mark_victim without task: the victim task comes with 6.8+ (or a backport, e.g. Debian's 6.1); 5.x passes its pid".into())
+        }
         Err(e) => return Err(format!("mark_victim prototype: {e}")),
     }
     crate::kernel::task::layout(btf)

@@ -3,7 +3,10 @@
 
 pub mod coalesce;
 pub mod config;
+pub mod hooks;
 pub mod kfunc;
+
+pub use hooks::SPEC;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -40,140 +43,8 @@ use crate::{
     events::EventHub,
     kernel::{btf::KernelBtf, clock, tracefs::Tracefs},
     metrics::{counter_metric, family, Shared},
-    probe::{
-        HookGroup, HookKind, HookSpec, KernelContext, LoadPlan, Probe, ProbeSpec, RecordKind, Running, StartContext,
-        StartError,
-    },
+    probe::{HookKind, KernelContext, LoadPlan, Probe, ProbeSpec, RecordKind, Running, StartContext, StartError},
 };
-
-/// Raw tracepoints first (no trace record is formatted for them, which matters on a path that
-/// fires several times per connection), classic tracepoints as the fallback.
-pub const SPEC: ProbeSpec = ProbeSpec {
-    name: "tcp",
-    counter_id: sensor_common::record::probe_id::TCP,
-    groups: &[
-        HookGroup {
-            purpose: "connect state",
-            required: true,
-            hooks: &[
-                HookSpec {
-                    kind: HookKind::RawTracepoint,
-                    program: "tcp_set_state_raw",
-                    target: "inet_sock_set_state",
-                    check: Some(check_raw),
-                },
-                HookSpec {
-                    kind: HookKind::Tracepoint,
-                    program: "tcp_set_state",
-                    target: "sock/inet_sock_set_state",
-                    check: None,
-                },
-            ],
-        },
-        HookGroup {
-            purpose: "resets received",
-            required: false,
-            hooks: &[
-                HookSpec {
-                    kind: HookKind::RawTracepoint,
-                    program: "tcp_receive_reset_raw",
-                    target: "tcp_receive_reset",
-                    check: Some(check_raw),
-                },
-                HookSpec {
-                    kind: HookKind::Tracepoint,
-                    program: "tcp_receive_reset",
-                    target: "tcp/tcp_receive_reset",
-                    check: None,
-                },
-            ],
-        },
-        HookGroup {
-            purpose: "resets sent",
-            required: false,
-            hooks: &[
-                HookSpec {
-                    kind: HookKind::RawTracepoint,
-                    program: "tcp_send_reset_raw",
-                    target: "tcp_send_reset",
-                    check: Some(check_raw),
-                },
-                HookSpec {
-                    kind: HookKind::Tracepoint,
-                    program: "tcp_send_reset",
-                    target: "tcp/tcp_send_reset",
-                    check: None,
-                },
-            ],
-        },
-        HookGroup {
-            purpose: "retransmits",
-            required: false,
-            hooks: &[
-                HookSpec {
-                    kind: HookKind::RawTracepoint,
-                    program: "tcp_retransmit_raw",
-                    target: "tcp_retransmit_skb",
-                    check: Some(check_raw),
-                },
-                HookSpec {
-                    kind: HookKind::Tracepoint,
-                    program: "tcp_retransmit",
-                    target: "tcp/tcp_retransmit_skb",
-                    check: None,
-                },
-            ],
-        },
-        HookGroup {
-            purpose: "connect end recovery",
-            required: false,
-            hooks: &[HookSpec {
-                kind: HookKind::RawTracepoint,
-                program: "tcp_error_report_raw",
-                target: "inet_sk_error_report",
-                check: Some(check_recovery),
-            }],
-        },
-    ],
-    configure: None,
-};
-
-/// The kernel function whose presence says a connect's `-> CLOSE` state change comes before its
-/// `sk_error_report()` (6.10, and stable kernels it was backported to, e.g. Debian's 6.1).
-const ORDERED_END: &str = "tcp_done_with_error";
-
-/// The error-report entry recovers connect ends the set_state program missed (docs/
-/// tcp-lost-runs.md). It needs the raw entries' socket fields, `tcp_sock.rcv_nxt`, a socket
-/// argument, and a kernel that changes the state before it reports the error: where the error
-/// comes first (timeouts, ICMP errors on older kernels) a skipped end cannot be recognised.
-fn check_recovery(k: &KernelContext) -> Result<(), String> {
-    check_raw(k)?;
-    let btf = k.btf.as_ref().map_err(|e| format!("needs kernel BTF: {e}"))?;
-    match btf.raw_tp_arg_is_struct_ptr("inet_sk_error_report", 0, "sock") {
-        Ok(true) => {}
-        Ok(false) => return Err("inet_sk_error_report's argument is not a struct sock pointer".into()),
-        Err(e) => return Err(format!("no inet_sk_error_report raw tracepoint in BTF ({e})")),
-    }
-    btf.member_offset("tcp_sock", "rcv_nxt").map_err(|e| e.to_string())?;
-    if !btf.has_func(ORDERED_END) {
-        return Err(format!(
-            "this kernel reports a failed connect's error before its state change (no {ORDERED_END} in BTF): a skipped end cannot be recognised"
-        ));
-    }
-    Ok(())
-}
-
-/// The raw entries read the socket themselves: they need its field offsets from BTF.
-fn check_raw(k: &KernelContext) -> Result<(), String> {
-    let btf = k.btf.as_ref().map_err(|e| format!("needs kernel BTF: {e}"))?;
-    sock_layout(btf, 0, false).and_then(|l| {
-        if l.raw_valid != 0 {
-            Ok(())
-        } else {
-            Err("socket fields missing".into())
-        }
-    })
-}
 
 /// Tracepoint offsets from tracefs; a missing required field leaves the layout invalid (the
 /// program then does nothing and the attach still reports the tracepoint).
@@ -987,6 +858,10 @@ impl TcpProbe {
     }
 }
 
+/// Entries of the connect table a kernel does not use (an LRU hash hands its entries out to
+/// CPUs in batches; a few hundred keep it valid everywhere at little cost).
+const UNUSED_TABLE: u32 = 256;
+
 /// How often workloads are rescanned for this probe (labels of new cgroups, vanished series).
 const DISCOVERY: Duration = Duration::from_secs(5);
 
@@ -1044,7 +919,14 @@ impl Probe for TcpProbe {
         );
         plan.global("TCP_TP_LAYOUT", &tp);
         plan.global("SOCK_LAYOUT", &sock);
-        plan.map_size("TCP_CONNS", slots);
+        // One connect table runs (see `hooks`): the other is created at its smallest.
+        let (slots_array, slots_hash) = if kctx.features.atomics() {
+            (slots, UNUSED_TABLE)
+        } else {
+            (1, slots)
+        };
+        plan.map_size("TCP_CONNS", slots_array);
+        plan.map_size("TCP_CONNS_NX", slots_hash);
         plan.map_size("TCP_COUNTS", self.cfg.max_series);
         plan.map_size("TCP_HISTS", self.cfg.max_series);
         let id = kfunc.map(|k| k.0);

@@ -1,9 +1,9 @@
 #!/bin/busybox sh
-# PID 1 of the test VM (Debian's 6.1 kernel, which has kprobes and fentry): runs the sensor
-# once per OOM context hook (the second time also on the TCP probe's classic-tracepoint entry),
-# causes one real memcg OOM kill, 20 connects and one host-wide OOM kill each time, prints what
-# the sensor reported
-# between markers on the serial console, and powers off.
+# PID 1 of every VM of the kernel matrix (sensor/tests/qemu/kernels.tsv): runs the sensor once
+# per pass named on the kernel command line (`sensor.passes=fentry,kprobe`), causes in each a
+# real memcg OOM kill, 20 connects that succeed, 5 refused and 3 that time out, and a host-wide
+# OOM kill; in the first pass also a slow growth to its limit (a `growth` kill). Prints what the
+# sensor reported between markers on the serial console, then `sensor doctor`, and powers off.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -13,50 +13,85 @@ mkdir -p /tmp && mount -t tmpfs tmp /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo +memory > /sys/fs/cgroup/cgroup.subtree_control
 ip link set lo up
+# Connects to 10.99.0.2 leave through lo with source 127.0.0.1 and are dropped on the way in
+# (a loopback source on a routed packet is martian): the SYN is never answered.
+ip route add 10.99.0.2/32 dev lo
+
+M=http://127.0.0.1:9442/metrics
+echo "=== KERNEL $(uname -r) ==="
+
+# A memory cgroup limited to 32 MiB, with the current shell's child moved into it by `$2`.
+limited() {
+  cg=/sys/fs/cgroup/$1
+  mkdir $cg
+  echo 33554432 > $cg/memory.max
+  echo 0 > $cg/memory.swap.max 2>/dev/null
+}
+
+# Every TCP series of the root cgroup (wget, nc and the sensor's own scrapes run there).
+tcp_root() {
+  wget -q -O - $M | grep -E '^sensor_tcp_connect(s_total|_duration_seconds_count)\{.*cgroup="/"'
+}
 
 pass() {
-  name=$1; shift
+  name=$1; first=$2; shift 2
   echo "=== PASS $name ==="
-  /sensor run --listen 127.0.0.1:9442 --probes.memcg.discovery-interval 500ms --journal.path /tmp/journal-$name "$@" > /tmp/sensor-$name.log 2>&1 &
+  /sensor run --listen 127.0.0.1:9442 --probes.memcg.discovery-interval 500ms --probes.oom.history.interval 1s --journal.path /tmp/journal-$name "$@" > /tmp/sensor-$name.log 2>&1 &
   spid=$!
   i=0
   until wget -q -O /dev/null http://127.0.0.1:9442/readyz; do
     i=$((i+1)); [ $i -gt 240 ] && { echo "--- not ready"; cat /tmp/sensor-$name.log; return; }
     sleep 0.5
   done
-  cg=/sys/fs/cgroup/victim-$name
-  mkdir $cg
-  echo 33554432 > $cg/memory.max
-  echo 0 > $cg/memory.swap.max 2>/dev/null
+  limited victim-$name
   sh -c "echo \$\$ > $cg/cgroup.procs; exec /tail /dev/zero"
   echo "--- victim exit $?"
-  sleep 5
+  sleep 3
   echo "--- probes"; wget -q -O - http://127.0.0.1:9442/api/v1/probes; echo
   echo "--- events"; wget -q -O - http://127.0.0.1:9442/api/v1/events; echo
-  echo "--- metrics"; wget -q -O - http://127.0.0.1:9442/metrics | grep -E '^sensor_(oom|events|probe|memcg_events|memory_pressure)'
-  # 20 connects from wget (root cgroup) between two scrapes, each scrape being one more.
-  tcp='^sensor_tcp_connect_duration_seconds_count{destination="other",cgroup="/"'
-  echo "--- tcp before"; wget -q -O - http://127.0.0.1:9442/metrics | grep "$tcp"
-  i=0; while [ $i -lt 20 ]; do wget -q -O /dev/null http://127.0.0.1:9442/healthz; i=$((i+1)); done
-  echo "--- tcp after"; wget -q -O - http://127.0.0.1:9442/metrics | grep "$tcp"
+  echo "--- metrics"; wget -q -O - $M | grep -E '^sensor_(oom|events|probe|memcg_events|memory_pressure)'
   echo "--- kernel"; grep oom_kill $cg/memory.events.local
   echo "--- memory.events"; cat $cg/memory.events
+  # Connects between two scrapes (each scrape being one more success): 20 that succeed, 5
+  # refused (nothing listens on port 1), 3 given up after 2 s in SYN_SENT (a timeout).
+  echo "--- tcp before"; tcp_root
+  i=0; while [ $i -lt 20 ]; do wget -q -O /dev/null http://127.0.0.1:9442/healthz; i=$((i+1)); done
+  i=0; while [ $i -lt 5 ]; do nc 127.0.0.1 1 < /dev/null 2>/dev/null; i=$((i+1)); done
+  t=""; for i in 1 2 3; do timeout 2 nc 10.99.0.2 80 < /dev/null 2>/dev/null & t="$t $!"; done; wait $t
+  echo "--- tcp after"; tcp_root
+  if [ "$first" = 1 ]; then
+    # 2 MiB a second into a 32 MiB limit: about 16 s of steady growth, then the kill.
+    limited grower-$name
+    sleep 1
+    sh -c "echo \$\$ > $cg/cgroup.procs; while :; do echo; sleep 0.125; done | awk '{ a[NR] = sprintf(\"%262144s\", \"\") }'"
+    sleep 3
+    echo "--- growth kernel"; grep oom_kill $cg/memory.events.local
+    echo "--- growth events"; wget -q -O - http://127.0.0.1:9442/api/v1/events; echo
+  fi
   # The host runs out: an allocator without a memory limit, the sensor protected from the
   # OOM killer; the kill must be counted as global with the verdict "host".
   echo -1000 > /proc/$spid/oom_score_adj
   echo "--- host victim"   # the shell's "Killed" lands here
   sh -c "exec /tail /dev/zero"
   echo "--- host victim exit $?"
-  sleep 5
+  sleep 3
   echo "--- host events"; wget -q -O - http://127.0.0.1:9442/api/v1/events; echo
-  echo "--- host metrics"; wget -q -O - http://127.0.0.1:9442/metrics | grep -E '^sensor_oom_kills_total'
+  echo "--- host metrics"; wget -q -O - $M | grep -E '^sensor_oom_kills_total'
   kill -TERM $spid; wait $spid; echo "--- sensor exit $?"
   echo "--- log"; cat /tmp/sensor-$name.log
   echo "=== END $name ==="
 }
 
-pass fentry
-pass kprobe --probes.oom.exclude-hooks fentry --probes.tcp.exclude-hooks raw_tracepoint
+passes=$(sed -n 's/.*sensor\.passes=\([^ ]*\).*/\1/p' /proc/cmdline)
+first=1
+for p in $(echo "$passes" | tr , ' '); do
+  case $p in
+    kprobe) pass kprobe $first --probes.oom.exclude-hooks fentry --probes.tcp.exclude-hooks raw_tracepoint ;;
+    *) pass $p $first ;;
+  esac
+  first=0
+done
+# Once, in its human form (each run loads every program again: seconds under emulation).
 echo "=== DOCTOR ==="
 /sensor doctor 2>&1
 echo "=== END DOCTOR ==="

@@ -1,0 +1,189 @@
+//! Booting one kernel of the matrix (sensor/tests/qemu/kernels.tsv) with init.sh as PID 1, and
+//! reading its serial console.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::common;
+
+const SENSOR: &str = env!("CARGO_BIN_EXE_sensor");
+
+/// One row of the kernel table.
+pub struct Kernel {
+    pub name: String,
+    pub suite: String,
+    pub arch: String,
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The row named `name`.
+pub fn kernel(name: &str) -> Kernel {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qemu/kernels.tsv");
+    let text = std::fs::read_to_string(&path).expect("kernels.tsv");
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| l.split('\t').filter(|f| !f.is_empty()).collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&name))
+        .map(|f| Kernel {
+            name: f[0].to_string(),
+            suite: f[1].to_string(),
+            arch: f[2].to_string(),
+        })
+        .unwrap_or_else(|| panic!("no kernel {name} in {}", path.display()))
+}
+
+/// Skips (or, under CI, fails) for a missing piece of the set-up.
+fn missing(what: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("CI=true but {what}; .ci/run and `cargo xtask test` provide it");
+    }
+    common::skip(&format!("{what} (run `cargo xtask test`, which prepares it)"));
+}
+
+/// Copies `bin` and the shared libraries it needs (per ldd) into `root` at the same paths.
+fn install_with_libs(bin: &Path, root: &Path, dest: &str) {
+    std::fs::copy(bin, root.join(dest.trim_start_matches('/'))).expect("copy binary");
+    let out = Command::new("ldd").arg(bin).output().expect("ldd");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = line.split_whitespace().find(|w| w.starts_with('/'));
+        if let Some(p) = path {
+            let to = root.join(p.trim_start_matches('/'));
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(p, &to).unwrap_or_else(|e| panic!("copy {p}: {e}"));
+        }
+    }
+}
+
+fn build_initramfs(dir: &Path) -> PathBuf {
+    let root = dir.join("root");
+    let _ = std::fs::remove_dir_all(&root);
+    for d in ["bin", "proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    let init = root.join("init");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qemu/init.sh"), &init).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Strip the debug binary so the RAM-backed root stays small.
+    let stripped = dir.join("sensor.stripped");
+    let st = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(SENSOR)
+        .status()
+        .expect("strip");
+    assert!(st.success());
+    install_with_libs(&stripped, &root, "/sensor");
+    install_with_libs(Path::new("/usr/bin/tail"), &root, "/tail");
+    let cpio = dir.join("initramfs.cpio");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg("cd \"$1\" && find . | /bin/busybox cpio -o -H newc > \"$2\" 2>/dev/null")
+        .arg("sh")
+        .arg(&root)
+        .arg(&cpio)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cpio failed");
+    cpio
+}
+
+/// Boots `k` with init.sh running `passes` (comma-separated); returns the serial console's
+/// text, or `None` when a piece of the set-up is missing (skipped, or failed under CI).
+pub fn boot(k: &Kernel, passes: &str) -> Option<String> {
+    let kernel = workspace().join("target/qemu").join(&k.suite).join("vmlinuz");
+    let qemu = match k.arch.as_str() {
+        "amd64" => "qemu-system-x86_64",
+        other => panic!("no QEMU system for arch {other} yet"),
+    };
+    if !kernel.exists() {
+        missing(&format!(
+            "{} (Debian {}'s {} kernel) is absent",
+            kernel.display(),
+            k.suite,
+            k.name
+        ));
+        return None;
+    }
+    if Command::new(qemu).arg("--version").output().is_err() {
+        missing(&format!("{qemu} is not installed"));
+        return None;
+    }
+    if !Path::new("/bin/busybox").exists() {
+        missing("busybox-static is not installed");
+        return None;
+    }
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("qemu-{}", k.suite));
+    std::fs::create_dir_all(&work).unwrap();
+    let initrd = build_initramfs(&work);
+    let serial = work.join("serial.log");
+    let started = Instant::now();
+    let st = Command::new("timeout")
+        // TCG: KVM inside a VM (as here) can hang at boot.
+        .args([
+            "--kill-after=10",
+            "600",
+            qemu,
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-smp",
+            "2",
+        ])
+        .args(["-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet loglevel=3 sensor.passes={passes}"
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .args(["-monitor", "none", "-display", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("start qemu");
+    let out = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(st.success(), "qemu exited with {st}; serial:\n{out}");
+    eprintln!(
+        "kernel {} ({}): the VM ran {:.1} s",
+        k.name,
+        k.suite,
+        started.elapsed().as_secs_f64(),
+    );
+    std::thread::sleep(Duration::from_millis(10));
+    Some(out)
+}
+
+/// The text between `=== {start} ===` and `=== END {name} ===`.
+pub fn section<'a>(out: &'a str, start: &str, name: &str) -> &'a str {
+    let begin = format!("=== {start} ===");
+    let end = format!("=== END {name} ===");
+    let s = out
+        .find(&begin)
+        .unwrap_or_else(|| panic!("no '{begin}' in VM output:\n{out}"));
+    let rest = &out[s + begin.len()..];
+    let e = rest
+        .find(&end)
+        .unwrap_or_else(|| panic!("no '{end}' in VM output:\n{out}"));
+    &rest[..e]
+}
+
+/// The text after `--- {name}` up to the next `--- ` marker.
+pub fn part<'a>(sec: &'a str, name: &str) -> &'a str {
+    let marker = format!("--- {name}");
+    let s = sec.find(&marker).unwrap_or_else(|| panic!("no '{marker}' in:\n{sec}"));
+    let rest = &sec[s + marker.len()..];
+    rest.find("\n--- ").map_or(rest, |e| &rest[..e]).trim()
+}
