@@ -195,7 +195,6 @@ impl Conns for Hashed {
             daddr: [0; 16],
         };
         fill(&mut s);
-        s.state = now;
         TCP_CONNS_NX.insert(&sk, &s, u64::from(BPF_ANY)).is_ok()
     }
 
@@ -212,8 +211,8 @@ impl Conns for Hashed {
     /// one deletes it. The lock word check keeps an end from taking a newer start's entry.
     #[inline(always)]
     fn release(sk: u64, p: *mut ConnSlot, seen: u64) -> bool {
-        // SAFETY: `p` is a live map value (deleted entries stay readable until the program
-        // run ends, RCU).
+        // SAFETY: `p` is the map value `find` returned in this program run (map values stay
+        // valid memory for the whole run).
         if unsafe { load(&raw const (*p).state) } != seen {
             return false;
         }
