@@ -80,6 +80,32 @@ pub fn prepare(root: &Path) {
     }
 }
 
+/// `cargo xtask kernels`: fetches what is missing, then lists each kernel and its image; fails
+/// when one could not be fetched.
+pub fn prepare_and_list(root: &Path) -> Result<()> {
+    prepare(root);
+    let mut missing = Vec::new();
+    for k in table(root)? {
+        let image = k.dir(root).join("vmlinuz");
+        let package = std::fs::read_to_string(k.dir(root).join("package")).unwrap_or_default();
+        println!(
+            "{}\t{}\t{}\t{}\t{}",
+            k.name,
+            k.suite,
+            k.arch,
+            image.display(),
+            package.trim()
+        );
+        if !image.exists() {
+            missing.push(k.name);
+        }
+    }
+    if !missing.is_empty() {
+        bail!("kernels not fetched: {}", missing.join(", "));
+    }
+    Ok(())
+}
+
 /// The Debian archive this machine's apt uses (copied, so a mirror configured here is used for
 /// the other suites too).
 fn debian_uri() -> String {

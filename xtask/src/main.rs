@@ -56,6 +56,9 @@ enum Cmd {
     },
     /// Build the kernel programs for bpfel-unknown-none and print the object's path.
     BuildEbpf,
+    /// Fetch the kernels of the QEMU matrix (sensor/tests/qemu/kernels.tsv) that are not cached
+    /// in target/qemu/<suite> yet (`test` does this too); prints each kernel's image.
+    Kernels,
     /// Build the fully static (musl), stripped release daemon (eBPF object embedded) and write it
     /// and Debian's CA bundle to `--out`, what the container image ships; prints one
     /// `file<TAB>PATH` line per file written.
@@ -206,6 +209,7 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::BuildEbpf => build_ebpf(&root),
+        Cmd::Kernels => kernels::prepare_and_list(&root),
         Cmd::Dist { out } => image::dist(&root, &out).map(|_| ()),
         Cmd::Image => image::image(&root),
         Cmd::Run { args } => {
