@@ -340,3 +340,88 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
     );
     check_doctor(&out);
 }
+
+/// Not a test: the connect loop the overhead measurement runs inside the VM
+/// (`SENSOR_LOOP_SECONDS` set): loopback connects closed with RST, to a listener in this process,
+/// for that long; prints `RATE <connects per second>`.
+#[test]
+#[ignore = "helper process run inside the VM"]
+fn connect_loop_helper() {
+    use std::{net::TcpListener, os::fd::AsRawFd};
+    let Some(secs) = std::env::var("SENSOR_LOOP_SECONDS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    else {
+        return;
+    };
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    let until = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while std::time::Instant::now() < until {
+        let c = std::net::TcpStream::connect(addr).expect("connect");
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket fd and a correctly sized linger struct.
+        unsafe {
+            libc::setsockopt(
+                c.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                std::ptr::from_ref(&linger).cast(),
+                std::mem::size_of::<libc::linger>() as u32,
+            )
+        };
+        n += 1;
+    }
+    println!("RATE {}", n as f64 / secs);
+}
+
+/// Median connect rate of the `mode` rounds (`base` or `sensor`) of a bench pass.
+fn median_rate(out: &str, mode: &str) -> f64 {
+    let sec = section(out, "PASS bench", "bench");
+    let mut rates: Vec<f64> = sec
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("--- rate {mode} ")))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(rates.len(), 5, "{sec}");
+    rates.sort_by(f64::total_cmp);
+    rates[2]
+}
+
+/// The TCP probe's cost per connect with the hash-map table (5.10) against the array (6.1):
+/// each kernel's loopback connect rate with the sensor over its rate without, under QEMU's
+/// emulation (noisy: a measurement for docs/benchmarks.md, not a check).
+#[test]
+#[ignore = "a measurement (docs/benchmarks.md), not a check"]
+fn tcp_overhead_5_10_against_6_1() {
+    let runs: Vec<(&str, Option<String>)> = std::thread::scope(|s| {
+        let h: Vec<_> = ["5.10", "6.1"]
+            .into_iter()
+            .map(|k| s.spawn(move || (k, vm::boot_with(&vm::kernel(k), "bench", true))))
+            .collect();
+        h.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ratios = Vec::new();
+    for (k, out) in runs {
+        let Some(out) = out else { return };
+        let probes: Value =
+            serde_json::from_str(part(section(&out, "PASS bench", "bench"), "probes")).expect("probes JSON");
+        let table = tcp_table(&probes);
+        let (base, sensor) = (median_rate(&out, "base"), median_rate(&out, "sensor"));
+        println!(
+            "kernel {k} ({table} table): {base:.0} connects/s without the sensor, {sensor:.0} with it: ratio {:.3}",
+            sensor / base
+        );
+        ratios.push(sensor / base);
+    }
+    println!("rate ratio 5.10 (hash map) / 6.1 (array): {:.3}", ratios[0] / ratios[1]);
+}

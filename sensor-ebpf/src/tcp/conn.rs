@@ -195,12 +195,12 @@ impl Conns for Hashed {
             daddr: [0; 16],
         };
         fill(&mut s);
-        TCP_CONNS_NX.insert(&sk, &s, u64::from(BPF_ANY)).is_ok()
+        TCP_CONNS_NX.insert(sk, s, u64::from(BPF_ANY)).is_ok()
     }
 
     #[inline(always)]
     fn find(sk: u64) -> (*mut ConnSlot, u64) {
-        match TCP_CONNS_NX.get_ptr_mut(&sk) {
+        match TCP_CONNS_NX.get_ptr_mut(sk) {
             // SAFETY: a live map value, valid during the program run.
             Some(p) => (p, unsafe { load(&raw const (*p).state) }),
             None => (core::ptr::null_mut(), 0),
@@ -216,6 +216,6 @@ impl Conns for Hashed {
         if unsafe { load(&raw const (*p).state) } != seen {
             return false;
         }
-        TCP_CONNS_NX.remove(&sk).is_ok()
+        TCP_CONNS_NX.remove(sk).is_ok()
     }
 }

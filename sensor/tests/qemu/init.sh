@@ -82,17 +82,35 @@ pass() {
   echo "=== END $name ==="
 }
 
+# The TCP probe's overhead (tests/qemu.rs, tcp_overhead_*): loopback connect rounds of 2 s
+# without the sensor, then with it (starting it takes long under emulation, so not alternated).
+bench() {
+  loop() { SENSOR_LOOP_SECONDS=2 /qemu-tests --ignored --exact connect_loop_helper --nocapture --test-threads=1 | sed -n 's/^RATE //p'; }
+  echo "=== PASS bench ==="
+  for i in 1 2 3 4 5; do echo "--- rate base $i $(loop)"; done
+  /sensor run --listen 127.0.0.1:9442 --journal.enabled false > /tmp/sensor-bench.log 2>&1 &
+  spid=$!
+  until wget -q -O /dev/null http://127.0.0.1:9442/readyz; do sleep 0.5; done
+  for i in 1 2 3 4 5; do echo "--- rate sensor $i $(loop)"; done
+  echo "--- probes"; wget -q -O - http://127.0.0.1:9442/api/v1/probes; echo
+  kill -TERM $spid; wait $spid
+  echo "=== END bench ==="
+}
+
 passes=$(sed -n 's/.*sensor\.passes=\([^ ]*\).*/\1/p' /proc/cmdline)
 first=1
 for p in $(echo "$passes" | tr , ' '); do
   case $p in
     kprobe) pass kprobe $first --probes.oom.exclude-hooks fentry --probes.tcp.exclude-hooks raw_tracepoint ;;
+    bench) bench ;;
     *) pass $p $first ;;
   esac
   first=0
 done
 # Once, in its human form (each run loads every program again: seconds under emulation).
-echo "=== DOCTOR ==="
-/sensor doctor 2>&1
-echo "=== END DOCTOR ==="
+if [ "$passes" != bench ]; then
+  echo "=== DOCTOR ==="
+  /sensor doctor 2>&1
+  echo "=== END DOCTOR ==="
+fi
 poweroff -f

@@ -60,7 +60,22 @@ fn install_with_libs(bin: &Path, root: &Path, dest: &str) {
     }
 }
 
-fn build_initramfs(dir: &Path) -> PathBuf {
+/// Strips `bin` into `dir` (the RAM-backed root stays small) and returns the copy.
+fn stripped(bin: &Path, dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(format!("{name}.stripped"));
+    let st = Command::new("strip")
+        .arg("-o")
+        .arg(&out)
+        .arg(bin)
+        .status()
+        .expect("strip");
+    assert!(st.success(), "strip {}", bin.display());
+    out
+}
+
+/// The root file system: busybox, init.sh, the sensor, GNU tail, and with `with_tests` this test
+/// binary as `/qemu-tests` (its helpers run inside the VM).
+fn build_initramfs(dir: &Path, with_tests: bool) -> PathBuf {
     let root = dir.join("root");
     let _ = std::fs::remove_dir_all(&root);
     for d in ["bin", "proc", "sys", "dev", "tmp"] {
@@ -71,16 +86,11 @@ fn build_initramfs(dir: &Path) -> PathBuf {
     std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qemu/init.sh"), &init).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // Strip the debug binary so the RAM-backed root stays small.
-    let stripped = dir.join("sensor.stripped");
-    let st = Command::new("strip")
-        .arg("-o")
-        .arg(&stripped)
-        .arg(SENSOR)
-        .status()
-        .expect("strip");
-    assert!(st.success());
-    install_with_libs(&stripped, &root, "/sensor");
+    install_with_libs(&stripped(Path::new(SENSOR), dir, "sensor"), &root, "/sensor");
+    if with_tests {
+        let me = std::env::current_exe().expect("test binary");
+        install_with_libs(&stripped(&me, dir, "qemu-tests"), &root, "/qemu-tests");
+    }
     install_with_libs(Path::new("/usr/bin/tail"), &root, "/tail");
     let cpio = dir.join("initramfs.cpio");
     let st = Command::new("sh")
@@ -98,6 +108,11 @@ fn build_initramfs(dir: &Path) -> PathBuf {
 /// Boots `k` with init.sh running `passes` (comma-separated); returns the serial console's
 /// text, or `None` when a piece of the set-up is missing (skipped, or failed under CI).
 pub fn boot(k: &Kernel, passes: &str) -> Option<String> {
+    boot_with(k, passes, false)
+}
+
+/// [`boot`], with this test binary in the VM when `with_tests`.
+pub fn boot_with(k: &Kernel, passes: &str, with_tests: bool) -> Option<String> {
     let kernel = workspace().join("target/qemu").join(&k.suite).join("vmlinuz");
     let qemu = match k.arch.as_str() {
         "amd64" => "qemu-system-x86_64",
@@ -120,9 +135,13 @@ pub fn boot(k: &Kernel, passes: &str) -> Option<String> {
         missing("busybox-static is not installed");
         return None;
     }
-    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("qemu-{}", k.suite));
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "qemu-{}{}",
+        k.suite,
+        if with_tests { "-tests" } else { "" }
+    ));
     std::fs::create_dir_all(&work).unwrap();
-    let initrd = build_initramfs(&work);
+    let initrd = build_initramfs(&work, with_tests);
     let serial = work.join("serial.log");
     let started = Instant::now();
     let st = Command::new("timeout")
