@@ -347,7 +347,7 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
 #[test]
 #[ignore = "helper process run inside the VM"]
 fn connect_loop_helper() {
-    use std::{net::TcpListener, os::fd::AsRawFd};
+    use std::net::TcpListener;
     let Some(secs) = std::env::var("SENSOR_LOOP_SECONDS")
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
@@ -365,26 +365,14 @@ fn connect_loop_helper() {
     let mut n = 0u64;
     while std::time::Instant::now() < until {
         let c = std::net::TcpStream::connect(addr).expect("connect");
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: a valid socket fd and a correctly sized linger struct.
-        unsafe {
-            libc::setsockopt(
-                c.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                std::ptr::from_ref(&linger).cast(),
-                std::mem::size_of::<libc::linger>() as u32,
-            )
-        };
+        common::close_with_rst(&c);
         n += 1;
     }
     println!("RATE {}", n as f64 / secs);
 }
 
-/// Median connect rate of the `mode` rounds (`base` or `sensor`) of a bench pass.
+/// Median connect rate of the `mode` rounds (`base`: 8, before and after; `sensor`: 5) of a
+/// bench pass.
 fn median_rate(out: &str, mode: &str) -> f64 {
     let sec = section(out, "PASS bench", "bench");
     let mut rates: Vec<f64> = sec
@@ -392,9 +380,10 @@ fn median_rate(out: &str, mode: &str) -> f64 {
         .filter_map(|l| l.strip_prefix(&format!("--- rate {mode} ")))
         .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
         .collect();
-    assert_eq!(rates.len(), 5, "{sec}");
+    assert!(rates.len() >= 5, "{sec}");
     rates.sort_by(f64::total_cmp);
-    rates[2]
+    let n = rates.len();
+    (rates[(n - 1) / 2] + rates[n / 2]) / 2.0
 }
 
 /// The TCP probe's cost per connect with the hash-map table (5.10) against the array (6.1):
@@ -403,13 +392,11 @@ fn median_rate(out: &str, mode: &str) -> f64 {
 #[test]
 #[ignore = "a measurement (docs/benchmarks.md), not a check"]
 fn tcp_overhead_5_10_against_6_1() {
-    let runs: Vec<(&str, Option<String>)> = std::thread::scope(|s| {
-        let h: Vec<_> = ["5.10", "6.1"]
-            .into_iter()
-            .map(|k| s.spawn(move || (k, vm::boot_with(&vm::kernel(k), "bench", true))))
-            .collect();
-        h.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    // One VM at a time: two would compete for the CPUs in each other's rounds.
+    let runs: Vec<(&str, Option<String>)> = ["5.10", "6.1"]
+        .into_iter()
+        .map(|k| (k, vm::boot_with(&vm::kernel(k), "bench", true)))
+        .collect();
     let mut ratios = Vec::new();
     for (k, out) in runs {
         let Some(out) = out else { return };

@@ -67,21 +67,7 @@ fn connector_helper() {
                     i += 1;
                     match TcpStream::connect(addr) {
                         Ok(c) => {
-                            // Close with RST: no TIME_WAIT, so a storm cannot run out of ports.
-                            let linger = libc::linger {
-                                l_onoff: 1,
-                                l_linger: 0,
-                            };
-                            // SAFETY: valid fd and a correctly sized linger struct.
-                            unsafe {
-                                libc::setsockopt(
-                                    c.as_raw_fd(),
-                                    libc::SOL_SOCKET,
-                                    libc::SO_LINGER,
-                                    std::ptr::from_ref(&linger).cast(),
-                                    std::mem::size_of::<libc::linger>() as u32,
-                                )
-                            };
+                            close_with_rst(&c);
                             ok.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
@@ -1328,4 +1314,56 @@ fn connect_storm_successes_plus_losses_add_up() {
     );
     stop.store(true, Ordering::Relaxed);
     assert_eq!(d.stop().code(), Some(0));
+}
+
+/// A measurement, not a check (docs/benchmarks.md): the loopback connect rate (2 threads, RST
+/// close) with no sensor, the sensor's array table and its hash-map table (forced), on this
+/// kernel, 2 s each, in rounds that rotate the order; prints each mode's median over the
+/// baseline of its round.
+#[test]
+#[ignore = "a measurement (docs/benchmarks.md), not a check"]
+fn hash_map_table_overhead_against_the_array() {
+    let Some(_k) = privileged("hash_map_table_overhead_against_the_array") else {
+        return;
+    };
+    const ROUNDS: usize = 7;
+    let (srv, stop) = server("127.0.0.1:0");
+    let cg = MemCgroup::new("sensor-it-tcp-bench", 1 << 30);
+    let rate = || connect_for(&cg, None, srv, 2.0, 2)[0] as f64 / 2.0;
+    let with = |env: &[(&str, &str)]| {
+        let d = Daemon::start_with(&[], None, env);
+        std::thread::sleep(Duration::from_millis(500));
+        let r = rate();
+        assert_eq!(d.stop().code(), Some(0));
+        r
+    };
+    let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        let base = rate();
+        let mut got = [0.0; 2];
+        for i in [round % 2, 1 - round % 2] {
+            got[i] = if i == 0 {
+                with(&[])
+            } else {
+                with(&[("SENSOR_FORCE_NO_BPF_ATOMICS", "1")])
+            };
+        }
+        println!(
+            "round {round}: baseline {base:.0}/s, array {:.0}/s, hash map {:.0}/s",
+            got[0], got[1]
+        );
+        for i in 0..2 {
+            ratios[i].push(got[i] / base);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (array, hash) = (median(&mut ratios[0]), median(&mut ratios[1]));
+    println!(
+        "median over {ROUNDS} rounds: array / baseline {array:.3}, hash map / baseline {hash:.3}, hash map / array {:.3}",
+        hash / array
+    );
 }

@@ -760,3 +760,23 @@ impl Drop for Service {
         }
     }
 }
+
+/// Sets `SO_LINGER` 0 on `c`: its close sends RST and leaves no TIME_WAIT, so connect loops
+/// cannot run out of ports.
+pub fn close_with_rst(c: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and a correctly sized linger struct.
+    unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+}
