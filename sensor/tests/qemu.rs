@@ -192,6 +192,35 @@ fn check_doctor(out: &str) -> &str {
     doctor
 }
 
+/// The `split` pass: the OOM probe without its required tracepoint attaches nothing (its
+/// fentry kill context, attached first, is unloaded again), and its report, state and
+/// `sensor_probe_attached` all say so; the other probes run.
+fn nothing_without_the_required_part(out: &str) {
+    let sec = section(out, "PASS split", "split");
+    assert_eq!(part(sec, "sensor exit"), "0", "{sec}");
+    let probes: Value = serde_json::from_str(part(sec, "probes")).expect("probes JSON");
+    let m = part(sec, "metrics");
+    let oom = common::probe_report(&probes, "oom");
+    assert_eq!(oom["state"], "unsupported", "{oom}");
+    let groups = oom["groups"].as_array().unwrap();
+    assert!(groups.iter().all(|g| g["hook"].is_null()), "{oom}");
+    let ctx = groups.iter().find(|g| g["purpose"] == "kill context").unwrap();
+    assert_eq!(
+        ctx["attempts"][0]["error"], "detached: the required part 'victim fields' could not attach",
+        "{oom}"
+    );
+    for hook in ["fentry", "kprobe", "raw_tracepoint", "tracepoint"] {
+        let got = metric(m, "sensor_probe_attached", &[("probe", "oom"), ("hook", hook)]);
+        assert_eq!(got, Some(0.0), "oom {hook}:\n{m}");
+    }
+    let state = metric(m, "sensor_probe_state", &[("probe", "oom"), ("state", "unsupported")]);
+    assert_eq!(state, Some(1.0), "{m}");
+    for p in ["memcg", "tcp"] {
+        let r = common::probe_report(&probes, p);
+        assert!(r["state"] == "attached" || r["state"] == "degraded", "{r}");
+    }
+}
+
 /// The TCP probe's connect state group runs the program of `table` ("slots": compare-and-swap
 /// array; "hash": the hash map of kernels without BPF atomics).
 fn tcp_table(probes: &Value) -> &'static str {
@@ -208,10 +237,11 @@ fn tcp_table(probes: &Value) -> &'static str {
 
 #[test]
 fn kernel_5_10() {
-    let Some(out) = vm::boot(&vm::kernel("5.10"), "default") else {
+    let Some(out) = vm::boot(&vm::kernel("5.10"), "default,split") else {
         return;
     };
     let probes = check_pass(&out, "default", true);
+    nothing_without_the_required_part(&out);
     // No BPF atomics before 5.12: the feature probe picks the hash-map connect table by itself,
     // and the counts above are exact with it.
     assert_eq!(tcp_table(&probes), "hash", "{probes}");
