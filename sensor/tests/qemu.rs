@@ -72,8 +72,9 @@ fn states_agree(probes: &Value, m: &str, sec: &str) {
     }
 }
 
-/// The root cgroup's TCP counts in a `tcp_root` scrape: (successes, refused, timeouts).
-fn tcp_counts(scrape: &str) -> (f64, f64, f64) {
+/// The root cgroup's TCP counts in a `tcp_root` scrape: (successes, refused, timeouts, the
+/// successes' summed connect latency in seconds).
+fn tcp_counts(scrape: &str) -> (f64, f64, f64, f64) {
     let root = workload("/");
     let by = |result: &'static str| {
         metric(
@@ -89,7 +90,13 @@ fn tcp_counts(scrape: &str) -> (f64, f64, f64) {
         &labels(&root, &[("destination", "other")]),
     )
     .unwrap_or_else(|| panic!("no root-cgroup connect count in:\n{scrape}"));
-    (ok, by("refused"), by("timeout"))
+    let sum = metric(
+        scrape,
+        "sensor_tcp_connect_duration_seconds_sum",
+        &labels(&root, &[("destination", "other")]),
+    )
+    .unwrap_or_else(|| panic!("no root-cgroup connect latency in:\n{scrape}"));
+    (ok, by("refused"), by("timeout"), sum)
 }
 
 /// What every pass on every kernel must show; returns the pass's probe report.
@@ -140,8 +147,14 @@ fn check_pass(out: &str, pass: &str, first: bool) -> Value {
     assert_eq!(metric(m, "sensor_events_total", &[("probe", "oom")]), Some(1.0), "{m}");
 
     // 20 connects + the second scrape's own succeed, 5 are refused, 3 time out.
-    let (ok0, refused0, timeout0) = tcp_counts(part(sec, "tcp before"));
-    let (ok1, refused1, timeout1) = tcp_counts(part(sec, "tcp after"));
+    let (ok0, refused0, timeout0, sum0) = tcp_counts(part(sec, "tcp before"));
+    let (ok1, refused1, timeout1, sum1) = tcp_counts(part(sec, "tcp after"));
+    // Loopback handshakes, timed in the kernel: more than nothing, far less than a second each.
+    assert!(
+        sum1 > sum0 && sum1 - sum0 < 21.0,
+        "latency of the 21 successes: {} s\n{sec}",
+        sum1 - sum0
+    );
     assert_eq!(
         (ok1 - ok0, refused1 - refused0, timeout1 - timeout0),
         (21.0, 5.0, 3.0),

@@ -30,7 +30,7 @@ limited() {
 
 # Every TCP series of the root cgroup (wget, nc and the sensor's own scrapes run there).
 tcp_root() {
-  wget -q -O - $M | grep -E '^sensor_tcp_connect(s_total|_duration_seconds_count)\{.*cgroup="/"'
+  wget -q -O - $M | grep -E '^sensor_tcp_connect(s_total|_duration_seconds_(count|sum))\{.*cgroup="/"'
 }
 
 pass() {
