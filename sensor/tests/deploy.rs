@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use common::{manifests::*, *};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -479,36 +479,6 @@ fn image_files(tar: &[u8]) -> std::collections::BTreeSet<String> {
         off += 512 + size.div_ceil(512) as usize * 512;
     }
     files
-}
-
-fn deploy_python() -> Option<PathBuf> {
-    let py = root().join("target/deploy-venv/bin/python");
-    let ok = Command::new(&py)
-        .args(["-c", "import kubernetes_validate"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(py);
-    }
-    tool_missing(
-        "target/deploy-venv with kubernetes-validate",
-        "cargo xtask deps, which cargo xtask test and .ci/run run",
-    );
-    None
-}
-
-/// Runs deploy/kubernetes/validate.py on `dir`; without network when root (`unshare -n`), so
-/// the test proves the schemas come from the installed package.
-fn validate_manifests(py: &Path, dir: &Path) -> (bool, String) {
-    let script = root().join("deploy/kubernetes/validate.py");
-    // SAFETY: geteuid has no preconditions.
-    let out = if unsafe { libc::geteuid() } == 0 {
-        Command::new("unshare").arg("-n").arg(py).arg(&script).arg(dir).output()
-    } else {
-        Command::new(py).arg(&script).arg(dir).output()
-    }
-    .unwrap();
-    (out.status.success(), text(&out))
 }
 
 #[test]
@@ -1170,8 +1140,22 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
+    // The remediation receiver's credential files (the Kubernetes Secret's mount) put here: a
+    // real Alertmanager refuses to start without its CA file.
+    let secrets = "/etc/alertmanager/secrets/sensor-remediate-alertmanager/";
+    let shipped = std::fs::read_to_string(alertmanager_file()).unwrap();
+    assert!(shipped.contains(secrets), "the remediation receiver reads {secrets}");
+    let pki = tls::Pki::new(&dir.join("secrets"));
+    std::fs::copy(&pki.ca, dir.join("secrets/ca.crt")).unwrap();
+    std::fs::write(dir.join("secrets/token"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    let config = dir.join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        shipped.replace(secrets, &format!("{}/secrets/", dir.display())),
+    )
+    .unwrap();
     let mut cmd = Command::new("prometheus-alertmanager");
-    cmd.arg(format!("--config.file={}", alertmanager_file().display()))
+    cmd.arg(format!("--config.file={}", config.display()))
         .arg(format!("--storage.path={}", dir.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .arg("--cluster.listen-address=");

@@ -2,7 +2,8 @@
 //! Prometheus in agent mode (deploy/prometheus/agent.yml), a central Prometheus receiving its
 //! remote writes and running the fleet rules (central.yml, sensor-rules.yml), a real
 //! Alertmanager (deploy/alertmanager/alertmanager.yml) and `sensor remediate`
-//! (deploy/remediate/remediate.yaml) behind basic auth. The test configs are generated from the
+//! (deploy/remediate/remediate.yaml) as shipped: TLS and a bearer token, sent by Alertmanager
+//! from the shipped receiver's `http_config`. The test configs are generated from the
 //! shipped files (loaded as YAML, intervals and targets overridden); the shipped files are
 //! never edited. Under CI=true a missing tool fails the test.
 
@@ -65,7 +66,13 @@ fn wait<T>(what: &str, limit: Duration, explain: impl Fn() -> String, f: impl Fn
     }
 }
 
-const AUTH: &str = "Authorization: Basic YWxlcnRtYW5hZ2VyOnMzY3JldA=="; // alertmanager:s3cret
+const TOKEN: &str = "0d5e8f7a6b4c3d2e1f0a9b8c7d6e5f4a";
+const AUTH: &str = "Authorization: Bearer 0d5e8f7a6b4c3d2e1f0a9b8c7d6e5f4a";
+
+/// The runner's HTTPS, trusting the test CA, with the token.
+fn runner_get(port: u16, ca: &Path, path: &str) -> std::io::Result<(u16, String)> {
+    tls::https_request(port, ca, None, "GET", path, &[AUTH], None)
+}
 
 #[test]
 fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
@@ -89,28 +96,34 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     let instance = format!("127.0.0.1:{}", d.port);
     let (agent_port, central_port, am_port, rem_port) = (free_port(), free_port(), free_port(), free_port());
 
-    // sensor remediate: the shipped example, acting (not dry-run), behind basic auth; the
-    // storm rule's action appends the alert to a file.
+    // sensor remediate: the shipped example and web config, acting (not dry-run), with a test
+    // certificate and token in place of the Kubernetes Secrets; the storm rule's action appends
+    // the alert to a file.
     let actions_file = tmp.join("actions.log");
+    let pki = tls::Pki::new(&tmp.join("pki"));
+    std::fs::write(tmp.join("token"), format!("{TOKEN}\n")).unwrap();
+    let mut web = load("deploy/remediate/web.yml");
+    web["tls_server_config"]["cert_file"] = y(&pki.server_cert.display().to_string());
+    web["tls_server_config"]["key_file"] = y(&pki.server_key.display().to_string());
+    write(&tmp.join("web.yml"), &web);
     let mut rem = load("deploy/remediate/remediate.yaml");
     rem["listen"] = y(&format!("127.0.0.1:{rem_port}"));
     rem["dry_run"] = Value::Bool(false);
     rem["web_config_file"] = y(&tmp.join("web.yml").display().to_string());
-    std::fs::write(
-        tmp.join("web.yml"),
-        format!(
-            "basic_auth_users:\n  alertmanager: {}\n",
-            bcrypt::hash("s3cret", 4).unwrap()
-        ),
-    )
-    .unwrap();
+    rem["bearer_token_file"] = y(&tmp.join("token").display().to_string());
     let rules = rem["rules"].as_sequence_mut().unwrap();
     let storm = rules
         .iter_mut()
         .find(|r| r["alert"] == "SensorWorkloadOOMKillStorm")
         .expect("the example has the storm rule");
-    // A cgroup outside Kubernetes has no namespace/pod: the target is the host's cgroup.
+    // A cgroup outside Kubernetes has no namespace/pod: the target is the host's cgroup, and
+    // only this test's cgroup on this sensor is allowed.
     storm["target_labels"] = y("[instance, cgroup]");
+    storm["allowed_targets"] = serde_yaml_ng::to_value(serde_json::json!({
+        "instance": [regex::escape(&instance)],
+        "cgroup": [regex::escape(&cg.rel)],
+    }))
+    .unwrap();
     storm["cooldown"] = y("10m");
     storm["actions"] = y(&format!(
         "[{{name: write-file, type: exec, shell: true, command: ['printf \"%s %s %s\\n\" \"$ALERT_NAME\" \"$ALERT_LABEL_CGROUP\" \"$ALERT_STATUS\" >> {}']}}]",
@@ -120,9 +133,9 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     let mut cmd = Command::new(SENSOR);
     cmd.args(["remediate", "--config"]).arg(tmp.join("remediate.yaml"));
     let mut remediate = Service::spawn("sensor remediate", cmd, rem_port, tmp.join("remediate.log"));
-    remediate.wait_until(|p| matches!(http_request(p, "GET", "/healthz", &[AUTH], None), Ok((200, _))));
-    let (code, _) = http_get(rem_port, "/api/v1/remediations").unwrap();
-    assert_eq!(code, 401, "the runner honours the web config's basic auth");
+    remediate.wait_until(|p| matches!(runner_get(p, &pki.ca, "/healthz"), Ok((200, _))));
+    let (code, _) = tls::https_request(rem_port, &pki.ca, None, "GET", "/api/v1/remediations", &[], None).unwrap();
+    assert_eq!(code, 401, "the runner asks for the token");
 
     // Alertmanager: the shipped routes, with test timings, the runner's port and credentials.
     let mut am = load("deploy/alertmanager/alertmanager.yml");
@@ -135,8 +148,13 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     r0["group_interval"] = y("1s");
     for r in am["receivers"].as_sequence_mut().unwrap() {
         if r["name"] == "remediation" {
-            r["webhook_configs"][0]["url"] = y(&format!("http://127.0.0.1:{rem_port}/webhook"));
-            r["webhook_configs"][0]["http_config"] = y("{basic_auth: {username: alertmanager, password: s3cret}}");
+            // The shipped http_config (token and CA from files), the files put here.
+            let wh = &mut r["webhook_configs"][0];
+            wh["url"] = y(&format!("https://127.0.0.1:{rem_port}/webhook"));
+            let http = &mut wh["http_config"];
+            assert_eq!(http["authorization"]["type"], "Bearer");
+            http["authorization"]["credentials_file"] = y(&tmp.join("token").display().to_string());
+            http["tls_config"]["ca_file"] = y(&pki.ca.display().to_string());
         } else {
             // People's receivers: a closed loopback port (nothing leaves the host).
             r["webhook_configs"][0]["url"] = y(&format!("http://127.0.0.1:{}/", free_port()));
@@ -229,7 +247,7 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     );
 
     let audit = || -> Vec<serde_json::Value> {
-        match http_request(rem_port, "GET", "/api/v1/remediations", &[AUTH], None) {
+        match runner_get(rem_port, &pki.ca, "/api/v1/remediations") {
             Ok((200, b)) => serde_json::from_str(&b).unwrap_or_default(),
             _ => Vec::new(),
         }
@@ -278,7 +296,7 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     let reason = entry["reason"].as_str().unwrap();
     assert!(reason.starts_with("cooldown: this target was acted on "), "{reason}");
     assert_eq!(lines(), firing_line, "still exactly one action");
-    let (_, m) = http_request(rem_port, "GET", "/metrics", &[AUTH], None).unwrap();
+    let (_, m) = runner_get(rem_port, &pki.ca, "/metrics").unwrap();
     let counted = |result: &str| {
         metric(
             &m,
@@ -294,6 +312,11 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     assert_eq!(counted("skipped_cooldown"), Some(1.0), "{m}");
     assert!(counted("skipped_resolved") >= Some(1.0), "{m}");
     assert_eq!(counted("failure"), None, "{m}");
+    assert_eq!(
+        metric(&m, "sensor_remediation_webhooks_total", &[("result", "unauthorized")]),
+        Some(1.0),
+        "Alertmanager's notifications all carried the token; only the test's own tokenless GET was refused: {m}"
+    );
 
     // The central tier goes down for a while; the agent buffers. Two more kills meanwhile.
     let down_at = std::time::SystemTime::now();
