@@ -242,13 +242,17 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(s).ok()
 }
 
-/// Axum middleware: 401 with a Basic challenge unless the request carries a known user.
-pub async fn require_auth(State(web): State<Arc<Web>>, req: Request, next: Next) -> Response {
-    let header = req
-        .headers()
+/// The request's `Authorization` header, owned (to move into a blocking check).
+pub fn authorization(req: &Request) -> Option<String> {
+    req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .map(str::to_string)
+}
+
+/// Axum middleware: 401 with a Basic challenge unless the request carries a known user.
+pub async fn require_auth(State(web): State<Arc<Web>>, req: Request, next: Next) -> Response {
+    let header = authorization(&req);
     let w = Arc::clone(&web);
     // bcrypt takes tens of milliseconds: off the async workers.
     let ok = tokio::task::spawn_blocking(move || w.check(header.as_deref()))

@@ -55,6 +55,24 @@ impl Case {
         p
     }
 
+    /// [`Case::config`] on 0.0.0.0:`port` with HTTPS (the PKI's server certificate) and client
+    /// certificates of the PKI's CA as `client_auth_type` says.
+    fn tls_config(&self, port: u16, pki: &Pki, client_auth_type: &str) -> PathBuf {
+        let web = self.file(
+            "web.yml",
+            &format!(
+                "tls_server_config: {{cert_file: {}, key_file: {}, client_auth_type: {client_auth_type}, client_ca_file: {}}}\n",
+                pki.server_cert.display(),
+                pki.server_key.display(),
+                pki.ca.display()
+            ),
+        );
+        self.config(
+            &format!("0.0.0.0:{port}"),
+            &format!("web_config_file: {}", web.display()),
+        )
+    }
+
     fn lines(&self) -> String {
         std::fs::read_to_string(&self.out).unwrap_or_default()
     }
@@ -106,14 +124,32 @@ fn storm(namespace: &str, pod: &str) -> String {
 const JSON: &str = "Content-Type: application/json";
 const TOKEN: &str = "6f1c0e4a9b7d2e85c3a1f0d9b8e7c6a5";
 
-/// `sensor remediate` run to its end (for configs it refuses): (exit code, stderr).
+/// `sensor remediate` run to its end (for configs it refuses): (exit code, stderr). A runner
+/// still up after 10 s started instead of refusing: killed, and the test fails.
 fn run_to_end(config: &Path) -> (Option<i32>, String) {
-    let out = Command::new(SENSOR)
+    let err = config.with_extension("stderr");
+    let mut child = Command::new(SENSOR)
         .args(["remediate", "--config"])
         .arg(config)
-        .output()
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the runner started instead of refusing:\n{}",
+                std::fs::read_to_string(&err).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status.code(), std::fs::read_to_string(&err).unwrap())
 }
 
 fn counted(metrics: &str, result: &str) -> Option<f64> {
@@ -141,19 +177,7 @@ fn exposed_acting_runner_without_authentication_refuses_to_start() {
 
     // Client certificates that are only verified if given are no authentication.
     let pki = Pki::new(&c.dir.join("pki"));
-    let web = c.file(
-        "web.yml",
-        &format!(
-            "tls_server_config: {{cert_file: {}, key_file: {}, client_auth_type: VerifyClientCertIfGiven, client_ca_file: {}}}\n",
-            pki.server_cert.display(),
-            pki.server_key.display(),
-            pki.ca.display()
-        ),
-    );
-    let cfg = c.config(
-        &format!("0.0.0.0:{port}"),
-        &format!("web_config_file: {}", web.display()),
-    );
+    let cfg = c.tls_config(port, &pki, "VerifyClientCertIfGiven");
     let (code, err) = run_to_end(&cfg);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("refusing to start"), "{err}");
@@ -334,19 +358,7 @@ fn tls_client_certificate_verified_against_the_ca_authenticates() {
     let c = Case::new("mtls");
     let port = free_port();
     let pki = Pki::new(&c.dir.join("pki"));
-    let web = c.file(
-        "web.yml",
-        &format!(
-            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {}\n",
-            pki.server_cert.display(),
-            pki.server_key.display(),
-            pki.ca.display()
-        ),
-    );
-    let cfg = c.config(
-        &format!("0.0.0.0:{port}"),
-        &format!("web_config_file: {}", web.display()),
-    );
+    let cfg = c.tls_config(port, &pki, "RequireAndVerifyClientCert");
     let good = Some((pki.client_cert.as_path(), pki.client_key.as_path()));
     let req = |client: Option<(&Path, &Path)>, method: &str, path: &str, body: Option<&str>| {
         tls::https_request(port, &pki.ca, client, method, path, &[JSON], body)

@@ -230,11 +230,7 @@ impl Gate {
 /// Axum middleware: 401 unless the request carries credentials the [`Gate`] accepts. The body
 /// is never read (nor logged) for a refused request.
 pub async fn require(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let header = crate::webconfig::authorization(&req);
     let g = Arc::clone(&gate);
     // bcrypt takes tens of milliseconds: off the async workers.
     let verdict = tokio::task::spawn_blocking(move || g.check(header.as_deref()))
