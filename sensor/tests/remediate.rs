@@ -350,6 +350,12 @@ fn bearer_token_from_a_file_authenticates() {
     assert_eq!(counted(&m, "unauthorized"), Some(3.0), "{m}");
     s.stop();
     assert!(s.log().contains("auth=bearer_token"), "{}", s.log());
+    assert!(
+        s.log()
+            .contains("without TLS (tls_server_config) the credentials cross the network in clear text"),
+        "a token over plain HTTP off loopback is warned about:\n{}",
+        s.log()
+    );
     assert!(!s.log().contains(&TOKEN[..16]), "the token is never logged");
 }
 
