@@ -31,11 +31,9 @@ pub fn setup_static() -> Result<()> {
         step(&format!("installing the rust target {STATIC_TARGET} (static build)"));
         run(Command::new("rustup").args(["target", "add", STATIC_TARGET]))?;
     }
+    crate::deps::need(crate::deps::DIST, "the static build (`cargo xtask dist`)")?;
     if Command::new("musl-gcc").arg("--version").output().is_err() {
-        bail!(
-            "musl-gcc not found: install Debian's musl-tools package (apt-get install musl-tools; `cargo xtask deps` does it). \
-             The static sensor ({STATIC_TARGET}) compiles the C code of ring and mimalloc with it"
-        );
+        bail!("musl-gcc not found although musl-tools is installed: it compiles the C code of ring and mimalloc for {STATIC_TARGET}");
     }
     Ok(())
 }
@@ -170,6 +168,7 @@ fn engine() -> Result<&'static str> {
 /// `dist`, then deploy/Dockerfile built from the repository root (.dockerignore keeps the
 /// context to target/dist) as `localhost/sensor:<version>` and `:latest`; prints the size.
 pub fn image(root: &Path) -> Result<()> {
+    crate::deps::need(crate::deps::IMAGE, "the image (`cargo xtask image`)")?;
     dist(root, &root.join("target/dist"))?;
     let engine = engine()?;
     let version = env!("CARGO_PKG_VERSION");

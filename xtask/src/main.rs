@@ -21,6 +21,7 @@ mod bench_report;
 mod bench_workloads;
 mod demo;
 mod deps;
+mod first_run;
 mod fuzz;
 mod image;
 mod net;
@@ -67,6 +68,10 @@ enum Cmd {
     Image,
     /// Build and run the daemon with the embedded default config; extra args go to `sensor run`.
     Run {
+        /// Stop once it is ready: wait for `/readyz` 200, send SIGTERM, require exit 0 (what CI
+        /// checks first, on the newcomer's path).
+        #[arg(long)]
+        until_ready: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -207,9 +212,12 @@ fn real_main() -> Result<()> {
         Cmd::BuildEbpf => build_ebpf(&root),
         Cmd::Dist { out } => image::dist(&root, &out).map(|_| ()),
         Cmd::Image => image::image(&root),
-        Cmd::Run { args } => {
+        Cmd::Run { until_ready, args } => {
             setup()?;
             let bin = build_release(&root)?;
+            if until_ready {
+                return first_run::until_ready(&bin, &args);
+            }
             step(&format!("starting {} run", bin.display()));
             run(Command::new(bin).arg("run").args(args))
         }
@@ -255,12 +263,14 @@ fn real_main() -> Result<()> {
         }
         Cmd::Soak(opts) => {
             setup()?;
+            deps::need(deps::SOAK, "the soak")?;
             let bin = build_release(&root)?;
             soak::run(&root, &bin, &opts)
         }
         Cmd::SoakLoad => soak::load(),
         Cmd::Demo { keep } => {
             setup()?;
+            deps::need(deps::DEMO, "the demo")?;
             let bin = build_release(&root)?;
             demo::run(&root, &bin, keep)
         }

@@ -8,7 +8,7 @@ use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
-use super::{config::RuntimeKind, Names};
+use super::{config::RuntimeKind, containerd, Names};
 
 /// Larger answers are garbage to us (a Docker inspect is a few KiB).
 const MAX_ANSWER: usize = 4 << 20;
@@ -163,34 +163,20 @@ pub fn crio_answer(status: u16, body: &[u8]) -> Result<Option<Found>, LookupErro
 
 /// containerd: `containers.v1.Containers/Get` in each namespace until one knows the id.
 pub async fn containerd_lookup(socket: &Path, namespaces: &[String], id: &str) -> Result<Option<Found>, LookupError> {
-    use containerd_client::{
-        services::v1::{containers_client::ContainersClient, GetContainerRequest},
-        tonic::{metadata::MetadataValue, Code, Request},
-    };
     if !socket.exists() {
         return Err(LookupError::Connect {
             socket: socket.display().to_string(),
             source: std::io::ErrorKind::NotFound.into(),
         });
     }
-    let channel = containerd_client::connect(socket)
+    let mut client = containerd::Client::connect(socket)
         .await
-        .map_err(|e| LookupError::Grpc(format!("connect {}: {e}", socket.display())))?;
-    let mut client = ContainersClient::new(channel);
+        .map_err(|e| LookupError::Grpc(e.to_string()))?;
     for ns in namespaces {
-        let mut req = Request::new(GetContainerRequest { id: id.to_string() });
-        let ns_value =
-            MetadataValue::try_from(ns.as_str()).map_err(|e| LookupError::Grpc(format!("namespace {ns}: {e}")))?;
-        req.metadata_mut().insert("containerd-namespace", ns_value);
-        match client.get(req).await {
-            Ok(resp) => {
-                let Some(c) = resp.into_inner().container else {
-                    return Err(LookupError::Garbage("Get answered without a container".into()));
-                };
-                return Ok(Some(containerd_found(c.labels, c.image)));
-            }
-            Err(s) if s.code() == Code::NotFound => continue,
-            Err(s) => return Err(LookupError::Grpc(format!("{:?}: {}", s.code(), s.message()))),
+        match client.get_container(ns, id).await {
+            Ok(Some(c)) => return Ok(Some(containerd_found(c.labels, c.image))),
+            Ok(None) => continue,
+            Err(e) => return Err(LookupError::Grpc(e.to_string())),
         }
     }
     Ok(None)
@@ -209,15 +195,11 @@ pub fn containerd_found(labels: HashMap<String, String>, image: String) -> Found
 pub async fn ping(kind: RuntimeKind, socket: &Path) -> Result<String, LookupError> {
     match kind {
         RuntimeKind::Containerd => {
-            use containerd_client::services::v1::version_client::VersionClient;
-            let channel = containerd_client::connect(socket)
+            let mut client = containerd::Client::connect(socket)
                 .await
-                .map_err(|e| LookupError::Grpc(format!("connect: {e}")))?;
-            let v = VersionClient::new(channel)
-                .version(())
-                .await
-                .map_err(|s| LookupError::Grpc(format!("{:?}: {}", s.code(), s.message())))?;
-            Ok(format!("containerd {}", v.into_inner().version))
+                .map_err(|e| LookupError::Grpc(e.to_string()))?;
+            let v = client.version().await.map_err(|e| LookupError::Grpc(e.to_string()))?;
+            Ok(format!("containerd {}", v.version))
         }
         // `/_ping` is the Docker API's own liveness call (its `/version` gathers host facts
         // and can take a second on Podman).

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod config;
+pub mod containerd;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
