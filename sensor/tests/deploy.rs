@@ -274,18 +274,32 @@ fn image_ships_exactly_the_dist_output_and_runs() {
     );
     let copies = dockerfile_copies(&ins);
     assert!(
-        copies.iter().all(|(src, _)| src.starts_with("target/dist/")),
-        "only what dist writes: {copies:?}"
+        copies
+            .iter()
+            .all(|(src, _)| src.starts_with("target/dist/${TARGETARCH}/")),
+        "only what dist writes, per architecture: {copies:?}"
     );
     for want in [
-        ("target/dist/sensor", "/sensor"),
-        ("target/dist/ca-certificates.crt", "/etc/ssl/certs/ca-certificates.crt"),
+        ("target/dist/${TARGETARCH}/sensor", "/sensor"),
+        (
+            "target/dist/${TARGETARCH}/ca-certificates.crt",
+            "/etc/ssl/certs/ca-certificates.crt",
+        ),
     ] {
         assert!(
             copies.iter().any(|(s, d)| (s.as_str(), d.as_str()) == want),
             "missing COPY {want:?}: {copies:?}"
         );
     }
+    // The builder sets TARGETARCH from --platform; `cargo xtask image` builds both.
+    let copies: Vec<(String, String)> = ["amd64", "arm64"]
+        .iter()
+        .flat_map(|arch| {
+            copies
+                .iter()
+                .map(move |(s, d)| (s.replace("${TARGETARCH}", arch), d.clone()))
+        })
+        .collect();
     let sources: std::collections::BTreeSet<String> = copies.iter().map(|(s, _)| s.clone()).collect();
     // The build context is the repository root; .dockerignore lets exactly these files in.
     let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
@@ -323,7 +337,7 @@ fn image_ships_exactly_the_dist_output_and_runs() {
     if Command::new("podman").arg("--version").output().is_err() {
         tool_missing(
             "podman",
-            "apt-get install podman runc musl-tools; `cargo xtask deps` does it",
+            "apt-get install podman runc musl-tools gcc-aarch64-linux-gnu; `cargo xtask deps` does it",
         );
         return;
     }
@@ -378,8 +392,32 @@ fn image_ships_exactly_the_dist_output_and_runs() {
             "localhost/sensor:latest".to_string()
         ]
     );
-    let size: u64 = field("size").concat().parse().expect("size line");
-    assert!(size <= 20_000_000, "image {size} bytes, over the 20 MB budget");
+    let sizes = field("size");
+    assert_eq!(sizes.len(), 2, "one size per architecture: {sizes:?}");
+    for line in &sizes {
+        let (arch, size) = line.split_once('\t').expect("size<TAB>ARCH<TAB>BYTES");
+        let size: u64 = size.parse().expect("size in bytes");
+        assert!(size <= 20_000_000, "{arch} image {size} bytes, over the 20 MB budget");
+    }
+    // Both tags are manifest lists over exactly linux/amd64 and linux/arm64.
+    for list in field("image") {
+        let m = podman().args(["manifest", "inspect", &list]).output().unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&m)));
+        let mut platforms: Vec<String> = m["manifests"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{list} is not a manifest list: {m}"))
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    e["platform"]["os"].as_str().unwrap_or("?"),
+                    e["platform"]["architecture"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        platforms.sort();
+        assert_eq!(platforms, ["linux/amd64", "linux/arm64"], "{list}");
+    }
 
     let inspect = podman()
         .args([
@@ -387,7 +425,7 @@ fn image_ships_exactly_the_dist_output_and_runs() {
             "inspect",
             "--format",
             "{{json .Labels}}",
-            "localhost/sensor:latest",
+            &format!("localhost/sensor:{version}-amd64"),
         ])
         .output()
         .unwrap();
@@ -567,6 +605,26 @@ fn kubernetes_manifests_validate_offline() {
         t.contains("FAIL base ServiceMonitor/sensor: spec.endpoints.0.interval"),
         "{t}"
     );
+}
+
+#[test]
+fn daemonset_schedules_on_every_architecture() {
+    // The image is a manifest list for linux/amd64 and linux/arm64 (`cargo xtask image`), so a
+    // mixed cluster runs one DaemonSet: nothing in it or its overlays may pin an architecture.
+    let dir = root().join("deploy/kubernetes");
+    let mut files = vec![dir.join("daemonset.yaml")];
+    for e in std::fs::read_dir(dir.join("overlays")).unwrap().flatten() {
+        for f in std::fs::read_dir(e.path()).unwrap().flatten() {
+            files.push(f.path());
+        }
+    }
+    assert!(files.len() > 1, "overlays read: {files:?}");
+    for f in files {
+        let t = std::fs::read_to_string(&f).unwrap();
+        for pin in ["kubernetes.io/arch", "amd64", "arm64", "x86_64", "aarch64"] {
+            assert!(!t.contains(pin), "{} pins an architecture ({pin})", f.display());
+        }
+    }
 }
 
 /// The DaemonSet container's `capabilities.add`, read from the manifest.

@@ -458,20 +458,21 @@ impl PodRun {
     }
 }
 
-/// The image deploy/Dockerfile builds from target/dist (what `cargo xtask dist` wrote; CI runs
-/// it before the tests), under a tag of its own so other checkouts' images are not touched.
+/// The image deploy/Dockerfile builds from target/dist/amd64 (what `cargo xtask dist --out
+/// target/dist/amd64` wrote; CI runs it before the tests; the builder's TARGETARCH is the
+/// host's), under a tag of its own so other checkouts' images are not touched.
 const IMAGE: &str = "localhost/sensor:manifest-test";
 
 fn image() -> Option<&'static str> {
     static BUILT: OnceLock<()> = OnceLock::new();
-    let dist = root().join("target/dist/sensor");
+    let dist = root().join("target/dist/amd64/sensor");
     if !dist.is_file() {
         assert!(
             !ci(),
-            "CI=true but {} is missing (.ci/run runs `cargo xtask dist`)",
+            "CI=true but {} is missing (.ci/run runs `cargo xtask dist --out target/dist/amd64`)",
             dist.display()
         );
-        skip("target/dist/sensor missing: run `cargo xtask dist` first");
+        skip("target/dist/amd64/sensor missing: run `cargo xtask dist --out target/dist/amd64` first");
         return None;
     }
     BUILT.get_or_init(|| {
@@ -834,6 +835,11 @@ fn seccomp_profile_is_the_runtime_default_plus_bpf() {
         );
     }
     assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    // One profile for the multi-arch image: both native architectures are listed.
+    let arches = profile["architectures"].as_array().unwrap();
+    for a in ["SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"] {
+        assert!(arches.iter().any(|x| x == a), "{a} missing: {arches:?}");
+    }
     let source = Path::new("/usr/share/containers/seccomp.json");
     if !source.is_file() {
         assert!(!ci(), "CI=true but {} is missing (podman)", source.display());

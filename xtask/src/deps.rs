@@ -22,7 +22,8 @@ use crate::{output, run, step};
 /// is the bundle the image ships; chromium (headless, driven over the DevTools protocol) loads
 /// the web view in sensor/tests/web.rs; containerd (with podman, runc and busybox-static) runs
 /// the kubelet-style containers of sensor/tests/workloads.rs (sensor/tests/common/runtimes.rs);
-/// qemu-system-arm (without recommends: Debian's backported qemu-utils breaks it) runs the arm64 row.
+/// gcc-aarch64-linux-gnu builds the static aarch64 binary the image test ships (`cargo xtask
+/// dist --arch arm64`).
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "coreutils",
@@ -41,6 +42,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "ca-certificates",
     "chromium",
     "containerd",
+    "gcc-aarch64-linux-gnu",
 ];
 
 /// What `cargo xtask bench` compares against and drives, installed before it runs (not by
@@ -86,8 +88,18 @@ pub const BENCH_ALSO: &[&str] = &["stress-ng", "podman", "runc", "containerd", "
 /// `cargo xtask dist`: musl-gcc compiles ring's and mimalloc's C code for musl; the image ships
 /// Debian's CA bundle.
 pub const DIST: &[&str] = &["musl-tools", "ca-certificates"];
-/// `cargo xtask image`: what `dist` needs, and the engine that builds the image.
-pub const IMAGE: &[&str] = &["musl-tools", "ca-certificates", "podman", "runc"];
+/// `cargo xtask dist --arch arm64`: Debian's aarch64 cross gcc (compiles and links; musl's arm64
+/// headers come from Debian's musl-dev for arm64, fetched into target/ by apt.rs).
+pub const DIST_ARM64: &[&str] = &["gcc-aarch64-linux-gnu", "ca-certificates"];
+/// `cargo xtask image`: what `dist` needs for both architectures, and the engine that builds
+/// the image.
+pub const IMAGE: &[&str] = &[
+    "musl-tools",
+    "gcc-aarch64-linux-gnu",
+    "ca-certificates",
+    "podman",
+    "runc",
+];
 /// `cargo xtask demo`: the Prometheus it runs the fleet rules in; `tail` is the OOM victim.
 pub const DEMO: &[&str] = &["prometheus", "coreutils"];
 /// `cargo xtask soak`: OOM victims (`tail`), namespaces (`unshare`), the check target's network.

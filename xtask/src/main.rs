@@ -12,6 +12,7 @@ use std::{
     time::Instant,
 };
 
+mod apt;
 mod bench;
 mod bench_checks;
 mod bench_events;
@@ -62,9 +63,13 @@ enum Cmd {
     Dist {
         #[arg(long, default_value = "target/dist")]
         out: PathBuf,
+        /// The architecture to build for (both build on this x86_64 machine).
+        #[arg(long, value_enum, default_value = "amd64")]
+        arch: image::Arch,
     },
-    /// `dist`, then deploy/Dockerfile as `localhost/sensor:<version>` and `:latest` with podman
-    /// (else docker); prints `image<TAB>NAME` lines and `size<TAB>BYTES`.
+    /// `dist` for amd64 and arm64, then deploy/Dockerfile per platform, joined in the manifest
+    /// lists `localhost/sensor:<version>` and `:latest` with podman; prints `image<TAB>NAME`
+    /// lines and `size<TAB>ARCH<TAB>BYTES`.
     Image,
     /// Build and run the daemon with the embedded default config; extra args go to `sensor run`.
     Run {
@@ -200,7 +205,7 @@ fn real_main() -> Result<()> {
     match cli.cmd {
         Cmd::Setup => {
             setup()?;
-            image::setup_static()
+            image::setup_static(&root, image::Arch::Amd64).map(|_| ())
         }
         Cmd::Deps { bench } => {
             deps::install()?;
@@ -210,7 +215,7 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::BuildEbpf => build_ebpf(&root),
-        Cmd::Dist { out } => image::dist(&root, &out).map(|_| ()),
+        Cmd::Dist { out, arch } => image::dist(&root, &out, arch).map(|_| ()),
         Cmd::Image => image::image(&root),
         Cmd::Run { until_ready, args } => {
             setup()?;
@@ -338,7 +343,9 @@ fn bench_all(root: &Path, mut a: BenchArgs) -> Result<()> {
         None => build_release(root)?,
     };
     let static_bin = if what.contains(&Which::Checks) && a.checks.with_static {
-        image::dist(root, &root.join("target/dist"))?.into_iter().next()
+        image::dist(root, &root.join("target/dist/amd64"), image::Arch::Amd64)?
+            .into_iter()
+            .next()
     } else {
         None
     };
