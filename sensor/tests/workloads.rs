@@ -353,6 +353,16 @@ fn fifty_short_lived_containers_each_oom_killed_are_all_named() {
     }
 }
 
+/// (namespace, pod, the pod's labels, owner_kind, owner, app containers).
+type PodCase = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+);
+
 /// Pods of a Deployment, a StatefulSet, a DaemonSet, a Job and a CronJob as kubelet lays them
 /// out through containerd (a sandbox with the pod's labels, app containers naming it), one app
 /// container of each OOM-killed, two in the Deployment's pod: every kill, its event and
@@ -367,8 +377,7 @@ fn kubelet_style_pods_oom_kills_are_named_with_their_owners() {
     };
     let cfg = config(&[containerd(&ctrd.socket)], "2s");
     let d = daemon(&cfg);
-    // (namespace, pod, the pod's labels, owner_kind, owner, app containers)
-    let pods: [(&str, &str, &[(&str, &str)], &str, &str, &[&str]); 5] = [
+    let pods: [PodCase; 5] = [
         (
             "shop",
             "ledger-api-5d8f6c7b9-x2x4k",
