@@ -201,6 +201,9 @@ fn podman_container_oom_kill_is_named_with_its_image() {
                 ("container", &name),
                 ("image", runtimes::VICTIM_IMAGE),
                 ("runtime", "docker"),
+                // Outside Kubernetes: no owner.
+                ("owner_kind", ""),
+                ("owner", ""),
             ]
         ),
         Some(1.0)
