@@ -809,6 +809,19 @@ impl Prometheus {
         Some(p)
     }
 
+    /// Scraping the sensor at `instance` every second, with the rules as shipped but evaluated
+    /// every second instead of every minute.
+    fn scraping(name: &str, instance: &str) -> Option<Prometheus> {
+        let rules = std::fs::read_to_string(prometheus_dir().join("sensor-rules.yml"))
+            .unwrap()
+            .replace("interval: 1m", "interval: 1s");
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [sensor-rules.yml]\n\
+             scrape_configs:\n  - job_name: sensor\n    static_configs: [{{targets: ['{instance}']}}]\n"
+        );
+        Prometheus::start(name, &config, &[("sensor-rules.yml", rules)])
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
@@ -947,15 +960,7 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
     .unwrap();
     let d = Daemon::start(&["--config", cfg_path.to_str().unwrap()]);
     let instance = format!("127.0.0.1:{}", d.port);
-    // The rules as shipped, but evaluated every second instead of every minute.
-    let rules = std::fs::read_to_string(prometheus_dir().join("sensor-rules.yml"))
-        .unwrap()
-        .replace("interval: 1m", "interval: 1s");
-    let config = format!(
-        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [sensor-rules.yml]\n\
-         scrape_configs:\n  - job_name: sensor\n    static_configs: [{{targets: ['{instance}']}}]\n"
-    );
-    let Some(prom) = Prometheus::start("dash", &config, &[("sensor-rules.yml", rules)]) else {
+    let Some(prom) = Prometheus::scraping("dash", &instance) else {
         return;
     };
 
@@ -1086,14 +1091,7 @@ fn owner_panels_and_rules_evaluate_against_live_prometheus() {
     .unwrap();
     let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
     let instance = format!("127.0.0.1:{}", d.port);
-    let rules = std::fs::read_to_string(prometheus_dir().join("sensor-rules.yml"))
-        .unwrap()
-        .replace("interval: 1m", "interval: 1s");
-    let config = format!(
-        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [sensor-rules.yml]\n\
-         scrape_configs:\n  - job_name: sensor\n    static_configs: [{{targets: ['{instance}']}}]\n"
-    );
-    let Some(prom) = Prometheus::start("owners", &config, &[("sensor-rules.yml", rules)]) else {
+    let Some(prom) = Prometheus::scraping("owners", &instance) else {
         return;
     };
     let mut pg = runtimes::KubePod::new(

@@ -119,6 +119,38 @@ impl<V> Cache<V> {
     }
 }
 
+/// Lookups under way by id (containers' or sandboxes'): one at a time per id, the others wait
+/// for it.
+#[derive(Default)]
+struct Inflight(Mutex<HashMap<String, watch::Receiver<bool>>>);
+
+impl Inflight {
+    /// Marks `id` as under way; `None` when it already is.
+    fn begin(&self, id: &str) -> Option<watch::Sender<bool>> {
+        let mut inflight = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.contains_key(id) {
+            return None;
+        }
+        let (tx, rx) = watch::channel(false);
+        inflight.insert(id.to_string(), rx);
+        Some(tx)
+    }
+
+    /// Until the lookup of `id` under way (if any) ends.
+    async fn wait(&self, id: &str) {
+        let rx = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        if let Some(mut rx) = rx {
+            let _ = rx.wait_for(|done| *done).await;
+        }
+    }
+
+    /// The lookup of `id` ended: its waiters wake.
+    fn end(&self, id: &str, done: watch::Sender<bool>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let _ = done.send(true);
+    }
+}
+
 /// Resolves container ids through the configured runtimes and keeps the answers.
 pub struct Resolver {
     runtimes: Vec<RuntimeConfig>,
@@ -126,8 +158,7 @@ pub struct Resolver {
     cache: Mutex<Cache<Entry>>,
     /// Owners of the pods whose sandboxes were read.
     sandboxes: sandbox::Sandboxes,
-    /// Lookups under way; waiters watch for the `true` sent when one ends.
-    inflight: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    inflight: Inflight,
     lookups: IntCounterVec,
     info: IntGaugeVec,
     handle: Handle,
@@ -165,7 +196,7 @@ impl Resolver {
             timeout: cfg.lookup_timeout,
             cache: Mutex::new(Cache::new(cfg.cache_size)),
             sandboxes,
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Inflight::default(),
             lookups,
             info,
             handle,
@@ -204,7 +235,7 @@ impl Resolver {
         if id.is_empty() || self.cached(id).is_some() {
             return;
         }
-        if let Some(done) = self.begin(id) {
+        if let Some(done) = self.inflight.begin(id) {
             let (me, id) = (Arc::clone(self), id.to_string());
             self.handle.spawn(async move { me.lookup_and_store(&id, done).await });
         }
@@ -220,22 +251,8 @@ impl Resolver {
             return n;
         }
         self.request(id);
-        let rx = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-        if let Some(mut rx) = rx {
-            let _ = tokio::time::timeout(wait, rx.wait_for(|done| *done)).await;
-        }
+        let _ = tokio::time::timeout(wait, self.inflight.wait(id)).await;
         self.cached(id).unwrap_or_default()
-    }
-
-    /// Marks `id` as under way; `None` when it already is.
-    fn begin(&self, id: &str) -> Option<watch::Sender<bool>> {
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if inflight.contains_key(id) {
-            return None;
-        }
-        let (tx, rx) = watch::channel(false);
-        inflight.insert(id.to_string(), rx);
-        Some(tx)
     }
 
     async fn lookup_and_store(&self, id: &str, done: watch::Sender<bool>) {
@@ -257,8 +274,7 @@ impl Resolver {
         if let Some(n) = named {
             self.info.with_label_values(&n.info_labels(id)).set(1);
         }
-        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-        let _ = done.send(true);
+        self.inflight.end(id, done);
     }
 
     /// Asks each runtime in order; the first that knows `id` names it, and owns the pod's

@@ -3,22 +3,21 @@
 //! by sandbox id (bounded like the names, forgotten with the sandbox container), and a pod's
 //! containers named at the same time wait for one read rather than each making their own.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{sync::Mutex, time::Duration};
 
 use prometheus::{IntCounterVec, Opts, Registry};
-use tokio::sync::watch;
 
 use super::{
     api::{self, Found},
     config::{RuntimeConfig, WorkloadsConfig},
     owner::{self, Owner},
-    Cache, RESULTS,
+    Cache, Inflight, RESULTS,
 };
 
 pub struct Sandboxes {
     cache: Mutex<Cache<Owner>>,
-    /// Sandbox reads under way; waiters watch for the `true` sent when one ends.
-    inflight: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// Sandbox reads under way.
+    inflight: Inflight,
     /// `sensor_workload_sandbox_lookups_total{runtime,result}`.
     lookups: IntCounterVec,
     timeout: Duration,
@@ -43,7 +42,7 @@ impl Sandboxes {
         }
         Ok(Sandboxes {
             cache: Mutex::new(Cache::new(cfg.cache_size)),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Inflight::default(),
             lookups,
             timeout: cfg.lookup_timeout,
             node,
@@ -67,13 +66,10 @@ impl Sandboxes {
         if let Some(o) = self.cached(id) {
             return o;
         }
-        let Some(done) = self.begin(id) else {
+        let Some(done) = self.inflight.begin(id) else {
             // Another container of the pod is reading it: wait, then take its answer (none
             // when that read failed; this lookup does not try again at once).
-            let rx = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-            if let Some(mut rx) = rx {
-                let _ = rx.wait_for(|d| *d).await;
-            }
+            self.inflight.wait(id).await;
             return self.cached(id).unwrap_or_default();
         };
         let found = super::ask_counted(rt, id, self.timeout, &self.lookups, "sandbox").await;
@@ -84,8 +80,7 @@ impl Sandboxes {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, o.clone());
         }
-        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-        let _ = done.send(true);
+        self.inflight.end(id, done);
         owner.unwrap_or_default()
     }
 
@@ -116,17 +111,6 @@ impl Sandboxes {
             .cloned()
     }
 
-    /// Marks `id` as being read; `None` when it already is.
-    fn begin(&self, id: &str) -> Option<watch::Sender<bool>> {
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if inflight.contains_key(id) {
-            return None;
-        }
-        let (tx, rx) = watch::channel(false);
-        inflight.insert(id.to_string(), rx);
-        Some(tx)
-    }
-
     /// Forgets the owner of sandbox `id` (its container vanished: the pod is gone).
     pub fn forget(&self, id: &str) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
@@ -143,6 +127,7 @@ impl Sandboxes {
 mod tests {
     use super::*;
     use crate::workloads::config::RuntimeKind;
+    use std::collections::HashMap;
 
     fn labels(kv: &[(&str, &str)]) -> HashMap<String, String> {
         kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
