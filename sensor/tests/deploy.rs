@@ -79,6 +79,7 @@ fn prometheus_rules_pass_promtool() {
             "alerts.test.yml",
             "outliers.test.yml",
             "workloads.test.yml",
+            "owners.test.yml",
         ])
         .current_dir(dir.join("tests"))
         .output()
@@ -89,7 +90,7 @@ fn prometheus_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches("SUCCESS").count(), 4, "{text}");
+    assert_eq!(text.matches("SUCCESS").count(), 5, "{text}");
 }
 
 /// The kube-state-metrics join deploy/README.md documents is, word for word, the expression
@@ -866,6 +867,19 @@ impl Prometheus {
         Some(p)
     }
 
+    /// Scraping the sensor at `instance` every second, with the rules as shipped but evaluated
+    /// every second instead of every minute.
+    fn scraping(name: &str, instance: &str) -> Option<Prometheus> {
+        let rules = std::fs::read_to_string(prometheus_dir().join("sensor-rules.yml"))
+            .unwrap()
+            .replace("interval: 1m", "interval: 1s");
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [sensor-rules.yml]\n\
+             scrape_configs:\n  - job_name: sensor\n    static_configs: [{{targets: ['{instance}']}}]\n"
+        );
+        Prometheus::start(name, &config, &[("sensor-rules.yml", rules)])
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
@@ -1004,15 +1018,7 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
     .unwrap();
     let d = Daemon::start(&["--config", cfg_path.to_str().unwrap()]);
     let instance = format!("127.0.0.1:{}", d.port);
-    // The rules as shipped, but evaluated every second instead of every minute.
-    let rules = std::fs::read_to_string(prometheus_dir().join("sensor-rules.yml"))
-        .unwrap()
-        .replace("interval: 1m", "interval: 1s");
-    let config = format!(
-        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [sensor-rules.yml]\n\
-         scrape_configs:\n  - job_name: sensor\n    static_configs: [{{targets: ['{instance}']}}]\n"
-    );
-    let Some(prom) = Prometheus::start("dash", &config, &[("sensor-rules.yml", rules)]) else {
+    let Some(prom) = Prometheus::scraping("dash", &instance) else {
         return;
     };
 
@@ -1072,7 +1078,10 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
         let q = substitute(e, &instance);
         assert!(!q.contains('$'), "{panel}: unsubstituted variable in {q}");
         let r = prom.query(&q);
-        let oom = e.contains("sensor_oom_kill") || e.contains(":sensor_oom_kills:") || e.contains("oom_kills:ratio");
+        // Owner panels have data only for kills in Kubernetes pods: checked with kubelet-style
+        // pods by owner_panels_and_rules_evaluate_against_live_prometheus.
+        let oom = (e.contains("sensor_oom_kill") || e.contains(":sensor_oom_kills:") || e.contains("oom_kills:ratio"))
+            && !e.contains("owner");
         if oom {
             assert!(!r.is_empty(), "OOM panel {panel} is empty: {q}");
             if r.iter().any(|s| s["metric"].get("cgroup").is_some()) {
@@ -1104,7 +1113,7 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
     }
     for (name, e, recording) in rule_exprs() {
         let r = prom.query(&e);
-        if recording {
+        if recording && !name.contains("owner") {
             assert!(!r.is_empty(), "recording rule {name} is empty");
         }
     }
@@ -1113,6 +1122,106 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
         exprs.len(),
         rule_exprs().len()
     );
+    assert_eq!(d.stop().code(), Some(0));
+}
+
+/// The fleet dashboard's owner panels and the owner rules on a live Prometheus scraping a
+/// sensor that names kubelet-style pods through a private containerd: two pods of one
+/// Deployment OOM-killed, a StatefulSet's pod running without kills.
+#[test]
+fn owner_panels_and_rules_evaluate_against_live_prometheus() {
+    let Some(_k) = privileged("owner_panels_and_rules_evaluate_against_live_prometheus") else {
+        return;
+    };
+    let Some(image) = runtimes::victim_image() else { return };
+    let Some(ctrd) = runtimes::Containerd::start() else {
+        return;
+    };
+    ctrd.import(image);
+    let cfg = std::env::temp_dir().join(format!("sensor-owners-{}.yaml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "workloads:\n  runtimes:\n    - {{kind: containerd, socket: {}, namespaces: [k8s.io]}}\n",
+            ctrd.socket.display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let instance = format!("127.0.0.1:{}", d.port);
+    let Some(prom) = Prometheus::scraping("owners", &instance) else {
+        return;
+    };
+    let mut pg = runtimes::KubePod::new(
+        "shop",
+        "pg-main-0",
+        &[
+            ("statefulset.kubernetes.io/pod-name", "pg-main-0"),
+            ("controller-revision-hash", "pg-main-6b9c8d7f5"),
+        ],
+    );
+    ctrd.start_sandbox(&mut pg, image);
+    for name in ["ledger-api-5d8f6c7b9-x2x4k", "ledger-api-5d8f6c7b9-q7z9m"] {
+        let mut pod = runtimes::KubePod::new("shop", name, &[("pod-template-hash", "5d8f6c7b9")]);
+        ctrd.start_sandbox(&mut pod, image);
+        let mut c = pod.container("ledger", 32 << 20, &["/bin/busybox", "tail", "/dev/zero"]);
+        let out = ctrd.run(&mut c, image);
+        assert_eq!(out.status.code(), Some(137), "{out:?}\n{}", ctrd.log());
+    }
+    let ledger = [("owner_kind", "Deployment"), ("owner", "ledger-api")];
+    d.wait_metric_sum("sensor_oom_kills_total", &ledger, 2.0, Duration::from_secs(10));
+
+    // The rules see both kills under one owner, on this one host; pg-main runs without kills.
+    let owner_value = |e: &str, owner: &str| {
+        let r = prom.query(e);
+        r.iter().find(|s| s["metric"]["owner"] == owner).map(sample_value)
+    };
+    let start = std::time::Instant::now();
+    while owner_value("namespace_owner:sensor_oom_kills:increase1h", "ledger-api") != Some(2.0)
+        || owner_value("namespace_owner:sensor_hosts_running:count", "pg-main").is_none()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "owner rules never saw the kills: {:?}\n{}",
+            prom.query("namespace_owner:sensor_oom_kills:increase1h"),
+            prom.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let q = |e: &str| owner_value(e, "ledger-api");
+    assert_eq!(q("instance_namespace_owner:sensor_oom_kills:increase1h"), Some(2.0));
+    assert_eq!(q("namespace_owner:sensor_hosts_with_oom_kills:count1h"), Some(1.0));
+    assert_eq!(q("namespace_owner:sensor_hosts_running:count"), Some(1.0));
+    assert_eq!(
+        owner_value("namespace_owner:sensor_hosts_running:count", "pg-main"),
+        Some(1.0)
+    );
+    assert_eq!(
+        owner_value("namespace_owner:sensor_oom_kills:increase1h", "pg-main"),
+        None
+    );
+    // Two owners, 0 and 2 kills: p90 1.8, the threshold 3 x that (above the floor of 5).
+    let one = |e: &str| prom.query(e).first().map(sample_value);
+    assert_eq!(one("fleet:sensor_oom_kills_per_owner:quantile90_1h"), Some(1.8));
+    assert_eq!(one("fleet:sensor_oom_kills_owner_outlier_threshold:1h"), Some(5.4));
+
+    // Enough scrapes since the kills for increase() over 30s to have two samples.
+    std::thread::sleep(Duration::from_secs(3));
+    let (exprs, _) = dashboard_exprs();
+    let owner_exprs: Vec<_> = exprs.iter().filter(|(_, e)| e.contains("owner")).collect();
+    assert!(owner_exprs.len() >= 8, "{owner_exprs:?}");
+    for (panel, e) in owner_exprs {
+        let r = prom.query(&substitute(e, &instance));
+        assert!(!r.is_empty(), "owner panel {panel} is empty: {e}");
+        if r.iter().any(|s| s["metric"].get("owner").is_some()) {
+            assert!(
+                r.iter().all(|s| s["metric"]["owner"] == "ledger-api"
+                    && s["metric"]["owner_kind"] == "Deployment"
+                    && s["metric"]["namespace"] == "shop"),
+                "owner panel {panel}: {r:?}"
+            );
+        }
+    }
     assert_eq!(d.stop().code(), Some(0));
 }
 
@@ -1172,6 +1281,10 @@ fn alertmanager_config_passes_amtool_and_routes_the_sensor_alerts() {
             "remediation,ticket",
         ),
         ("alertname=SensorOOMOutlierHost target=host severity=warning instance=h1", "remediation,ticket"),
+        (
+            "alertname=SensorOOMOutlierOwner target=workload severity=warning namespace=shop owner_kind=Deployment owner=ledger",
+            "ticket",
+        ),
         ("alertname=SensorGlobalOOMKills target=host severity=critical instance=h1", "remediation,page"),
         ("alertname=SensorFleetOOMHostRatioHigh target=fleet severity=warning", "page"),
         ("alertname=SensorCheckDown target=check severity=critical check=shop", "page"),

@@ -76,6 +76,9 @@
     return parts.join(' · ');
   }
 
+  // A pod's owner ("Deployment ledger"), empty off Kubernetes.
+  const owner = (o) => (o.owner_kind ? `${o.owner_kind} ${o.owner}` : '');
+
   function table(el, head, rows, empty) {
     el.replaceChildren();
     el.append(h('thead', {}, h('tr', {}, head.map((c) => h('th', { class: c.endsWith(' ') ? 'num' : null, scope: 'col' }, c.trim())))));
@@ -275,10 +278,10 @@
     $('oom-minute').replaceChildren(bars(o.per_minute, lab(60, 60, hm), (v) => String(v), 'kills'));
     $('oom-hour').replaceChildren(bars(o.per_hour, lab(24, 3600, hm), (v) => String(v), 'kills'));
     $('oom-day').replaceChildren(bars(o.per_day, lab(30, 86400, day), (v) => String(v), 'kills'));
-    table($('oom-recent'), ['TIME', 'SCOPE', 'WORKLOAD', 'VICTIM', 'RSS ', 'LIMIT ', 'TRIGGER'],
+    table($('oom-recent'), ['TIME', 'SCOPE', 'WORKLOAD', 'OWNER', 'VICTIM', 'RSS ', 'LIMIT ', 'TRIGGER'],
       o.recent.slice(0, SHOW).map((k) => h('tr', { 'data-seq': k.seq },
         h('td', {}, clock(k.time)), h('td', {}, k.scope),
-        h('td', { class: 'wrap' }, workload(k)),
+        h('td', { class: 'wrap' }, workload(k)), h('td', { class: 'owner' }, owner(k)),
         h('td', {}, `${k.victim_comm || '?'} (pid ${k.victim_pid ?? '?'})`),
         h('td', { class: 'num' }, bytes(k.rss_bytes)), h('td', { class: 'num' }, bytes(k.memory_limit_bytes)),
         h('td', {}, `${k.trigger_comm} (pid ${k.trigger_pid})`))),
