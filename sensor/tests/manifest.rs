@@ -321,10 +321,27 @@ impl PodRun {
             let value = match (&e["value"], e["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
                 (Value::String(v), _) => v.clone(),
                 (_, Some("spec.nodeName")) => hostname(),
+                // This host is no Kubernetes node: no zone label, as on a cluster that does
+                // not copy it onto pods.
+                (_, Some("metadata.labels['topology.kubernetes.io/zone']")) => String::new(),
                 (v, f) => panic!("env {name}: value {v:?} / fieldRef {f:?} not mapped"),
             };
             env.push((name, value));
         }
+
+        // $(VAR) expanded from the container's env, as Kubernetes does.
+        let args: Vec<String> = c["args"]
+            .as_sequence()
+            .map(|s| {
+                s.iter()
+                    .map(|a| {
+                        env.iter().fold(a.as_str().unwrap().to_string(), |a, (k, v)| {
+                            a.replace(&format!("$({k})"), v)
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
 
         let volumes: BTreeMap<String, &Value> = spec["volumes"]
             .as_sequence()
@@ -395,10 +412,7 @@ impl PodRun {
             host_network: spec["hostNetwork"].as_bool().unwrap_or(false),
             mounts,
             env,
-            args: c["args"]
-                .as_sequence()
-                .map(|s| s.iter().map(|a| a.as_str().unwrap().to_string()).collect())
-                .unwrap_or_default(),
+            args,
             ready_path: rp["path"].as_str().expect("readinessProbe path").to_string(),
             ready_port,
             startup,
