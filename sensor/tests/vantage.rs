@@ -143,8 +143,8 @@ fn sensor_get(i: usize, path: &str) -> std::io::Result<(u16, String)> {
 }
 
 /// The sensor of spoke `i` (node `NODES[i-1]`) in its namespace, checking `shop` (the target
-/// that goes down) and `sampled` (always up, run by half of the fleet).
-fn start_sensor(star: &Star, i: usize, tmp: &std::path::Path, shop: &str, sampled: &str) -> Service {
+/// that goes down) and `catalog` (always up, `sample: 0.5`: run by half of the fleet).
+fn start_sensor(star: &Star, i: usize, tmp: &std::path::Path, shop: &str, catalog: &str) -> Service {
     let (node, location) = NODES[i - 1];
     let cfg = tmp.join(format!("{node}.yaml"));
     std::fs::write(
@@ -156,7 +156,7 @@ fn start_sensor(star: &Star, i: usize, tmp: &std::path::Path, shop: &str, sample
              alerting: {{window: 3s, min_samples: 3}}\n\
              checks:\n\
              - {{name: shop, type: http, url: 'http://{shop}/health', interval: 500ms, timeout: 1s}}\n\
-             - {{name: sampled, type: http, url: 'http://{sampled}/health', interval: 500ms, timeout: 1s, sample: 0.5}}\n"
+             - {{name: catalog, type: http, url: 'http://{catalog}/health', interval: 500ms, timeout: 1s, sample: 0.5}}\n"
         ),
     )
     .unwrap();
@@ -197,15 +197,15 @@ fn quorum_in_hub(star: &Star) {
     let tmp = std::env::temp_dir().join(format!("sensor-vantage-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
-    let [shop_ip, sampled_ip] = Star::SERVICES;
+    let [shop_ip, catalog_ip] = Star::SERVICES;
     let healthy = Arc::new(AtomicBool::new(true));
     let shop = format!("{shop_ip}:{}", target(&format!("{shop_ip}:0"), Arc::clone(&healthy)));
-    let sampled = format!(
-        "{sampled_ip}:{}",
-        target(&format!("{sampled_ip}:0"), Arc::new(AtomicBool::new(true)))
+    let catalog = format!(
+        "{catalog_ip}:{}",
+        target(&format!("{catalog_ip}:0"), Arc::new(AtomicBool::new(true)))
     );
     let sensors: Vec<Service> = (1..=NODES.len())
-        .map(|i| start_sensor(star, i, &tmp, &shop, &sampled))
+        .map(|i| start_sensor(star, i, &tmp, &shop, &catalog))
         .collect();
 
     let (rec_port, notes) = recorder();
@@ -293,27 +293,32 @@ fn quorum_in_hub(star: &Star) {
         "{m}"
     );
 
-    // `sampled` (sample: 0.5) runs exactly where the node/check hash puts it, on every node
-    // the same way each time.
+    // `catalog` (sample: 0.5) runs exactly where the node/check hash puts it: on node-b and
+    // node-d (the names are chosen for a split; all or none would prove little).
     let runs_sampled: Vec<&str> = NODES
         .iter()
         .map(|(n, _)| *n)
-        .filter(|n| sensor::checks::vantage::runs(n, "sampled", 0.5))
+        .filter(|n| sensor::checks::vantage::runs(n, "catalog", 0.5))
         .collect();
+    assert_eq!(runs_sampled, ["node-b", "node-d"]);
     for (i, (node, location)) in NODES.iter().enumerate() {
         let (_, body) = sensor_get(i + 1, "/api/v1/checks").unwrap();
         let rep: Json = serde_json::from_str(&body).unwrap();
         assert_eq!(rep["vantage"]["location"], *location, "{body}");
         assert_eq!(rep["vantage"]["node"], *node, "{body}");
-        let out = rep["vantage"]["sampled_out"] == serde_json::json!(["sampled"]);
+        let out = rep["vantage"]["sampled_out"] == serde_json::json!(["catalog"]);
         assert_eq!(out, !runs_sampled.contains(node), "{node}: {body}");
     }
-    eprintln!("sampled runs on {runs_sampled:?}");
-    let sampled_points = wait("the fleet counts sampled", Duration::from_secs(10), explain, || {
-        let r = q("check:sensor_check_vantage_points:count{check=\"sampled\"}");
-        let n = r.first().map_or(0.0, value) as usize;
-        (n == runs_sampled.len()).then_some(n)
-    });
+    let sampled_points = wait(
+        "the fleet counts catalog's two",
+        Duration::from_secs(10),
+        explain,
+        || {
+            let r = q("check:sensor_check_vantage_points:count{check=\"catalog\"}");
+            let n = r.first().map_or(0.0, value) as usize;
+            (n == runs_sampled.len()).then_some(n)
+        },
+    );
     assert_eq!(sampled_points, runs_sampled.len());
 
     // 1. node-c's route to the target breaks: one host alert for node-c, no check alert.

@@ -424,7 +424,7 @@ checks:
     }
     d.wait_metric(
         "sensor_check_alert_firing",
-        &[("check", "payments")],
+        &[("check", "payments"), ("location", "eu-west-1a")],
         1.0,
         Duration::from_secs(15),
     );
