@@ -1421,6 +1421,14 @@ fn every_template_field_maps_onto_podman_and_ctr() {
             assert!(args.contains(&format!("-e {k}=")), "{tree:?}: {args}");
         }
         assert!(run.args.iter().any(|a| a == "--config"), "{tree:?}: {:?}", run.args);
+        // The vantage point's node name and zone come from the downward API through $(VAR).
+        assert!(
+            run.args.contains(&format!("--vantage.node={}", hostname()))
+                && run.args.iter().any(|a| a == "--vantage.location=")
+                && !run.args.iter().any(|a| a.contains("$(")),
+            "{tree:?}: {:?}",
+            run.args
+        );
         assert_eq!(run.privileged, tree == Some("privileged"), "{tree:?}");
         if tree == Some("seccomp") {
             assert!(matches!(run.seccomp, Seccomp::Localhost(_)), "{:?}", run.seccomp);
