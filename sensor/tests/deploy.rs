@@ -1180,6 +1180,10 @@ fn alertmanager_config_passes_amtool_and_routes_the_sensor_alerts() {
             "alertname=SensorCheckUnreachableFromHost target=host severity=warning instance=h1 check=shop",
             "ticket",
         ),
+        (
+            "alertname=SensorCheckDownFromLocation target=check severity=warning location=zone-b check=shop",
+            "ticket",
+        ),
         ("alertname=SomethingElse severity=critical", "ticket"),
     ];
     for (labels, want) in cases {
@@ -1289,6 +1293,12 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
             "warning",
             &[("instance", "h5"), ("check", "cart")]
         ),
+        alert(
+            "SensorCheckDownFromLocation",
+            "check",
+            "warning",
+            &[("location", "zone-b"), ("check", "shop")]
+        ),
     ]);
     let (code, body) = http_request(
         port,
@@ -1313,7 +1323,12 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
                 .collect()
         };
         let h1 = on("h1");
-        let ok = list.len() == 10
+        let location = list
+            .iter()
+            .find(|a| a["labels"]["alertname"] == "SensorCheckDownFromLocation")
+            .map(state);
+        let ok = list.len() == 11
+            && location.as_deref() == Some("suppressed")
             && h1.iter().all(|(n, s)| (n == "SensorDown") == (s == "active"))
             && on("h2").iter().chain(on("h3").iter()).all(|(_, s)| s == "active")
             && on("h4") == [("SensorCheckUnreachableFromHost".to_string(), "suppressed".to_string())]
@@ -1340,6 +1355,7 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
         // A check pages once, whatever the hosts and clusters; a host failing a check alone
         // is a ticket for that host.
         ("page", "alertname=SensorCheckDown,check=shop", 1),
+        ("ticket", "alertname=SensorCheckDownFromLocation,check=shop", 1),
         ("ticket", "alertname=SensorCheckUnreachableFromHost,cluster=c1,instance=h4", 1),
         ("ticket", "alertname=SensorCheckUnreachableFromHost,cluster=c1,instance=h5", 1),
         // Host alerts: by host.
