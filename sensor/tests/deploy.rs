@@ -80,6 +80,7 @@ fn prometheus_rules_pass_promtool() {
             "outliers.test.yml",
             "workloads.test.yml",
             "owners.test.yml",
+            "checks.test.yml",
         ])
         .current_dir(dir.join("tests"))
         .output()
@@ -90,7 +91,7 @@ fn prometheus_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches("SUCCESS").count(), 5, "{text}");
+    assert_eq!(text.matches("SUCCESS").count(), 6, "{text}");
 }
 
 /// The kube-state-metrics join deploy/README.md documents is, word for word, the expression
@@ -1288,6 +1289,14 @@ fn alertmanager_config_passes_amtool_and_routes_the_sensor_alerts() {
         ("alertname=SensorGlobalOOMKills target=host severity=critical instance=h1", "remediation,page"),
         ("alertname=SensorFleetOOMHostRatioHigh target=fleet severity=warning", "page"),
         ("alertname=SensorCheckDown target=check severity=critical check=shop", "page"),
+        (
+            "alertname=SensorCheckUnreachableFromHost target=host severity=warning instance=h1 check=shop",
+            "ticket",
+        ),
+        (
+            "alertname=SensorCheckDownFromLocation target=check severity=warning location=zone-b check=shop",
+            "ticket",
+        ),
         ("alertname=SomethingElse severity=critical", "ticket"),
     ];
     for (labels, want) in cases {
@@ -1382,6 +1391,27 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
             &[("instance", "h1"), ("namespace", "cart"), ("pod", "c")]
         ),
         alert("SensorFleetOOMHostRatioHigh", "fleet", "warning", &[]),
+        // A check down for a quorum of the fleet (no instance), and two hosts that fail a check
+        // alone: the one failing the check that is down anyway is inhibited.
+        alert("SensorCheckDown", "check", "critical", &[("check", "shop")]),
+        alert(
+            "SensorCheckUnreachableFromHost",
+            "host",
+            "warning",
+            &[("instance", "h4"), ("check", "shop")]
+        ),
+        alert(
+            "SensorCheckUnreachableFromHost",
+            "host",
+            "warning",
+            &[("instance", "h5"), ("check", "cart")]
+        ),
+        alert(
+            "SensorCheckDownFromLocation",
+            "check",
+            "warning",
+            &[("location", "zone-b"), ("check", "shop")]
+        ),
     ]);
     let (code, body) = http_request(
         port,
@@ -1406,9 +1436,16 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
                 .collect()
         };
         let h1 = on("h1");
-        let ok = list.len() == 7
+        let location = list
+            .iter()
+            .find(|a| a["labels"]["alertname"] == "SensorCheckDownFromLocation")
+            .map(state);
+        let ok = list.len() == 11
+            && location.as_deref() == Some("suppressed")
             && h1.iter().all(|(n, s)| (n == "SensorDown") == (s == "active"))
-            && on("h2").iter().chain(on("h3").iter()).all(|(_, s)| s == "active");
+            && on("h2").iter().chain(on("h3").iter()).all(|(_, s)| s == "active")
+            && on("h4") == [("SensorCheckUnreachableFromHost".to_string(), "suppressed".to_string())]
+            && on("h5") == [("SensorCheckUnreachableFromHost".to_string(), "active".to_string())];
         if ok {
             break;
         }
@@ -1428,6 +1465,12 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
         ("page", "alertname=SensorFleetOOMHostRatioHigh", 1),
         // SensorDown pages by host.
         ("page", "alertname=SensorDown,cluster=c1,instance=h1", 1),
+        // A check pages once, whatever the hosts and clusters; a host failing a check alone
+        // is a ticket for that host.
+        ("page", "alertname=SensorCheckDown,check=shop", 1),
+        ("ticket", "alertname=SensorCheckDownFromLocation,check=shop", 1),
+        ("ticket", "alertname=SensorCheckUnreachableFromHost,cluster=c1,instance=h4", 1),
+        ("ticket", "alertname=SensorCheckUnreachableFromHost,cluster=c1,instance=h5", 1),
         // Host alerts: by host.
         ("ticket", "alertname=SensorOOMKillStorm,cluster=c1,instance=h1", 1),
         ("ticket", "alertname=SensorOOMKillStorm,cluster=c1,instance=h2", 1),

@@ -404,9 +404,11 @@ fn web_view_in_a_real_browser() {
         "browser.yaml",
         &format!(
             "alerting: {{window: 3s, min_samples: 2}}
+vantage: {{location: eu-west-1a, node: web-node}}
 checks:
   - {{name: shop, type: http, url: 'http://127.0.0.1:{up}/health', interval: 500ms, timeout: 2s}}
   - {{name: payments, type: http, url: 'http://127.0.0.1:{closed}/', interval: 500ms, timeout: 2s}}
+  - {{name: elsewhere, type: http, url: 'http://127.0.0.1:{closed}/', sample: 0.000001}}
 "
         ),
     );
@@ -422,7 +424,7 @@ checks:
     }
     d.wait_metric(
         "sensor_check_alert_firing",
-        &[("check", "payments")],
+        &[("check", "payments"), ("location", "eu-west-1a")],
         1.0,
         Duration::from_secs(15),
     );
@@ -465,6 +467,15 @@ checks:
     );
     let ok = b.eval("document.querySelector('#checks-10m tr[data-check=\"shop\"]').innerText");
     assert!(ok.as_str().unwrap_or("").contains("up"), "{ok}");
+    // Whose view it is: this sensor's location, and the check the fleet's sampling left to
+    // other nodes (not shown as a row).
+    let vantage = b.eval("document.getElementById('check-vantage').innerText");
+    assert_eq!(
+        vantage.as_str().unwrap_or(""),
+        "Availability from location eu-west-1a, node web-node. Run by other nodes (sampled out here): elsewhere."
+    );
+    let rows = b.eval("document.querySelectorAll('#checks-10m tr[data-check]').length");
+    assert_eq!(rows, json!(2), "the sampled-out check has no row");
     let alerts = b.eval("document.getElementById('alerts').innerText");
     assert!(
         alerts.as_str().unwrap_or("").contains("Website payments is down."),

@@ -235,6 +235,12 @@
     $('check-counts').textContent = c
       ? `${c.total} checks: ${c.up} up, ${c.down} down, ${c.pending} pending, ${c.firing} alerting; failing first. Down at availability \u2264 ${pct(rep.alerting ? rep.alerting.availability_threshold : null)} over ${dur(rep.alerting ? rep.alerting.window_seconds : 0)}.`
       : '';
+    // This sensor is one vantage point: its location's view; the fleet's per-location view is
+    // the central Prometheus's (location_check:sensor_check_availability:*, the checks dashboard).
+    const v = rep.vantage || {};
+    const out = v.sampled_out || [];
+    $('check-vantage').textContent = `Availability from location ${v.location || '(none)'}` + (v.node ? `, node ${v.node}` : '') +
+      (out.length ? `. Run by other nodes (sampled out here): ${out.join(', ')}.` : '.');
     const last = Math.min(page.offset + page.limit, page.matched);
     $('check-page').textContent = page.matched ? `${page.offset + 1}\u2013${last} of ${page.matched}` : '0 of 0';
     $('check-prev').disabled = page.offset <= 0;
