@@ -15,56 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{prom::*, *};
 use serde_yaml_ng::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn load(rel: &str) -> Value {
-    serde_yaml_ng::from_str(&std::fs::read_to_string(root().join(rel)).unwrap()).unwrap()
-}
-
-fn write(path: &Path, v: &Value) {
-    std::fs::write(path, serde_yaml_ng::to_string(v).unwrap()).unwrap();
-}
-
-fn y(s: &str) -> Value {
-    serde_yaml_ng::from_str(s).unwrap()
-}
-
-/// Instant query on a Prometheus; the result vector (empty on any error).
-fn query(port: u16, expr: &str) -> Vec<serde_json::Value> {
-    let q: String = form_urlencoded::byte_serialize(expr.as_bytes()).collect();
-    let Ok((200, body)) = http_get(port, &format!("/api/v1/query?query={q}")) else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    v["data"]["result"].as_array().cloned().unwrap_or_default()
-}
-
-fn value(series: &serde_json::Value) -> f64 {
-    series["value"][1]
-        .as_str()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-/// Polls `f` every 200 ms until it returns Some, for at most `limit`.
-fn wait<T>(what: &str, limit: Duration, explain: impl Fn() -> String, f: impl Fn() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            eprintln!("{what}: after {:.1}s", start.elapsed().as_secs_f64());
-            return v;
-        }
-        if start.elapsed() > limit {
-            panic!("{what}: not within {limit:?}\n{}", explain());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 const TOKEN: &str = "0d5e8f7a6b4c3d2e1f0a9b8c7d6e5f4a";
 const AUTH: &str = "Authorization: Bearer 0d5e8f7a6b4c3d2e1f0a9b8c7d6e5f4a";
@@ -138,14 +90,8 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     assert_eq!(code, 401, "the runner asks for the token");
 
     // Alertmanager: the shipped routes, with test timings, the runner's port and credentials.
-    let mut am = load("deploy/alertmanager/alertmanager.yml");
-    am["route"]["group_wait"] = y("1s");
-    am["route"]["group_interval"] = y("1s");
-    let routes = am["route"]["routes"].as_sequence_mut().unwrap();
-    let r0 = &mut routes[0];
-    assert_eq!(r0["receiver"], "remediation");
-    r0["group_wait"] = y("1s");
-    r0["group_interval"] = y("1s");
+    let mut am = alertmanager_config();
+    assert_eq!(am["route"]["routes"][0]["receiver"], "remediation");
     for r in am["receivers"].as_sequence_mut().unwrap() {
         if r["name"] == "remediation" {
             // The shipped http_config (token and CA from files), the files put here.
@@ -160,43 +106,17 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
             r["webhook_configs"][0]["url"] = y(&format!("http://127.0.0.1:{}/", free_port()));
         }
     }
-    write(&tmp.join("alertmanager.yml"), &am);
-    std::fs::create_dir_all(tmp.join("am")).unwrap();
-    let mut cmd = Command::new("prometheus-alertmanager");
-    cmd.arg(format!("--config.file={}", tmp.join("alertmanager.yml").display()))
-        .arg(format!("--storage.path={}", tmp.join("am").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{am_port}"))
-        .arg("--cluster.listen-address=");
-    let alertmanager = Service::start("alertmanager", cmd, am_port, "/-/ready", tmp.join("am.log"));
+    let alertmanager = start_alertmanager(&tmp, &am, am_port);
 
     // Central Prometheus: the shipped config and rules, evaluated every second, alerting to
     // this Alertmanager; the workload storm's 10-minute window shortened to 20 s.
-    let mut central = load("deploy/prometheus/central.yml");
-    central["global"]["evaluation_interval"] = y("1s");
-    central["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = y(&format!("['127.0.0.1:{am_port}']"));
-    write(&tmp.join("central.yml"), &central);
-    let mut rules = load("deploy/prometheus/sensor-rules.yml");
-    for g in rules["groups"].as_sequence_mut().unwrap() {
-        if g.get("interval").is_some() {
-            g["interval"] = y("1s");
+    let rules = fast_rules(|r| {
+        if r["alert"] == "SensorWorkloadOOMKillStorm" {
+            let e = r["expr"].as_str().unwrap().replace("10m", "20s");
+            r["expr"] = Value::String(e);
         }
-        for r in g["rules"].as_sequence_mut().unwrap() {
-            if r["alert"] == "SensorWorkloadOOMKillStorm" {
-                let e = r["expr"].as_str().unwrap().replace("10m", "20s");
-                r["expr"] = Value::String(e);
-            }
-        }
-    }
-    write(&tmp.join("sensor-rules.yml"), &rules);
-    std::fs::create_dir_all(tmp.join("central-data")).unwrap();
-    let central_cmd = || {
-        let mut c = Command::new("prometheus");
-        c.arg(format!("--config.file={}", tmp.join("central.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", tmp.join("central-data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{central_port}"))
-            .arg("--web.enable-remote-write-receiver");
-        c
-    };
+    });
+    let central_cmd = central_prometheus(&tmp, &rules, central_port, am_port);
     let mut central = Service::start(
         "central prometheus",
         central_cmd(),
@@ -206,23 +126,14 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     );
 
     // Agent: the shipped config, scraping this sensor every second, writing to the central.
-    let mut agent = load("deploy/prometheus/agent.yml");
-    agent["global"]["scrape_interval"] = y("1s");
-    agent["global"]["external_labels"]["cluster"] = y("test");
-    agent["scrape_configs"][0] = y(&format!(
-        "{{job_name: sensor, static_configs: [{{targets: ['{instance}']}}]}}"
-    ));
-    agent["remote_write"][0]["url"] = y(&format!("http://127.0.0.1:{central_port}/api/v1/write"));
-    agent["remote_write"][0]["queue_config"]["batch_send_deadline"] = y("500ms");
-    agent["remote_write"][0]["queue_config"]["max_backoff"] = y("1s");
-    write(&tmp.join("agent.yml"), &agent);
-    std::fs::create_dir_all(tmp.join("agent-data")).unwrap();
-    let mut cmd = Command::new("prometheus");
-    cmd.arg("--enable-feature=agent")
-        .arg(format!("--config.file={}", tmp.join("agent.yml").display()))
-        .arg(format!("--storage.agent.path={}", tmp.join("agent-data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{agent_port}"));
-    let agent = Service::start("agent prometheus", cmd, agent_port, "/-/ready", tmp.join("agent.log"));
+    let agent = start_agent(
+        &tmp,
+        y(&format!(
+            "{{job_name: sensor, static_configs: [{{targets: ['{instance}']}}]}}"
+        )),
+        agent_port,
+        central_port,
+    );
 
     let log_files: Vec<(&str, PathBuf)> = vec![
         ("remediate", remediate.log.clone()),
@@ -232,12 +143,7 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
         ("agent", agent.log.clone()),
         ("sensor", d.stderr_path.clone()),
     ];
-    let logs = || {
-        log_files
-            .iter()
-            .map(|(n, p)| format!("--- {n} ---\n{}\n", std::fs::read_to_string(p).unwrap_or_default()))
-            .collect::<String>()
-    };
+    let logs = || logs(&log_files);
     let up = format!("up{{job=\"sensor\",instance=\"{instance}\",cluster=\"test\"}}");
     wait(
         "the sensor's samples reach the central tier",

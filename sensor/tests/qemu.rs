@@ -271,7 +271,7 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
         let m = part(sec, "metrics");
         // Any verdict (`reason`): the kill is counted once, in its cgroup, as a memcg kill.
         let prefix =
-            format!("sensor_oom_kills_total{{cgroup=\"/victim-{pass}\",container=\"\",container_id=\"\",namespace=\"\",pod=\"\",pod_uid=\"\",reason=\"");
+            format!("sensor_oom_kills_total{{cgroup=\"/victim-{pass}\",container=\"\",container_id=\"\",namespace=\"\",owner=\"\",owner_kind=\"\",pod=\"\",pod_uid=\"\",reason=\"");
         let kills: f64 = m
             .lines()
             .filter(|l| l.starts_with(&prefix) && l.contains("scope=\"memcg\"}"))

@@ -152,6 +152,20 @@ fn run_to_end(config: &Path) -> (Option<i32>, String) {
     (status.code(), std::fs::read_to_string(&err).unwrap())
 }
 
+/// `/api/v1/remediations` once it holds `n` entries (10 s at most): an action's outcome is
+/// recorded when the command has exited, a moment after its side effect.
+fn audit_with(port: u16, auth: &str, n: usize) -> Vec<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let (_, body) = http_request(port, "GET", "/api/v1/remediations", &[auth], None).unwrap();
+        let audit: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        if audit.len() >= n || start.elapsed() > Duration::from_secs(10) {
+            return audit;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn counted(metrics: &str, result: &str) -> Option<f64> {
     metric(metrics, "sensor_remediation_webhooks_total", &[("result", result)])
 }
@@ -282,8 +296,7 @@ fn basic_auth_refuses_forged_webhooks_and_runs_authenticated_ones() {
     let (code, body) = http_request(port, "POST", "/webhook", &[JSON, AUTH], Some(&storm("shop", "web-1"))).unwrap();
     assert_eq!(code, 200, "{body}");
     c.wait_lines("shop web-1\n", || s.log());
-    let (_, audit) = http_request(port, "GET", "/api/v1/remediations", &[AUTH], None).unwrap();
-    let audit: Vec<serde_json::Value> = serde_json::from_str(&audit).unwrap();
+    let audit = audit_with(port, AUTH, 1);
     assert_eq!(
         audit.len(),
         1,
@@ -438,8 +451,7 @@ fn target_outside_the_allow_list_is_refused_with_its_reason() {
     .unwrap();
     assert_eq!(code, 200);
     c.wait_lines("shop coredns-1\n", || s.log());
-    let (_, audit) = http_request(port, "GET", "/api/v1/remediations", &[&auth], None).unwrap();
-    let audit: Vec<serde_json::Value> = serde_json::from_str(&audit).unwrap();
+    let audit = audit_with(port, &auth, 2);
     let results: Vec<(&str, &str)> = audit
         .iter()
         .map(|e| (e["result"].as_str().unwrap(), e["reason"].as_str().unwrap()))

@@ -11,6 +11,8 @@ use std::{
 };
 
 pub mod manifests;
+pub mod netns;
+pub mod prom;
 pub mod runtimes;
 pub mod tls;
 
@@ -46,13 +48,18 @@ pub fn kernel_lock() -> KernelGuard {
     }
 }
 
-fn can_trace() -> bool {
+/// This process's effective capabilities (a bit per capability number).
+pub fn cap_eff() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+fn can_trace() -> bool {
+    let eff = cap_eff();
     let has = |c: u32| eff & (1 << c) != 0;
     (has(39) && has(38)) || has(21)
 }
