@@ -8,15 +8,14 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::manifests::*;
+use common::{
+    manifests::*,
+    prom::{load, root},
+};
 use serde_yaml_ng::Value;
 
-fn load(rel: &str) -> Value {
-    serde_yaml_ng::from_str(&std::fs::read_to_string(repo_root().join(rel)).unwrap()).unwrap()
-}
-
 fn load_all(rel: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(repo_root().join(rel)).unwrap();
+    let text = std::fs::read_to_string(root().join(rel)).unwrap();
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect()
@@ -29,7 +28,7 @@ fn s(v: &Value) -> &str {
 #[test]
 fn remediation_manifests_validate_offline() {
     let Some(py) = deploy_python() else { return };
-    let dir = repo_root().join("deploy/remediate");
+    let dir = root().join("deploy/remediate");
     let (ok, t) = validate_manifests(&py, &dir);
     assert!(ok, "{t}");
     let kinds = [
@@ -155,7 +154,7 @@ fn rbac_grants_exactly_what_the_runbooks_commands_use() {
         );
     }
     let config = sensor::remediate::config::Config::parse(
-        &std::fs::read_to_string(repo_root().join("deploy/remediate/remediate.yaml")).unwrap(),
+        &std::fs::read_to_string(root().join("deploy/remediate/remediate.yaml")).unwrap(),
         "remediate.yaml",
     )
     .unwrap();

@@ -7,14 +7,9 @@ use std::{
     process::Command,
 };
 
-/// The repository root.
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// target/deploy-venv's python when it has kubernetes-validate; else fails under CI, or skips.
 pub fn deploy_python() -> Option<PathBuf> {
-    let py = repo_root().join("target/deploy-venv/bin/python");
+    let py = super::prom::root().join("target/deploy-venv/bin/python");
     let ok = Command::new(&py)
         .args(["-c", "import kubernetes_validate"])
         .output()
@@ -33,7 +28,7 @@ pub fn deploy_python() -> Option<PathBuf> {
 /// Runs deploy/kubernetes/validate.py on `dir`; without network when root (`unshare -n`), so
 /// the test proves the schemas come from the installed package. (success, stdout + stderr)
 pub fn validate_manifests(py: &Path, dir: &Path) -> (bool, String) {
-    let script = repo_root().join("deploy/kubernetes/validate.py");
+    let script = super::prom::root().join("deploy/kubernetes/validate.py");
     // SAFETY: geteuid has no preconditions.
     let out = if unsafe { libc::geteuid() } == 0 {
         Command::new("unshare").arg("-n").arg(py).arg(&script).arg(dir).output()
