@@ -113,18 +113,6 @@ impl PrivateApt {
         c
     }
 
-    /// The package matching `pattern` (an apt-cache regex) whose name sorts highest by its
-    /// numeric parts (the newest ABI of a kernel, e.g. 5.10.0-35 over 5.10.0-9).
-    pub fn newest(&self, pattern: &str) -> Result<String> {
-        let found = output(self.command("apt-cache").args(["search", "--names-only", pattern])).unwrap_or_default();
-        found
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .max_by_key(|n| numeric_key(n))
-            .map(str::to_string)
-            .with_context(|| format!("no package matching {pattern} in Debian's lists ({})", self.arch))
-    }
-
     /// Downloads `pkg` (cached in the private state) and unpacks it into `dest`.
     pub fn extract(&self, pkg: &str, dest: &Path) -> Result<()> {
         let dl = self.dir.join("debs");
@@ -152,14 +140,6 @@ impl PrivateApt {
     }
 }
 
-/// Sort key of a package name: its numbers in order (`linux-image-6.1.0-41-...` > `-9-`).
-fn numeric_key(name: &str) -> Vec<u64> {
-    name.split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| s.parse().ok())
-        .collect()
-}
-
 /// Fails with one line when dpkg-deb or apt-get is missing (not a Debian-like machine).
 pub fn require_tools() -> Result<()> {
     for tool in ["apt-get", "dpkg-deb"] {
@@ -168,20 +148,4 @@ pub fn require_tools() -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::numeric_key;
-
-    #[test]
-    fn the_newest_abi_sorts_highest() {
-        let mut names = [
-            "linux-image-5.10.0-9-cloud-amd64",
-            "linux-image-5.10.0-35-cloud-amd64",
-            "linux-image-5.10.0-10-cloud-amd64",
-        ];
-        names.sort_by_key(|n| numeric_key(n));
-        assert_eq!(names[2], "linux-image-5.10.0-35-cloud-amd64");
-    }
 }
