@@ -50,13 +50,28 @@ def apply_json_patch(doc, ops):
             node[last] = op["value"]
 
 
+def generate_configmap(kdir, gen):
+    """A configMapGenerator's ConfigMap (`files`, without the name hash: validation only)."""
+    data = {}
+    for f in gen.get("files", []):
+        key, _, path = f.partition("=") if "=" in f else (os.path.basename(f), "", f)
+        with open(os.path.join(kdir, path)) as fh:
+            data[key] = fh.read()
+    meta = {"name": gen["name"]}
+    if "namespace" in gen:
+        meta["namespace"] = gen["namespace"]
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
+
+
 def build(kdir):
-    """Resources of a kustomization: its files, its bases, then its patches."""
+    """Resources of a kustomization: its files, its bases, its generated ConfigMaps, then its
+    patches."""
     k = load_all(os.path.join(kdir, "kustomization.yaml"))[0]
     out = []
     for r in k.get("resources", []):
         p = os.path.normpath(os.path.join(kdir, r))
         out += build(p) if os.path.isdir(p) else load_all(p)
+    out += [generate_configmap(kdir, g) for g in k.get("configMapGenerator", [])]
     for patch in k.get("patches", []):
         t = patch["target"]
         hits = [d for d in out if d["kind"] == t["kind"] and d["metadata"]["name"] == t["name"]]

@@ -13,9 +13,10 @@ without the Docker/containers-common extensions (`archMap`, `includes`, `exclude
 runtime reads that form, while containerd's loader (Kubernetes `Localhost` profiles) ignores the
 extensions and would then apply capability-conditional rules unconditionally. So the
 conditions are resolved here, for the capabilities the DaemonSet adds (read from
-deploy/kubernetes/daemonset.yaml) and for x86_64 (the only image architecture for now;
-aarch64: run with --arch arm64 when that image exists). The kernel still checks CAP_BPF and
-CAP_PERFMON for the two added calls; the profile only stops denying them.
+deploy/kubernetes/daemonset.yaml) and for both image architectures (amd64 and arm64: the image
+is one manifest list, so one profile serves a mixed cluster): a rule is kept when it applies to
+either, and a syscall name one architecture lacks is ignored there by the runtime. The kernel
+still checks CAP_BPF and CAP_PERFMON for the two added calls; the profile only stops denying them.
 
   python3 deploy/seccomp/generate.py            # rewrite sensor.json
   python3 deploy/seccomp/generate.py --check    # exit 1 when sensor.json is not current
@@ -64,12 +65,15 @@ def applies(rule, caps, arch):
     return True
 
 
-def generate(source, caps, arch):
-    main = ARCHES[arch]
-    sub = next(a["subArchitectures"] for a in source["archMap"] if a["architecture"] == main)
+def generate(source, caps, arches):
+    architectures = []
+    for arch in arches:
+        main = ARCHES[arch]
+        sub = next(a["subArchitectures"] for a in source["archMap"] if a["architecture"] == main)
+        architectures += [main] + sub
     syscalls = []
     for rule in source["syscalls"]:
-        if not applies(rule, caps, arch):
+        if not any(applies(rule, caps, arch) for arch in arches):
             continue
         names = [n for n in rule["names"] if n not in ADDED]
         if not names:
@@ -86,7 +90,7 @@ def generate(source, caps, arch):
     profile = {
         "defaultAction": source["defaultAction"],
         "defaultErrnoRet": source["defaultErrnoRet"],
-        "architectures": [main] + sub,
+        "architectures": architectures,
         "syscalls": syscalls,
     }
     return json.dumps(profile, indent=2) + "\n"
@@ -96,11 +100,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--source", type=pathlib.Path, default=SOURCE)
-    ap.add_argument("--arch", default="amd64", choices=sorted(ARCHES))
+    ap.add_argument("--arch", default="all", choices=sorted(ARCHES) + ["all"])
     ap.add_argument("--out", type=pathlib.Path, default=HERE / "sensor.json")
     args = ap.parse_args()
     caps = daemonset_caps()
-    text = generate(json.loads(args.source.read_text()), caps, args.arch)
+    arches = sorted(ARCHES) if args.arch == "all" else [args.arch]
+    text = generate(json.loads(args.source.read_text()), caps, arches)
     if args.check:
         if args.out.read_text() != text:
             print(f"{args.out} is not what {args.source} gives for {caps}: rerun generate.py")

@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::serde_duration as duration;
 pub use crate::{
-    checks::config::{Alerting, Check, CheckType},
+    checks::{
+        config::{Alerting, Check, CheckType},
+        vantage::Vantage,
+    },
     journal::{Fsync, JournalConfig},
     memcg::config::{MemcgConfig, PsiLevel, PsiTrigger},
     oom::config::OomConfig,
@@ -61,6 +64,8 @@ pub struct Config {
     pub http: HttpLimits,
     pub alerting: Alerting,
     pub checks: Vec<Check>,
+    /// Where this sensor probes from and which share of the fleet runs each check.
+    pub vantage: Vantage,
     pub events: EventsConfig,
     /// The on-disk event journal: history across restarts, bounded on disk.
     pub journal: JournalConfig,
@@ -82,6 +87,7 @@ impl Default for Config {
             http: HttpLimits::default(),
             alerting: Alerting::default(),
             checks: Vec::new(),
+            vantage: Vantage::default(),
             events: EventsConfig::default(),
             journal: JournalConfig::default(),
         }
@@ -285,6 +291,7 @@ impl Config {
             ));
         }
         crate::checks::config::validate(&self.checks, &self.alerting).map_err(|(k, r)| key_err(&k, r))?;
+        crate::checks::vantage::validate(&self.vantage, &self.checks).map_err(|(k, r)| key_err(&k, r))?;
         Ok(())
     }
 }
@@ -654,6 +661,29 @@ checks:
     }
 
     #[test]
+    fn vantage_keys_parse_and_are_checked() {
+        let c = Config::parse(
+            "vantage: {location: eu-west-1a, node: n1, sample: 0.1}\nchecks: [{name: a, type: http, url: 'http://x', sample: 0.5}]\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.vantage.location.as_str(), c.vantage.node.as_str(), c.vantage.sample),
+            ("eu-west-1a", "n1", 0.1)
+        );
+        assert_eq!(c.checks[0].sample, Some(0.5));
+        let e = err("vantage: {sample: 2}\n");
+        assert!(
+            e.contains("key 'vantage.sample'") && e.contains("outside (0, 1]"),
+            "{e}"
+        );
+        let e = err("checks: [{name: a, type: http, url: 'http://x', sample: 0}]\n");
+        assert!(e.contains("key 'checks[0].sample'") && e.contains("check 'a'"), "{e}");
+        let e = err("vantage: {zone: x}\n");
+        assert!(e.contains("vantage") && e.contains("zone"), "{e}");
+    }
+
+    #[test]
     fn syntax_error_has_location() {
         let e = err("probes: [unclosed\n");
         assert!(e.starts_with("config test.yaml:") && e.contains("line"), "{e}");
@@ -703,6 +733,9 @@ checks:
             ("journal.fsync_interval", "journal.fsync-interval", FlagKind::Text),
             ("journal.queue", "journal.queue", FlagKind::Yaml),
             ("checks", "checks", FlagKind::List),
+            ("vantage.location", "vantage.location", FlagKind::Text),
+            ("vantage.node", "vantage.node", FlagKind::Text),
+            ("vantage.sample", "vantage.sample", FlagKind::Yaml),
         ] {
             let k = keys
                 .iter()

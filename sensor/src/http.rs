@@ -113,7 +113,12 @@ pub const REJECT_REASONS: &[&str] = &[
     "query_size",
     "write_timeout",
     "request_timeout",
+    "tls_handshake",
 ];
+
+/// The client's address, in every request's extensions (for logs of refused requests).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// Counts clients the server turned away, so an operator sees a scan or a slowloris attack
 /// instead of only its symptoms.
@@ -262,8 +267,9 @@ pub async fn serve(
             let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let seen = Arc::clone(&served);
             let m = metrics.clone();
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                req.extensions_mut().insert(Peer(peer));
                 let answer = tower_service::Service::call(&mut app.clone(), req);
                 let m = m.clone();
                 async move {
@@ -285,6 +291,11 @@ pub async fn serve(
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(t)) => h1.serve_connection(hyper_util::rt::TokioIo::new(t), svc).await,
                     Ok(Err(e)) => {
+                        // A plain-HTTP client, a scanner, or one without the client certificate
+                        // the config requires; not a TCP probe that closes without a word.
+                        if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                            metrics.reject("tls_handshake");
+                        }
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
                         return;
                     }

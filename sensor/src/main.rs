@@ -61,9 +61,12 @@ struct RemediateArgs {
     print_config: bool,
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// TLS and basic auth (Prometheus exporter-toolkit web config file).
+    /// TLS, client certificates and basic auth (Prometheus exporter-toolkit web config file).
     #[arg(long = "web.config.file")]
     web_config_file: Option<PathBuf>,
+    /// File with the token requests must carry as `Authorization: Bearer <token>`.
+    #[arg(long)]
+    bearer_token_file: Option<PathBuf>,
     /// `--dry-run false` runs the actions.
     #[arg(long)]
     dry_run: Option<bool>,
@@ -81,6 +84,9 @@ impl RemediateArgs {
         }
         if let Some(v) = &self.web_config_file {
             c.web_config_file = Some(v.clone());
+        }
+        if let Some(v) = &self.bearer_token_file {
+            c.bearer_token_file = Some(v.clone());
         }
         if let Some(v) = self.dry_run {
             c.dry_run = v;

@@ -428,10 +428,17 @@ fn start_checks(
     if cfg.checks.is_empty() {
         return Ok(None);
     }
-    let engine = crate::checks::Engine::new(registry, &cfg.checks, &cfg.alerting)?;
+    let (checks, vantage) = cfg.vantage.select(&cfg.checks);
+    tracing::info!(
+        running = checks.len(),
+        sampled_out = vantage.sampled_out.len(),
+        location = %vantage.location,
+        node = %vantage.node,
+        "synthetic checks running"
+    );
+    let engine = crate::checks::Engine::new(registry, &checks, &cfg.alerting, vantage)?;
     engine.publish_alerts_to(Arc::clone(hub));
     let tasks = engine.spawn(stop.clone());
-    tracing::info!(checks = cfg.checks.len(), "synthetic checks running");
     Ok(Some((engine, tasks)))
 }
 

@@ -347,6 +347,14 @@ pub fn draw(f: &mut Frame, m: &Model) {
     f.render_widget(kernel_summary(m), kernel);
 }
 
+/// ` (Deployment ledger)` of a kill event, the owner of its pod; empty off Kubernetes.
+fn owner_suffix(k: &Value) -> String {
+    match (k["owner_kind"].as_str(), k["owner"].as_str()) {
+        (Some(kind), Some(name)) if !kind.is_empty() => format!(" ({kind} {name})"),
+        _ => String::new(),
+    }
+}
+
 /// `: <reason>: <verdict>` of a kill event, empty when it has none (an older daemon).
 fn verdict_suffix(k: &Value) -> String {
     match (k["reason"].as_str(), k["lead_up"]["verdict"].as_str()) {
@@ -370,7 +378,8 @@ fn kernel_summary(m: &Model) -> Paragraph<'_> {
                 k["victim_comm"].as_str().unwrap_or("?"),
                 k["victim_pid"].as_i64().unwrap_or(0),
                 k["cgroup"].as_str().unwrap_or("?")
-            ) + &verdict_suffix(k)
+            ) + &owner_suffix(k)
+                + &verdict_suffix(k)
         });
         lines.push(Line::from(format!(
             "OOM kills since the sensor started: {}{}",
@@ -560,5 +569,14 @@ mod tests {
             ": growth: steady growth of 38 MiB/min for 9 min until the 512 MiB limit (leak-like)"
         );
         assert_eq!(verdict_suffix(&serde_json::json!({"cgroup": "/a"})), "");
+    }
+
+    #[test]
+    fn the_last_kill_shows_its_owner() {
+        let k = serde_json::json!({"owner_kind": "StatefulSet", "owner": "pg-main"});
+        assert_eq!(owner_suffix(&k), " (StatefulSet pg-main)");
+        let off = serde_json::json!({"owner_kind": "", "owner": ""});
+        assert_eq!(owner_suffix(&off), "", "off Kubernetes");
+        assert_eq!(owner_suffix(&serde_json::json!({})), "", "an older daemon");
     }
 }

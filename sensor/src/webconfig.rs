@@ -46,7 +46,7 @@ pub struct TlsServerConfig {
     pub min_version: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
 pub enum ClientAuth {
     #[default]
     NoClientCert,
@@ -84,6 +84,8 @@ impl WebConfigFile {
 /// The loaded configuration: a TLS acceptor and/or the users allowed in.
 pub struct Web {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// What the TLS handshake asks of clients (`NoClientCert` without TLS).
+    pub client_auth: ClientAuth,
     users: BTreeMap<String, String>,
     /// Credentials already verified: bcrypt is deliberately slow, scrapes come every few
     /// seconds. Only successes are cached, so wrong guesses always pay the full cost.
@@ -100,8 +102,13 @@ impl Web {
             std::fs::read_to_string(file).map_err(|e| format!("web config {}: cannot read: {e}", file.display()))?;
         let cfg = WebConfigFile::parse(&text, file)?;
         let tls = cfg.tls_server_config.as_ref().map(|t| acceptor(file, t)).transpose()?;
+        let client_auth = cfg
+            .tls_server_config
+            .as_ref()
+            .map_or(ClientAuth::NoClientCert, |t| t.client_auth_type);
         Ok(Arc::new(Web {
             tls,
+            client_auth,
             users: cfg.basic_auth_users,
             verified: Mutex::new(HashSet::new()),
         }))
@@ -111,8 +118,15 @@ impl Web {
         !self.users.is_empty()
     }
 
-    /// Checks an `Authorization: Basic ...` header value.
-    fn check(&self, header: Option<&str>) -> bool {
+    /// True when no client gets past the TLS handshake without a certificate signed by
+    /// `client_ca_file` (`RequireAndVerifyClientCert`).
+    pub fn requires_client_cert(&self) -> bool {
+        self.tls.is_some() && self.client_auth == ClientAuth::RequireAndVerifyClientCert
+    }
+
+    /// Checks an `Authorization: Basic ...` header value (bcrypt: call it off the async
+    /// workers).
+    pub fn check(&self, header: Option<&str>) -> bool {
         let Some((user, pass)) = header.and_then(decode_basic) else {
             return false;
         };
@@ -228,13 +242,17 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(s).ok()
 }
 
-/// Axum middleware: 401 with a Basic challenge unless the request carries a known user.
-pub async fn require_auth(State(web): State<Arc<Web>>, req: Request, next: Next) -> Response {
-    let header = req
-        .headers()
+/// The request's `Authorization` header, owned (to move into a blocking check).
+pub fn authorization(req: &Request) -> Option<String> {
+    req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .map(str::to_string)
+}
+
+/// Axum middleware: 401 with a Basic challenge unless the request carries a known user.
+pub async fn require_auth(State(web): State<Arc<Web>>, req: Request, next: Next) -> Response {
+    let header = authorization(&req);
     let w = Arc::clone(&web);
     // bcrypt takes tens of milliseconds: off the async workers.
     let ok = tokio::task::spawn_blocking(move || w.check(header.as_deref()))
@@ -278,6 +296,7 @@ mod tests {
     fn users_are_checked_against_bcrypt_hashes() {
         let web = Web {
             tls: None,
+            client_auth: ClientAuth::NoClientCert,
             users: [("alice".to_string(), bcrypt::hash("pw", 4).unwrap())].into(),
             verified: Mutex::new(HashSet::new()),
         };

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use common::{manifests::*, *};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -79,6 +79,8 @@ fn prometheus_rules_pass_promtool() {
             "alerts.test.yml",
             "outliers.test.yml",
             "workloads.test.yml",
+            "owners.test.yml",
+            "checks.test.yml",
         ])
         .current_dir(dir.join("tests"))
         .output()
@@ -89,7 +91,7 @@ fn prometheus_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches("SUCCESS").count(), 4, "{text}");
+    assert_eq!(text.matches("SUCCESS").count(), 6, "{text}");
 }
 
 /// The kube-state-metrics join deploy/README.md documents is, word for word, the expression
@@ -274,18 +276,32 @@ fn image_ships_exactly_the_dist_output_and_runs() {
     );
     let copies = dockerfile_copies(&ins);
     assert!(
-        copies.iter().all(|(src, _)| src.starts_with("target/dist/")),
-        "only what dist writes: {copies:?}"
+        copies
+            .iter()
+            .all(|(src, _)| src.starts_with("target/dist/${TARGETARCH}/")),
+        "only what dist writes, per architecture: {copies:?}"
     );
     for want in [
-        ("target/dist/sensor", "/sensor"),
-        ("target/dist/ca-certificates.crt", "/etc/ssl/certs/ca-certificates.crt"),
+        ("target/dist/${TARGETARCH}/sensor", "/sensor"),
+        (
+            "target/dist/${TARGETARCH}/ca-certificates.crt",
+            "/etc/ssl/certs/ca-certificates.crt",
+        ),
     ] {
         assert!(
             copies.iter().any(|(s, d)| (s.as_str(), d.as_str()) == want),
             "missing COPY {want:?}: {copies:?}"
         );
     }
+    // The builder sets TARGETARCH from --platform; `cargo xtask image` builds both.
+    let copies: Vec<(String, String)> = ["amd64", "arm64"]
+        .iter()
+        .flat_map(|arch| {
+            copies
+                .iter()
+                .map(move |(s, d)| (s.replace("${TARGETARCH}", arch), d.clone()))
+        })
+        .collect();
     let sources: std::collections::BTreeSet<String> = copies.iter().map(|(s, _)| s.clone()).collect();
     // The build context is the repository root; .dockerignore lets exactly these files in.
     let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
@@ -323,7 +339,7 @@ fn image_ships_exactly_the_dist_output_and_runs() {
     if Command::new("podman").arg("--version").output().is_err() {
         tool_missing(
             "podman",
-            "apt-get install podman runc musl-tools; `cargo xtask deps` does it",
+            "apt-get install podman runc musl-tools gcc-aarch64-linux-gnu; `cargo xtask deps` does it",
         );
         return;
     }
@@ -378,8 +394,32 @@ fn image_ships_exactly_the_dist_output_and_runs() {
             "localhost/sensor:latest".to_string()
         ]
     );
-    let size: u64 = field("size").concat().parse().expect("size line");
-    assert!(size <= 20_000_000, "image {size} bytes, over the 20 MB budget");
+    let sizes = field("size");
+    assert_eq!(sizes.len(), 2, "one size per architecture: {sizes:?}");
+    for line in &sizes {
+        let (arch, size) = line.split_once('\t').expect("size<TAB>ARCH<TAB>BYTES");
+        let size: u64 = size.parse().expect("size in bytes");
+        assert!(size <= 20_000_000, "{arch} image {size} bytes, over the 20 MB budget");
+    }
+    // Both tags are manifest lists over exactly linux/amd64 and linux/arm64.
+    for list in field("image") {
+        let m = podman().args(["manifest", "inspect", &list]).output().unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&m)));
+        let mut platforms: Vec<String> = m["manifests"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{list} is not a manifest list: {m}"))
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    e["platform"]["os"].as_str().unwrap_or("?"),
+                    e["platform"]["architecture"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        platforms.sort();
+        assert_eq!(platforms, ["linux/amd64", "linux/arm64"], "{list}");
+    }
 
     let inspect = podman()
         .args([
@@ -387,7 +427,7 @@ fn image_ships_exactly_the_dist_output_and_runs() {
             "inspect",
             "--format",
             "{{json .Labels}}",
-            "localhost/sensor:latest",
+            &format!("localhost/sensor:{version}-amd64"),
         ])
         .output()
         .unwrap();
@@ -481,36 +521,6 @@ fn image_files(tar: &[u8]) -> std::collections::BTreeSet<String> {
     files
 }
 
-fn deploy_python() -> Option<PathBuf> {
-    let py = root().join("target/deploy-venv/bin/python");
-    let ok = Command::new(&py)
-        .args(["-c", "import kubernetes_validate"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(py);
-    }
-    tool_missing(
-        "target/deploy-venv with kubernetes-validate",
-        "cargo xtask deps, which cargo xtask test and .ci/run run",
-    );
-    None
-}
-
-/// Runs deploy/kubernetes/validate.py on `dir`; without network when root (`unshare -n`), so
-/// the test proves the schemas come from the installed package.
-fn validate_manifests(py: &Path, dir: &Path) -> (bool, String) {
-    let script = root().join("deploy/kubernetes/validate.py");
-    // SAFETY: geteuid has no preconditions.
-    let out = if unsafe { libc::geteuid() } == 0 {
-        Command::new("unshare").arg("-n").arg(py).arg(&script).arg(dir).output()
-    } else {
-        Command::new(py).arg(&script).arg(dir).output()
-    }
-    .unwrap();
-    (out.status.success(), text(&out))
-}
-
 #[test]
 fn kubernetes_manifests_validate_offline() {
     let Some(py) = deploy_python() else { return };
@@ -567,6 +577,26 @@ fn kubernetes_manifests_validate_offline() {
         t.contains("FAIL base ServiceMonitor/sensor: spec.endpoints.0.interval"),
         "{t}"
     );
+}
+
+#[test]
+fn daemonset_schedules_on_every_architecture() {
+    // The image is a manifest list for linux/amd64 and linux/arm64 (`cargo xtask image`), so a
+    // mixed cluster runs one DaemonSet: nothing in it or its overlays may pin an architecture.
+    let dir = root().join("deploy/kubernetes");
+    let mut files = vec![dir.join("daemonset.yaml")];
+    for e in std::fs::read_dir(dir.join("overlays")).unwrap().flatten() {
+        for f in std::fs::read_dir(e.path()).unwrap().flatten() {
+            files.push(f.path());
+        }
+    }
+    assert!(files.len() > 1, "overlays read: {files:?}");
+    for f in files {
+        let t = std::fs::read_to_string(&f).unwrap();
+        for pin in ["kubernetes.io/arch", "amd64", "arm64", "x86_64", "aarch64"] {
+            assert!(!t.contains(pin), "{} pins an architecture ({pin})", f.display());
+        }
+    }
 }
 
 /// The DaemonSet container's `capabilities.add`, read from the manifest.
@@ -808,6 +838,19 @@ impl Prometheus {
         Some(p)
     }
 
+    /// Scraping the sensor at `instance` every second, with the rules as shipped but evaluated
+    /// every second instead of every minute.
+    fn scraping(name: &str, instance: &str) -> Option<Prometheus> {
+        let rules = std::fs::read_to_string(prometheus_dir().join("sensor-rules.yml"))
+            .unwrap()
+            .replace("interval: 1m", "interval: 1s");
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [sensor-rules.yml]\n\
+             scrape_configs:\n  - job_name: sensor\n    static_configs: [{{targets: ['{instance}']}}]\n"
+        );
+        Prometheus::start(name, &config, &[("sensor-rules.yml", rules)])
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
@@ -946,15 +989,7 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
     .unwrap();
     let d = Daemon::start(&["--config", cfg_path.to_str().unwrap()]);
     let instance = format!("127.0.0.1:{}", d.port);
-    // The rules as shipped, but evaluated every second instead of every minute.
-    let rules = std::fs::read_to_string(prometheus_dir().join("sensor-rules.yml"))
-        .unwrap()
-        .replace("interval: 1m", "interval: 1s");
-    let config = format!(
-        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [sensor-rules.yml]\n\
-         scrape_configs:\n  - job_name: sensor\n    static_configs: [{{targets: ['{instance}']}}]\n"
-    );
-    let Some(prom) = Prometheus::start("dash", &config, &[("sensor-rules.yml", rules)]) else {
+    let Some(prom) = Prometheus::scraping("dash", &instance) else {
         return;
     };
 
@@ -1014,7 +1049,10 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
         let q = substitute(e, &instance);
         assert!(!q.contains('$'), "{panel}: unsubstituted variable in {q}");
         let r = prom.query(&q);
-        let oom = e.contains("sensor_oom_kill") || e.contains(":sensor_oom_kills:") || e.contains("oom_kills:ratio");
+        // Owner panels have data only for kills in Kubernetes pods: checked with kubelet-style
+        // pods by owner_panels_and_rules_evaluate_against_live_prometheus.
+        let oom = (e.contains("sensor_oom_kill") || e.contains(":sensor_oom_kills:") || e.contains("oom_kills:ratio"))
+            && !e.contains("owner");
         if oom {
             assert!(!r.is_empty(), "OOM panel {panel} is empty: {q}");
             if r.iter().any(|s| s["metric"].get("cgroup").is_some()) {
@@ -1046,7 +1084,7 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
     }
     for (name, e, recording) in rule_exprs() {
         let r = prom.query(&e);
-        if recording {
+        if recording && !name.contains("owner") {
             assert!(!r.is_empty(), "recording rule {name} is empty");
         }
     }
@@ -1055,6 +1093,106 @@ fn dashboards_and_rules_evaluate_against_live_prometheus() {
         exprs.len(),
         rule_exprs().len()
     );
+    assert_eq!(d.stop().code(), Some(0));
+}
+
+/// The fleet dashboard's owner panels and the owner rules on a live Prometheus scraping a
+/// sensor that names kubelet-style pods through a private containerd: two pods of one
+/// Deployment OOM-killed, a StatefulSet's pod running without kills.
+#[test]
+fn owner_panels_and_rules_evaluate_against_live_prometheus() {
+    let Some(_k) = privileged("owner_panels_and_rules_evaluate_against_live_prometheus") else {
+        return;
+    };
+    let Some(image) = runtimes::victim_image() else { return };
+    let Some(ctrd) = runtimes::Containerd::start() else {
+        return;
+    };
+    ctrd.import(image);
+    let cfg = std::env::temp_dir().join(format!("sensor-owners-{}.yaml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "workloads:\n  runtimes:\n    - {{kind: containerd, socket: {}, namespaces: [k8s.io]}}\n",
+            ctrd.socket.display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let instance = format!("127.0.0.1:{}", d.port);
+    let Some(prom) = Prometheus::scraping("owners", &instance) else {
+        return;
+    };
+    let mut pg = runtimes::KubePod::new(
+        "shop",
+        "pg-main-0",
+        &[
+            ("statefulset.kubernetes.io/pod-name", "pg-main-0"),
+            ("controller-revision-hash", "pg-main-6b9c8d7f5"),
+        ],
+    );
+    ctrd.start_sandbox(&mut pg, image);
+    for name in ["ledger-api-5d8f6c7b9-x2x4k", "ledger-api-5d8f6c7b9-q7z9m"] {
+        let mut pod = runtimes::KubePod::new("shop", name, &[("pod-template-hash", "5d8f6c7b9")]);
+        ctrd.start_sandbox(&mut pod, image);
+        let mut c = pod.container("ledger", 32 << 20, &["/bin/busybox", "tail", "/dev/zero"]);
+        let out = ctrd.run(&mut c, image);
+        assert_eq!(out.status.code(), Some(137), "{out:?}\n{}", ctrd.log());
+    }
+    let ledger = [("owner_kind", "Deployment"), ("owner", "ledger-api")];
+    d.wait_metric_sum("sensor_oom_kills_total", &ledger, 2.0, Duration::from_secs(10));
+
+    // The rules see both kills under one owner, on this one host; pg-main runs without kills.
+    let owner_value = |e: &str, owner: &str| {
+        let r = prom.query(e);
+        r.iter().find(|s| s["metric"]["owner"] == owner).map(sample_value)
+    };
+    let start = std::time::Instant::now();
+    while owner_value("namespace_owner:sensor_oom_kills:increase1h", "ledger-api") != Some(2.0)
+        || owner_value("namespace_owner:sensor_hosts_running:count", "pg-main").is_none()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "owner rules never saw the kills: {:?}\n{}",
+            prom.query("namespace_owner:sensor_oom_kills:increase1h"),
+            prom.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let q = |e: &str| owner_value(e, "ledger-api");
+    assert_eq!(q("instance_namespace_owner:sensor_oom_kills:increase1h"), Some(2.0));
+    assert_eq!(q("namespace_owner:sensor_hosts_with_oom_kills:count1h"), Some(1.0));
+    assert_eq!(q("namespace_owner:sensor_hosts_running:count"), Some(1.0));
+    assert_eq!(
+        owner_value("namespace_owner:sensor_hosts_running:count", "pg-main"),
+        Some(1.0)
+    );
+    assert_eq!(
+        owner_value("namespace_owner:sensor_oom_kills:increase1h", "pg-main"),
+        None
+    );
+    // Two owners, 0 and 2 kills: p90 1.8, the threshold 3 x that (above the floor of 5).
+    let one = |e: &str| prom.query(e).first().map(sample_value);
+    assert_eq!(one("fleet:sensor_oom_kills_per_owner:quantile90_1h"), Some(1.8));
+    assert_eq!(one("fleet:sensor_oom_kills_owner_outlier_threshold:1h"), Some(5.4));
+
+    // Enough scrapes since the kills for increase() over 30s to have two samples.
+    std::thread::sleep(Duration::from_secs(3));
+    let (exprs, _) = dashboard_exprs();
+    let owner_exprs: Vec<_> = exprs.iter().filter(|(_, e)| e.contains("owner")).collect();
+    assert!(owner_exprs.len() >= 8, "{owner_exprs:?}");
+    for (panel, e) in owner_exprs {
+        let r = prom.query(&substitute(e, &instance));
+        assert!(!r.is_empty(), "owner panel {panel} is empty: {e}");
+        if r.iter().any(|s| s["metric"].get("owner").is_some()) {
+            assert!(
+                r.iter().all(|s| s["metric"]["owner"] == "ledger-api"
+                    && s["metric"]["owner_kind"] == "Deployment"
+                    && s["metric"]["namespace"] == "shop"),
+                "owner panel {panel}: {r:?}"
+            );
+        }
+    }
     assert_eq!(d.stop().code(), Some(0));
 }
 
@@ -1114,9 +1252,21 @@ fn alertmanager_config_passes_amtool_and_routes_the_sensor_alerts() {
             "remediation,ticket",
         ),
         ("alertname=SensorOOMOutlierHost target=host severity=warning instance=h1", "remediation,ticket"),
+        (
+            "alertname=SensorOOMOutlierOwner target=workload severity=warning namespace=shop owner_kind=Deployment owner=ledger",
+            "ticket",
+        ),
         ("alertname=SensorGlobalOOMKills target=host severity=critical instance=h1", "remediation,page"),
         ("alertname=SensorFleetOOMHostRatioHigh target=fleet severity=warning", "page"),
         ("alertname=SensorCheckDown target=check severity=critical check=shop", "page"),
+        (
+            "alertname=SensorCheckUnreachableFromHost target=host severity=warning instance=h1 check=shop",
+            "ticket",
+        ),
+        (
+            "alertname=SensorCheckDownFromLocation target=check severity=warning location=zone-b check=shop",
+            "ticket",
+        ),
         ("alertname=SomethingElse severity=critical", "ticket"),
     ];
     for (labels, want) in cases {
@@ -1170,8 +1320,22 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
+    // The remediation receiver's credential files (the Kubernetes Secret's mount) put here: a
+    // real Alertmanager refuses to start without its CA file.
+    let secrets = "/etc/alertmanager/secrets/sensor-remediate-alertmanager/";
+    let shipped = std::fs::read_to_string(alertmanager_file()).unwrap();
+    assert!(shipped.contains(secrets), "the remediation receiver reads {secrets}");
+    let pki = tls::Pki::new(&dir.join("secrets"));
+    std::fs::copy(&pki.ca, dir.join("secrets/ca.crt")).unwrap();
+    std::fs::write(dir.join("secrets/token"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    let config = dir.join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        shipped.replace(secrets, &format!("{}/secrets/", dir.display())),
+    )
+    .unwrap();
     let mut cmd = Command::new("prometheus-alertmanager");
-    cmd.arg(format!("--config.file={}", alertmanager_file().display()))
+    cmd.arg(format!("--config.file={}", config.display()))
         .arg(format!("--storage.path={}", dir.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .arg("--cluster.listen-address=");
@@ -1211,6 +1375,27 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
             &[("instance", "h1"), ("namespace", "cart"), ("pod", "c")]
         ),
         alert("SensorFleetOOMHostRatioHigh", "fleet", "warning", &[]),
+        // A check down for a quorum of the fleet (no instance), and two hosts that fail a check
+        // alone: the one failing the check that is down anyway is inhibited.
+        alert("SensorCheckDown", "check", "critical", &[("check", "shop")]),
+        alert(
+            "SensorCheckUnreachableFromHost",
+            "host",
+            "warning",
+            &[("instance", "h4"), ("check", "shop")]
+        ),
+        alert(
+            "SensorCheckUnreachableFromHost",
+            "host",
+            "warning",
+            &[("instance", "h5"), ("check", "cart")]
+        ),
+        alert(
+            "SensorCheckDownFromLocation",
+            "check",
+            "warning",
+            &[("location", "zone-b"), ("check", "shop")]
+        ),
     ]);
     let (code, body) = http_request(
         port,
@@ -1235,9 +1420,16 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
                 .collect()
         };
         let h1 = on("h1");
-        let ok = list.len() == 7
+        let location = list
+            .iter()
+            .find(|a| a["labels"]["alertname"] == "SensorCheckDownFromLocation")
+            .map(state);
+        let ok = list.len() == 11
+            && location.as_deref() == Some("suppressed")
             && h1.iter().all(|(n, s)| (n == "SensorDown") == (s == "active"))
-            && on("h2").iter().chain(on("h3").iter()).all(|(_, s)| s == "active");
+            && on("h2").iter().chain(on("h3").iter()).all(|(_, s)| s == "active")
+            && on("h4") == [("SensorCheckUnreachableFromHost".to_string(), "suppressed".to_string())]
+            && on("h5") == [("SensorCheckUnreachableFromHost".to_string(), "active".to_string())];
         if ok {
             break;
         }
@@ -1257,6 +1449,12 @@ fn alertmanager_groups_by_host_namespace_and_fleet_and_sensor_down_inhibits() {
         ("page", "alertname=SensorFleetOOMHostRatioHigh", 1),
         // SensorDown pages by host.
         ("page", "alertname=SensorDown,cluster=c1,instance=h1", 1),
+        // A check pages once, whatever the hosts and clusters; a host failing a check alone
+        // is a ticket for that host.
+        ("page", "alertname=SensorCheckDown,check=shop", 1),
+        ("ticket", "alertname=SensorCheckDownFromLocation,check=shop", 1),
+        ("ticket", "alertname=SensorCheckUnreachableFromHost,cluster=c1,instance=h4", 1),
+        ("ticket", "alertname=SensorCheckUnreachableFromHost,cluster=c1,instance=h5", 1),
         // Host alerts: by host.
         ("ticket", "alertname=SensorOOMKillStorm,cluster=c1,instance=h1", 1),
         ("ticket", "alertname=SensorOOMKillStorm,cluster=c1,instance=h2", 1),

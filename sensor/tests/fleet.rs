@@ -2,7 +2,8 @@
 //! Prometheus in agent mode (deploy/prometheus/agent.yml), a central Prometheus receiving its
 //! remote writes and running the fleet rules (central.yml, sensor-rules.yml), a real
 //! Alertmanager (deploy/alertmanager/alertmanager.yml) and `sensor remediate`
-//! (deploy/remediate/remediate.yaml) behind basic auth. The test configs are generated from the
+//! (deploy/remediate/remediate.yaml) as shipped: TLS and a bearer token, sent by Alertmanager
+//! from the shipped receiver's `http_config`. The test configs are generated from the
 //! shipped files (loaded as YAML, intervals and targets overridden); the shipped files are
 //! never edited. Under CI=true a missing tool fails the test.
 
@@ -14,58 +15,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{prom::*, *};
 use serde_yaml_ng::Value;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+const TOKEN: &str = "0d5e8f7a6b4c3d2e1f0a9b8c7d6e5f4a";
+const AUTH: &str = "Authorization: Bearer 0d5e8f7a6b4c3d2e1f0a9b8c7d6e5f4a";
 
-fn load(rel: &str) -> Value {
-    serde_yaml_ng::from_str(&std::fs::read_to_string(root().join(rel)).unwrap()).unwrap()
+/// The runner's HTTPS, trusting the test CA, with the token.
+fn runner_get(port: u16, ca: &Path, path: &str) -> std::io::Result<(u16, String)> {
+    tls::https_request(port, ca, None, "GET", path, &[AUTH], None)
 }
-
-fn write(path: &Path, v: &Value) {
-    std::fs::write(path, serde_yaml_ng::to_string(v).unwrap()).unwrap();
-}
-
-fn y(s: &str) -> Value {
-    serde_yaml_ng::from_str(s).unwrap()
-}
-
-/// Instant query on a Prometheus; the result vector (empty on any error).
-fn query(port: u16, expr: &str) -> Vec<serde_json::Value> {
-    let q: String = form_urlencoded::byte_serialize(expr.as_bytes()).collect();
-    let Ok((200, body)) = http_get(port, &format!("/api/v1/query?query={q}")) else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    v["data"]["result"].as_array().cloned().unwrap_or_default()
-}
-
-fn value(series: &serde_json::Value) -> f64 {
-    series["value"][1]
-        .as_str()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-/// Polls `f` every 200 ms until it returns Some, for at most `limit`.
-fn wait<T>(what: &str, limit: Duration, explain: impl Fn() -> String, f: impl Fn() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            eprintln!("{what}: after {:.1}s", start.elapsed().as_secs_f64());
-            return v;
-        }
-        if start.elapsed() > limit {
-            panic!("{what}: not within {limit:?}\n{}", explain());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-const AUTH: &str = "Authorization: Basic YWxlcnRtYW5hZ2VyOnMzY3JldA=="; // alertmanager:s3cret
 
 #[test]
 fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
@@ -89,28 +48,34 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     let instance = format!("127.0.0.1:{}", d.port);
     let (agent_port, central_port, am_port, rem_port) = (free_port(), free_port(), free_port(), free_port());
 
-    // sensor remediate: the shipped example, acting (not dry-run), behind basic auth; the
-    // storm rule's action appends the alert to a file.
+    // sensor remediate: the shipped example and web config, acting (not dry-run), with a test
+    // certificate and token in place of the Kubernetes Secrets; the storm rule's action appends
+    // the alert to a file.
     let actions_file = tmp.join("actions.log");
+    let pki = tls::Pki::new(&tmp.join("pki"));
+    std::fs::write(tmp.join("token"), format!("{TOKEN}\n")).unwrap();
+    let mut web = load("deploy/remediate/web.yml");
+    web["tls_server_config"]["cert_file"] = y(&pki.server_cert.display().to_string());
+    web["tls_server_config"]["key_file"] = y(&pki.server_key.display().to_string());
+    write(&tmp.join("web.yml"), &web);
     let mut rem = load("deploy/remediate/remediate.yaml");
     rem["listen"] = y(&format!("127.0.0.1:{rem_port}"));
     rem["dry_run"] = Value::Bool(false);
     rem["web_config_file"] = y(&tmp.join("web.yml").display().to_string());
-    std::fs::write(
-        tmp.join("web.yml"),
-        format!(
-            "basic_auth_users:\n  alertmanager: {}\n",
-            bcrypt::hash("s3cret", 4).unwrap()
-        ),
-    )
-    .unwrap();
+    rem["bearer_token_file"] = y(&tmp.join("token").display().to_string());
     let rules = rem["rules"].as_sequence_mut().unwrap();
     let storm = rules
         .iter_mut()
         .find(|r| r["alert"] == "SensorWorkloadOOMKillStorm")
         .expect("the example has the storm rule");
-    // A cgroup outside Kubernetes has no namespace/pod: the target is the host's cgroup.
+    // A cgroup outside Kubernetes has no namespace/pod: the target is the host's cgroup, and
+    // only this test's cgroup on this sensor is allowed.
     storm["target_labels"] = y("[instance, cgroup]");
+    storm["allowed_targets"] = serde_yaml_ng::to_value(serde_json::json!({
+        "instance": [regex::escape(&instance)],
+        "cgroup": [regex::escape(&cg.rel)],
+    }))
+    .unwrap();
     storm["cooldown"] = y("10m");
     storm["actions"] = y(&format!(
         "[{{name: write-file, type: exec, shell: true, command: ['printf \"%s %s %s\\n\" \"$ALERT_NAME\" \"$ALERT_LABEL_CGROUP\" \"$ALERT_STATUS\" >> {}']}}]",
@@ -120,65 +85,38 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     let mut cmd = Command::new(SENSOR);
     cmd.args(["remediate", "--config"]).arg(tmp.join("remediate.yaml"));
     let mut remediate = Service::spawn("sensor remediate", cmd, rem_port, tmp.join("remediate.log"));
-    remediate.wait_until(|p| matches!(http_request(p, "GET", "/healthz", &[AUTH], None), Ok((200, _))));
-    let (code, _) = http_get(rem_port, "/api/v1/remediations").unwrap();
-    assert_eq!(code, 401, "the runner honours the web config's basic auth");
+    remediate.wait_until(|p| matches!(runner_get(p, &pki.ca, "/healthz"), Ok((200, _))));
+    let (code, _) = tls::https_request(rem_port, &pki.ca, None, "GET", "/api/v1/remediations", &[], None).unwrap();
+    assert_eq!(code, 401, "the runner asks for the token");
 
     // Alertmanager: the shipped routes, with test timings, the runner's port and credentials.
-    let mut am = load("deploy/alertmanager/alertmanager.yml");
-    am["route"]["group_wait"] = y("1s");
-    am["route"]["group_interval"] = y("1s");
-    let routes = am["route"]["routes"].as_sequence_mut().unwrap();
-    let r0 = &mut routes[0];
-    assert_eq!(r0["receiver"], "remediation");
-    r0["group_wait"] = y("1s");
-    r0["group_interval"] = y("1s");
+    let mut am = alertmanager_config();
+    assert_eq!(am["route"]["routes"][0]["receiver"], "remediation");
     for r in am["receivers"].as_sequence_mut().unwrap() {
         if r["name"] == "remediation" {
-            r["webhook_configs"][0]["url"] = y(&format!("http://127.0.0.1:{rem_port}/webhook"));
-            r["webhook_configs"][0]["http_config"] = y("{basic_auth: {username: alertmanager, password: s3cret}}");
+            // The shipped http_config (token and CA from files), the files put here.
+            let wh = &mut r["webhook_configs"][0];
+            wh["url"] = y(&format!("https://127.0.0.1:{rem_port}/webhook"));
+            let http = &mut wh["http_config"];
+            assert_eq!(http["authorization"]["type"], "Bearer");
+            http["authorization"]["credentials_file"] = y(&tmp.join("token").display().to_string());
+            http["tls_config"]["ca_file"] = y(&pki.ca.display().to_string());
         } else {
             // People's receivers: a closed loopback port (nothing leaves the host).
             r["webhook_configs"][0]["url"] = y(&format!("http://127.0.0.1:{}/", free_port()));
         }
     }
-    write(&tmp.join("alertmanager.yml"), &am);
-    std::fs::create_dir_all(tmp.join("am")).unwrap();
-    let mut cmd = Command::new("prometheus-alertmanager");
-    cmd.arg(format!("--config.file={}", tmp.join("alertmanager.yml").display()))
-        .arg(format!("--storage.path={}", tmp.join("am").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{am_port}"))
-        .arg("--cluster.listen-address=");
-    let alertmanager = Service::start("alertmanager", cmd, am_port, "/-/ready", tmp.join("am.log"));
+    let alertmanager = start_alertmanager(&tmp, &am, am_port);
 
     // Central Prometheus: the shipped config and rules, evaluated every second, alerting to
     // this Alertmanager; the workload storm's 10-minute window shortened to 20 s.
-    let mut central = load("deploy/prometheus/central.yml");
-    central["global"]["evaluation_interval"] = y("1s");
-    central["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = y(&format!("['127.0.0.1:{am_port}']"));
-    write(&tmp.join("central.yml"), &central);
-    let mut rules = load("deploy/prometheus/sensor-rules.yml");
-    for g in rules["groups"].as_sequence_mut().unwrap() {
-        if g.get("interval").is_some() {
-            g["interval"] = y("1s");
+    let rules = fast_rules(|r| {
+        if r["alert"] == "SensorWorkloadOOMKillStorm" {
+            let e = r["expr"].as_str().unwrap().replace("10m", "20s");
+            r["expr"] = Value::String(e);
         }
-        for r in g["rules"].as_sequence_mut().unwrap() {
-            if r["alert"] == "SensorWorkloadOOMKillStorm" {
-                let e = r["expr"].as_str().unwrap().replace("10m", "20s");
-                r["expr"] = Value::String(e);
-            }
-        }
-    }
-    write(&tmp.join("sensor-rules.yml"), &rules);
-    std::fs::create_dir_all(tmp.join("central-data")).unwrap();
-    let central_cmd = || {
-        let mut c = Command::new("prometheus");
-        c.arg(format!("--config.file={}", tmp.join("central.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", tmp.join("central-data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{central_port}"))
-            .arg("--web.enable-remote-write-receiver");
-        c
-    };
+    });
+    let central_cmd = central_prometheus(&tmp, &rules, central_port, am_port);
     let mut central = Service::start(
         "central prometheus",
         central_cmd(),
@@ -188,23 +126,14 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     );
 
     // Agent: the shipped config, scraping this sensor every second, writing to the central.
-    let mut agent = load("deploy/prometheus/agent.yml");
-    agent["global"]["scrape_interval"] = y("1s");
-    agent["global"]["external_labels"]["cluster"] = y("test");
-    agent["scrape_configs"][0] = y(&format!(
-        "{{job_name: sensor, static_configs: [{{targets: ['{instance}']}}]}}"
-    ));
-    agent["remote_write"][0]["url"] = y(&format!("http://127.0.0.1:{central_port}/api/v1/write"));
-    agent["remote_write"][0]["queue_config"]["batch_send_deadline"] = y("500ms");
-    agent["remote_write"][0]["queue_config"]["max_backoff"] = y("1s");
-    write(&tmp.join("agent.yml"), &agent);
-    std::fs::create_dir_all(tmp.join("agent-data")).unwrap();
-    let mut cmd = Command::new("prometheus");
-    cmd.arg("--enable-feature=agent")
-        .arg(format!("--config.file={}", tmp.join("agent.yml").display()))
-        .arg(format!("--storage.agent.path={}", tmp.join("agent-data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{agent_port}"));
-    let agent = Service::start("agent prometheus", cmd, agent_port, "/-/ready", tmp.join("agent.log"));
+    let agent = start_agent(
+        &tmp,
+        y(&format!(
+            "{{job_name: sensor, static_configs: [{{targets: ['{instance}']}}]}}"
+        )),
+        agent_port,
+        central_port,
+    );
 
     let log_files: Vec<(&str, PathBuf)> = vec![
         ("remediate", remediate.log.clone()),
@@ -214,12 +143,7 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
         ("agent", agent.log.clone()),
         ("sensor", d.stderr_path.clone()),
     ];
-    let logs = || {
-        log_files
-            .iter()
-            .map(|(n, p)| format!("--- {n} ---\n{}\n", std::fs::read_to_string(p).unwrap_or_default()))
-            .collect::<String>()
-    };
+    let logs = || logs(&log_files);
     let up = format!("up{{job=\"sensor\",instance=\"{instance}\",cluster=\"test\"}}");
     wait(
         "the sensor's samples reach the central tier",
@@ -229,7 +153,7 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     );
 
     let audit = || -> Vec<serde_json::Value> {
-        match http_request(rem_port, "GET", "/api/v1/remediations", &[AUTH], None) {
+        match runner_get(rem_port, &pki.ca, "/api/v1/remediations") {
             Ok((200, b)) => serde_json::from_str(&b).unwrap_or_default(),
             _ => Vec::new(),
         }
@@ -278,7 +202,7 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     let reason = entry["reason"].as_str().unwrap();
     assert!(reason.starts_with("cooldown: this target was acted on "), "{reason}");
     assert_eq!(lines(), firing_line, "still exactly one action");
-    let (_, m) = http_request(rem_port, "GET", "/metrics", &[AUTH], None).unwrap();
+    let (_, m) = runner_get(rem_port, &pki.ca, "/metrics").unwrap();
     let counted = |result: &str| {
         metric(
             &m,
@@ -294,6 +218,11 @@ fn oom_storm_reaches_remediation_through_agent_central_and_alertmanager() {
     assert_eq!(counted("skipped_cooldown"), Some(1.0), "{m}");
     assert!(counted("skipped_resolved") >= Some(1.0), "{m}");
     assert_eq!(counted("failure"), None, "{m}");
+    assert_eq!(
+        metric(&m, "sensor_remediation_webhooks_total", &[("result", "unauthorized")]),
+        Some(1.0),
+        "Alertmanager's notifications all carried the token; only the test's own tokenless GET was refused: {m}"
+    );
 
     // The central tier goes down for a while; the agent buffers. Two more kills meanwhile.
     let down_at = std::time::SystemTime::now();

@@ -321,10 +321,27 @@ impl PodRun {
             let value = match (&e["value"], e["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
                 (Value::String(v), _) => v.clone(),
                 (_, Some("spec.nodeName")) => hostname(),
+                // This host is no Kubernetes node: no zone label, as on a cluster that does
+                // not copy it onto pods.
+                (_, Some("metadata.labels['topology.kubernetes.io/zone']")) => String::new(),
                 (v, f) => panic!("env {name}: value {v:?} / fieldRef {f:?} not mapped"),
             };
             env.push((name, value));
         }
+
+        // $(VAR) expanded from the container's env, as Kubernetes does.
+        let args: Vec<String> = c["args"]
+            .as_sequence()
+            .map(|s| {
+                s.iter()
+                    .map(|a| {
+                        env.iter().fold(a.as_str().unwrap().to_string(), |a, (k, v)| {
+                            a.replace(&format!("$({k})"), v)
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
 
         let volumes: BTreeMap<String, &Value> = spec["volumes"]
             .as_sequence()
@@ -395,10 +412,7 @@ impl PodRun {
             host_network: spec["hostNetwork"].as_bool().unwrap_or(false),
             mounts,
             env,
-            args: c["args"]
-                .as_sequence()
-                .map(|s| s.iter().map(|a| a.as_str().unwrap().to_string()).collect())
-                .unwrap_or_default(),
+            args,
             ready_path: rp["path"].as_str().expect("readinessProbe path").to_string(),
             ready_port,
             startup,
@@ -458,20 +472,21 @@ impl PodRun {
     }
 }
 
-/// The image deploy/Dockerfile builds from target/dist (what `cargo xtask dist` wrote; CI runs
-/// it before the tests), under a tag of its own so other checkouts' images are not touched.
+/// The image deploy/Dockerfile builds from target/dist/amd64 (what `cargo xtask dist --out
+/// target/dist/amd64` wrote; CI runs it before the tests; the builder's TARGETARCH is the
+/// host's), under a tag of its own so other checkouts' images are not touched.
 const IMAGE: &str = "localhost/sensor:manifest-test";
 
 fn image() -> Option<&'static str> {
     static BUILT: OnceLock<()> = OnceLock::new();
-    let dist = root().join("target/dist/sensor");
+    let dist = root().join("target/dist/amd64/sensor");
     if !dist.is_file() {
         assert!(
             !ci(),
-            "CI=true but {} is missing (.ci/run runs `cargo xtask dist`)",
+            "CI=true but {} is missing (.ci/run runs `cargo xtask dist --out target/dist/amd64`)",
             dist.display()
         );
-        skip("target/dist/sensor missing: run `cargo xtask dist` first");
+        skip("target/dist/amd64/sensor missing: run `cargo xtask dist --out target/dist/amd64` first");
         return None;
     }
     BUILT.get_or_init(|| {
@@ -834,6 +849,11 @@ fn seccomp_profile_is_the_runtime_default_plus_bpf() {
         );
     }
     assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    // One profile for the multi-arch image: both native architectures are listed.
+    let arches = profile["architectures"].as_array().unwrap();
+    for a in ["SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"] {
+        assert!(arches.iter().any(|x| x == a), "{a} missing: {arches:?}");
+    }
     let source = Path::new("/usr/share/containers/seccomp.json");
     if !source.is_file() {
         assert!(!ci(), "CI=true but {} is missing (podman)", source.display());
@@ -1401,6 +1421,14 @@ fn every_template_field_maps_onto_podman_and_ctr() {
             assert!(args.contains(&format!("-e {k}=")), "{tree:?}: {args}");
         }
         assert!(run.args.iter().any(|a| a == "--config"), "{tree:?}: {:?}", run.args);
+        // The vantage point's node name and zone come from the downward API through $(VAR).
+        assert!(
+            run.args.contains(&format!("--vantage.node={}", hostname()))
+                && run.args.iter().any(|a| a == "--vantage.location=")
+                && !run.args.iter().any(|a| a.contains("$(")),
+            "{tree:?}: {:?}",
+            run.args
+        );
         assert_eq!(run.privileged, tree == Some("privileged"), "{tree:?}");
         if tree == Some("seccomp") {
             assert!(matches!(run.seccomp, Seccomp::Localhost(_)), "{:?}", run.seccomp);

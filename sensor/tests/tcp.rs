@@ -203,17 +203,7 @@ fn server(addr: &str) -> (SocketAddr, Arc<AtomicBool>) {
 /// [`server`] inside network namespace `ns` (the socket is created there; setns on a thread
 /// of its own).
 fn server_in(ns: &str, addr: &str) -> (SocketAddr, Arc<AtomicBool>) {
-    let path = format!("/var/run/netns/{ns}");
-    let addr = addr.to_string();
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).expect("netns file");
-        // SAFETY: setns on this thread only, with a namespace fd we own.
-        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        server(&addr)
-    })
-    .join()
-    .expect("server in namespace")
+    common::netns::in_netns(ns, || server(addr))
 }
 
 /// A port on `ip` where nothing listens.
@@ -663,13 +653,7 @@ impl Netns {
             client: format!("sensor-c{id}"),
             peer: format!("sensor-p{id}"),
         };
-        let ip = |args: &str| {
-            let st = std::process::Command::new("ip")
-                .args(args.split_whitespace())
-                .status()
-                .expect("ip");
-            assert!(st.success(), "ip {args}");
-        };
+        let ip = common::netns::ip;
         ip(&format!("netns add {}", n.client));
         ip(&format!("netns add {}", n.peer));
         ip(&format!(

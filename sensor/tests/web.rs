@@ -404,9 +404,11 @@ fn web_view_in_a_real_browser() {
         "browser.yaml",
         &format!(
             "alerting: {{window: 3s, min_samples: 2}}
+vantage: {{location: eu-west-1a, node: web-node}}
 checks:
   - {{name: shop, type: http, url: 'http://127.0.0.1:{up}/health', interval: 500ms, timeout: 2s}}
   - {{name: payments, type: http, url: 'http://127.0.0.1:{closed}/', interval: 500ms, timeout: 2s}}
+  - {{name: elsewhere, type: http, url: 'http://127.0.0.1:{closed}/', sample: 0.000001}}
 "
         ),
     );
@@ -422,7 +424,7 @@ checks:
     }
     d.wait_metric(
         "sensor_check_alert_firing",
-        &[("check", "payments")],
+        &[("check", "payments"), ("location", "eu-west-1a")],
         1.0,
         Duration::from_secs(15),
     );
@@ -465,6 +467,15 @@ checks:
     );
     let ok = b.eval("document.querySelector('#checks-10m tr[data-check=\"shop\"]').innerText");
     assert!(ok.as_str().unwrap_or("").contains("up"), "{ok}");
+    // Whose view it is: this sensor's location, and the check the fleet's sampling left to
+    // other nodes (not shown as a row).
+    let vantage = b.eval("document.getElementById('check-vantage').innerText");
+    assert_eq!(
+        vantage.as_str().unwrap_or(""),
+        "Availability from location eu-west-1a, node web-node. Run by other nodes (sampled out here): elsewhere."
+    );
+    let rows = b.eval("document.querySelectorAll('#checks-10m tr[data-check]').length");
+    assert_eq!(rows, json!(2), "the sampled-out check has no row");
     let alerts = b.eval("document.getElementById('alerts').innerText");
     assert!(
         alerts.as_str().unwrap_or("").contains("Website payments is down."),
@@ -529,6 +540,68 @@ checks:
     assert!(requests.len() >= 5, "{requests:?}");
     let outside: Vec<&String> = requests.iter().filter(|u| !u.starts_with(&base)).collect();
     assert!(outside.is_empty(), "requests outside the daemon: {outside:?}");
+    drop(b);
+    assert_eq!(d.stop().code(), Some(0));
+}
+
+/// A kill in a Deployment's pod (kubelet-style, through a private containerd) shows its owner
+/// in the recent kills' OWNER column.
+#[test]
+fn web_view_names_the_owner_of_a_pods_kill() {
+    let test = "web_view_names_the_owner_of_a_pods_kill";
+    let Some(chrome) = chromium(test) else { return };
+    let Some(_kernel) = common::privileged(test) else {
+        return;
+    };
+    let Some(image) = common::runtimes::victim_image() else {
+        return;
+    };
+    let Some(ctrd) = common::runtimes::Containerd::start() else {
+        return;
+    };
+    ctrd.import(image);
+    let cfg = write(
+        "owner.yaml",
+        &format!(
+            "workloads:\n  runtimes:\n    - {{kind: containerd, socket: {}, namespaces: [k8s.io]}}\n",
+            ctrd.socket.display()
+        ),
+    );
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let mut pod = common::runtimes::KubePod::new(
+        "shop",
+        "ledger-api-5d8f6c7b9-x2x4k",
+        &[("pod-template-hash", "5d8f6c7b9")],
+    );
+    ctrd.start_sandbox(&mut pod, image);
+    let mut c = pod.container("ledger", 32 << 20, &["/bin/busybox", "tail", "/dev/zero"]);
+    let out = ctrd.run(&mut c, image);
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    d.wait_metric_sum(
+        "sensor_oom_kills_total",
+        &[("container_id", &c.id), ("owner", "ledger-api")],
+        1.0,
+        Duration::from_secs(10),
+    );
+
+    let mut b = Browser::launch(&chrome);
+    b.navigate(&format!("http://127.0.0.1:{}/", d.port));
+    b.wait_true(
+        "!!document.querySelector('#oom-recent tr[data-seq] td.owner')",
+        Duration::from_secs(20),
+        "the kill's row",
+    );
+    let head = b.eval("document.querySelector('#oom-recent thead').innerText");
+    assert!(head.as_str().unwrap_or("").contains("OWNER"), "{head}");
+    let owner = b.eval("document.querySelector('#oom-recent tr[data-seq] td.owner').innerText");
+    assert_eq!(owner.as_str(), Some("Deployment ledger-api"));
+    let row = b.eval("document.querySelector('#oom-recent tr[data-seq]').innerText");
+    assert!(
+        row.as_str()
+            .unwrap_or("")
+            .contains("shop/ledger-api-5d8f6c7b9-x2x4k/ledger"),
+        "{row}"
+    );
     drop(b);
     assert_eq!(d.stop().code(), Some(0));
 }

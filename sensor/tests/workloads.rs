@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::{
-    runtimes::{self, Containerd, KubeContainer, PodmanService},
+    runtimes::{self, Containerd, KubeContainer, KubePod, PodmanService},
     *,
 };
 
@@ -201,6 +201,9 @@ fn podman_container_oom_kill_is_named_with_its_image() {
                 ("container", &name),
                 ("image", runtimes::VICTIM_IMAGE),
                 ("runtime", "docker"),
+                // Outside Kubernetes: no owner.
+                ("owner_kind", ""),
+                ("owner", ""),
             ]
         ),
         Some(1.0)
@@ -350,6 +353,152 @@ fn fifty_short_lived_containers_each_oom_killed_are_all_named() {
             1.0,
             "{id} is {pod}"
         );
+    }
+}
+
+/// (namespace, pod, the pod's labels, owner_kind, owner, app containers).
+type PodCase = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+);
+
+/// Pods of a Deployment, a StatefulSet, a DaemonSet, a Job and a CronJob as kubelet lays them
+/// out through containerd (a sandbox with the pod's labels, app containers naming it), one app
+/// container of each OOM-killed, two in the Deployment's pod: every kill, its event and
+/// `sensor_workload_info` name the pod's owner exactly, and each pod's sandbox is read once.
+#[test]
+fn kubelet_style_pods_oom_kills_are_named_with_their_owners() {
+    let Some(_k) = privileged("kubelet_style_pods_oom_kills_are_named_with_their_owners") else {
+        return;
+    };
+    let Some((ctrd, image)) = containerd_with_victim() else {
+        return;
+    };
+    let cfg = config(&[containerd(&ctrd.socket)], "2s");
+    let d = daemon(&cfg);
+    let pods: [PodCase; 5] = [
+        (
+            "shop",
+            "ledger-api-5d8f6c7b9-x2x4k",
+            &[("app", "ledger-api"), ("pod-template-hash", "5d8f6c7b9")],
+            "Deployment",
+            "ledger-api",
+            &["ledger", "envoy"],
+        ),
+        (
+            "shop",
+            "pg-main-0",
+            &[
+                ("statefulset.kubernetes.io/pod-name", "pg-main-0"),
+                ("controller-revision-hash", "pg-main-6b9c8d7f5"),
+                ("apps.kubernetes.io/pod-index", "0"),
+            ],
+            "StatefulSet",
+            "pg-main",
+            &["postgres"],
+        ),
+        (
+            "kube-system",
+            "node-agent-q2w4z",
+            &[
+                ("controller-revision-hash", "7d9f8b6c5"),
+                ("pod-template-generation", "3"),
+            ],
+            "DaemonSet",
+            "node-agent",
+            &["agent"],
+        ),
+        (
+            "batch",
+            "migrate-v3-b7k9p",
+            &[
+                ("batch.kubernetes.io/job-name", "migrate-v3"),
+                ("job-name", "migrate-v3"),
+            ],
+            "Job",
+            "migrate-v3",
+            &["migrate"],
+        ),
+        (
+            "batch",
+            "report-29442120-h5n8s",
+            &[
+                ("batch.kubernetes.io/job-name", "report-29442120"),
+                ("job-name", "report-29442120"),
+            ],
+            "CronJob",
+            "report",
+            &["report"],
+        ),
+    ];
+    let mut killed = Vec::new();
+    for (ns, name, labels, kind, owner, containers) in pods {
+        let mut pod = KubePod::new(ns, name, labels);
+        ctrd.start_sandbox(&mut pod, image);
+        for cname in containers {
+            let mut c = pod.container(cname, 32 << 20, &["/bin/busybox", "tail", "/dev/zero"]);
+            let out = ctrd.run(&mut c, image);
+            assert!(exited_by_oom(&out), "{ns}/{name}/{cname}: {out:?}\n{}", ctrd.log());
+            killed.push((c, kind, owner));
+        }
+    }
+    for (c, kind, owner) in &killed {
+        let labels = [
+            ("container_id", c.id.as_str()),
+            ("namespace", c.namespace.as_str()),
+            ("pod", c.pod.as_str()),
+            ("container", c.container.as_str()),
+            ("owner_kind", kind),
+            ("owner", owner),
+        ];
+        let m = d.wait_metric_sum("sensor_oom_kills_total", &labels, 1.0, Duration::from_secs(10));
+        assert_eq!(
+            metric_sum(&m, "sensor_oom_kills_total", &[("container_id", &c.id)]),
+            1.0,
+            "one kill, under its owner: {m}"
+        );
+        assert_eq!(metric_sum(&m, "sensor_workload_info", &labels), 1.0, "{m}");
+        let e = kill_event(&d, &c.id);
+        assert_eq!(
+            (e["owner_kind"].as_str(), e["owner"].as_str()),
+            (Some(*kind), Some(*owner)),
+            "{e}"
+        );
+    }
+    // The sandboxes (found by the next rescan): named as their pod (no container), owned like
+    // it from their own labels, without a sandbox lookup.
+    for (c, kind, owner) in &killed {
+        let sandbox = [
+            ("pod", c.pod.as_str()),
+            ("container", ""),
+            ("owner_kind", kind),
+            ("owner", owner),
+        ];
+        d.wait_metric_sum("sensor_workload_info", &sandbox, 1.0, Duration::from_secs(20));
+    }
+    let m = d.metrics();
+    // Kills per owner: the two of the Deployment's pod under one owner.
+    let ledger = [("owner_kind", "Deployment"), ("owner", "ledger-api")];
+    assert_eq!(metric_sum(&m, "sensor_oom_kills_total", &ledger), 2.0);
+    assert_eq!(metric_sum(&m, "sensor_oom_kills_total", &[]), killed.len() as f64);
+    let sandbox_lookups = |result| {
+        metric_sum(
+            &m,
+            "sensor_workload_sandbox_lookups_total",
+            &[("runtime", "containerd"), ("result", result)],
+        )
+    };
+    assert_eq!(
+        sandbox_lookups("ok"),
+        pods.len() as f64,
+        "one sandbox read per pod: {m}"
+    );
+    for r in ["not_found", "error", "timeout"] {
+        assert_eq!(sandbox_lookups(r), 0.0, "{r}: {m}");
     }
 }
 

@@ -1012,7 +1012,7 @@ fn render(
         static_ = if st.is_empty() {
             ""
         } else {
-            "- **sensor (static)**: the same, run from `target/dist/sensor` as `cargo xtask dist` builds it for the \
+            "- **sensor (static)**: the same, run from `target/dist/amd64/sensor` as `cargo xtask dist` builds it for the \
              image: x86_64-unknown-linux-musl, fully static, stripped, mimalloc as its allocator (musl's own malloc \
              takes one global lock). \"sensor\" is `cargo build --release` for the host (glibc, glibc's malloc).\n"
         },

@@ -425,6 +425,8 @@ fn cached_run(env: &Env, sensor: &Path, ids: &[String], runtimes: &str, name: &s
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["target"] == "sensor::workloads::lookup")
+        // Container lookups (a pod's sandbox read is logged there too, `of="sandbox"`).
+        .filter(|v| v["fields"]["of"] != "sandbox")
         .filter_map(|v| {
             let f = &v["fields"];
             Some((

@@ -22,7 +22,8 @@ use crate::{output, run, step};
 /// is the bundle the image ships; chromium (headless, driven over the DevTools protocol) loads
 /// the web view in sensor/tests/web.rs; containerd (with podman, runc and busybox-static) runs
 /// the kubelet-style containers of sensor/tests/workloads.rs (sensor/tests/common/runtimes.rs);
-/// protobuf-compiler (protoc) builds containerd's gRPC API bindings.
+/// gcc-aarch64-linux-gnu builds the static aarch64 binary the image test ships (`cargo xtask
+/// dist --arch arm64`).
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "coreutils",
@@ -41,7 +42,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "ca-certificates",
     "chromium",
     "containerd",
-    "protobuf-compiler",
+    "gcc-aarch64-linux-gnu",
 ];
 
 /// What `cargo xtask bench` compares against and drives, installed before it runs (not by
@@ -77,7 +78,37 @@ pub fn install() -> Result<()> {
 
 /// Installs whatever of [`BENCH_PACKAGES`] is missing; a no-op when all is there.
 pub fn install_bench() -> Result<()> {
-    install_debian(BENCH_PACKAGES, "the benchmarks")
+    install_debian(BENCH_PACKAGES, "the benchmarks")?;
+    // The benchmarks drive the same OOM storms, containers and namespaces as the tests.
+    install_debian(BENCH_ALSO, "the benchmarks")
+}
+
+/// What the benchmarks use of the tests' packages (load, runtimes, namespaces).
+pub const BENCH_ALSO: &[&str] = &["stress-ng", "podman", "runc", "containerd", "busybox-static"];
+/// `cargo xtask dist`: musl-gcc compiles ring's and mimalloc's C code for musl; the image ships
+/// Debian's CA bundle.
+pub const DIST: &[&str] = &["musl-tools", "ca-certificates"];
+/// `cargo xtask dist --arch arm64`: Debian's aarch64 cross gcc (compiles and links; musl's arm64
+/// headers come from Debian's musl-dev for arm64, fetched into target/ by apt.rs).
+pub const DIST_ARM64: &[&str] = &["gcc-aarch64-linux-gnu", "ca-certificates"];
+/// `cargo xtask image`: what `dist` needs for both architectures, and the engine that builds
+/// the image.
+pub const IMAGE: &[&str] = &[
+    "musl-tools",
+    "gcc-aarch64-linux-gnu",
+    "ca-certificates",
+    "podman",
+    "runc",
+];
+/// `cargo xtask demo`: the Prometheus it runs the fleet rules in; `tail` is the OOM victim.
+pub const DEMO: &[&str] = &["prometheus", "coreutils"];
+/// `cargo xtask soak`: OOM victims (`tail`), namespaces (`unshare`), the check target's network.
+pub const SOAK: &[&str] = &["coreutils", "util-linux", "iproute2"];
+
+/// What one xtask command needs of Debian: installed when root; otherwise one line naming what
+/// to install, and an error.
+pub fn need(packages: &[&str], users: &str) -> Result<()> {
+    install_debian(packages, users)
 }
 
 fn debian_packages() -> Result<()> {
@@ -90,7 +121,7 @@ fn install_debian(packages: &[&str], users: &str) -> Result<()> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             bail!(
-                "Debian packages missing and not root, so they cannot be installed: {}",
+                "{users} need Debian packages that are missing; not root, so install them first: apt-get install {}",
                 missing.join(" ")
             );
         }

@@ -1,15 +1,12 @@
 //! The QEMU kernel matrix: fetches each kernel of sensor/tests/qemu/kernels.tsv from Debian
-//! into target/qemu/<suite>/vmlinuz. Each suite gets its own apt state (sources file, lists,
-//! cache) under target/qemu/<suite>/apt, so the machine's sources and lists stay untouched.
+//! into target/qemu/<suite>/vmlinuz, through the private apt state of its suite and architecture
+//! (`crate::apt`), so the machine's sources and lists stay untouched.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{output, run, step};
+use crate::step;
 
 /// One row of the kernel table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,107 +103,28 @@ pub fn prepare_and_list(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The Debian archive this machine's apt uses (copied, so a mirror configured here is used for
-/// the other suites too).
-fn debian_uri() -> String {
-    let mut texts: Vec<String> = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
-        for e in dir.flatten() {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "sources" || x == "list") {
-                texts.extend(std::fs::read_to_string(&p).ok());
-            }
-        }
-    }
-    texts.extend(std::fs::read_to_string("/etc/apt/sources.list").ok());
-    uri_from_sources(&texts).unwrap_or_else(|| "http://deb.debian.org/debian".into())
-}
-
-/// The first Debian main-archive URI (not -security, not a snapshot comment) in apt sources in
-/// either format (`URIs: ...` or `deb URI suite ...`).
-fn uri_from_sources(texts: &[String]) -> Option<String> {
-    texts
-        .iter()
-        .flat_map(|t| t.lines())
-        .map(str::trim)
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            if let Some(v) = l.strip_prefix("URIs:") {
-                return v.split_whitespace().next();
-            }
-            let mut w = l.split_whitespace().filter(|w| !w.starts_with('['));
-            (w.next() == Some("deb")).then(|| w.next()).flatten()
-        })
-        .find(|u| u.trim_end_matches('/').ends_with("/debian"))
-        .map(str::to_string)
-}
-
-/// apt options that give the suite a state of its own under `dir`.
-fn apt_state(dir: &Path, suite: &str, arch: &str) -> Result<Vec<String>> {
-    let lists = dir.join("lists");
-    let cache = dir.join("cache");
-    std::fs::create_dir_all(lists.join("partial"))?;
-    std::fs::create_dir_all(cache.join("archives/partial"))?;
-    let sources = dir.join("sources.list");
-    std::fs::write(&sources, format!("deb {} {suite} main\n", debian_uri()))?;
-    Ok(vec![
-        format!("-oDir::Etc::SourceList={}", sources.display()),
-        "-oDir::Etc::SourceParts=/dev/null".into(),
-        format!("-oDir::State::Lists={}", lists.display()),
-        format!("-oDir::Cache={}", cache.display()),
-        format!("-oAPT::Architecture={arch}"),
-        // The download lands in a root-owned directory: no `_apt` sandbox (it warns otherwise).
-        "-oAPT::Sandbox::User=root".into(),
-    ])
-}
-
 /// The newest name among packages named `<prefix><numbers...><suffix>`: compared by their
 /// numbers in order (5.10.0-32 > 5.10.0-9).
-fn newest(names: &str) -> Option<String> {
+fn newest(names: &[String]) -> Option<String> {
     let key = |n: &str| -> Vec<u64> {
         n.split(|c: char| !c.is_ascii_digit())
             .filter(|s| !s.is_empty())
             .filter_map(|s| s.parse().ok())
             .collect()
     };
-    names
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .max_by_key(|n| key(n))
-        .map(str::to_string)
+    names.iter().max_by_key(|n| key(n)).cloned()
 }
 
 fn fetch(root: &Path, k: &Kernel) -> Result<()> {
-    let dir = k.dir(root);
-    let apt = dir.join("apt");
-    let opts = apt_state(&apt, &k.suite, &k.arch)?;
-    step(&format!(
-        "apt-get update for Debian {} (private state in {})",
-        k.suite,
-        apt.display()
-    ));
-    run(Command::new("apt-get").args(&opts).args(["update", "-qq"]))?;
-    let found = output(
-        Command::new("apt-cache")
-            .args(&opts)
-            .args(["search", "--names-only", &k.package]),
-    )
-    .unwrap_or_default();
-    let name = newest(&found).with_context(|| format!("no package matching {} in {}", k.package, k.suite))?;
+    crate::apt::require_tools()?;
+    let apt = crate::apt::PrivateApt::open(root, &k.suite, &k.arch)?;
+    let name =
+        newest(&apt.search(&k.package)).with_context(|| format!("no package matching {} in {}", k.package, k.suite))?;
     step(&format!("fetching {name} ({} kernel of the QEMU matrix)", k.name));
-    let dl = dir.join("dl");
-    let _ = std::fs::remove_dir_all(&dl);
-    std::fs::create_dir_all(&dl)?;
-    run(Command::new("apt-get")
-        .args(&opts)
-        .args(["download", "-qq", &name])
-        .current_dir(&dl))?;
-    let deb = std::fs::read_dir(&dl)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("apt-get download produced no .deb")?;
-    let x = dl.join("x");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x))?;
+    let dir = k.dir(root);
+    let x = dir.join("x");
+    let _ = std::fs::remove_dir_all(&x);
+    apt.extract(&name, &x)?;
     let vmlinuz = std::fs::read_dir(x.join("boot"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
@@ -217,8 +135,7 @@ fn fetch(root: &Path, k: &Kernel) -> Result<()> {
         .context("no boot/vmlinuz-* in the package")?;
     std::fs::copy(&vmlinuz, dir.join("vmlinuz"))?;
     std::fs::write(dir.join("package"), format!("{name}\n"))?;
-    let _ = std::fs::remove_dir_all(&dl);
-    let _ = std::fs::remove_dir_all(apt.join("cache"));
+    let _ = std::fs::remove_dir_all(&x);
     Ok(())
 }
 
@@ -239,23 +156,21 @@ mod tests {
     }
 
     #[test]
-    fn newest_compares_numbers_and_uri_comes_from_either_format() {
-        let found = "linux-image-5.10.0-9-cloud-amd64-unsigned - x\nlinux-image-5.10.0-32-cloud-amd64-unsigned - x\n";
-        assert_eq!(newest(found).unwrap(), "linux-image-5.10.0-32-cloud-amd64-unsigned");
+    fn newest_compares_numbers() {
+        let names = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let found = names(&[
+            "linux-image-5.10.0-9-cloud-amd64-unsigned",
+            "linux-image-5.10.0-32-cloud-amd64-unsigned",
+        ]);
+        assert_eq!(newest(&found).unwrap(), "linux-image-5.10.0-32-cloud-amd64-unsigned");
+        let found = names(&[
+            "linux-image-6.12.117+deb13-cloud-amd64-unsigned",
+            "linux-image-6.12.9+deb13-cloud-amd64-unsigned",
+        ]);
         assert_eq!(
-            newest("linux-image-6.12.117+deb13-cloud-amd64-unsigned\nlinux-image-6.12.9+deb13-cloud-amd64-unsigned")
-                .unwrap(),
+            newest(&found).unwrap(),
             "linux-image-6.12.117+deb13-cloud-amd64-unsigned"
         );
-        let deb822 = "Types: deb\n# http://snapshot.debian.org/archive/debian/2025\nURIs: http://deb.debian.org/debian-security\n\nURIs: http://mirror.example/debian\n";
-        assert_eq!(
-            uri_from_sources(&[deb822.into()]).unwrap(),
-            "http://mirror.example/debian"
-        );
-        let list = "deb [arch=amd64] http://ftp.de.debian.org/debian bookworm main\n";
-        assert_eq!(
-            uri_from_sources(&[list.into()]).unwrap(),
-            "http://ftp.de.debian.org/debian"
-        );
+        assert_eq!(newest(&[]), None);
     }
 }

@@ -12,6 +12,7 @@ use std::{
     time::Instant,
 };
 
+mod apt;
 mod bench;
 mod bench_checks;
 mod bench_events;
@@ -21,6 +22,7 @@ mod bench_report;
 mod bench_workloads;
 mod demo;
 mod deps;
+mod first_run;
 mod fuzz;
 mod image;
 mod kernels;
@@ -65,12 +67,20 @@ enum Cmd {
     Dist {
         #[arg(long, default_value = "target/dist")]
         out: PathBuf,
+        /// The architecture to build for (both build on this x86_64 machine).
+        #[arg(long, value_enum, default_value = "amd64")]
+        arch: image::Arch,
     },
-    /// `dist`, then deploy/Dockerfile as `localhost/sensor:<version>` and `:latest` with podman
-    /// (else docker); prints `image<TAB>NAME` lines and `size<TAB>BYTES`.
+    /// `dist` for amd64 and arm64, then deploy/Dockerfile per platform, joined in the manifest
+    /// lists `localhost/sensor:<version>` and `:latest` with podman; prints `image<TAB>NAME`
+    /// lines and `size<TAB>ARCH<TAB>BYTES`.
     Image,
     /// Build and run the daemon with the embedded default config; extra args go to `sensor run`.
     Run {
+        /// Stop once it is ready: wait for `/readyz` 200, send SIGTERM, require exit 0 (what CI
+        /// checks first, on the newcomer's path).
+        #[arg(long)]
+        until_ready: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -199,7 +209,7 @@ fn real_main() -> Result<()> {
     match cli.cmd {
         Cmd::Setup => {
             setup()?;
-            image::setup_static()
+            image::setup_static(&root, image::Arch::Amd64).map(|_| ())
         }
         Cmd::Deps { bench } => {
             deps::install()?;
@@ -210,11 +220,14 @@ fn real_main() -> Result<()> {
         }
         Cmd::BuildEbpf => build_ebpf(&root),
         Cmd::Kernels => kernels::prepare_and_list(&root),
-        Cmd::Dist { out } => image::dist(&root, &out).map(|_| ()),
+        Cmd::Dist { out, arch } => image::dist(&root, &out, arch).map(|_| ()),
         Cmd::Image => image::image(&root),
-        Cmd::Run { args } => {
+        Cmd::Run { until_ready, args } => {
             setup()?;
             let bin = build_release(&root)?;
+            if until_ready {
+                return first_run::until_ready(&bin, &args);
+            }
             step(&format!("starting {} run", bin.display()));
             run(Command::new(bin).arg("run").args(args))
         }
@@ -260,12 +273,14 @@ fn real_main() -> Result<()> {
         }
         Cmd::Soak(opts) => {
             setup()?;
+            deps::need(deps::SOAK, "the soak")?;
             let bin = build_release(&root)?;
             soak::run(&root, &bin, &opts)
         }
         Cmd::SoakLoad => soak::load(),
         Cmd::Demo { keep } => {
             setup()?;
+            deps::need(deps::DEMO, "the demo")?;
             let bin = build_release(&root)?;
             demo::run(&root, &bin, keep)
         }
@@ -333,7 +348,9 @@ fn bench_all(root: &Path, mut a: BenchArgs) -> Result<()> {
         None => build_release(root)?,
     };
     let static_bin = if what.contains(&Which::Checks) && a.checks.with_static {
-        image::dist(root, &root.join("target/dist"))?.into_iter().next()
+        image::dist(root, &root.join("target/dist/amd64"), image::Arch::Amd64)?
+            .into_iter()
+            .next()
     } else {
         None
     };

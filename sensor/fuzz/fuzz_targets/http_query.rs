@@ -57,7 +57,7 @@ fn fixture() -> &'static Fixture {
         let errors =
             prometheus::IntCounterVec::new(prometheus::Opts::new("e_total", "e"), &["task"]).expect("a counter");
         let app = rt.block_on(async {
-            let engine = Engine::new(&registry, &cfg.checks, &cfg.alerting).expect("the engine starts");
+            let engine = Engine::new(&registry, &cfg.checks, &cfg.alerting, Default::default()).expect("the engine starts");
             let state = AppState {
                 registry,
                 hub: Arc::clone(&hub),

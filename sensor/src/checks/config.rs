@@ -55,6 +55,9 @@ pub struct Check {
     /// JSON fields of websocket messages exported as user-named gauges.
     #[serde(default)]
     pub gauges: Vec<GaugeSpec>,
+    /// Share of the fleet's sensors that run this check (overrides `vantage.sample`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]

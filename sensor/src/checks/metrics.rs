@@ -30,49 +30,69 @@ pub struct CheckMetrics {
     pub notifications: IntCounterVec,
 }
 
+/// Options of a check series: `location` as a constant label when this sensor has one.
+fn opts(name: &str, help: &str, location: &str) -> Opts {
+    let o = Opts::new(name, help);
+    if location.is_empty() {
+        o
+    } else {
+        o.const_label("location", location)
+    }
+}
+
 impl CheckMetrics {
-    pub fn new(registry: &Registry, checks: &[Check]) -> prometheus::Result<CheckMetrics> {
+    /// The check series; with a `location` (`vantage.location`), every one carries it.
+    pub fn new(registry: &Registry, checks: &[Check], location: &str) -> prometheus::Result<CheckMetrics> {
         let up = IntGaugeVec::new(
-            Opts::new(
+            opts(
                 "sensor_check_up",
                 "1 if the check's last run succeeded (stream: connected), else 0.",
+                location,
             ),
             &["check", "type"],
         )?;
         let runs = IntCounterVec::new(
-            Opts::new("sensor_check_runs_total", "Synthetic check runs by result."),
+            opts("sensor_check_runs_total", "Synthetic check runs by result.", location),
             &["check", "type", "result"],
         )?;
         let duration = HistogramVec::new(
-            HistogramOpts::new(
+            HistogramOpts::from(opts(
                 "sensor_check_duration_seconds",
                 "Time spent in each phase of a check run (dns, connect, tls, ttfb, transfer, handshake, first_message, total).",
-            )
+                location,
+            ))
             .buckets(BUCKETS.to_vec()),
             &["check", "type", "phase"],
         )?;
         let responses = IntCounterVec::new(
-            Opts::new(
+            opts(
                 "sensor_check_http_responses_total",
                 "HTTP responses received by status code.",
+                location,
             ),
             &["check", "code"],
         )?;
         let ws_messages = IntCounterVec::new(
-            Opts::new("sensor_check_ws_messages_total", "Websocket messages received."),
+            opts(
+                "sensor_check_ws_messages_total",
+                "Websocket messages received.",
+                location,
+            ),
             &["check"],
         )?;
         let extract_errors = IntCounterVec::new(
-            Opts::new(
+            opts(
                 "sensor_check_ws_extract_errors_total",
                 "Websocket messages (or entries) not turned into gauges, by reason.",
+                location,
             ),
             &["check", "reason"],
         )?;
         let notifications = IntCounterVec::new(
-            Opts::new(
+            opts(
                 "sensor_check_alert_notifications_total",
                 "Alert webhook deliveries by result (failed = every retry failed).",
+                location,
             ),
             &["result"],
         )?;
@@ -143,26 +163,52 @@ impl CheckMetrics {
 /// computed from the result rings at scrape time so the windows slide even between runs.
 pub struct WindowCollector {
     pub checks: Vec<Arc<CheckRuntime>>,
+    /// `vantage.location`, a label of every series when not empty.
+    location: String,
     desc: Vec<Desc>,
 }
 
 impl WindowCollector {
-    pub fn new(checks: Vec<Arc<CheckRuntime>>) -> prometheus::Result<WindowCollector> {
+    pub fn new(checks: Vec<Arc<CheckRuntime>>, location: &str) -> prometheus::Result<WindowCollector> {
+        let consts: std::collections::HashMap<String, String> = if location.is_empty() {
+            Default::default()
+        } else {
+            [("location".to_string(), location.to_string())].into()
+        };
         let desc = vec![
             Desc::new(
                 "sensor_check_availability_ratio".into(),
                 "Share of successful runs over the window (10m, 1h); absent without runs.".into(),
                 vec!["check".into(), "window".into()],
-                Default::default(),
+                consts.clone(),
             )?,
             Desc::new(
                 "sensor_check_alert_firing".into(),
                 "1 while the check's availability alert fires.".into(),
                 vec!["check".into()],
-                Default::default(),
+                consts,
             )?,
         ];
-        Ok(WindowCollector { checks, desc })
+        Ok(WindowCollector {
+            checks,
+            location: location.to_string(),
+            desc,
+        })
+    }
+
+    /// Label names of a family: `location` first when set, then `names`.
+    fn names<'a>(&self, names: &[&'a str]) -> Vec<&'a str> {
+        let loc = (!self.location.is_empty()).then_some("location");
+        loc.into_iter().chain(names.iter().copied()).collect()
+    }
+
+    /// Label values of a series, in the order of [`WindowCollector::names`].
+    fn values(&self, values: &[&str]) -> Vec<String> {
+        let loc = (!self.location.is_empty()).then_some(self.location.as_str());
+        loc.into_iter()
+            .chain(values.iter().copied())
+            .map(str::to_string)
+            .collect()
     }
 }
 
@@ -187,27 +233,24 @@ impl Collector for WindowCollector {
             let snap = rt.windows(now);
             for (label, st) in [("10m", &snap.short), ("1h", &snap.long)] {
                 if let Some(a) = st.availability {
-                    avail.push((vec![rt.name().to_string(), label.to_string()], gauge(a)));
+                    avail.push((self.values(&[rt.name(), label]), gauge(a)));
                 }
             }
-            firing.push((
-                vec![rt.name().to_string()],
-                gauge(f64::from(u8::from(snap.alert_firing))),
-            ));
+            firing.push((self.values(&[rt.name()]), gauge(f64::from(u8::from(snap.alert_firing)))));
         }
         vec![
             crate::metrics::family(
                 "sensor_check_availability_ratio",
                 "Share of successful runs over the window (10m, 1h); absent without runs.",
                 MetricType::GAUGE,
-                &["check", "window"],
+                &self.names(&["check", "window"]),
                 avail,
             ),
             crate::metrics::family(
                 "sensor_check_alert_firing",
                 "1 while the check's availability alert fires.",
                 MetricType::GAUGE,
-                &["check"],
+                &self.names(&["check"]),
                 firing,
             ),
         ]

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod history;
 pub mod http;
 pub mod metrics;
+pub mod vantage;
 pub mod ws;
 
 use std::{
@@ -33,6 +34,7 @@ use self::{
     conn::{Phases, Progress, Target, Tls},
     history::{History, Sample, WindowStats},
     metrics::{CheckMetrics, Extractor, WindowCollector},
+    vantage::VantageView,
 };
 
 pub fn now_unix() -> f64 {
@@ -196,6 +198,9 @@ impl CheckRuntime {
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ChecksReport {
     pub generated_at: f64,
+    /// Where this sensor probes from and what it leaves to others (absent from older sensors).
+    #[serde(default)]
+    pub vantage: VantageView,
     pub alerting: AlertingView,
     pub checks: Vec<CheckView>,
     /// Oldest first, bounded by `alerting.history`.
@@ -228,6 +233,7 @@ pub struct Engine {
     pub metrics: CheckMetrics,
     pub checks: Vec<Arc<CheckRuntime>>,
     alerting: Alerting,
+    vantage: VantageView,
     alerts: Mutex<VecDeque<Alert>>,
     webhook: Option<mpsc::Sender<Alert>>,
     /// Where alerts are also published as `check_alert` events (and so journaled).
@@ -255,9 +261,15 @@ fn jitter(name: &str, interval: Duration) -> Duration {
 }
 
 impl Engine {
-    /// Prepares every check and registers its metrics; errors name the check.
-    pub fn new(registry: &Registry, checks: &[Check], alerting: &Alerting) -> anyhow::Result<Arc<Engine>> {
-        let metrics = CheckMetrics::new(registry, checks)?;
+    /// Prepares every check and registers its metrics (labelled with the vantage point's
+    /// location when it has one); errors name the check.
+    pub fn new(
+        registry: &Registry,
+        checks: &[Check],
+        alerting: &Alerting,
+        vantage: VantageView,
+    ) -> anyhow::Result<Arc<Engine>> {
+        let metrics = CheckMetrics::new(registry, checks, &vantage.location)?;
         let keep = LONG_WINDOW.max(alerting.window.as_secs_f64());
         let mut runtimes = Vec::with_capacity(checks.len());
         for c in checks {
@@ -284,7 +296,7 @@ impl Engine {
                 }),
             }));
         }
-        registry.register(Box::new(WindowCollector::new(runtimes.clone())?))?;
+        registry.register(Box::new(WindowCollector::new(runtimes.clone(), &vantage.location)?))?;
         let (webhook, rx) = match &alerting.webhook {
             Some(_) => {
                 let (tx, rx) = mpsc::channel(1024);
@@ -296,6 +308,7 @@ impl Engine {
             metrics,
             checks: runtimes,
             alerting: alerting.clone(),
+            vantage,
             alerts: Mutex::new(VecDeque::new()),
             webhook,
             events: std::sync::OnceLock::new(),
@@ -521,6 +534,7 @@ impl Engine {
             .collect();
         ChecksReport {
             generated_at: now,
+            vantage: self.vantage.clone(),
             alerting: AlertingView {
                 availability_threshold: self.alerting.availability_threshold,
                 window_seconds: self.alerting.window.as_secs_f64(),
@@ -669,7 +683,7 @@ pub async fn run_all_once(checks: &[Check], alerting: &Alerting, names: &[String
     }
     let mut alerting = alerting.clone();
     alerting.webhook = None;
-    let engine = Engine::new(&Registry::new(), &selected, &alerting)?;
+    let engine = Engine::new(&Registry::new(), &selected, &alerting, VantageView::default())?;
     let runs = engine.checks.iter().map(|rt| {
         let engine = Arc::clone(&engine);
         let rt = Arc::clone(rt);

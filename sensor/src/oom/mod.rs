@@ -448,8 +448,9 @@ impl OomSlice {
     ) -> prometheus::Result<OomSlice> {
         let mut labels = vec!["scope", "reason"];
         labels.extend(WORKLOAD_LABELS);
+        labels.extend(OWNER_LABELS);
         let kills = IntCounterVec::new(
-            Opts::new("sensor_oom_kills_total", "OOM kills by scope (memcg: a memory cgroup hit its limit; global: the host ran out), the verdict of the kill's lead-up (reason: growth, spike, limit, host, repeat, unknown) and victim workload."),
+            Opts::new("sensor_oom_kills_total", "OOM kills by scope (memcg: a memory cgroup hit its limit; global: the host ran out), the verdict of the kill's lead-up (reason: growth, spike, limit, host, repeat, unknown), victim workload and its pod's owner (owner_kind, owner)."),
             &labels,
         )?;
         let victim_rss = HistogramVec::new(
@@ -582,6 +583,7 @@ impl OomSlice {
         let wl_ref: [&str; 6] = std::array::from_fn(|i| wl[i].as_str());
         let mut kill_labels = vec![kill.scope.label(), kill.reason.label()];
         kill_labels.extend(wl_ref);
+        kill_labels.extend([names.owner_kind.as_str(), names.owner.as_str()]);
         self.kills.with_label_values(&kill_labels).inc();
         if let Some(rss) = kill.rss_bytes() {
             self.victim_rss.with_label_values(&wl_ref).observe(rss as f64);
@@ -616,6 +618,8 @@ impl OomSlice {
             container = %kill.names.container,
             image = %kill.names.image,
             runtime = %kill.names.runtime,
+            owner_kind = %kill.names.owner_kind,
+            owner = %kill.names.owner,
             memcg_id = %opt(&kill.memcg_id),
             total_vm_bytes = %opt(&kill.total_vm_bytes),
             anon_rss_bytes = %opt(&kill.anon_rss_bytes),
@@ -778,6 +782,10 @@ fn remove_cgroup<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::
         }
     }
 }
+
+/// The pod owner's labels on `sensor_oom_kills_total` (one owner has many pods: bounded by the
+/// workload labels before them).
+const OWNER_LABELS: [&str; 2] = ["owner_kind", "owner"];
 
 /// Longest a kill of a container never seen before waits for its names before it is counted
 /// (without them).

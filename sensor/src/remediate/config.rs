@@ -1,7 +1,12 @@
 //! `sensor remediate --config FILE`: YAML, every key defaulted, unknown keys an error naming
 //! the key (like `sensor run`'s config).
 
-use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,10 +26,17 @@ pub enum ConfigError {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Loopback by default: the runner executes commands on request, so exposing it is a
-    /// decision (with `web_config_file` basic auth / TLS), never a default.
+    /// decision (with authentication, see `remediate::auth`), never a default.
     pub listen: SocketAddr,
-    /// TLS and basic auth, the same exporter-toolkit file as `sensor run --web.config.file`.
+    /// TLS, client certificates and basic auth, the same exporter-toolkit file as
+    /// `sensor run --web.config.file`.
     pub web_config_file: Option<PathBuf>,
+    /// A file holding the token requests must carry as `Authorization: Bearer <token>`
+    /// (Alertmanager: `http_config.authorization.credentials_file`).
+    pub bearer_token_file: Option<PathBuf>,
+    /// Act off loopback without authenticating requests, for a proxy in front that does; logged
+    /// as insecure at every start.
+    pub insecure_allow_unauthenticated: bool,
     /// Decide and record everything, run nothing. On unless switched off.
     pub dry_run: bool,
     /// Largest webhook body accepted (bytes); bigger ones get 413.
@@ -43,6 +55,8 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 9443)),
             web_config_file: None,
+            bearer_token_file: None,
+            insecure_allow_unauthenticated: false,
             dry_run: true,
             max_body_bytes: 1 << 20,
             audit_size: 1000,
@@ -101,7 +115,55 @@ pub struct Rule {
     /// After acting on a target, further alerts for it are skipped this long.
     #[serde(default = "default_cooldown", with = "duration")]
     pub cooldown: Duration,
+    /// Label name -> regexes (anchored, as in PromQL) its value must match one of before
+    /// anything runs, e.g. `namespace: [shop, "payments-.*"]`; an alert without the label is
+    /// refused too. Empty: any target.
+    #[serde(default)]
+    pub allowed_targets: BTreeMap<String, Vec<LabelRegex>>,
     pub actions: Vec<Action>,
+}
+
+/// A fully anchored regex over a label value, written and printed as the user wrote it.
+#[derive(Debug, Clone)]
+pub struct LabelRegex {
+    source: String,
+    re: regex::Regex,
+}
+
+impl LabelRegex {
+    pub fn new(source: &str) -> Result<LabelRegex, regex::Error> {
+        Ok(LabelRegex {
+            source: source.to_string(),
+            re: regex::Regex::new(&format!("^(?:{source})$"))?,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn is_match(&self, value: &str) -> bool {
+        self.re.is_match(value)
+    }
+}
+
+impl PartialEq for LabelRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Serialize for LabelRegex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
+impl<'de> Deserialize<'de> for LabelRegex {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        LabelRegex::new(&s).map_err(serde::de::Error::custom)
+    }
 }
 
 fn default_target_labels() -> Vec<String> {
@@ -246,6 +308,17 @@ impl Config {
             if let Some(l) = r.target_labels.iter().find(|l| !valid_label_name(l)) {
                 return Err(bad(key(".target_labels"), format!("'{l}' is not a label name")));
             }
+            for (l, res) in &r.allowed_targets {
+                if !valid_label_name(l) {
+                    return Err(bad(key(".allowed_targets"), format!("'{l}' is not a label name")));
+                }
+                if res.is_empty() {
+                    return Err(bad(
+                        key(&format!(".allowed_targets.{l}")),
+                        "needs at least one regex (an empty list would refuse every target)".into(),
+                    ));
+                }
+            }
             if r.actions.is_empty() {
                 return Err(bad(key(".actions"), "needs at least one action".into()));
             }
@@ -320,6 +393,12 @@ mod tests {
         assert!(c.dry_run, "the example ships in dry-run");
         assert!(c.rule("SensorWorkloadOOMKillStorm").is_some());
         assert!(c.rule("SensorOOMOutlierHost").is_some());
+        // The secure set-up: exposed, TLS and a token; every acting rule has an allow-list.
+        assert!(c.bearer_token_file.is_some() && c.web_config_file.is_some());
+        assert!(!c.insecure_allow_unauthenticated);
+        for r in &c.rules {
+            assert!(!r.allowed_targets.is_empty(), "{} has no allowed_targets", r.alert);
+        }
     }
 
     #[test]
@@ -351,6 +430,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("rules[0].actions[0].type"), "{e}");
+    }
+
+    #[test]
+    fn old_configs_still_parse_and_new_keys_default_to_closed() {
+        let c = Config::parse("listen: 127.0.0.1:9443\ndry_run: false\nweb_config_file: null\n", "t").unwrap();
+        assert_eq!(c.bearer_token_file, None);
+        assert!(!c.insecure_allow_unauthenticated);
+        let c = Config::parse("rules: [{alert: A, actions: [{type: log}]}]\n", "t").unwrap();
+        assert!(c.rules[0].allowed_targets.is_empty());
+    }
+
+    #[test]
+    fn allowed_targets_are_anchored_regexes_per_label() {
+        let c = Config::parse(
+            "rules: [{alert: A, allowed_targets: {namespace: [shop, 'payments-.*']}, actions: [{type: log}]}]\n",
+            "t",
+        )
+        .unwrap();
+        let res = &c.rules[0].allowed_targets["namespace"];
+        assert_eq!(
+            res.iter().map(LabelRegex::as_str).collect::<Vec<_>>(),
+            ["shop", "payments-.*"]
+        );
+        assert!(res[0].is_match("shop"));
+        assert!(!res[0].is_match("shop-admin"), "anchored at the end");
+        assert!(!res[0].is_match("myshop"), "anchored at the start");
+        assert!(res[1].is_match("payments-eu"));
+        // Printed back as written (--print-config).
+        let out = serde_yaml_ng::to_string(&c).unwrap();
+        assert!(out.contains("- payments-.*"), "{out}");
+        let e = Config::parse(
+            "rules: [{alert: A, allowed_targets: {namespace: ['(']}, actions: [{type: log}]}]\n",
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rules[0].allowed_targets.namespace[0]"), "{e}");
+        let e = Config::parse(
+            "rules: [{alert: A, allowed_targets: {namespace: []}, actions: [{type: log}]}]\n",
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("rules[0].allowed_targets.namespace") && e.contains("at least one regex"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "rules: [{alert: A, allowed_targets: {'a-b': [x]}, actions: [{type: log}]}]\n",
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("'a-b' is not a label name"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The guard rails, as pure logic over a clock the caller passes in: no action on a resolved
-//! alert or one without a rule, a cooldown per target, at most `max_actions` remediations and
+//! alert or one without a rule, only on allowed targets, a cooldown per target, at most `max_actions` remediations and
 //! `max_hosts()` distinct hosts per sliding window. Dry-run is decided by the caller, after the
 //! guards, so a dry run shows exactly what would have run.
 
@@ -35,6 +35,13 @@ pub enum Skip {
     },
     /// A referenced target label is missing on the alert.
     MissingLabel(String),
+    /// The alert's `label` (`value`, empty when absent) matches none of the rule's
+    /// `allowed_targets` for it.
+    NotAllowed {
+        label: String,
+        value: Option<String>,
+        allowed: Vec<String>,
+    },
 }
 
 impl Skip {
@@ -46,6 +53,7 @@ impl Skip {
             Skip::RateLimit { .. } => "rate_limit",
             Skip::BlastRadius { .. } => "blast_radius",
             Skip::MissingLabel(_) => "missing_label",
+            Skip::NotAllowed { .. } => "not_allowed",
         }
     }
 
@@ -65,6 +73,15 @@ impl Skip {
                 d(window)
             ),
             Skip::MissingLabel(l) => format!("the alert has no '{l}' label, which names the target"),
+            Skip::NotAllowed { label, value, allowed } => {
+                let list = allowed.join(", ");
+                match value {
+                    Some(v) => format!(
+                        "target not allowed: {label}=\"{v}\" matches none of allowed_targets.{label} [{list}]"
+                    ),
+                    None => format!("target not allowed: the alert has no '{label}' label, allowed_targets.{label} [{list}] needs one"),
+                }
+            }
         }
     }
 }
@@ -85,6 +102,21 @@ pub fn target_key(rule: &Rule, alert: &Alert) -> Result<String, Skip> {
         }
     }
     Ok(format!("{}{{{}}}", rule.alert, parts.join(",")))
+}
+
+/// Checks the alert's labels against the rule's `allowed_targets`.
+pub fn allowed(rule: &Rule, alert: &Alert) -> Result<(), Skip> {
+    for (label, res) in &rule.allowed_targets {
+        let value = alert.labels.get(label);
+        if !value.is_some_and(|v| res.iter().any(|r| r.is_match(v))) {
+            return Err(Skip::NotAllowed {
+                label: label.clone(),
+                value: value.cloned(),
+                allowed: res.iter().map(|r| r.as_str().to_string()).collect(),
+            });
+        }
+    }
+    Ok(())
 }
 
 pub struct Guard {
@@ -124,6 +156,10 @@ impl Guard {
             Ok(k) => k,
             Err(s) => return Verdict::Skip(s),
         };
+        // Before cooldowns and limits: a refused target uses up none of them.
+        if let Err(s) = allowed(rule, alert) {
+            return Verdict::Skip(s);
+        }
         if let Some(t) = self.last_acted.get(&key) {
             let ago = now.saturating_duration_since(*t);
             if ago < rule.cooldown {
@@ -180,6 +216,7 @@ mod tests {
             alert: alert.into(),
             target_labels: targets.iter().map(|s| s.to_string()).collect(),
             cooldown: Duration::from_secs(cooldown),
+            allowed_targets: Default::default(),
             actions: vec![Action {
                 name: None,
                 kind: ActionType::Log,
@@ -328,5 +365,40 @@ mod tests {
             g.decide(t, &alert("Host", Status::Firing, &[("instance", "b")]), Some(&r)),
             Verdict::Skip(Skip::BlastRadius { max: 1, .. })
         ));
+    }
+
+    #[test]
+    fn only_allowed_targets_act_and_refusals_use_up_nothing() {
+        use crate::remediate::config::LabelRegex;
+        let mut g = Guard::new(limits(1, 100, 100.0));
+        let mut r = rule("A", &["namespace", "pod"], 600);
+        r.allowed_targets.insert(
+            "namespace".into(),
+            vec![
+                LabelRegex::new("shop").unwrap(),
+                LabelRegex::new("payments-.*").unwrap(),
+            ],
+        );
+        let t = Instant::now();
+        let on = |ns: &str| alert("A", Status::Firing, &[("namespace", ns), ("pod", "p1")]);
+        let v = g.decide(t, &on("kube-system"), Some(&r));
+        let Verdict::Skip(s) = v else { panic!("{v:?}") };
+        assert_eq!(s.label(), "not_allowed");
+        assert_eq!(
+            s.reason(),
+            "target not allowed: namespace=\"kube-system\" matches none of allowed_targets.namespace [shop, payments-.*]"
+        );
+        // The label is checked whether or not it names the target.
+        r.target_labels = vec!["pod".into()];
+        let nons = alert("A", Status::Firing, &[("pod", "p1")]);
+        let Verdict::Skip(s) = g.decide(t, &nons, Some(&r)) else {
+            panic!()
+        };
+        assert_eq!(
+            s.reason(),
+            "target not allowed: the alert has no 'namespace' label, allowed_targets.namespace [shop, payments-.*] needs one"
+        );
+        // Neither refusal counted against max_actions (1) or a cooldown.
+        assert_eq!(g.decide(t, &on("payments-eu"), Some(&r)), Verdict::Act);
     }
 }

@@ -3,12 +3,14 @@
 //! radius per window, nothing on resolved alerts). Every decision is logged, counted in
 //! `sensor_remediation_actions_total{alert,action,result}` and kept in `/api/v1/remediations`.
 //!
-//! - [`config`]: the YAML file; [`alertmanager`]: the webhook payload; [`guard`]: the guard
+//! - [`auth`]: who may drive it (refuses to act exposed without authentication);
+//!   [`config`]: the YAML file; [`alertmanager`]: the webhook payload; [`guard`]: the guard
 //!   rails as pure logic; [`actions`]: exec / webhook / log; this file: the runner and its HTTP
 //!   surface.
 
 pub mod actions;
 pub mod alertmanager;
+pub mod auth;
 pub mod config;
 pub mod guard;
 
@@ -70,20 +72,27 @@ impl Metrics {
         let actions = IntCounterVec::new(
             Opts::new(
                 "sensor_remediation_actions_total",
-                "Remediation decisions per alert and action: success, failure, dry_run, or skipped_<reason> (resolved, no_rule, cooldown, rate_limit, blast_radius, missing_label).",
+                "Remediation decisions per alert and action: success, failure, dry_run, or skipped_<reason> (resolved, no_rule, missing_label, not_allowed, cooldown, rate_limit, blast_radius).",
             ),
             &["alert", "action", "result"],
         )?;
         let webhooks = IntCounterVec::new(
             Opts::new(
                 "sensor_remediation_webhooks_total",
-                "Webhook requests received: ok, or why they were refused (too_large, bad_json, bad_version, bad_alert).",
+                "Requests received: ok, or why they were refused (unauthorized: missing or wrong credentials, on any path; too_large, bad_json, bad_version, bad_alert).",
             ),
             &["result"],
         )?;
         registry.register(Box::new(actions.clone()))?;
         registry.register(Box::new(webhooks.clone()))?;
-        for r in ["ok", "too_large", "bad_json", "bad_version", "bad_alert"] {
+        for r in [
+            "ok",
+            "unauthorized",
+            "too_large",
+            "bad_json",
+            "bad_version",
+            "bad_alert",
+        ] {
             webhooks.with_label_values(&[r]);
         }
         Ok(Metrics {
@@ -131,6 +140,10 @@ impl Runner {
         for r in &cfg.rules {
             for a in &r.actions {
                 tracing::info!(alert = %r.alert, action = a.name(), kind = a.kind.label(), "remediation rule");
+            }
+            let acts = r.actions.iter().any(|a| a.kind != config::ActionType::Log);
+            if acts && !cfg.dry_run && r.allowed_targets.is_empty() {
+                tracing::warn!(alert = %r.alert, "rule has no allowed_targets: it acts on whatever target its alerts name");
             }
         }
         Ok(Arc::new(Runner {
@@ -317,17 +330,17 @@ fn describe(a: &config::Action, alert: &Alert) -> String {
 }
 
 /// The routes: `POST /webhook` (Alertmanager), `GET /api/v1/remediations`, `/metrics`,
-/// `/healthz`; behind basic auth when the web config has users.
-pub fn router(runner: Arc<Runner>, web: Option<Arc<crate::webconfig::Web>>) -> Router {
+/// `/healthz`; all behind the gate (basic auth, bearer token) when there is one.
+pub fn router(runner: Arc<Runner>, gate: Option<Arc<auth::Gate>>) -> Router {
     let r = Router::new()
         .route("/webhook", post(webhook))
         .route("/api/v1/remediations", get(remediations))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(runner);
-    match web {
-        Some(w) if w.wants_auth() => r.layer(axum::middleware::from_fn_with_state(w, crate::webconfig::require_auth)),
-        _ => r,
+    match gate {
+        Some(g) => r.layer(axum::middleware::from_fn_with_state(g, auth::require)),
+        None => r,
     }
 }
 
@@ -380,12 +393,16 @@ async fn metrics(State(runner): State<Arc<Runner>>) -> impl IntoResponse {
     )
 }
 
-/// `sensor remediate`: serves until SIGTERM/SIGINT.
+/// `sensor remediate`: serves until SIGTERM/SIGINT. Refuses to start when it would act on
+/// unauthenticated requests from other hosts (see [`auth::exposure`]).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let web = match &cfg.web_config_file {
         Some(p) => Some(crate::webconfig::Web::load(p).map_err(anyhow::Error::msg)?),
         None => None,
     };
+    let bearer = cfg.bearer_token_file.as_deref().map(auth::Token::load).transpose()?;
+    let methods = auth::methods(web.as_deref(), bearer.is_some());
+    let posture = auth::exposure(cfg.listen, cfg.dry_run, &methods, cfg.insecure_allow_unauthenticated)?;
     let listener = crate::http::listen(cfg.listen, cfg.http.max_connections)
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let local = listener.local_addr()?;
@@ -395,7 +412,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let runner = Runner::new(cfg)?;
     let http_metrics = crate::http::HttpMetrics::new(&runner.metrics.registry)?;
     let tls = web.as_ref().and_then(|w| w.tls.clone());
-    let app = router(runner, web);
+    posture.log(local, tls.is_some());
+    let unauthorized = runner.metrics.webhooks.with_label_values(&["unauthorized"]);
+    let app = router(runner, auth::Gate::new(web, bearer, unauthorized));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(crate::http::serve(listener, app, tls, limits, http_metrics, stop_rx));
     tracing::info!(listen = %local, dry_run, rules, "remediation runner listening");

@@ -8,7 +8,7 @@ use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
-use super::{config::RuntimeKind, Names};
+use super::{config::RuntimeKind, containerd, Names};
 
 /// Larger answers are garbage to us (a Docker inspect is a few KiB).
 const MAX_ANSWER: usize = 4 << 20;
@@ -35,11 +35,30 @@ pub struct Found {
     pub name: String,
     pub image: String,
     pub labels: HashMap<String, String>,
+    /// Its annotations (CRI-O's; containerd's OCI spec annotations; cri-dockerd's
+    /// `annotation.*` labels): where a sandbox keeps the pod's config source.
+    pub annotations: HashMap<String, String>,
+    /// The pod sandbox of a Kubernetes container (empty otherwise, or when it is the sandbox).
+    pub sandbox_id: String,
+    /// It is a pod's sandbox (pause) container: its labels are the pod's.
+    pub is_sandbox: bool,
 }
 
 pub const K8S_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 pub const K8S_POD: &str = "io.kubernetes.pod.name";
 pub const K8S_CONTAINER: &str = "io.kubernetes.container.name";
+pub const K8S_POD_UID: &str = "io.kubernetes.pod.uid";
+
+/// containerd's CRI plugin: the spec annotations naming a container's sandbox and its type.
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// cri-dockerd (dockershim's heir): the labels naming a container's sandbox and its type, and
+/// the prefix of the pod's annotations kept as labels on the sandbox.
+pub const DOCKER_SANDBOX_ID: &str = "io.kubernetes.sandbox.id";
+pub const DOCKER_TYPE: &str = "io.kubernetes.docker.type";
+const DOCKER_ANNOTATION: &str = "annotation.";
+/// CRI-O: the annotation naming a container's type.
+pub const CRIO_CONTAINER_TYPE: &str = "io.kubernetes.cri-o.ContainerType";
 
 /// The names of a found container: Kubernetes names from its `io.kubernetes.*` labels; outside
 /// Kubernetes (no such labels) `container` is the runtime's name and `namespace`/`pod` empty.
@@ -56,6 +75,7 @@ pub fn names(found: &Found, runtime: RuntimeKind) -> Names {
         },
         image: found.image.clone(),
         runtime: runtime.label().to_string(),
+        ..Names::default()
     }
 }
 
@@ -122,10 +142,18 @@ pub fn docker_answer(status: u16, body: &[u8]) -> Result<Option<Found>, LookupEr
     match status {
         200 => {
             let v: DockerInspect = serde_json::from_slice(body).map_err(|e| LookupError::Garbage(e.to_string()))?;
+            let labels = v.config.labels.unwrap_or_default();
+            let annotations = labels
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(DOCKER_ANNOTATION)?.to_string(), v.clone())))
+                .collect();
             Ok(Some(Found {
                 name: v.name,
                 image: v.config.image,
-                labels: v.config.labels.unwrap_or_default(),
+                sandbox_id: labels.get(DOCKER_SANDBOX_ID).cloned().unwrap_or_default(),
+                is_sandbox: labels.get(DOCKER_TYPE).is_some_and(|t| t == "podsandbox"),
+                annotations,
+                labels,
             }))
         }
         404 => Ok(None),
@@ -141,6 +169,11 @@ struct CrioInfo {
     image: String,
     #[serde(default)]
     labels: Option<HashMap<String, String>>,
+    #[serde(default)]
+    annotations: Option<HashMap<String, String>>,
+    /// The sandbox's id (the same as its infra container's).
+    #[serde(default)]
+    sandbox: String,
 }
 
 /// A CRI-O answer to `GET /containers/{id}` (its `ContainerInfo`): 200 found, 404 not found
@@ -149,10 +182,14 @@ pub fn crio_answer(status: u16, body: &[u8]) -> Result<Option<Found>, LookupErro
     match status {
         200 => {
             let v: CrioInfo = serde_json::from_slice(body).map_err(|e| LookupError::Garbage(e.to_string()))?;
+            let annotations = v.annotations.unwrap_or_default();
             Ok(Some(Found {
                 name: v.name,
                 image: v.image,
                 labels: v.labels.unwrap_or_default(),
+                is_sandbox: annotations.get(CRIO_CONTAINER_TYPE).is_some_and(|t| t == "sandbox"),
+                sandbox_id: v.sandbox,
+                annotations,
             }))
         }
         404 => Ok(None),
@@ -163,45 +200,42 @@ pub fn crio_answer(status: u16, body: &[u8]) -> Result<Option<Found>, LookupErro
 
 /// containerd: `containers.v1.Containers/Get` in each namespace until one knows the id.
 pub async fn containerd_lookup(socket: &Path, namespaces: &[String], id: &str) -> Result<Option<Found>, LookupError> {
-    use containerd_client::{
-        services::v1::{containers_client::ContainersClient, GetContainerRequest},
-        tonic::{metadata::MetadataValue, Code, Request},
-    };
     if !socket.exists() {
         return Err(LookupError::Connect {
             socket: socket.display().to_string(),
             source: std::io::ErrorKind::NotFound.into(),
         });
     }
-    let channel = containerd_client::connect(socket)
+    let mut client = containerd::Client::connect(socket)
         .await
-        .map_err(|e| LookupError::Grpc(format!("connect {}: {e}", socket.display())))?;
-    let mut client = ContainersClient::new(channel);
+        .map_err(|e| LookupError::Grpc(e.to_string()))?;
     for ns in namespaces {
-        let mut req = Request::new(GetContainerRequest { id: id.to_string() });
-        let ns_value =
-            MetadataValue::try_from(ns.as_str()).map_err(|e| LookupError::Grpc(format!("namespace {ns}: {e}")))?;
-        req.metadata_mut().insert("containerd-namespace", ns_value);
-        match client.get(req).await {
-            Ok(resp) => {
-                let Some(c) = resp.into_inner().container else {
-                    return Err(LookupError::Garbage("Get answered without a container".into()));
-                };
-                return Ok(Some(containerd_found(c.labels, c.image)));
+        match client.get_container(ns, id).await {
+            Ok(Some(c)) => {
+                let annotations = containerd::spec_annotations(c.spec.as_ref());
+                return Ok(Some(containerd_found(c.labels, c.image, annotations)));
             }
-            Err(s) if s.code() == Code::NotFound => continue,
-            Err(s) => return Err(LookupError::Grpc(format!("{:?}: {}", s.code(), s.message()))),
+            Ok(None) => continue,
+            Err(e) => return Err(LookupError::Grpc(e.to_string())),
         }
     }
     Ok(None)
 }
 
-/// containerd has no container name beyond its id: nerdctl keeps one in a label.
-pub fn containerd_found(labels: HashMap<String, String>, image: String) -> Found {
+/// containerd has no container name beyond its id: nerdctl keeps one in a label. The CRI
+/// plugin names a container's sandbox in its spec annotations (a sandbox names itself).
+pub fn containerd_found(labels: HashMap<String, String>, image: String, annotations: HashMap<String, String>) -> Found {
+    let is_sandbox = annotations.get(CRI_CONTAINER_TYPE).is_some_and(|t| t == "sandbox");
     Found {
         name: labels.get("nerdctl/name").cloned().unwrap_or_default(),
         image,
         labels,
+        sandbox_id: match is_sandbox {
+            true => String::new(),
+            false => annotations.get(CRI_SANDBOX_ID).cloned().unwrap_or_default(),
+        },
+        is_sandbox,
+        annotations,
     }
 }
 
@@ -209,15 +243,11 @@ pub fn containerd_found(labels: HashMap<String, String>, image: String) -> Found
 pub async fn ping(kind: RuntimeKind, socket: &Path) -> Result<String, LookupError> {
     match kind {
         RuntimeKind::Containerd => {
-            use containerd_client::services::v1::version_client::VersionClient;
-            let channel = containerd_client::connect(socket)
+            let mut client = containerd::Client::connect(socket)
                 .await
-                .map_err(|e| LookupError::Grpc(format!("connect: {e}")))?;
-            let v = VersionClient::new(channel)
-                .version(())
-                .await
-                .map_err(|s| LookupError::Grpc(format!("{:?}: {}", s.code(), s.message())))?;
-            Ok(format!("containerd {}", v.into_inner().version))
+                .map_err(|e| LookupError::Grpc(e.to_string()))?;
+            let v = client.version().await.map_err(|e| LookupError::Grpc(e.to_string()))?;
+            Ok(format!("containerd {}", v.version))
         }
         // `/_ping` is the Docker API's own liveness call (its `/version` gathers host facts
         // and can take a second on Podman).
@@ -257,6 +287,7 @@ mod tests {
                 container: "web-1".into(),
                 image: "nginx:1.27".into(),
                 runtime: "docker".into(),
+                ..Names::default()
             }
         );
         // Podman answers null labels for a container without any.
@@ -310,6 +341,60 @@ mod tests {
         assert!(matches!(crio_answer(200, b"[1,2"), Err(LookupError::Garbage(_))));
     }
 
+    /// Where each runtime says which sandbox a container belongs to, and which is the sandbox
+    /// (cri-dockerd's labels and CRI-O's inspect fields as they write them; containerd's spec
+    /// annotations are also read from a real containerd in tests/workloads.rs).
+    #[test]
+    fn each_runtime_names_the_sandbox() {
+        let app = br#"{"Name":"/k8s_ledger_ledger-5d8f6c7b9-x2x4k_shop_uid_0","Config":{"Image":"l:1","Labels":{
+            "io.kubernetes.pod.name":"ledger-5d8f6c7b9-x2x4k","io.kubernetes.sandbox.id":"s1","io.kubernetes.docker.type":"container"}}}"#;
+        let f = docker_answer(200, app).unwrap().unwrap();
+        assert_eq!((f.sandbox_id.as_str(), f.is_sandbox), ("s1", false));
+        let pause = br#"{"Name":"/k8s_POD_ledger","Config":{"Image":"pause:3.9","Labels":{
+            "io.kubernetes.docker.type":"podsandbox","pod-template-hash":"5d8f6c7b9","annotation.kubernetes.io/config.source":"api"}}}"#;
+        let f = docker_answer(200, pause).unwrap().unwrap();
+        assert!(f.is_sandbox);
+        assert_eq!(
+            f.annotations.get("kubernetes.io/config.source").map(String::as_str),
+            Some("api")
+        );
+        assert_eq!(f.labels.get("pod-template-hash").map(String::as_str), Some("5d8f6c7b9"));
+
+        let app = br#"{"name":"k8s_ledger","image":"l:1","labels":{"io.kubernetes.pod.name":"p"},
+            "annotations":{"io.kubernetes.cri-o.ContainerType":"container"},"sandbox":"s2"}"#;
+        let f = crio_answer(200, app).unwrap().unwrap();
+        assert_eq!((f.sandbox_id.as_str(), f.is_sandbox), ("s2", false));
+        let infra = br#"{"name":"k8s_POD","image":"pause","labels":{"job-name":"migrate"},
+            "annotations":{"io.kubernetes.cri-o.ContainerType":"sandbox","kubernetes.io/config.source":"file"},"sandbox":"s2"}"#;
+        let f = crio_answer(200, infra).unwrap().unwrap();
+        assert!(f.is_sandbox);
+        assert_eq!(
+            f.annotations.get("kubernetes.io/config.source").map(String::as_str),
+            Some("file")
+        );
+
+        let ann = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let f = containerd_found(
+            HashMap::new(),
+            "l:1".into(),
+            ann(&[(CRI_CONTAINER_TYPE, "container"), (CRI_SANDBOX_ID, "s3")]),
+        );
+        assert_eq!((f.sandbox_id.as_str(), f.is_sandbox), ("s3", false));
+        let f = containerd_found(
+            HashMap::new(),
+            "pause".into(),
+            ann(&[(CRI_CONTAINER_TYPE, "sandbox"), (CRI_SANDBOX_ID, "s3")]),
+        );
+        assert_eq!(
+            (f.sandbox_id.as_str(), f.is_sandbox),
+            ("", true),
+            "a sandbox is its own"
+        );
+        // Outside Kubernetes: none.
+        let f = containerd_found(HashMap::new(), "x".into(), HashMap::new());
+        assert_eq!((f.sandbox_id.as_str(), f.is_sandbox), ("", false));
+    }
+
     #[test]
     fn containerd_names_from_labels_or_nerdctl() {
         let kube: HashMap<String, String> = [(K8S_NAMESPACE, "shop"), (K8S_POD, "cart-7f9c"), (K8S_CONTAINER, "cart")]
@@ -317,17 +402,23 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let n = names(
-            &containerd_found(kube, "docker.io/shop/cart:3".into()),
+            &containerd_found(kube, "docker.io/shop/cart:3".into(), HashMap::new()),
             RuntimeKind::Containerd,
         );
         assert_eq!((n.container.as_str(), n.runtime.as_str()), ("cart", "containerd"));
         let nerd = [("nerdctl/name".to_string(), "db".to_string())].into_iter().collect();
-        let n = names(&containerd_found(nerd, "postgres:16".into()), RuntimeKind::Containerd);
+        let n = names(
+            &containerd_found(nerd, "postgres:16".into(), HashMap::new()),
+            RuntimeKind::Containerd,
+        );
         assert_eq!(
             (n.namespace.as_str(), n.pod.as_str(), n.container.as_str()),
             ("", "", "db")
         );
-        let n = names(&containerd_found(HashMap::new(), "x".into()), RuntimeKind::Containerd);
+        let n = names(
+            &containerd_found(HashMap::new(), "x".into(), HashMap::new()),
+            RuntimeKind::Containerd,
+        );
         assert_eq!(n.container, "", "no name anywhere: empty, never the id");
     }
 }

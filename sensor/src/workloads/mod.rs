@@ -5,6 +5,9 @@
 
 pub mod api;
 pub mod config;
+pub mod containerd;
+pub mod owner;
+mod sandbox;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -27,7 +30,39 @@ pub struct Names {
     pub container: String,
     pub image: String,
     pub runtime: String,
+    /// The pod's owner (`owner::resolve`): kind and name, empty off Kubernetes or when the
+    /// pod's sandbox could not be read.
+    pub owner_kind: String,
+    pub owner: String,
 }
+
+impl Names {
+    /// `sensor_workload_info`'s label values for container `id`, in [`INFO_LABELS`] order.
+    fn info_labels<'a>(&'a self, id: &'a str) -> [&'a str; 8] {
+        [
+            id,
+            &self.namespace,
+            &self.pod,
+            &self.container,
+            &self.image,
+            &self.runtime,
+            &self.owner_kind,
+            &self.owner,
+        ]
+    }
+}
+
+/// `sensor_workload_info`'s labels.
+const INFO_LABELS: [&str; 8] = [
+    "container_id",
+    "namespace",
+    "pod",
+    "container",
+    "image",
+    "runtime",
+    "owner_kind",
+    "owner",
+];
 
 /// How long an id no runtime could name stays unnamed before it is asked about again.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -46,15 +81,23 @@ enum Entry {
 }
 
 /// Bounded cache: the oldest entry leaves first when full.
-struct Cache {
-    map: HashMap<String, Entry>,
+struct Cache<V> {
+    map: HashMap<String, V>,
     order: VecDeque<String>,
     cap: usize,
 }
 
-impl Cache {
+impl<V> Cache<V> {
+    fn new(cap: usize) -> Self {
+        Cache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
     /// Returns the entries that left to make room (and the one replaced, if any).
-    fn insert(&mut self, id: &str, e: Entry) -> Vec<(String, Entry)> {
+    fn insert(&mut self, id: &str, e: V) -> Vec<(String, V)> {
         let mut gone = Vec::new();
         match self.map.insert(id.to_string(), e) {
             Some(old) => gone.push((id.to_string(), old)),
@@ -69,10 +112,42 @@ impl Cache {
         gone
     }
 
-    fn remove(&mut self, id: &str) -> Option<Entry> {
+    fn remove(&mut self, id: &str) -> Option<V> {
         let e = self.map.remove(id)?;
         self.order.retain(|x| x != id);
         Some(e)
+    }
+}
+
+/// Lookups under way by id (containers' or sandboxes'): one at a time per id, the others wait
+/// for it.
+#[derive(Default)]
+struct Inflight(Mutex<HashMap<String, watch::Receiver<bool>>>);
+
+impl Inflight {
+    /// Marks `id` as under way; `None` when it already is.
+    fn begin(&self, id: &str) -> Option<watch::Sender<bool>> {
+        let mut inflight = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.contains_key(id) {
+            return None;
+        }
+        let (tx, rx) = watch::channel(false);
+        inflight.insert(id.to_string(), rx);
+        Some(tx)
+    }
+
+    /// Until the lookup of `id` under way (if any) ends.
+    async fn wait(&self, id: &str) {
+        let rx = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        if let Some(mut rx) = rx {
+            let _ = rx.wait_for(|done| *done).await;
+        }
+    }
+
+    /// The lookup of `id` ended: its waiters wake.
+    fn end(&self, id: &str, done: watch::Sender<bool>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let _ = done.send(true);
     }
 }
 
@@ -80,9 +155,10 @@ impl Cache {
 pub struct Resolver {
     runtimes: Vec<RuntimeConfig>,
     timeout: Duration,
-    cache: Mutex<Cache>,
-    /// Lookups under way; waiters watch for the `true` sent when one ends.
-    inflight: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    cache: Mutex<Cache<Entry>>,
+    /// Owners of the pods whose sandboxes were read.
+    sandboxes: sandbox::Sandboxes,
+    inflight: Inflight,
     lookups: IntCounterVec,
     info: IntGaugeVec,
     handle: Handle,
@@ -90,8 +166,8 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// Registers `sensor_workload_lookups_total` and `sensor_workload_info`; lookups run on
-    /// `handle`.
+    /// Registers `sensor_workload_lookups_total`, `sensor_workload_sandbox_lookups_total` and
+    /// `sensor_workload_info`; lookups run on `handle`.
     pub fn new(cfg: &WorkloadsConfig, registry: &Registry, handle: Handle) -> prometheus::Result<Resolver> {
         let lookups = IntCounterVec::new(
             Opts::new(
@@ -105,10 +181,11 @@ impl Resolver {
                 "sensor_workload_info",
                 "Names of a container the runtimes named (1 per container id); join on container_id for the image.",
             ),
-            &["container_id", "namespace", "pod", "container", "image", "runtime"],
+            &INFO_LABELS,
         )?;
         registry.register(Box::new(lookups.clone()))?;
         registry.register(Box::new(info.clone()))?;
+        let sandboxes = sandbox::Sandboxes::new(cfg, registry, owner::node_name())?;
         for r in &cfg.runtimes {
             for res in RESULTS {
                 lookups.with_label_values(&[r.kind.label(), res]);
@@ -117,12 +194,9 @@ impl Resolver {
         Ok(Resolver {
             runtimes: cfg.runtimes.clone(),
             timeout: cfg.lookup_timeout,
-            cache: Mutex::new(Cache {
-                map: HashMap::new(),
-                order: VecDeque::new(),
-                cap: cfg.cache_size.max(1),
-            }),
-            inflight: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::new(cfg.cache_size)),
+            sandboxes,
+            inflight: Inflight::default(),
             lookups,
             info,
             handle,
@@ -161,7 +235,7 @@ impl Resolver {
         if id.is_empty() || self.cached(id).is_some() {
             return;
         }
-        if let Some(done) = self.begin(id) {
+        if let Some(done) = self.inflight.begin(id) {
             let (me, id) = (Arc::clone(self), id.to_string());
             self.handle.spawn(async move { me.lookup_and_store(&id, done).await });
         }
@@ -177,22 +251,8 @@ impl Resolver {
             return n;
         }
         self.request(id);
-        let rx = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-        if let Some(mut rx) = rx {
-            let _ = tokio::time::timeout(wait, rx.wait_for(|done| *done)).await;
-        }
+        let _ = tokio::time::timeout(wait, self.inflight.wait(id)).await;
         self.cached(id).unwrap_or_default()
-    }
-
-    /// Marks `id` as under way; `None` when it already is.
-    fn begin(&self, id: &str) -> Option<watch::Sender<bool>> {
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if inflight.contains_key(id) {
-            return None;
-        }
-        let (tx, rx) = watch::channel(false);
-        inflight.insert(id.to_string(), rx);
-        Some(tx)
     }
 
     async fn lookup_and_store(&self, id: &str, done: watch::Sender<bool>) {
@@ -212,42 +272,24 @@ impl Resolver {
             self.drop_info(&old, &e);
         }
         if let Some(n) = named {
-            self.info
-                .with_label_values(&[id, &n.namespace, &n.pod, &n.container, &n.image, &n.runtime])
-                .set(1);
+            self.info.with_label_values(&n.info_labels(id)).set(1);
         }
-        self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-        let _ = done.send(true);
+        self.inflight.end(id, done);
     }
 
-    /// Asks each runtime in order; the first that knows `id` names it. Every answer is counted.
+    /// Asks each runtime in order; the first that knows `id` names it, and owns the pod's
+    /// sandbox (read once per pod). Every answer is counted.
     async fn lookup(&self, id: &str) -> Option<Names> {
         for rt in &self.runtimes {
             if rt.optional && !rt.socket.exists() {
                 continue;
             }
-            let start = Instant::now();
-            let result = tokio::time::timeout(self.timeout, ask(rt, id)).await;
-            let label = match &result {
-                Ok(Ok(Some(_))) => "ok",
-                Ok(Ok(None)) => "not_found",
-                Ok(Err(e)) => {
-                    tracing::debug!(runtime = rt.kind.label(), socket = %rt.socket.display(), error = %e, container_id = id, "workload lookup failed");
-                    "error"
-                }
-                Err(_) => "timeout",
-            };
-            self.lookups.with_label_values(&[rt.kind.label(), label]).inc();
-            // One line per answer with its latency (`cargo xtask bench workloads` reads them).
-            tracing::debug!(
-                target: "sensor::workloads::lookup",
-                runtime = rt.kind.label(),
-                result = label,
-                seconds = start.elapsed().as_secs_f64(),
-                "workload lookup"
-            );
-            if let Ok(Ok(Some(found))) = result {
-                return Some(api::names(&found, rt.kind));
+            if let Some(found) = ask_counted(rt, id, self.timeout, &self.lookups, "container").await {
+                let mut names = api::names(&found, rt.kind);
+                let owner = self.sandboxes.owner(rt, &found, &names.pod).await;
+                names.owner_kind = owner.kind.to_string();
+                names.owner = owner.name;
+                return Some(names);
             }
         }
         None
@@ -257,6 +299,8 @@ impl Resolver {
     pub fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         for id in ids {
             let e = self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            // A pod's sandbox container goes with its pod: so does the pod's owner.
+            self.sandboxes.forget(id);
             if let Some(e) = e {
                 self.drop_info(id, &e);
             }
@@ -265,9 +309,7 @@ impl Resolver {
 
     fn drop_info(&self, id: &str, e: &Entry) {
         if let Entry::Named(n) = e {
-            let _ = self
-                .info
-                .remove_label_values(&[id, &n.namespace, &n.pod, &n.container, &n.image, &n.runtime]);
+            let _ = self.info.remove_label_values(&n.info_labels(id));
         }
     }
 
@@ -281,6 +323,39 @@ impl Resolver {
             .cloned()
             .collect()
     }
+}
+
+/// One runtime's answer for `id` (a container or a sandbox: `of`) within `timeout`, counted
+/// in `counter` by its result.
+async fn ask_counted(
+    rt: &RuntimeConfig,
+    id: &str,
+    timeout: Duration,
+    counter: &IntCounterVec,
+    of: &'static str,
+) -> Option<api::Found> {
+    let start = Instant::now();
+    let result = tokio::time::timeout(timeout, ask(rt, id)).await;
+    let label = match &result {
+        Ok(Ok(Some(_))) => "ok",
+        Ok(Ok(None)) => "not_found",
+        Ok(Err(e)) => {
+            tracing::debug!(runtime = rt.kind.label(), socket = %rt.socket.display(), error = %e, id, of, "workload lookup failed");
+            "error"
+        }
+        Err(_) => "timeout",
+    };
+    counter.with_label_values(&[rt.kind.label(), label]).inc();
+    // One line per answer with its latency (`cargo xtask bench workloads` reads them).
+    tracing::debug!(
+        target: "sensor::workloads::lookup",
+        runtime = rt.kind.label(),
+        result = label,
+        of,
+        seconds = start.elapsed().as_secs_f64(),
+        "workload lookup"
+    );
+    result.ok()?.ok()?
 }
 
 /// One runtime's answer for one id.
@@ -349,11 +424,7 @@ mod tests {
 
     #[test]
     fn cache_is_bounded_oldest_first() {
-        let mut c = Cache {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            cap: 2,
-        };
+        let mut c = Cache::new(2);
         let ids = |v: Vec<(String, Entry)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
         assert!(c.insert("a", Entry::Named(Arc::default())).is_empty());
         assert!(c.insert("b", Entry::Named(Arc::default())).is_empty());

@@ -10,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod manifests;
+pub mod netns;
+pub mod prom;
 pub mod runtimes;
+pub mod tls;
 
 pub const SENSOR: &str = env!("CARGO_BIN_EXE_sensor");
 
@@ -44,13 +48,18 @@ pub fn kernel_lock() -> KernelGuard {
     }
 }
 
-fn can_trace() -> bool {
+/// This process's effective capabilities (a bit per capability number).
+pub fn cap_eff() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+fn can_trace() -> bool {
+    let eff = cap_eff();
     let has = |c: u32| eff & (1 << c) != 0;
     (has(39) && has(38)) || has(21)
 }
@@ -604,8 +613,20 @@ pub fn http_request(
     headers: &[&str],
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    let s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    request_on(s, method, path, headers, body)
+}
+
+/// [`http_request`] on a connected stream (plain or TLS). The answer ends where the server
+/// closes; a close without TLS close_notify after the answer arrived is an ordinary end.
+pub fn request_on(
+    mut s: impl Read + Write,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let mut req = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n");
     for h in headers {
         req.push_str(h);
@@ -619,8 +640,13 @@ pub fn http_request(
     if let Some(b) = body {
         s.write_all(b.as_bytes())?;
     }
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
+    let mut raw = Vec::new();
+    match s.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    let raw = String::from_utf8_lossy(&raw);
     let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = raw
         .split_once("\r\n\r\n")

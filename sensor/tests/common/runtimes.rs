@@ -239,6 +239,12 @@ pub struct KubeContainer {
     pub net_host: bool,
     /// Command and arguments inside the image.
     pub args: Vec<String>,
+    /// More labels and OCI annotations (a pod's labels on its sandbox; the sandbox's id on an
+    /// app container), as kubelet's CRI plugin sets them.
+    pub labels: Vec<(String, String)>,
+    pub annotations: Vec<(String, String)>,
+    /// Run detached (`ctr run -d`): a pod's sandbox.
+    pub detach: bool,
     // Filled by Containerd::run:
     pub id: String,
     pub pod_uid: String,
@@ -256,10 +262,57 @@ impl KubeContainer {
             memory_limit,
             net_host: false,
             args: args.iter().map(|s| s.to_string()).collect(),
+            labels: Vec::new(),
+            annotations: Vec::new(),
+            detach: false,
             id: container_id(),
             pod_uid: pod_uid(),
             cgroup: String::new(),
         }
+    }
+}
+
+/// A pod as kubelet lays it out through containerd's CRI plugin: a sandbox (pause) container
+/// carrying the pod's labels, and app containers whose spec annotations name that sandbox. All
+/// in the pod's cgroup `kubepods/burstable/pod<uid>/`.
+#[derive(Debug, Clone)]
+pub struct KubePod {
+    pub sandbox: KubeContainer,
+}
+
+fn pairs(kv: &[(&str, &str)]) -> Vec<(String, String)> {
+    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+impl KubePod {
+    /// Pod `namespace/name` with the pod's `labels` (a controller's: `pod-template-hash`, ...).
+    pub fn new(namespace: &str, name: &str, labels: &[(&str, &str)]) -> KubePod {
+        let mut sandbox = KubeContainer::new(namespace, name, "", 16 << 20, &["/bin/busybox", "sleep", "3600"]);
+        sandbox.labels = pairs(labels);
+        sandbox.labels.push(("io.cri-containerd.kind".into(), "sandbox".into()));
+        sandbox.annotations = pairs(&[
+            ("io.kubernetes.cri.container-type", "sandbox"),
+            ("io.kubernetes.cri.sandbox-id", &sandbox.id),
+            ("io.kubernetes.cri.sandbox-name", name),
+            ("io.kubernetes.cri.sandbox-namespace", namespace),
+        ]);
+        sandbox.detach = true;
+        KubePod { sandbox }
+    }
+
+    /// An app container of the pod: its `io.kubernetes.*` labels and the annotations naming
+    /// the sandbox (the pod's labels stay on the sandbox, as with kubelet).
+    pub fn container(&self, name: &str, memory_limit: u64, args: &[&str]) -> KubeContainer {
+        let s = &self.sandbox;
+        let mut c = KubeContainer::new(&s.namespace, &s.pod, name, memory_limit, args);
+        c.pod_uid = s.pod_uid.clone();
+        c.labels = pairs(&[("io.cri-containerd.kind", "container")]);
+        c.annotations = pairs(&[
+            ("io.kubernetes.cri.container-type", "container"),
+            ("io.kubernetes.cri.sandbox-id", &s.id),
+            ("io.kubernetes.cri.container-name", name),
+        ]);
+        c
     }
 }
 
@@ -342,10 +395,22 @@ impl Containerd {
             .args(["--memory-limit", &c.memory_limit.to_string()])
             .args(["--label", &format!("io.kubernetes.pod.namespace={}", c.namespace)])
             .args(["--label", &format!("io.kubernetes.pod.name={}", c.pod)])
-            .args(["--label", &format!("io.kubernetes.container.name={}", c.container)])
             .args(["--label", &format!("io.kubernetes.pod.uid={}", c.pod_uid)]);
+        // A sandbox has no container name.
+        if !c.container.is_empty() {
+            cmd.args(["--label", &format!("io.kubernetes.container.name={}", c.container)]);
+        }
+        for (k, v) in &c.labels {
+            cmd.args(["--label", &format!("{k}={v}")]);
+        }
+        for (k, v) in &c.annotations {
+            cmd.args(["--annotation", &format!("{k}={v}")]);
+        }
         if c.net_host {
             cmd.arg("--net-host");
+        }
+        if c.detach {
+            cmd.arg("--detach");
         }
         cmd.arg(image).arg(&c.id).args(&c.args).stdin(Stdio::null());
         self.ran.lock().unwrap_or_else(|p| p.into_inner()).push(c.id.clone());
@@ -356,6 +421,11 @@ impl Containerd {
     /// it, until drop); returns the output (exit 137 when OOM-killed).
     pub fn run(&self, c: &mut KubeContainer, image: &str) -> Output {
         self.run_cmd(c, image).output().expect("spawn ctr run")
+    }
+
+    /// Starts the pod's sandbox container (detached; deleted on drop like the others).
+    pub fn start_sandbox(&self, pod: &mut KubePod, image: &str) {
+        run_ok(&mut self.run_cmd(&mut pod.sandbox, image));
     }
 
     /// Starts `c` in the background (`ctr run` stays attached; its child is returned).

@@ -76,6 +76,9 @@
     return parts.join(' · ');
   }
 
+  // A pod's owner ("Deployment ledger"), empty off Kubernetes.
+  const owner = (o) => (o.owner_kind ? `${o.owner_kind} ${o.owner}` : '');
+
   function table(el, head, rows, empty) {
     el.replaceChildren();
     el.append(h('thead', {}, h('tr', {}, head.map((c) => h('th', { class: c.endsWith(' ') ? 'num' : null, scope: 'col' }, c.trim())))));
@@ -232,6 +235,12 @@
     $('check-counts').textContent = c
       ? `${c.total} checks: ${c.up} up, ${c.down} down, ${c.pending} pending, ${c.firing} alerting; failing first. Down at availability \u2264 ${pct(rep.alerting ? rep.alerting.availability_threshold : null)} over ${dur(rep.alerting ? rep.alerting.window_seconds : 0)}.`
       : '';
+    // This sensor is one vantage point: its location's view; the fleet's per-location view is
+    // the central Prometheus's (location_check:sensor_check_availability:*, the checks dashboard).
+    const v = rep.vantage || {};
+    const out = v.sampled_out || [];
+    $('check-vantage').textContent = `Availability from location ${v.location || '(none)'}` + (v.node ? `, node ${v.node}` : '') +
+      (out.length ? `. Run by other nodes (sampled out here): ${out.join(', ')}.` : '.');
     const last = Math.min(page.offset + page.limit, page.matched);
     $('check-page').textContent = page.matched ? `${page.offset + 1}\u2013${last} of ${page.matched}` : '0 of 0';
     $('check-prev').disabled = page.offset <= 0;
@@ -275,10 +284,10 @@
     $('oom-minute').replaceChildren(bars(o.per_minute, lab(60, 60, hm), (v) => String(v), 'kills'));
     $('oom-hour').replaceChildren(bars(o.per_hour, lab(24, 3600, hm), (v) => String(v), 'kills'));
     $('oom-day').replaceChildren(bars(o.per_day, lab(30, 86400, day), (v) => String(v), 'kills'));
-    table($('oom-recent'), ['TIME', 'SCOPE', 'WORKLOAD', 'VICTIM', 'RSS ', 'LIMIT ', 'TRIGGER'],
+    table($('oom-recent'), ['TIME', 'SCOPE', 'WORKLOAD', 'OWNER', 'VICTIM', 'RSS ', 'LIMIT ', 'TRIGGER'],
       o.recent.slice(0, SHOW).map((k) => h('tr', { 'data-seq': k.seq },
         h('td', {}, clock(k.time)), h('td', {}, k.scope),
-        h('td', { class: 'wrap' }, workload(k)),
+        h('td', { class: 'wrap' }, workload(k)), h('td', { class: 'owner' }, owner(k)),
         h('td', {}, `${k.victim_comm || '?'} (pid ${k.victim_pid ?? '?'})`),
         h('td', { class: 'num' }, bytes(k.rss_bytes)), h('td', { class: 'num' }, bytes(k.memory_limit_bytes)),
         h('td', {}, `${k.trigger_comm} (pid ${k.trigger_pid})`))),
