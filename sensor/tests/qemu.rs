@@ -1,5 +1,6 @@
-//! The kernel matrix: Debian's 5.10, 6.1 and 6.12 cloud kernels under QEMU (the host's kernel
-//! is the privileged tests' own), one row each in sensor/tests/qemu/kernels.tsv, one script
+//! The kernel matrix: Debian's 5.10, 6.1 and 6.12 cloud kernels under QEMU and Debian's arm64
+//! 6.1 under qemu-system-aarch64 with the static aarch64 binary (the host's kernel is the
+//! privileged tests' own), one row each in sensor/tests/qemu/kernels.tsv, one script
 //! (sensor/tests/qemu/init.sh) for all. On each: every probe attached or degraded with a
 //! reason, its state, `/api/v1/probes` and `sensor_probe_attached` in agreement, a memcg OOM
 //! kill counted exactly (against `memory.events`), a growth kill's verdict, connects that
@@ -285,6 +286,23 @@ fn kernel_6_12() {
         assert_eq!(r["state"], "attached", "every part with its preferred hook: {r}");
     }
     check_doctor(&out);
+}
+
+/// arm64: Debian's arm64 6.1 cloud kernel under qemu-system-aarch64 (TCG, `-M virt -cpu max`)
+/// running the static aarch64 binary the image ships (`cargo xtask dist --arch arm64`), with
+/// the same exact checks as every row (memcg kill against `memory.events`, growth verdict,
+/// connects ok / refused / timed out, host-wide kill, probe states) and doctor's reasons.
+#[test]
+fn arm64_on_debian_6_1() {
+    let Some(out) = vm::boot(&vm::kernel("6.1-arm64"), "default") else {
+        return;
+    };
+    let probes = check_pass(&out, "default", true);
+    // arm64 has BPF atomics: the compare-and-swap connect table.
+    assert_eq!(tcp_table(&probes), "slots", "{probes}");
+    let doctor = check_doctor(&out);
+    assert!(doctor.contains("kernel       6.1.0-"), "{doctor}");
+    assert!(doctor.contains("-cloud-arm64"), "the arm64 kernel ran: {doctor}");
 }
 
 /// Debian's 6.1, twice: the fentry and the kprobe path of the OOM kill context (the CI kernel

@@ -1,5 +1,6 @@
 //! The QEMU kernel matrix: fetches each kernel of sensor/tests/qemu/kernels.tsv from Debian
-//! into target/qemu/<suite>/vmlinuz, through the private apt state of its suite and architecture
+//! into target/qemu/<name>/vmlinuz (and, for a row of another architecture than the host's, that
+//! architecture's busybox-static into target/qemu/<name>/busybox), through the private apt state of its suite and architecture
 //! (`crate::apt`), so the machine's sources and lists stay untouched.
 
 use std::path::{Path, PathBuf};
@@ -22,9 +23,19 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// Whether the row's architecture is the host's (its guest runs the host's busybox).
+    pub fn native(&self) -> bool {
+        let host = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        self.arch == host
+    }
+
     /// Where the image is cached.
     pub fn dir(&self, root: &Path) -> PathBuf {
-        root.join("target/qemu").join(&self.suite)
+        root.join("target/qemu").join(&self.name)
     }
 }
 
@@ -65,7 +76,7 @@ pub fn prepare(root: &Path) {
         }
     };
     for k in kernels {
-        if k.dir(root).join("vmlinuz").exists() {
+        if k.dir(root).join("vmlinuz").exists() && (k.native() || k.dir(root).join("busybox").exists()) {
             continue;
         }
         if let Err(e) = fetch(root, &k) {
@@ -136,6 +147,12 @@ fn fetch(root: &Path, k: &Kernel) -> Result<()> {
     std::fs::copy(&vmlinuz, dir.join("vmlinuz"))?;
     std::fs::write(dir.join("package"), format!("{name}\n"))?;
     let _ = std::fs::remove_dir_all(&x);
+    if !k.native() {
+        // The host's /bin/busybox cannot run in the guest: the row's own busybox-static.
+        apt.extract("busybox-static", &x)?;
+        std::fs::copy(x.join("bin/busybox"), dir.join("busybox")).context("busybox-static without bin/busybox")?;
+        let _ = std::fs::remove_dir_all(&x);
+    }
     Ok(())
 }
 
@@ -144,14 +161,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_table_parses_and_names_each_suite_once() {
+    fn the_table_parses_and_each_row_has_a_directory_of_its_own() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
         let t = table(&root).unwrap();
         let names: Vec<&str> = t.iter().map(|k| k.name.as_str()).collect();
-        assert_eq!(names, ["5.10", "6.1", "6.12"]);
-        let mut suites: Vec<&str> = t.iter().map(|k| k.suite.as_str()).collect();
-        suites.dedup();
-        assert_eq!(suites.len(), t.len());
+        assert_eq!(names, ["5.10", "6.1", "6.12", "6.1-arm64"]);
+        let mut dirs: Vec<PathBuf> = t.iter().map(|k| k.dir(&root)).collect();
+        dirs.sort();
+        dirs.dedup();
+        assert_eq!(dirs.len(), t.len());
+        assert_eq!(t.iter().filter(|k| !k.native()).count(), 1, "one arm64 row");
         assert!(parse("5.10\tbullseye\tamd64").is_err());
     }
 

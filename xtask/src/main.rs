@@ -771,7 +771,7 @@ test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; 
 
     #[test]
     fn the_package_list_has_no_duplicates() {
-        for list in [deps::DEBIAN_PACKAGES, deps::BENCH_PACKAGES] {
+        for list in [deps::DEBIAN_PACKAGES, deps::BENCH_PACKAGES, deps::DEBIAN_NO_RECOMMENDS] {
             let mut p = list.to_vec();
             p.sort_unstable();
             p.dedup();

@@ -73,25 +73,88 @@ fn stripped(bin: &Path, dir: &Path, name: &str) -> PathBuf {
     out
 }
 
-/// The root file system: busybox, init.sh, the sensor, GNU tail, and with `with_tests` this test
-/// binary as `/qemu-tests` (its helpers run inside the VM).
-fn build_initramfs(dir: &Path, with_tests: bool) -> PathBuf {
+/// What runs in the guest: the host's own binaries (the debug sensor with its libraries, GNU
+/// tail, /bin/busybox) on an amd64 row; on an arm64 row the static aarch64 sensor `cargo xtask
+/// dist --arch arm64` writes, the row's busybox-static and its `tail` applet.
+struct Guest {
+    busybox: PathBuf,
+    /// `None`: the host's debug build (dynamic, copied with its libraries).
+    static_sensor: Option<PathBuf>,
+    qemu: &'static str,
+    machine: &'static [&'static str],
+    console: &'static str,
+}
+
+impl Guest {
+    fn of(k: &Kernel) -> Guest {
+        let dir = workspace().join("target/qemu").join(&k.name);
+        match k.arch.as_str() {
+            "amd64" => Guest {
+                busybox: PathBuf::from("/bin/busybox"),
+                static_sensor: None,
+                qemu: "qemu-system-x86_64",
+                machine: &[],
+                console: "ttyS0",
+            },
+            "arm64" => Guest {
+                busybox: dir.join("busybox"),
+                static_sensor: Some(workspace().join("target/dist/arm64/sensor")),
+                qemu: "qemu-system-aarch64",
+                machine: &["-M", "virt", "-cpu", "max"],
+                console: "ttyAMA0",
+            },
+            other => panic!("no QEMU system for arch {other}"),
+        }
+    }
+
+    /// The first piece of the set-up that is missing, if any.
+    fn missing(&self) -> Option<String> {
+        if Command::new(self.qemu).arg("--version").output().is_err() {
+            return Some(format!("{} is not installed", self.qemu));
+        }
+        if !self.busybox.exists() {
+            return Some(format!("{} (busybox-static) is absent", self.busybox.display()));
+        }
+        match &self.static_sensor {
+            Some(s) if !s.exists() => Some(format!(
+                "{} is absent (`cargo xtask dist --arch arm64 --out target/dist/arm64` builds it)",
+                s.display()
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The root file system: busybox, init.sh, the sensor, `tail`, and with `with_tests` this test
+/// binary as `/qemu-tests` (its helpers run inside the VM; amd64 rows only).
+fn build_initramfs(dir: &Path, guest: &Guest, with_tests: bool) -> PathBuf {
     let root = dir.join("root");
     let _ = std::fs::remove_dir_all(&root);
     for d in ["bin", "proc", "sys", "dev", "tmp"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    std::fs::copy(&guest.busybox, root.join("bin/busybox")).expect("busybox-static");
     let init = root.join("init");
     std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qemu/init.sh"), &init).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-    install_with_libs(&stripped(Path::new(SENSOR), dir, "sensor"), &root, "/sensor");
+    std::fs::set_permissions(root.join("bin/busybox"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    match &guest.static_sensor {
+        None => {
+            install_with_libs(&stripped(Path::new(SENSOR), dir, "sensor"), &root, "/sensor");
+            install_with_libs(Path::new("/usr/bin/tail"), &root, "/tail");
+        }
+        Some(sensor) => {
+            assert!(!with_tests, "this test binary does not run on another architecture");
+            std::fs::copy(sensor, root.join("sensor")).expect("copy the static sensor");
+            // busybox's tail: its comm is still "tail", as the checks expect.
+            std::os::unix::fs::symlink("/bin/busybox", root.join("tail")).unwrap();
+        }
+    }
     if with_tests {
         let me = std::env::current_exe().expect("test binary");
         install_with_libs(&stripped(&me, dir, "qemu-tests"), &root, "/qemu-tests");
     }
-    install_with_libs(Path::new("/usr/bin/tail"), &root, "/tail");
     let cpio = dir.join("initramfs.cpio");
     let st = Command::new("sh")
         .arg("-c")
@@ -113,11 +176,7 @@ pub fn boot(k: &Kernel, passes: &str) -> Option<String> {
 
 /// [`boot`], with this test binary in the VM when `with_tests`.
 pub fn boot_with(k: &Kernel, passes: &str, with_tests: bool) -> Option<String> {
-    let kernel = workspace().join("target/qemu").join(&k.suite).join("vmlinuz");
-    let qemu = match k.arch.as_str() {
-        "amd64" => "qemu-system-x86_64",
-        other => panic!("no QEMU system for arch {other} yet"),
-    };
+    let kernel = workspace().join("target/qemu").join(&k.name).join("vmlinuz");
     if !kernel.exists() {
         missing(&format!(
             "{} (Debian {}'s {} kernel) is absent",
@@ -127,36 +186,25 @@ pub fn boot_with(k: &Kernel, passes: &str, with_tests: bool) -> Option<String> {
         ));
         return None;
     }
-    if Command::new(qemu).arg("--version").output().is_err() {
-        missing(&format!("{qemu} is not installed"));
-        return None;
-    }
-    if !Path::new("/bin/busybox").exists() {
-        missing("busybox-static is not installed");
+    let guest = Guest::of(k);
+    if let Some(what) = guest.missing() {
+        missing(&what);
         return None;
     }
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "qemu-{}{}",
-        k.suite,
+        k.name,
         if with_tests { "-tests" } else { "" }
     ));
     std::fs::create_dir_all(&work).unwrap();
-    let initrd = build_initramfs(&work, with_tests);
+    let initrd = build_initramfs(&work, &guest, with_tests);
     let serial = work.join("serial.log");
     let started = Instant::now();
     let st = Command::new("timeout")
         // TCG: KVM inside a VM (as here) can hang at boot.
-        .args([
-            "--kill-after=10",
-            "600",
-            qemu,
-            "-accel",
-            "tcg",
-            "-m",
-            "512",
-            "-smp",
-            "2",
-        ])
+        .args(["--kill-after=10", "600", guest.qemu, "-accel", "tcg"])
+        .args(guest.machine)
+        .args(["-m", "512", "-smp", "2"])
         .args(["-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(&kernel)
@@ -164,7 +212,8 @@ pub fn boot_with(k: &Kernel, passes: &str, with_tests: bool) -> Option<String> {
         .arg(&initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet loglevel=3 sensor.passes={passes}"
+            "console={} panic=-1 quiet loglevel=3 sensor.passes={passes}",
+            guest.console
         ))
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
@@ -176,9 +225,10 @@ pub fn boot_with(k: &Kernel, passes: &str, with_tests: bool) -> Option<String> {
     let out = std::fs::read_to_string(&serial).unwrap_or_default();
     assert!(st.success(), "qemu exited with {st}; serial:\n{out}");
     eprintln!(
-        "kernel {} ({}): the VM ran {:.1} s",
+        "kernel {} ({}, {}): the VM ran {:.1} s",
         k.name,
         k.suite,
+        k.arch,
         started.elapsed().as_secs_f64(),
     );
     std::thread::sleep(Duration::from_millis(10));
