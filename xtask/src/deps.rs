@@ -91,15 +91,9 @@ pub const DIST: &[&str] = &["musl-tools", "ca-certificates"];
 /// `cargo xtask dist --arch arm64`: Debian's aarch64 cross gcc (compiles and links; musl's arm64
 /// headers come from Debian's musl-dev for arm64, fetched into target/ by apt.rs).
 pub const DIST_ARM64: &[&str] = &["gcc-aarch64-linux-gnu", "ca-certificates"];
-/// `cargo xtask image`: what `dist` needs for both architectures, and the engine that builds
-/// the image.
-pub const IMAGE: &[&str] = &[
-    "musl-tools",
-    "gcc-aarch64-linux-gnu",
-    "ca-certificates",
-    "podman",
-    "runc",
-];
+/// `cargo xtask image`: the engine that builds the image (each `dist` it runs installs its own
+/// architecture's [`DIST`] or [`DIST_ARM64`]).
+pub const IMAGE: &[&str] = &["podman", "runc"];
 /// `cargo xtask demo`: the Prometheus it runs the fleet rules in; `tail` is the OOM victim.
 pub const DEMO: &[&str] = &["prometheus", "coreutils"];
 /// `cargo xtask soak`: OOM victims (`tail`), namespaces (`unshare`), the check target's network.
