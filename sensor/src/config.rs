@@ -212,28 +212,19 @@ fn check_name(doc: &serde_yaml_ng::Value, key: &str) -> Option<String> {
 impl Config {
     /// Parses YAML text; `file` is only used in error messages.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        // An empty file, or one with only comments, is a valid config of all defaults.
-        let probe: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax {
-            file: file.to_string(),
-            reason: e.to_string(),
-        })?;
-        if probe.is_null() {
-            return Ok(Config::default());
-        }
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            if key.is_empty() || key == "." {
-                ConfigError::Syntax {
-                    file: file.to_string(),
-                    reason: inner,
-                }
-            } else {
+        let cfg: Config = crate::yaml::parse(text).map_err(|f| match f {
+            crate::yaml::Fault::Syntax(reason) => ConfigError::Syntax {
+                file: file.to_string(),
+                reason,
+            },
+            crate::yaml::Fault::Key { key, reason } => {
                 // Serde knows the index of a bad check, people know its name.
-                let reason = match check_name(&probe, &key) {
-                    Some(name) => format!("check '{name}': {inner}"),
-                    None => inner,
+                let named = serde_yaml_ng::from_str(text)
+                    .ok()
+                    .and_then(|doc| check_name(&doc, &key));
+                let reason = match named {
+                    Some(name) => format!("check '{name}': {reason}"),
+                    None => reason,
                 };
                 ConfigError::Key {
                     file: file.to_string(),

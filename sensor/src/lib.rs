@@ -36,3 +36,4 @@ pub mod transport;
 pub mod web;
 pub mod webconfig;
 pub mod workloads;
+pub mod yaml;

@@ -58,16 +58,11 @@ impl WebConfigFile {
     /// Parses the file's text and checks what needs no file system (the TLS files are read by
     /// [`Web::load`]); `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<WebConfigFile, String> {
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        let cfg: WebConfigFile = match serde_path_to_error::deserialize(de) {
-            Ok(c) => c,
-            // An empty file is a valid "no TLS, no auth".
-            Err(_) if text.trim().is_empty() => WebConfigFile::default(),
-            Err(e) => {
-                let key = e.path().to_string();
-                return Err(err(file, &key, e.into_inner()));
-            }
-        };
+        // An empty file is a valid "no TLS, no auth".
+        let cfg: WebConfigFile = crate::yaml::parse(text).map_err(|f| match f {
+            crate::yaml::Fault::Syntax(reason) => err(file, "", reason),
+            crate::yaml::Fault::Key { key, reason } => err(file, &key, reason),
+        })?;
         for (user, hash) in &cfg.basic_auth_users {
             if hash.parse::<bcrypt::HashParts>().is_err() {
                 return Err(err(
@@ -93,7 +88,11 @@ pub struct Web {
 }
 
 fn err(file: &Path, key: &str, reason: impl std::fmt::Display) -> String {
-    format!("web config {}: {key}: {reason}", file.display())
+    if key.is_empty() {
+        format!("web config {}: {reason}", file.display())
+    } else {
+        format!("web config {}: {key}: {reason}", file.display())
+    }
 }
 
 impl Web {
