@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod doctor;
 pub mod events;
 pub mod expo;
+pub mod gate;
 pub mod health;
 pub mod http;
 pub mod journal;

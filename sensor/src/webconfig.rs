@@ -7,12 +7,6 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use axum::{
-    extract::{Request, State},
-    http::{header, StatusCode},
-    middleware::Next,
-    response::{IntoResponse, Response},
-};
 use rustls::{
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
     server::WebPkiClientVerifier,
@@ -239,34 +233,6 @@ pub fn base64_encode(input: &[u8]) -> String {
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(s).ok()
-}
-
-/// The request's `Authorization` header, owned (to move into a blocking check).
-pub fn authorization(req: &Request) -> Option<String> {
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
-/// Axum middleware: 401 with a Basic challenge unless the request carries a known user.
-pub async fn require_auth(State(web): State<Arc<Web>>, req: Request, next: Next) -> Response {
-    let header = authorization(&req);
-    let w = Arc::clone(&web);
-    // bcrypt takes tens of milliseconds: off the async workers.
-    let ok = tokio::task::spawn_blocking(move || w.check(header.as_deref()))
-        .await
-        .unwrap_or(false);
-    if ok {
-        next.run(req).await
-    } else {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Basic realm=\"sensor\"")],
-            "unauthorized\n",
-        )
-            .into_response()
-    }
 }
 
 #[cfg(test)]

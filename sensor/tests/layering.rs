@@ -31,6 +31,9 @@ const GENERIC: &[&str] = &[
     "kernel_log",
     "workloads",
     "journal",
+    "gate",
+    "webconfig",
+    "yaml",
 ];
 
 fn src() -> PathBuf {

@@ -339,7 +339,7 @@ pub fn router(runner: Arc<Runner>, gate: Option<Arc<auth::Gate>>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(runner);
     match gate {
-        Some(g) => r.layer(axum::middleware::from_fn_with_state(g, auth::require)),
+        Some(g) => r.layer(axum::middleware::from_fn_with_state(g, crate::gate::require)),
         None => r,
     }
 }
@@ -414,7 +414,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let tls = web.as_ref().and_then(|w| w.tls.clone());
     posture.log(local, tls.is_some());
     let unauthorized = runner.metrics.webhooks.with_label_values(&["unauthorized"]);
-    let app = router(runner, auth::Gate::new(web, bearer, unauthorized));
+    let app = router(
+        runner,
+        auth::Gate::new(web, bearer, Some(unauthorized), "sensor remediate"),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(crate::http::serve(listener, app, tls, limits, http_metrics, stop_rx));
     tracing::info!(listen = %local, dry_run, rules, "remediation runner listening");
