@@ -155,23 +155,7 @@ pub fn command_text(cmd: &mut Command) -> String {
         .unwrap_or_default()
 }
 
-/// Sum of the samples of `name` whose label set contains every one of `labels` (`k="v"`).
-pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|kv| l.contains(kv)))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
-}
-
-/// Samples (series) in a text exposition.
-pub fn series_count(text: &str) -> usize {
-    text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count()
-}
+pub use crate::kit::promtext::{series_count, sum as metric_sum};
 
 // ---------------------------------------------------------------------------------------------
 // Processes

@@ -29,6 +29,9 @@ mod kernels;
 /// The test kit's shared part: the kernel lock and host facts, one copy for tests and xtask.
 #[path = "../../sensor/tests/common/kit/mod.rs"]
 mod kit;
+#[cfg(test)]
+#[path = "../../sensor/tests/common/kit/tests.rs"]
+mod kit_tests;
 mod net;
 mod soak;
 

@@ -222,21 +222,7 @@ fn slope(points: &[(f64, f64)]) -> f64 {
     }
 }
 
-/// Sum of a metric over the series whose labels include all of `labels`.
-fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
-            if n != name {
-                return None;
-            }
-            let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            all.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
+use crate::kit::promtext::sum as metric_sum;
 
 /// What the load generator reported: connects that succeeded, were refused, failed otherwise.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -892,17 +878,6 @@ mod tests {
         assert!((s - 2.0).abs() < 1e-12, "{s}");
         let flat = slope(&[(0.0, 10.0), (1.0, 11.0), (2.0, 10.0), (3.0, 11.0), (4.0, 10.0)]);
         assert!(flat.abs() < 0.11, "{flat}");
-    }
-
-    #[test]
-    fn metric_sums_over_matching_series() {
-        let text = "# HELP x\nsensor_oom_kills_total{cgroup=\"/a\",reason=\"limit\"} 2\n\
-                    sensor_oom_kills_total{cgroup=\"/a\",reason=\"other\"} 1\n\
-                    sensor_oom_kills_total{cgroup=\"/b\",reason=\"limit\"} 5\n\
-                    sensor_oom_kills_total_x{cgroup=\"/a\"} 7\nplain 3\n";
-        assert_eq!(metric_sum(text, "sensor_oom_kills_total", &[("cgroup", "/a")]), 3.0);
-        assert_eq!(metric_sum(text, "sensor_oom_kills_total", &[]), 8.0);
-        assert_eq!(metric_sum(text, "plain", &[]), 3.0);
     }
 
     #[test]

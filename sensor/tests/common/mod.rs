@@ -102,57 +102,12 @@ pub fn get_on(mut s: impl Read + Write, host: &str, path: &str) -> std::io::Resu
 
 /// Value of the series `name{labels}` (labels in any order, all must match exactly).
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ')?;
-        let (n, lbl) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let got: Vec<(String, String)> = lbl
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .filter_map(|p| p.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-            .collect();
-        if got.len() == labels.len()
-            && labels
-                .iter()
-                .all(|(k, v)| got.iter().any(|(gk, gv)| gk == k && gv == v))
-        {
-            return value.parse().ok();
-        }
-    }
-    None
+    kit::promtext::value(text, name, labels)
 }
 
 /// Sum over the series of `name` that carry at least `labels`.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, lbl) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let ok = labels
-            .iter()
-            .all(|(k, v)| lbl.split(',').any(|p| p == format!("{k}=\"{v}\"")));
-        if ok {
-            sum += value.parse::<f64>().unwrap_or(0.0);
-        }
-    }
-    sum
+    kit::promtext::sum(text, name, labels)
 }
 
 /// A running `sensor run`, stopped with SIGTERM on `stop()` (or killed on drop).
