@@ -45,6 +45,7 @@ use crate::{
     metrics::{counter_metric, family, Shared},
     probe::{HookKind, KernelContext, LoadPlan, Probe, ProbeSpec, RecordKind, Running, StartContext, StartError},
 };
+use sensor_common::names::{globals, maps};
 
 /// Tracepoint offsets from tracefs; a missing required field leaves the layout invalid (the
 /// program then does nothing and the attach still reports the tracepoint).
@@ -917,18 +918,18 @@ impl Probe for TcpProbe {
             direct = kfunc.is_some(),
             "TCP socket fields: direct loads through bpf_rdonly_cast, else bpf_probe_read_kernel"
         );
-        plan.global("TCP_TP_LAYOUT", &tp);
-        plan.global("SOCK_LAYOUT", &sock);
+        plan.global(globals::TCP_TP_LAYOUT, &tp);
+        plan.global(globals::SOCK_LAYOUT, &sock);
         // One connect table runs (see `hooks`): the other is created at its smallest.
         let (slots_array, slots_hash) = if kctx.features.atomics() {
             (slots, UNUSED_TABLE)
         } else {
             (1, slots)
         };
-        plan.map_size("TCP_CONNS", slots_array);
-        plan.map_size("TCP_CONNS_NX", slots_hash);
-        plan.map_size("TCP_COUNTS", self.cfg.max_series);
-        plan.map_size("TCP_HISTS", self.cfg.max_series);
+        plan.map_size(maps::TCP_CONNS, slots_array);
+        plan.map_size(maps::TCP_CONNS_NX, slots_hash);
+        plan.map_size(maps::TCP_COUNTS, self.cfg.max_series);
+        plan.map_size(maps::TCP_HISTS, self.cfg.max_series);
         let id = kfunc.map(|k| k.0);
         plan.patch(Box::new(move |object: &mut Vec<u8>| {
             *object = kfunc::patch_rdonly_cast(object, id);
@@ -939,15 +940,15 @@ impl Probe for TcpProbe {
         if !ctx.report.state.running() {
             return Ok(Arc::new(crate::probe::Idle));
         }
-        let mut with_port: LpmTrie<MapData, DestPortKey, u16> = ctx.take_map("TCP_DEST_PORT")?;
-        let mut any_port: LpmTrie<MapData, DestAnyKey, u16> = ctx.take_map("TCP_DEST_ANY")?;
+        let mut with_port: LpmTrie<MapData, DestPortKey, u16> = ctx.take_map(maps::TCP_DEST_PORT)?;
+        let mut any_port: LpmTrie<MapData, DestAnyKey, u16> = ctx.take_map(maps::TCP_DEST_ANY)?;
         load_destinations(&self.cfg.destinations, &mut with_port, &mut any_port)
             .map_err(|e| StartError::Other(format!("probes.tcp.destinations: {e}")))?;
         let maps = TcpMaps {
-            counts: ctx.take_map("TCP_COUNTS")?,
-            host_counts: ctx.take_map("TCP_HOST_COUNTS")?,
-            recovered: ctx.take_map("TCP_RECOVERED")?,
-            hists: ctx.take_map("TCP_HISTS")?,
+            counts: ctx.take_map(maps::TCP_COUNTS)?,
+            host_counts: ctx.take_map(maps::TCP_HOST_COUNTS)?,
+            recovered: ctx.take_map(maps::TCP_RECOVERED)?,
+            hists: ctx.take_map(maps::TCP_HISTS)?,
         };
         // The loaded program references both tries, so they outlive these handles.
         let slice = TcpSlice::new(
