@@ -31,6 +31,7 @@ pub mod progstats;
 pub mod remediate;
 pub mod run;
 pub mod serde_duration;
+pub mod sync;
 pub mod tcp;
 pub mod top;
 pub mod transport;

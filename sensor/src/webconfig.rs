@@ -14,6 +14,8 @@ use rustls::{
 };
 use serde::Deserialize;
 
+use crate::sync::Lock as _;
+
 /// The subset of exporter-toolkit's web configuration the sensor implements; any other key is
 /// an error naming it rather than a setting silently ignored.
 #[derive(Debug, Default, Deserialize)]
@@ -127,17 +129,16 @@ impl Web {
             return false;
         };
         let key = (user, pass);
-        if self.verified.lock().map(|v| v.contains(&key)).unwrap_or(false) {
+        if self.verified.locked().contains(&key) {
             return true;
         }
         let ok = bcrypt::verify(&key.1, hash).unwrap_or(false);
         if ok {
-            if let Ok(mut v) = self.verified.lock() {
-                if v.len() >= 64 {
-                    v.clear();
-                }
-                v.insert(key);
+            let mut v = self.verified.locked();
+            if v.len() >= 64 {
+                v.clear();
             }
+            v.insert(key);
         }
         ok
     }

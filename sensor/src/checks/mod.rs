@@ -37,6 +37,8 @@ use self::{
     vantage::VantageView,
 };
 
+use crate::sync::Lock as _;
+
 pub fn now_unix() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -160,7 +162,7 @@ impl CheckRuntime {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     pub fn windows(&self, now: f64) -> WindowSnapshot {
@@ -365,7 +367,7 @@ impl Engine {
             AlertState::Resolved => tracing::info!(check = %a.check, availability = a.availability, "{}", a.message),
         }
         {
-            let mut q = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = self.alerts.locked();
             if q.len() >= self.alerting.history.max(1) {
                 q.pop_front();
             }
@@ -525,13 +527,7 @@ impl Engine {
                 }
             })
             .collect();
-        let alerts = self
-            .alerts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(to_json)
-            .collect();
+        let alerts = self.alerts.locked().iter().map(to_json).collect();
         ChecksReport {
             generated_at: now,
             vantage: self.vantage.clone(),

@@ -38,6 +38,8 @@ use self::{
     guard::{Guard, Verdict},
 };
 
+use crate::sync::Lock as _;
+
 /// One decision about one action of one alert, as `/api/v1/remediations` lists it.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditEntry {
@@ -171,7 +173,7 @@ impl Runner {
             reason = %reason,
             "remediation decision"
         );
-        let mut a = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut a = self.audit.locked();
         a.0 += 1;
         let entry = AuditEntry {
             id: a.0,
@@ -194,7 +196,7 @@ impl Runner {
     }
 
     pub fn audit(&self) -> Vec<AuditEntry> {
-        let a = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        let a = self.audit.locked();
         a.1.iter().cloned().collect()
     }
 
@@ -207,7 +209,7 @@ impl Runner {
             // Only configured alert names become label values (bounded cardinality).
             let label = rule.as_ref().map_or("other".to_string(), |r| r.alert.clone());
             let verdict = {
-                let mut g = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+                let mut g = self.guard.locked();
                 g.decide(Instant::now(), &alert, rule.as_ref())
             };
             let status = alert.status.label();

@@ -37,6 +37,7 @@ use self::{
     coalesce::{Admit, Coalescer, FailureKey},
     config::{Destination, TcpConfig},
 };
+use crate::sync::Lock as _;
 use crate::{
     agg::{DefaultPer, HistFamily, HistLayout, HistogramConfig, HistogramMapCollector},
     cgroup::{Discovery, Janitor, WorkloadLabels, WORKLOAD_LABELS},
@@ -347,7 +348,7 @@ impl CountCollector {
             .filter_map(Result::ok)
             .filter(|k| ids.contains(&k.cgroup_id))
             .collect();
-        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut retired = self.retired.locked();
         let mut n = 0;
         for k in keys {
             let Ok(v) = m.get(&k, 0) else { continue };
@@ -414,7 +415,7 @@ impl CountCollector {
 
     /// Counts of retired keys by destination group, kind and the workload labels they had.
     fn retired_counts(&self) -> Vec<((u16, u16, WorkloadLabels), u64)> {
-        let r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.retired.locked();
         r.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
@@ -731,10 +732,7 @@ impl TcpSlice {
                 dest: r.dest,
                 result: r.result,
             };
-            let admit = c
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .admit(key, r.header.ktime_ns, *r);
+            let admit = c.locked().admit(key, r.header.ktime_ns, *r);
             match admit {
                 Admit::Publish => {}
                 Admit::Interval => return self.coalesced[0].inc(),
@@ -749,7 +747,7 @@ impl TcpSlice {
         let Some(c) = &self.coalescer else {
             return;
         };
-        let due = c.lock().unwrap_or_else(|p| p.into_inner()).flush();
+        let due = c.locked().flush();
         for (_, p) in &due.keyed {
             self.publish_failure(self.failure(&p.last).summing(p, self.interval, false));
         }
