@@ -27,10 +27,10 @@ use axum::{
 };
 use tokio::sync::{broadcast::error::RecvError, watch};
 
-use crate::sync::{Lock as _, ReadWrite as _};
 use crate::{
     events::{EventHub, Sequenced},
     http::AppState,
+    sync::{Lock as _, ReadWrite as _},
 };
 
 pub use summary::Summary;
