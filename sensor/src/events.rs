@@ -11,8 +11,10 @@ use std::{
 use serde::{ser::SerializeMap, Serialize, Serializer};
 use tokio::sync::broadcast;
 
-use crate::journal::{Journal, State};
-use crate::sync::Lock as _;
+use crate::{
+    journal::{Journal, State},
+    sync::Lock as _,
+};
 
 /// One event: `{"type": kind, ...fields}` in JSON.
 #[derive(Debug, Clone, PartialEq)]

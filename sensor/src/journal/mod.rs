@@ -32,8 +32,9 @@ use serde::{Deserialize, Serialize};
 
 use format::{Entry as Decoded, Tail};
 
-use crate::sync::Lock as _;
 pub use format::{Mark, State};
+
+use crate::sync::Lock as _;
 
 /// When appended records are forced to disk (`journal.fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
