@@ -6,6 +6,10 @@ pub mod down;
 
 pub mod history;
 
+pub mod limit;
+
+mod pending;
+
 pub mod scope;
 
 pub mod verdict;
@@ -250,6 +254,10 @@ pub struct OomKill {
     /// Read from cgroupfs right after the kill: best effort, absent if the cgroup is gone.
     pub memory_limit_bytes: Option<u64>,
     pub memory_usage_bytes: Option<u64>,
+    /// The cgroup whose limit the kill hit (`null` for the host, or when it cannot be told) and
+    /// whose it is: `self`, `ancestor` or `host` (see `limit`).
+    pub limit_cgroup: Option<String>,
+    pub limit_scope: Option<limit::LimitScope>,
     pub trigger_pid: u32,
     pub trigger_tgid: u32,
     pub trigger_comm: String,
@@ -343,6 +351,8 @@ impl OomKill {
             names: Default::default(),
             memory_limit_bytes: limit,
             memory_usage_bytes: usage,
+            limit_cgroup: None,
+            limit_scope: None,
             trigger_pid: r.trigger_pid,
             trigger_tgid: r.trigger_tgid,
             trigger_comm: comm(&r.trigger_comm),
@@ -433,6 +443,10 @@ pub struct OomSlice {
     boot_id: String,
     /// The kernel counters last saved in the journal (kills while down, see `down`).
     saved: Mutex<down::Expected>,
+    /// Limit counters of every memory cgroup as last seen (which limit a kill hit).
+    limits: Mutex<limit::Baselines>,
+    /// Kills being handled off the reader, waited for at shutdown.
+    pending: pending::Pending,
 }
 
 impl OomSlice {
@@ -497,6 +511,7 @@ impl OomSlice {
         };
         let boot_id = down::boot_id();
         let saved = down::on_start(&hub, &cross, &boot_id);
+        let limits = limit::Baselines::snapshot(&cgroups, limit::KEPT);
         Ok(OomSlice {
             kills,
             victim_rss,
@@ -517,6 +532,8 @@ impl OomSlice {
             me: std::sync::OnceLock::new(),
             boot_id,
             saved: Mutex::new(saved),
+            limits: Mutex::new(limits),
+            pending: pending::Pending::default(),
         })
     }
 
@@ -527,7 +544,22 @@ impl OomSlice {
         down::checkpoint(&self.hub, &c, &self.boot_id, &mut saved);
     }
 
+    /// Handles a kill on a blocking thread (it reads cgroup files: the victim's path by id,
+    /// the limit that fired, the lead-up), never on the ring reader.
     pub fn handle_kill(&self, rec: &OomKillRecord) {
+        if let (Some(me), Ok(rt)) = (
+            self.me.get().and_then(std::sync::Weak::upgrade),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            let rec = *rec;
+            let held = self.pending.hold();
+            rt.spawn_blocking(move || me.process_kill(&rec, held));
+            return;
+        }
+        self.process_kill(rec, self.pending.hold());
+    }
+
+    fn process_kill(&self, rec: &OomKillRecord, held: pending::Held) {
         let frames = (rec.stack_bytes as usize / 8).min(rec.stack.len());
         let stack = if rec.present & field::STACK != 0 {
             &rec.stack[..frames]
@@ -545,8 +577,18 @@ impl OomSlice {
         }
         let mut kill = OomKill::from_record(rec, self.scopes.as_ref(), Some(&self.cgroups));
         let cg = kill.cgroup.clone().unwrap_or_else(|| UNKNOWN_CGROUP.to_string());
+        let binding = limit::find_binding(
+            &self.cgroups,
+            &self.limits,
+            kill.cgroup.as_deref(),
+            kill.oom_memcg_id,
+            kill.scope == Scope::Global || kill.constraint.is_some_and(|c| c != "memcg"),
+            kill.scope == Scope::Memcg,
+        );
+        kill.limit_cgroup = binding.as_ref().and_then(|b| b.cgroup.clone());
+        kill.limit_scope = binding.as_ref().map(|b| b.scope);
         if self.history_cfg.enabled {
-            let l = self.lead_up(&kill, &cg);
+            let l = self.lead_up(&kill, &cg, binding.as_ref());
             kill.reason = l.reason;
             kill.lead_up = Some(l);
         }
@@ -570,11 +612,13 @@ impl OomSlice {
             rt.spawn(async move {
                 let names = r.resolve(&base[1], NAME_WAIT).await;
                 me.count_kill(kill, cg, base, &names);
+                drop(held);
             });
             return;
         }
         let names = self.disc.names(&base[1]);
         self.count_kill(kill, cg, base, &names);
+        drop(held);
     }
 
     /// Counts, logs and publishes a kill with its workload's names.
@@ -630,6 +674,8 @@ impl OomSlice {
             oom_score_adj = %opt(&kill.oom_score_adj),
             memory_limit_bytes = %opt(&kill.memory_limit_bytes),
             memory_usage_bytes = %opt(&kill.memory_usage_bytes),
+            limit_cgroup = %opt(&kill.limit_cgroup),
+            limit_scope = kill.limit_scope.map_or("-", limit::LimitScope::label),
             trigger_pid = kill.trigger_pid,
             trigger_comm = %kill.trigger_comm,
             constraint = %opt(&kill.constraint),
@@ -644,7 +690,7 @@ impl OomSlice {
 
     /// The kill's lead-up from the bounded history plus one fresh read of the victim cgroup's
     /// counters (a handful of small files; the kill path walks nothing).
-    fn lead_up(&self, kill: &OomKill, cg: &str) -> verdict::LeadUp {
+    fn lead_up(&self, kill: &OomKill, cg: &str, binding: Option<&limit::Binding>) -> verdict::LeadUp {
         let (samples, earlier) = match self.history.lock() {
             Ok(mut h) => (h.before(cg, kill.time), h.note_kill(cg, kill.time)),
             Err(_) => (Vec::new(), Vec::new()),
@@ -667,11 +713,12 @@ impl OomSlice {
             interval: self.history_cfg.interval.as_secs_f64(),
             samples: &samples,
             after,
-            limit: kill.memory_limit_bytes,
+            limit: binding.and_then(|b| b.limit_bytes).or(kill.memory_limit_bytes),
             victim_rss: kill.rss_bytes(),
             earlier_kills: &earlier,
             host_available,
             host_top: &host_top,
+            binding,
         })
     }
 
@@ -882,6 +929,13 @@ impl Probe for OomProbe {
 }
 
 impl Running for OomSlice {
+    /// Kills still being handled are published before the journal closes.
+    fn finish(&self) {
+        if !self.pending.wait(Duration::from_secs(5)) {
+            tracing::warn!("OOM kills still being handled at shutdown were not all published");
+        }
+    }
+
     fn handle(&self, _kind: u16, bytes: &[u8]) {
         match crate::decode::read::<OomKillRecord>(bytes) {
             Some(r) => self.handle_kill(&r),

@@ -5,18 +5,22 @@
 //! 1. `host`: the kill's scope is global (the host ran out, not the cgroup's limit).
 //! 2. `repeat`: the workload was killed at least [`REPEAT_EARLIER`] times before in the last hour.
 //! 3. `spike`: the last sample before the kill, at most [`SPIKE_MAX_GAP_INTERVALS`] intervals
-//!    old, was at least [`SPIKE_MIN_RISE`] of the limit below it.
+//!    old, was at least [`SPIKE_MIN_RISE`] of the limit below it; or the whole ramp (at least
+//!    [`RAMP_MIN_RISE`] of the limit) came after it: a ramp within one sample gap.
 //! 4. `limit`: usage was within [`NEAR_LIMIT`] of the limit for at least [`LIMIT_MIN_SAMPLES`]
 //!    sampling intervals (60 s at the default 2 s) and the limit was hit (or memory stalled).
-//! 5. `growth`: usage rose steadily (a non-decreasing run of at least [`GROWTH_MIN_SAMPLES`]
-//!    samples over [`GROWTH_MIN_SECS`]) by at least [`GROWTH_MIN_RISE`] of the limit; the rate is
-//!    the least-squares slope over that run.
-//! 6. `unknown`: none of these, or no history.
+//! 5. `growth`: the ramp before the kill (from the end of the flat stretch before it, through
+//!    at least one rising sample, to the kill) rose by at least [`RAMP_MIN_RISE`] of the limit,
+//!    however short: the rate is the least-squares slope over its rising samples (from the
+//!    ramp's base to the kill with one).
+//! 6. `unknown`: no history, or a flat one (the ramp rose less than [`RAMP_MIN_RISE`] of the
+//!    limit), or a last sample too old to tell a spike.
 
 use serde::Serialize;
 
 use super::{
     history::{MemUser, Sample},
+    limit::{Binding, LimitScope},
     Scope,
 };
 
@@ -30,10 +34,9 @@ pub const SPIKE_MAX_GAP_INTERVALS: f64 = 3.0;
 pub const NEAR_LIMIT: f64 = 0.05;
 /// How long (in sampling intervals) a workload must have been at its limit for `limit`.
 pub const LIMIT_MIN_SAMPLES: f64 = 30.0;
-pub const GROWTH_MIN_SAMPLES: usize = 4;
-pub const GROWTH_MIN_SECS: f64 = 10.0;
-/// A growth's rise over its run, as a fraction of the limit.
-pub const GROWTH_MIN_RISE: f64 = 0.25;
+/// The rise of the ramp before a kill, as a fraction of the limit, that makes it a shape (growth,
+/// or a spike when it all came within one sample gap); below it the history is flat.
+pub const RAMP_MIN_RISE: f64 = 0.25;
 
 /// The verdict's class: the bounded `reason` label of `sensor_oom_kills_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -86,6 +89,8 @@ pub struct Input<'a> {
     pub host_available: Option<u64>,
     /// The host's largest memory users, as last sampled (global kills only).
     pub host_top: &'a [MemUser],
+    /// The limit the kill hit, where found (`limit` is then its size).
+    pub binding: Option<&'a Binding>,
 }
 
 /// The lead-up attached to a kill event. Absent values are `null`.
@@ -100,7 +105,10 @@ pub struct LeadUp {
     /// Least-squares slope over the growth run before the kill, and the run's length.
     pub growth_bytes_per_minute: Option<f64>,
     pub growth_seconds: Option<f64>,
+    /// Rising samples of the ramp before the kill (0: flat until the last sample).
     pub growth_samples: usize,
+    /// Rise from the ramp's base (the end of the flat stretch before it) to the kill.
+    pub ramp_rise_bytes: Option<u64>,
     /// How long usage had been within 5% of the limit before the kill.
     pub near_limit_seconds: Option<f64>,
     pub limit_hits_1m: Option<u64>,
@@ -159,25 +167,31 @@ pub fn slope(samples: &[Sample]) -> Option<f64> {
     (den > 0.0).then(|| num / den)
 }
 
-/// The trailing run of samples over which usage grew: non-decreasing (dips up to `tol`), without
-/// the flat stretch before the growth started (the first sample of the run is the first one
-/// clearly above it, so a start-up jump does not bend the fit).
-pub fn growth_run(samples: &[Sample], tol: u64) -> &[Sample] {
-    let Some(last) = samples.len().checked_sub(1) else {
-        return samples;
-    };
+/// The base of the ramp before the kill: the last sample of the flat stretch at the start of the
+/// trailing non-decreasing run (dips up to `tol`). The samples after it are the ramp's rising
+/// ones; none when usage was flat until the last sample.
+pub fn ramp_base(samples: &[Sample], tol: u64) -> Option<usize> {
+    let last = samples.len().checked_sub(1)?;
     let mut start = last;
     while start > 0 && samples[start - 1].usage <= samples[start].usage.saturating_add(tol) {
         start -= 1;
     }
-    let base = samples[start].usage;
-    while start < last && samples[start + 1].usage <= base.saturating_add(tol) {
+    let floor = samples[start].usage;
+    while start < last && samples[start + 1].usage <= floor.saturating_add(tol) {
         start += 1;
     }
-    if start < last && samples[start].usage <= base.saturating_add(tol) {
-        start += 1;
+    Some(start)
+}
+
+/// The trailing run of samples over which usage grew: non-decreasing (dips up to `tol`), without
+/// the flat stretch before the growth started (the first sample of the run is the first one
+/// clearly above it, so a start-up jump does not bend the fit); the last sample when flat.
+pub fn growth_run(samples: &[Sample], tol: u64) -> &[Sample] {
+    match ramp_base(samples, tol) {
+        Some(b) if b + 1 < samples.len() => &samples[b + 1..],
+        Some(b) => &samples[b..],
+        None => samples,
     }
-    &samples[start..]
 }
 
 /// The newest sample at least `secs` older than `t` (else the oldest): the base of a delta.
@@ -193,8 +207,15 @@ fn counter_delta(now: Option<u64>, base: Option<u64>) -> Option<u64> {
 pub fn lead_up(i: &Input<'_>) -> LeadUp {
     let last = i.samples.last();
     let limit = i.limit.or(last.map(|s| s.limit).filter(|l| *l > 0));
-    let usage_at_kill = match (i.scope, limit) {
-        (Scope::Memcg, Some(l)) => Some(l),
+    // The charge failed at the limit when it is the cgroup's own; under an ancestor's, the
+    // cgroup held at least its last sample and the victim.
+    let own = i
+        .binding
+        .map_or(i.scope == Scope::Memcg, |b| b.scope == LimitScope::Own);
+    let ancestor = i.binding.is_some_and(|b| b.scope == LimitScope::Ancestor);
+    let usage_at_kill = match (own, limit) {
+        (true, Some(l)) => Some(l),
+        _ if ancestor => last.map(|s| s.usage).max(i.victim_rss),
         _ => last.map(|s| s.usage),
     };
     // Counters right after the kill, else the last sample's.
@@ -216,12 +237,19 @@ pub fn lead_up(i: &Input<'_>) -> LeadUp {
         (dt > 0.0).then(|| (d as f64 / 1e6 / dt).min(1.0))
     };
     let tol = limit.map_or(1 << 20, |l| (l / 50).max(1 << 20));
-    let run = growth_run(i.samples, tol);
-    let growth_secs = match (run.first(), run.last()) {
-        (Some(a), Some(b)) if run.len() >= 2 => Some(b.at - a.at),
+    let b = ramp_base(i.samples, tol);
+    let base = b.map(|b| &i.samples[b]);
+    let rising = b.map_or(&i.samples[..0], |b| &i.samples[b + 1..]);
+    let ramp_rise = match (base, usage_at_kill) {
+        (Some(b), Some(u)) => Some(u.saturating_sub(b.usage)),
         _ => None,
     };
-    let growth = slope(run).map(|s| s * 60.0);
+    // Over its rising samples; with one, from the base to the kill.
+    let (growth, growth_secs) = match (rising, base, ramp_rise) {
+        ([a, .., b], _, _) => (slope(rising).map(|s| s * 60.0), Some(b.at - a.at)),
+        ([_], Some(b), Some(r)) if i.time > b.at => (Some(r as f64 / (i.time - b.at) * 60.0), Some(i.time - b.at)),
+        _ => (None, None),
+    };
     let near_limit = limit.map(|l| {
         let floor = l as f64 * (1.0 - NEAR_LIMIT);
         let since = i
@@ -245,7 +273,8 @@ pub fn lead_up(i: &Input<'_>) -> LeadUp {
         limit_bytes: limit,
         growth_bytes_per_minute: growth,
         growth_seconds: growth_secs,
-        growth_samples: run.len(),
+        growth_samples: rising.len(),
+        ramp_rise_bytes: ramp_rise,
         near_limit_seconds: near_limit,
         limit_hits_1m: delta(60.0, |s| s.limit_hits),
         limit_hits_10m: delta(600.0, |s| s.limit_hits),
@@ -271,18 +300,23 @@ pub fn lead_up(i: &Input<'_>) -> LeadUp {
             Vec::new()
         },
     };
-    let (reason, verdict) = decide(&l, i.scope, i.interval);
+    let (reason, verdict) = decide(&l, i.scope, i.interval, i.binding);
     l.reason = reason;
     l.verdict = verdict;
     l
 }
 
 /// The rules (see the module doc), first match wins.
-pub fn decide(l: &LeadUp, scope: Scope, interval: f64) -> (Reason, String) {
-    let limit_text = l
-        .limit_bytes
-        .map_or_else(|| "its".to_string(), |b| format!("the {}", bytes(b)));
-    if scope == Scope::Global {
+pub fn decide(l: &LeadUp, scope: Scope, interval: f64, binding: Option<&Binding>) -> (Reason, String) {
+    // `the 64 MiB limit`, or whose it was: `its own 64 MiB limit`, `the pod's 512 MiB limit, the
+    // container has none`.
+    let limit_text = match binding {
+        Some(b) if b.scope != LimitScope::Host => b.phrase(),
+        _ => l
+            .limit_bytes
+            .map_or_else(|| "its limit".to_string(), |b| format!("the {} limit", bytes(b))),
+    };
+    if scope == Scope::Global || binding.is_some_and(|b| b.scope == LimitScope::Host) {
         let avail = l
             .host_available_bytes
             .map_or_else(String::new, |a| format!(": the node had {} available", bytes(a)));
@@ -305,11 +339,12 @@ pub fn decide(l: &LeadUp, scope: Scope, interval: f64) -> (Reason, String) {
         );
     }
     if let (Some(limit), Some(rise), Some(secs)) = (l.limit_bytes, l.last_rise_bytes, l.last_rise_seconds) {
-        if secs <= SPIKE_MAX_GAP_INTERVALS * interval && rise as f64 >= SPIKE_MIN_RISE * limit as f64 {
+        let whole_ramp = l.growth_samples == 0 && rise as f64 >= RAMP_MIN_RISE * limit as f64;
+        if secs <= SPIKE_MAX_GAP_INTERVALS * interval && (rise as f64 >= SPIKE_MIN_RISE * limit as f64 || whole_ramp) {
             return (
                 Reason::Spike,
                 format!(
-                    "sudden spike: {} in {} to {limit_text} limit",
+                    "sudden spike: {} in {} to {limit_text}",
                     bytes(rise),
                     span(secs.max(1.0))
                 ),
@@ -331,19 +366,23 @@ pub fn decide(l: &LeadUp, scope: Scope, interval: f64) -> (Reason, String) {
             return (
                 Reason::Limit,
                 format!(
-                    "at {limit_text} limit for {} with {hits} limit hits{stalls} (limit too small)",
+                    "at {limit_text} for {} with {hits} limit hits{stalls} (limit too small)",
                     span(near)
                 ),
             );
         }
     }
-    if let (Some(rate), Some(secs), Some(limit)) = (l.growth_bytes_per_minute, l.growth_seconds, l.limit_bytes) {
-        let rise = rate / 60.0 * secs;
-        if l.growth_samples >= GROWTH_MIN_SAMPLES && secs >= GROWTH_MIN_SECS && rise >= GROWTH_MIN_RISE * limit as f64 {
+    if let (Some(rate), Some(secs), Some(limit), Some(rise)) = (
+        l.growth_bytes_per_minute,
+        l.growth_seconds,
+        l.limit_bytes,
+        l.ramp_rise_bytes,
+    ) {
+        if l.growth_samples >= 1 && rise as f64 >= RAMP_MIN_RISE * limit as f64 {
             return (
                 Reason::Growth,
                 format!(
-                    "steady growth of {}/min for {} until {limit_text} limit (leak-like)",
+                    "steady growth of {}/min for {} until {limit_text} (leak-like)",
                     bytes(rate.max(0.0) as u64),
                     span(secs)
                 ),
@@ -352,273 +391,12 @@ pub fn decide(l: &LeadUp, scope: Scope, interval: f64) -> (Reason, String) {
     }
     let text = match (l.samples, l.usage_at_kill_bytes) {
         (0, _) => "no memory history for this workload".to_string(),
-        (_, Some(u)) => format!("no clear lead-up: {} of {limit_text} limit", bytes(u)),
+        (_, Some(u)) => format!("no clear lead-up: {} of {limit_text}", bytes(u)),
         (_, None) => "no clear lead-up".to_string(),
     };
     (Reason::Unknown, text)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MIB: u64 = 1 << 20;
-    const LIMIT: u64 = 64 * MIB;
-
-    fn s(at: f64, usage: u64) -> Sample {
-        Sample {
-            at,
-            usage,
-            limit: LIMIT,
-            ..Sample::default()
-        }
-    }
-
-    fn input<'a>(samples: &'a [Sample], time: f64, earlier: &'a [f64]) -> Input<'a> {
-        Input {
-            time,
-            scope: Scope::Memcg,
-            interval: 2.0,
-            samples,
-            after: None,
-            limit: Some(LIMIT),
-            victim_rss: Some(LIMIT / 2),
-            earlier_kills: earlier,
-            host_available: Some(100 * MIB),
-            host_top: &[],
-        }
-    }
-
-    /// Idle at `base` until `t0`, then growing `rate` bytes/s, sampled every 2 s until `end`.
-    fn growing(base: u64, t0: f64, rate: f64, end: f64) -> Vec<Sample> {
-        let mut v = Vec::new();
-        let mut t = 0.0;
-        while t <= end {
-            let u = if t < t0 {
-                base
-            } else {
-                base + 10 * MIB + ((t - t0) * rate) as u64
-            };
-            v.push(s(t, u.min(LIMIT)));
-            t += 2.0;
-        }
-        v
-    }
-
-    #[test]
-    fn growth_rate_is_the_fit_over_the_run_only() {
-        // Idle, a 10 MiB start-up jump, then 1 MiB/s: the jump and the idle part are left out.
-        let v = growing(MIB, 20.0, MIB as f64, 60.0);
-        let l = lead_up(&input(&v, 61.0, &[]));
-        assert_eq!(l.reason, Reason::Growth, "{l:?}");
-        let rate = l.growth_bytes_per_minute.unwrap();
-        assert!((rate - 60.0 * MIB as f64).abs() < 0.01 * 60.0 * MIB as f64, "{rate}");
-        assert_eq!(l.growth_seconds, Some(40.0));
-        assert!(
-            l.verdict
-                .starts_with("steady growth of 60 MiB/min for 40 s until the 64 MiB limit"),
-            "{}",
-            l.verdict
-        );
-        assert_eq!(l.victim_share, Some(0.5));
-        assert_eq!(l.usage_at_kill_bytes, Some(LIMIT));
-    }
-
-    /// Growth at `rate` from `t0`, ending 1 MiB below the limit at `end` (so never a spike).
-    fn growing_to_limit(t0: f64, rate: f64, end: f64) -> Vec<Sample> {
-        let base = LIMIT - MIB - 10 * MIB - ((end - t0) * rate) as u64;
-        growing(base, t0, rate, end)
-    }
-
-    #[test]
-    fn growth_boundaries() {
-        // Too short a run: 3 samples over 4 s.
-        let v = growing_to_limit(52.0, 2.0 * MIB as f64, 56.0);
-        let l = lead_up(&input(&v, 57.0, &[]));
-        assert_eq!((l.growth_samples, l.growth_seconds), (3, Some(4.0)));
-        assert_eq!(l.reason, Reason::Unknown, "{l:?}");
-        // Long enough but rising less than a quarter of the limit.
-        let v = growing_to_limit(10.0, 0.2 * MIB as f64, 60.0);
-        let l = lead_up(&input(&v, 61.0, &[]));
-        assert!(l.growth_seconds.unwrap() >= GROWTH_MIN_SECS);
-        assert_eq!(l.reason, Reason::Unknown, "{l:?}");
-        // The same at 0.4 MiB/s (20 MiB over 50 s >= 16 MiB).
-        let v = growing_to_limit(10.0, 0.4 * MIB as f64, 60.0);
-        let l = lead_up(&input(&v, 61.0, &[]));
-        assert_eq!(l.reason, Reason::Growth, "{l:?}");
-    }
-
-    #[test]
-    fn spike_and_its_boundaries() {
-        let v: Vec<Sample> = (0..10).map(|i| s(f64::from(i) * 2.0, 2 * MIB)).collect();
-        let l = lead_up(&input(&v, 19.0, &[]));
-        assert_eq!(l.reason, Reason::Spike);
-        assert_eq!(l.verdict, "sudden spike: 62 MiB in 1 s to the 64 MiB limit");
-        // Last sample too old (more than 3 intervals): no longer measurable as a spike.
-        assert_eq!(lead_up(&input(&v, 18.0 + 6.1, &[])).reason, Reason::Unknown);
-        assert_eq!(lead_up(&input(&v, 18.0 + 6.0, &[])).reason, Reason::Spike);
-        // A rise of just under half the limit is not a spike.
-        let v: Vec<Sample> = (0..10).map(|i| s(f64::from(i) * 2.0, LIMIT / 2 + 1)).collect();
-        assert_eq!(lead_up(&input(&v, 19.0, &[])).reason, Reason::Unknown);
-        let v: Vec<Sample> = (0..10).map(|i| s(f64::from(i) * 2.0, LIMIT / 2)).collect();
-        assert_eq!(lead_up(&input(&v, 19.0, &[])).reason, Reason::Spike);
-    }
-
-    fn at_limit(secs: u32, hits_per_sample: u64) -> Vec<Sample> {
-        (0..=secs / 2)
-            .map(|i| Sample {
-                limit_hits: Some(u64::from(i) * hits_per_sample),
-                ..s(f64::from(i) * 2.0, LIMIT - MIB)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn limit_and_its_boundaries() {
-        let v = at_limit(120, 3);
-        let l = lead_up(&input(&v, 121.0, &[]));
-        assert_eq!(l.reason, Reason::Limit, "{l:?}");
-        assert_eq!(l.near_limit_seconds, Some(121.0));
-        assert_eq!(l.limit_hits_1m, Some(90));
-        assert_eq!(
-            l.verdict,
-            "at the 64 MiB limit for 2 min with 180 limit hits (limit too small)"
-        );
-        // Stalls alone are evidence too.
-        let stalled: Vec<Sample> = at_limit(120, 0)
-            .into_iter()
-            .map(|x| Sample {
-                psi_full_us: Some((x.at * 250_000.0) as u64),
-                ..x
-            })
-            .collect();
-        let l = lead_up(&input(&stalled, 121.0, &[]));
-        assert_eq!(
-            l.verdict,
-            "at the 64 MiB limit for 2 min with 0 limit hits and memory stalls 25% of the time (limit too small)"
-        );
-        // At the limit but never hitting it, and no stalls: not this rule.
-        assert_eq!(lead_up(&input(&at_limit(120, 0), 121.0, &[])).reason, Reason::Unknown);
-        // Just under the minimum time at the limit.
-        assert_eq!(lead_up(&input(&at_limit(58, 3), 59.9, &[])).reason, Reason::Unknown);
-        assert_eq!(lead_up(&input(&at_limit(58, 3), 60.0, &[])).reason, Reason::Limit);
-        // 5% below the limit still counts as at it; below that does not.
-        let far: Vec<Sample> = at_limit(120, 3)
-            .into_iter()
-            .map(|x| Sample {
-                usage: LIMIT - LIMIT / 20 - 1,
-                ..x
-            })
-            .collect();
-        assert_eq!(lead_up(&input(&far, 121.0, &[])).near_limit_seconds, Some(0.0));
-    }
-
-    #[test]
-    fn repeat_host_and_unknown() {
-        let v: Vec<Sample> = (0..10).map(|i| s(f64::from(i) * 2.0, 2 * MIB)).collect();
-        assert_eq!(
-            lead_up(&input(&v, 19.0, &[1.0])).reason,
-            Reason::Spike,
-            "one earlier kill"
-        );
-        let l = lead_up(&input(&v, 19.0, &[1.0, 5.0]));
-        assert_eq!(l.reason, Reason::Repeat);
-        assert_eq!(l.verdict, "killed 3 times in the last hour (crash loop)");
-        let mut i = input(&v, 19.0, &[1.0, 5.0]);
-        i.scope = Scope::Global;
-        let l = lead_up(&i);
-        assert_eq!(l.reason, Reason::Host, "host wins over everything");
-        assert_eq!(l.verdict, "host out of memory: the node had 100 MiB available");
-        let top = [
-            MemUser {
-                pid: 7,
-                comm: "java".into(),
-                rss_bytes: 3 << 30,
-            },
-            MemUser {
-                pid: 9,
-                comm: "redis".into(),
-                rss_bytes: 200 * MIB,
-            },
-        ];
-        i.host_top = &top;
-        assert_eq!(
-            lead_up(&i).verdict,
-            "host out of memory: the node had 100 MiB available; largest: java 3.0 GiB (pid 7), redis 200 MiB (pid 9)"
-        );
-        let l = lead_up(&input(&[], 19.0, &[]));
-        assert_eq!(
-            (l.reason, l.verdict.as_str()),
-            (Reason::Unknown, "no memory history for this workload")
-        );
-    }
-
-    #[test]
-    fn counters_use_the_read_after_the_kill() {
-        let v: Vec<Sample> = (0..=60)
-            .map(|i| Sample {
-                psi_full_us: Some(0),
-                psi_some_us: Some(0),
-                limit_hits: Some(0),
-                ..s(f64::from(i) * 2.0, MIB)
-            })
-            .collect();
-        let mut i = input(&v, 120.5, &[]);
-        i.after = Some(Sample {
-            psi_some_us: Some(30_500_000),
-            psi_full_us: Some(6_100_000),
-            limit_hits: Some(7),
-            ..s(121.0, 0)
-        });
-        let l = lead_up(&i);
-        assert_eq!((l.limit_hits_1m, l.limit_hits_10m), (Some(7), Some(7)));
-        assert_eq!(l.psi_some_ratio_1m, Some(0.5));
-        assert!((l.psi_full_ratio_1m.unwrap() - 0.1).abs() < 1e-9);
-    }
-
-    #[test]
-    fn formats() {
-        assert_eq!(bytes(512 * MIB), "512 MiB");
-        assert_eq!(bytes(3 << 29), "1.5 GiB");
-        assert_eq!(bytes(800 << 10), "800 KiB");
-        assert_eq!((span(45.0), span(540.0)), ("45 s".to_string(), "9 min".to_string()));
-    }
-
-    #[test]
-    fn reclaim_time_is_limit_evidence_where_psi_is_missing() {
-        // cgroup v1: no PSI, no limit hits counted, but the memcg probe saw 0.1 s of reclaim
-        // per 2 s sample.
-        let mut at_limit: Vec<Sample> = at_limit(120, 0)
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| Sample {
-                reclaim_ns: Some(i as u64 * 100_000_000),
-                ..s
-            })
-            .collect();
-        let l = lead_up(&input(&at_limit, 121.0, &[]));
-        assert_eq!(l.reclaim_seconds_1m, Some(3.0));
-        assert_eq!(
-            l.reclaim_seconds_10m,
-            Some(6.0),
-            "the window holds 2 minutes of samples"
-        );
-        assert_eq!(l.reason, Reason::Limit, "{}", l.verdict);
-        assert_eq!(
-            l.verdict,
-            "at the 64 MiB limit for 2 min with 0 limit hits and 3.0 s in reclaim in the last minute (limit too small)"
-        );
-        // Without reclaim (and without hits or PSI) the same history is not this rule.
-        for s in &mut at_limit {
-            s.reclaim_ns = Some(0);
-        }
-        assert_ne!(lead_up(&input(&at_limit, 121.0, &[])).reason, Reason::Limit);
-        // Samples taken before reclaim was first published do not hide it.
-        for (i, s) in at_limit.iter_mut().enumerate() {
-            s.reclaim_ns = (i >= 5).then_some(i as u64 * 100_000_000);
-        }
-        let l = lead_up(&input(&at_limit, 121.0, &[]));
-        assert_eq!(l.reclaim_seconds_1m, Some(3.0));
-        assert_eq!(l.reclaim_seconds_10m, Some(5.5), "from the first sample that has it");
-    }
-}
+#[path = "verdict_tests.rs"]
+mod tests;
