@@ -45,22 +45,13 @@ fn reason_count(d: &Daemon, cg: &MemCgroup, reason: &str) -> f64 {
     )
 }
 
-#[test]
-fn steady_growth_is_leak_like_with_its_rate() {
-    let Some(_k) = privileged("steady_growth_is_leak_like_with_its_rate") else {
-        return;
-    };
-    let cg = MemCgroup::new("sensor-it-growth", 64 * MIB);
-    let d = Daemon::start(FAST);
-    std::thread::sleep(Duration::from_millis(2500));
-    let since = last_seq(&d);
-    // Touches `rate` MiB per second, paced by the clock (not by sleeps), until killed; prints
-    // how many MiB it held and when, so the real rate is measured, not assumed.
-    const RATE_MIB_S: f64 = 3.0;
+/// Grows by `rate_mib_s` MiB per second in `cg`, paced by the clock (not by sleeps), until
+/// killed; returns how long it lived.
+fn grow_until_killed(cg: &MemCgroup, rate_mib_s: f64) -> Duration {
     let script = format!(
         r#"
-import sys, time
-rate = {RATE_MIB_S} * 1024 * 1024
+import time
+rate = {rate_mib_s} * 1024 * 1024
 chunk = 256 * 1024
 held = []
 t0 = time.monotonic()
@@ -83,12 +74,25 @@ while True:
         .stderr(Stdio::null())
         .status()
         .expect("python3");
-    let lived = started.elapsed();
     assert_eq!(
         st.signal(),
         Some(libc::SIGKILL),
         "grower should be OOM-killed, got {st}"
     );
+    started.elapsed()
+}
+
+#[test]
+fn steady_growth_is_leak_like_with_its_rate() {
+    let Some(_k) = privileged("steady_growth_is_leak_like_with_its_rate") else {
+        return;
+    };
+    let cg = MemCgroup::new("sensor-it-growth", 64 * MIB);
+    let d = Daemon::start(FAST);
+    std::thread::sleep(Duration::from_millis(2500));
+    let since = last_seq(&d);
+    const RATE_MIB_S: f64 = 3.0;
+    let lived = grow_until_killed(&cg, RATE_MIB_S);
     let e = next_kill(&d, &cg, since);
     let l = &e["lead_up"];
     assert_eq!(e["reason"], "growth", "{e}");
@@ -107,7 +111,7 @@ while True:
         l["verdict"]
             .as_str()
             .unwrap()
-            .ends_with("until the 64 MiB limit (leak-like)"),
+            .ends_with("until its own 64 MiB limit (leak-like)"),
         "{e}"
     );
     assert_eq!(l["usage_at_kill_bytes"], 64 * MIB, "{e}");
@@ -117,6 +121,47 @@ while True:
     assert!(secs >= 10.0 && secs <= lived.as_secs_f64() + 1.0, "{e}");
     let share = l["victim_share"].as_f64().unwrap();
     assert!(share > 0.5 && share <= 1.0, "{e}");
+    assert_eq!(reason_count(&d, &cg, "growth"), 1.0);
+    assert_eq!(d.stop().code(), Some(0));
+}
+
+/// The issue's case: 16 MiB/s into a 160 MiB limit, killed about 10 s in, sampled at the default
+/// 2 s: a ramp of a few rising samples over less than 10 s is growth, with its real rate.
+#[test]
+fn a_fast_ramp_shorter_than_ten_seconds_is_growth_with_its_rate() {
+    let Some(_k) = privileged("a_fast_ramp_shorter_than_ten_seconds_is_growth_with_its_rate") else {
+        return;
+    };
+    let cg = MemCgroup::new("sensor-it-fast-ramp", 160 * MIB);
+    let d = Daemon::start(&[]);
+    std::thread::sleep(Duration::from_millis(4500));
+    let since = last_seq(&d);
+    const RATE_MIB_S: f64 = 16.0;
+    let lived = grow_until_killed(&cg, RATE_MIB_S);
+    let e = next_kill(&d, &cg, since);
+    let l = &e["lead_up"];
+    let real = RATE_MIB_S * MIB as f64 * 60.0;
+    let got = l["growth_bytes_per_minute"].as_f64().unwrap_or(0.0);
+    eprintln!(
+        "fast ramp: measured {:.0} MiB/min, real {:.0} MiB/min, lived {lived:?}, {} rising samples over {} s, verdict: {}",
+        got / MIB as f64,
+        real / MIB as f64,
+        l["growth_samples"],
+        l["growth_seconds"],
+        l["verdict"]
+    );
+    assert_eq!(e["reason"], "growth", "{e}");
+    assert!((got - real).abs() <= 0.2 * real, "rate {got} vs real {real}: {e}");
+    let secs = l["growth_seconds"].as_f64().unwrap();
+    assert!(
+        secs < 10.0 && secs <= lived.as_secs_f64(),
+        "shorter than the old 10 s rule: {e}"
+    );
+    assert!(l["growth_samples"].as_u64().unwrap() >= 2, "{e}");
+    let verdict = l["verdict"].as_str().unwrap();
+    assert!(verdict.starts_with("steady growth of "), "{e}");
+    assert!(verdict.ends_with("until its own 160 MiB limit (leak-like)"), "{e}");
+    assert_eq!(e["limit_scope"], "self", "{e}");
     assert_eq!(reason_count(&d, &cg, "growth"), 1.0);
     assert_eq!(d.stop().code(), Some(0));
 }
@@ -231,7 +276,10 @@ while True:
     assert!(l["near_limit_seconds"].as_f64().unwrap() >= 15.0, "{e}");
     assert!(l["limit_hits_1m"].as_u64().unwrap() > 0, "{e}");
     assert!(
-        l["verdict"].as_str().unwrap().starts_with("at the 64 MiB limit for "),
+        l["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("at its own 64 MiB limit for "),
         "{e}"
     );
     assert!(l["verdict"].as_str().unwrap().ends_with("(limit too small)"), "{e}");

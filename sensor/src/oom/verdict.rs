@@ -1,20 +1,24 @@
 //! A kill's lead-up (what its workload's memory did before it) and the one-line verdict, as pure
-//! functions of the history, so every rule is unit-tested. The rules, in the order they are
-//! tried (the README's "Why was it killed?" explains them to users):
+//! functions of the history, so every rule is unit-tested.
+//!
+//! The ramp is what usage did before the kill: its rising samples after the flat stretch
+//! before it, then the kill; its rise is from its first rising sample (from the flat base with
+//! only one) to the usage at the kill. A ramp of less than [`RAMP_MIN_RISE`] of the limit is a
+//! flat history. The rules, in the order they are tried (the README's "Why was it killed?"
+//! explains them to users):
 //!
 //! 1. `host`: the kill's scope is global (the host ran out, not the cgroup's limit).
 //! 2. `repeat`: the workload was killed at least [`REPEAT_EARLIER`] times before in the last hour.
-//! 3. `spike`: the last sample before the kill, at most [`SPIKE_MAX_GAP_INTERVALS`] intervals
-//!    old, was at least [`SPIKE_MIN_RISE`] of the limit below it; or the whole ramp (at least
-//!    [`RAMP_MIN_RISE`] of the limit) came after it: a ramp within one sample gap.
+//! 3. `spike`: the ramp rose at least [`RAMP_MIN_RISE`] of the limit and at least
+//!    [`SPIKE_MIN_SHARE`] of that came after the last sample, at most
+//!    [`SPIKE_MAX_GAP_INTERVALS`] intervals before the kill: a ramp within one sample gap.
 //! 4. `limit`: usage was within [`NEAR_LIMIT`] of the limit for at least [`LIMIT_MIN_SAMPLES`]
 //!    sampling intervals (60 s at the default 2 s) and the limit was hit (or memory stalled).
-//! 5. `growth`: the ramp before the kill (from the end of the flat stretch before it, through
-//!    at least one rising sample, to the kill) rose by at least [`RAMP_MIN_RISE`] of the limit,
-//!    however short: the rate is the least-squares slope over its rising samples (from the
-//!    ramp's base to the kill with one).
-//! 6. `unknown`: no history, or a flat one (the ramp rose less than [`RAMP_MIN_RISE`] of the
-//!    limit), or a last sample too old to tell a spike.
+//! 5. `growth`: the ramp rose at least [`RAMP_MIN_RISE`] of the limit, less than
+//!    [`SPIKE_MIN_SHARE`] of it after the last sample, at a positive rate, however short: the
+//!    rate is the least-squares slope over its rising samples (from the base to the kill with
+//!    one).
+//! 6. `unknown`: no history, a flat one, or a last sample too old to tell a spike.
 
 use serde::Serialize;
 
@@ -26,8 +30,8 @@ use super::{
 
 /// Earlier kills in the last hour that make a kill a `repeat` (this one is then the third).
 pub const REPEAT_EARLIER: usize = 2;
-/// A spike's rise, as a fraction of the limit.
-pub const SPIKE_MIN_RISE: f64 = 0.5;
+/// The share of the ramp's rise after the last sample that makes it a spike.
+pub const SPIKE_MIN_SHARE: f64 = 0.5;
 /// How old (in sampling intervals) the last sample may be for a spike to be measured.
 pub const SPIKE_MAX_GAP_INTERVALS: f64 = 3.0;
 /// "At the limit" means usage within this fraction of it.
@@ -35,7 +39,7 @@ pub const NEAR_LIMIT: f64 = 0.05;
 /// How long (in sampling intervals) a workload must have been at its limit for `limit`.
 pub const LIMIT_MIN_SAMPLES: f64 = 30.0;
 /// The rise of the ramp before a kill, as a fraction of the limit, that makes it a shape (growth,
-/// or a spike when it all came within one sample gap); below it the history is flat.
+/// or a spike when it came within one sample gap); below it the history is flat.
 pub const RAMP_MIN_RISE: f64 = 0.25;
 
 /// The verdict's class: the bounded `reason` label of `sensor_oom_kills_total`.
@@ -107,7 +111,8 @@ pub struct LeadUp {
     pub growth_seconds: Option<f64>,
     /// Rising samples of the ramp before the kill (0: flat until the last sample).
     pub growth_samples: usize,
-    /// Rise from the ramp's base (the end of the flat stretch before it) to the kill.
+    /// Rise over the ramp to the kill: from its first rising sample, or from its base (the end
+    /// of the flat stretch before it) when it has only one.
     pub ramp_rise_bytes: Option<u64>,
     /// How long usage had been within 5% of the limit before the kill.
     pub near_limit_seconds: Option<f64>,
@@ -215,7 +220,10 @@ pub fn lead_up(i: &Input<'_>) -> LeadUp {
     let ancestor = i.binding.is_some_and(|b| b.scope == LimitScope::Ancestor);
     let usage_at_kill = match (own, limit) {
         (true, Some(l)) => Some(l),
-        _ if ancestor => last.map(|s| s.usage).max(i.victim_rss),
+        _ if ancestor => last
+            .map(|s| s.usage)
+            .max(i.victim_rss)
+            .map(|u| limit.map_or(u, |l| u.min(l))),
         _ => last.map(|s| s.usage),
     };
     // Counters right after the kill, else the last sample's.
@@ -240,7 +248,10 @@ pub fn lead_up(i: &Input<'_>) -> LeadUp {
     let b = ramp_base(i.samples, tol);
     let base = b.map(|b| &i.samples[b]);
     let rising = b.map_or(&i.samples[..0], |b| &i.samples[b + 1..]);
-    let ramp_rise = match (base, usage_at_kill) {
+    // From the first rising sample (a start-up step onto a plateau is no growth), or from the
+    // base when there is only one.
+    let ramp_from = if rising.len() >= 2 { rising.first() } else { base };
+    let ramp_rise = match (ramp_from, usage_at_kill) {
         (Some(b), Some(u)) => Some(u.saturating_sub(b.usage)),
         _ => None,
     };
@@ -338,9 +349,17 @@ pub fn decide(l: &LeadUp, scope: Scope, interval: f64, binding: Option<&Binding>
             format!("killed {} times in the last hour (crash loop)", l.earlier_kills_1h + 1),
         );
     }
-    if let (Some(limit), Some(rise), Some(secs)) = (l.limit_bytes, l.last_rise_bytes, l.last_rise_seconds) {
-        let whole_ramp = l.growth_samples == 0 && rise as f64 >= RAMP_MIN_RISE * limit as f64;
-        if secs <= SPIKE_MAX_GAP_INTERVALS * interval && (rise as f64 >= SPIKE_MIN_RISE * limit as f64 || whole_ramp) {
+    // The ramp's rise when it is a shape, and whether most of it came after the last sample.
+    let ramp = match (l.limit_bytes, l.ramp_rise_bytes) {
+        (Some(limit), Some(r)) if r as f64 >= RAMP_MIN_RISE * limit as f64 => Some(r),
+        _ => None,
+    };
+    let sudden = |r: u64| {
+        l.last_rise_bytes
+            .is_some_and(|j| j as f64 >= SPIKE_MIN_SHARE * r as f64)
+    };
+    if let (Some(r), Some(rise), Some(secs)) = (ramp, l.last_rise_bytes, l.last_rise_seconds) {
+        if secs <= SPIKE_MAX_GAP_INTERVALS * interval && sudden(r) {
             return (
                 Reason::Spike,
                 format!(
@@ -372,13 +391,8 @@ pub fn decide(l: &LeadUp, scope: Scope, interval: f64, binding: Option<&Binding>
             );
         }
     }
-    if let (Some(rate), Some(secs), Some(limit), Some(rise)) = (
-        l.growth_bytes_per_minute,
-        l.growth_seconds,
-        l.limit_bytes,
-        l.ramp_rise_bytes,
-    ) {
-        if l.growth_samples >= 1 && rise as f64 >= RAMP_MIN_RISE * limit as f64 {
+    if let (Some(rate), Some(secs), Some(r)) = (l.growth_bytes_per_minute, l.growth_seconds, ramp) {
+        if l.growth_samples >= 1 && rate > 0.0 && !sudden(r) {
             return (
                 Reason::Growth,
                 format!(

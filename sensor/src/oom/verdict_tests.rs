@@ -81,25 +81,32 @@ fn ramp(base: u64, n: usize, rising: &[u64]) -> Vec<Sample> {
 
 #[test]
 fn growth_boundaries() {
-    // A ramp shorter than 10 s is growth with its rate: 3 samples over 4 s, 2 MiB/s.
-    let v = growing_to_limit(52.0, 2.0 * MIB as f64, 56.0);
+    // A ramp shorter than 10 s is growth with its rate: 3 samples over 4 s, 5 MiB/s.
+    let v = growing_to_limit(52.0, 5.0 * MIB as f64, 56.0);
     let l = lead_up(&input(&v, 57.0, &[]));
     assert_eq!((l.growth_samples, l.growth_seconds), (3, Some(4.0)));
     assert_eq!(l.reason, Reason::Growth, "{l:?}");
-    assert_eq!(l.growth_bytes_per_minute, Some(120.0 * MIB as f64));
-    // The ramp (from its flat base to the kill at the limit) must rise a quarter of the limit:
-    // from 48 MiB it does, from 1 byte above it does not (the history is flat).
+    assert_eq!(l.growth_bytes_per_minute, Some(300.0 * MIB as f64));
+    // The ramp (from its first rising sample to the kill at the limit) must rise a quarter of
+    // the limit: from 48 MiB it does, from 1 byte above it does not (the history is flat).
     let q = LIMIT / 4;
-    let up = |base: u64| ramp(base, 5, &[base + 2 * MIB, base + 4 * MIB, base + 6 * MIB]);
-    let l = lead_up(&input(&up(LIMIT - q), 17.0, &[]));
+    let up = |first: u64| {
+        let rising: Vec<u64> = (0..8).map(|i| first + i * 2 * MIB).collect();
+        ramp(first - 2 * MIB, 5, &rising)
+    };
+    let l = lead_up(&input(&up(LIMIT - q), 25.0, &[]));
     assert_eq!((l.reason, l.ramp_rise_bytes), (Reason::Growth, Some(q)), "{l:?}");
     assert_eq!(
         l.verdict,
-        "steady growth of 60 MiB/min for 4 s until the 64 MiB limit (leak-like)"
+        "steady growth of 60 MiB/min for 14 s until the 64 MiB limit (leak-like)"
     );
-    let l = lead_up(&input(&up(LIMIT - q + 1), 17.0, &[]));
+    let l = lead_up(&input(&up(LIMIT - q + 1), 25.0, &[]));
     assert_eq!((l.reason, l.ramp_rise_bytes), (Reason::Unknown, Some(q - 1)), "{l:?}");
     assert_eq!(l.verdict, "no clear lead-up: 64 MiB of the 64 MiB limit");
+    // A start-up step onto a plateau is no growth: the ramp is the plateau and the kill.
+    let v = ramp(0, 3, &[48 * MIB + 1, 48 * MIB + 1, 48 * MIB + 1]);
+    let l = lead_up(&input(&v, 13.0, &[]));
+    assert_eq!((l.reason, l.growth_samples), (Reason::Unknown, 3), "{l:?}");
     // One rising sample is a ramp over two gaps: growth, its rate from the base to the kill.
     let v = ramp(8 * MIB, 5, &[40 * MIB]);
     let l = lead_up(&input(&v, 12.0, &[]));
@@ -151,12 +158,14 @@ fn spike_and_its_boundaries() {
     // Last sample too old (more than 3 intervals): no longer measurable as a spike.
     assert_eq!(lead_up(&input(&v, 18.0 + 6.1, &[])).reason, Reason::Unknown);
     assert_eq!(lead_up(&input(&v, 18.0 + 6.0, &[])).reason, Reason::Spike);
-    // After a ramp, a last rise of just under half the limit is the ramp's end (growth); half
-    // the limit is a spike.
-    let v = ramp(MIB, 3, &[4 * MIB, 8 * MIB, LIMIT / 2 + 1]);
-    assert_eq!(lead_up(&input(&v, 13.0, &[])).reason, Reason::Growth);
-    let v = ramp(MIB, 3, &[4 * MIB, 8 * MIB, LIMIT / 2]);
-    assert_eq!(lead_up(&input(&v, 13.0, &[])).reason, Reason::Spike);
+    // After rising samples, half of the ramp's rise (48 MiB from 16 MiB) after the last sample
+    // is a spike; a byte less is the ramp's end (growth).
+    let v = ramp(8 * MIB, 3, &[16 * MIB, 28 * MIB, 40 * MIB]);
+    let l = lead_up(&input(&v, 11.0, &[]));
+    assert_eq!((l.reason, l.ramp_rise_bytes), (Reason::Spike, Some(48 * MIB)), "{l:?}");
+    assert_eq!(l.verdict, "sudden spike: 24 MiB in 1 s to the 64 MiB limit");
+    let v = ramp(8 * MIB, 3, &[16 * MIB, 28 * MIB, 40 * MIB + 1]);
+    assert_eq!(lead_up(&input(&v, 11.0, &[])).reason, Reason::Growth);
 }
 
 #[test]
