@@ -143,6 +143,9 @@ fn check_pass(out: &str, pass: &str, first: bool) -> Value {
     assert_eq!(e["cgroup"], victim.as_str(), "{e}");
     assert_eq!(e["victim_comm"], "tail", "{e}");
     assert!(e["victim_pid"].as_i64().unwrap() > 1, "{e}");
+    // Its own limit fired (the kernel's memcg where the kill context runs, else the counters).
+    assert_eq!(e["limit_scope"], "self", "{e}");
+    assert_eq!(e["limit_cgroup"], victim.as_str(), "{e}");
     let counted = common::metric_sum(m, "sensor_oom_kills_total", &labels(&wl, &[("scope", "memcg")]));
     assert_eq!(counted, 1.0, "{m}");
     assert_eq!(metric(m, "sensor_events_total", &[("probe", "oom")]), Some(1.0), "{m}");
@@ -165,11 +168,24 @@ fn check_pass(out: &str, pass: &str, first: bool) -> Value {
     if first {
         assert_eq!(part(sec, "growth kernel"), "oom_kill 1", "{sec}");
         let kills = oom_kills(part(sec, "growth events"));
+        let parent = format!("/grower-{pass}");
         let g = kills
             .iter()
-            .find(|e| e["cgroup"] == format!("/grower-{pass}"))
+            .find(|e| e["cgroup"] == format!("{parent}/job"))
             .unwrap_or_else(|| panic!("no kill of the grower:\n{sec}"));
         assert_eq!(g["reason"], "growth", "2 MiB/s for 16 s: {g}");
+        // The child has no limit: its parent's fired, and the verdict says so.
+        assert_eq!(g["limit_scope"], "ancestor", "{g}");
+        assert_eq!(g["limit_cgroup"], parent.as_str(), "{g}");
+        assert_eq!(g["memory_limit_bytes"], Value::Null, "{g}");
+        assert_eq!(g["lead_up"]["limit_bytes"], 32u64 << 20, "{g}");
+        let verdict = g["lead_up"]["verdict"].as_str().unwrap_or("");
+        assert!(
+            verdict.ends_with(&format!(
+                "until the 32 MiB limit of ancestor {parent}, the cgroup has none (leak-like)"
+            )),
+            "{g}"
+        );
     }
 
     // The host-wide kill: global scope, the "host" verdict.
@@ -180,6 +196,8 @@ fn check_pass(out: &str, pass: &str, first: bool) -> Value {
     assert_eq!(h["constraint"], "none", "{h}");
     assert_eq!(h["victim_comm"], "tail", "{h}");
     assert_eq!(h["reason"], "host", "{h}");
+    assert_eq!(h["limit_scope"], "host", "{h}");
+    assert_eq!(h["limit_cgroup"], Value::Null, "{h}");
     let hm = part(sec, "host metrics");
     assert_eq!(
         common::metric_sum(hm, "sensor_oom_kills_total", &[("scope", "global"), ("reason", "host")]),

@@ -319,6 +319,8 @@ pub const KEPT: usize = 20_000;
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
     const MIB: u64 = 1 << 20;
@@ -428,6 +430,96 @@ mod tests {
         ];
         let got = b.binding(&levels, None, false, true).unwrap();
         assert_eq!(got.scope, LimitScope::Own);
+    }
+
+    /// A temporary directory standing in for a memory hierarchy: `files` are (path, text).
+    fn fake(name: &str, v1: bool, files: &[(&str, &str)]) -> (std::path::PathBuf, Hierarchies) {
+        let root = std::env::temp_dir().join(format!("sensor-limit-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (f, text) in files {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let h = Hierarchies {
+            memory_v1: v1.then(|| root.clone()),
+            unified: (!v1).then(|| root.clone()),
+        };
+        (root, h)
+    }
+
+    #[test]
+    fn levels_read_from_v2_and_v1_files() {
+        let events = "low 0\nhigh 0\nmax 7\noom 2\noom_kill 1\noom_group_kill 0\n";
+        let (root, h) = fake(
+            "v2",
+            false,
+            &[
+                ("p/memory.max", "33554432\n"),
+                ("p/memory.current", "30000000\n"),
+                ("p/memory.events.local", events),
+                ("p/c/memory.max", "max\n"),
+                ("p/c/memory.current", "29000000\n"),
+                ("p/c/memory.events", "max 0\noom 0\n"),
+            ],
+        );
+        let p = read_level(&h, "/p").unwrap();
+        assert_eq!((p.limit, p.headroom), (Some(33554432), Some(3554432)));
+        assert_eq!(
+            p.counters,
+            Counters {
+                ooms: Some(2),
+                hits: Some(7)
+            }
+        );
+        let c = read_level(&h, "/p/c").unwrap();
+        assert_eq!((c.limit, c.headroom), (None, None), "max is no limit");
+        assert_eq!(
+            c.counters,
+            Counters {
+                ooms: Some(0),
+                hits: Some(0)
+            },
+            "memory.events without .local"
+        );
+        assert_eq!(read_level(&h, "/gone"), None);
+        let _ = std::fs::remove_dir_all(root);
+
+        let (root, h) = fake(
+            "v1",
+            true,
+            &[
+                ("p/memory.limit_in_bytes", "67108864\n"),
+                ("p/memory.usage_in_bytes", "60000000\n"),
+                ("p/memory.memsw.limit_in_bytes", "33554432\n"),
+                ("p/memory.memsw.usage_in_bytes", "33000000\n"),
+                ("p/memory.failcnt", "3\n"),
+                ("p/memory.memsw.failcnt", "4\n"),
+                ("p/c/memory.limit_in_bytes", "9223372036854771712\n"),
+                ("p/c/memory.usage_in_bytes", "1000\n"),
+                ("p/c/memory.failcnt", "0\n"),
+            ],
+        );
+        let p = read_level(&h, "/p").unwrap();
+        assert_eq!(
+            (p.limit, p.headroom),
+            (Some(33554432), Some(554432)),
+            "the memory+swap limit is the smaller"
+        );
+        assert_eq!(
+            p.counters,
+            Counters {
+                ooms: None,
+                hits: Some(7)
+            }
+        );
+        let c = read_level(&h, "/p/c").unwrap();
+        assert_eq!((c.limit, c.headroom), (None, None), "v1's huge number is no limit");
+        let base = Mutex::new(Baselines::default());
+        let got = find_binding(&h, &base, Some("/p/c"), None, false, true).unwrap();
+        assert_eq!((got.scope, got.cgroup.as_deref()), (LimitScope::Ancestor, Some("/p")));
+        assert_eq!((got.limit_bytes, got.own_limit_bytes), (Some(33554432), None));
+        let _ = std::fs::remove_dir_all(root);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 # PID 1 of every VM of the kernel matrix (sensor/tests/qemu/kernels.tsv): runs the sensor once
 # per pass named on the kernel command line (`sensor.passes=fentry,kprobe`), causes in each a
 # real memcg OOM kill, 20 connects that succeed, 5 refused and 3 that time out, and a host-wide
-# OOM kill; in the first pass also a slow growth to its limit (a `growth` kill). Prints what the
+# OOM kill; in the first pass also a slow growth to its parent's limit (a `growth` kill in a
+# child without a limit of its own: the `ancestor`'s limit fired). Prints what the
 # sensor reported between markers on the serial console, then `sensor doctor`, and powers off.
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -60,15 +61,18 @@ pass() {
   t=""; for i in 1 2 3; do timeout 2 nc 10.99.0.2 80 < /dev/null 2>/dev/null & t="$t $!"; done; wait $t
   echo "--- tcp after"; tcp_root
   if [ "$first" = 1 ]; then
-    # 2 MiB a second into a 32 MiB limit: about 16 s of steady growth, then the kill.
+    # 2 MiB a second into a 32 MiB limit: about 16 s of steady growth, then the kill. The
+    # grower runs in a child without a limit: its parent's limit fires.
     limited grower-$name
+    echo +memory > $cg/cgroup.subtree_control
+    mkdir $cg/job
     sleep 1
     # Only the allocator (awk) is in the cgroup, so the limit has exactly one task to kill: with
     # its feeding loop inside too, a slow reap under a loaded emulator let a second OOM kill
     # the loop (oom_kill 2, seen in CI).
-    while echo; do sleep 0.125; done | sh -c "echo \$\$ > $cg/cgroup.procs; exec awk '{ a[NR] = sprintf(\"%262144s\", \"\") }'"
+    while echo; do sleep 0.125; done | sh -c "echo \$\$ > $cg/job/cgroup.procs; exec awk '{ a[NR] = sprintf(\"%262144s\", \"\") }'"
     sleep 3
-    echo "--- growth kernel"; grep oom_kill $cg/memory.events.local
+    echo "--- growth kernel"; grep oom_kill $cg/job/memory.events.local
     echo "--- growth events"; wget -q -O - http://127.0.0.1:9442/api/v1/events; echo
   fi
   # The host runs out: an allocator without a memory limit, the sensor protected from the
