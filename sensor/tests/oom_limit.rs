@@ -1,7 +1,8 @@
 //! Which limit an OOM kill hit, on the real kernel: a kill in a child memory cgroup without a
 //! limit under a parent that has one names the parent (`ancestor`); with both limited and the
 //! child's smaller, the child (`self`). Checked on every surface the kill reaches: the event,
-//! the journal (`sensor events --since`), the log line and the verdict. On this host (hybrid:
+//! the journal (`sensor events --since`), the log line and the verdict; and a kubelet-style pod
+//! under containerd with a pod-level limit over a container without one. On this host (hybrid:
 //! memory on v1, no kill context hook) from the path's counters and limits; on cgroup v2 with
 //! the kernel's memcg in the QEMU matrix (tests/qemu.rs). Under CI=true these fail (never skip)
 //! when BPF cannot be loaded.
@@ -10,7 +11,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::{
+    runtimes::{self, Containerd, KubePod},
+    *,
+};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -107,4 +111,74 @@ fn the_smaller_own_limit_under_a_limited_parent_is_self() {
         "{log}"
     );
     drop(child);
+}
+
+/// Sets a memory limit on the cgroup `rel` (relative to the hierarchies' roots) in whichever
+/// hierarchy holds the memory controller, as kubelet does on a pod's cgroup.
+fn limit_cgroup(rel: &str, bytes: u64) {
+    let rel = rel.trim_start_matches('/');
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory").join(rel);
+    if v1.join("memory.limit_in_bytes").exists() {
+        std::fs::write(v1.join("memory.limit_in_bytes"), bytes.to_string()).expect("pod limit");
+        let _ = std::fs::write(v1.join("memory.memsw.limit_in_bytes"), bytes.to_string());
+    } else {
+        let v2 = std::path::Path::new("/sys/fs/cgroup").join(rel);
+        std::fs::write(v2.join("memory.max"), bytes.to_string()).expect("pod limit");
+        let _ = std::fs::write(v2.join("memory.swap.max"), "0");
+    }
+}
+
+/// containerd#12133, kubernetes#114142: a container without a memory limit in a pod whose
+/// cgroup has one (32 MiB) is killed by the pod's limit: the kill names the pod's cgroup, and
+/// its verdict says whose limit it was.
+#[test]
+fn a_pod_limit_over_a_container_without_one_is_the_pods() {
+    let Some(_k) = privileged("a_pod_limit_over_a_container_without_one_is_the_pods") else {
+        return;
+    };
+    let Some(image) = runtimes::victim_image() else {
+        return;
+    };
+    let Some(ctrd) = Containerd::start() else {
+        return;
+    };
+    ctrd.import(image);
+    let runtimes = format!(
+        "[{{kind: containerd, socket: {}, namespaces: [k8s.io]}}]",
+        ctrd.socket.display()
+    );
+    let d = Daemon::start(&["--workloads.runtimes", &runtimes]);
+    let mut pod = KubePod::new("shop", "cart-7f9c", &[]);
+    ctrd.start_sandbox(&mut pod, image);
+    let pod_cgroup = pod.sandbox.cgroup.rsplit_once('/').unwrap().0.to_string();
+    limit_cgroup(&pod_cgroup, 32 * MIB);
+    // No limit of its own (`ctr run --memory-limit 0` sets none).
+    let mut c = pod.container("cart", 0, &["/bin/busybox", "tail", "/dev/zero"]);
+    let out = ctrd.run(&mut c, image);
+    assert_eq!(out.status.code(), Some(137), "OOM-killed: {out:?}\n{}", ctrd.log());
+    let start = Instant::now();
+    let e = loop {
+        if let Some(e) = d.oom_events(0).into_iter().find(|e| e["container_id"] == c.id.as_str()) {
+            break e;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no kill event:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("{}: {}", e["reason"], e["lead_up"]["verdict"]);
+    assert_eq!(e["cgroup"], c.cgroup.as_str(), "{e}");
+    assert_eq!(
+        (&e["namespace"], &e["pod"], &e["container"]),
+        (&"shop".into(), &"cart-7f9c".into(), &"cart".into()),
+        "{e}"
+    );
+    assert_eq!(e["limit_scope"], "ancestor", "{e}");
+    assert_eq!(e["limit_cgroup"], pod_cgroup.as_str(), "{e}");
+    assert_eq!(e["memory_limit_bytes"], Value::Null, "the container has none: {e}");
+    assert_eq!(e["lead_up"]["limit_bytes"], 32 * MIB, "{e}");
+    let verdict = e["lead_up"]["verdict"].as_str().unwrap();
+    assert!(
+        verdict.ends_with("the pod's 32 MiB limit, the container has none"),
+        "{e}"
+    );
+    assert_eq!(d.stop().code(), Some(0));
 }

@@ -140,6 +140,10 @@ pub fn find(
     if let Some(i) = kernel_memcg.and_then(|id| levels.iter().position(|l| l.id == Some(id))) {
         return Some(Found::Level(i));
     }
+    if levels.is_empty() {
+        // The victim's cgroup is unknown or gone: nothing to tell.
+        return None;
+    }
     let limited: Vec<usize> = (0..levels.len()).filter(|i| levels[*i].headroom.is_some()).collect();
     if limited.is_empty() {
         // Nothing on the path has a limit: only the host can have run out.
@@ -402,6 +406,8 @@ mod tests {
         assert_eq!(find(&free, &HashMap::new(), None, false, false), Some(Found::Host));
         assert_eq!(find(&free, &HashMap::new(), None, false, true), None);
         assert_eq!(find(&[], &HashMap::new(), None, false, true), None);
+        assert_eq!(find(&[], &HashMap::new(), None, false, false), None);
+        assert_eq!(find(&[], &HashMap::new(), None, true, false), Some(Found::Host));
     }
 
     #[test]

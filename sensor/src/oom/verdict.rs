@@ -404,7 +404,13 @@ pub fn decide(l: &LeadUp, scope: Scope, interval: f64, binding: Option<&Binding>
         }
     }
     let text = match (l.samples, l.usage_at_kill_bytes) {
-        (0, _) => "no memory history for this workload".to_string(),
+        // Whose limit it was is known without a history.
+        (0, _) => match binding {
+            Some(b) if b.scope != LimitScope::Host => {
+                format!("no memory history for this workload: killed at {limit_text}")
+            }
+            _ => "no memory history for this workload".to_string(),
+        },
         (_, Some(u)) => format!("no clear lead-up: {} of {limit_text}", bytes(u)),
         (_, None) => "no clear lead-up".to_string(),
     };

@@ -229,6 +229,13 @@ fn the_limit_that_fired_is_in_the_verdict() {
         l.verdict,
         "steady growth of 480 MiB/min for 16 s until the pod's 512 MiB limit, the container has none (leak-like)"
     );
+    // Without a history, the verdict still says whose limit it was.
+    let mut i = input(&[], 19.0, &[]);
+    i.binding = Some(&pod);
+    assert_eq!(
+        lead_up(&i).verdict,
+        "no memory history for this workload: killed at the pod's 512 MiB limit, the container has none"
+    );
     // The host ran out (a scope the kernel could not tell, no limit on the path).
     let host = Binding {
         scope: LimitScope::Host,

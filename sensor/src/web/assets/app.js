@@ -264,6 +264,16 @@
     if (!alerts.length) ol.append(h('li', { class: 'muted' }, 'no alerts'));
   }
 
+  // The limit a kill hit: its own, an ancestor's (the pod's, a slice's: named on hover) or none.
+  function limitCell(k) {
+    const hit = (k.lead_up || {}).limit_bytes ?? k.memory_limit_bytes;
+    if (k.limit_scope === 'host') return h('td', { class: 'num' }, 'host');
+    if (k.limit_scope === 'ancestor') {
+      return h('td', { class: 'num', title: `the limit of ${k.limit_cgroup}` }, `${bytes(hit)} (ancestor)`);
+    }
+    return h('td', { class: 'num' }, bytes(hit));
+  }
+
   // OOM kills.
   function oom(sum) {
     const o = sum.oom;
@@ -289,7 +299,7 @@
         h('td', {}, clock(k.time)), h('td', {}, k.scope),
         h('td', { class: 'wrap' }, workload(k)), h('td', { class: 'owner' }, owner(k)),
         h('td', {}, `${k.victim_comm || '?'} (pid ${k.victim_pid ?? '?'})`),
-        h('td', { class: 'num' }, bytes(k.rss_bytes)), h('td', { class: 'num' }, bytes(k.memory_limit_bytes)),
+        h('td', { class: 'num' }, bytes(k.rss_bytes)), limitCell(k),
         h('td', {}, `${k.trigger_comm} (pid ${k.trigger_pid})`))),
       o.running ? 'no kills since the sensor started' : 'OOM probe not running');
   }
