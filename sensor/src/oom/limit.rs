@@ -16,7 +16,10 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::cgroup::{workload, Hierarchies};
+use crate::{
+    cgroup::{workload, Hierarchies},
+    sync::Lock as _,
+};
 
 /// Whose limit fired (`limit_scope` of a kill event).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -309,7 +312,7 @@ pub fn find_binding(
         .iter()
         .map_while(|c| read_level(h, c))
         .collect();
-    let mut b = base.lock().unwrap_or_else(|p| p.into_inner());
+    let mut b = base.locked();
     let found = b.binding(&levels, kernel_memcg, global, memcg);
     if b.0.len() > KEPT {
         b.retain(|c| h.memory_dir(c).is_some_and(|d| d.exists()));

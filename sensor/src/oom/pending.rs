@@ -6,6 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::sync::Lock as _;
+
 #[derive(Debug, Default)]
 pub struct Pending(Arc<(Mutex<usize>, Condvar)>);
 
@@ -15,7 +17,7 @@ pub struct Held(Arc<(Mutex<usize>, Condvar)>);
 
 impl Pending {
     pub fn hold(&self) -> Held {
-        *self.0 .0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        *self.0 .0.locked() += 1;
         Held(Arc::clone(&self.0))
     }
 
@@ -23,7 +25,7 @@ impl Pending {
     pub fn wait(&self, limit: Duration) -> bool {
         let until = Instant::now() + limit;
         let (count, cv) = &*self.0;
-        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = count.locked();
         while *n > 0 {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -38,7 +40,7 @@ impl Pending {
 impl Drop for Held {
     fn drop(&mut self) {
         let (count, cv) = &*self.0;
-        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = count.locked();
         *n = n.saturating_sub(1);
         cv.notify_all();
     }
