@@ -127,6 +127,8 @@ first=1
 for p in $(echo "$passes" | tr , ' '); do
   case $p in
     kprobe) pass kprobe $first --probes.oom.exclude-hooks fentry --probes.tcp.exclude-hooks raw_tracepoint ;;
+    # Without the kill context: scope from the stack, the limit that fired from the counters.
+    counters) pass counters $first --probes.oom.exclude-hooks fentry,kprobe ;;
     bench) bench ;;
     split) with_split=1 ;;
     *) pass $p $first ;;
