@@ -135,6 +135,19 @@ impl History {
         ring.push_back(s.into());
     }
 
+    /// The newest `n` samples of `cgroup`, oldest first.
+    pub fn last(&self, cgroup: &str, n: usize) -> Vec<Sample> {
+        self.samples
+            .get(cgroup)
+            .map(|r| r.iter().skip(r.len().saturating_sub(n)).map(|s| Sample::from(*s)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The cgroups watched now.
+    pub fn watched(&self) -> impl Iterator<Item = &str> {
+        self.watched.members()
+    }
+
     /// Samples of `cgroup` taken before `t`, oldest first.
     pub fn before(&self, cgroup: &str, t: f64) -> Vec<Sample> {
         self.samples

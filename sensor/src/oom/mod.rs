@@ -6,6 +6,8 @@ pub mod down;
 
 pub mod history;
 
+pub mod imminent;
+
 pub mod scope;
 
 pub mod verdict;
@@ -432,6 +434,10 @@ pub struct OomSlice {
     boot_id: String,
     /// The kernel counters last saved in the journal (kills while down, see `down`).
     saved: Mutex<down::Expected>,
+    /// `oom_imminent` warnings (see `imminent`): state, `sensor_oom_imminent`, the horizon.
+    warnings: Mutex<imminent::Warnings>,
+    imminent_gauge: GaugeVec,
+    imminent_horizon: Duration,
 }
 
 impl OomSlice {
@@ -481,6 +487,14 @@ impl OomSlice {
         registry.register(Box::new(victim_rss.clone()))?;
         registry.register(Box::new(last_kill.clone()))?;
         registry.register(Box::new(discrepancy.clone()))?;
+        let imminent_gauge = GaugeVec::new(
+            Opts::new(
+                "sensor_oom_imminent",
+                "1 while the workload's steady memory growth would reach the limit that binds it within probes.oom.imminent_horizon (see the oom_imminent event); absent otherwise.",
+            ),
+            &WORKLOAD_LABELS,
+        )?;
+        registry.register(Box::new(imminent_gauge.clone()))?;
         discrepancy
             .with_label_values(&["vmstat", "", "", "", "", "", ""])
             .set(0.0);
@@ -524,6 +538,9 @@ impl OomSlice {
             me: std::sync::OnceLock::new(),
             boot_id,
             saved: Mutex::new(saved),
+            warnings: Mutex::new(imminent::Warnings::default()),
+            imminent_gauge,
+            imminent_horizon: config::IMMINENT_HORIZON,
         })
     }
 
@@ -898,7 +915,10 @@ impl Probe for OomProbe {
             Arc::clone(ctx.discovery),
             self.cfg.history.clone(),
         )?;
-        let slice = Arc::new(slice);
+        let slice = Arc::new(OomSlice {
+            imminent_horizon: self.cfg.imminent_horizon,
+            ..slice
+        });
         let _ = slice.me.set(Arc::downgrade(&slice));
         Ok(slice)
     }
@@ -943,6 +963,7 @@ impl Running for OomSlice {
         };
         if sample {
             self.sample_history();
+            self.assess_imminent();
         }
         if refresh {
             self.refresh();
