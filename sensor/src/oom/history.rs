@@ -139,7 +139,12 @@ impl History {
     pub fn last(&self, cgroup: &str, n: usize) -> Vec<Sample> {
         self.samples
             .get(cgroup)
-            .map(|r| r.iter().skip(r.len().saturating_sub(n)).map(|s| Sample::from(*s)).collect())
+            .map(|r| {
+                r.iter()
+                    .skip(r.len().saturating_sub(n))
+                    .map(|s| Sample::from(*s))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

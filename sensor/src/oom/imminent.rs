@@ -409,7 +409,11 @@ mod tests {
     #[test]
     fn a_steady_leak_fits_with_its_rate() {
         // Idle at 20 MiB for 20 s, then 2 MiB/s.
-        let v = series(|t| if t < 20.0 { 20.0 } else { 20.0 + 2.0 * (t - 20.0) } * MIB as f64, 40, 2.0);
+        let v = series(
+            |t| if t < 20.0 { 20.0 } else { 20.0 + 2.0 * (t - 20.0) } * MIB as f64,
+            40,
+            2.0,
+        );
         let f = steady_fit(&v, tolerance(256 * MIB)).expect("fit");
         assert!((f.rate - 2.0 * MIB as f64).abs() < 0.01 * MIB as f64, "{f:?}");
         assert!(f.r2 > 0.999, "{f:?}");
@@ -443,7 +447,10 @@ mod tests {
         let own = lv("/pod/c", Some(512 * MIB), 100 * MIB);
         let pod = lv("/pod", Some(300 * MIB), 250 * MIB);
         let b = binding_of(&[own.clone(), pod], None).unwrap();
-        assert_eq!((b.cgroup.as_str(), b.scope, b.room()), ("/pod", LimitScope::Ancestor, 50 * MIB));
+        assert_eq!(
+            (b.cgroup.as_str(), b.scope, b.room()),
+            ("/pod", LimitScope::Ancestor, 50 * MIB)
+        );
         let b = binding_of(&[own, lv("/pod", None, 250 * MIB)], None).unwrap();
         assert_eq!((b.cgroup.as_str(), b.scope), ("/pod/c", LimitScope::Own));
         let b = binding_of(&[lv("/a", None, MIB)], Some((8 << 30, 6 << 30))).unwrap();
@@ -462,7 +469,10 @@ mod tests {
         };
         assert!(warns(&f, 20.0, 60.0, false));
         assert!(!warns(&f, 20.1, 60.0, false), "seen for less than half the projection");
-        assert!(!warns(&Fit { seconds: 100.0, ..f }, 61.0, 60.0, false), "beyond the horizon");
+        assert!(
+            !warns(&Fit { seconds: 100.0, ..f }, 61.0, 60.0, false),
+            "beyond the horizon"
+        );
         assert!(warns(&f, 120.0, 60.0, true), "holds up to twice the horizon");
         assert!(!warns(&f, 121.0, 60.0, true));
         // Page cache filling: usage grows 1 MiB/s, anonymous memory does not.
