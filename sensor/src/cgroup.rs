@@ -459,7 +459,7 @@ impl Discovery {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        out.sort_by(|a, b| b.1.cmp(&a.1));
+        out.sort_by_key(|(_, r)| std::cmp::Reverse(*r));
         out
     }
 

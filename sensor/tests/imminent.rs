@@ -194,6 +194,9 @@ fn a_steady_leak_is_warned_about_before_its_kill_and_churn_or_a_sawtooth_is_not(
         Some(1.0),
         "gauge while it holds"
     );
+    // The web view's summary (and `sensor top`, drawn from it) lists it while it holds.
+    let sum: Value = serde_json::from_str(&d.get("/api/v1/summary").1).unwrap();
+    assert_eq!(sum["oom"]["imminent"][0]["cgroup"], rel.as_str(), "{}", sum["oom"]);
     assert!(
         wait_job(&mut leak_job, Duration::from_secs(90)),
         "the leak is OOM-killed"
