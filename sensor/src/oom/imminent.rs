@@ -114,6 +114,16 @@ pub enum LimitScope {
     Host,
 }
 
+impl LimitScope {
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitScope::Own => "self",
+            LimitScope::Ancestor => "ancestor",
+            LimitScope::Host => "host",
+        }
+    }
+}
+
 /// The limit that binds a workload, with the usage counted against it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binding {
@@ -346,7 +356,7 @@ impl super::OomSlice {
             pod = %ev.names.pod,
             container = %ev.names.container,
             limit_cgroup = %ev.limit_cgroup,
-            limit_scope = ?ev.limit_scope,
+            limit_scope = ev.limit_scope.label(),
             usage_bytes = ev.usage_bytes,
             limit_bytes = ev.limit_bytes,
             growth_bytes_per_minute = format_args!("{:.0}", ev.growth_bytes_per_minute),
@@ -456,6 +466,9 @@ mod tests {
         let b = binding_of(&[lv("/a", None, MIB)], Some((8 << 30, 6 << 30))).unwrap();
         assert_eq!((b.scope, b.usage, b.limit), (LimitScope::Host, 2 << 30, 8 << 30));
         assert_eq!(binding_of(&[], None), None);
+        for s in [LimitScope::Own, LimitScope::Ancestor, LimitScope::Host] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.label(), "event and log agree");
+        }
     }
 
     #[test]
