@@ -7,7 +7,7 @@ mod common;
 
 use std::{
     os::unix::process::ExitStatusExt,
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -34,40 +34,13 @@ fn now() -> f64 {
 
 fn spawn(name: &str, limit: u64, script: &str) -> Job {
     let cg = MemCgroup::new(&format!("sensor-it-imm-{name}"), limit);
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg("echo $$ > \"$1\" && exec python3 -c \"$2\"")
-        .arg("sh")
-        .arg(cg.dir.join("cgroup.procs"))
-        .arg(script)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3");
+    let child = cg.spawn_python(script);
     Job {
         name: name.to_string(),
         cg,
         child,
         started: now(),
     }
-}
-
-/// Holds `rate` MiB more every second (paced by the clock) until killed.
-fn leak(rate: f64) -> String {
-    format!(
-        r#"
-import time
-rate = {rate} * 1024 * 1024
-chunk = 256 * 1024
-held = []
-t0 = time.monotonic()
-while True:
-    want = int((time.monotonic() - t0) * rate / chunk)
-    while len(held) < want:
-        held.append(b"x" * chunk)
-    time.sleep(0.02)
-"#
-    )
 }
 
 /// Writes a file twice the limit through the page cache, then reads it over and over.
@@ -166,7 +139,7 @@ fn a_steady_leak_is_warned_about_before_its_kill_and_churn_or_a_sawtooth_is_not(
     let d = daemon(&journal);
     // 2 MiB/s into 96 MiB: about 40 s to fill. Beside it, page cache churning through a 64 MiB
     // limit and a heap sawing 24 -> 48 MiB of 64 every 7 s, both for as long.
-    let mut leak_job = spawn("leak", 96 * MIB, &leak(2.0));
+    let mut leak_job = spawn("leak", 96 * MIB, &leak_script(2.0));
     let mut churn = spawn("churn", 64 * MIB, &page_cache_churn(45, 128));
     let mut saw = spawn("saw", 64 * MIB, &sawtooth(45, 24, 48, 5.0, 2.0));
     // The warning comes while it grows, the gauge says so, then the kill.
@@ -285,7 +258,7 @@ fn imminent_benchmark() {
         leaks.push((
             rate,
             limit,
-            spawn(&format!("leak-{rate}-{limit}"), limit * MIB, &leak(rate)),
+            spawn(&format!("leak-{rate}-{limit}"), limit * MIB, &leak_script(rate)),
         ));
     }
     const RUN: u32 = 140;

@@ -54,35 +54,10 @@ fn steady_growth_is_leak_like_with_its_rate() {
     let d = Daemon::start(FAST);
     std::thread::sleep(Duration::from_millis(2500));
     let since = last_seq(&d);
-    // Touches `rate` MiB per second, paced by the clock (not by sleeps), until killed; prints
-    // how many MiB it held and when, so the real rate is measured, not assumed.
+    // Touches `rate` MiB per second, paced by the clock (not by sleeps), until killed.
     const RATE_MIB_S: f64 = 3.0;
-    let script = format!(
-        r#"
-import sys, time
-rate = {RATE_MIB_S} * 1024 * 1024
-chunk = 256 * 1024
-held = []
-t0 = time.monotonic()
-while True:
-    want = int((time.monotonic() - t0) * rate / chunk)
-    while len(held) < want:
-        held.append(b"x" * chunk)
-    time.sleep(0.02)
-"#
-    );
-    let procs = cg.dir.join("cgroup.procs");
     let started = Instant::now();
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg("echo $$ > \"$1\" && exec python3 -c \"$2\"")
-        .arg("sh")
-        .arg(&procs)
-        .arg(&script)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("python3");
+    let st = cg.spawn_python(&leak_script(RATE_MIB_S)).wait().expect("python3");
     let lived = started.elapsed();
     assert_eq!(
         st.signal(),

@@ -56,30 +56,9 @@ fn idle_in(cg: &MemCgroup) -> Child {
         .expect("sleep")
 }
 
-/// Grows 3 MiB/s (paced by the clock) in `cg` until the kernel kills it; returns its status.
+/// Grows 3 MiB/s in `cg` until the kernel kills it; returns its status.
 fn grow_until_killed(cg: &MemCgroup) -> std::process::ExitStatus {
-    let script = r#"
-import time
-rate = 3 * 1024 * 1024
-chunk = 256 * 1024
-held = []
-t0 = time.monotonic()
-while True:
-    want = int((time.monotonic() - t0) * rate / chunk)
-    while len(held) < want:
-        held.append(b"x" * chunk)
-    time.sleep(0.02)
-"#;
-    Command::new("sh")
-        .arg("-c")
-        .arg("echo $$ > \"$1\" && exec python3 -c \"$2\"")
-        .arg("sh")
-        .arg(cg.dir.join("cgroup.procs"))
-        .arg(script)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("python3")
+    cg.spawn_python(&leak_script(3.0)).wait().expect("wait python3")
 }
 
 /// Polls until `sensor_workloads_left_out{set}` equals the host's cgroups minus the bound
@@ -165,18 +144,7 @@ fn active_workloads_displace_idle_and_empty_ones_and_the_rest_is_counted() {
         "import socket, time\nfor _ in range(5): socket.create_connection(('127.0.0.1', {port})).close()\ntime.sleep(120)"
     );
     for cg in &connecting {
-        sleepers.push(
-            Command::new("sh")
-                .arg("-c")
-                .arg("echo $$ > \"$1\" && exec python3 -c \"$2\"")
-                .arg("sh")
-                .arg(cg.dir.join("cgroup.procs"))
-                .arg(&script)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("python3"),
-        );
+        sleepers.push(cg.spawn_python(&script));
     }
     // The growing workloads, all at once: each is OOM-killed after about 20 s.
     let statuses: Vec<std::process::ExitStatus> = std::thread::scope(|s| {
