@@ -149,7 +149,11 @@ pub fn read(h: &Hierarchies, cgroup: &str, reclaim_ns: Option<u64>) -> Reading {
     };
     let text = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let populated = if h.memory_is_v1() {
-        text("cgroup.procs").is_some_and(|t| !t.trim().is_empty())
+        // The first bytes say whether there is a pid (a busy cgroup's list can be long).
+        let mut first = [0u8; 16];
+        std::fs::File::open(dir.join("cgroup.procs"))
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut first))
+            .is_ok_and(|n| first[..n].iter().any(u8::is_ascii_digit))
     } else {
         text("cgroup.events").is_some_and(|t| t.lines().any(|l| l.trim() == "populated 1"))
     };
