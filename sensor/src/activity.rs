@@ -1,6 +1,6 @@
 //! Which cgroups are doing something: the rank the bounded workload sets admit by (see
-//! `admission`). Each scheduled rescan reads a few small files per cgroup, on the rescan's
-//! blocking thread: whether it has processes (v1 `cgroup.procs`, v2 `cgroup.events`
+//! `admission`). Each scheduled rescan reads a few small files per cgroup
+//! (`cgroup::read_activity`), on the rescan's blocking thread: whether it has processes (v1 `cgroup.procs`, v2 `cgroup.events`
 //! populated), its usage, and its limit hits; the memcg probe's reclaim time comes for free.
 //! A change since the last activity (usage by [`USAGE_STEP`] or more, a limit hit, reclaim) or
 //! the cgroup's creation makes it active for [`ACTIVE_FOR`].
@@ -10,10 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    admission::{Level, Rank},
-    cgroup::Hierarchies,
-};
+use crate::admission::{Level, Rank};
 
 /// How long a change keeps a cgroup active.
 pub const ACTIVE_FOR: Duration = Duration::from_secs(300);
@@ -140,41 +137,6 @@ fn changed(base: &Reading, r: &Reading) -> bool {
         _ => false,
     };
     usage || grew(base.limit_hits, r.limit_hits) || grew(base.reclaim_ns, r.reclaim_ns)
-}
-
-/// Reads a cgroup's activity signals (missing files read as `None` / not populated).
-pub fn read(h: &Hierarchies, cgroup: &str, reclaim_ns: Option<u64>) -> Reading {
-    let Some(dir) = h.memory_dir(cgroup) else {
-        return Reading::default();
-    };
-    let text = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
-    let populated = if h.memory_is_v1() {
-        // The first bytes say whether there is a pid (a busy cgroup's list can be long).
-        let mut first = [0u8; 16];
-        std::fs::File::open(dir.join("cgroup.procs"))
-            .and_then(|mut f| std::io::Read::read(&mut f, &mut first))
-            .is_ok_and(|n| first[..n].iter().any(u8::is_ascii_digit))
-    } else {
-        text("cgroup.events").is_some_and(|t| t.lines().any(|l| l.trim() == "populated 1"))
-    };
-    let (usage, limit_hits) = if h.memory_is_v1() {
-        let n = |f: &str| text(f).and_then(|t| t.trim().parse::<u64>().ok());
-        (n("memory.usage_in_bytes"), n("memory.failcnt"))
-    } else {
-        let usage = text("memory.current").and_then(|t| t.trim().parse().ok());
-        let hits = text("memory.events").and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("max "))
-                .and_then(|v| v.trim().parse().ok())
-        });
-        (usage, hits)
-    };
-    Reading {
-        populated,
-        usage,
-        limit_hits,
-        reclaim_ns,
-    }
 }
 
 #[cfg(test)]

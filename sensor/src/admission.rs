@@ -9,10 +9,7 @@
 //! Levels, not fine-grained scores: two active workloads never displace each other, so a set
 //! does not churn while the host is busy (a member's series keep their labels).
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::{Duration, Instant},
-};
+use std::collections::{HashMap, HashSet};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
@@ -274,108 +271,6 @@ impl Admission {
 
     fn publish(&self) {
         self.left_out.now.set(self.out.len() as i64);
-    }
-}
-
-/// Bounds the workloads one metric family may label under the admission rule (see
-/// `admission`): members get their own series, the rest fold into `cgroup="other"`; a more
-/// active cgroup displaces an idle member. Cgroups whose directory is gone are released after
-/// `grace`, and the caller drops their series.
-#[derive(Debug)]
-pub struct WorkloadSet {
-    grace: Duration,
-    admission: Admission,
-    /// Members whose directory vanished, since when.
-    gone: HashMap<String, Instant>,
-}
-
-/// The `cgroup` label of workloads left out of a set.
-pub const OTHER: &str = "other";
-
-impl WorkloadSet {
-    /// A set whose left-out count is exported nowhere (tests).
-    pub fn new(max: usize, grace: Duration) -> WorkloadSet {
-        WorkloadSet::with_left_out(max, grace, LeftOut::detached())
-    }
-
-    pub fn with_left_out(max: usize, grace: Duration, left_out: LeftOut) -> WorkloadSet {
-        WorkloadSet {
-            grace,
-            admission: Admission::new(max, left_out),
-            gone: HashMap::new(),
-        }
-    }
-
-    /// Path-derived label values for `cgroup` without a rank (it displaces no member).
-    pub fn labels(&mut self, cgroup: &str) -> [String; 3] {
-        self.labels_ranked(cgroup, Rank::EMPTY).0
-    }
-
-    /// Path-derived label values for `cgroup`: its own, or the `other` bucket when it is left
-    /// out; and the member it displaced, whose series the caller drops or folds.
-    pub fn labels_ranked(&mut self, cgroup: &str, rank: Rank) -> ([String; 3], Option<String>) {
-        // A member's grace runs from when `sweep` first found it gone: labelling it again (a
-        // scrape of its kernel keys) does not restart it, nor keeps it ranked.
-        let rank = if self.gone.contains_key(cgroup) {
-            Rank::EMPTY
-        } else {
-            rank
-        };
-        let displaced = match self.admission.admit(cgroup, rank) {
-            Admit::LeftOut => return ([OTHER.to_string(), String::new(), String::new()], None),
-            Admit::Member => None,
-            Admit::Admitted(d) => d,
-        };
-        if let Some(d) = &displaced {
-            self.gone.remove(d);
-        }
-        let w = crate::cgroup::workload(cgroup);
-        ([cgroup.to_string(), w.container_id, w.pod_uid], displaced)
-    }
-
-    /// Re-ranks every member (vanished ones rank lowest).
-    pub fn refresh(&mut self, rank_of: impl Fn(&str) -> Rank) {
-        let gone = &self.gone;
-        self.admission
-            .refresh(|c| if gone.contains_key(c) { Rank::EMPTY } else { rank_of(c) });
-    }
-
-    /// Marks cgroups whose directory vanished and returns those gone for longer than the grace
-    /// period (removed from the set, so their slots free up).
-    pub fn sweep(&mut self, exists: impl Fn(&str) -> bool, now: Instant) -> Vec<String> {
-        let mut expired = Vec::new();
-        let members: Vec<String> = self.admission.members().map(str::to_string).collect();
-        for cg in members {
-            if exists(&cg) {
-                self.gone.remove(&cg);
-            } else {
-                let since = *self.gone.entry(cg.clone()).or_insert(now);
-                if now.duration_since(since) >= self.grace {
-                    expired.push(cg);
-                }
-            }
-        }
-        for cg in &expired {
-            self.gone.remove(cg);
-            self.admission.remove(cg);
-        }
-        // Left-out cgroups that vanished are no longer left out.
-        let members: HashSet<String> = self.admission.members().map(str::to_string).collect();
-        self.admission.retain(|c| members.contains(c) || exists(c));
-        expired
-    }
-
-    pub fn len(&self) -> usize {
-        self.admission.len()
-    }
-
-    /// Whether `cgroup` has series of its own (not folded into `other`).
-    pub fn contains(&self, cgroup: &str) -> bool {
-        self.admission.contains(cgroup)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.admission.is_empty()
     }
 }
 

@@ -12,10 +12,9 @@ use std::{
 
 use serde::Serialize;
 
-pub use crate::admission::{WorkloadSet, OTHER};
 use crate::{
-    activity::Tracker,
-    admission::{LeftOutMetrics, Rank},
+    activity::{Reading, Tracker},
+    admission::{Admission, Admit, LeftOut, LeftOutMetrics, Rank},
     workloads::{Names, Resolver},
 };
 
@@ -208,6 +207,108 @@ pub fn with_names(base: [String; 3], n: &Names) -> WorkloadLabels {
 /// Workload labels as a fragment of the text exposition.
 pub(crate) fn render_labels(l: &WorkloadLabels) -> Arc<str> {
     crate::expo::labels(WORKLOAD_LABELS.iter().copied().zip(l.iter().map(String::as_str))).into()
+}
+
+/// Bounds the workloads one metric family may label under the admission rule (see
+/// `admission`): members get their own series, the rest fold into `cgroup="other"`; a more
+/// active cgroup displaces an idle member. Cgroups whose directory is gone are released after
+/// `grace`, and the caller drops their series.
+#[derive(Debug)]
+pub struct WorkloadSet {
+    grace: Duration,
+    admission: Admission,
+    /// Members whose directory vanished, since when.
+    gone: HashMap<String, Instant>,
+}
+
+/// The `cgroup` label of workloads left out of a set.
+pub const OTHER: &str = "other";
+
+impl WorkloadSet {
+    /// A set whose left-out count is exported nowhere (tests).
+    pub fn new(max: usize, grace: Duration) -> WorkloadSet {
+        WorkloadSet::with_left_out(max, grace, LeftOut::detached())
+    }
+
+    pub fn with_left_out(max: usize, grace: Duration, left_out: LeftOut) -> WorkloadSet {
+        WorkloadSet {
+            grace,
+            admission: Admission::new(max, left_out),
+            gone: HashMap::new(),
+        }
+    }
+
+    /// Path-derived label values for `cgroup` without a rank (it displaces no member).
+    pub fn labels(&mut self, cgroup: &str) -> [String; 3] {
+        self.labels_ranked(cgroup, Rank::EMPTY).0
+    }
+
+    /// Path-derived label values for `cgroup`: its own, or the `other` bucket when it is left
+    /// out; and the member it displaced, whose series the caller drops or folds.
+    pub fn labels_ranked(&mut self, cgroup: &str, rank: Rank) -> ([String; 3], Option<String>) {
+        // A member's grace runs from when `sweep` first found it gone: labelling it again (a
+        // scrape of its kernel keys) does not restart it, nor keeps it ranked.
+        let rank = if self.gone.contains_key(cgroup) {
+            Rank::EMPTY
+        } else {
+            rank
+        };
+        let displaced = match self.admission.admit(cgroup, rank) {
+            Admit::LeftOut => return ([OTHER.to_string(), String::new(), String::new()], None),
+            Admit::Member => None,
+            Admit::Admitted(d) => d,
+        };
+        if let Some(d) = &displaced {
+            self.gone.remove(d);
+        }
+        let w = workload(cgroup);
+        ([cgroup.to_string(), w.container_id, w.pod_uid], displaced)
+    }
+
+    /// Re-ranks every member (vanished ones rank lowest).
+    pub fn refresh(&mut self, rank_of: impl Fn(&str) -> Rank) {
+        let gone = &self.gone;
+        self.admission
+            .refresh(|c| if gone.contains_key(c) { Rank::EMPTY } else { rank_of(c) });
+    }
+
+    /// Marks cgroups whose directory vanished and returns those gone for longer than the grace
+    /// period (removed from the set, so their slots free up).
+    pub fn sweep(&mut self, exists: impl Fn(&str) -> bool, now: Instant) -> Vec<String> {
+        let mut expired = Vec::new();
+        let members: Vec<String> = self.admission.members().map(str::to_string).collect();
+        for cg in members {
+            if exists(&cg) {
+                self.gone.remove(&cg);
+            } else {
+                let since = *self.gone.entry(cg.clone()).or_insert(now);
+                if now.duration_since(since) >= self.grace {
+                    expired.push(cg);
+                }
+            }
+        }
+        for cg in &expired {
+            self.gone.remove(cg);
+            self.admission.remove(cg);
+        }
+        // Left-out cgroups that vanished are no longer left out.
+        let members: HashSet<String> = self.admission.members().map(str::to_string).collect();
+        self.admission.retain(|c| members.contains(c) || exists(c));
+        expired
+    }
+
+    pub fn len(&self) -> usize {
+        self.admission.len()
+    }
+
+    /// Whether `cgroup` has series of its own (not folded into `other`).
+    pub fn contains(&self, cgroup: &str) -> bool {
+        self.admission.contains(cgroup)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.admission.is_empty()
+    }
 }
 
 /// Cgroups of the memory hierarchy, shared by every slice that labels workloads: paths,
@@ -556,10 +657,10 @@ impl Discovery {
     /// Reads every cgroup's activity signals (a few small files each; this runs on the
     /// discovery's blocking thread) and re-ranks the label set's members.
     fn scan_activity(&self, found: &[(String, u64)]) {
-        let readings: Vec<(String, crate::activity::Reading)> = found
+        let readings: Vec<(String, Reading)> = found
             .iter()
             .filter(|(p, _)| p.as_str() != "/")
-            .map(|(p, _)| (p.clone(), crate::activity::read(&self.hier, p, self.reclaim_ns(p))))
+            .map(|(p, _)| (p.clone(), read_activity(&self.hier, p, self.reclaim_ns(p))))
             .collect();
         let now = Instant::now();
         if let Ok(mut a) = self.activity.lock() {
@@ -601,6 +702,41 @@ impl Discovery {
                 s.by_id.remove(&id);
             }
         }
+    }
+}
+
+/// Reads a cgroup's activity signals (missing files read as `None` / not populated).
+pub fn read_activity(h: &Hierarchies, cgroup: &str, reclaim_ns: Option<u64>) -> Reading {
+    let Some(dir) = h.memory_dir(cgroup) else {
+        return Reading::default();
+    };
+    let text = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    let populated = if h.memory_is_v1() {
+        // The first bytes say whether there is a pid (a busy cgroup's list can be long).
+        let mut first = [0u8; 16];
+        std::fs::File::open(dir.join("cgroup.procs"))
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut first))
+            .is_ok_and(|n| first[..n].iter().any(u8::is_ascii_digit))
+    } else {
+        text("cgroup.events").is_some_and(|t| t.lines().any(|l| l.trim() == "populated 1"))
+    };
+    let (usage, limit_hits) = if h.memory_is_v1() {
+        let n = |f: &str| text(f).and_then(|t| t.trim().parse::<u64>().ok());
+        (n("memory.usage_in_bytes"), n("memory.failcnt"))
+    } else {
+        let usage = text("memory.current").and_then(|t| t.trim().parse().ok());
+        let hits = text("memory.events").and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("max "))
+                .and_then(|v| v.trim().parse().ok())
+        });
+        (usage, hits)
+    };
+    Reading {
+        populated,
+        usage,
+        limit_hits,
+        reclaim_ns,
     }
 }
 
