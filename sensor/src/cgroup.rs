@@ -12,7 +12,11 @@ use std::{
 
 use serde::Serialize;
 
-use crate::workloads::{Names, Resolver};
+use crate::{
+    activity::{Reading, Tracker},
+    admission::{Admission, Admit, LeftOut, LeftOutMetrics, Rank},
+    workloads::{Names, Resolver},
+};
 
 /// Where the memory controller lives on this host.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -205,73 +209,105 @@ pub(crate) fn render_labels(l: &WorkloadLabels) -> Arc<str> {
     crate::expo::labels(WORKLOAD_LABELS.iter().copied().zip(l.iter().map(String::as_str))).into()
 }
 
-/// Bounds the workloads one metric family may label: the first `max` distinct cgroups get their
-/// own series, later ones fold into `cgroup="other"`. Cgroups whose directory is gone are
-/// released after `grace`, and the caller drops their series.
+/// Bounds the workloads one metric family may label under the admission rule (see
+/// `admission`): members get their own series, the rest fold into `cgroup="other"`; a more
+/// active cgroup displaces an idle member. Cgroups whose directory is gone are released after
+/// `grace`, and the caller drops their series.
 #[derive(Debug)]
 pub struct WorkloadSet {
-    max: usize,
     grace: Duration,
-    members: HashMap<String, Option<Instant>>,
+    admission: Admission,
+    /// Members whose directory vanished, since when.
+    gone: HashMap<String, Instant>,
 }
 
+/// The `cgroup` label of workloads left out of a set.
 pub const OTHER: &str = "other";
 
 impl WorkloadSet {
+    /// A set whose left-out count is exported nowhere (tests).
     pub fn new(max: usize, grace: Duration) -> WorkloadSet {
+        WorkloadSet::with_left_out(max, grace, LeftOut::detached())
+    }
+
+    pub fn with_left_out(max: usize, grace: Duration, left_out: LeftOut) -> WorkloadSet {
         WorkloadSet {
-            max: max.max(1),
             grace,
-            members: HashMap::new(),
+            admission: Admission::new(max, left_out),
+            gone: HashMap::new(),
         }
     }
 
-    /// Path-derived label values for `cgroup`: its own, or the `other` bucket when the set is
-    /// full.
+    /// Path-derived label values for `cgroup` without a rank (it displaces no member).
     pub fn labels(&mut self, cgroup: &str) -> [String; 3] {
+        self.labels_ranked(cgroup, Rank::EMPTY).0
+    }
+
+    /// Path-derived label values for `cgroup`: its own, or the `other` bucket when it is left
+    /// out; and the member it displaced, whose series the caller drops or folds.
+    pub fn labels_ranked(&mut self, cgroup: &str, rank: Rank) -> ([String; 3], Option<String>) {
         // A member's grace runs from when `sweep` first found it gone: labelling it again (a
-        // scrape of its kernel keys) does not restart it.
-        if !self.members.contains_key(cgroup) {
-            if self.members.len() >= self.max {
-                return [OTHER.to_string(), String::new(), String::new()];
-            }
-            self.members.insert(cgroup.to_string(), None);
+        // scrape of its kernel keys) does not restart it, nor keeps it ranked.
+        let rank = if self.gone.contains_key(cgroup) {
+            Rank::EMPTY
+        } else {
+            rank
+        };
+        let displaced = match self.admission.admit(cgroup, rank) {
+            Admit::LeftOut => return ([OTHER.to_string(), String::new(), String::new()], None),
+            Admit::Member => None,
+            Admit::Admitted(d) => d,
+        };
+        if let Some(d) = &displaced {
+            self.gone.remove(d);
         }
         let w = workload(cgroup);
-        [cgroup.to_string(), w.container_id, w.pod_uid]
+        ([cgroup.to_string(), w.container_id, w.pod_uid], displaced)
+    }
+
+    /// Re-ranks every member (vanished ones rank lowest).
+    pub fn refresh(&mut self, rank_of: impl Fn(&str) -> Rank) {
+        let gone = &self.gone;
+        self.admission
+            .refresh(|c| if gone.contains_key(c) { Rank::EMPTY } else { rank_of(c) });
     }
 
     /// Marks cgroups whose directory vanished and returns those gone for longer than the grace
     /// period (removed from the set, so their slots free up).
     pub fn sweep(&mut self, exists: impl Fn(&str) -> bool, now: Instant) -> Vec<String> {
         let mut expired = Vec::new();
-        for (cg, gone) in self.members.iter_mut() {
-            if exists(cg) {
-                *gone = None;
+        let members: Vec<String> = self.admission.members().map(str::to_string).collect();
+        for cg in members {
+            if exists(&cg) {
+                self.gone.remove(&cg);
             } else {
-                let since = *gone.get_or_insert(now);
+                let since = *self.gone.entry(cg.clone()).or_insert(now);
                 if now.duration_since(since) >= self.grace {
-                    expired.push(cg.clone());
+                    expired.push(cg);
                 }
             }
         }
         for cg in &expired {
-            self.members.remove(cg);
+            self.gone.remove(cg);
+            self.admission.remove(cg);
         }
+        // Left-out cgroups that vanished are no longer left out.
+        let members: HashSet<String> = self.admission.members().map(str::to_string).collect();
+        self.admission.retain(|c| members.contains(c) || exists(c));
         expired
     }
 
     pub fn len(&self) -> usize {
-        self.members.len()
+        self.admission.len()
     }
 
     /// Whether `cgroup` has series of its own (not folded into `other`).
     pub fn contains(&self, cgroup: &str) -> bool {
-        self.members.contains_key(cgroup)
+        self.admission.contains(cgroup)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+        self.admission.is_empty()
     }
 }
 
@@ -289,6 +325,10 @@ pub struct Discovery {
     grace: Duration,
     /// `sensor_workload_keys_retired_total{map}` (registered by the daemon).
     retired: prometheus::IntCounterVec,
+    /// Which cgroups are doing something (the bounded sets admit by it), from scheduled scans.
+    activity: Mutex<Tracker>,
+    /// `sensor_workloads_left_out{,_total}{set}` (registered by the daemon).
+    left_out: LeftOutMetrics,
 }
 
 #[derive(Default)]
@@ -328,11 +368,18 @@ const WALK_LIMIT: usize = 20_000;
 
 impl Discovery {
     pub fn new(hier: Hierarchies, workloads_per_metric: usize, grace: Duration) -> Discovery {
+        let left_out = LeftOutMetrics::new();
         let d = Discovery {
             hier,
             state: Mutex::new(Discovered::default()),
             reclaim_ns: Mutex::new(None),
-            workloads: Mutex::new(WorkloadSet::new(workloads_per_metric, grace)),
+            workloads: Mutex::new(WorkloadSet::with_left_out(
+                workloads_per_metric,
+                grace,
+                left_out.for_set("workload_labels"),
+            )),
+            activity: Mutex::new(Tracker::default()),
+            left_out,
             resolver: OnceLock::new(),
             grace,
             retired: retired_counter(),
@@ -374,13 +421,59 @@ impl Discovery {
         with_names(base, &n)
     }
 
-    /// Label values for a cgroup path (bounded: `other` once the set is full).
+    /// Label values for a cgroup path (bounded: `other` when left out of the set).
     pub fn labels(&self, cgroup: &str) -> WorkloadLabels {
+        let rank = self.rank(cgroup);
         let base = match self.workloads.lock() {
-            Ok(mut w) => w.labels(cgroup),
+            Ok(mut w) => w.labels_ranked(cgroup, rank).0,
             Err(_) => [OTHER.to_string(), String::new(), String::new()],
         };
         self.named(base)
+    }
+
+    /// Whether `cgroup` has series of its own in the label set (not folded into `other`).
+    pub fn is_labelled(&self, cgroup: &str) -> bool {
+        self.workloads.lock().is_ok_and(|w| w.contains(cgroup))
+    }
+
+    /// How much `cgroup` is worth watching now (see `admission`).
+    pub fn rank(&self, cgroup: &str) -> Rank {
+        match self.activity.lock() {
+            Ok(a) => a.rank(cgroup, Instant::now()),
+            Err(_) => Rank::EMPTY,
+        }
+    }
+
+    /// Every cgroup but the root with its rank, most worth watching first (walk order among
+    /// equals).
+    pub fn ranked(&self) -> Vec<(String, Rank)> {
+        let cgroups = self.cgroups();
+        let now = Instant::now();
+        let mut out: Vec<(String, Rank)> = match self.activity.lock() {
+            Ok(a) => cgroups
+                .into_iter()
+                .filter(|c| c.as_str() != "/")
+                .map(|c| {
+                    let r = a.rank(&c, now);
+                    (c, r)
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        out.sort_by_key(|(_, r)| std::cmp::Reverse(*r));
+        out
+    }
+
+    /// Marks `cgroup` active now (an OOM kill in it).
+    pub fn note_active(&self, cgroup: &str) {
+        if let Ok(mut a) = self.activity.lock() {
+            a.note_active(cgroup, Instant::now());
+        }
+    }
+
+    /// `sensor_workloads_left_out{,_total}`, for the daemon's registry and the other sets.
+    pub fn left_out_metrics(&self) -> &LeftOutMetrics {
+        &self.left_out
     }
 
     /// Label values for a kernfs id: `""` for 0 (not attributed), the path when known, else
@@ -531,7 +624,10 @@ impl Discovery {
                     }
                 }
             }
-            s.cgroups = found.into_iter().map(|(p, _)| p).collect();
+            s.cgroups = found.iter().map(|(p, _)| p.clone()).collect();
+            if let Ok(mut a) = self.activity.lock() {
+                a.walked(s.cgroups.iter().cloned());
+            }
             let now = Instant::now();
             match self.workloads.lock() {
                 Ok(w) if scheduled => forget_vanished(&mut s.by_id, &live, now, self.grace, |p| w.contains(p)),
@@ -545,6 +641,9 @@ impl Discovery {
             s.last_scan = Some(now);
             expired = track_containers(&mut s.containers, &ids, now, self.grace);
         }
+        if scheduled {
+            self.scan_activity(&found);
+        }
         if let Some(r) = self.resolver.get() {
             // A workload is named when its cgroup first appears: its container may be gone by
             // the time it is OOM-killed.
@@ -555,7 +654,23 @@ impl Discovery {
         }
     }
 
-    /// Forgets the path of an id whose kernel entries were dropped.
+    /// Reads every cgroup's activity signals (a few small files each; this runs on the
+    /// discovery's blocking thread) and re-ranks the label set's members.
+    fn scan_activity(&self, found: &[(String, u64)]) {
+        let readings: Vec<(String, Reading)> = found
+            .iter()
+            .filter(|(p, _)| p.as_str() != "/")
+            .map(|(p, _)| (p.clone(), read_activity(&self.hier, p, self.reclaim_ns(p))))
+            .collect();
+        let now = Instant::now();
+        if let Ok(mut a) = self.activity.lock() {
+            a.scan(readings, now);
+        }
+        if let (Ok(mut w), Ok(a)) = (self.workloads.lock(), self.activity.lock()) {
+            w.refresh(|c| a.rank(c, now));
+        }
+    }
+
     /// Publishes cumulative reclaim time per cgroup id (ns); ids without a known path are left
     /// out.
     pub fn set_reclaim_ns(&self, totals: impl IntoIterator<Item = (u64, u64)>) {
@@ -580,12 +695,48 @@ impl Discovery {
             .map(|m| m.get(cgroup).copied().unwrap_or(0))
     }
 
+    /// Forgets the path of an id whose kernel entries were dropped.
     pub fn forget(&self, id: u64) {
         if let Ok(mut s) = self.state.lock() {
             if !s.live.contains(&id) {
                 s.by_id.remove(&id);
             }
         }
+    }
+}
+
+/// Reads a cgroup's activity signals (missing files read as `None` / not populated).
+pub fn read_activity(h: &Hierarchies, cgroup: &str, reclaim_ns: Option<u64>) -> Reading {
+    let Some(dir) = h.memory_dir(cgroup) else {
+        return Reading::default();
+    };
+    let text = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    let populated = if h.memory_is_v1() {
+        // The first bytes say whether there is a pid (a busy cgroup's list can be long).
+        let mut first = [0u8; 16];
+        std::fs::File::open(dir.join("cgroup.procs"))
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut first))
+            .is_ok_and(|n| first[..n].iter().any(u8::is_ascii_digit))
+    } else {
+        text("cgroup.events").is_some_and(|t| t.lines().any(|l| l.trim() == "populated 1"))
+    };
+    let (usage, limit_hits) = if h.memory_is_v1() {
+        let n = |f: &str| text(f).and_then(|t| t.trim().parse::<u64>().ok());
+        (n("memory.usage_in_bytes"), n("memory.failcnt"))
+    } else {
+        let usage = text("memory.current").and_then(|t| t.trim().parse().ok());
+        let hits = text("memory.events").and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("max "))
+                .and_then(|v| v.trim().parse().ok())
+        });
+        (usage, hits)
+    };
+    Reading {
+        populated,
+        usage,
+        limit_hits,
+        reclaim_ns,
     }
 }
 

@@ -4,6 +4,8 @@
 //! best hook) -> `transport` (per-CPU rings) -> `decode` -> `dispatch` -> per-signal slices
 //! (`oom`, ...) -> `metrics` / `events` -> `http`.
 
+pub mod activity;
+pub mod admission;
 pub mod agg;
 pub mod alloc;
 pub mod cgroup;

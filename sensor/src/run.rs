@@ -270,6 +270,7 @@ impl Pipeline {
             crate::workloads::Resolver::new(&cfg.workloads, &metrics.registry, tokio::runtime::Handle::current())?;
         discovery.set_resolver(Arc::new(resolver));
         metrics.registry.register(Box::new(discovery.retired_metric()))?;
+        discovery.left_out_metrics().register(&metrics.registry)?;
         journal_metrics.register(&metrics.registry)?;
         let hub = Arc::new(EventHub::with_journal(cfg.events.history, journal));
         let (ebpf, started) = {

@@ -41,6 +41,8 @@ pub struct Model {
     /// `sensor_oom_kills_total` and the newest kill, from `/api/v1/summary`.
     pub oom_kills_total: f64,
     pub last_kill: Option<Value>,
+    /// `oom_imminent` warnings holding now, newest first.
+    pub imminent: Vec<Value>,
     /// Failed connects by result (`sensor_tcp_connects_total`), from `/api/v1/summary`.
     pub tcp_failures: std::collections::BTreeMap<String, u64>,
     pub tcp_failures_total: u64,
@@ -112,6 +114,7 @@ impl Model {
             .unwrap_or_default();
         self.oom_kills_total = sum["oom"]["kills_total"].as_f64().unwrap_or(0.0);
         self.last_kill = sum["oom"]["recent"].get(0).cloned();
+        self.imminent = sum["oom"]["imminent"].as_array().cloned().unwrap_or_default();
         self.tcp_failures = sum["tcp"]["totals"]
             .as_object()
             .into_iter()
@@ -363,6 +366,23 @@ fn verdict_suffix(k: &Value) -> String {
     }
 }
 
+/// Warnings shown at most (the web view lists them all).
+const IMMINENT_LINES: usize = 3;
+
+/// `OOM imminent: <cgroup>: +<rate>/min, the <limit> limit of <limit cgroup> (<scope>) in ~<n> s`.
+fn imminent_line(w: &Value) -> String {
+    let mib = |k: &str| w[k].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64;
+    format!(
+        "OOM imminent: {}: +{:.0} MiB/min, the {:.0} MiB limit of {} ({}) in ~{:.0} s",
+        w["cgroup"].as_str().unwrap_or("?"),
+        mib("growth_bytes_per_minute"),
+        mib("limit_bytes"),
+        w["limit_cgroup"].as_str().unwrap_or("?"),
+        w["limit_scope"].as_str().unwrap_or("?"),
+        w["projected_seconds"].as_f64().unwrap_or(0.0)
+    )
+}
+
 fn kernel_summary(m: &Model) -> Paragraph<'_> {
     let mut lines = Vec::new();
     if m.probe_running("oom") {
@@ -386,6 +406,9 @@ fn kernel_summary(m: &Model) -> Paragraph<'_> {
             m.oom_kills_total,
             last.unwrap_or_default()
         )));
+        for w in m.imminent.iter().take(IMMINENT_LINES) {
+            lines.push(Line::from(imminent_line(w)));
+        }
     }
     if m.probe_running("tcp") {
         let by: Vec<String> = m.tcp_failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -559,6 +582,18 @@ mod tests {
         );
         assert!(!text.contains("alert number 29"), "{text}");
         assert!(text.contains("kernel probes: none running"), "{text}");
+    }
+
+    #[test]
+    fn an_imminent_kill_shows_its_workload_rate_limit_and_time() {
+        let w = serde_json::json!({
+            "cgroup": "/shop/cart", "growth_bytes_per_minute": 125829120.0, "limit_bytes": 536870912u64,
+            "limit_cgroup": "/shop", "limit_scope": "ancestor", "projected_seconds": 41.6
+        });
+        assert_eq!(
+            imminent_line(&w),
+            "OOM imminent: /shop/cart: +120 MiB/min, the 512 MiB limit of /shop (ancestor) in ~42 s"
+        );
     }
 
     #[test]

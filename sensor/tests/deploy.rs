@@ -67,6 +67,7 @@ fn prometheus_rules_pass_promtool() {
             "workloads.test.yml",
             "owners.test.yml",
             "checks.test.yml",
+            "imminent.test.yml",
         ])
         .current_dir(dir.join("tests"))
         .output()
@@ -77,7 +78,7 @@ fn prometheus_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches("SUCCESS").count(), 6, "{text}");
+    assert_eq!(text.matches("SUCCESS").count(), 7, "{text}");
 }
 
 /// The kube-state-metrics join deploy/README.md documents is, word for word, the expression

@@ -48,32 +48,8 @@ fn reason_count(d: &Daemon, cg: &MemCgroup, reason: &str) -> f64 {
 /// Grows by `rate_mib_s` MiB per second in `cg`, paced by the clock (not by sleeps), until
 /// killed; returns how long it lived.
 fn grow_until_killed(cg: &MemCgroup, rate_mib_s: f64) -> Duration {
-    let script = format!(
-        r#"
-import time
-rate = {rate_mib_s} * 1024 * 1024
-chunk = 256 * 1024
-held = []
-t0 = time.monotonic()
-while True:
-    want = int((time.monotonic() - t0) * rate / chunk)
-    while len(held) < want:
-        held.append(b"x" * chunk)
-    time.sleep(0.02)
-"#
-    );
-    let procs = cg.dir.join("cgroup.procs");
     let started = Instant::now();
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg("echo $$ > \"$1\" && exec python3 -c \"$2\"")
-        .arg("sh")
-        .arg(&procs)
-        .arg(&script)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("python3");
+    let st = cg.spawn_python(&leak_script(rate_mib_s)).wait().expect("python3");
     assert_eq!(
         st.signal(),
         Some(libc::SIGKILL),

@@ -773,7 +773,11 @@ fn a_vanished_workload_over_the_cap_is_retired_into_other() {
     )
     .unwrap();
     let d = daemon(&cfg, &[]);
-    // The host's own cgroups take the one slot (a scrape labels every memory cgroup).
+    // An active workload (a new cgroup with a process) takes the one slot once a scrape labels
+    // every memory cgroup; the connecting one, no more active, does not displace it.
+    let holder = MemCgroup::new("sensor-it-tcp-retire-holder", 1 << 30);
+    let mut sleeper = holder.spawn_python("import time; time.sleep(600)");
+    std::thread::sleep(Duration::from_secs(1));
     let _ = d.metrics();
     let retired = |m: &str, map: &str| metric(m, "sensor_workload_keys_retired_total", &[("map", map)]);
     let m = d.metrics();
@@ -831,6 +835,8 @@ fn a_vanished_workload_over_the_cap_is_retired_into_other() {
     let wl = &other("", "retire_srv")[1..];
     assert_eq!(metric(&m, "sensor_tcp_connect_duration_seconds_count", wl), Some(100.0));
     stop.store(true, Ordering::Relaxed);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
     assert_eq!(d.stop().code(), Some(0));
 }
 

@@ -20,6 +20,7 @@ pub const ORDER: &[(&str, &str)] = &[
     ("workloads", "Workloads"),
     ("tcp", "TCP connect overhead"),
     ("checks", "Synthetic checks"),
+    ("oom-imminent", "OOM imminent: warning lead time and false warnings"),
 ];
 
 /// A goal from issue 17, as a bound on one figure.
@@ -247,8 +248,12 @@ pub fn render(all: &Value) -> String {
     }
     for (k, title) in &keys {
         let sec = &sections[*k];
+        // A section measured by something other than `cargo xtask bench` names its command.
+        let cmd = sec["command"]
+            .as_str()
+            .map_or_else(|| format!("`cargo xtask bench {k}`"), str::to_string);
         out.push_str(&format!(
-            "\n## {title}\n\n`cargo xtask bench {k}` on {}.\n\n{}\n",
+            "\n## {title}\n\n{cmd} on {}.\n\n{}\n",
             s(&sec["machine"]),
             s(&sec["body"]).trim_end()
         ));

@@ -610,7 +610,8 @@ impl MemcgSlice {
         let current: HashSet<&String> = cgroups.iter().collect();
         let Ok(mut trig) = self.triggers.lock() else { return };
         trig.retain(|cg, tx| {
-            let keep = current.contains(cg);
+            // Gone, or displaced from the label set by a more active cgroup.
+            let keep = current.contains(cg) && self.disc.is_labelled(cg);
             if !keep {
                 let _ = tx.send(true);
             }

@@ -14,7 +14,14 @@ pub struct OomConfig {
     pub exclude_hooks: Vec<HookKind>,
     /// The per-workload memory history each kill's lead-up and verdict are computed from.
     pub history: HistoryConfig,
+    /// `oom_imminent` warns when a workload's steady growth would reach the limit that binds
+    /// it within this time (0s: never).
+    #[serde(with = "duration")]
+    pub imminent_horizon: Duration,
 }
+
+/// Default `probes.oom.imminent_horizon`.
+pub const IMMINENT_HORIZON: Duration = Duration::from_secs(60);
 
 /// `probes.oom.history`: how often each watched memory cgroup is sampled and for how long the
 /// samples are kept (memory: about 56 bytes per sample, `window / interval` samples per workload).
@@ -52,6 +59,7 @@ impl Default for OomConfig {
             enabled: true,
             exclude_hooks: Vec::new(),
             history: HistoryConfig::default(),
+            imminent_horizon: IMMINENT_HORIZON,
         }
     }
 }

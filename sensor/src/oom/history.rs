@@ -9,7 +9,10 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::Serialize;
 
-use crate::cgroup::Hierarchies;
+use crate::{
+    admission::{Admission, Admit, LeftOut, Rank},
+    cgroup::Hierarchies,
+};
 
 /// One reading of a memory cgroup. Counters are the kernel's cumulative values.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -80,28 +83,49 @@ pub const KILL_MEMORY_SECS: f64 = 3600.0;
 /// Earlier kills remembered per workload (enough for any verdict).
 const KILLS_KEPT: usize = 64;
 
-/// Bounded per-cgroup sample rings and recent kill times.
+/// Bounded per-cgroup sample rings and recent kill times. Which cgroups get a ring follows the
+/// admission rule (`admission`): active ones before idle ones before empty ones.
 #[derive(Debug)]
 pub struct History {
     capacity: usize,
     max_workloads: usize,
+    watched: Admission,
     samples: HashMap<String, VecDeque<Stored>>,
     kills: HashMap<String, VecDeque<f64>>,
 }
 
 impl History {
     pub fn new(capacity: usize, max_workloads: usize) -> History {
+        History::with_left_out(capacity, max_workloads, LeftOut::detached())
+    }
+
+    pub fn with_left_out(capacity: usize, max_workloads: usize, left_out: LeftOut) -> History {
         History {
             capacity: capacity.max(2),
             max_workloads: max_workloads.max(1),
+            watched: Admission::new(max_workloads, left_out),
             samples: HashMap::new(),
             kills: HashMap::new(),
         }
     }
 
-    /// Adds a sample; a new cgroup is only admitted while fewer than `max_workloads` are held.
+    /// Whether `cgroup` is (now) watched: a more active cgroup displaces the least active
+    /// member, whose samples go.
+    pub fn admit(&mut self, cgroup: &str, rank: Rank) -> bool {
+        match self.watched.admit(cgroup, rank) {
+            Admit::LeftOut => false,
+            Admit::Member | Admit::Admitted(None) => true,
+            Admit::Admitted(Some(d)) => {
+                self.samples.remove(&d);
+                true
+            }
+        }
+    }
+
+    /// Adds a sample of a watched cgroup (one not watched yet is admitted without a rank: it
+    /// takes a free slot, never a member's).
     pub fn record(&mut self, cgroup: &str, s: Sample) {
-        if !self.samples.contains_key(cgroup) && self.samples.len() >= self.max_workloads {
+        if !self.watched.contains(cgroup) && !self.admit(cgroup, Rank::EMPTY) {
             return;
         }
         let ring = self.samples.entry(cgroup.to_string()).or_default();
@@ -109,6 +133,24 @@ impl History {
             ring.pop_front();
         }
         ring.push_back(s.into());
+    }
+
+    /// The newest `n` samples of `cgroup`, oldest first.
+    pub fn last(&self, cgroup: &str, n: usize) -> Vec<Sample> {
+        self.samples
+            .get(cgroup)
+            .map(|r| {
+                r.iter()
+                    .skip(r.len().saturating_sub(n))
+                    .map(|s| Sample::from(*s))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The cgroups watched now.
+    pub fn watched(&self) -> impl Iterator<Item = &str> {
+        self.watched.members()
     }
 
     /// Samples of `cgroup` taken before `t`, oldest first.
@@ -136,12 +178,18 @@ impl History {
 
     /// Drops cgroups `keep` rejects (vanished ones), freeing their slots.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.watched.retain(&keep);
         self.samples.retain(|c, _| keep(c));
         self.kills.retain(|c, _| keep(c));
     }
 
     pub fn len(&self) -> usize {
-        self.samples.len()
+        self.watched.len()
+    }
+
+    /// Cgroups left out now.
+    pub fn left_out(&self) -> usize {
+        self.watched.left_out()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -276,6 +324,26 @@ mod tests {
         h.retain(|c| c != "/a");
         h.record("/c", s(0.0, 1));
         assert_eq!(h.len(), 2, "slot freed by the vanished cgroup");
+    }
+
+    #[test]
+    fn an_active_cgroup_displaces_an_idle_one_and_its_samples() {
+        use crate::admission::Level;
+        let mut h = History::new(3, 2);
+        assert!(h.admit("/idle", Rank::new(Level::Idle, 0)));
+        assert!(h.admit("/empty", Rank::EMPTY));
+        h.record("/idle", s(0.0, 1));
+        h.record("/empty", s(0.0, 1));
+        assert!(!h.admit("/empty2", Rank::EMPTY));
+        assert!(h.admit("/grow", Rank::new(Level::Active, 3)));
+        assert!(h.before("/empty", 10.0).is_empty(), "displaced: its samples went");
+        h.record("/grow", s(1.0, 5));
+        assert!(h.admit("/grow2", Rank::new(Level::Active, 4)));
+        assert_eq!(h.before("/grow", 10.0).len(), 1);
+        assert!(!h.admit("/grow3", Rank::new(Level::Active, 5)), "members as active");
+        assert_eq!((h.len(), h.left_out()), (2, 4));
+        h.record("/grow3", s(1.0, 5));
+        assert!(h.before("/grow3", 10.0).is_empty(), "a left-out cgroup gets no ring");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod history;
 pub mod limit;
 
 mod pending;
+pub mod imminent;
 
 pub mod scope;
 
@@ -435,7 +436,6 @@ pub struct OomSlice {
     /// When the history was last sampled and the cross-check last refreshed (upkeep runs at the
     /// shorter of the two intervals).
     due: Mutex<(Option<Instant>, Option<Instant>)>,
-    workloads_per_metric: usize,
     /// When the host's largest memory users were last read, and them.
     host_top: Mutex<(Option<Instant>, Vec<history::MemUser>)>,
     /// Itself, for the task that counts a kill once its container is named.
@@ -447,6 +447,10 @@ pub struct OomSlice {
     limits: Mutex<limit::Baselines>,
     /// Kills being handled off the reader, waited for at shutdown.
     pending: pending::Pending,
+    /// `oom_imminent` warnings (see `imminent`): state, `sensor_oom_imminent`, the horizon.
+    warnings: Mutex<imminent::Warnings>,
+    imminent_gauge: GaugeVec,
+    imminent_horizon: Duration,
 }
 
 impl OomSlice {
@@ -496,6 +500,14 @@ impl OomSlice {
         registry.register(Box::new(victim_rss.clone()))?;
         registry.register(Box::new(last_kill.clone()))?;
         registry.register(Box::new(discrepancy.clone()))?;
+        let imminent_gauge = GaugeVec::new(
+            Opts::new(
+                "sensor_oom_imminent",
+                "1 while the workload's steady memory growth would reach the limit that binds it within probes.oom.imminent_horizon (see the oom_imminent event); absent otherwise.",
+            ),
+            &WORKLOAD_LABELS,
+        )?;
+        registry.register(Box::new(imminent_gauge.clone()))?;
         discrepancy
             .with_label_values(&["vmstat", "", "", "", "", "", ""])
             .set(0.0);
@@ -509,6 +521,11 @@ impl OomSlice {
             last: HashMap::new(),
             labelled: HashMap::new(),
         };
+        let history = History::with_left_out(
+            history_cfg.capacity(),
+            workloads_per_metric,
+            disc.left_out_metrics().for_set("oom_history"),
+        );
         let boot_id = down::boot_id();
         let saved = down::on_start(&hub, &cross, &boot_id);
         let limits = limit::Baselines::snapshot(&cgroups, limit::KEPT);
@@ -519,21 +536,27 @@ impl OomSlice {
             discrepancy,
             scopes,
             cgroups,
-            workloads: Mutex::new(WorkloadSet::new(workloads_per_metric, grace)),
+            workloads: Mutex::new(WorkloadSet::with_left_out(
+                workloads_per_metric,
+                grace,
+                disc.left_out_metrics().for_set("oom_kills"),
+            )),
             cross: Mutex::new(cross),
             host_seen: AtomicU64::new(0),
             hub,
             disc,
-            history: Mutex::new(History::new(history_cfg.capacity(), workloads_per_metric)),
+            history: Mutex::new(history),
             history_cfg,
             due: Mutex::new((None, None)),
-            workloads_per_metric,
             host_top: Mutex::new((None, Vec::new())),
             me: std::sync::OnceLock::new(),
             boot_id,
             saved: Mutex::new(saved),
             limits: Mutex::new(limits),
             pending: pending::Pending::default(),
+            warnings: Mutex::new(imminent::Warnings::default()),
+            imminent_gauge,
+            imminent_horizon: config::IMMINENT_HORIZON,
         })
     }
 
@@ -592,10 +615,16 @@ impl OomSlice {
             kill.reason = l.reason;
             kill.lead_up = Some(l);
         }
-        let base = match self.workloads.lock() {
-            Ok(mut w) => w.labels(&cg),
-            Err(_) => [crate::cgroup::OTHER.to_string(), String::new(), String::new()],
+        // A kill is activity: its workload outranks idle members of the kill series' set.
+        self.disc.note_active(&cg);
+        let rank = self.disc.rank(&cg);
+        let (base, displaced) = match self.workloads.lock() {
+            Ok(mut w) => w.labels_ranked(&cg, rank),
+            Err(_) => ([crate::cgroup::OTHER.to_string(), String::new(), String::new()], None),
         };
+        if let Some(d) = displaced {
+            self.drop_series(&d);
+        }
         // A container never seen before (it started and was killed between two rescans):
         // its names are looked up first, on a task, never here on the reader. The kill is
         // counted once they come, or after NAME_WAIT without them.
@@ -722,25 +751,30 @@ impl OomSlice {
         })
     }
 
-    /// Samples every watched memory cgroup (the first `limits.workloads_per_metric` the
-    /// discovery knows) into the history; vanished cgroups leave it.
+    /// Samples every watched memory cgroup into the history: at most
+    /// `limits.workloads_per_metric`, the most active first (see `admission`); vanished
+    /// cgroups leave it.
     pub fn sample_history(&self) {
-        let cgroups = self.disc.cgroups();
-        let now = clock::unix_seconds(std::time::SystemTime::now());
-        let mut read = Vec::new();
-        for cg in cgroups
-            .iter()
-            .filter(|c| c.as_str() != "/")
-            .take(self.workloads_per_metric)
-        {
-            if let Some(s) = history::read_sample(&self.cgroups, cg, now, self.disc.reclaim_ns(cg)) {
-                read.push((cg.as_str(), s));
+        let ranked = self.disc.ranked();
+        let watched: Vec<&str> = match self.history.lock() {
+            Ok(mut h) => {
+                let live: std::collections::HashSet<&str> = ranked.iter().map(|(c, _)| c.as_str()).collect();
+                h.retain(|c| live.contains(c));
+                ranked
+                    .iter()
+                    .filter(|(c, r)| h.admit(c, *r))
+                    .map(|(c, _)| c.as_str())
+                    .collect()
             }
-        }
+            Err(_) => return,
+        };
+        let now = clock::unix_seconds(std::time::SystemTime::now());
+        let read: Vec<(&str, history::Sample)> = watched
+            .into_iter()
+            .filter_map(|cg| history::read_sample(&self.cgroups, cg, now, self.disc.reclaim_ns(cg)).map(|s| (cg, s)))
+            .collect();
         self.sample_host();
         let Ok(mut h) = self.history.lock() else { return };
-        let live: std::collections::HashSet<&str> = cgroups.iter().map(String::as_str).collect();
-        h.retain(|c| live.contains(c));
         for (cg, s) in read {
             h.record(cg, s);
         }
@@ -804,16 +838,21 @@ impl OomSlice {
             Err(_) => Vec::new(),
         };
         for cg in expired {
-            // Whatever names its series carried (empty before the lookup ended, then named).
-            remove_cgroup(&self.kills, &cg);
-            remove_cgroup(&self.victim_rss, &cg);
-            remove_cgroup(&self.last_kill, &cg);
-            remove_cgroup(&self.discrepancy, &cg);
-            if let Ok(mut c) = self.cross.lock() {
-                c.labelled.remove(&cg);
-                c.seen.remove(&cg);
-                c.last.remove(&cg);
-            }
+            self.drop_series(&cg);
+        }
+    }
+
+    /// Drops the series of a workload that vanished or was displaced from the kill series' set.
+    fn drop_series(&self, cg: &str) {
+        // Whatever names its series carried (empty before the lookup ended, then named).
+        remove_cgroup(&self.kills, cg);
+        remove_cgroup(&self.victim_rss, cg);
+        remove_cgroup(&self.last_kill, cg);
+        remove_cgroup(&self.discrepancy, cg);
+        if let Ok(mut c) = self.cross.lock() {
+            c.labelled.remove(cg);
+            c.seen.remove(cg);
+            c.last.remove(cg);
         }
     }
 }
@@ -922,7 +961,10 @@ impl Probe for OomProbe {
             Arc::clone(ctx.discovery),
             self.cfg.history.clone(),
         )?;
-        let slice = Arc::new(slice);
+        let slice = Arc::new(OomSlice {
+            imminent_horizon: self.cfg.imminent_horizon,
+            ..slice
+        });
         let _ = slice.me.set(Arc::downgrade(&slice));
         Ok(slice)
     }
@@ -974,6 +1016,7 @@ impl Running for OomSlice {
         };
         if sample {
             self.sample_history();
+            self.assess_imminent();
         }
         if refresh {
             self.refresh();

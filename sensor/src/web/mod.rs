@@ -66,6 +66,8 @@ pub struct TcpSample {
 #[derive(Default)]
 pub struct Rings {
     pub kills: VecDeque<Arc<Sequenced>>,
+    /// `oom_imminent` warnings, newest last.
+    pub imminent: VecDeque<Arc<Sequenced>>,
     pub kill_times: VecDeque<f64>,
     pub tcp_failures: VecDeque<Arc<Sequenced>>,
     pub psi: VecDeque<PsiSample>,
@@ -101,6 +103,7 @@ impl Rings {
                 }
             }
             "tcp_connect_failure" => push_bounded(&mut self.tcp_failures, Arc::clone(ev), RECENT),
+            "oom_imminent" => push_bounded(&mut self.imminent, Arc::clone(ev), RECENT),
             _ => {}
         }
     }

@@ -81,6 +81,9 @@ pub struct Oom {
     /// Non-zero `sensor_oom_kills_unseen` series (kills the kernel counted, the sensor did not).
     pub unseen: Vec<UnseenRow>,
     pub unseen_total: f64,
+    /// `oom_imminent` warnings that hold now (their workload has a `sensor_oom_imminent`
+    /// series), newest first.
+    pub imminent: Vec<Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -344,7 +347,26 @@ fn oom(rings: &Rings, families: &[MetricFamily], running: bool, now: f64) -> Oom
         per_day: buckets(times(), now, 86400.0, 30),
         unseen_total: unseen.iter().map(|u| u.count.max(0.0)).fold(0.0, |a, b| a + b),
         unseen,
+        imminent: imminent(rings, families),
     }
+}
+
+/// The newest warning of each workload whose `sensor_oom_imminent` series exists now.
+fn imminent(rings: &Rings, families: &[MetricFamily]) -> Vec<Value> {
+    let holding: std::collections::HashSet<&str> = series(families, "sensor_oom_imminent")
+        .map(|m| label(m, "cgroup"))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    rings
+        .imminent
+        .iter()
+        .rev()
+        .filter(|e| {
+            let cg = e.event.fields.get("cgroup").and_then(Value::as_str).unwrap_or_default();
+            holding.contains(cg) && seen.insert(cg.to_string())
+        })
+        .map(|e| event_json(e))
+        .collect()
 }
 
 fn memory(rings: &Rings, families: &[MetricFamily], running: bool) -> Memory {

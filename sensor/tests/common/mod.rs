@@ -492,6 +492,20 @@ impl MemCgroup {
         }
     }
 
+    /// Starts `python3 -c script` inside the cgroup (output discarded).
+    pub fn spawn_python(&self, script: &str) -> Child {
+        Command::new("sh")
+            .arg("-c")
+            .arg("echo $$ > \"$1\" && exec python3 -c \"$2\"")
+            .arg("sh")
+            .arg(self.dir.join("cgroup.procs"))
+            .arg(script)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3")
+    }
+
     /// Runs `tail /dev/zero` (which buffers without bound) inside the cgroup until the kernel
     /// kills it; returns its pid after checking it died of SIGKILL.
     pub fn cause_oom_kill(&self) -> u32 {
@@ -747,4 +761,23 @@ pub fn close_with_rst(c: &TcpStream) {
             std::mem::size_of::<libc::linger>() as u32,
         )
     };
+}
+
+/// A python program that holds `rate_mib_s` MiB more every second, paced by the clock (not by
+/// sleeps), until it is killed: a steady leak.
+pub fn leak_script(rate_mib_s: f64) -> String {
+    format!(
+        r#"
+import time
+rate = {rate_mib_s} * 1024 * 1024
+chunk = 256 * 1024
+held = []
+t0 = time.monotonic()
+while True:
+    want = int((time.monotonic() - t0) * rate / chunk)
+    while len(held) < want:
+        held.append(b"x" * chunk)
+    time.sleep(0.02)
+"#
+    )
 }

@@ -287,6 +287,9 @@
         : h('span', { class: 'up' }, 'cross-check: every kill the kernel counted was seen');
       st.append(`${num(o.kills_total)} kill(s) since the sensor started \u00b7 `, unseen);
     }
+    // Warnings before the kill that hold now.
+    $('oom-imminent').replaceChildren(...(o.imminent || []).map((w) => h('li', {},
+      `OOM imminent: ${workload(w)} grows ${bytes(w.growth_bytes_per_minute)}/min: the ${bytes(w.limit_bytes)} limit of ${w.limit_cgroup} (${w.limit_scope}) in ~${Math.round(w.projected_seconds)} s (${bytes(w.usage_bytes)} used)`)));
     const now = sum.generated_at;
     const lab = (n, width, f) => Array.from({ length: n }, (_, i) => f(now - (n - 1 - i) * width));
     const hm = (t) => new Date(t * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', hour12: false });
