@@ -15,7 +15,7 @@ mod vm;
 
 use common::metric;
 use serde_json::Value;
-use vm::{part, section};
+use vm::{part, samples_part, section};
 
 /// Workload labels of a cgroup outside any container.
 fn workload(cgroup: &str) -> Vec<(&'static str, String)> {
@@ -76,14 +76,6 @@ fn states_agree(probes: &Value, m: &str, sec: &str) {
 /// The root cgroup's TCP counts in a `tcp_root` scrape: (successes, refused, timeouts, the
 /// successes' summed connect latency in seconds).
 fn tcp_counts(scrape: &str) -> (f64, f64, f64, f64) {
-    // The console interleaves the shell's job notices (busybox `timeout` ends its `nc` with
-    // SIGTERM: "Terminated") with the scrape's series: only the series are the exposition.
-    let series: String = scrape
-        .lines()
-        .filter(|l| l.starts_with("sensor_"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let scrape = series.as_str();
     let root = workload("/");
     let by = |result: &'static str| {
         metric(
@@ -114,7 +106,7 @@ fn check_pass(out: &str, pass: &str, first: bool) -> Value {
     assert_eq!(part(sec, "victim exit"), "137", "the allocator was OOM-killed:\n{sec}");
     assert_eq!(part(sec, "kernel"), "oom_kill 1", "{sec}");
     assert_eq!(part(sec, "sensor exit"), "0", "{sec}");
-    let m = part(sec, "metrics");
+    let m = &samples_part(sec, "metrics");
     let probes: Value = serde_json::from_str(part(sec, "probes")).expect("probes JSON");
     states_agree(&probes, m, sec);
 
@@ -159,8 +151,8 @@ fn check_pass(out: &str, pass: &str, first: bool) -> Value {
     assert_eq!(metric(m, "sensor_events_total", &[("probe", "oom")]), Some(1.0), "{m}");
 
     // 20 connects + the second scrape's own succeed, 5 are refused, 3 time out.
-    let (ok0, refused0, timeout0, sum0) = tcp_counts(part(sec, "tcp before"));
-    let (ok1, refused1, timeout1, sum1) = tcp_counts(part(sec, "tcp after"));
+    let (ok0, refused0, timeout0, sum0) = tcp_counts(&samples_part(sec, "tcp before"));
+    let (ok1, refused1, timeout1, sum1) = tcp_counts(&samples_part(sec, "tcp after"));
     // Loopback handshakes, timed in the kernel: more than nothing, far less than a second each.
     assert!(
         sum1 > sum0 && sum1 - sum0 < 21.0,
@@ -208,7 +200,7 @@ fn check_pass(out: &str, pass: &str, first: bool) -> Value {
     assert_eq!(h["reason"], "host", "{h}");
     assert_eq!(h["limit_scope"], "host", "{h}");
     assert_eq!(h["limit_cgroup"], Value::Null, "{h}");
-    let hm = part(sec, "host metrics");
+    let hm = &samples_part(sec, "host metrics");
     assert_eq!(
         common::metric_sum(hm, "sensor_oom_kills_total", &[("scope", "global"), ("reason", "host")]),
         1.0,
@@ -241,7 +233,7 @@ fn nothing_without_the_required_part(out: &str) {
     let sec = section(out, "PASS split", "split");
     assert_eq!(part(sec, "sensor exit"), "0", "{sec}");
     let probes: Value = serde_json::from_str(part(sec, "probes")).expect("probes JSON");
-    let m = part(sec, "metrics");
+    let m = &samples_part(sec, "metrics");
     let oom = common::probe_report(&probes, "oom");
     assert_eq!(oom["state"], "unsupported", "{oom}");
     let groups = oom["groups"].as_array().unwrap();
@@ -355,7 +347,7 @@ fn fentry_and_kprobe_paths_on_debian_6_1() {
     for (pass, hook, other) in [("fentry", "fentry", "kprobe"), ("kprobe", "kprobe", "fentry")] {
         let probes = check_pass(&out, pass, pass == "fentry");
         let sec = section(&out, &format!("PASS {pass}"), pass);
-        let m = part(sec, "metrics");
+        let m = &samples_part(sec, "metrics");
         let oom = &probes[0];
         let groups = oom["groups"].as_array().unwrap();
         let ctx = groups.iter().find(|g| g["purpose"] == "kill context").unwrap();

@@ -247,6 +247,15 @@ pub fn section<'a>(out: &'a str, start: &str, name: &str) -> &'a str {
 }
 
 /// The text after `--- {name}` up to the next `--- ` marker.
+/// The samples of a section of scraped metrics. The guest's console interleaves its shell's own
+/// lines (busybox `timeout` ends its `nc` with SIGTERM: `Terminated`) with what the guest
+/// printed, so only sample lines (`sensor_...`, what the guest's grep selected) are kept for
+/// the strict reader.
+pub fn samples_part(sec: &str, name: &str) -> String {
+    let lines: Vec<&str> = part(sec, name).lines().filter(|l| l.starts_with("sensor_")).collect();
+    lines.join("\n")
+}
+
 pub fn part<'a>(sec: &'a str, name: &str) -> &'a str {
     let marker = format!("--- {name}");
     let s = sec.find(&marker).unwrap_or_else(|| panic!("no '{marker}' in:\n{sec}"));
