@@ -229,16 +229,24 @@ impl WorkloadSet {
     /// Path-derived label values for `cgroup`: its own, or the `other` bucket when the set is
     /// full.
     pub fn labels(&mut self, cgroup: &str) -> [String; 3] {
+        if !self.admit(cgroup) {
+            return [OTHER.to_string(), String::new(), String::new()];
+        }
+        let w = workload(cgroup);
+        [cgroup.to_string(), w.container_id, w.pod_uid]
+    }
+
+    /// Whether `cgroup` has series of its own (admitted now if there is room).
+    pub fn admit(&mut self, cgroup: &str) -> bool {
         // A member's grace runs from when `sweep` first found it gone: labelling it again (a
         // scrape of its kernel keys) does not restart it.
         if !self.members.contains_key(cgroup) {
             if self.members.len() >= self.max {
-                return [OTHER.to_string(), String::new(), String::new()];
+                return false;
             }
             self.members.insert(cgroup.to_string(), None);
         }
-        let w = workload(cgroup);
-        [cgroup.to_string(), w.container_id, w.pod_uid]
+        true
     }
 
     /// Marks cgroups whose directory vanished and returns those gone for longer than the grace
@@ -289,6 +297,18 @@ pub struct Discovery {
     grace: Duration,
     /// `sensor_workload_keys_retired_total{map}` (registered by the daemon).
     retired: prometheus::IntCounterVec,
+    /// Label text of each workload with series of its own, rendered once and kept until its
+    /// names change or it leaves the set (see [`Self::label_text`]).
+    label_texts: Mutex<HashMap<String, LabelText>>,
+    /// The label text of every workload folded into `other`.
+    other_text: Arc<str>,
+}
+
+/// A workload's label text and the names it was rendered with.
+struct LabelText {
+    container_id: String,
+    names: Arc<Names>,
+    text: Arc<str>,
 }
 
 #[derive(Default)]
@@ -336,6 +356,11 @@ impl Discovery {
             resolver: OnceLock::new(),
             grace,
             retired: retired_counter(),
+            label_texts: Mutex::new(HashMap::new()),
+            other_text: render_labels(&with_names(
+                [OTHER.to_string(), String::new(), String::new()],
+                &Names::default(),
+            )),
         };
         d.rescan();
         d
@@ -413,9 +438,40 @@ impl Discovery {
         })
     }
 
-    /// [`Self::labels`] rendered as a label fragment, once per path and scrape.
+    /// [`Self::labels`] rendered as a label fragment, once per workload: kept across scrapes
+    /// and rendered again only when the runtime's names for it change.
     pub fn label_text(&self, cgroup: &str) -> Arc<str> {
-        self.memo_text("label_text", cgroup.to_string(), |d, cg| render_labels(&d.labels(cg)))
+        let admitted = match self.workloads.lock() {
+            Ok(mut w) => w.admit(cgroup),
+            Err(_) => false,
+        };
+        if !admitted {
+            return Arc::clone(&self.other_text);
+        }
+        let kept = self.label_texts.lock().ok().and_then(|t| {
+            t.get(cgroup)
+                .map(|e| (e.container_id.clone(), Arc::clone(&e.names), Arc::clone(&e.text)))
+        });
+        if let Some((container_id, names, text)) = kept {
+            if *self.names(&container_id) == *names {
+                return text;
+            }
+        }
+        let w = workload(cgroup);
+        let names = self.names(&w.container_id);
+        let text = render_labels(&with_names(
+            [cgroup.to_string(), w.container_id.clone(), w.pod_uid],
+            &names,
+        ));
+        if let Ok(mut t) = self.label_texts.lock() {
+            let e = LabelText {
+                container_id: w.container_id,
+                names,
+                text: Arc::clone(&text),
+            };
+            t.insert(cgroup.to_string(), e);
+        }
+        text
     }
 
     fn memo_text<Q: std::hash::Hash + Eq + 'static>(
@@ -509,6 +565,9 @@ impl Discovery {
         let paths: HashSet<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
         if let Ok(mut w) = self.workloads.lock() {
             w.sweep(|cg| paths.contains(cg), Instant::now());
+            if let Ok(mut t) = self.label_texts.lock() {
+                t.retain(|cg, _| w.contains(cg));
+            }
         }
         let ids: HashSet<String> = found
             .iter()

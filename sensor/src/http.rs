@@ -46,10 +46,10 @@ pub fn router(state: AppState, extra: Router, web: Option<Arc<crate::webconfig::
 
 async fn metrics(State(s): State<AppState>) -> axum::response::Response {
     // Gathering reads kernel maps; keep it off the async workers.
-    match tokio::task::spawn_blocking(move || crate::metrics::render(&s.registry)).await {
-        Ok(body) => (
+    match tokio::task::spawn_blocking(move || crate::metrics::render_pooled(&s.registry)).await {
+        Ok(text) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-            body,
+            axum::body::Body::from(bytes::Bytes::from_owner(text)),
         )
             .into_response(),
         // A collector panicked: say so instead of answering 200 with an empty page.
