@@ -357,7 +357,9 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(
             per_cpu.extend(
                 (0..cpus)
                     // SAFETY: as above, `(i * cpus + c) * vsz + size_of::<V>()` <= the buffer's length.
-                    .map(|c| unsafe { std::ptr::read_unaligned(values.as_ptr().add((i * cpus + c) * vsz) as *const V) }),
+                    .map(|c| unsafe {
+                        std::ptr::read_unaligned(values.as_ptr().add((i * cpus + c) * vsz) as *const V)
+                    }),
             );
             f(k, &per_cpu);
         }
