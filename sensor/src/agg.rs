@@ -2,7 +2,7 @@
 //! turns them into Prometheus histograms at scrape time.
 
 use std::{
-    collections::{hash_map::Entry, BTreeMap, HashMap},
+    collections::{hash_map::Entry, BTreeMap},
     rc::Rc,
     sync::{Arc, Mutex},
     time::Duration,
@@ -616,14 +616,14 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
         &self,
         i: usize,
         kept: usize,
-        merged: &mut HashMap<[Arc<str>; 2], Log2Hist>,
+        merged: &mut foldhash::HashMap<[Arc<str>; 2], Log2Hist>,
         empty: &Arc<str>,
     ) {
         let retired = self.retired();
         if retired.is_empty() {
             return;
         }
-        let mut by_text: HashMap<String, [Arc<str>; 2]> = merged
+        let mut by_text: foldhash::HashMap<String, [Arc<str>; 2]> = merged
             .keys()
             .map(|k| {
                 let text = k
@@ -668,7 +668,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
         let mut cum = Vec::new();
         for (i, f) in self.families.iter().enumerate() {
             let kept = f.labels.min(self.label_names.len());
-            let mut merged: HashMap<[Arc<str>; 2], Log2Hist> = HashMap::new();
+            let mut merged: foldhash::HashMap<[Arc<str>; 2], Log2Hist> = foldhash::HashMap::default();
             for (k, parts) in snap.iter() {
                 let h = &parts[i];
                 if h.buckets.iter().all(|&b| b == 0) {

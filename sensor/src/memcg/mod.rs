@@ -174,11 +174,14 @@ fn labelled(labels: Vec<(&str, String)>, mut m: proto::Metric) -> proto::Metric 
 
 /// PSI totals per label key and event counts per `(label key, event)`: workloads folded into
 /// `other` share a key, so their values add up.
-type Sums<K> = (HashMap<K, (u64, u64)>, HashMap<(K, &'static str), u64>);
+type Sums<K> = (
+    foldhash::HashMap<K, (u64, u64)>,
+    foldhash::HashMap<(K, &'static str), u64>,
+);
 
 fn sums<K: std::hash::Hash + Eq + Clone>(snap: &files::Snapshot, key: impl Fn(&str) -> K) -> Sums<K> {
-    let mut psi_sum: HashMap<K, (u64, u64)> = HashMap::new();
-    let mut ev_sum: HashMap<(K, &'static str), u64> = HashMap::new();
+    let mut psi_sum: foldhash::HashMap<K, (u64, u64)> = foldhash::HashMap::default();
+    let mut ev_sum: foldhash::HashMap<(K, &'static str), u64> = foldhash::HashMap::default();
     for (cg, v) in &snap.values {
         let l = key(cg);
         if let Some((some, full)) = v.psi {
@@ -349,7 +352,7 @@ impl ReclaimTotals {
     }
 
     fn write_text(&self, w: &mut crate::expo::Writer) {
-        let mut sums: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut sums: foldhash::HashMap<Arc<str>, u64> = foldhash::HashMap::default();
         for (id, ns) in self.totals() {
             *sums.entry(self.disc.label_text_for_id(id)).or_default() += ns;
         }
