@@ -1,5 +1,5 @@
 //! Builds `sensor-ebpf` for the BPF target and leaves the object in OUT_DIR, where
-//! `src/ebpf.rs` embeds it: building the daemon never needs a manual copy step.
+//! `src/loader.rs` embeds it (`EBPF_OBJECT`): building the daemon never needs a manual copy step.
 use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {

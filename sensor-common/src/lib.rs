@@ -6,6 +6,7 @@
 
 pub mod agg;
 pub mod memcg;
+pub mod names;
 pub mod oom;
 pub mod record;
 pub mod task;

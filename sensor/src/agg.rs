@@ -16,6 +16,8 @@ use prometheus::{
 use sensor_common::agg::{Log2Hist, LOG2_BUCKETS};
 use serde::{Deserialize, Serialize};
 
+use crate::sync::Lock as _;
+
 /// Which slots of a kernel log2 histogram are exported as `le` buckets, and how to convert
 /// units: slot `i` holds integer values in `[2^i, 2^(i+1))`, so its inclusive upper bound is
 /// `(2^(i+1) - 1) / divisor` (a division, so `le` prints as the exact decimal, 0.000131071). Every exported bound is a slot edge, so each bucket's count is
@@ -525,7 +527,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
     /// their counts stay in the exported series. Returns the keys retired.
     pub fn retire(&self, keys: &[K]) -> usize {
         let Ok(mut map) = self.map.lock() else { return 0 };
-        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut retired = self.retired.locked();
         let mut n = 0;
         for k in keys {
             let Ok(per_cpu) = map.get(k, 0) else { continue };
@@ -543,7 +545,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
 
     /// The totals of retired keys by their labels.
     pub fn retired(&self) -> Vec<(Vec<String>, [Log2Hist; N])> {
-        let r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.retired.locked();
         r.iter().map(|(l, h)| (l.clone(), *h)).collect()
     }
 

@@ -12,7 +12,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::workloads::{Names, Resolver};
+use crate::{
+    sync::Lock as _,
+    workloads::{Names, Resolver},
+};
 
 /// Where the memory controller lives on this host.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -441,17 +444,15 @@ impl Discovery {
     /// [`Self::labels`] rendered as a label fragment, once per workload: kept across scrapes
     /// and rendered again only when the runtime's names for it change.
     pub fn label_text(&self, cgroup: &str) -> Arc<str> {
-        let admitted = match self.workloads.lock() {
-            Ok(mut w) => w.admit(cgroup),
-            Err(_) => false,
-        };
+        let admitted = self.workloads.locked().admit(cgroup);
         if !admitted {
             return Arc::clone(&self.other_text);
         }
-        let kept = self.label_texts.lock().ok().and_then(|t| {
-            t.get(cgroup)
-                .map(|e| (e.container_id.clone(), Arc::clone(&e.names), Arc::clone(&e.text)))
-        });
+        let kept = self
+            .label_texts
+            .locked()
+            .get(cgroup)
+            .map(|e| (e.container_id.clone(), Arc::clone(&e.names), Arc::clone(&e.text)));
         if let Some((container_id, names, text)) = kept {
             if *self.names(&container_id) == *names {
                 return text;
@@ -463,14 +464,12 @@ impl Discovery {
             [cgroup.to_string(), w.container_id.clone(), w.pod_uid],
             &names,
         ));
-        if let Ok(mut t) = self.label_texts.lock() {
-            let e = LabelText {
-                container_id: w.container_id,
-                names,
-                text: Arc::clone(&text),
-            };
-            t.insert(cgroup.to_string(), e);
-        }
+        let e = LabelText {
+            container_id: w.container_id,
+            names,
+            text: Arc::clone(&text),
+        };
+        self.label_texts.locked().insert(cgroup.to_string(), e);
         text
     }
 
@@ -565,9 +564,7 @@ impl Discovery {
         let paths: HashSet<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
         if let Ok(mut w) = self.workloads.lock() {
             w.sweep(|cg| paths.contains(cg), Instant::now());
-            if let Ok(mut t) = self.label_texts.lock() {
-                t.retain(|cg, _| w.contains(cg));
-            }
+            self.label_texts.locked().retain(|cg, _| w.contains(cg));
         }
         let ids: HashSet<String> = found
             .iter()

@@ -11,7 +11,10 @@ use std::{
 use serde::{ser::SerializeMap, Serialize, Serializer};
 use tokio::sync::broadcast;
 
-use crate::journal::{Journal, State};
+use crate::{
+    journal::{Journal, State},
+    sync::Lock as _,
+};
 
 /// One event: `{"type": kind, ...fields}` in JSON.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,7 +93,7 @@ impl EventHub {
     }
 
     fn locked(&self) -> std::sync::MutexGuard<'_, (u64, VecDeque<Arc<Sequenced>>)> {
-        self.history.lock().unwrap_or_else(|p| p.into_inner())
+        self.history.locked()
     }
 
     /// Publishes `body` as an event of type `kind` (a body that is not a JSON object is a bug:
@@ -219,7 +222,7 @@ impl EventHub {
 
     /// Events with `seq > since`, oldest first.
     pub fn since(&self, since: u64) -> Vec<Arc<Sequenced>> {
-        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let h = self.history.locked();
         h.1.iter().filter(|e| e.seq > since).cloned().collect()
     }
 }

@@ -9,6 +9,7 @@
 //! Everything lives in a thread-local for the one call: `gather` runs every collector on the
 //! calling thread.
 
+use crate::sync::Lock as _;
 use std::{
     any::Any,
     cell::RefCell,
@@ -48,7 +49,7 @@ thread_local! {
 static BODIES: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::new());
 
 fn take_body(name: &'static str) -> String {
-    let mut pool = BODIES.lock().unwrap_or_else(|p| p.into_inner());
+    let mut pool = BODIES.locked();
     match pool.iter().position(|(n, _)| *n == name) {
         Some(i) => pool.swap_remove(i).1,
         None => String::new(),
@@ -57,7 +58,7 @@ fn take_body(name: &'static str) -> String {
 
 /// Keeps the bodies of `chunks` (emptied, capacity kept) for the next scrape; one per family.
 pub fn recycle(chunks: Vec<Chunk>) {
-    let mut pool = BODIES.lock().unwrap_or_else(|p| p.into_inner());
+    let mut pool = BODIES.locked();
     for c in chunks {
         if !pool.iter().any(|(n, _)| *n == c.name) {
             let mut body = c.body;

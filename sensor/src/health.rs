@@ -15,6 +15,8 @@ use std::{
 
 use prometheus::IntCounterVec;
 
+use crate::sync::Lock as _;
+
 pub struct Health {
     started: AtomicBool,
     /// Part name -> running.
@@ -39,7 +41,7 @@ impl Health {
     /// Registers `part` or updates whether it runs.
     pub fn set_running(&self, part: &str, running: bool) {
         // A panic while holding this lock cannot leave the map half-written (one insert).
-        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut parts = self.parts.locked();
         parts.insert(part.to_string(), running);
     }
 
@@ -50,7 +52,7 @@ impl Health {
 
     /// Ready, and the parts that are down.
     pub fn status(&self) -> (bool, Vec<String>) {
-        let parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        let parts = self.parts.locked();
         let down: Vec<String> = parts.iter().filter(|(_, up)| !**up).map(|(n, _)| n.clone()).collect();
         (self.started.load(Ordering::Acquire) && down.is_empty(), down)
     }

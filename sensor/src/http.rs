@@ -38,9 +38,9 @@ pub fn router(state: AppState, extra: Router, web: Option<Arc<crate::webconfig::
         .route("/api/v1/probes", get(probes))
         .with_state(state)
         .merge(extra);
-    match web {
-        Some(w) if w.wants_auth() => r.layer(axum::middleware::from_fn_with_state(w, crate::webconfig::require_auth)),
-        _ => r,
+    match crate::gate::Gate::new(web, None, None, "sensor") {
+        Some(g) => r.layer(axum::middleware::from_fn_with_state(g, crate::gate::require)),
+        None => r,
     }
 }
 
@@ -164,9 +164,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "tls_handshake",
 ];
 
-/// The client's address, in every request's extensions (for logs of refused requests).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub std::net::SocketAddr);
+pub use crate::gate::Peer;
 
 /// Counts clients the server turned away, so an operator sees a scan or a slowloris attack
 /// instead of only its symptoms.

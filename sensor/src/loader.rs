@@ -7,6 +7,7 @@ use aya::{
     programs::{FEntry, KProbe, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
+use sensor_common::names::{globals, maps};
 
 use crate::probe::{
     GroupReport, HookAttempt, HookKind, HookSpec, KernelContext, LoadPlan, Probe, ProbeReport, ProbeSpec,
@@ -28,6 +29,9 @@ pub enum LoadError {
     /// A seccomp filter refuses `bpf()` (the reason names the fix).
     #[error("{0}")]
     Seccomp(String),
+    /// A probe sized a map the object does not have (aya would keep the default silently).
+    #[error("a probe sizes map {0}, which the eBPF object does not have")]
+    UnknownMap(&'static str),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -103,8 +107,11 @@ pub fn load(kctx: &mut KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOpti
     } else {
         crate::kernel_log::LEVEL_OFF
     };
-    loader.override_global("AYA_LOG_LEVEL", &log_level, true);
+    loader.override_global(globals::AYA_LOG_LEVEL, &log_level, true);
     for (name, size) in &map_sizes {
+        if !maps::ALL.contains(name) {
+            return Err(LoadError::UnknownMap(name));
+        }
         loader.map_max_entries(name, *size);
     }
     let mut object = EBPF_OBJECT.to_vec();
@@ -124,8 +131,8 @@ pub fn load(kctx: &mut KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOpti
     let rings = match opts.perf_ring_pages {
         Some(pages) => {
             let events = ebpf
-                .take_map("EVENTS")
-                .ok_or(crate::transport::TransportError::MissingMap("EVENTS"))?;
+                .take_map(maps::EVENTS)
+                .ok_or(crate::transport::TransportError::MissingMap(maps::EVENTS))?;
             crate::transport::open_rings(events, pages)?
         }
         None => Vec::new(),

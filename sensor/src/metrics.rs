@@ -1,6 +1,7 @@
 //! The daemon's own metrics (`sensor_*` self series) and helpers to build metric families
 //! from values read out of kernel maps at scrape time.
 
+use crate::sync::Lock as _;
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
@@ -399,7 +400,7 @@ pub fn render(registry: &Registry) -> String {
 
 /// The exposition in a buffer kept from one scrape to the next (see [`Exposition`]).
 pub fn render_pooled(registry: &Registry) -> Exposition {
-    let mut out = OUT.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+    let mut out = OUT.locked().take().unwrap_or_default();
     out.clear();
     render_into(registry, &mut out);
     Exposition(out)
@@ -420,7 +421,7 @@ impl AsRef<[u8]> for Exposition {
 
 impl Drop for Exposition {
     fn drop(&mut self) {
-        let mut kept = OUT.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = OUT.locked();
         if kept.is_none() {
             *kept = Some(std::mem::take(&mut self.0));
         }

@@ -16,6 +16,7 @@ use crate::{
     cgroup::{Discovery, Hierarchies},
     events::EventHub,
 };
+use sensor_common::names::globals;
 
 /// How a kernel program is hooked. The string form is the `hook` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -328,7 +329,7 @@ impl LoadPlan {
             },
             Err(e) => (sensor_common::task::TaskLayout::INVALID, Some(format!("BTF: {e}"))),
         };
-        self.global("TASK_LAYOUT", &layout);
+        self.global(globals::TASK_LAYOUT, &layout);
         note
     }
 }

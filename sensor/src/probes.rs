@@ -67,6 +67,42 @@ mod tests {
         assert!(orphans.is_empty(), "programs no registered probe attaches: {orphans:?}");
     }
 
+    /// Symbols of the object's sections named `section` (maps) or of its data sections
+    /// (globals).
+    fn symbols_in(pred: impl Fn(&str) -> bool) -> BTreeSet<String> {
+        let file = object::File::parse(crate::loader::object()).expect("the embedded eBPF object parses");
+        file.symbols()
+            .filter(|s| {
+                s.section_index()
+                    .and_then(|i| file.section_by_index(i).ok())
+                    .and_then(|sec| sec.name().ok().map(&pred))
+                    .unwrap_or(false)
+            })
+            .filter_map(|s| {
+                s.name()
+                    .ok()
+                    .filter(|n| !n.is_empty() && !n.starts_with('.'))
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn map_and_global_names_are_those_of_the_object() {
+        let maps = symbols_in(|sec| sec == "maps" || sec == ".maps");
+        let named: BTreeSet<String> = sensor_common::names::maps::ALL.iter().map(|s| s.to_string()).collect();
+        assert_eq!(named, maps, "sensor_common::names::maps against the object's maps");
+        let data = symbols_in(|sec| sec.starts_with(".rodata") || sec.starts_with(".data") || sec.starts_with(".bss"));
+        let missing: Vec<&&str> = sensor_common::names::globals::ALL
+            .iter()
+            .filter(|g| !data.contains(**g))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "globals not in the object: {missing:?} (it has {data:?})"
+        );
+    }
+
     /// The loader hands aya no kernel BTF (it would only be used for CO-RE relocations): that
     /// holds while the object has none. `.BTF.ext` header: magic, version, flags, hdr_len, then
     /// offset/length pairs for func info, line info and (when hdr_len >= 32) CO-RE relocations.

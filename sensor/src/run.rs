@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aya::Ebpf;
+use sensor_common::names::maps;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
@@ -153,7 +154,7 @@ fn start_probes(
         });
     }
     let counters = Arc::new(Mutex::new(KernelCounters::new(
-        ebpf.take_map("COUNTERS").context("COUNTERS map missing")?,
+        ebpf.take_map(maps::COUNTERS).context("COUNTERS map missing")?,
     )?));
     let specs: Vec<&ProbeSpec> = probes.iter().map(|p| p.spec()).collect();
     let ids = specs.iter().map(|s| (s.name, s.counter_id)).collect();

@@ -15,7 +15,10 @@ use aya::maps::{
     perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
     MapData, PerCpuArray,
 };
-use sensor_common::record::{counter, COUNTER_ENTRIES};
+use sensor_common::{
+    names::maps,
+    record::{counter, COUNTER_ENTRIES},
+};
 use tokio::{io::unix::AsyncFd, sync::watch, task::JoinHandle};
 
 /// Receives every raw sample; implemented by the dispatcher.
@@ -57,13 +60,13 @@ pub struct OpenRing {
 /// output to a CPU whose ring is not in the map yet fails, and the event would be lost.
 pub fn open_rings(events: aya::maps::Map, pages: usize) -> Result<Vec<OpenRing>, TransportError> {
     let mut array: PerfEventArray<MapData> =
-        PerfEventArray::try_from(events).map_err(|e| TransportError::Map("EVENTS", e.to_string()))?;
+        PerfEventArray::try_from(events).map_err(|e| TransportError::Map(maps::EVENTS, e.to_string()))?;
     let cpus = aya::util::online_cpus().map_err(|(what, e)| TransportError::Cpus(format!("{what}: {e}")))?;
     cpus.into_iter()
         .map(|cpu| {
             let buf = array
                 .open(cpu, Some(pages))
-                .map_err(|e| TransportError::Map("EVENTS", format!("cpu {cpu}: {e}")))?;
+                .map_err(|e| TransportError::Map(maps::EVENTS, format!("cpu {cpu}: {e}")))?;
             Ok(OpenRing { cpu, buf })
         })
         .collect()
@@ -100,7 +103,7 @@ pub fn spawn_readers(
         // SAFETY: the perf buffer owns its fd (opened by `open`, closed on drop) and `Ring`
         // always returns that same fd, for as long as the AsyncFd owns the buffer.
         let fd = unsafe { AsyncFd::register_with_interest(Ring(buf), tokio::io::Interest::READABLE) }
-            .map_err(|e| TransportError::Map("EVENTS", format!("cpu {cpu}: epoll: {e}")))?;
+            .map_err(|e| TransportError::Map(maps::EVENTS, format!("cpu {cpu}: epoll: {e}")))?;
         watch.reader_running(cpu, true);
         let reader = Reader {
             cpu,
@@ -370,7 +373,7 @@ pub const LOST_REASONS: &[(u32, &str)] = &[
 
 impl KernelCounters {
     pub fn new(map: aya::maps::Map) -> Result<KernelCounters, TransportError> {
-        let map = PerCpuArray::try_from(map).map_err(|e| TransportError::Map("COUNTERS", e.to_string()))?;
+        let map = PerCpuArray::try_from(map).map_err(|e| TransportError::Map(maps::COUNTERS, e.to_string()))?;
         Ok(KernelCounters { map })
     }
 

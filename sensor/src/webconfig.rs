@@ -7,18 +7,14 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use axum::{
-    extract::{Request, State},
-    http::{header, StatusCode},
-    middleware::Next,
-    response::{IntoResponse, Response},
-};
 use rustls::{
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
     server::WebPkiClientVerifier,
     RootCertStore, ServerConfig,
 };
 use serde::Deserialize;
+
+use crate::sync::Lock as _;
 
 /// The subset of exporter-toolkit's web configuration the sensor implements; any other key is
 /// an error naming it rather than a setting silently ignored.
@@ -58,16 +54,11 @@ impl WebConfigFile {
     /// Parses the file's text and checks what needs no file system (the TLS files are read by
     /// [`Web::load`]); `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<WebConfigFile, String> {
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        let cfg: WebConfigFile = match serde_path_to_error::deserialize(de) {
-            Ok(c) => c,
-            // An empty file is a valid "no TLS, no auth".
-            Err(_) if text.trim().is_empty() => WebConfigFile::default(),
-            Err(e) => {
-                let key = e.path().to_string();
-                return Err(err(file, &key, e.into_inner()));
-            }
-        };
+        // An empty file is a valid "no TLS, no auth".
+        let cfg: WebConfigFile = crate::yaml::parse(text).map_err(|f| match f {
+            crate::yaml::Fault::Syntax(reason) => err(file, "", reason),
+            crate::yaml::Fault::Key { key, reason } => err(file, &key, reason),
+        })?;
         for (user, hash) in &cfg.basic_auth_users {
             if hash.parse::<bcrypt::HashParts>().is_err() {
                 return Err(err(
@@ -93,7 +84,11 @@ pub struct Web {
 }
 
 fn err(file: &Path, key: &str, reason: impl std::fmt::Display) -> String {
-    format!("web config {}: {key}: {reason}", file.display())
+    if key.is_empty() {
+        format!("web config {}: {reason}", file.display())
+    } else {
+        format!("web config {}: {key}: {reason}", file.display())
+    }
 }
 
 impl Web {
@@ -134,17 +129,16 @@ impl Web {
             return false;
         };
         let key = (user, pass);
-        if self.verified.lock().map(|v| v.contains(&key)).unwrap_or(false) {
+        if self.verified.locked().contains(&key) {
             return true;
         }
         let ok = bcrypt::verify(&key.1, hash).unwrap_or(false);
         if ok {
-            if let Ok(mut v) = self.verified.lock() {
-                if v.len() >= 64 {
-                    v.clear();
-                }
-                v.insert(key);
+            let mut v = self.verified.locked();
+            if v.len() >= 64 {
+                v.clear();
             }
+            v.insert(key);
         }
         ok
     }
@@ -240,34 +234,6 @@ pub fn base64_encode(input: &[u8]) -> String {
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(s).ok()
-}
-
-/// The request's `Authorization` header, owned (to move into a blocking check).
-pub fn authorization(req: &Request) -> Option<String> {
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
-/// Axum middleware: 401 with a Basic challenge unless the request carries a known user.
-pub async fn require_auth(State(web): State<Arc<Web>>, req: Request, next: Next) -> Response {
-    let header = authorization(&req);
-    let w = Arc::clone(&web);
-    // bcrypt takes tens of milliseconds: off the async workers.
-    let ok = tokio::task::spawn_blocking(move || w.check(header.as_deref()))
-        .await
-        .unwrap_or(false);
-    if ok {
-        next.run(req).await
-    } else {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Basic realm=\"sensor\"")],
-            "unauthorized\n",
-        )
-            .into_response()
-    }
 }
 
 #[cfg(test)]

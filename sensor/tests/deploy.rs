@@ -23,17 +23,9 @@ fn prometheus_dir() -> PathBuf {
     root().join("deploy/prometheus")
 }
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
 /// Fails under CI, else prints why the test is skipped; returns false to skip.
 fn tool_missing(what: &str, how: &str) -> bool {
-    if ci() {
-        panic!("CI=true but {what} is missing ({how})");
-    }
-    common::skip(&format!("{what} missing ({how})"));
-    false
+    common::require("", false, &format!("{what} is missing ({how})"))
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -45,14 +37,8 @@ fn text(out: &std::process::Output) -> String {
 }
 
 fn promtool() -> Option<Command> {
-    if Command::new("promtool").arg("--version").output().is_ok() {
-        return Some(Command::new("promtool"));
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("CI=true but promtool is missing (`cargo xtask deps` installs Debian's prometheus package)");
-    }
-    common::skip("promtool not installed (apt-get install prometheus)");
-    None
+    common::require_tool("promtool", "`cargo xtask deps` installs Debian's prometheus package")
+        .then(|| Command::new("promtool"))
 }
 
 #[test]

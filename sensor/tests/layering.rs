@@ -6,32 +6,26 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// The probe slices; generic code must not reach into them.
-const SLICES: &[&str] = &["oom", "memcg", "tcp"];
-/// Modules that must work for any probe (the list in `probes.rs` and `config.rs` may name them).
-const GENERIC: &[&str] = &[
-    "loader",
-    "run",
-    "dispatch",
-    "decode",
-    "events",
-    "doctor",
-    "metrics",
-    "expo",
-    "http",
-    "probe",
-    "transport",
-    "health",
-    "logging",
-    "kernel",
-    "cgroup",
-    "agg",
-    "alloc",
-    "progstats",
-    "kernel_log",
-    "workloads",
-    "journal",
-];
+/// The probe slices, from the one probe list (each probe's module is named as the probe);
+/// generic code must not reach into them.
+fn slices() -> Vec<&'static str> {
+    let names: Vec<&'static str> = sensor::probes::specs().iter().map(|s| s.name).collect();
+    for n in &names {
+        assert!(
+            src().join(n).join("mod.rs").is_file(),
+            "probe {n} has no folder sensor/src/{n}/"
+        );
+    }
+    names
+}
+/// The modules that may name probes: the probe list, the config sections, the binary. Every
+/// other top-level module must work for any probe, so a new module is generic unless it is
+/// added here.
+const WIRING: &[&str] = &["probes", "config", "main", "lib"];
+/// Generic modules that still name a probe, until they read typed data from the probes (issue
+/// 28): the web view reads memcg's host PSI file itself. The test fails once one no longer
+/// does, so the list only shrinks.
+const PENDING: &[&str] = &["web"];
 
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
@@ -168,9 +162,20 @@ fn no_module_imports_one_that_imports_it_back() {
 #[test]
 fn generic_modules_name_no_slice() {
     let g = graph();
-    for m in GENERIC {
+    let slices = slices();
+    for m in PENDING {
         let deps = g.get(*m).unwrap_or_else(|| panic!("module {m} not found"));
-        let named: Vec<&&str> = SLICES.iter().filter(|s| deps.contains(**s)).collect();
+        assert!(
+            slices.iter().any(|s| deps.contains(*s)),
+            "{m} names no probe any more: remove it from PENDING"
+        );
+    }
+    let generic = g
+        .keys()
+        .filter(|m| ![&slices[..], WIRING, PENDING].iter().any(|l| l.contains(&m.as_str())));
+    for m in generic {
+        let deps = &g[m];
+        let named: Vec<&&str> = slices.iter().filter(|s| deps.contains(**s)).collect();
         assert!(named.is_empty(), "generic module {m} imports slices {named:?}");
     }
 }

@@ -36,10 +36,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -480,13 +476,11 @@ const IMAGE: &str = "localhost/sensor:manifest-test";
 fn image() -> Option<&'static str> {
     static BUILT: OnceLock<()> = OnceLock::new();
     let dist = root().join("target/dist/amd64/sensor");
-    if !dist.is_file() {
-        assert!(
-            !ci(),
-            "CI=true but {} is missing (.ci/run runs `cargo xtask dist --out target/dist/amd64`)",
-            dist.display()
-        );
-        skip("target/dist/amd64/sensor missing: run `cargo xtask dist --out target/dist/amd64` first");
+    let missing = format!(
+        "{} is missing (`cargo xtask dist --out target/dist/amd64` builds it; .ci/run does)",
+        dist.display()
+    );
+    if !require("", dist.is_file(), &missing) {
         return None;
     }
     BUILT.get_or_init(|| {
@@ -855,9 +849,11 @@ fn seccomp_profile_is_the_runtime_default_plus_bpf() {
         assert!(arches.iter().any(|x| x == a), "{a} missing: {arches:?}");
     }
     let source = Path::new("/usr/share/containers/seccomp.json");
-    if !source.is_file() {
-        assert!(!ci(), "CI=true but {} is missing (podman)", source.display());
-        skip("podman's default seccomp profile is not installed");
+    if !require(
+        "",
+        source.is_file(),
+        &format!("{} is missing (podman)", source.display()),
+    ) {
         return;
     }
     let out = Command::new("python3")

@@ -320,7 +320,7 @@ fn basic_auth_refuses_forged_webhooks_and_runs_authenticated_ones() {
     );
     assert!(refused[1].contains("wrong user or password"), "{}", refused[1]);
     assert!(
-        refused[3].contains("scheme this runner does not accept"),
+        refused[3].contains("scheme this server does not accept"),
         "{}",
         refused[3]
     );

@@ -308,8 +308,8 @@ impl Sensor {
     /// `sensor_check_runs_total` summed over checks: (success, failure).
     fn runs(&self) -> Result<(u64, u64)> {
         let body = self.0.metrics()?;
-        let ok = metric_sum(&body, "sensor_check_runs_total", &["result=\"success\""]);
-        let failed = metric_sum(&body, "sensor_check_runs_total", &["result=\"failure\""]);
+        let ok = metric_sum(&body, "sensor_check_runs_total", &[("result", "success")]);
+        let failed = metric_sum(&body, "sensor_check_runs_total", &[("result", "failure")]);
         Ok((ok as u64, failed as u64))
     }
 }

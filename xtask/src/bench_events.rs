@@ -84,11 +84,11 @@ pub fn refuse_storm(threads: usize, secs: f64) -> Result<(u64, u64)> {
 fn counters(sensor: &Served) -> Result<[f64; 5]> {
     let m = sensor.metrics()?;
     Ok([
-        metric_sum(&m, "sensor_events_total", &["probe=\"tcp\""]),
-        metric_sum(&m, "sensor_events_lost_total", &["probe=\"tcp\""]),
-        metric_sum(&m, "sensor_tcp_connects_total", &["result=\"refused\""]),
+        metric_sum(&m, "sensor_events_total", &[("probe", "tcp")]),
+        metric_sum(&m, "sensor_events_lost_total", &[("probe", "tcp")]),
+        metric_sum(&m, "sensor_tcp_connects_total", &[("result", "refused")]),
         metric_sum(&m, "sensor_journal_events_written_total", &[]),
-        metric_sum(&m, "sensor_events_coalesced_total", &["probe=\"tcp\""]),
+        metric_sum(&m, "sensor_events_coalesced_total", &[("probe", "tcp")]),
     ])
 }
 
@@ -416,11 +416,10 @@ fn poll_api(addr: std::net::SocketAddr, cgroup: &str, seen: &Mutex<Seen>, stop: 
 }
 
 fn poll_metrics(addr: std::net::SocketAddr, cgroup: &str, seen: &Mutex<Seen>, stop: &AtomicBool) {
-    let label = format!("cgroup=\"{cgroup}\"");
     while !stop.load(Ordering::Relaxed) {
         if let Ok((200, body)) = http_get(addr, "/metrics") {
             let t = now();
-            let n = metric_sum(&body, "sensor_oom_kills_total", &[&label]) as usize;
+            let n = metric_sum(&body, "sensor_oom_kills_total", &[("cgroup", cgroup)]) as usize;
             let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
             while s.metrics.len() < n {
                 s.metrics.push(t);

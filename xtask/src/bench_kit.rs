@@ -21,30 +21,22 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::net::{free_port, http_get, loopback, stop_child};
 
-/// The flock the privileged tests take (sensor/tests/common): whatever loads BPF or causes OOM
-/// kills holds it, so runs from several worktrees never overlap.
-pub const KERNEL_LOCK_FILE: &str = "/tmp/sensor-kernel-tests.lock";
+pub use crate::kit::lock::KERNEL_LOCK_FILE;
 
-/// Held for one benchmark; released when dropped (the lock goes with the file's close).
+/// The kernel lock of the tests (the shared kit's), held for one benchmark or soak; released
+/// when dropped.
 pub struct KernelLock(#[allow(dead_code)] std::fs::File);
 
 impl KernelLock {
     pub fn acquire(what: &str) -> Result<KernelLock> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(KERNEL_LOCK_FILE)
-            .with_context(|| format!("open {KERNEL_LOCK_FILE}"))?;
-        let fd = file.as_raw_fd();
-        // SAFETY: flock(2) on a descriptor we own.
-        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            eprintln!("==> {what}: waiting for {KERNEL_LOCK_FILE} (other kernel tests or benchmarks run)");
-            let t = Instant::now();
-            // SAFETY: as above, blocking this time.
-            if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
-                bail!("flock {KERNEL_LOCK_FILE}: {}", std::io::Error::last_os_error());
-            }
+        let lock = KERNEL_LOCK_FILE;
+        let t = Instant::now();
+        let mut waited = false;
+        let file = crate::kit::lock::lock_kernel(|| {
+            waited = true;
+            eprintln!("==> {what}: waiting for {lock} (other kernel tests or benchmarks run)");
+        })?;
+        if waited {
             eprintln!("==> {what}: got the lock after {:.0} s", t.elapsed().as_secs_f64());
         }
         Ok(KernelLock(file))
@@ -163,23 +155,7 @@ pub fn command_text(cmd: &mut Command) -> String {
         .unwrap_or_default()
 }
 
-/// Sum of the samples of `name` whose label set contains every one of `labels` (`k="v"`).
-pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|kv| l.contains(kv)))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
-}
-
-/// Samples (series) in a text exposition.
-pub fn series_count(text: &str) -> usize {
-    text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count()
-}
+pub use crate::kit::promtext::{series_count, sum as metric_sum};
 
 // ---------------------------------------------------------------------------------------------
 // Processes

@@ -13,7 +13,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    os::{fd::AsRawFd, unix::net::UnixStream},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -25,7 +25,6 @@ use crate::bench_report::{Goal, Row};
 use crate::net::{free_port, http_get, loopback, stop_child};
 
 const IMAGE: &str = "localhost/sensor-victim:busybox";
-const LOCK: &str = "/tmp/sensor-kernel-tests.lock";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Opts {
@@ -299,20 +298,6 @@ fn wait_for(what: &str, ok: impl Fn() -> bool) -> Result<()> {
     Ok(())
 }
 
-/// The kernel lock of the tests, held for the whole benchmark.
-fn kernel_lock() -> Result<std::fs::File> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(LOCK)?;
-    // SAFETY: flock(2) on a descriptor we own; released when the file closes.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        bail!("flock {LOCK}: {}", std::io::Error::last_os_error());
-    }
-    Ok(f)
-}
-
 /// A running daemon with its stderr (JSON log lines) in a file.
 struct Daemon {
     child: Option<Child>,
@@ -509,7 +494,7 @@ pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
     let machine = crate::bench_report::machine();
     eprintln!("{machine}");
     let mut md = String::new();
-    let _lock = kernel_lock()?;
+    let _lock = crate::bench_kit::KernelLock::acquire("bench workloads")?;
     let mut env = Env::start()?;
     let ids = env.create(o.cached)?;
     let anchor = cached_run(&env, sensor, &ids, "[]", "anchor", o.window)?;

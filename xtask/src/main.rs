@@ -27,6 +27,12 @@ mod first_run;
 mod fuzz;
 mod image;
 mod kernels;
+/// The test kit's shared part: the kernel lock and host facts, one copy for tests and xtask.
+#[path = "../../sensor/tests/common/kit/mod.rs"]
+mod kit;
+#[cfg(test)]
+#[path = "../../sensor/tests/common/kit/tests.rs"]
+mod kit_tests;
 mod net;
 mod soak;
 
@@ -237,7 +243,7 @@ fn real_main() -> Result<()> {
             if let Err(e) = deps::install() {
                 // CI must not go green without them; elsewhere the tests that need them say so
                 // and are counted as skipped.
-                if ci() {
+                if kit::host::ci() {
                     return Err(e.context("installing the test dependencies"));
                 }
                 eprintln!("==> could not install every test dependency ({e:#}); tests that need them will be skipped");
@@ -503,11 +509,6 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed with {status}");
     }
     Ok(())
-}
-
-/// `CI=true` (or `1`): missing test dependencies are errors, never skips.
-fn ci() -> bool {
-    env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 /// Runs `cargo test`, echoing its output, and ends with one totals line over every test binary

@@ -31,8 +31,6 @@ use crate::{
     step,
 };
 
-/// The flock every kernel-wide test takes (sensor/tests/common).
-const KERNEL_LOCK: &str = "/tmp/sensor-kernel-tests.lock";
 /// Ports inside the load's own network namespace.
 const PORT_OK: u16 = 15432;
 const PORT_REFUSED: u16 = 15433;
@@ -61,30 +59,6 @@ pub struct Opts {
     /// Where the report goes.
     #[arg(long, default_value = "docs/soak.md")]
     pub report: PathBuf,
-}
-
-/// Holds the kernel lock until dropped (the lock goes with the file's close).
-struct KernelLock {
-    _file: fs::File,
-}
-
-fn kernel_lock() -> Result<KernelLock> {
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(KERNEL_LOCK)
-        .with_context(|| format!("open {KERNEL_LOCK}"))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
-    // SAFETY: flock(2) on a descriptor this function owns; the lock goes with the file.
-    if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        step(&format!("waiting for {KERNEL_LOCK} (another kernel test or soak runs)"));
-        // SAFETY: as above.
-        if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
-            bail!("flock {KERNEL_LOCK}: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(KernelLock { _file: f })
 }
 
 /// A memory cgroup under the soak's parent (v1 memory controller, or v2), removed on drop.
@@ -248,21 +222,7 @@ fn slope(points: &[(f64, f64)]) -> f64 {
     }
 }
 
-/// Sum of a metric over the series whose labels include all of `labels`.
-fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
-            if n != name {
-                return None;
-            }
-            let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            all.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
+use crate::kit::promtext::sum as metric_sum;
 
 /// What the load generator reported: connects that succeeded, were refused, failed otherwise.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -717,15 +677,6 @@ impl Findings {
     }
 }
 
-fn vmstat_oom_kill() -> u64 {
-    fs::read_to_string("/proc/vmstat")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn branch() -> String {
     crate::output(Command::new("git").args(["rev-parse", "--abbrev-ref", "HEAD"]))
         .map(|b| b.trim().replace(|c: char| !c.is_ascii_alphanumeric(), "-"))
@@ -737,7 +688,7 @@ pub fn run(root: &Path, bin: &Path, opts: &Opts) -> Result<()> {
     let total = Duration::from_secs_f64(opts.minutes.max(0.5) * 60.0);
     // RSS settles about a minute in (measured: +1.5 MiB from 30 s to 120 s, +0.3 from 60 s).
     let warmup = (total / 5).clamp(Duration::from_secs(60), Duration::from_secs(300));
-    let _lock = kernel_lock()?;
+    let _lock = crate::bench_kit::KernelLock::acquire("soak")?;
     let dir = root.join("target/soak");
     fs::create_dir_all(&dir)?;
     let parent = Cg::parent(&format!("sensor-soak-{}-{}", branch(), std::process::id()))?;
@@ -757,7 +708,7 @@ pub fn run(root: &Path, bin: &Path, opts: &Opts) -> Result<()> {
     let _ = fs::remove_dir_all(&journal);
     config(&cfg, flap_port, &journal)?;
     let port = free_port()?;
-    let host_before = vmstat_oom_kill();
+    let host_before = crate::kit::host::vmstat_oom_kill();
     step(&format!(
         "soak: {:.1} minutes (warm-up {} s), cgroups under {}",
         opts.minutes,
@@ -856,7 +807,7 @@ pub fn run(root: &Path, bin: &Path, opts: &Opts) -> Result<()> {
             .map(|r| metric_sum(&text, "sensor_oom_kills_total", &[("cgroup", r)]) as u64)
             .sum(),
         kills_journaled: None,
-        host_kills: vmstat_oom_kill() - host_before,
+        host_kills: crate::kit::host::vmstat_oom_kill() - host_before,
         made,
         counted: Connects {
             ok: conn("success", "soak_ok"),
@@ -927,17 +878,6 @@ mod tests {
         assert!((s - 2.0).abs() < 1e-12, "{s}");
         let flat = slope(&[(0.0, 10.0), (1.0, 11.0), (2.0, 10.0), (3.0, 11.0), (4.0, 10.0)]);
         assert!(flat.abs() < 0.11, "{flat}");
-    }
-
-    #[test]
-    fn metric_sums_over_matching_series() {
-        let text = "# HELP x\nsensor_oom_kills_total{cgroup=\"/a\",reason=\"limit\"} 2\n\
-                    sensor_oom_kills_total{cgroup=\"/a\",reason=\"other\"} 1\n\
-                    sensor_oom_kills_total{cgroup=\"/b\",reason=\"limit\"} 5\n\
-                    sensor_oom_kills_total_x{cgroup=\"/a\"} 7\nplain 3\n";
-        assert_eq!(metric_sum(text, "sensor_oom_kills_total", &[("cgroup", "/a")]), 3.0);
-        assert_eq!(metric_sum(text, "sensor_oom_kills_total", &[]), 8.0);
-        assert_eq!(metric_sum(text, "plain", &[]), 3.0);
     }
 
     #[test]

@@ -17,6 +17,8 @@ use super::{
     CheckRuntime, RunResult,
 };
 
+use crate::sync::Lock as _;
+
 /// Seconds: 5 ms .. 30 s, enough resolution around typical SLOs (100 ms .. 1 s).
 const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -332,7 +334,7 @@ impl Extractor {
             _ => return Err(ExtractError::NotANumber),
         };
         {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = self.seen.locked();
             if !seen.contains(&values) {
                 if seen.len() >= self.spec.max_series {
                     return Err(ExtractError::SeriesLimit);

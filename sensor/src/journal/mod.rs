@@ -31,7 +31,10 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::{Deserialize, Serialize};
 
 use format::{Entry as Decoded, Tail};
+
 pub use format::{Mark, State};
+
+use crate::sync::Lock as _;
 
 /// When appended records are forced to disk (`journal.fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -559,7 +562,7 @@ impl Journal {
     /// Writes what is queued and a clean-shutdown mark (`next_seq`: the id the next event would
     /// have got), syncs, and stops the writer. Blocking.
     pub fn close(&self, next_seq: u64) {
-        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self.writer.locked().take();
         let Some(handle) = handle else { return };
         if self.tx.send(Entry::Close(next_seq)).is_err() {
             tracing::error!("journal writer already gone at shutdown");
@@ -569,7 +572,7 @@ impl Journal {
         }
         self.metrics.up.set(0);
         // The next writer (a restarted daemon in the same process's tests) may take over.
-        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(self.lock.locked().take());
     }
 }
 

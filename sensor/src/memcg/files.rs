@@ -9,6 +9,7 @@
 //! daemon at 5,000 workloads (past the usual soft limit of 1,024) and make every
 //! `process_open_fds` a walk of them, for a saving only in the background.
 
+use crate::sync::Lock as _;
 use std::{
     path::Path,
     sync::{Arc, Mutex},
@@ -168,7 +169,7 @@ impl FileCache {
 
     /// Reads every admitted cgroup's files (blocking file I/O: call it off the async threads).
     pub fn refresh(&self) {
-        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = self.refreshing.locked();
         let at = Instant::now();
         let hier = &self.disc.hier;
         let mut buf = Vec::with_capacity(512);
@@ -192,13 +193,13 @@ impl FileCache {
             values.push((cg, Values { events, psi }));
         }
         let snap = Arc::new(Snapshot { at: Some(at), values });
-        *self.snap.lock().unwrap_or_else(|p| p.into_inner()) = snap;
+        *self.snap.locked() = snap;
     }
 
     /// The last refresh's values; the first call before any refresh reads the files itself (a
     /// scrape right at start), once.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        let current = || Arc::clone(&self.snap.lock().unwrap_or_else(|p| p.into_inner()));
+        let current = || Arc::clone(&self.snap.locked());
         let s = current();
         if s.at.is_some() {
             return s;

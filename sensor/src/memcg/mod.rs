@@ -36,6 +36,7 @@ use crate::{
         StartError,
     },
 };
+use sensor_common::names::maps;
 
 /// Reclaim stalls need both ends of each reclaim; each end is its own hook group.
 pub const SPEC: ProbeSpec = ProbeSpec {
@@ -639,7 +640,7 @@ impl Probe for MemcgProbe {
     /// The cgroupfs half (memory.events, PSI) runs whether or not the reclaim programs attached.
     fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError> {
         let reclaim = if ctx.report.state.running() {
-            Some(ctx.take_map::<PerCpuHashMap<MapData, u64, [sensor_common::agg::Log2Hist; 1]>>("RECLAIM_HIST")?)
+            Some(ctx.take_map::<PerCpuHashMap<MapData, u64, [sensor_common::agg::Log2Hist; 1]>>(maps::RECLAIM_HIST)?)
         } else {
             None
         };

@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use history::History;
 pub use scope::{Scope, ScopeResolver};
+use sensor_common::names::{globals, maps};
 
 use crate::{
     cgroup::{with_names, workload, Discovery, Hierarchies, WorkloadSet, WORKLOAD_LABELS},
@@ -131,7 +132,7 @@ fn configure(ebpf: &mut aya::Ebpf, groups: &[GroupReport]) -> Result<(), String>
     if expected == 0 {
         expected = part::FIELDS;
     }
-    let map = ebpf.map_mut("OOM_CONFIG").ok_or("OOM_CONFIG map missing")?;
+    let map = ebpf.map_mut(maps::OOM_CONFIG).ok_or("OOM_CONFIG map missing")?;
     let mut arr: Array<_, u32> = Array::try_from(map).map_err(|e| e.to_string())?;
     arr.set(CONFIG_EXPECTED_PARTS, expected, 0).map_err(|e| e.to_string())
 }
@@ -192,8 +193,8 @@ impl Layouts {
     /// Sets the OOM programs' globals (`TASK_LAYOUT`, shared by every slice that attributes to
     /// cgroups, comes from `LoadPlan::task_layout`).
     pub fn apply(&self, plan: &mut LoadPlan) {
-        plan.global("MARK_VICTIM_LAYOUT", &self.mark_victim);
-        plan.global("OOM_CONTROL_LAYOUT", &self.oom_control);
+        plan.global(globals::MARK_VICTIM_LAYOUT, &self.mark_victim);
+        plan.global(globals::OOM_CONTROL_LAYOUT, &self.oom_control);
     }
 }
 

@@ -250,18 +250,16 @@ impl Config {
     }
 
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let probe: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax {
-            file: file.to_string(),
-            reason: e.to_string(),
-        })?;
-        if probe.is_null() {
-            return Ok(Config::default());
-        }
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Key {
-            file: file.to_string(),
-            key: e.path().to_string(),
-            reason: e.into_inner().to_string(),
+        let cfg: Config = crate::yaml::parse(text).map_err(|f| match f {
+            crate::yaml::Fault::Syntax(reason) => ConfigError::Syntax {
+                file: file.to_string(),
+                reason,
+            },
+            crate::yaml::Fault::Key { key, reason } => ConfigError::Key {
+                file: file.to_string(),
+                key,
+                reason,
+            },
         })?;
         cfg.validate(file)?;
         Ok(cfg)

@@ -38,6 +38,8 @@ use self::{
     guard::{Guard, Verdict},
 };
 
+use crate::sync::Lock as _;
+
 /// One decision about one action of one alert, as `/api/v1/remediations` lists it.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditEntry {
@@ -171,7 +173,7 @@ impl Runner {
             reason = %reason,
             "remediation decision"
         );
-        let mut a = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut a = self.audit.locked();
         a.0 += 1;
         let entry = AuditEntry {
             id: a.0,
@@ -194,7 +196,7 @@ impl Runner {
     }
 
     pub fn audit(&self) -> Vec<AuditEntry> {
-        let a = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        let a = self.audit.locked();
         a.1.iter().cloned().collect()
     }
 
@@ -207,7 +209,7 @@ impl Runner {
             // Only configured alert names become label values (bounded cardinality).
             let label = rule.as_ref().map_or("other".to_string(), |r| r.alert.clone());
             let verdict = {
-                let mut g = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+                let mut g = self.guard.locked();
                 g.decide(Instant::now(), &alert, rule.as_ref())
             };
             let status = alert.status.label();
@@ -339,7 +341,7 @@ pub fn router(runner: Arc<Runner>, gate: Option<Arc<auth::Gate>>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(runner);
     match gate {
-        Some(g) => r.layer(axum::middleware::from_fn_with_state(g, auth::require)),
+        Some(g) => r.layer(axum::middleware::from_fn_with_state(g, crate::gate::require)),
         None => r,
     }
 }
@@ -414,7 +416,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let tls = web.as_ref().and_then(|w| w.tls.clone());
     posture.log(local, tls.is_some());
     let unauthorized = runner.metrics.webhooks.with_label_values(&["unauthorized"]);
-    let app = router(runner, auth::Gate::new(web, bearer, unauthorized));
+    let app = router(
+        runner,
+        auth::Gate::new(web, bearer, Some(unauthorized), "sensor remediate"),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(crate::http::serve(listener, app, tls, limits, http_metrics, stop_rx));
     tracing::info!(listen = %local, dry_run, rules, "remediation runner listening");

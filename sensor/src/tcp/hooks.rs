@@ -3,7 +3,7 @@
 //! atomics, the hash map where it has not. The feature probe (`KernelFeatures::atomics`)
 //! decides, so each group tries one form's raw tracepoint, then its classic tracepoint.
 
-use super::sock_layout;
+use super::layout::sock_layout;
 use crate::{
     kernel::insn::ATOMICS_NEED,
     probe::{HookCheck, HookGroup, HookKind, HookSpec, KernelContext, ProbeSpec},

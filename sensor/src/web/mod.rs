@@ -30,6 +30,7 @@ use tokio::sync::{broadcast::error::RecvError, watch};
 use crate::{
     events::{EventHub, Sequenced},
     http::AppState,
+    sync::{Lock as _, ReadWrite as _},
 };
 
 pub use summary::Summary;
@@ -164,7 +165,7 @@ impl Live {
     }
 
     fn rings(&self) -> std::sync::MutexGuard<'_, Rings> {
-        self.rings.lock().unwrap_or_else(|p| p.into_inner())
+        self.rings.locked()
     }
 
     fn catch_up(&self, hub: &EventHub) {
@@ -263,7 +264,7 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Response {
 /// `/api/v1/summary`: host, probes, losses, OOM kills, memory pressure and TCP, in one object.
 async fn summary_handler(State(WebState { app: s, live }): State<WebState>) -> Response {
     {
-        let c = live.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let c = live.cache.locked();
         if let Some((at, body)) = c.as_ref() {
             if at.elapsed() < SUMMARY_CACHE {
                 return json_response(body.clone());
@@ -273,13 +274,13 @@ async fn summary_handler(State(WebState { app: s, live }): State<WebState>) -> R
     // Gathering reads kernel maps; keep it off the async workers.
     let built = tokio::task::spawn_blocking(move || {
         let families = s.registry.gather();
-        let reports = s.reports.read().map(|r| r.clone()).unwrap_or_default();
+        let reports = s.reports.read_locked().clone();
         let (ready, down) = s.health.status();
         let checks = s.checks.as_deref().map(checks::counts).unwrap_or_default();
         let sum = summary::build(&live, &families, &reports, (ready, down), checks, now_unix());
         let body = serde_json::to_vec(&sum).map(bytes::Bytes::from);
         if let Ok(b) = &body {
-            *live.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), b.clone()));
+            *live.cache.locked() = Some((Instant::now(), b.clone()));
         }
         body
     })

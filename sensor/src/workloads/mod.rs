@@ -21,6 +21,8 @@ use tokio::{runtime::Handle, sync::watch};
 
 use self::config::{RuntimeConfig, RuntimeKind, WorkloadsConfig};
 
+use crate::sync::Lock as _;
+
 /// Names of one container; empty strings where unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -127,7 +129,7 @@ struct Inflight(Mutex<HashMap<String, watch::Receiver<bool>>>);
 impl Inflight {
     /// Marks `id` as under way; `None` when it already is.
     fn begin(&self, id: &str) -> Option<watch::Sender<bool>> {
-        let mut inflight = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inflight = self.0.locked();
         if inflight.contains_key(id) {
             return None;
         }
@@ -138,7 +140,7 @@ impl Inflight {
 
     /// Until the lookup of `id` under way (if any) ends.
     async fn wait(&self, id: &str) {
-        let rx = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        let rx = self.0.locked().get(id).cloned();
         if let Some(mut rx) = rx {
             let _ = rx.wait_for(|done| *done).await;
         }
@@ -146,7 +148,7 @@ impl Inflight {
 
     /// The lookup of `id` ended: its waiters wake.
     fn end(&self, id: &str, done: watch::Sender<bool>) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.0.locked().remove(id);
         let _ = done.send(true);
     }
 }
@@ -207,7 +209,7 @@ impl Resolver {
     /// The cached names of `id`: `Some(names)` when named, `Some(empty)` while a failed lookup
     /// is fresh, `None` when nothing is known yet.
     pub fn cached(&self, id: &str) -> Option<Arc<Names>> {
-        let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let c = self.cache.locked();
         match c.map.get(id)? {
             Entry::Named(n) => Some(Arc::clone(n)),
             Entry::Unnamed(until) if Instant::now() < *until => Some(Arc::default()),
@@ -265,7 +267,7 @@ impl Resolver {
             None => Entry::Unnamed(Instant::now() + RETRY_AFTER),
         };
         let gone = {
-            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = self.cache.locked();
             c.insert(id, entry)
         };
         for (old, e) in gone {
@@ -298,7 +300,7 @@ impl Resolver {
     /// Forgets ids (their workloads vanished past the grace period): cache and info series.
     pub fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         for id in ids {
-            let e = self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            let e = self.cache.locked().remove(id);
             // A pod's sandbox container goes with its pod: so does the pod's owner.
             self.sandboxes.forget(id);
             if let Some(e) = e {
@@ -315,13 +317,7 @@ impl Resolver {
 
     /// Ids cached now (tests, benchmarks).
     pub fn cached_ids(&self) -> HashSet<String> {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map
-            .keys()
-            .cloned()
-            .collect()
+        self.cache.locked().map.keys().cloned().collect()
     }
 }
 

@@ -14,6 +14,8 @@ use super::{
     Cache, Inflight, RESULTS,
 };
 
+use crate::sync::Lock as _;
+
 pub struct Sandboxes {
     cache: Mutex<Cache<Owner>>,
     /// Sandbox reads under way.
@@ -75,10 +77,7 @@ impl Sandboxes {
         let found = super::ask_counted(rt, id, self.timeout, &self.lookups, "sandbox").await;
         let owner = found.map(|s| self.owner_of(&s, pod));
         if let Some(o) = &owner {
-            self.cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, o.clone());
+            self.cache.locked().insert(id, o.clone());
         }
         self.inflight.end(id, done);
         owner.unwrap_or_default()
@@ -103,23 +102,18 @@ impl Sandboxes {
     }
 
     fn cached(&self, id: &str) -> Option<Owner> {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map
-            .get(id)
-            .cloned()
+        self.cache.locked().map.get(id).cloned()
     }
 
     /// Forgets the owner of sandbox `id` (its container vanished: the pod is gone).
     pub fn forget(&self, id: &str) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.cache.locked().remove(id);
     }
 
     /// Sandboxes whose owner is cached (tests).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).map.len()
+        self.cache.locked().map.len()
     }
 }
 

@@ -10,11 +10,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod kit;
 pub mod manifests;
 pub mod netns;
 pub mod prom;
 pub mod runtimes;
 pub mod tls;
+
+// Not every test binary uses every one.
+#[allow(unused_imports)]
+pub use kit::{
+    host::{cap_eff, ci, vmstat_oom_kill},
+    lock::KERNEL_LOCK_FILE,
+};
 
 pub const SENSOR: &str = env!("CARGO_BIN_EXE_sensor");
 
@@ -22,8 +30,6 @@ pub const SENSOR: &str = env!("CARGO_BIN_EXE_sensor");
 /// time: within a test binary through this mutex, across test binaries and checkouts on the
 /// same machine through an flock on [`KERNEL_LOCK_FILE`].
 static KERNEL: Mutex<()> = Mutex::new(());
-
-pub const KERNEL_LOCK_FILE: &str = "/tmp/sensor-kernel-tests.lock";
 
 /// Holds the kernel for one test; released on drop.
 pub struct KernelGuard {
@@ -33,29 +39,13 @@ pub struct KernelGuard {
 
 pub fn kernel_lock() -> KernelGuard {
     let inner = KERNEL.lock().unwrap_or_else(|p| p.into_inner());
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(KERNEL_LOCK_FILE)
-        .unwrap_or_else(|e| panic!("open {KERNEL_LOCK_FILE}: {e}"));
-    // SAFETY: flock(2) on a descriptor we own; the lock goes with the file's close.
-    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
-    assert_eq!(r, 0, "flock {KERNEL_LOCK_FILE}: {}", std::io::Error::last_os_error());
+    let file =
+        kit::lock::lock_kernel(|| eprintln!("waiting for {KERNEL_LOCK_FILE} (other kernel tests or benches run)"))
+            .unwrap_or_else(|e| panic!("{e}"));
     KernelGuard {
         _file: file,
         _inner: inner,
     }
-}
-
-/// This process's effective capabilities (a bit per capability number).
-pub fn cap_eff() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0)
 }
 
 fn can_trace() -> bool {
@@ -70,14 +60,11 @@ pub fn require_bpf(test: &str) -> bool {
     if can_trace() {
         return true;
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{test}: CI=true but this process cannot load BPF (needs CAP_BPF+CAP_PERFMON or root)");
-    }
-    skip_named(
+    require(
         test,
-        "needs CAP_BPF and CAP_PERFMON, or root (set CI=true to make this fatal)",
-    );
-    false
+        false,
+        "this process cannot load BPF (needs CAP_BPF and CAP_PERFMON, or root)",
+    )
 }
 
 /// The preamble of every privileged test: `None` (skip) without BPF outside CI, else the guard
@@ -115,67 +102,12 @@ pub fn get_on(mut s: impl Read + Write, host: &str, path: &str) -> std::io::Resu
 
 /// Value of the series `name{labels}` (labels in any order, all must match exactly).
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ')?;
-        let (n, lbl) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let got: Vec<(String, String)> = lbl
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .filter_map(|p| p.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-            .collect();
-        if got.len() == labels.len()
-            && labels
-                .iter()
-                .all(|(k, v)| got.iter().any(|(gk, gv)| gk == k && gv == v))
-        {
-            return value.parse().ok();
-        }
-    }
-    None
+    kit::promtext::value(text, name, labels)
 }
 
 /// Sum over the series of `name` that carry at least `labels`.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, lbl) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let ok = labels
-            .iter()
-            .all(|(k, v)| lbl.split(',').any(|p| p == format!("{k}=\"{v}\"")));
-        if ok {
-            sum += value.parse::<f64>().unwrap_or(0.0);
-        }
-    }
-    sum
-}
-
-/// `oom_kill` from /proc/vmstat.
-pub fn vmstat_oom_kill() -> u64 {
-    std::fs::read_to_string("/proc/vmstat")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    kit::promtext::sum(text, name, labels)
 }
 
 /// A running `sensor run`, stopped with SIGTERM on `stop()` (or killed on drop).
@@ -658,13 +590,23 @@ pub fn request_on(
 /// True when `bin` runs; else fails under CI=true (CI must not go green without it) or prints
 /// why the test is skipped.
 pub fn require_tool(bin: &str, how: &str) -> bool {
-    if Command::new(bin).arg("--version").output().is_ok() {
+    let ok = Command::new(bin).arg("--version").output().is_ok();
+    require("", ok, &format!("{bin} is missing ({how})"))
+}
+
+/// The one rule for what a test needs: `true` when `ok`; else, under CI=true, the test fails
+/// (CI never goes green without what it needs), and elsewhere it is reported skipped with
+/// `missing` and `false` returned. `test` names it where the thread has no test's name.
+pub fn require(test: &str, ok: bool, missing: &str) -> bool {
+    if ok {
         return true;
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("CI=true but {bin} is missing ({how})");
+    let test = if test.is_empty() { "main" } else { test };
+    if ci() {
+        let name = std::thread::current().name().unwrap_or(test).to_string();
+        panic!("{name}: CI=true but {missing}; `cargo xtask test` and .ci/run install and prepare what tests need");
     }
-    skip(&format!("{bin} missing ({how})"));
+    skip_named(test, missing);
     false
 }
 

@@ -33,17 +33,11 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 /// else fails under CI=true, or reports the test skipped.
 pub fn require_netns(test: &str) -> bool {
     let eff = super::cap_eff();
-    if eff & (1 << 21) != 0 && eff & (1 << 12) != 0 {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{test}: CI=true but this process cannot create network namespaces (needs root)");
-    }
-    super::skip_named(
+    super::require(
         test,
-        "needs CAP_SYS_ADMIN and CAP_NET_ADMIN (set CI=true to make this fatal)",
-    );
-    false
+        eff & (1 << 21) != 0 && eff & (1 << 12) != 0,
+        "this process cannot create network namespaces (needs CAP_SYS_ADMIN and CAP_NET_ADMIN, or root)",
+    )
 }
 
 /// A hub namespace and spokes, spoke `i` (from 1) joined to the hub by a veth pair:

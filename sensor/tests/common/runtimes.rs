@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{require_tool, skip, Service};
+use super::{require_tool, Service};
 
 /// The test victim image: `/bin/busybox` (static) and nothing else. Run applets by path, e.g.
 /// `/bin/busybox tail /dev/zero`.
@@ -105,14 +105,11 @@ pub fn require_podman() -> bool {
     if !(require_tool("podman", HOW) && require_tool("runc", HOW)) {
         return false;
     }
-    if !Path::new(BUSYBOX).exists() {
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("CI=true but {BUSYBOX} is missing ({HOW})");
-        }
-        skip(&format!("{BUSYBOX} missing ({HOW})"));
-        return false;
-    }
-    true
+    super::require(
+        "",
+        Path::new(BUSYBOX).exists(),
+        &format!("{BUSYBOX} is missing ({HOW})"),
+    )
 }
 
 /// [`require_podman`] plus containerd and ctr.

@@ -40,10 +40,7 @@ pub fn kernel(name: &str) -> Kernel {
 
 /// Skips (or, under CI, fails) for a missing piece of the set-up.
 fn missing(what: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("CI=true but {what}; .ci/run and `cargo xtask test` provide it");
-    }
-    common::skip(&format!("{what} (run `cargo xtask test`, which prepares it)"));
+    common::require("", false, what);
 }
 
 /// Copies `bin` and the shared libraries it needs (per ldd) into `root` at the same paths.
