@@ -9,7 +9,6 @@
 //! Everything lives in a thread-local for the one call: `gather` runs every collector on the
 //! calling thread.
 
-use crate::sync::Lock as _;
 use std::{
     any::Any,
     cell::RefCell,
@@ -21,6 +20,8 @@ use std::{
         Mutex,
     },
 };
+
+use crate::sync::Lock as _;
 
 /// One family's text: `# HELP` and `# TYPE` once, then its samples.
 pub struct Chunk {

@@ -1,7 +1,6 @@
 //! The daemon's own metrics (`sensor_*` self series) and helpers to build metric families
 //! from values read out of kernel maps at scrape time.
 
-use crate::sync::Lock as _;
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
@@ -13,6 +12,7 @@ use prometheus::{
 use crate::{
     expo,
     probe::{ProbeReport, ProbeSpec},
+    sync::Lock as _,
     transport::{KernelCounters, LOST_REASONS},
 };
 

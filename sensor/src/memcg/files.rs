@@ -9,7 +9,6 @@
 //! daemon at 5,000 workloads (past the usual soft limit of 1,024) and make every
 //! `process_open_fds` a walk of them, for a saving only in the background.
 
-use crate::sync::Lock as _;
 use std::{
     path::Path,
     sync::{Arc, Mutex},
@@ -19,7 +18,10 @@ use std::{
 use prometheus::IntCounterVec;
 
 use super::psi;
-use crate::cgroup::{Discovery, Hierarchies};
+use crate::{
+    cgroup::{Discovery, Hierarchies},
+    sync::Lock as _,
+};
 
 /// Reads a small cgroup file into `buf`: open, one read (the kernel hands a small seq file over
 /// whole), close; no size query and no read to see the end unless the buffer filled up.
