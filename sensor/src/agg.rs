@@ -2,7 +2,7 @@
 //! turns them into Prometheus histograms at scrape time.
 
 use std::{
-    collections::{hash_map::Entry, BTreeMap, HashMap},
+    collections::{hash_map::Entry, BTreeMap},
     rc::Rc,
     sync::{Arc, Mutex},
     time::Duration,
@@ -298,7 +298,11 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// Every entry of a per-CPU hash map with its per-CPU values, read with `BPF_MAP_LOOKUP_BATCH`
 /// 128 keys at a time: at a scrape of 1,000 workloads that is 8 syscalls instead of 2,000.
 /// Like the key-by-key walk it is not atomic: entries updated meanwhile are read as they are.
-fn lookup_batch<K: aya::Pod, V: aya::Pod>(map: &PerCpuHashMap<MapData, K, V>) -> std::io::Result<Vec<(K, Vec<V>)>> {
+/// `f` gets each entry's key and per-CPU values as they come: no copy of the map is kept.
+fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+    map: &PerCpuHashMap<MapData, K, V>,
+    mut f: impl FnMut(K, &[V]),
+) -> std::io::Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
 
     use aya::maps::IterableMap;
@@ -307,7 +311,7 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(map: &PerCpuHashMap<MapData, K, V>) ->
     let fd = map.map().fd().as_fd().as_raw_fd();
     let mut count = 128usize;
     let (mut keys, mut values) = (vec![0u8; count * ksz], vec![0u8; count * cpus * vsz]);
-    let mut out = Vec::new();
+    let mut per_cpu: Vec<V> = Vec::with_capacity(cpus);
     // The kernel's position token (4 bytes for hash maps), kept in 8 for any map type.
     let (mut token, mut next) = (0u64, 0u64);
     let mut first = true;
@@ -351,14 +355,18 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(map: &PerCpuHashMap<MapData, K, V>) ->
             // SAFETY: `i` < `count`: the reads stay within the buffers; K and V are Pod (any
             // bytes are a valid value), read unaligned from the byte buffers.
             let k = unsafe { std::ptr::read_unaligned(keys.as_ptr().add(i * ksz) as *const K) };
-            let v = (0..cpus)
-                // SAFETY: as above, `(i * cpus + c) * vsz + size_of::<V>()` <= the buffer's length.
-                .map(|c| unsafe { std::ptr::read_unaligned(values.as_ptr().add((i * cpus + c) * vsz) as *const V) })
-                .collect();
-            out.push((k, v));
+            per_cpu.clear();
+            per_cpu.extend(
+                (0..cpus)
+                    // SAFETY: as above, `(i * cpus + c) * vsz + size_of::<V>()` <= the buffer's length.
+                    .map(|c| unsafe {
+                        std::ptr::read_unaligned(values.as_ptr().add((i * cpus + c) * vsz) as *const V)
+                    }),
+            );
+            f(k, &per_cpu);
         }
         if end {
-            return Ok(out);
+            return Ok(());
         }
         token = next;
         first = false;
@@ -453,6 +461,8 @@ pub struct HistogramMapCollector<K: aya::Pod, const N: usize = 1> {
     text_labels: Option<TextLabelFn<K>>,
     /// Whether the kernel took `BPF_MAP_LOOKUP_BATCH` (5.6+); cleared at its first refusal.
     batch: std::sync::atomic::AtomicBool,
+    /// Keys read at the last snapshot: the next one is collected without regrowing.
+    last_len: std::sync::atomic::AtomicUsize,
     /// Each family's `le` values, as text.
     les: [Vec<String>; N],
     desc: Vec<Desc>,
@@ -489,6 +499,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
             labels,
             text_labels: None,
             batch: std::sync::atomic::AtomicBool::new(true),
+            last_len: std::sync::atomic::AtomicUsize::new(0),
             les,
             desc,
             retired: Mutex::new(BTreeMap::new()),
@@ -555,8 +566,12 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
         let total =
             |k: K, per_cpu: &[[Log2Hist; N]]| (k, std::array::from_fn(|i| sum_percpu(per_cpu.iter().map(|v| &v[i]))));
         if self.batch.load(std::sync::atomic::Ordering::Relaxed) {
-            match lookup_batch::<K, [Log2Hist; N]>(&map) {
-                Ok(entries) => return entries.into_iter().map(|(k, v)| total(k, &v)).collect(),
+            let mut out = Vec::with_capacity(self.last_len.load(std::sync::atomic::Ordering::Relaxed));
+            match lookup_batch::<K, [Log2Hist; N]>(&map, |k, v| out.push(total(k, v))) {
+                Ok(()) => {
+                    self.last_len.store(out.len(), std::sync::atomic::Ordering::Relaxed);
+                    return out;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "batched map lookup unavailable; reading key by key");
                     self.batch.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -603,14 +618,14 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
         &self,
         i: usize,
         kept: usize,
-        merged: &mut HashMap<[Arc<str>; 2], Log2Hist>,
+        merged: &mut foldhash::HashMap<[Arc<str>; 2], Log2Hist>,
         empty: &Arc<str>,
     ) {
         let retired = self.retired();
         if retired.is_empty() {
             return;
         }
-        let mut by_text: HashMap<String, [Arc<str>; 2]> = merged
+        let mut by_text: foldhash::HashMap<String, [Arc<str>; 2]> = merged
             .keys()
             .map(|k| {
                 let text = k
@@ -655,7 +670,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
         let mut cum = Vec::new();
         for (i, f) in self.families.iter().enumerate() {
             let kept = f.labels.min(self.label_names.len());
-            let mut merged: HashMap<[Arc<str>; 2], Log2Hist> = HashMap::new();
+            let mut merged: foldhash::HashMap<[Arc<str>; 2], Log2Hist> = foldhash::HashMap::default();
             for (k, parts) in snap.iter() {
                 let h = &parts[i];
                 if h.buckets.iter().all(|&b| b == 0) {

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::{
     activity::{Reading, Tracker},
     admission::{Admission, Admit, LeftOut, LeftOutMetrics, Rank},
+    sync::Lock as _,
     workloads::{Names, Resolver},
 };
 
@@ -329,6 +330,18 @@ pub struct Discovery {
     activity: Mutex<Tracker>,
     /// `sensor_workloads_left_out{,_total}{set}` (registered by the daemon).
     left_out: LeftOutMetrics,
+    /// Label text of each workload with series of its own, rendered once and kept until its
+    /// names change or it leaves the set (see [`Self::label_text`]).
+    label_texts: Mutex<HashMap<String, LabelText>>,
+    /// The label text of every workload folded into `other`.
+    other_text: Arc<str>,
+}
+
+/// A workload's label text and the names it was rendered with.
+struct LabelText {
+    container_id: String,
+    names: Arc<Names>,
+    text: Arc<str>,
 }
 
 #[derive(Default)]
@@ -383,6 +396,11 @@ impl Discovery {
             resolver: OnceLock::new(),
             grace,
             retired: retired_counter(),
+            label_texts: Mutex::new(HashMap::new()),
+            other_text: render_labels(&with_names(
+                [OTHER.to_string(), String::new(), String::new()],
+                &Names::default(),
+            )),
         };
         d.rescan();
         d
@@ -506,9 +524,37 @@ impl Discovery {
         })
     }
 
-    /// [`Self::labels`] rendered as a label fragment, once per path and scrape.
+    /// [`Self::labels`] rendered as a label fragment, once per workload: kept across scrapes
+    /// and rendered again only when the runtime's names for it change.
     pub fn label_text(&self, cgroup: &str) -> Arc<str> {
-        self.memo_text("label_text", cgroup.to_string(), |d, cg| render_labels(&d.labels(cg)))
+        let rank = self.rank(cgroup);
+        let admitted = self.workloads.locked().labels_ranked(cgroup, rank).0[0] != OTHER;
+        if !admitted {
+            return Arc::clone(&self.other_text);
+        }
+        let kept = self
+            .label_texts
+            .locked()
+            .get(cgroup)
+            .map(|e| (e.container_id.clone(), Arc::clone(&e.names), Arc::clone(&e.text)));
+        if let Some((container_id, names, text)) = kept {
+            if *self.names(&container_id) == *names {
+                return text;
+            }
+        }
+        let w = workload(cgroup);
+        let names = self.names(&w.container_id);
+        let text = render_labels(&with_names(
+            [cgroup.to_string(), w.container_id.clone(), w.pod_uid],
+            &names,
+        ));
+        let e = LabelText {
+            container_id: w.container_id,
+            names,
+            text: Arc::clone(&text),
+        };
+        self.label_texts.locked().insert(cgroup.to_string(), e);
+        text
     }
 
     fn memo_text<Q: std::hash::Hash + Eq + 'static>(
@@ -602,6 +648,7 @@ impl Discovery {
         let paths: HashSet<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
         if let Ok(mut w) = self.workloads.lock() {
             w.sweep(|cg| paths.contains(cg), Instant::now());
+            self.label_texts.locked().retain(|cg, _| w.contains(cg));
         }
         let ids: HashSet<String> = found
             .iter()

@@ -15,8 +15,13 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     rc::Rc,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
 };
+
+use crate::sync::Lock as _;
 
 /// One family's text: `# HELP` and `# TYPE` once, then its samples.
 pub struct Chunk {
@@ -36,6 +41,32 @@ struct Capture {
 
 thread_local! {
     static CAPTURE: RefCell<Option<Capture>> = const { RefCell::new(None) };
+}
+
+/// Family bodies of the last scrape, cleared, by family name: the next scrape writes into the
+/// same memory. The allocator hands freed memory back to the kernel at once (see `alloc`), so
+/// fresh buffers of a few MiB were faulted in again page by page every scrape (with their
+/// regrowth copies, a fifth of a scrape's CPU at 1,000 workloads, measured).
+static BODIES: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::new());
+
+fn take_body(name: &'static str) -> String {
+    let mut pool = BODIES.locked();
+    match pool.iter().position(|(n, _)| *n == name) {
+        Some(i) => pool.swap_remove(i).1,
+        None => String::new(),
+    }
+}
+
+/// Keeps the bodies of `chunks` (emptied, capacity kept) for the next scrape; one per family.
+pub fn recycle(chunks: Vec<Chunk>) {
+    let mut pool = BODIES.locked();
+    for c in chunks {
+        if !pool.iter().any(|(n, _)| *n == c.name) {
+            let mut body = c.body;
+            body.clear();
+            pool.push((c.name, body));
+        }
+    }
 }
 
 /// Size of the last exposition, so the next one is written without regrowing its buffer.
@@ -140,7 +171,7 @@ impl Writer {
                 self.chunks.push(Chunk {
                     name,
                     header,
-                    body: String::new(),
+                    body: take_body(name),
                     series: 0,
                 });
                 self.chunks.len() - 1

@@ -44,12 +44,60 @@ pub fn router(state: AppState, extra: Router, web: Option<Arc<crate::webconfig::
     }
 }
 
-async fn metrics(State(s): State<AppState>) -> axum::response::Response {
-    // Gathering reads kernel maps; keep it off the async workers.
-    match tokio::task::spawn_blocking(move || crate::metrics::render(&s.registry)).await {
-        Ok(body) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-            body,
+/// Whether to answer gzip: the client asks for it and is not on this host. Compressing the
+/// 1,000-workload exposition (3.3 MB) at the fastest level costs more CPU than the whole rest of
+/// the scrape and saves only a local copy on loopback; across a network it shrinks the answer
+/// 38x for the fleet's Prometheus (docs/benchmarks.md, issue 29).
+fn wants_gzip(headers: &axum::http::HeaderMap, peer: Option<&Peer>) -> bool {
+    let remote = peer.is_some_and(|p| !p.0.ip().is_loopback());
+    remote
+        && headers
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|e| {
+                let mut parts = e.split(';');
+                let name = parts.next().unwrap_or("").trim();
+                // `gzip;q=0` refuses it.
+                let refused =
+                    parts.any(|p| p.trim().strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()) == Some(0.0));
+                name.eq_ignore_ascii_case("gzip") && !refused
+            })
+}
+
+/// The exposition gzipped at the fastest level.
+fn gzip(text: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(Vec::with_capacity(text.len() / 16), flate2::Compression::fast());
+    e.write_all(text)?;
+    e.finish()
+}
+
+async fn metrics(
+    State(s): State<AppState>,
+    peer: Option<axum::Extension<Peer>>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+    let gz = wants_gzip(&headers, peer.as_deref());
+    // Gathering reads kernel maps; keep it off the async workers (and the compression too).
+    let answer = tokio::task::spawn_blocking(move || {
+        let text = crate::metrics::render_pooled(&s.registry);
+        if gz {
+            match gzip(text.as_ref()) {
+                Ok(z) => return (Some(z), text),
+                Err(e) => tracing::warn!(error = %e, "gzip failed; answering uncompressed"),
+            }
+        }
+        (None, text)
+    })
+    .await;
+    match answer {
+        Ok((Some(z), _)) => ([(header::CONTENT_TYPE, TEXT), (header::CONTENT_ENCODING, "gzip")], z).into_response(),
+        Ok((None, text)) => (
+            [(header::CONTENT_TYPE, TEXT)],
+            axum::body::Body::from(bytes::Bytes::from_owner(text)),
         )
             .into_response(),
         // A collector panicked: say so instead of answering 200 with an empty page.
@@ -412,4 +460,96 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<T
 /// Resolves once `stop` is true (the guard `wait_for` returns is not `Send`).
 async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use axum::http::{HeaderMap, HeaderValue, Request};
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    fn state() -> AppState {
+        let registry = Registry::new();
+        let c = prometheus::IntCounterVec::new(prometheus::Opts::new("t_total", "h"), &["w"]).unwrap();
+        registry.register(Box::new(c.clone())).unwrap();
+        for i in 0..500 {
+            c.with_label_values(&[&format!("/workload-{i}")]).inc_by(i);
+        }
+        let errors = prometheus::IntCounterVec::new(prometheus::Opts::new("e_total", "h"), &["task"]).unwrap();
+        AppState {
+            registry,
+            hub: Arc::new(EventHub::new(4)),
+            reports: Arc::default(),
+            health: Arc::new(crate::health::Health::new(errors)),
+            checks: None,
+        }
+    }
+
+    /// `/metrics` as a client at `peer` asking with `accept` gets it: the Content-Encoding and
+    /// the body, decompressed when gzipped.
+    async fn scrape(peer: &str, accept: &str) -> (Option<String>, String) {
+        let mut req = Request::get("/metrics")
+            .header(header::ACCEPT_ENCODING, accept)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut().insert(Peer(peer.parse().unwrap()));
+        let r = router(state(), Router::new(), None).oneshot(req).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let enc = r
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap();
+        let text = if enc.as_deref() == Some("gzip") {
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(&body[..]).read_to_string(&mut s).unwrap();
+            s
+        } else {
+            String::from_utf8(body.to_vec()).unwrap()
+        };
+        (enc, text)
+    }
+
+    /// A remote Prometheus asking for gzip gets the same exposition gzipped; a local client
+    /// (loopback, where compressing costs more than it saves) or one that does not ask gets it
+    /// as text.
+    #[tokio::test]
+    async fn gzip_only_for_remote_clients_that_ask() {
+        let accept = "gzip, deflate;q=0.5, *;q=0.1";
+        let (enc, remote) = scrape("192.0.2.7:40000", accept).await;
+        assert_eq!(enc.as_deref(), Some("gzip"));
+        let (enc, local) = scrape("127.0.0.1:40000", accept).await;
+        assert_eq!(enc, None);
+        let (enc, plain) = scrape("192.0.2.7:40000", "identity").await;
+        assert_eq!(enc, None);
+        let strip = |t: &str| {
+            t.lines()
+                .filter(|l| l.starts_with("t_total{"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&remote).len(), 500);
+        assert_eq!(strip(&remote), strip(&local));
+        assert_eq!(strip(&remote), strip(&plain));
+    }
+
+    #[test]
+    fn gzip_refused_with_q_zero_and_matched_case_insensitively() {
+        let peer = Peer("[2001:db8::1]:1".parse().unwrap());
+        let h = |v: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(v));
+            m
+        };
+        assert!(wants_gzip(&h("GZIP"), Some(&peer)));
+        assert!(wants_gzip(&h("br, gzip;q=0.8"), Some(&peer)));
+        assert!(!wants_gzip(&h("gzip;q=0"), Some(&peer)));
+        assert!(!wants_gzip(&h("br"), Some(&peer)));
+        assert!(!wants_gzip(&HeaderMap::new(), Some(&peer)));
+        assert!(!wants_gzip(&h("gzip"), None));
+        assert!(!wants_gzip(&h("gzip"), Some(&Peer("[::1]:1".parse().unwrap()))));
+    }
 }

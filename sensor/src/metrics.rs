@@ -12,6 +12,7 @@ use prometheus::{
 use crate::{
     expo,
     probe::{ProbeReport, ProbeSpec},
+    sync::Lock as _,
     transport::{KernelCounters, LOST_REASONS},
 };
 
@@ -391,6 +392,44 @@ impl<C: Collector> Collector for Shared<C> {
 /// registry is gathered (see [`crate::expo`]); the rest goes through the crate's encoder. Families come
 /// out sorted by name, each with its HELP and TYPE once.
 pub fn render(registry: &Registry) -> String {
+    let mut out = String::with_capacity(expo::size_hint());
+    render_into(registry, &mut out);
+    expo::note_size(out.len());
+    out
+}
+
+/// The exposition in a buffer kept from one scrape to the next (see [`Exposition`]).
+pub fn render_pooled(registry: &Registry) -> Exposition {
+    let mut out = OUT.locked().take().unwrap_or_default();
+    out.clear();
+    render_into(registry, &mut out);
+    Exposition(out)
+}
+
+/// The one output buffer kept between scrapes (a second scrape at the same time gets its own).
+static OUT: Mutex<Option<String>> = Mutex::new(None);
+
+/// A rendered exposition; its buffer goes back for the next scrape when the response that
+/// carries it (`bytes::Bytes::from_owner`) is dropped: no copy, and no fresh pages to fault in.
+pub struct Exposition(String);
+
+impl AsRef<[u8]> for Exposition {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl Drop for Exposition {
+    fn drop(&mut self) {
+        let mut kept = OUT.locked();
+        if kept.is_none() {
+            *kept = Some(std::mem::take(&mut self.0));
+        }
+    }
+}
+
+/// [`render`] into `out` (appended).
+fn render_into(registry: &Registry, out: &mut String) {
     let (families, chunks) = expo::capture(|| registry.gather());
     enum Part<'a> {
         Proto(&'a MetricFamily),
@@ -410,12 +449,11 @@ pub fn render(registry: &Registry) -> String {
     let series = series_family(parts.iter().map(|(n, s, _)| (*n, *s)));
     parts.push((SERIES, 0, Part::Proto(&series)));
     parts.sort_by(|a, b| a.0.cmp(b.0));
-    let mut out = String::with_capacity(expo::size_hint());
     let encoder = prometheus::TextEncoder::new();
     for (_, _, part) in parts {
         match part {
             Part::Proto(mf) => {
-                if let Err(e) = encoder.encode_utf8(std::slice::from_ref(mf), &mut out) {
+                if let Err(e) = encoder.encode_utf8(std::slice::from_ref(mf), out) {
                     tracing::error!(error = %e, family = mf.name(), "encoding metrics failed");
                 }
             }
@@ -425,8 +463,7 @@ pub fn render(registry: &Registry) -> String {
             }
         }
     }
-    expo::note_size(out.len());
-    out
+    expo::recycle(chunks);
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! `cargo xtask bench memory` and `bench scrape`: the daemon's RSS idle, its peak, and with
-//! 1,000 real workload cgroups under churn; the cost of a /metrics scrape with 1,000 active
-//! workloads. node_exporter runs alongside as the anchor, measured at the same moments.
+//! `cargo xtask bench memory`: the daemon's RSS idle, its peak, and with 1,000 real workload
+//! cgroups under churn (the scrape benchmark, which shares its options, is `bench_scrape`).
+//! node_exporter runs alongside as the anchor, measured at the same moments.
 
 use std::{
     path::Path,
@@ -15,14 +15,13 @@ use crate::{
         mib, pid_cpu, rss_kib, series_count, smaps_breakdown, CgroupParent, KernelLock, Listener, Served, Workloads,
     },
     bench_report::{machine, spread, store, Goal, Row},
-    net::http_get,
 };
 
 /// Bytes of anonymous memory each workload process touches (its memcg activity, with the
 /// reclaim it then asks the kernel for).
-const TOUCH: usize = 2 << 20;
+pub(crate) const TOUCH: usize = 2 << 20;
 /// The default discovery interval is 5 s: a new cgroup has a name after at most this long.
-const DISCOVERY_WAIT: Duration = Duration::from_secs(6);
+pub(crate) const DISCOVERY_WAIT: Duration = Duration::from_secs(6);
 
 #[derive(clap::Args, Debug, Clone)]
 #[group(id = "bench_memory_opts")]
@@ -42,6 +41,10 @@ pub struct Opts {
     /// Scrapes per round and target.
     #[arg(long, default_value_t = 20)]
     pub scrapes: usize,
+    /// Scrape benchmark: workloads alive in its second phase (more started after the first
+    /// phase's rounds; 0 or not above --workloads: no second phase), to show how the cost grows.
+    #[arg(long, default_value_t = 5000)]
+    pub scale_workloads: usize,
 }
 
 impl Opts {
@@ -51,6 +54,7 @@ impl Opts {
         self.batches = 2;
         self.scrape_rounds = 2;
         self.scrapes = 5;
+        self.scale_workloads = 300;
     }
 }
 
@@ -70,7 +74,7 @@ fn sample(sensor: &Served, node: &Served) -> Result<Sample> {
 }
 
 /// Distinct workload cgroups under `parent` that have TCP series in `metrics`.
-fn workloads_seen(metrics: &str, parent: &CgroupParent) -> usize {
+pub(crate) fn workloads_seen(metrics: &str, parent: &CgroupParent) -> usize {
     let needle = format!("cgroup=\"{}/", parent.rel);
     let mut seen: Vec<&str> = metrics
         .lines()
@@ -296,249 +300,6 @@ fn memory_body(
         o.batches,
         lock = crate::bench_kit::KERNEL_LOCK_FILE
     ));
-    t
-}
-
-// ---------------------------------------------------------------------------------------------
-// Scrape
-
-/// One round's scrapes of one target: latencies (s), CPU of the target's process net of its
-/// idle rate, series and bytes of the last body.
-struct Scrapes {
-    latencies: Vec<f64>,
-    cpu: f64,
-    series: usize,
-    bytes: usize,
-}
-
-impl Scrapes {
-    fn per_series_us(&self) -> f64 {
-        1e6 * self.cpu / (self.latencies.len() * self.series.max(1)) as f64
-    }
-}
-
-fn scrape_round(target: &Served, n: usize) -> Result<Scrapes> {
-    // The target's idle CPU rate over one second, subtracted from the scrape window.
-    let (c0, t0) = (pid_cpu(target.pid())?, Instant::now());
-    std::thread::sleep(Duration::from_secs(1));
-    let idle_rate = (pid_cpu(target.pid())? - c0) / t0.elapsed().as_secs_f64();
-    let (c1, t1) = (pid_cpu(target.pid())?, Instant::now());
-    let mut latencies = Vec::with_capacity(n);
-    let mut body = String::new();
-    for _ in 0..n {
-        let t = Instant::now();
-        let (status, b) = http_get(target.addr, "/metrics")?;
-        latencies.push(t.elapsed().as_secs_f64());
-        anyhow::ensure!(status == 200, "/metrics answered {status}");
-        body = b;
-    }
-    let cpu = (pid_cpu(target.pid())? - c1 - idle_rate * t1.elapsed().as_secs_f64()).max(0.0);
-    Ok(Scrapes {
-        latencies,
-        cpu,
-        series: series_count(&body),
-        bytes: body.len(),
-    })
-}
-
-pub fn run_scrape(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
-    let m = machine();
-    eprintln!("==> bench scrape on {m}");
-    let _lock = KernelLock::acquire("bench scrape")?;
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let node = Served::node_exporter(&dir.join("node-exporter-scrape.log"))?;
-    let sensor = Served::sensor(sensor_bin, &[], &dir.join("sensor-scrape.log"))?;
-    std::thread::sleep(DISCOVERY_WAIT);
-    let before = series_count(&sensor.metrics()?);
-    let parent = CgroupParent::new("scrape")?;
-    let listener = Listener::start()?;
-    eprintln!("==> starting {} workloads", o.workloads);
-    let w = Workloads::start(&parent, "w", o.workloads, listener.addr, TOUCH)?;
-    std::thread::sleep(DISCOVERY_WAIT);
-    let warm = sensor.metrics()?;
-    // Kept for a closer look at what the series are made of.
-    let _ = std::fs::write(dir.join("scrape-sensor.txt"), &warm);
-    let families = families(&warm);
-    let seen = workloads_seen(&warm, &parent);
-    let after = series_count(&warm);
-    eprintln!(
-        "==> {seen} of {} workloads named in TCP series; {before} series before, {after} with them",
-        o.workloads
-    );
-    let mut rounds = Vec::new();
-    for r in 1..=o.scrape_rounds {
-        let s = scrape_round(&sensor, o.scrapes)?;
-        let n = scrape_round(&node, o.scrapes)?;
-        eprintln!(
-            "    round {r}/{}: sensor {} series, median {:.1} ms, {:.3} µs CPU/series; node_exporter {} series, {:.1} ms, {:.3} µs/series",
-            o.scrape_rounds,
-            s.series,
-            1e3 * stats(s.latencies.clone()).1,
-            s.per_series_us(),
-            n.series,
-            1e3 * stats(n.latencies.clone()).1,
-            n.per_series_us()
-        );
-        rounds.push((s, n));
-    }
-    // Where a scrape's time goes: one more round of back-to-back scrapes, profiled.
-    let profile = crate::bench_events::profile_during(sensor.pid(), || scrape_round(&sensor, o.scrapes).map(|_| ()));
-    let removed = w.remove();
-    drop(listener);
-    drop(parent);
-    drop(sensor);
-    drop(node);
-    anyhow::ensure!(
-        removed == o.workloads,
-        "{removed} of {} workload processes were still alive",
-        o.workloads
-    );
-
-    let per_workload = (after as f64 - before as f64) / o.workloads as f64;
-    let (rows, mut body) = scrape_report(o, &rounds, before, after, seen, per_workload);
-    body.push_str(&families_table(&families, o.workloads));
-    match profile {
-        Ok(p) => body.push_str(&crate::bench_events::profile_table_during(
-            &p,
-            "in a scrape",
-            &format!("during {} more back-to-back scrapes", o.scrapes),
-        )),
-        Err(e) => eprintln!("==> no scrape profile: {e:#}"),
-    }
-    for r in &rows {
-        eprintln!(
-            "==> {}: {} (anchor {}; goal {}: {})",
-            r.what, r.ours, r.anchor, r.goal, r.verdict
-        );
-    }
-    store(root, "scrape", &m, &rows, &body)
-}
-
-fn scrape_report(
-    o: &Opts,
-    rounds: &[(Scrapes, Scrapes)],
-    before: usize,
-    after: usize,
-    seen: usize,
-    per_workload: f64,
-) -> (Vec<Row>, String) {
-    let all = |f: &dyn Fn(&(Scrapes, Scrapes)) -> &Scrapes| {
-        rounds
-            .iter()
-            .flat_map(|r| f(r).latencies.iter().map(|l| l * 1e3))
-            .collect::<Vec<f64>>()
-    };
-    let per =
-        |f: &dyn Fn(&(Scrapes, Scrapes)) -> &Scrapes| rounds.iter().map(|r| f(r).per_series_us()).collect::<Vec<f64>>();
-    let (s_lat, n_lat) = (all(&|r| &r.0), all(&|r| &r.1));
-    let (s_per, n_per) = (per(&|r| &r.0), per(&|r| &r.1));
-    let ratio: Vec<f64> = rounds
-        .iter()
-        .map(|(s, n)| s.per_series_us() / n.per_series_us())
-        .collect();
-    let s_series = rounds.last().map_or(0, |r| r.0.series);
-    let n_series = rounds.last().map_or(0, |r| r.1.series);
-    let rows = vec![
-        Row::measured(
-            &format!(
-                "series per workload with TCP and memcg activity ({after} - {before}) / {}",
-                o.workloads
-            ),
-            per_workload,
-            "",
-            1,
-            "-",
-            Goal::AtMost(20.0),
-            "≤ 20",
-        ),
-        Row::measured(
-            &format!("/metrics scrape, {} active workloads, median latency", o.workloads),
-            stats(s_lat.clone()).1,
-            " ms",
-            1,
-            &format!("node_exporter {:.1} ms ({n_series} series)", stats(n_lat.clone()).1),
-            Goal::AtMost(20.0),
-            "≤ 20 ms",
-        ),
-        Row::measured(
-            "daemon CPU per series per scrape",
-            stats(s_per.clone()).1,
-            " µs",
-            3,
-            &format!(
-                "node_exporter {:.3} µs (sensor/node_exporter {:.2})",
-                stats(n_per.clone()).1,
-                stats(ratio.clone()).1
-            ),
-            Goal::AtMost(0.5),
-            "≤ 0.5 µs",
-        ),
-    ];
-    let mut t = format!(
-        "Sensor (default configuration, all probes) and node_exporter (default collectors) on the same host. \
-         {w} workload cgroups as in the memory benchmark (each: a live process that made one loopback connect, \
-         2 MiB of anonymous memory, memcg reclaim in its own context), {seen} of them named in the sensor's TCP series \
-         after one discovery interval. Series = non-comment lines of the exposition: {before} before the \
-         workloads, {after} with them ({s_series} at the last round, {bytes} bytes).\n\n\
-         {r} rounds; each round scrapes the sensor {n} times back to back, then node_exporter {n} times. \
-         Latency = request to last byte (HTTP/1.0, loopback, no compression). CPU per series = utime + stime \
-         of the target's process over the round (/proc/PID/stat, 10 ms ticks) minus its idle rate measured in the \
-         second before, / (scrapes × series). The ratio is taken per round.\n\n\
-         | | min | median | max |\n|---|---|---|---|\n",
-        w = o.workloads,
-        bytes = rounds.last().map_or(0, |r| r.0.bytes),
-        r = o.scrape_rounds,
-        n = o.scrapes,
-    );
-    let line = |label: &str, v: Vec<f64>, d: usize| {
-        let (a, b, c) = stats(v);
-        format!("| {label} | {a:.d$} | {b:.d$} | {c:.d$} |\n")
-    };
-    t.push_str(&line("sensor: scrape latency, ms (all scrapes)", s_lat, 1));
-    t.push_str(&line("node_exporter: scrape latency, ms (all scrapes)", n_lat, 1));
-    t.push_str(&line("sensor: CPU per series, µs (per round)", s_per, 3));
-    t.push_str(&line("node_exporter: CPU per series, µs (per round)", n_per, 3));
-    t.push_str(&line("**sensor / node_exporter, CPU per series**", ratio, 2));
-    t.push_str(&format!(
-        "\nnode_exporter exposes {n_series} series here. Reproduce: `cargo xtask bench scrape --workloads {} \
-         --scrape-rounds {} --scrapes {}`.\n",
-        o.workloads, o.scrape_rounds, o.scrapes
-    ));
-    (rows, t)
-}
-
-/// Series per metric family (histogram `_bucket`, `_sum` and `_count` count for their family),
-/// largest first.
-fn families(text: &str) -> Vec<(String, usize)> {
-    let mut m: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
-    for l in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let name = l.split(['{', ' ']).next().unwrap_or("");
-        let fam = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(name);
-        *m.entry(fam.to_string()).or_default() += 1;
-    }
-    let mut v: Vec<(String, usize)> = m.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    v
-}
-
-/// What the series are made of: the families with the most series.
-fn families_table(f: &[(String, usize)], workloads: usize) -> String {
-    let total: usize = f.iter().map(|x| x.1).sum();
-    let mut t = format!(
-        "\nWhat the {total} series of the sensor's scrape with {workloads} workloads are (families with at least 10 \
-         series; a histogram's buckets, sum and count count for its family):\n\n\
-         | family | series | share |\n|---|---|---|\n"
-    );
-    for (name, n) in f.iter().filter(|x| x.1 >= 10) {
-        t.push_str(&format!(
-            "| `{name}` | {n} | {:.1}% |\n",
-            100.0 * *n as f64 / total.max(1) as f64
-        ));
-    }
     t
 }
 

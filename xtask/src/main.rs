@@ -19,6 +19,7 @@ mod bench_events;
 mod bench_kit;
 mod bench_memory;
 mod bench_report;
+mod bench_scrape;
 mod bench_workloads;
 mod demo;
 mod deps;
@@ -373,7 +374,7 @@ fn bench_all(root: &Path, mut a: BenchArgs) -> Result<()> {
             // The static build (musl, what the image ships) in the same rounds, next to glibc's.
             Which::Checks => bench_checks::run(root, &bin, static_bin.as_deref(), &a.checks)?,
             Which::Memory => bench_memory::run_memory(root, &bin, &a.memory)?,
-            Which::Scrape => bench_memory::run_scrape(root, &bin, &a.memory)?,
+            Which::Scrape => bench_scrape::run_scrape(root, &bin, &a.memory)?,
             Which::Events => bench_events::run_events(root, &bin, &a.events)?,
             Which::OomLatency => bench_events::run_oom(root, &bin, &a.events)?,
             Which::Workloads => bench_workloads::run(root, &bin, &a.workloads)?,

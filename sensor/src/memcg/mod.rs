@@ -4,6 +4,8 @@
 
 pub mod config;
 
+pub mod files;
+
 pub mod psi;
 
 use std::{
@@ -140,62 +142,6 @@ pub struct PressureEvent {
     pub avg60: Option<f64>,
 }
 
-/// Reads a small cgroup file into `buf`: open, one read (the kernel hands a small seq file over
-/// whole), close; no size query and no read to see the end unless the buffer filled up. A scrape
-/// reads up to three of these per workload, so each syscall counts.
-fn read_small<'a>(path: &Path, buf: &'a mut Vec<u8>) -> Option<&'a str> {
-    use std::io::Read;
-    buf.clear();
-    buf.resize(512, 0);
-    let mut f = std::fs::File::open(path).ok()?;
-    let n = f.read(buf).ok()?;
-    buf.truncate(n);
-    if n == 512 {
-        f.read_to_end(buf).ok()?;
-    }
-    std::str::from_utf8(buf).ok()
-}
-
-/// `key value` lines.
-fn kv_lines(text: &str) -> impl Iterator<Item = (&str, u64)> {
-    text.lines().filter_map(|l| {
-        let (k, v) = l.split_once(' ')?;
-        Some((k, v.trim().parse().ok()?))
-    })
-}
-
-/// `memory.events` counters of one cgroup (v1: the nearest equivalents).
-fn memory_events(hier: &Hierarchies, cgroup: &str) -> Vec<(&'static str, u64)> {
-    let Some(dir) = hier.memory_dir(cgroup) else {
-        return Vec::new();
-    };
-    let mut buf = Vec::with_capacity(256);
-    if hier.memory_is_v1() {
-        let mut out = Vec::new();
-        // A charge fails on the memory+swap counter first when swap accounting is on, so the
-        // times the limit was hit are spread over both failure counters.
-        let mut read = |f: &str| read_small(&dir.join(f), &mut buf).and_then(|s| s.trim().parse::<u64>().ok());
-        if let Some(f) = read("memory.failcnt") {
-            out.push(("max", f + read("memory.memsw.failcnt").unwrap_or(0)));
-        }
-        let oom = read_small(&dir.join("memory.oom_control"), &mut buf)
-            .and_then(|t| kv_lines(t).find(|(k, _)| *k == "oom_kill").map(|(_, v)| v));
-        if let Some(v) = oom {
-            out.push(("oom_kill", v));
-        }
-        out
-    } else {
-        const EVENTS: [&str; 6] = ["low", "high", "max", "oom", "oom_kill", "oom_group_kill"];
-        read_small(&dir.join("memory.events"), &mut buf)
-            .map(|t| {
-                kv_lines(t)
-                    .filter_map(|(k, v)| EVENTS.iter().find(|e| **e == k).map(|e| (*e, v)))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
 const WAITING: &str = "sensor_memory_pressure_waiting_seconds_total";
 const WAITING_HELP: &str =
     "Time some tasks waited on memory (PSI some total); host without workload labels, per workload on cgroup v2.";
@@ -204,9 +150,11 @@ const STALLED_HELP: &str = "Time all non-idle tasks were stalled on memory at on
 const EVENTS: &str = "sensor_memcg_events_total";
 const EVENTS_HELP: &str = "memory.events counters per workload (low, high, max, oom, oom_kill, oom_group_kill); on cgroup v1 max = memory.failcnt + memory.memsw.failcnt and oom_kill from memory.oom_control.";
 
-/// Reads PSI and memory.events at scrape time, so the values equal the files.
+/// Renders PSI totals and memory.events per workload from the background refresh's snapshot
+/// (see [`files`]); only the host's PSI file is read at scrape time.
 struct FileCollector {
     disc: Arc<Discovery>,
+    cache: Arc<files::FileCache>,
     descs: Vec<Desc>,
 }
 
@@ -225,6 +173,35 @@ fn labelled(labels: Vec<(&str, String)>, mut m: proto::Metric) -> proto::Metric 
     m
 }
 
+/// PSI totals per label key and event counts per `(label key, event)`: workloads folded into
+/// `other` share a key, so their values add up.
+type Sums<K> = (
+    foldhash::HashMap<K, (u64, u64)>,
+    foldhash::HashMap<(K, &'static str), u64>,
+);
+
+fn sums<K: std::hash::Hash + Eq + Clone>(snap: &files::Snapshot, key: impl Fn(&str) -> K) -> Sums<K> {
+    let mut psi_sum: foldhash::HashMap<K, (u64, u64)> = foldhash::HashMap::default();
+    let mut ev_sum: foldhash::HashMap<(K, &'static str), u64> = foldhash::HashMap::default();
+    for (cg, v) in &snap.values {
+        let l = key(cg);
+        if let Some((some, full)) = v.psi {
+            let e = psi_sum.entry(l.clone()).or_default();
+            e.0 += some;
+            e.1 += full;
+        }
+        for (event, n) in &v.events {
+            *ev_sum.entry((l.clone(), event)).or_default() += n;
+        }
+    }
+    (psi_sum, ev_sum)
+}
+
+/// Seconds since the snapshot's refresh started.
+fn age(snap: &files::Snapshot) -> f64 {
+    snap.at.map_or(0.0, |t| t.elapsed().as_secs_f64())
+}
+
 impl Collector for FileCollector {
     fn desc(&self) -> Vec<&Desc> {
         self.descs.iter().collect()
@@ -234,7 +211,6 @@ impl Collector for FileCollector {
         if crate::expo::write(|w| self.write_text(w)) {
             return Vec::new();
         }
-        let cgroups = self.disc.cgroups();
         let mut waiting = Vec::new();
         let mut stalled = Vec::new();
         if let Some(p) = psi::read(Path::new(HOST_PSI)) {
@@ -243,22 +219,8 @@ impl Collector for FileCollector {
                 stalled.push(labelled(vec![], counter_metric(f.total_us as f64 / 1e6)));
             }
         }
-        let hier = &self.disc.hier;
-        let mut psi_sum: HashMap<WorkloadLabels, (u64, u64)> = HashMap::new();
-        let mut ev_sum: HashMap<(WorkloadLabels, &'static str), u64> = HashMap::new();
-        for cg in cgroups.iter().filter(|c| c.as_str() != "/") {
-            let l = self.disc.labels(cg);
-            if !hier.memory_is_v1() {
-                if let Some(p) = hier.memory_dir(cg).and_then(|d| psi::read(&d.join("memory.pressure"))) {
-                    let e = psi_sum.entry(l.clone()).or_default();
-                    e.0 += p.some.total_us;
-                    e.1 += p.full.map_or(0, |f| f.total_us);
-                }
-            }
-            for (event, v) in memory_events(hier, cg) {
-                *ev_sum.entry((l.clone(), event)).or_default() += v;
-            }
-        }
+        let snap = self.cache.snapshot();
+        let (psi_sum, ev_sum) = sums(&snap, |cg| self.disc.labels(cg));
         let wl = |l: &WorkloadLabels| {
             WORKLOAD_LABELS
                 .iter()
@@ -281,10 +243,18 @@ impl Collector for FileCollector {
             mf.set_metric(metrics);
             mf
         };
+        let age = family(
+            files::AGE,
+            files::AGE_HELP,
+            MetricType::GAUGE,
+            &[],
+            vec![(vec![], crate::metrics::gauge_metric(age(&snap)))],
+        );
         vec![
             mk(WAITING, WAITING_HELP, waiting),
             mk(STALLED, STALLED_HELP, stalled),
             mk(EVENTS, EVENTS_HELP, events),
+            age,
         ]
     }
 }
@@ -303,27 +273,12 @@ fn reclaim_text_labels(disc: Arc<Discovery>) -> crate::agg::TextLabelFn<u64> {
 }
 
 impl FileCollector {
-    /// The three families as exposition text (see `expo`): the same files, label
-    /// fragments rendered once per workload and scrape, summed per fragment (workloads folded
-    /// into `other` share one).
+    /// The families as exposition text (see `expo`): label fragments rendered once per
+    /// workload, values summed per fragment (workloads folded into `other` share one).
     fn write_text(&self, w: &mut crate::expo::Writer) {
         let host = psi::read(Path::new(HOST_PSI));
-        let hier = &self.disc.hier;
-        let mut psi_sum: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
-        let mut ev_sum: HashMap<(&'static str, Arc<str>), u64> = HashMap::new();
-        for cg in self.disc.cgroups().iter().filter(|c| c.as_str() != "/") {
-            let l = self.disc.label_text(cg);
-            if !hier.memory_is_v1() {
-                if let Some(p) = hier.memory_dir(cg).and_then(|d| psi::read(&d.join("memory.pressure"))) {
-                    let e = psi_sum.entry(Arc::clone(&l)).or_default();
-                    e.0 += p.some.total_us;
-                    e.1 += p.full.map_or(0, |f| f.total_us);
-                }
-            }
-            for (event, v) in memory_events(hier, cg) {
-                *ev_sum.entry((event, Arc::clone(&l))).or_default() += v;
-            }
-        }
+        let snap = self.cache.snapshot();
+        let (psi_sum, ev_sum) = sums(&snap, |cg| self.disc.label_text(cg));
         let mut psi_rows: Vec<(Arc<str>, (u64, u64))> = psi_sum.into_iter().collect();
         psi_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut f = w.family(WAITING, WAITING_HELP, "counter");
@@ -340,12 +295,14 @@ impl FileCollector {
         for (l, (_, full)) in &psi_rows {
             f.float(&[l], *full as f64 / 1e6);
         }
-        let mut rows: Vec<((&'static str, Arc<str>), u64)> = ev_sum.into_iter().collect();
+        let mut rows: Vec<((&'static str, Arc<str>), u64)> =
+            ev_sum.into_iter().map(|((l, event), v)| ((event, l), v)).collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut f = w.family(EVENTS, EVENTS_HELP, "counter");
         for ((event, l), v) in rows {
             f.int(&[event_frag(event), &l], v);
         }
+        w.family(files::AGE, files::AGE_HELP, "gauge").float(&[], age(&snap));
     }
 }
 
@@ -396,7 +353,7 @@ impl ReclaimTotals {
     }
 
     fn write_text(&self, w: &mut crate::expo::Writer) {
-        let mut sums: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut sums: foldhash::HashMap<Arc<str>, u64> = foldhash::HashMap::default();
         for (id, ns) in self.totals() {
             *sums.entry(self.disc.label_text_for_id(id)).or_default() += ns;
         }
@@ -445,6 +402,8 @@ impl Collector for ReclaimTotals {
 /// The userspace half of the memcg probe.
 pub struct MemcgSlice {
     disc: Arc<Discovery>,
+    /// Per-workload cgroup file values, refreshed after each rescan.
+    files: Arc<files::FileCache>,
     cfg: MemcgConfig,
     pressure_events: IntCounterVec,
     hub: Arc<EventHub>,
@@ -465,12 +424,20 @@ impl MemcgSlice {
         grace: Duration,
         reclaim_map: Option<PerCpuHashMap<MapData, u64, [sensor_common::agg::Log2Hist; 1]>>,
     ) -> prometheus::Result<Arc<MemcgSlice>> {
-        let descs = [(WAITING, WAITING_HELP), (STALLED, STALLED_HELP), (EVENTS, EVENTS_HELP)]
-            .into_iter()
-            .map(|(n, h)| Desc::new(n.into(), h.into(), vec![], Default::default()))
-            .collect::<prometheus::Result<Vec<_>>>()?;
+        let descs = [
+            (WAITING, WAITING_HELP),
+            (STALLED, STALLED_HELP),
+            (EVENTS, EVENTS_HELP),
+            (files::AGE, files::AGE_HELP),
+        ]
+        .into_iter()
+        .map(|(n, h)| Desc::new(n.into(), h.into(), vec![], Default::default()))
+        .collect::<prometheus::Result<Vec<_>>>()?;
+        let cache = Arc::new(files::FileCache::new(Arc::clone(&disc))?);
+        registry.register(Box::new(cache.failures_metric()))?;
         registry.register(Box::new(FileCollector {
             disc: Arc::clone(&disc),
+            cache: Arc::clone(&cache),
             descs,
         }))?;
         let pressure_events = IntCounterVec::new(
@@ -518,6 +485,7 @@ impl MemcgSlice {
         };
         Ok(Arc::new(MemcgSlice {
             disc,
+            files: cache,
             cfg,
             pressure_events,
             hub,
@@ -576,6 +544,8 @@ impl MemcgSlice {
 
     /// Called after each rescan of the hierarchy (from the pipeline's maintenance task).
     pub fn after_rescan(self: &Arc<Self>, stop: &watch::Receiver<bool>) {
+        // The discovery loop runs this on a blocking thread: the file reads scrapes no longer make.
+        self.files.refresh();
         self.sync_cgroup_triggers(stop);
         if let Some(r) = &self.reclaim {
             // A vanished workload folded into `other`: its totals move into userspace at once.
@@ -749,11 +719,17 @@ mod tests {
         // Two workloads per family: the third folds into `other`.
         let disc = Arc::new(Discovery::new(hier, 2, Duration::from_secs(60)));
         let c = FileCollector {
+            cache: Arc::new(files::FileCache::new(Arc::clone(&disc)).unwrap()),
             disc,
             descs: Vec::new(),
         };
         let mut want = String::new();
-        let proto: Vec<MetricFamily> = c.collect().into_iter().filter(|f| !f.get_metric().is_empty()).collect();
+        // The cache's age differs between two calls: compared apart.
+        let proto: Vec<MetricFamily> = c
+            .collect()
+            .into_iter()
+            .filter(|f| !f.get_metric().is_empty() && f.name() != files::AGE)
+            .collect();
         // The registry sorts series by label values; so does the text.
         let mut sorted = proto.clone();
         for f in &mut sorted {
@@ -766,9 +742,11 @@ mod tests {
         let ((), chunks) = crate::expo::capture(|| assert!(c.collect().is_empty()));
         let got: String = chunks
             .iter()
-            .filter(|c| c.series > 0)
+            .filter(|c| c.series > 0 && c.name != files::AGE)
             .map(|c| format!("{}{}", c.header, c.body))
             .collect();
+        let age = chunks.iter().find(|c| c.name == files::AGE).expect("the age gauge");
+        assert!(age.body.starts_with("sensor_memcg_cache_age_seconds "), "{}", age.body);
         std::fs::remove_dir_all(&root).unwrap();
         assert_eq!(got, want);
         assert!(got.contains("sensor_memcg_events_total{event=\"max\",cgroup=\"/a\",container_id=\"\",pod_uid=\"\",namespace=\"\",pod=\"\",container=\"\"} 3\n"), "{got}");
