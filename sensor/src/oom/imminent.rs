@@ -3,7 +3,7 @@
 //! [`growth_run`], [`slope`]) is projected onto the limit that binds it (its own or an
 //! ancestor's, whichever has the least room; the host's memory when none has one). A warning
 //! starts when the projection reaches the limit within `probes.oom.imminent_horizon`, and only
-//! for a steady fit: at least [`MIN_SAMPLES`] samples over [`GROWTH_MIN_SECS`], a good straight
+//! for a steady fit: at least [`MIN_SAMPLES`] samples over [`FIT_MIN_SECS`], a good straight
 //! line (R² >= [`MIN_R2`]), a new high (a sawtooth returning to its former peaks is not a leak),
 //! a run that lasted at least [`MIN_SEEN_SHARE`] of the time it projects, and anonymous memory
 //! (anon + shmem) growing at least half as fast as usage on a second look one sample later (page
@@ -16,11 +16,14 @@ use serde::Serialize;
 
 use super::{
     history::{host_memory, Sample},
-    verdict::{growth_run, slope, GROWTH_MIN_SECS},
+    verdict::{growth_run, slope},
 };
 use crate::cgroup::Hierarchies;
 
 pub const MIN_SAMPLES: usize = 5;
+/// The shortest run a warning is fitted over: the verdict calls a faster ramp growth after the
+/// kill, but a warning before it needs a trend long enough not to be a batch's first rise.
+pub const FIT_MIN_SECS: f64 = 10.0;
 pub const MIN_R2: f64 = 0.9;
 /// The run must have lasted at least this share of the time it projects to the limit.
 pub const MIN_SEEN_SHARE: f64 = 0.5;
@@ -63,7 +66,7 @@ pub fn steady_fit(samples: &[Sample], tol: u64) -> Option<Fit> {
     let run = growth_run(samples, tol);
     let (first, last) = (run.first()?, run.last()?);
     let seconds = last.at - first.at;
-    if run.len() < MIN_SAMPLES || seconds < GROWTH_MIN_SECS {
+    if run.len() < MIN_SAMPLES || seconds < FIT_MIN_SECS {
         return None;
     }
     let rate = slope(run).filter(|r| *r > 0.0)?;

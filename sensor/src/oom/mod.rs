@@ -8,8 +8,8 @@ pub mod history;
 
 pub mod limit;
 
-mod pending;
 pub mod imminent;
+mod pending;
 
 pub mod scope;
 
