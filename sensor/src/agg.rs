@@ -515,9 +515,9 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
 
     /// The map's keys.
     pub fn keys(&self) -> Vec<K> {
-        match self.map.lock() {
-            Ok(map) => map.keys().filter_map(Result::ok).collect(),
-            Err(_) => Vec::new(),
+        {
+            let map = self.map.locked();
+            map.keys().filter_map(Result::ok).collect()
         }
     }
 
@@ -526,7 +526,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
     /// workload folded into `other`), so the kernel map and each scrape stop carrying them while
     /// their counts stay in the exported series. Returns the keys retired.
     pub fn retire(&self, keys: &[K]) -> usize {
-        let Ok(mut map) = self.map.lock() else { return 0 };
+        let mut map = self.map.locked();
         let mut retired = self.retired.locked();
         let mut n = 0;
         for k in keys {
@@ -551,7 +551,8 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
 
     /// Deletes a key from the kernel map (its cgroup is gone).
     pub fn remove(&self, key: &K) {
-        if let Ok(mut map) = self.map.lock() {
+        {
+            let mut map = self.map.locked();
             let _ = map.remove(key);
         }
     }
@@ -560,9 +561,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
     /// `BPF_MAP_LOOKUP_BATCH` (a syscall per 128 keys instead of two per key), or key by key
     /// where the kernel has no batch operations.
     pub fn snapshot(&self) -> Vec<(K, [Log2Hist; N])> {
-        let Ok(map) = self.map.lock() else {
-            return Vec::new();
-        };
+        let map = self.map.locked();
         let total =
             |k: K, per_cpu: &[[Log2Hist; N]]| (k, std::array::from_fn(|i| sum_percpu(per_cpu.iter().map(|v| &v[i]))));
         if self.batch.load(std::sync::atomic::Ordering::Relaxed) {
@@ -587,7 +586,7 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
     /// Calls `f` with each key's current totals, one key at a time: a scrape holds one key's
     /// values, not a copy of the whole map (1 KiB per key for the TCP map).
     pub fn for_each(&self, mut f: impl FnMut(K, [Log2Hist; N])) {
-        let Ok(map) = self.map.lock() else { return };
+        let map = self.map.locked();
         for (k, per_cpu) in map.iter().filter_map(Result::ok) {
             f(k, std::array::from_fn(|i| sum_percpu(per_cpu.iter().map(|v| &v[i]))));
         }

@@ -409,11 +409,7 @@ impl Discovery {
     /// Names workloads through `r` from now on: every container already seen is looked up
     /// (in the background), and each new one as a rescan finds it.
     pub fn set_resolver(&self, r: Arc<Resolver>) {
-        let ids: Vec<String> = self
-            .state
-            .lock()
-            .map(|s| s.containers.keys().cloned().collect())
-            .unwrap_or_default();
+        let ids: Vec<String> = self.state.locked().containers.keys().cloned().collect();
         for id in &ids {
             r.request(id);
         }
@@ -442,23 +438,23 @@ impl Discovery {
     /// Label values for a cgroup path (bounded: `other` when left out of the set).
     pub fn labels(&self, cgroup: &str) -> WorkloadLabels {
         let rank = self.rank(cgroup);
-        let base = match self.workloads.lock() {
-            Ok(mut w) => w.labels_ranked(cgroup, rank).0,
-            Err(_) => [OTHER.to_string(), String::new(), String::new()],
+        let base = {
+            let mut w = self.workloads.locked();
+            w.labels_ranked(cgroup, rank).0
         };
         self.named(base)
     }
 
     /// Whether `cgroup` has series of its own in the label set (not folded into `other`).
     pub fn is_labelled(&self, cgroup: &str) -> bool {
-        self.workloads.lock().is_ok_and(|w| w.contains(cgroup))
+        self.workloads.locked().contains(cgroup)
     }
 
     /// How much `cgroup` is worth watching now (see `admission`).
     pub fn rank(&self, cgroup: &str) -> Rank {
-        match self.activity.lock() {
-            Ok(a) => a.rank(cgroup, Instant::now()),
-            Err(_) => Rank::EMPTY,
+        {
+            let a = self.activity.locked();
+            a.rank(cgroup, Instant::now())
         }
     }
 
@@ -467,16 +463,16 @@ impl Discovery {
     pub fn ranked(&self) -> Vec<(String, Rank)> {
         let cgroups = self.cgroups();
         let now = Instant::now();
-        let mut out: Vec<(String, Rank)> = match self.activity.lock() {
-            Ok(a) => cgroups
+        let mut out: Vec<(String, Rank)> = {
+            let a = self.activity.locked();
+            cgroups
                 .into_iter()
                 .filter(|c| c.as_str() != "/")
                 .map(|c| {
                     let r = a.rank(&c, now);
                     (c, r)
                 })
-                .collect(),
-            Err(_) => Vec::new(),
+                .collect()
         };
         out.sort_by_key(|(_, r)| std::cmp::Reverse(*r));
         out
@@ -484,7 +480,8 @@ impl Discovery {
 
     /// Marks `cgroup` active now (an OOM kill in it).
     pub fn note_active(&self, cgroup: &str) {
-        if let Ok(mut a) = self.activity.lock() {
+        {
+            let mut a = self.activity.locked();
             a.note_active(cgroup, Instant::now());
         }
     }
@@ -577,10 +574,7 @@ impl Discovery {
     }
 
     pub fn path_of(&self, id: u64) -> Option<String> {
-        self.state
-            .lock()
-            .ok()
-            .and_then(|s| s.by_id.get(&id).map(|k| k.path.clone()))
+        self.state.locked().by_id.get(&id).map(|k| k.path.clone())
     }
 
     /// Counts kernel map keys of folded vanished workloads whose totals a slice moved into
@@ -602,32 +596,25 @@ impl Discovery {
         // Labelling an unknown id first walks again (at most once a second): a cgroup created
         // since the last walk is then live.
         let folded = self.labels_for_id(id)[0] == OTHER;
-        folded
-            && self
-                .state
-                .lock()
-                .is_ok_and(|s| !s.live.contains(&id) && s.by_id.get(&id).is_none_or(|k| k.gone.is_some()))
+        let s = self.state.locked();
+        folded && !s.live.contains(&id) && s.by_id.get(&id).is_none_or(|k| k.gone.is_some())
     }
 
     /// Cgroup ids whose path is kept (live or vanished).
     pub fn known_ids(&self) -> usize {
-        self.state.lock().map_or(0, |s| s.by_id.len())
+        self.state.locked().by_id.len()
     }
 
     pub fn is_live(&self, id: u64) -> bool {
-        self.state.lock().is_ok_and(|s| s.live.contains(&id))
+        self.state.locked().live.contains(&id)
     }
 
     pub fn cgroups(&self) -> Vec<String> {
-        self.state.lock().map(|s| s.cgroups.clone()).unwrap_or_default()
+        self.state.locked().cgroups.clone()
     }
 
     fn rescan_if_older(&self, age: Duration) {
-        let stale = self
-            .state
-            .lock()
-            .map(|s| s.last_scan.is_none_or(|t| t.elapsed() >= age))
-            .unwrap_or(false);
+        let stale = self.state.locked().last_scan.is_none_or(|t| t.elapsed() >= age);
         if stale {
             self.scan(false);
         }
@@ -646,7 +633,8 @@ impl Discovery {
         let found = walk(&self.hier, WALK_LIMIT);
         let live: HashSet<u64> = found.iter().map(|(_, id)| *id).collect();
         let paths: HashSet<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
-        if let Ok(mut w) = self.workloads.lock() {
+        {
+            let mut w = self.workloads.locked();
             w.sweep(|cg| paths.contains(cg), Instant::now());
             self.label_texts.locked().retain(|cg, _| w.contains(cg));
         }
@@ -655,8 +643,9 @@ impl Discovery {
             .map(|(p, _)| workload(p).container_id)
             .filter(|id| !id.is_empty())
             .collect();
-        let mut expired = Vec::new();
-        if let Ok(mut s) = self.state.lock() {
+        let expired;
+        {
+            let mut s = self.state.locked();
             for (p, id) in &found {
                 match s.by_id.get_mut(id) {
                     Some(k) if k.path == *p => k.gone = None,
@@ -672,14 +661,14 @@ impl Discovery {
                 }
             }
             s.cgroups = found.iter().map(|(p, _)| p.clone()).collect();
-            if let Ok(mut a) = self.activity.lock() {
+            {
+                let mut a = self.activity.locked();
                 a.walked(s.cgroups.iter().cloned());
             }
             let now = Instant::now();
-            match self.workloads.lock() {
-                Ok(w) if scheduled => forget_vanished(&mut s.by_id, &live, now, self.grace, |p| w.contains(p)),
-                Err(_) if scheduled => forget_vanished(&mut s.by_id, &live, now, self.grace, |_| false),
-                _ => {}
+            if scheduled {
+                let w = self.workloads.locked();
+                forget_vanished(&mut s.by_id, &live, now, self.grace, |p| w.contains(p));
             }
             // After a burst of removals the table gives its room back.
             let keep = s.by_id.len() * 2;
@@ -710,41 +699,42 @@ impl Discovery {
             .map(|(p, _)| (p.clone(), read_activity(&self.hier, p, self.reclaim_ns(p))))
             .collect();
         let now = Instant::now();
-        if let Ok(mut a) = self.activity.lock() {
+        {
+            let mut a = self.activity.locked();
             a.scan(readings, now);
         }
-        if let (Ok(mut w), Ok(a)) = (self.workloads.lock(), self.activity.lock()) {
-            w.refresh(|c| a.rank(c, now));
-        }
+        let mut w = self.workloads.locked();
+        let a = self.activity.locked();
+        w.refresh(|c| a.rank(c, now));
     }
 
     /// Publishes cumulative reclaim time per cgroup id (ns); ids without a known path are left
     /// out.
     pub fn set_reclaim_ns(&self, totals: impl IntoIterator<Item = (u64, u64)>) {
         let by_path: HashMap<String, u64> = {
-            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let st = self.state.locked();
             totals
                 .into_iter()
                 .filter(|(id, _)| st.live.contains(id))
                 .filter_map(|(id, ns)| st.by_id.get(&id).map(|k| (k.path.clone(), ns)))
                 .collect()
         };
-        *self.reclaim_ns.lock().unwrap_or_else(|p| p.into_inner()) = Some(by_path);
+        *self.reclaim_ns.locked() = Some(by_path);
     }
 
     /// The last published cumulative reclaim time of `cgroup` (ns): 0 for a cgroup that has not
     /// reclaimed yet, `None` while nothing measures it.
     pub fn reclaim_ns(&self, cgroup: &str) -> Option<u64> {
         self.reclaim_ns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .as_ref()
             .map(|m| m.get(cgroup).copied().unwrap_or(0))
     }
 
     /// Forgets the path of an id whose kernel entries were dropped.
     pub fn forget(&self, id: u64) {
-        if let Ok(mut s) = self.state.lock() {
+        {
+            let mut s = self.state.locked();
             if !s.live.contains(&id) {
                 s.by_id.remove(&id);
             }

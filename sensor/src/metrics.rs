@@ -41,12 +41,12 @@ pub struct DaemonLosses {
 
 impl DaemonLosses {
     pub fn add(&self, probe: &'static str) {
-        let mut m = self.internal.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.internal.locked();
         *m.entry(probe).or_insert(0) += 1;
     }
 
     pub fn get(&self, probe: &str) -> u64 {
-        let m = self.internal.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.internal.locked();
         m.get(probe).copied().unwrap_or(0)
     }
 }
@@ -338,7 +338,7 @@ impl Collector for LostCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         // Reading counters cannot leave them inconsistent: a poisoned lock is still usable,
         // and the family never silently disappears.
-        let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let counters = self.counters.locked();
         let mut series = Vec::new();
         for (probe, id) in &self.probes {
             for (which, reason) in LOST_REASONS {

@@ -35,6 +35,7 @@ use crate::{
         DoctorSection, HookGroup, HookKind, HookSpec, KernelContext, LoadPlan, Probe, ProbeSpec, Running, StartContext,
         StartError,
     },
+    sync::Lock as _,
 };
 use sensor_common::names::maps;
 
@@ -560,9 +561,9 @@ impl MemcgSlice {
             // Other probes read each workload's reclaim time (an OOM kill's lead-up).
             self.disc.set_reclaim_ns(totals.iter().copied());
             let keys: Vec<u64> = totals.into_iter().map(|(k, _)| k).collect();
-            let expired = match self.janitor.lock() {
-                Ok(mut j) => j.sweep(keys, |id| *id == 0 || self.disc.is_live(*id), self.grace),
-                Err(_) => Vec::new(),
+            let expired = {
+                let mut j = self.janitor.locked();
+                j.sweep(keys, |id| *id == 0 || self.disc.is_live(*id), self.grace)
             };
             for id in expired {
                 r.remove(&id);
@@ -578,7 +579,7 @@ impl MemcgSlice {
         }
         let cgroups = self.disc.cgroups();
         let current: HashSet<&String> = cgroups.iter().collect();
-        let Ok(mut trig) = self.triggers.lock() else { return };
+        let mut trig = self.triggers.locked();
         trig.retain(|cg, tx| {
             // Gone, or displaced from the label set by a more active cgroup.
             let keep = current.contains(cg) && self.disc.is_labelled(cg);

@@ -19,6 +19,7 @@ use super::{
     verdict::{growth_run, slope},
 };
 use crate::cgroup::Hierarchies;
+use crate::sync::Lock as _;
 
 pub const MIN_SAMPLES: usize = 5;
 /// The shortest run a warning is fitted over: the verdict calls a faster ramp growth after the
@@ -256,19 +257,18 @@ impl super::OomSlice {
         if horizon <= 0.0 {
             return;
         }
-        let rising_now: Vec<(String, Vec<Sample>)> = match self.history.lock() {
-            Ok(h) => h
-                .watched()
+        let rising_now: Vec<(String, Vec<Sample>)> = {
+            let h = self.history.locked();
+            h.watched()
                 .filter_map(|cg| {
                     let tail = h.last(cg, MIN_SAMPLES);
                     let tol = tolerance(tail.last()?.limit);
                     rising(&tail, tol).then(|| (cg.to_string(), h.before(cg, f64::INFINITY)))
                 })
-                .collect(),
-            Err(_) => return,
+                .collect()
         };
         let now = crate::kernel::clock::unix_seconds(std::time::SystemTime::now());
-        let mut w = self.warnings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.warnings.locked();
         let mut still = std::collections::HashSet::new();
         for (cg, samples) in rising_now {
             let tol = tolerance(samples.last().map_or(0, |s| s.limit));

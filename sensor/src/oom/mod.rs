@@ -43,6 +43,7 @@ use crate::{
         GroupReport, HookGroup, HookKind, HookSpec, KernelContext, LoadPlan, Probe, ProbeSpec, RecordKind, Running,
         StartContext, StartError,
     },
+    sync::Lock as _,
 };
 
 /// `cgroup` label of a kill whose victim cgroup could not be determined.
@@ -562,8 +563,8 @@ impl OomSlice {
 
     /// Saves the kernel counters as they should read now, if they changed.
     fn save_counters(&self) {
-        let Ok(c) = self.cross.lock() else { return };
-        let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        let c = self.cross.locked();
+        let mut saved = self.saved.locked();
         down::checkpoint(&self.hub, &c, &self.boot_id, &mut saved);
     }
 
@@ -618,9 +619,9 @@ impl OomSlice {
         // A kill is activity: its workload outranks idle members of the kill series' set.
         self.disc.note_active(&cg);
         let rank = self.disc.rank(&cg);
-        let (base, displaced) = match self.workloads.lock() {
-            Ok(mut w) => w.labels_ranked(&cg, rank),
-            Err(_) => ([crate::cgroup::OTHER.to_string(), String::new(), String::new()], None),
+        let (base, displaced) = {
+            let mut w = self.workloads.locked();
+            w.labels_ranked(&cg, rank)
         };
         if let Some(d) = displaced {
             self.drop_series(&d);
@@ -665,8 +666,9 @@ impl OomSlice {
         self.host_seen.fetch_add(1, Ordering::Relaxed);
         // Held until the event is published: a saved expectation (`down`) counts a kill
         // exactly when the event comes before it in the journal.
-        let mut cross = self.cross.lock().ok();
-        if let Some(c) = cross.as_mut() {
+        let mut cross = self.cross.locked();
+        {
+            let c = &mut *cross;
             *c.seen.entry(cg).or_insert(0) += 1;
             c.seen_total += 1;
             // Rings of different CPUs may deliver kills out of time order: keep the latest.
@@ -720,9 +722,9 @@ impl OomSlice {
     /// The kill's lead-up from the bounded history plus one fresh read of the victim cgroup's
     /// counters (a handful of small files; the kill path walks nothing).
     fn lead_up(&self, kill: &OomKill, cg: &str, binding: Option<&limit::Binding>) -> verdict::LeadUp {
-        let (samples, earlier) = match self.history.lock() {
-            Ok(mut h) => (h.before(cg, kill.time), h.note_kill(cg, kill.time)),
-            Err(_) => (Vec::new(), Vec::new()),
+        let (samples, earlier) = {
+            let mut h = self.history.locked();
+            (h.before(cg, kill.time), h.note_kill(cg, kill.time))
         };
         let after = (kill.cgroup.is_some())
             .then(|| {
@@ -732,9 +734,10 @@ impl OomSlice {
             .flatten();
         let global = kill.scope == Scope::Global;
         let host_available = global.then(history::host_memory).flatten().map(|(_, a)| a);
-        let host_top = match (global, self.host_top.lock()) {
-            (true, Ok(t)) => t.1.clone(),
-            _ => Vec::new(),
+        let host_top = if global {
+            self.host_top.locked().1.clone()
+        } else {
+            Vec::new()
         };
         verdict::lead_up(&verdict::Input {
             time: kill.time,
@@ -756,17 +759,15 @@ impl OomSlice {
     /// cgroups leave it.
     pub fn sample_history(&self) {
         let ranked = self.disc.ranked();
-        let watched: Vec<&str> = match self.history.lock() {
-            Ok(mut h) => {
-                let live: std::collections::HashSet<&str> = ranked.iter().map(|(c, _)| c.as_str()).collect();
-                h.retain(|c| live.contains(c));
-                ranked
-                    .iter()
-                    .filter(|(c, r)| h.admit(c, *r))
-                    .map(|(c, _)| c.as_str())
-                    .collect()
-            }
-            Err(_) => return,
+        let watched: Vec<&str> = {
+            let mut h = self.history.locked();
+            let live: std::collections::HashSet<&str> = ranked.iter().map(|(c, _)| c.as_str()).collect();
+            h.retain(|c| live.contains(c));
+            ranked
+                .iter()
+                .filter(|(c, r)| h.admit(c, *r))
+                .map(|(c, _)| c.as_str())
+                .collect()
         };
         let now = clock::unix_seconds(std::time::SystemTime::now());
         let read: Vec<(&str, history::Sample)> = watched
@@ -774,7 +775,7 @@ impl OomSlice {
             .filter_map(|cg| history::read_sample(&self.cgroups, cg, now, self.disc.reclaim_ns(cg)).map(|s| (cg, s)))
             .collect();
         self.sample_host();
-        let Ok(mut h) = self.history.lock() else { return };
+        let mut h = self.history.locked();
         for (cg, s) in read {
             h.record(cg, s);
         }
@@ -784,7 +785,7 @@ impl OomSlice {
     /// under a quarter of `MemTotal` (when a global kill is near), else every [`HOST_TOP_EVERY`].
     fn sample_host(&self) {
         let low = history::host_memory().is_some_and(|(total, avail)| avail < total / 4);
-        let Ok(mut t) = self.host_top.lock() else { return };
+        let mut t = self.host_top.locked();
         if low || t.0.is_none_or(|at| at.elapsed() >= HOST_TOP_EVERY) {
             t.1 = history::top_users(HOST_TOP_USERS);
             t.0 = Some(Instant::now());
@@ -793,7 +794,7 @@ impl OomSlice {
 
     /// Recomputes the cross-check gauges and drops series of cgroups gone past the grace period.
     pub fn refresh(&self) {
-        let Ok(mut c) = self.cross.lock() else { return };
+        let mut c = self.cross.locked();
         let host = match (vmstat_oom_kill(), c.vmstat_base) {
             (Some(now), Some(base)) => now.saturating_sub(base) as i64 - self.host_seen.load(Ordering::Relaxed) as i64,
             _ => 0,
@@ -817,7 +818,8 @@ impl OomSlice {
                 self.discrepancy
                     .with_label_values(&["vmstat", "", "", "", "", "", ""])
                     .set(shown as f64);
-            } else if let Ok(mut w) = self.workloads.lock() {
+            } else {
+                let mut w = self.workloads.locked();
                 let l = self.disc.named(w.labels(&cg));
                 drop(w);
                 if c.labelled.get(&cg).is_some_and(|old| *old != l) {
@@ -830,12 +832,12 @@ impl OomSlice {
             }
         }
         drop(c);
-        let expired = match self.workloads.lock() {
-            Ok(mut w) => w.sweep(
+        let expired = {
+            let mut w = self.workloads.locked();
+            w.sweep(
                 |cg| self.cgroups.memory_dir(cg).is_some_and(|d| d.exists()),
                 Instant::now(),
-            ),
-            Err(_) => Vec::new(),
+            )
         };
         for cg in expired {
             self.drop_series(&cg);
@@ -849,7 +851,8 @@ impl OomSlice {
         remove_cgroup(&self.victim_rss, cg);
         remove_cgroup(&self.last_kill, cg);
         remove_cgroup(&self.discrepancy, cg);
-        if let Ok(mut c) = self.cross.lock() {
+        {
+            let mut c = self.cross.locked();
             c.labelled.remove(cg);
             c.seen.remove(cg);
             c.last.remove(cg);
@@ -941,7 +944,7 @@ impl Probe for OomProbe {
             let scopes = ScopeResolver::from_kallsyms()
                 .map_err(|e| tracing::warn!(error = %e, "OOM scope classification from stacks unavailable"))
                 .ok();
-            *self.scopes.lock().unwrap_or_else(|p| p.into_inner()) = scopes;
+            *self.scopes.locked() = scopes;
         }
     }
 
@@ -951,7 +954,7 @@ impl Probe for OomProbe {
     }
 
     fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError> {
-        let scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let scopes = self.scopes.locked().take();
         let slice = OomSlice::new(
             ctx.registry,
             Arc::clone(ctx.hub),
@@ -1000,19 +1003,17 @@ impl Running for OomSlice {
         // A little early counts as due: upkeep ticks jitter around the interval.
         let due =
             |last: Option<Instant>, every: Duration| last.is_none_or(|t| now.duration_since(t) + every / 10 >= every);
-        let (sample, refresh) = match self.due.lock() {
-            Ok(mut d) => {
-                let sample = self.history_cfg.enabled && due(d.0, self.history_cfg.interval);
-                let refresh = due(d.1, REFRESH);
-                if sample {
-                    d.0 = Some(now);
-                }
-                if refresh {
-                    d.1 = Some(now);
-                }
-                (sample, refresh)
+        let (sample, refresh) = {
+            let mut d = self.due.locked();
+            let sample = self.history_cfg.enabled && due(d.0, self.history_cfg.interval);
+            let refresh = due(d.1, REFRESH);
+            if sample {
+                d.0 = Some(now);
             }
-            Err(_) => (false, true),
+            if refresh {
+                d.1 = Some(now);
+            }
+            (sample, refresh)
         };
         if sample {
             self.sample_history();

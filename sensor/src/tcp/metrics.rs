@@ -65,7 +65,7 @@ impl CountCollector {
     /// Moves the counts of `ids`' keys into userspace under their current labels and deletes
     /// the keys (see [`HistogramMapCollector::retire`]). Returns the keys retired.
     pub(super) fn retire(&self, ids: &HashSet<u64>) -> usize {
-        let Ok(mut m) = self.map.lock() else { return 0 };
+        let mut m = self.map.locked();
         let keys: Vec<FlowCountKey> = m
             .keys()
             .filter_map(Result::ok)
@@ -96,9 +96,7 @@ impl CountCollector {
 
     /// Every result, at 0 until something is recovered (also where the hook is not attached).
     fn recovered_series(&self) -> BTreeMap<Vec<String>, u64> {
-        let Ok(map) = self.recovered.lock() else {
-            return BTreeMap::new();
-        };
+        let map = self.recovered.locked();
         (0..result::COUNT)
             .map(|r| {
                 let v = map
@@ -112,15 +110,15 @@ impl CountCollector {
 
     /// Every key's total over the CPUs, plus the host-level resets and retransmits.
     fn entries(&self) -> Vec<(FlowCountKey, u64)> {
-        let mut entries: Vec<(FlowCountKey, u64)> = match self.map.lock() {
-            Ok(m) => m
-                .iter()
+        let mut entries: Vec<(FlowCountKey, u64)> = {
+            let m = self.map.locked();
+            m.iter()
                 .filter_map(Result::ok)
                 .map(|(k, v)| (k, v.iter().copied().fold(0u64, u64::wrapping_add)))
-                .collect(),
-            Err(_) => Vec::new(),
+                .collect()
         };
-        if let Ok(host) = self.host.lock() {
+        {
+            let host = self.host.locked();
             for what in [kind::RETRANSMIT, kind::RESET_RECEIVED, kind::RESET_SENT] {
                 if let Ok(v) = host.get(&u32::from(what - kind::RETRANSMIT), 0) {
                     let key = FlowCountKey {

@@ -200,9 +200,9 @@ impl TcpSlice {
     /// slot after `connect_max_age`.)
     pub fn maintain(&self) {
         let mut keys: Vec<FlowKey> = self.hists.keys();
-        let count_ids: HashSet<u64> = match self.counts.map.lock() {
-            Ok(m) => m.keys().filter_map(Result::ok).map(|k| k.cgroup_id).collect(),
-            Err(_) => HashSet::new(),
+        let count_ids: HashSet<u64> = {
+            let m = self.counts.map.locked();
+            m.keys().filter_map(Result::ok).map(|k| k.cgroup_id).collect()
         };
         let all: HashSet<u64> = keys
             .iter()
@@ -236,9 +236,9 @@ impl TcpSlice {
             .collect::<HashSet<u64>>()
             .into_iter()
             .collect();
-        let expired = match self.janitor.lock() {
-            Ok(mut j) => j.sweep(ids, |id| *id == 0 || self.disc.is_live(*id), self.grace),
-            Err(_) => Vec::new(),
+        let expired = {
+            let mut j = self.janitor.locked();
+            j.sweep(ids, |id| *id == 0 || self.disc.is_live(*id), self.grace)
         };
         if expired.is_empty() {
             return;
@@ -246,7 +246,8 @@ impl TcpSlice {
         for k in keys.iter().filter(|k| expired.contains(&k.cgroup_id)) {
             self.hists.remove(k);
         }
-        if let Ok(mut m) = self.counts.map.lock() {
+        {
+            let mut m = self.counts.map.locked();
             let keys: Vec<FlowCountKey> = m
                 .keys()
                 .filter_map(Result::ok)
