@@ -14,13 +14,6 @@ use std::{
 
 mod apt;
 mod bench;
-mod bench_checks;
-mod bench_events;
-mod bench_kit;
-mod bench_memory;
-mod bench_report;
-mod bench_scrape;
-mod bench_workloads;
 mod demo;
 mod deps;
 mod first_run;
@@ -119,7 +112,7 @@ enum Cmd {
     /// exists; installs the anchors first (bpftrace, node_exporter, blackbox_exporter) and writes
     /// one report, docs/benchmarks.md (from docs/bench-results.json: a partial run updates only
     /// its own section and summary rows).
-    Bench(BenchArgs),
+    Bench(bench::BenchArgs),
     /// One loopback connect-rate measurement; `bench` runs it in a fresh network namespace.
     #[command(hide = true)]
     BenchLoad {
@@ -153,51 +146,6 @@ enum Cmd {
 }
 
 /// One benchmark of `cargo xtask bench`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum Which {
-    /// Connect-rate overhead vs. baseline and bpftrace.
-    Tcp,
-    /// Synthetic HTTP checks vs. blackbox_exporter, RSS with 1,000 checks.
-    Checks,
-    /// Daemon RSS idle, peak, with 1,000 workloads after 10,000 created and removed.
-    Memory,
-    /// /metrics with 1,000 active workloads vs. node_exporter's per-series cost.
-    Scrape,
-    /// Userspace CPU per kernel event (connect-failure storm).
-    Events,
-    /// OOM kill -> /api/v1/events, `sensor events` stdout and /metrics.
-    OomLatency,
-    /// Workload names from podman and a private containerd: lookup latency per runtime, daemon
-    /// CPU per lookup, memory per cached name, share of kills named in a container churn.
-    Workloads,
-    /// Every benchmark above, in this order.
-    All,
-    /// Runs nothing: writes docs/benchmarks.md again from docs/bench-results.json (after a merge
-    /// of two branches' results).
-    Report,
-}
-
-#[derive(clap::Args)]
-struct BenchArgs {
-    /// Benchmarks to run (default: all).
-    #[arg(value_enum)]
-    what: Vec<Which>,
-    /// Smoke run: every duration and count cut to seconds (the numbers mean little); writes
-    /// target/bench/benchmarks-quick.md, never docs/.
-    #[arg(long)]
-    quick: bool,
-    #[command(flatten)]
-    tcp: bench::Opts,
-    #[command(flatten)]
-    checks: bench_checks::Opts,
-    #[command(flatten)]
-    memory: bench_memory::Opts,
-    #[command(flatten)]
-    events: bench_events::Opts,
-    #[command(flatten)]
-    workloads: bench_workloads::Opts,
-}
-
 fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
@@ -263,14 +211,18 @@ fn real_main() -> Result<()> {
                 &skip_log,
             )
         }
-        Cmd::Bench(args) => bench_all(&root, args),
+        Cmd::Bench(args) => bench::run(&root, args),
         Cmd::BenchLoad { threads, seconds, rst } => {
-            let close = if rst { bench::Close::Rst } else { bench::Close::Fin };
-            println!("{}", bench::connect_rate(threads.max(1), seconds, close)?);
+            let close = if rst {
+                bench::tcp::Close::Rst
+            } else {
+                bench::tcp::Close::Fin
+            };
+            println!("{}", bench::tcp::connect_rate(threads.max(1), seconds, close)?);
             Ok(())
         }
         Cmd::BenchRefuse { threads, seconds } => {
-            let (refused, other) = bench_events::refuse_storm(threads.max(1), seconds)?;
+            let (refused, other) = bench::events::refuse_storm(threads.max(1), seconds)?;
             println!("{refused} {other}");
             Ok(())
         }
@@ -320,77 +272,6 @@ fn real_main() -> Result<()> {
             run(bpf_cargo("clippy").args(["--", "-D", "warnings"]))
         }
     }
-}
-
-/// `cargo xtask bench`: installs the anchors, builds the daemon, runs each benchmark asked for.
-fn bench_all(root: &Path, mut a: BenchArgs) -> Result<()> {
-    if a.what == [Which::Report] {
-        return bench_report::rerender(root);
-    }
-    let mut what = a.what.clone();
-    if what.is_empty() || what.contains(&Which::All) {
-        what = vec![
-            Which::Tcp,
-            Which::Checks,
-            Which::Memory,
-            Which::Scrape,
-            Which::Events,
-            Which::OomLatency,
-            Which::Workloads,
-        ];
-    }
-    if a.quick {
-        bench_report::set_quick();
-        a.tcp.quick();
-        a.checks.quick();
-        a.memory.quick();
-        a.events.quick();
-        a.workloads.quick();
-    }
-    deps::install_bench().context("installing what the benchmarks compare against")?;
-    setup()?;
-    // SENSOR_BENCH_SENSOR measures another build (e.g. main's, for a before/after) instead.
-    let bin = match std::env::var_os("SENSOR_BENCH_SENSOR") {
-        Some(b) => PathBuf::from(b),
-        None => build_release(root)?,
-    };
-    let static_bin = if what.contains(&Which::Checks) && a.checks.with_static {
-        image::dist(root, &root.join("target/dist/amd64"), image::Arch::Amd64)?
-            .into_iter()
-            .next()
-    } else {
-        None
-    };
-    let started = Instant::now();
-    for (i, w) in what.iter().enumerate() {
-        step(&format!(
-            "bench {}/{}: {w:?} ({:.0} s into the run)",
-            i + 1,
-            what.len(),
-            started.elapsed().as_secs_f64()
-        ));
-        match w {
-            Which::Tcp => bench::run(root, &a.tcp)?,
-            // The static build (musl, what the image ships) in the same rounds, next to glibc's.
-            Which::Checks => bench_checks::run(root, &bin, static_bin.as_deref(), &a.checks)?,
-            Which::Memory => bench_memory::run_memory(root, &bin, &a.memory)?,
-            Which::Scrape => bench_scrape::run_scrape(root, &bin, &a.memory)?,
-            Which::Events => bench_events::run_events(root, &bin, &a.events)?,
-            Which::OomLatency => bench_events::run_oom(root, &bin, &a.events)?,
-            Which::Workloads => bench_workloads::run(root, &bin, &a.workloads)?,
-            Which::All | Which::Report => {}
-        }
-    }
-    step(&format!(
-        "benchmarks done in {:.0} s; report: {}",
-        started.elapsed().as_secs_f64(),
-        if a.quick {
-            "target/bench/benchmarks-quick.md"
-        } else {
-            bench_report::REPORT
-        }
-    ));
-    Ok(())
 }
 
 /// `cargo build --release --locked -p sensor`; returns the binary's path.

@@ -688,7 +688,7 @@ pub fn run(root: &Path, bin: &Path, opts: &Opts) -> Result<()> {
     let total = Duration::from_secs_f64(opts.minutes.max(0.5) * 60.0);
     // RSS settles about a minute in (measured: +1.5 MiB from 30 s to 120 s, +0.3 from 60 s).
     let warmup = (total / 5).clamp(Duration::from_secs(60), Duration::from_secs(300));
-    let _lock = crate::bench_kit::KernelLock::acquire("soak")?;
+    let _lock = crate::bench::kit::KernelLock::acquire("soak")?;
     let dir = root.join("target/soak");
     fs::create_dir_all(&dir)?;
     let parent = Cg::parent(&format!("sensor-soak-{}-{}", branch(), std::process::id()))?;

@@ -23,12 +23,12 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bench::stats,
-    bench_kit::{
+    bench::kit::stats,
+    bench::kit::{
         clk_tck, command_text, cpu_seconds, find_in_path, loadavg, metric_sum, mib, pid_cpu, rss_kib, wait_http_ok,
         Served,
     },
-    bench_report::{demote_headings, machine, store, Goal, Row},
+    bench::report::{demote_headings, machine, store, Goal, Row},
     net::{free_port, stop_child},
 };
 
@@ -873,7 +873,7 @@ fn render(
     let col = |v: &[&Sample], f: &dyn Fn(&Sample) -> f64| v.iter().map(|s| f(s)).collect::<Vec<f64>>();
 
     // Machine, kernel, OS, commit and time as every benchmark prints them.
-    let machine = crate::bench_report::machine();
+    let machine = crate::bench::report::machine();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
 
     let mut t = String::new();

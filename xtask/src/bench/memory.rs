@@ -10,11 +10,11 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    bench::stats,
-    bench_kit::{
+    bench::kit::stats,
+    bench::kit::{
         mib, pid_cpu, rss_kib, series_count, smaps_breakdown, CgroupParent, KernelLock, Listener, Served, Workloads,
     },
-    bench_report::{machine, spread, store, Goal, Row},
+    bench::report::{machine, spread, store, Goal, Row},
 };
 
 /// Bytes of anonymous memory each workload process touches (its memcg activity, with the
@@ -298,7 +298,7 @@ fn memory_body(
         o.idle,
         o.workloads,
         o.batches,
-        lock = crate::bench_kit::KERNEL_LOCK_FILE
+        lock = crate::bench::kit::KERNEL_LOCK_FILE
     ));
     t
 }

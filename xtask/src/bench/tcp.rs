@@ -17,7 +17,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::net::{http_get, stop_child};
+use crate::{
+    bench::kit::{in_fresh_netns, stats},
+    net::{http_get, stop_child},
+};
 
 /// The bpftrace equivalent of the sensor's connect-latency histogram.
 const BPFTRACE: &str = r#"
@@ -182,27 +185,6 @@ fn isolated_rate(threads: usize, secs: f64, close: Close) -> Result<f64> {
         .with_context(|| format!("measurement printed no rate: {stdout:?}"))
 }
 
-/// Runs `cargo xtask ARGS` (this binary) in a network namespace of its own, loopback up and
-/// accept backlog and TIME_WAIT limit raised (see [`isolated_rate`]); returns its stdout.
-pub fn in_fresh_netns(args: &[String]) -> Result<String> {
-    let exe = std::env::current_exe().context("xtask's own path")?;
-    let mut cmd = Command::new("unshare");
-    let setup = "ip link set lo up && sysctl -qw net.core.somaxconn=65535 net.ipv4.tcp_max_syn_backlog=65535 \
-                 net.ipv4.tcp_max_tw_buckets=1000000 && exec \"$@\"";
-    cmd.args(["--net", "--", "sh", "-c", setup, "sh"]).arg(&exe).args(args);
-    let out = cmd.output().context("run unshare (util-linux) and ip (iproute2)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "measurement in a new network namespace failed ({}): {}{}",
-            out.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(stdout)
-}
-
 /// Starts what `mode` measures and returns it once attached.
 fn start(mode: Mode, sensor: &Path) -> Result<Option<Child>> {
     match mode {
@@ -244,21 +226,6 @@ fn start(mode: Mode, sensor: &Path) -> Result<Option<Child>> {
             Ok(Some(child))
         }
     }
-}
-
-/// (min, median, max); NaN for no samples.
-pub(crate) fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (v[0], median, v[n - 1])
 }
 
 /// Rates per round for baseline, sensor, bpftrace.
@@ -372,10 +339,10 @@ pub fn run(root: &Path, o: &Opts) -> Result<()> {
     let sensor = std::env::var_os("SENSOR_BENCH_SENSOR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/release/sensor"));
-    let m = crate::bench_report::machine();
+    let m = crate::bench::report::machine();
     eprintln!("==> bench tcp on {m}");
     // The sensor and bpftrace load BPF.
-    let lock = crate::bench_kit::KernelLock::acquire("bench tcp")?;
+    let lock = crate::bench::kit::KernelLock::acquire("bench tcp")?;
     let fin = measure(&sensor, rounds, secs, threads, Close::Fin)?;
     let rst = measure(&sensor, rounds, secs, threads, Close::Rst)?;
     drop(lock);
@@ -407,13 +374,13 @@ pub fn run(root: &Path, o: &Opts) -> Result<()> {
     println!("{report}");
     let bpf_med = |r: &[[f64; 3]]| stats(r.iter().map(|x| x[2] / x[0]).collect()).1;
     let summary = |what: &str, med: f64, bpf: f64| {
-        crate::bench_report::Row::measured(
+        crate::bench::report::Row::measured(
             &format!("loopback connect rate with the sensor / without, {what}"),
             med,
             "",
             3,
             &format!("bpftrace histogram {bpf:.3}"),
-            crate::bench_report::Goal::AtLeast(0.97),
+            crate::bench::report::Goal::AtLeast(0.97),
             "≥ 0.97",
         )
     };
@@ -421,7 +388,7 @@ pub fn run(root: &Path, o: &Opts) -> Result<()> {
         summary("close (FIN)", fin_med, bpf_med(&fin)),
         summary("abortive close (RST)", rst_med, bpf_med(&rst)),
     ];
-    crate::bench_report::store(root, "tcp", &m, &summary_rows, &report)?;
+    crate::bench::report::store(root, "tcp", &m, &summary_rows, &report)?;
     for (what, med) in [("close (FIN)", fin_med), ("abortive close (RST)", rst_med)] {
         if med < 0.97 {
             eprintln!("==> the sensor's median connect-rate ratio for {what} is {med:.3}, below the 0.97 target");

@@ -9,10 +9,10 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    bench::stats,
-    bench_kit::{pid_cpu, series_count, CgroupParent, KernelLock, Listener, Served, Workloads},
-    bench_memory::{workloads_seen, Opts, DISCOVERY_WAIT, TOUCH},
-    bench_report::{machine, store, Goal, Row},
+    bench::kit::stats,
+    bench::kit::{pid_cpu, series_count, CgroupParent, KernelLock, Listener, Served, Workloads},
+    bench::memory::{workloads_seen, Opts, DISCOVERY_WAIT, TOUCH},
+    bench::report::{machine, store, Goal, Row},
     net::http_get,
 };
 
@@ -114,7 +114,7 @@ pub fn run_scrape(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     let gz = gzip_cost(&warm)?;
     let rounds = scrape_rounds(&sensor, &node, o.scrape_rounds, o.scrapes, "")?;
     // Where a scrape's time goes: one more round of back-to-back scrapes, profiled.
-    let profile = crate::bench_events::profile_during(sensor.pid(), || scrape_round(&sensor, o.scrapes).map(|_| ()));
+    let profile = crate::bench::events::profile_during(sensor.pid(), || scrape_round(&sensor, o.scrapes).map(|_| ()));
     let scaled = if o.scale_workloads > o.workloads {
         let more = o.scale_workloads - o.workloads;
         eprintln!("==> starting {more} more workloads");
@@ -150,7 +150,7 @@ pub fn run_scrape(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     }
     body.push_str(&families_table(&families, o.workloads));
     match profile {
-        Ok(p) => body.push_str(&crate::bench_events::profile_table_during(
+        Ok(p) => body.push_str(&crate::bench::events::profile_table_during(
             &p,
             "in a scrape",
             &format!("during {} more back-to-back scrapes", o.scrapes),

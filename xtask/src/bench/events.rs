@@ -18,9 +18,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bench::{in_fresh_netns, stats},
-    bench_kit::{cpu_split, metric_sum, oom_victim, pid_cpu, CgroupParent, KernelLock, Served},
-    bench_report::{machine, store, Goal, Row},
+    bench::kit::{cpu_split, metric_sum, oom_victim, pid_cpu, CgroupParent, KernelLock, Served},
+    bench::kit::{in_fresh_netns, stats},
+    bench::report::{machine, store, Goal, Row},
     net::http_get,
 };
 
@@ -582,7 +582,7 @@ fn oom_report(o: &Opts, s: &Seen) -> (Vec<Row>, String) {
          Reproduce: `cargo xtask bench oom-latency --kills {n}` (as root; holds {lock}).\n",
         n = o.kills,
         p = POLL.as_millis(),
-        lock = crate::bench_kit::KERNEL_LOCK_FILE,
+        lock = crate::bench::kit::KERNEL_LOCK_FILE,
     );
     (rows, t)
 }

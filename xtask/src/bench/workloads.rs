@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::bench_report::{Goal, Row};
+use crate::bench::report::{Goal, Row};
 use crate::net::{free_port, http_get, loopback, stop_child};
 
 const IMAGE: &str = "localhost/sensor-victim:busybox";
@@ -491,10 +491,10 @@ fn churn(env: &mut Env, sensor: &Path, n: usize) -> Result<(f64, f64)> {
 /// Runs the benchmark with the `sensor` binary (a release build) and prints the report.
 pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
     use std::fmt::Write as _;
-    let machine = crate::bench_report::machine();
+    let machine = crate::bench::report::machine();
     eprintln!("{machine}");
     let mut md = String::new();
-    let _lock = crate::bench_kit::KernelLock::acquire("bench workloads")?;
+    let _lock = crate::bench::kit::KernelLock::acquire("bench workloads")?;
     let mut env = Env::start()?;
     let ids = env.create(o.cached)?;
     let anchor = cached_run(&env, sensor, &ids, "[]", "anchor", o.window)?;
@@ -579,5 +579,5 @@ pub fn run(root: &Path, sensor: &Path, o: &Opts) -> Result<()> {
         ),
     ];
     print!("{md}");
-    crate::bench_report::store(root, "workloads", &machine, &rows, &md)
+    crate::bench::report::store(root, "workloads", &machine, &rows, &md)
 }

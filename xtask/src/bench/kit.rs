@@ -648,3 +648,39 @@ pub fn oom_victim(dir: &Path, bytes: usize) -> Result<(i32, i32)> {
     let pid = spawn(&plan)?;
     Ok((pid, reap(pid)))
 }
+
+/// (min, median, max); NaN for no samples.
+pub fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (v[0], median, v[n - 1])
+}
+
+/// Runs `cargo xtask ARGS` (this binary) in a network namespace of its own, loopback up and
+/// accept backlog and TIME_WAIT limit raised (see `tcp::isolated_rate`); returns its stdout.
+pub fn in_fresh_netns(args: &[String]) -> Result<String> {
+    let exe = std::env::current_exe().context("xtask's own path")?;
+    let mut cmd = Command::new("unshare");
+    let setup = "ip link set lo up && sysctl -qw net.core.somaxconn=65535 net.ipv4.tcp_max_syn_backlog=65535 \
+                 net.ipv4.tcp_max_tw_buckets=1000000 && exec \"$@\"";
+    cmd.args(["--net", "--", "sh", "-c", setup, "sh"]).arg(&exe).args(args);
+    let out = cmd.output().context("run unshare (util-linux) and ip (iproute2)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "measurement in a new network namespace failed ({}): {}{}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(stdout)
+}

@@ -11,7 +11,7 @@ pub const RESULTS: &str = "docs/bench-results.json";
 pub const REPORT: &str = "docs/benchmarks.md";
 
 /// Every benchmark in report order: (key, section title). `workloads` is the hook for a later
-/// benchmark (xtask/src/bench_workloads.rs): its section and rows appear once it stores them.
+/// benchmark (xtask/src/bench/workloads.rs): its section and rows appear once it stores them.
 pub const ORDER: &[(&str, &str)] = &[
     ("memory", "Daemon memory: idle, peak and workload churn"),
     ("scrape", "Scrape cost with active workloads"),
@@ -277,7 +277,7 @@ pub fn demote_headings(md: &str) -> String {
 
 /// A summary row for a distribution: "median (min-max)".
 pub fn spread(v: &[f64], digits: usize, unit: &str) -> String {
-    let (lo, med, hi) = crate::bench::stats(v.to_vec());
+    let (lo, med, hi) = crate::bench::kit::stats(v.to_vec());
     format!("{med:.digits$}{unit} ({lo:.digits$}-{hi:.digits$})")
 }
 
