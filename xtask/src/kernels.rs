@@ -3,66 +3,16 @@
 //! architecture's busybox-static into target/qemu/<name>/busybox), through the private apt state of its suite and architecture
 //! (`crate::apt`), so the machine's sources and lists stay untouched.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 
 use crate::step;
 
-/// One row of the kernel table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Kernel {
-    /// What the tests call it (`5.10`).
-    pub name: String,
-    /// Debian suite that serves it (`bullseye`).
-    pub suite: String,
-    /// Debian architecture (`amd64`): QEMU's system and the package's `Architecture`.
-    pub arch: String,
-    /// `apt-cache search --names-only` regex of the image package.
-    pub package: String,
-}
-
-impl Kernel {
-    /// Whether the row's architecture is the host's (its guest runs the host's busybox).
-    pub fn native(&self) -> bool {
-        let host = match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            other => other,
-        };
-        self.arch == host
-    }
-
-    /// Where the image is cached.
-    pub fn dir(&self, root: &Path) -> PathBuf {
-        root.join("target/qemu").join(&self.name)
-    }
-}
-
-/// The table's rows (comments and blank lines skipped).
-pub fn parse(text: &str) -> Result<Vec<Kernel>> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let f: Vec<&str> = l.split('\t').filter(|f| !f.is_empty()).collect();
-            match f.as_slice() {
-                [name, suite, arch, package] => Ok(Kernel {
-                    name: name.to_string(),
-                    suite: suite.to_string(),
-                    arch: arch.to_string(),
-                    package: package.to_string(),
-                }),
-                _ => bail!("kernels.tsv: want 4 tab-separated columns in '{l}'"),
-            }
-        })
-        .collect()
-}
+pub use crate::kit::kernels::Kernel;
 
 pub fn table(root: &Path) -> Result<Vec<Kernel>> {
-    let path = root.join("sensor/tests/qemu/kernels.tsv");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    parse(&text)
+    crate::kit::kernels::table(root).map_err(anyhow::Error::msg)
 }
 
 /// Fetches every kernel of the table that is not cached yet. Best effort: a kernel that cannot
@@ -158,7 +108,10 @@ fn fetch(root: &Path, k: &Kernel) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
+    use crate::kit::kernels::parse;
 
     #[test]
     fn the_table_parses_and_each_row_has_a_directory_of_its_own() {

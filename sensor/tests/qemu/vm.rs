@@ -11,12 +11,7 @@ use crate::common;
 
 const SENSOR: &str = env!("CARGO_BIN_EXE_sensor");
 
-/// One row of the kernel table.
-pub struct Kernel {
-    pub name: String,
-    pub suite: String,
-    pub arch: String,
-}
+pub use common::kit::kernels::Kernel;
 
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -24,18 +19,10 @@ pub fn workspace() -> PathBuf {
 
 /// The row named `name`.
 pub fn kernel(name: &str) -> Kernel {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qemu/kernels.tsv");
-    let text = std::fs::read_to_string(&path).expect("kernels.tsv");
-    text.lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(|l| l.split('\t').filter(|f| !f.is_empty()).collect::<Vec<_>>())
-        .find(|f| f.first() == Some(&name))
-        .map(|f| Kernel {
-            name: f[0].to_string(),
-            suite: f[1].to_string(),
-            arch: f[2].to_string(),
-        })
-        .unwrap_or_else(|| panic!("no kernel {name} in {}", path.display()))
+    let rows = common::kit::kernels::table(&workspace()).unwrap_or_else(|e| panic!("{e}"));
+    rows.into_iter()
+        .find(|k| k.name == name)
+        .unwrap_or_else(|| panic!("no kernel {name} in {}", common::kit::kernels::TABLE))
 }
 
 /// Skips (or, under CI, fails) for a missing piece of the set-up.

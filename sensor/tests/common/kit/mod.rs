@@ -5,5 +5,6 @@
 #![allow(dead_code)]
 
 pub mod host;
+pub mod kernels;
 pub mod lock;
 pub mod promtext;
