@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::{CrossCheck, UNKNOWN_CGROUP};
+use super::{running::CrossCheck, UNKNOWN_CGROUP};
 use crate::{cgroup::workload, events::EventHub, kernel::clock};
 
 /// Name of the slice's state in the journal.
