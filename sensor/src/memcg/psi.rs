@@ -7,9 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::watch};
 
 use super::config::{PsiLevel, PsiTrigger};
+use crate::cgroup::Hierarchies;
 
 /// One line of a pressure file.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -228,6 +230,47 @@ pub fn spawn(
     }))
 }
 
+pub const HOST_PSI: &str = "/proc/pressure/memory";
+
+/// What this host offers for memory pressure, for `doctor`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sources {
+    pub host_psi: bool,
+    pub cgroup_psi: bool,
+    pub memory_events: &'static str,
+    pub notes: Vec<String>,
+}
+
+pub fn sources(h: &Hierarchies) -> Sources {
+    let mut notes = Vec::new();
+    let host_psi = read(Path::new(HOST_PSI)).is_some();
+    if !host_psi {
+        notes.push(format!(
+            "{HOST_PSI} unreadable: the kernel lacks CONFIG_PSI or booted with psi=0"
+        ));
+    }
+    let cgroup_psi = !h.memory_is_v1() && h.memory_root().is_some() && host_psi;
+    if h.memory_is_v1() {
+        notes.push(
+            "the memory controller is on cgroup v1 (v1 or hybrid host): per-cgroup PSI does not exist there; host PSI and the eBPF reclaim histograms still work, and memory.events comes from memory.failcnt and memory.oom_control"
+                .to_string(),
+        );
+    }
+    let memory_events = if h.memory_root().is_none() {
+        "unavailable (no memory cgroup hierarchy mounted)"
+    } else if h.memory_is_v1() {
+        "cgroup v1: memory.failcnt + memory.memsw.failcnt (as event=\"max\") and memory.oom_control oom_kill"
+    } else {
+        "cgroup v2: memory.events"
+    };
+    Sources {
+        host_psi,
+        cgroup_psi,
+        memory_events,
+        notes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,5 +353,22 @@ mod tests {
             e.active(),
             "less than a window of samples cannot show the pressure is gone"
         );
+    }
+
+    #[test]
+    fn v1_and_v2_sources_are_described() {
+        let v1 = Hierarchies {
+            memory_v1: Some("/sys/fs/cgroup/memory".into()),
+            unified: Some("/sys/fs/cgroup/unified".into()),
+        };
+        let s = sources(&v1);
+        assert!(!s.cgroup_psi);
+        assert!(s.notes.iter().any(|n| n.contains("per-cgroup PSI does not exist")));
+        assert!(s.memory_events.contains("memory.failcnt"));
+        let v2 = Hierarchies {
+            memory_v1: None,
+            unified: Some("/sys/fs/cgroup".into()),
+        };
+        assert!(sources(&v2).memory_events.contains("memory.events"));
     }
 }

@@ -1,0 +1,340 @@
+//! The memcg families: pressure and memory.events per workload from the cgroup files'
+//! snapshot (`files`), reclaim time per workload from the kernel's histogram map.
+
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{self, MetricFamily, MetricType},
+};
+
+use super::{files, psi, psi::HOST_PSI};
+use crate::{
+    agg::HistogramMapCollector,
+    cgroup::{Discovery, WorkloadLabels, WORKLOAD_LABELS},
+    metrics::{counter_metric, family},
+};
+
+pub(super) const WAITING: &str = "sensor_memory_pressure_waiting_seconds_total";
+pub(super) const WAITING_HELP: &str =
+    "Time some tasks waited on memory (PSI some total); host without workload labels, per workload on cgroup v2.";
+pub(super) const STALLED: &str = "sensor_memory_pressure_stalled_seconds_total";
+pub(super) const STALLED_HELP: &str = "Time all non-idle tasks were stalled on memory at once (PSI full total); host without workload labels, per workload on cgroup v2.";
+pub(super) const EVENTS: &str = "sensor_memcg_events_total";
+pub(super) const EVENTS_HELP: &str = "memory.events counters per workload (low, high, max, oom, oom_kill, oom_group_kill); on cgroup v1 max = memory.failcnt + memory.memsw.failcnt and oom_kill from memory.oom_control.";
+
+/// Renders PSI totals and memory.events per workload from the background refresh's snapshot
+/// (see [`files`]); only the host's PSI file is read at scrape time.
+pub(super) struct FileCollector {
+    pub(super) disc: Arc<Discovery>,
+    pub(super) cache: Arc<files::FileCache>,
+    pub(super) descs: Vec<Desc>,
+}
+
+pub(super) fn labelled(labels: Vec<(&str, String)>, mut m: proto::Metric) -> proto::Metric {
+    m.set_label(
+        labels
+            .into_iter()
+            .map(|(k, v)| {
+                let mut lp = proto::LabelPair::default();
+                lp.set_name(k.to_string());
+                lp.set_value(v);
+                lp
+            })
+            .collect(),
+    );
+    m
+}
+
+/// PSI totals per label key and event counts per `(label key, event)`: workloads folded into
+/// `other` share a key, so their values add up.
+pub(super) type Sums<K> = (
+    foldhash::HashMap<K, (u64, u64)>,
+    foldhash::HashMap<(K, &'static str), u64>,
+);
+
+pub(super) fn sums<K: std::hash::Hash + Eq + Clone>(snap: &files::Snapshot, key: impl Fn(&str) -> K) -> Sums<K> {
+    let mut psi_sum: foldhash::HashMap<K, (u64, u64)> = foldhash::HashMap::default();
+    let mut ev_sum: foldhash::HashMap<(K, &'static str), u64> = foldhash::HashMap::default();
+    for (cg, v) in &snap.values {
+        let l = key(cg);
+        if let Some((some, full)) = v.psi {
+            let e = psi_sum.entry(l.clone()).or_default();
+            e.0 += some;
+            e.1 += full;
+        }
+        for (event, n) in &v.events {
+            *ev_sum.entry((l.clone(), event)).or_default() += n;
+        }
+    }
+    (psi_sum, ev_sum)
+}
+
+/// Seconds since the snapshot's refresh started.
+pub(super) fn age(snap: &files::Snapshot) -> f64 {
+    snap.at.map_or(0.0, |t| t.elapsed().as_secs_f64())
+}
+
+impl Collector for FileCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if crate::expo::write(|w| self.write_text(w)) {
+            return Vec::new();
+        }
+        let mut waiting = Vec::new();
+        let mut stalled = Vec::new();
+        if let Some(p) = psi::read(Path::new(HOST_PSI)) {
+            waiting.push(labelled(vec![], counter_metric(p.some.total_us as f64 / 1e6)));
+            if let Some(f) = p.full {
+                stalled.push(labelled(vec![], counter_metric(f.total_us as f64 / 1e6)));
+            }
+        }
+        let snap = self.cache.snapshot();
+        let (psi_sum, ev_sum) = sums(&snap, |cg| self.disc.labels(cg));
+        let wl = |l: &WorkloadLabels| {
+            WORKLOAD_LABELS
+                .iter()
+                .zip(l.iter())
+                .map(|(k, v)| (*k, v.clone()))
+                .collect::<Vec<_>>()
+        };
+        for (l, (some, full)) in psi_sum {
+            waiting.push(labelled(wl(&l), counter_metric(some as f64 / 1e6)));
+            stalled.push(labelled(wl(&l), counter_metric(full as f64 / 1e6)));
+        }
+        let mut events = Vec::new();
+        for ((l, event), v) in ev_sum {
+            let mut labels = vec![("event", event.to_string())];
+            labels.extend(wl(&l));
+            events.push(labelled(labels, counter_metric(v as f64)));
+        }
+        let mk = |name: &str, help: &str, metrics: Vec<proto::Metric>| {
+            let mut mf = family(name, help, MetricType::COUNTER, &[], Vec::new());
+            mf.set_metric(metrics);
+            mf
+        };
+        let age = family(
+            files::AGE,
+            files::AGE_HELP,
+            MetricType::GAUGE,
+            &[],
+            vec![(vec![], crate::metrics::gauge_metric(age(&snap)))],
+        );
+        vec![
+            mk(WAITING, WAITING_HELP, waiting),
+            mk(STALLED, STALLED_HELP, stalled),
+            mk(EVENTS, EVENTS_HELP, events),
+            age,
+        ]
+    }
+}
+
+/// The reclaim histogram's label fragment: none (per host) or the workload's.
+pub(super) fn reclaim_text_labels(disc: Arc<Discovery>) -> crate::agg::TextLabelFn<u64> {
+    let empty: Arc<str> = Arc::from("");
+    Box::new(move |id: &u64, kept: usize| {
+        let wl = if kept == 0 {
+            Arc::clone(&empty)
+        } else {
+            disc.label_text_for_id(*id)
+        };
+        Some([wl, Arc::clone(&empty)])
+    })
+}
+
+impl FileCollector {
+    /// The families as exposition text (see `expo`): label fragments rendered once per
+    /// workload, values summed per fragment (workloads folded into `other` share one).
+    fn write_text(&self, w: &mut crate::expo::Writer) {
+        let host = psi::read(Path::new(HOST_PSI));
+        let snap = self.cache.snapshot();
+        let (psi_sum, ev_sum) = sums(&snap, |cg| self.disc.label_text(cg));
+        let mut psi_rows: Vec<(Arc<str>, (u64, u64))> = psi_sum.into_iter().collect();
+        psi_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut f = w.family(WAITING, WAITING_HELP, "counter");
+        if let Some(p) = host {
+            f.float(&[], p.some.total_us as f64 / 1e6);
+        }
+        for (l, (some, _)) in &psi_rows {
+            f.float(&[l], *some as f64 / 1e6);
+        }
+        let mut f = w.family(STALLED, STALLED_HELP, "counter");
+        if let Some(full) = host.and_then(|p| p.full) {
+            f.float(&[], full.total_us as f64 / 1e6);
+        }
+        for (l, (_, full)) in &psi_rows {
+            f.float(&[l], *full as f64 / 1e6);
+        }
+        let mut rows: Vec<((&'static str, Arc<str>), u64)> =
+            ev_sum.into_iter().map(|((l, event), v)| ((event, l), v)).collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut f = w.family(EVENTS, EVENTS_HELP, "counter");
+        for ((event, l), v) in rows {
+            f.int(&[event_frag(event), &l], v);
+        }
+        w.family(files::AGE, files::AGE_HELP, "gauge").float(&[], age(&snap));
+    }
+}
+
+/// `event="..."` fragments of `memory_events`' names.
+pub(super) fn event_frag(event: &str) -> &'static str {
+    match event {
+        "low" => "event=\"low\"",
+        "high" => "event=\"high\"",
+        "max" => "event=\"max\"",
+        "oom" => "event=\"oom\"",
+        "oom_kill" => "event=\"oom_kill\"",
+        _ => "event=\"oom_group_kill\"",
+    }
+}
+
+pub(super) const RECLAIM_TOTAL: &str = "sensor_memcg_reclaim_seconds_total";
+pub(super) const RECLAIM_TOTAL_HELP: &str = "Time tasks spent in direct or memcg reclaim, by the stalled task's workload: the _sum of sensor_memcg_reclaim_duration_seconds per workload (whose buckets are per host by default; probes.memcg.reclaim_duration.per: workload keeps them per workload).";
+
+/// `sensor_memcg_reclaim_seconds_total{<workload labels>}`: one series per workload that went
+/// through reclaim, from the same kernel map (read once per scrape) as the histogram.
+pub(super) struct ReclaimTotals {
+    pub(super) hist: Arc<HistogramMapCollector<u64>>,
+    pub(super) disc: Arc<Discovery>,
+    pub(super) desc: Vec<Desc>,
+}
+
+impl ReclaimTotals {
+    /// Nanoseconds per key, for keys that counted something.
+    fn totals(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let snap = self.hist.snapshot_shared();
+        let totals: Vec<(u64, u64)> = snap
+            .iter()
+            .filter(|(_, [h])| h.buckets.iter().any(|&b| b != 0))
+            .map(|(id, [h])| (*id, h.sum))
+            .collect();
+        totals.into_iter()
+    }
+
+    /// Nanoseconds of retired keys (vanished workloads folded into `other`) by the labels they
+    /// had: the counter never goes down when their kernel keys are deleted.
+    fn retired(&self) -> Vec<(WorkloadLabels, u64)> {
+        self.hist
+            .retired()
+            .into_iter()
+            .filter(|(_, [h])| h.buckets.iter().any(|&b| b != 0))
+            .map(|(l, [h])| (crate::cgroup::workload_labels_from(&l), h.sum))
+            .collect()
+    }
+
+    fn write_text(&self, w: &mut crate::expo::Writer) {
+        let mut sums: foldhash::HashMap<Arc<str>, u64> = foldhash::HashMap::default();
+        for (id, ns) in self.totals() {
+            *sums.entry(self.disc.label_text_for_id(id)).or_default() += ns;
+        }
+        for (l, ns) in self.retired() {
+            *sums.entry(crate::cgroup::render_labels(&l)).or_default() += ns;
+        }
+        let mut rows: Vec<(Arc<str>, u64)> = sums.into_iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut f = w.family(RECLAIM_TOTAL, RECLAIM_TOTAL_HELP, "counter");
+        for (l, ns) in rows {
+            f.float(&[&l], ns as f64 / 1e9);
+        }
+    }
+}
+
+impl Collector for ReclaimTotals {
+    fn desc(&self) -> Vec<&Desc> {
+        self.desc.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if crate::expo::write(|w| self.write_text(w)) {
+            return Vec::new();
+        }
+        let mut sums: HashMap<WorkloadLabels, u64> = HashMap::new();
+        for (id, ns) in self.totals() {
+            *sums.entry(self.disc.labels_for_id(id)).or_default() += ns;
+        }
+        for (l, ns) in self.retired() {
+            *sums.entry(l).or_default() += ns;
+        }
+        let series = sums
+            .into_iter()
+            .map(|(l, ns)| (l.to_vec(), counter_metric(ns as f64 / 1e9)))
+            .collect();
+        vec![family(
+            RECLAIM_TOTAL,
+            RECLAIM_TOTAL_HELP,
+            MetricType::COUNTER,
+            &WORKLOAD_LABELS,
+            series,
+        )]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cgroup::Hierarchies;
+
+    #[test]
+    fn events_text_equals_the_encoders() {
+        let root = std::env::temp_dir().join(format!("sensor-scrape-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (cg, failcnt, kills) in [("a", 3, 1), ("b\"q", 5, 0), ("c", 7, 2)] {
+            let d = root.join(cg);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("memory.failcnt"), format!("{failcnt}\n")).unwrap();
+            std::fs::write(
+                d.join("memory.oom_control"),
+                format!("oom_kill_disable 0\nunder_oom 0\noom_kill {kills}\n"),
+            )
+            .unwrap();
+        }
+        let hier = Hierarchies {
+            memory_v1: Some(root.clone()),
+            unified: None,
+        };
+        // Two workloads per family: the third folds into `other`.
+        let disc = Arc::new(Discovery::new(hier, 2, Duration::from_secs(60)));
+        let c = FileCollector {
+            cache: Arc::new(files::FileCache::new(Arc::clone(&disc)).unwrap()),
+            disc,
+            descs: Vec::new(),
+        };
+        let mut want = String::new();
+        // The cache's age differs between two calls: compared apart.
+        let proto: Vec<MetricFamily> = c
+            .collect()
+            .into_iter()
+            .filter(|f| !f.get_metric().is_empty() && f.name() != files::AGE)
+            .collect();
+        // The registry sorts series by label values; so does the text.
+        let mut sorted = proto.clone();
+        for f in &mut sorted {
+            f.mut_metric().sort_by(|a, b| {
+                let v = |m: &proto::Metric| m.get_label().iter().map(|l| l.value().to_string()).collect::<Vec<_>>();
+                v(a).cmp(&v(b))
+            });
+        }
+        prometheus::TextEncoder::new().encode_utf8(&sorted, &mut want).unwrap();
+        let ((), chunks) = crate::expo::capture(|| assert!(c.collect().is_empty()));
+        let got: String = chunks
+            .iter()
+            .filter(|c| c.series > 0 && c.name != files::AGE)
+            .map(|c| format!("{}{}", c.header, c.body))
+            .collect();
+        let age = chunks.iter().find(|c| c.name == files::AGE).expect("the age gauge");
+        assert!(age.body.starts_with("sensor_memcg_cache_age_seconds "), "{}", age.body);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(got, want);
+        assert!(got.contains("sensor_memcg_events_total{event=\"max\",cgroup=\"/a\",container_id=\"\",pod_uid=\"\",namespace=\"\",pod=\"\",container=\"\"} 3\n"), "{got}");
+        assert!(got.contains("cgroup=\"/b\\\"q\""), "escaped: {got}");
+        assert!(
+            got.contains("sensor_memcg_events_total{event=\"oom_kill\",cgroup=\"other\""),
+            "{got}"
+        );
+    }
+}
