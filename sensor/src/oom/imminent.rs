@@ -108,25 +108,7 @@ fn r_squared(run: &[Sample], rate: f64) -> Option<f64> {
     (tot > 0.0).then(|| 1.0 - res / tot)
 }
 
-/// Whose limit a workload would run into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LimitScope {
-    #[serde(rename = "self")]
-    Own,
-    Ancestor,
-    Host,
-}
-
-impl LimitScope {
-    pub fn label(self) -> &'static str {
-        match self {
-            LimitScope::Own => "self",
-            LimitScope::Ancestor => "ancestor",
-            LimitScope::Host => "host",
-        }
-    }
-}
+pub use super::limit::LimitScope;
 
 /// The limit that binds a workload, with the usage counted against it.
 #[derive(Debug, Clone, PartialEq, Eq)]
