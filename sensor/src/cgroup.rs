@@ -244,9 +244,9 @@ impl WorkloadSet {
         self.labels_ranked(cgroup, Rank::EMPTY).0
     }
 
-    /// Path-derived label values for `cgroup`: its own, or the `other` bucket when it is left
-    /// out; and the member it displaced, whose series the caller drops or folds.
-    pub fn labels_ranked(&mut self, cgroup: &str, rank: Rank) -> ([String; 3], Option<String>) {
+    /// Whether `cgroup` has series of its own (admitted now if its rank earns it a place), and
+    /// the member it displaced, whose series the caller drops or folds.
+    pub fn admit(&mut self, cgroup: &str, rank: Rank) -> (bool, Option<String>) {
         // A member's grace runs from when `sweep` first found it gone: labelling it again (a
         // scrape of its kernel keys) does not restart it, nor keeps it ranked.
         let rank = if self.gone.contains_key(cgroup) {
@@ -255,12 +255,22 @@ impl WorkloadSet {
             rank
         };
         let displaced = match self.admission.admit(cgroup, rank) {
-            Admit::LeftOut => return ([OTHER.to_string(), String::new(), String::new()], None),
+            Admit::LeftOut => return (false, None),
             Admit::Member => None,
             Admit::Admitted(d) => d,
         };
         if let Some(d) = &displaced {
             self.gone.remove(d);
+        }
+        (true, displaced)
+    }
+
+    /// Path-derived label values for `cgroup`: its own, or the `other` bucket when it is left
+    /// out; and the member it displaced (see [`Self::admit`]).
+    pub fn labels_ranked(&mut self, cgroup: &str, rank: Rank) -> ([String; 3], Option<String>) {
+        let (admitted, displaced) = self.admit(cgroup, rank);
+        if !admitted {
+            return ([OTHER.to_string(), String::new(), String::new()], None);
         }
         let w = workload(cgroup);
         ([cgroup.to_string(), w.container_id, w.pod_uid], displaced)
@@ -438,10 +448,7 @@ impl Discovery {
     /// Label values for a cgroup path (bounded: `other` when left out of the set).
     pub fn labels(&self, cgroup: &str) -> WorkloadLabels {
         let rank = self.rank(cgroup);
-        let base = {
-            let mut w = self.workloads.locked();
-            w.labels_ranked(cgroup, rank).0
-        };
+        let base = self.workloads.locked().labels_ranked(cgroup, rank).0;
         self.named(base)
     }
 
@@ -452,10 +459,7 @@ impl Discovery {
 
     /// How much `cgroup` is worth watching now (see `admission`).
     pub fn rank(&self, cgroup: &str) -> Rank {
-        {
-            let a = self.activity.locked();
-            a.rank(cgroup, Instant::now())
-        }
+        self.activity.locked().rank(cgroup, Instant::now())
     }
 
     /// Every cgroup but the root with its rank, most worth watching first (walk order among
@@ -525,7 +529,8 @@ impl Discovery {
     /// and rendered again only when the runtime's names for it change.
     pub fn label_text(&self, cgroup: &str) -> Arc<str> {
         let rank = self.rank(cgroup);
-        let admitted = self.workloads.locked().labels_ranked(cgroup, rank).0[0] != OTHER;
+        // Admission only: the label values are rendered below, once per workload.
+        let (admitted, _) = self.workloads.locked().admit(cgroup, rank);
         if !admitted {
             return Arc::clone(&self.other_text);
         }

@@ -195,10 +195,10 @@ impl MemcgSlice {
             // Other probes read each workload's reclaim time (an OOM kill's lead-up).
             self.disc.set_reclaim_ns(totals.iter().copied());
             let keys: Vec<u64> = totals.into_iter().map(|(k, _)| k).collect();
-            let expired = {
-                let mut j = self.janitor.locked();
-                j.sweep(keys, |id| *id == 0 || self.disc.is_live(*id), self.grace)
-            };
+            let expired = self
+                .janitor
+                .locked()
+                .sweep(keys, |id| *id == 0 || self.disc.is_live(*id), self.grace);
             for id in expired {
                 r.remove(&id);
                 self.disc.forget(id);

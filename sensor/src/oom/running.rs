@@ -268,10 +268,7 @@ impl OomSlice {
         // A kill is activity: its workload outranks idle members of the kill series' set.
         self.disc.note_active(&cg);
         let rank = self.disc.rank(&cg);
-        let (base, displaced) = {
-            let mut w = self.workloads.locked();
-            w.labels_ranked(&cg, rank)
-        };
+        let (base, displaced) = self.workloads.locked().labels_ranked(&cg, rank);
         if let Some(d) = displaced {
             self.drop_series(&d);
         }

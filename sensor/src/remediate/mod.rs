@@ -208,10 +208,7 @@ impl Runner {
             let rule = self.cfg.rule(alert.name()).cloned();
             // Only configured alert names become label values (bounded cardinality).
             let label = rule.as_ref().map_or("other".to_string(), |r| r.alert.clone());
-            let verdict = {
-                let mut g = self.guard.locked();
-                g.decide(Instant::now(), &alert, rule.as_ref())
-            };
+            let verdict = self.guard.locked().decide(Instant::now(), &alert, rule.as_ref());
             let status = alert.status.label();
             match (verdict, rule) {
                 (Verdict::Skip(skip), rule) => {

@@ -200,10 +200,14 @@ impl TcpSlice {
     /// slot after `connect_max_age`.)
     pub fn maintain(&self) {
         let mut keys: Vec<FlowKey> = self.hists.keys();
-        let count_ids: HashSet<u64> = {
-            let m = self.counts.map.locked();
-            m.keys().filter_map(Result::ok).map(|k| k.cgroup_id).collect()
-        };
+        let count_ids: HashSet<u64> = self
+            .counts
+            .map
+            .locked()
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.cgroup_id)
+            .collect();
         let all: HashSet<u64> = keys
             .iter()
             .map(|k| k.cgroup_id)
@@ -236,10 +240,10 @@ impl TcpSlice {
             .collect::<HashSet<u64>>()
             .into_iter()
             .collect();
-        let expired = {
-            let mut j = self.janitor.locked();
-            j.sweep(ids, |id| *id == 0 || self.disc.is_live(*id), self.grace)
-        };
+        let expired = self
+            .janitor
+            .locked()
+            .sweep(ids, |id| *id == 0 || self.disc.is_live(*id), self.grace);
         if expired.is_empty() {
             return;
         }

@@ -266,10 +266,7 @@ impl Resolver {
             Some(n) => Entry::Named(Arc::clone(n)),
             None => Entry::Unnamed(Instant::now() + RETRY_AFTER),
         };
-        let gone = {
-            let mut c = self.cache.locked();
-            c.insert(id, entry)
-        };
+        let gone = self.cache.locked().insert(id, entry);
         for (old, e) in gone {
             self.drop_info(&old, &e);
         }
