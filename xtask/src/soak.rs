@@ -72,42 +72,14 @@ struct Cg {
 impl Cg {
     /// The soak's parent, under this process's own memory cgroup.
     fn parent(name: &str) -> Result<Cg> {
-        let self_cg = fs::read_to_string("/proc/self/cgroup")?;
-        let own = |ctrl: Option<&str>| {
-            self_cg.lines().find_map(|l| {
-                let mut p = l.splitn(3, ':');
-                let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
-                let hit = match ctrl {
-                    Some(c) => ctrls.split(',').any(|x| x == c),
-                    None => ctrls.is_empty(),
-                };
-                hit.then(|| path.trim_end_matches('/').to_string())
-            })
-        };
-        let v1 = Path::new("/sys/fs/cgroup/memory");
-        let (root, v2, own) = if v1.join("memory.limit_in_bytes").exists() {
-            (
-                v1.to_path_buf(),
-                false,
-                own(Some("memory")).context("no v1 memory cgroup")?,
-            )
-        } else {
-            (
-                PathBuf::from("/sys/fs/cgroup"),
-                true,
-                own(None).context("no v2 cgroup")?,
-            )
-        };
+        let own = crate::kit::host::own_memory_cgroup().context("this process's memory cgroup")?;
         let base = Cg {
-            dir: root.join(own.trim_start_matches('/')),
-            v2,
-            rel: own,
+            dir: own.dir,
+            v2: own.v2,
+            rel: own.rel,
         };
-        if v2 {
-            // Best effort, as in the tests: a v2 cgroup with processes cannot delegate.
-            let _ = fs::write(base.dir.join("cgroup.subtree_control"), "+memory");
-        }
         let p = base.child(name, None)?;
+        let v2 = base.v2;
         std::mem::forget(base);
         if v2 {
             fs::write(p.dir.join("cgroup.subtree_control"), "+memory")

@@ -323,33 +323,11 @@ pub struct MemCgroup {
     pub rel: String,
 }
 
-fn own_cgroup(controller: Option<&str>) -> Option<String> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines().find_map(|l| {
-        let mut p = l.splitn(3, ':');
-        let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
-        match controller {
-            Some(c) => ctrls.split(',').any(|x| x == c).then(|| path.to_string()),
-            None => (ctrls.is_empty()).then(|| path.to_string()),
-        }
-    })
-}
-
 impl MemCgroup {
     pub fn new(name: &str, limit_bytes: u64) -> MemCgroup {
         let unique = format!("{name}-{}", std::process::id());
-        let v1_root = Path::new("/sys/fs/cgroup/memory");
-        let (dir, v2, rel) = if v1_root.join("memory.limit_in_bytes").exists() {
-            let own = own_cgroup(Some("memory")).expect("own v1 memory cgroup");
-            let rel = format!("{}/{unique}", own.trim_end_matches('/'));
-            (v1_root.join(own.trim_start_matches('/')).join(&unique), false, rel)
-        } else {
-            let own = own_cgroup(None).expect("own v2 cgroup");
-            let parent = Path::new("/sys/fs/cgroup").join(own.trim_start_matches('/'));
-            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
-            let rel = format!("{}/{unique}", own.trim_end_matches('/'));
-            (parent.join(&unique), true, rel)
-        };
+        let own = kit::host::own_memory_cgroup().expect("this process's memory cgroup");
+        let (dir, v2, rel) = (own.dir.join(&unique), own.v2, format!("{}/{unique}", own.rel));
         let _ = std::fs::remove_dir(&dir);
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let cg = MemCgroup { dir, v2, rel };

@@ -262,42 +262,14 @@ pub struct CgroupParent {
     pub rel: String,
 }
 
-fn own_cgroup(controller: Option<&str>) -> Option<String> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines().find_map(|l| {
-        let mut p = l.splitn(3, ':');
-        let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
-        match controller {
-            Some(c) => ctrls.split(',').any(|x| x == c).then(|| path.to_string()),
-            None => ctrls.is_empty().then(|| path.to_string()),
-        }
-    })
-}
-
 impl CgroupParent {
     /// `sensor-bench-<what>-<pid>`, the branch's and the benchmark's name in it.
     pub fn new(what: &str) -> Result<CgroupParent> {
         let name = format!("sensor-bench-{what}-{}", std::process::id());
-        let v1_root = Path::new("/sys/fs/cgroup/memory");
-        let (base, v2, own) = if v1_root.join("memory.limit_in_bytes").exists() {
-            (
-                v1_root.to_path_buf(),
-                false,
-                own_cgroup(Some("memory")).context("own v1 memory cgroup")?,
-            )
-        } else {
-            (
-                PathBuf::from("/sys/fs/cgroup"),
-                true,
-                own_cgroup(None).context("own v2 cgroup")?,
-            )
-        };
-        let parent = base.join(own.trim_start_matches('/'));
-        if v2 {
-            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
-        }
-        let rel = format!("{}/{name}", own.trim_end_matches('/'));
-        let dir = parent.join(&name);
+        let own = crate::kit::host::own_memory_cgroup().context("this process's memory cgroup")?;
+        let v2 = own.v2;
+        let rel = format!("{}/{name}", own.rel);
+        let dir = own.dir.join(&name);
         std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
         if v2 {
             std::fs::write(dir.join("cgroup.subtree_control"), "+memory")

@@ -25,3 +25,41 @@ pub fn cap_eff() -> u64 {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0)
 }
+
+/// This process's own memory cgroup, where tests, benches and the soak make theirs.
+pub struct OwnMemcg {
+    /// Its directory: in the v1 memory hierarchy on v1 and hybrid hosts, else in v2.
+    pub dir: std::path::PathBuf,
+    pub v2: bool,
+    /// Its path below the hierarchy's root without a trailing `/` (`""` for the root), as the
+    /// sensor labels workloads: a child `c` is `{rel}/c`.
+    pub rel: String,
+}
+
+/// Finds [`OwnMemcg`] from /proc/self/cgroup; on v2 it also enables the memory controller for
+/// children (best effort: a v2 cgroup with processes of its own cannot delegate).
+pub fn own_memory_cgroup() -> Option<OwnMemcg> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = |controller: Option<&str>| {
+        text.lines().find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
+            let hit = match controller {
+                Some(c) => ctrls.split(',').any(|x| x == c),
+                None => ctrls.is_empty(),
+            };
+            hit.then(|| path.trim_end_matches('/').to_string())
+        })
+    };
+    let v1_root = std::path::Path::new("/sys/fs/cgroup/memory");
+    let (root, v2, rel) = if v1_root.join("memory.limit_in_bytes").exists() {
+        (v1_root, false, own(Some("memory"))?)
+    } else {
+        (std::path::Path::new("/sys/fs/cgroup"), true, own(None)?)
+    };
+    let dir = root.join(rel.trim_start_matches('/'));
+    if v2 {
+        let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+memory");
+    }
+    Some(OwnMemcg { dir, v2, rel })
+}
