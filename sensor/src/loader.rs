@@ -140,11 +140,11 @@ pub fn load(kctx: &mut KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOpti
     let mut reports = Vec::new();
     for (p, checks) in probes.iter().zip(&prechecks) {
         let spec = p.spec();
-        if !p.enabled() {
+        if !p.section().enabled() {
             reports.push(ProbeReport::disabled(spec.name));
             continue;
         }
-        reports.push(attach_probe(&mut ebpf, kctx, spec, p.excluded_hooks(), checks));
+        reports.push(attach_probe(&mut ebpf, kctx, spec, p.section().exclude_hooks(), checks));
     }
     Ok(Loaded {
         ebpf,

@@ -87,6 +87,34 @@ pub struct ProbeSpec {
     pub counter_id: u32,
     pub groups: &'static [HookGroup],
     pub configure: Option<Configure>,
+    /// The kernel record kinds its running half handles, with the length and version each must
+    /// have.
+    pub records: &'static [RecordKind],
+}
+
+/// What every probe's configuration section (`probes.<name>`) has besides its own keys.
+pub trait Section: Send + Sync {
+    /// `probes.<name>.enabled`.
+    fn enabled(&self) -> bool;
+    /// `probes.<name>.exclude_hooks`.
+    fn exclude_hooks(&self) -> &[HookKind];
+    /// Checks serde cannot express: `Err((key below the section, e.g. ".history.window",
+    /// reason))`.
+    fn validate(&self) -> Result<(), (String, String)>;
+}
+
+/// [`Section::enabled`] and [`Section::exclude_hooks`] read from the fields of those names,
+/// which every section has.
+#[macro_export]
+macro_rules! section_switches {
+    () => {
+        fn enabled(&self) -> bool {
+            self.enabled
+        }
+        fn exclude_hooks(&self) -> &[$crate::probe::HookKind] {
+            &self.exclude_hooks
+        }
+    };
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -229,12 +257,10 @@ impl ProbeReport {
 /// code (loader, run, dispatch, doctor) only ever sees this trait, and the `probes` module is the one
 /// list that registers them.
 pub trait Probe: Send + Sync {
-    /// Name and hook ladder.
+    /// Name, hook ladder and record kinds.
     fn spec(&self) -> &'static ProbeSpec;
-    /// `probes.<name>.enabled`.
-    fn enabled(&self) -> bool;
-    /// `probes.<name>.exclude_hooks`.
-    fn excluded_hooks(&self) -> &[HookKind];
+    /// Its configuration section.
+    fn section(&self) -> &dyn Section;
     /// What the programs need before the object loads on this kernel: globals (layouts from
     /// tracefs and BTF), map sizes, object patches. Called for every probe, enabled or not (one
     /// object holds them all). Blocking: reads tracefs, BTF and cgroupfs.
@@ -242,11 +268,6 @@ pub trait Probe: Send + Sync {
     /// The running half, built once the programs are attached (for enabled probes; `ctx.report`
     /// says whether its kernel part runs). Blocking: may read /proc and cgroupfs.
     fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError>;
-    /// The kernel record kinds its running half handles, with the length and version each must
-    /// have.
-    fn records(&self) -> &'static [RecordKind] {
-        &[]
-    }
     /// How often this probe needs workloads (cgroups) rescanned; `None` when it does not.
     fn discovery_interval(&self) -> Option<Duration> {
         None
@@ -259,7 +280,7 @@ pub trait Probe: Send + Sync {
 
 /// A started probe: the records it handles and its periodic work.
 pub trait Running: Send + Sync {
-    /// One record of a kind from [`Probe::records`], already checked against it.
+    /// One record of a kind from [`ProbeSpec::records`], already checked against it.
     fn handle(&self, _kind: u16, _bytes: &[u8]) {}
     /// How often [`Running::upkeep`] runs; `None` for never.
     fn upkeep_interval(&self) -> Option<Duration> {

@@ -3,21 +3,45 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::{
-    config::Probes,
-    memcg::MemcgProbe,
-    oom::OomProbe,
-    probe::{Probe, ProbeSpec},
-    tcp::TcpProbe,
+    memcg::{config::MemcgConfig, MemcgProbe},
+    oom::{config::OomConfig, OomProbe},
+    probe::{Probe, ProbeSpec, Section},
+    tcp::{config::TcpConfig, TcpProbe},
 };
 
-/// Every probe this build knows, configured, in registration order.
-pub fn all(cfg: &Probes) -> Vec<Arc<dyn Probe>> {
-    vec![
-        Arc::new(OomProbe::new(cfg.oom.clone())),
-        Arc::new(MemcgProbe::new(cfg.memcg.clone())),
-        Arc::new(TcpProbe::new(cfg.tcp.clone())),
-    ]
+/// Registers probes: each `name: Probe(Section)` line makes the configuration section
+/// `probes.<name>` (read, validated and defaulted as one with the others) and the probe built
+/// from it. The name is the probe's spec name (a test checks).
+macro_rules! probes {
+    ($($name:ident: $probe:ident($section:ident),)*) => {
+        /// `probes:` of the configuration, a section per registered probe.
+        #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Probes {
+            $(pub $name: $section,)*
+        }
+
+        impl Probes {
+            /// Each section with its key, in registration order.
+            pub fn sections(&self) -> Vec<(&'static str, &dyn Section)> {
+                vec![$((stringify!($name), &self.$name as &dyn Section),)*]
+            }
+        }
+
+        /// Every probe this build knows, configured, in registration order.
+        pub fn all(cfg: &Probes) -> Vec<Arc<dyn Probe>> {
+            vec![$(Arc::new($probe::new(cfg.$name.clone())),)*]
+        }
+    };
+}
+
+probes! {
+    oom: OomProbe(OomConfig),
+    memcg: MemcgProbe(MemcgConfig),
+    tcp: TcpProbe(TcpConfig),
 }
 
 /// The specs (names and hook ladders) of every probe, independent of configuration.
@@ -46,6 +70,14 @@ mod tests {
             })
             .filter_map(|s| s.name().ok().map(str::to_string))
             .collect()
+    }
+
+    #[test]
+    fn each_section_is_named_as_its_probe() {
+        let cfg = Probes::default();
+        let keys: Vec<&str> = cfg.sections().iter().map(|(k, _)| *k).collect();
+        let names: Vec<&str> = specs().iter().map(|s| s.name).collect();
+        assert_eq!(keys, names);
     }
 
     #[test]
@@ -132,7 +164,7 @@ mod tests {
         assert_eq!(slots.len(), specs.len(), "counter slots are unique");
         assert!(slots.iter().all(|s| *s < sensor_common::record::probe_id::COUNT));
         let probes = all(&Probes::default());
-        let kinds: Vec<u16> = probes.iter().flat_map(|p| p.records()).map(|k| k.kind).collect();
+        let kinds: Vec<u16> = probes.iter().flat_map(|p| p.spec().records).map(|k| k.kind).collect();
         let unique: BTreeSet<u16> = kinds.iter().copied().collect();
         assert_eq!(unique.len(), kinds.len(), "each record kind has one owner: {kinds:?}");
         assert!(!unique.contains(&0), "kind 0 is never valid");

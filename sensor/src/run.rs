@@ -131,7 +131,7 @@ fn start_probes(
 ) -> anyhow::Result<(Ebpf, Vec<Started>)> {
     let mut started = Vec::new();
     for (p, report) in probes.iter().zip(reports) {
-        if !p.enabled() {
+        if !p.section().enabled() {
             continue;
         }
         let mut ctx = StartContext {
@@ -148,7 +148,7 @@ fn start_probes(
             .with_context(|| format!("starting the {} probe", p.spec().name))?;
         started.push(Started {
             name: p.spec().name,
-            records: p.records(),
+            records: p.spec().records,
             discovery: p.discovery_interval(),
             running,
         });
@@ -368,7 +368,7 @@ pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
 }
 
 fn any_probe_enabled(cfg: &Config) -> bool {
-    crate::probes::all(&cfg.probes).iter().any(|p| p.enabled())
+    crate::probes::all(&cfg.probes).iter().any(|p| p.section().enabled())
 }
 
 /// The kernel side when probes are enabled, or only the self metrics when the daemon runs

@@ -14,7 +14,10 @@ use rustls::{
 };
 use serde::Deserialize;
 
-use crate::sync::Lock as _;
+use crate::{
+    sync::Lock as _,
+    yaml::{ConfigError, Named},
+};
 
 /// The subset of exporter-toolkit's web configuration the sensor implements; any other key is
 /// an error naming it rather than a setting silently ignored.
@@ -53,7 +56,7 @@ pub enum ClientAuth {
 impl WebConfigFile {
     /// Parses the file's text and checks what needs no file system (the TLS files are read by
     /// [`Web::load`]); `file` names it in errors.
-    pub fn parse(text: &str, file: &Path) -> Result<WebConfigFile, String> {
+    pub fn parse(text: &str, file: &Path) -> Result<WebConfigFile, ConfigError> {
         // An empty file is a valid "no TLS, no auth".
         let cfg: WebConfigFile = crate::yaml::parse(text).map_err(|f| match f {
             crate::yaml::Fault::Syntax(reason) => err(file, "", reason),
@@ -83,18 +86,25 @@ pub struct Web {
     verified: Mutex<HashSet<(String, String)>>,
 }
 
-fn err(file: &Path, key: &str, reason: impl std::fmt::Display) -> String {
+/// The kind of file in its errors.
+const WHAT: &str = "web config";
+
+fn err(file: &Path, key: &str, reason: impl std::fmt::Display) -> ConfigError {
+    let file = file.display().to_string();
+    let named = Named {
+        what: WHAT,
+        file: &file,
+    };
     if key.is_empty() {
-        format!("web config {}: {reason}", file.display())
+        named.syntax(reason.to_string())
     } else {
-        format!("web config {}: {key}: {reason}", file.display())
+        named.key(key, reason.to_string())
     }
 }
 
 impl Web {
-    pub fn load(file: &Path) -> Result<Arc<Web>, String> {
-        let text =
-            std::fs::read_to_string(file).map_err(|e| format!("web config {}: cannot read: {e}", file.display()))?;
+    pub fn load(file: &Path) -> Result<Arc<Web>, ConfigError> {
+        let text = crate::yaml::read(WHAT, file)?;
         let cfg = WebConfigFile::parse(&text, file)?;
         let tls = cfg.tls_server_config.as_ref().map(|t| acceptor(file, t)).transpose()?;
         let client_auth = cfg
@@ -144,7 +154,7 @@ impl Web {
     }
 }
 
-fn acceptor(file: &Path, t: &TlsServerConfig) -> Result<tokio_rustls::TlsAcceptor, String> {
+fn acceptor(file: &Path, t: &TlsServerConfig) -> Result<tokio_rustls::TlsAcceptor, ConfigError> {
     let key_name = "tls_server_config";
     let certs = CertificateDer::pem_file_iter(&t.cert_file)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())

@@ -1,9 +1,79 @@
 //! The one YAML loader behind every file the sensor reads as configuration (`sensor run`'s
 //! config, `sensor remediate`'s, the exporter-toolkit web config): an empty or comments-only
-//! file is all defaults; unknown keys and bad values fail naming the key's path. Each file keeps
-//! its own error type (its boundary) and maps a [`Fault`] into it.
+//! file is all defaults; unknown keys and bad values fail naming the key's path. Errors name the
+//! kind of file, the file and the key ([`ConfigError`], one type for every configuration file).
+
+use std::path::Path;
 
 use serde::de::DeserializeOwned;
+
+/// A configuration file that cannot be used. `what` is the kind of file ("config", "remediate
+/// config"): a DaemonSet that crash-loops must say which of its files is wrong, where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{what} {file}: cannot read: {source}")]
+    Read {
+        what: &'static str,
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{what} {file}: key '{key}': {reason}")]
+    Key {
+        what: &'static str,
+        file: String,
+        key: String,
+        reason: String,
+    },
+    #[error("{what} {file}: {reason}")]
+    Syntax {
+        what: &'static str,
+        file: String,
+        reason: String,
+    },
+}
+
+/// One configuration file (or the command line), for the errors about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Named<'a> {
+    pub what: &'static str,
+    pub file: &'a str,
+}
+
+impl Named<'_> {
+    pub fn key(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Key {
+            what: self.what,
+            file: self.file.to_string(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn syntax(&self, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Syntax {
+            what: self.what,
+            file: self.file.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn fault(&self, fault: Fault) -> ConfigError {
+        match fault {
+            Fault::Syntax(reason) => self.syntax(reason),
+            Fault::Key { key, reason } => self.key(key, reason),
+        }
+    }
+}
+
+/// The text of the configuration file at `path`, a [`ConfigError::Read`] naming it when it
+/// cannot be read.
+pub fn read(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        what,
+        file: path.display().to_string(),
+        source,
+    })
+}
 
 /// What is wrong with a document, before the caller names the file.
 #[derive(Debug, Clone, PartialEq, Eq)]

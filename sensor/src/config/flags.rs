@@ -119,15 +119,12 @@ impl Config {
         if overrides.is_empty() {
             return Ok(self);
         }
-        let key_err = |key: &str, reason: String| ConfigError::Key {
-            file: COMMAND_LINE.to_string(),
-            key: key.to_string(),
-            reason,
+        let named = crate::yaml::Named {
+            what: super::WHAT,
+            file: COMMAND_LINE,
         };
-        let mut doc = serde_yaml_ng::to_value(&self).map_err(|e| ConfigError::Syntax {
-            file: COMMAND_LINE.to_string(),
-            reason: e.to_string(),
-        })?;
+        let key_err = |key: &str, reason: String| named.key(key, reason);
+        let mut doc = serde_yaml_ng::to_value(&self).map_err(|e| named.syntax(e.to_string()))?;
         for o in overrides {
             let value = o.value().map_err(|r| key_err(&o.key.key, r))?;
             set_path(&mut doc, &o.key.key, value);

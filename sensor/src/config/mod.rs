@@ -20,6 +20,7 @@ pub use crate::{
     journal::{Fsync, JournalConfig},
     memcg::config::{MemcgConfig, PsiLevel, PsiTrigger},
     oom::config::OomConfig,
+    probes::Probes,
     tcp::config::{Destination, TcpConfig},
     workloads::config::{RuntimeConfig, RuntimeKind, WorkloadsConfig},
 };
@@ -33,15 +34,11 @@ pub use flags::*;
 /// The configuration `sensor run` uses when no `--config` is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../default-config.yaml");
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config {file}: cannot read: {source}")]
-    Read { file: String, source: std::io::Error },
-    #[error("config {file}: key '{key}': {reason}")]
-    Key { file: String, key: String, reason: String },
-    #[error("config {file}: {reason}")]
-    Syntax { file: String, reason: String },
-}
+pub use crate::yaml::ConfigError;
+use crate::yaml::Named;
+
+/// The kind of file in `sensor run`'s config errors.
+const WHAT: &str = "config";
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -98,14 +95,6 @@ impl Default for Config {
             journal: JournalConfig::default(),
         }
     }
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Probes {
-    pub oom: OomConfig,
-    pub memcg: MemcgConfig,
-    pub tcp: TcpConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -218,25 +207,19 @@ fn check_name(doc: &serde_yaml_ng::Value, key: &str) -> Option<String> {
 impl Config {
     /// Parses YAML text; `file` is only used in error messages.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let named = Named { what: WHAT, file };
         let cfg: Config = crate::yaml::parse(text).map_err(|f| match f {
-            crate::yaml::Fault::Syntax(reason) => ConfigError::Syntax {
-                file: file.to_string(),
-                reason,
-            },
+            f @ crate::yaml::Fault::Syntax(_) => named.fault(f),
             crate::yaml::Fault::Key { key, reason } => {
                 // Serde knows the index of a bad check, people know its name.
-                let named = serde_yaml_ng::from_str(text)
+                let check = serde_yaml_ng::from_str(text)
                     .ok()
                     .and_then(|doc| check_name(&doc, &key));
-                let reason = match named {
+                let reason = match check {
                     Some(name) => format!("check '{name}': {reason}"),
                     None => reason,
                 };
-                ConfigError::Key {
-                    file: file.to_string(),
-                    key,
-                    reason,
-                }
+                named.key(key, reason)
             }
         })?;
         cfg.validate(file)?;
@@ -244,36 +227,22 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        Config::parse(&text, &file)
+        let text = crate::yaml::read(WHAT, path)?;
+        Config::parse(&text, &path.display().to_string())
     }
 
     /// Checks that serde cannot express: ranges and cross-field rules.
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let key_err = |key: &str, reason: String| ConfigError::Key {
-            file: file.to_string(),
-            key: key.to_string(),
-            reason,
-        };
+        let named = Named { what: WHAT, file };
+        let key_err = |key: &str, reason: String| named.key(key, reason);
         if self.limits.workloads_per_metric == 0 {
             return Err(key_err("limits.workloads_per_metric", "must be at least 1".into()));
         }
-        self.probes
-            .oom
-            .validate()
-            .map_err(|(k, r)| key_err(&format!("probes.oom{k}"), r))?;
-        self.probes
-            .memcg
-            .validate()
-            .map_err(|(k, r)| key_err(&format!("probes.memcg{k}"), r))?;
-        self.probes
-            .tcp
-            .validate()
-            .map_err(|(k, r)| key_err(&format!("probes.tcp{k}"), r))?;
+        for (name, section) in self.probes.sections() {
+            section
+                .validate()
+                .map_err(|(k, r)| key_err(&format!("probes.{name}{k}"), r))?;
+        }
         self.http.validate().map_err(|(k, r)| key_err(&format!("http{k}"), r))?;
         self.workloads
             .validate()

@@ -79,9 +79,11 @@ pub struct PsiTrigger {
     pub window: Duration,
 }
 
-impl MemcgConfig {
+impl crate::probe::Section for MemcgConfig {
+    crate::section_switches!();
+
     /// Checks serde cannot express; the error is (key path below `probes.memcg`, reason).
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    fn validate(&self) -> Result<(), (String, String)> {
         for (i, t) in self.psi_triggers.iter().enumerate() {
             let key = format!(".psi_triggers[{i}]");
             if t.window < Duration::from_millis(500) || t.window > Duration::from_secs(10) {

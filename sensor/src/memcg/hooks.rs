@@ -49,4 +49,5 @@ pub const SPEC: ProbeSpec = ProbeSpec {
         },
     ],
     configure: None,
+    records: &[],
 };

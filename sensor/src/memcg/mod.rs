@@ -29,7 +29,7 @@ use sensor_common::names::maps;
 use self::{config::MemcgConfig, running::MemcgRunning};
 use crate::{
     cgroup::Hierarchies,
-    probe::{DoctorSection, HookKind, KernelContext, LoadPlan, Probe, ProbeSpec, Running, StartContext, StartError},
+    probe::{DoctorSection, KernelContext, LoadPlan, Probe, ProbeSpec, Running, Section, StartContext, StartError},
 };
 
 /// The memcg probe: reclaim stalls from the vmscan tracepoints, PSI triggers, memory.events.
@@ -48,12 +48,8 @@ impl Probe for MemcgProbe {
         &SPEC
     }
 
-    fn enabled(&self) -> bool {
-        self.cfg.enabled
-    }
-
-    fn excluded_hooks(&self) -> &[HookKind] {
-        &self.cfg.exclude_hooks
+    fn section(&self) -> &dyn Section {
+        &self.cfg
     }
 
     fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan) {

@@ -67,9 +67,11 @@ impl Default for OomConfig {
 /// Most samples one workload may keep (bounds memory whatever the configuration says).
 pub const MAX_SAMPLES: usize = 10_000;
 
-impl OomConfig {
+impl crate::probe::Section for OomConfig {
+    crate::section_switches!();
+
     /// The history must sample at least every 100 ms apart and keep a bounded number of samples.
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    fn validate(&self) -> Result<(), (String, String)> {
         let h = &self.history;
         if h.interval < Duration::from_millis(100) {
             return Err((".history.interval".into(), "must be at least 100ms".into()));
@@ -90,6 +92,7 @@ impl OomConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::Section as _;
 
     #[test]
     fn history_bounds() {

@@ -8,7 +8,7 @@ use sensor_common::{
 };
 
 use super::layout::oom_control_layout;
-use crate::probe::{GroupReport, HookGroup, HookKind, HookSpec, KernelContext, ProbeSpec};
+use crate::probe::{GroupReport, HookGroup, HookKind, HookSpec, KernelContext, ProbeSpec, RecordKind};
 
 pub(super) const GROUP_CONTEXT: &str = "kill context";
 pub(super) const GROUP_CGROUP: &str = "victim cgroup";
@@ -60,6 +60,11 @@ pub const SPEC: ProbeSpec = ProbeSpec {
         },
     ],
     configure: Some(configure),
+    records: &[RecordKind {
+        kind: sensor_common::record::kind::OOM_KILL,
+        len: sensor_common::oom::OomKillRecord::LEN,
+        version: sensor_common::oom::RECORD_VERSION,
+    }],
 };
 
 pub(super) fn check_oom_control(k: &KernelContext) -> Result<(), String> {

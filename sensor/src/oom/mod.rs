@@ -37,10 +37,8 @@ use std::{
     time::Duration,
 };
 
-use sensor_common::oom::OomKillRecord;
-
 use crate::{
-    probe::{HookKind, KernelContext, LoadPlan, Probe, ProbeSpec, RecordKind, Running, StartContext, StartError},
+    probe::{KernelContext, LoadPlan, Probe, ProbeSpec, Running, Section, StartContext, StartError},
     sync::Lock as _,
 };
 
@@ -64,27 +62,13 @@ impl OomProbe {
 /// How often the history asks for a rescan of the memory hierarchy (new workloads).
 const HISTORY_DISCOVERY: Duration = Duration::from_secs(10);
 
-const RECORDS: &[RecordKind] = &[RecordKind {
-    kind: sensor_common::record::kind::OOM_KILL,
-    len: OomKillRecord::LEN,
-    version: sensor_common::oom::RECORD_VERSION,
-}];
-
 impl Probe for OomProbe {
     fn spec(&self) -> &'static ProbeSpec {
         &SPEC
     }
 
-    fn enabled(&self) -> bool {
-        self.cfg.enabled
-    }
-
-    fn excluded_hooks(&self) -> &[HookKind] {
-        &self.cfg.exclude_hooks
-    }
-
-    fn records(&self) -> &'static [RecordKind] {
-        RECORDS
+    fn section(&self) -> &dyn Section {
+        &self.cfg
     }
 
     fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan) {

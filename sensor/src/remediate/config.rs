@@ -12,15 +12,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::serde_duration as duration;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("remediate config {file}: cannot read: {source}")]
-    Read { file: String, source: std::io::Error },
-    #[error("remediate config {file}: key '{key}': {reason}")]
-    Key { file: String, key: String, reason: String },
-    #[error("remediate config {file}: {reason}")]
-    Syntax { file: String, reason: String },
-}
+pub use crate::yaml::ConfigError;
+use crate::yaml::Named;
+
+/// The kind of file in `sensor remediate`'s config errors.
+const WHAT: &str = "remediate config";
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -241,36 +237,20 @@ fn valid_label_name(s: &str) -> bool {
 
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        Config::parse(&text, &file)
+        let text = crate::yaml::read(WHAT, path)?;
+        Config::parse(&text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = crate::yaml::parse(text).map_err(|f| match f {
-            crate::yaml::Fault::Syntax(reason) => ConfigError::Syntax {
-                file: file.to_string(),
-                reason,
-            },
-            crate::yaml::Fault::Key { key, reason } => ConfigError::Key {
-                file: file.to_string(),
-                key,
-                reason,
-            },
-        })?;
+        let named = Named { what: WHAT, file };
+        let cfg: Config = crate::yaml::parse(text).map_err(|f| named.fault(f))?;
         cfg.validate(file)?;
         Ok(cfg)
     }
 
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let bad = |key: String, reason: String| ConfigError::Key {
-            file: file.to_string(),
-            key,
-            reason,
-        };
+        let named = Named { what: WHAT, file };
+        let bad = |key: String, reason: String| named.key(key, reason);
         if self.max_body_bytes < 1024 {
             return Err(bad("max_body_bytes".into(), "must be at least 1024".into()));
         }

@@ -147,9 +147,11 @@ impl<'de> Deserialize<'de> for Destination {
     }
 }
 
-impl TcpConfig {
+impl crate::probe::Section for TcpConfig {
+    crate::section_switches!();
+
     /// Checks serde cannot express; the error is (key path below `probes.tcp`, reason).
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    fn validate(&self) -> Result<(), (String, String)> {
         if self.destinations.len() >= sensor_common::tcp::MAX_DEST_GROUPS as usize {
             return Err((
                 ".destinations".into(),

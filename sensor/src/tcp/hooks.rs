@@ -6,7 +6,7 @@
 use super::layout::sock_layout;
 use crate::{
     kernel::insn::ATOMICS_NEED,
-    probe::{HookCheck, HookGroup, HookKind, HookSpec, KernelContext, ProbeSpec},
+    probe::{HookCheck, HookGroup, HookKind, HookSpec, KernelContext, ProbeSpec, RecordKind},
 };
 
 /// One hook's four programs: raw tracepoint and classic tracepoint, each with and without
@@ -135,6 +135,11 @@ pub const SPEC: ProbeSpec = ProbeSpec {
         },
     ],
     configure: None,
+    records: &[RecordKind {
+        kind: sensor_common::record::kind::TCP_CONNECT_FAILURE,
+        len: sensor_common::tcp::TcpFailureRecord::LEN,
+        version: sensor_common::tcp::FAILURE_VERSION,
+    }],
 };
 
 /// The programs with the compare-and-swap connect table.

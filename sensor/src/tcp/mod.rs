@@ -21,7 +21,7 @@ use std::{sync::Arc, time::Duration};
 use aya::maps::{lpm_trie::LpmTrie, MapData};
 use sensor_common::{
     names::{globals, maps},
-    tcp::{DestAnyKey, DestPortKey, TcpFailureRecord},
+    tcp::{DestAnyKey, DestPortKey},
 };
 
 use self::{
@@ -30,9 +30,7 @@ use self::{
     layout::layouts,
     running::{TcpMaps, TcpSlice},
 };
-use crate::probe::{
-    HookKind, KernelContext, LoadPlan, Probe, ProbeSpec, RecordKind, Running, StartContext, StartError,
-};
+use crate::probe::{KernelContext, LoadPlan, Probe, ProbeSpec, Running, Section, StartContext, StartError};
 
 /// The TCP probe: connects tracked from SYN_SENT to their outcome in the kernel, counted and
 /// timed per workload and destination group there; failures as events.
@@ -53,27 +51,13 @@ const UNUSED_TABLE: u32 = 256;
 /// How often workloads are rescanned for this probe (labels of new cgroups, vanished series).
 const DISCOVERY: Duration = Duration::from_secs(5);
 
-const RECORDS: &[RecordKind] = &[RecordKind {
-    kind: sensor_common::record::kind::TCP_CONNECT_FAILURE,
-    len: TcpFailureRecord::LEN,
-    version: sensor_common::tcp::FAILURE_VERSION,
-}];
-
 impl Probe for TcpProbe {
     fn spec(&self) -> &'static ProbeSpec {
         &SPEC
     }
 
-    fn enabled(&self) -> bool {
-        self.cfg.enabled
-    }
-
-    fn excluded_hooks(&self) -> &[HookKind] {
-        &self.cfg.exclude_hooks
-    }
-
-    fn records(&self) -> &'static [RecordKind] {
-        RECORDS
+    fn section(&self) -> &dyn Section {
+        &self.cfg
     }
 
     fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan) {
