@@ -750,15 +750,7 @@ fn daemonset_capabilities_are_sufficient_and_each_needed() {
     let (mut child, port, log) = start_with_caps(&fewer, &config);
     wait_ready(port, &mut child, &log);
     cg.cause_oom_kill();
-    let unknown = [
-        ("scope", "unknown"),
-        ("cgroup", cg.rel.as_str()),
-        ("container_id", ""),
-        ("pod_uid", ""),
-        ("namespace", ""),
-        ("pod", ""),
-        ("container", ""),
-    ];
+    let unknown = plain(&[("scope", "unknown")], cg.rel.as_str());
     let mut got = None;
     for _ in 0..100 {
         let sum = metric_sum(

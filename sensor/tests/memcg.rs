@@ -241,14 +241,7 @@ fn vanished_cgroups_are_dropped_after_the_grace_period() {
     let cg = MemCgroup::new("sensor-it-vanish", 48 << 20);
     cg.churn_page_cache(200);
     let rel = cg.rel.clone();
-    let labels = [
-        ("cgroup", rel.as_str()),
-        ("container_id", ""),
-        ("pod_uid", ""),
-        ("namespace", ""),
-        ("pod", ""),
-        ("container", ""),
-    ];
+    let labels = plain(&[], rel.as_str());
     let start = Instant::now();
     let m = loop {
         let m = d.metrics();

@@ -73,29 +73,13 @@ fn kills_are_counted_exactly_and_attributed() {
     // Cross-checks settle at 0: nothing the kernel counted was missed.
     d.wait_metric(
         "sensor_oom_kills_unseen",
-        &[
-            ("source", "vmstat"),
-            ("cgroup", ""),
-            ("container_id", ""),
-            ("pod_uid", ""),
-            ("namespace", ""),
-            ("pod", ""),
-            ("container", ""),
-        ],
+        &plain(&[("source", "vmstat")], ""),
         0.0,
         Duration::from_secs(6),
     );
     d.wait_metric(
         "sensor_oom_kills_unseen",
-        &[
-            ("source", "memcg"),
-            ("cgroup", cg.rel.as_str()),
-            ("container_id", ""),
-            ("pod_uid", ""),
-            ("namespace", ""),
-            ("pod", ""),
-            ("container", ""),
-        ],
+        &plain(&[("source", "memcg")], cg.rel.as_str()),
         0.0,
         Duration::from_secs(6),
     );
@@ -123,15 +107,7 @@ fn sibling_cgroups_are_not_swapped() {
         (ta.join().unwrap(), tb.join().unwrap())
     });
     for (cg, n) in [(&a, 6.0), (&b, 6.0)] {
-        let l = [
-            ("scope", "memcg"),
-            ("cgroup", cg.rel.as_str()),
-            ("container_id", ""),
-            ("pod_uid", ""),
-            ("namespace", ""),
-            ("pod", ""),
-            ("container", ""),
-        ];
+        let l = plain(&[("scope", "memcg")], cg.rel.as_str());
         d.wait_metric_sum("sensor_oom_kills_total", &l, n, Duration::from_secs(10));
     }
     let events = d.oom_events(0);
@@ -188,15 +164,7 @@ fn stalled_reader_losses_are_counted() {
     // The kernel-counter cross-check reports exactly the kills that were lost.
     d.wait_metric(
         "sensor_oom_kills_unseen",
-        &[
-            ("source", "vmstat"),
-            ("cgroup", ""),
-            ("container_id", ""),
-            ("pod_uid", ""),
-            ("namespace", ""),
-            ("pod", ""),
-            ("container", ""),
-        ],
+        &plain(&[("source", "vmstat")], ""),
         lost as f64,
         Duration::from_secs(8),
     );

@@ -391,15 +391,7 @@ fn stalled_consumers_slow_nothing_else() {
     let pids: Vec<u32> = (0..KILLS).map(|_| cg.cause_oom_kill()).collect();
     assert_eq!(refused_connects(refused_target, CONNECTS), CONNECTS);
 
-    let kill_labels = [
-        ("scope", "memcg"),
-        ("cgroup", cg.rel.as_str()),
-        ("container_id", ""),
-        ("pod_uid", ""),
-        ("namespace", ""),
-        ("pod", ""),
-        ("container", ""),
-    ];
+    let kill_labels = plain(&[("scope", "memcg")], cg.rel.as_str());
     d.wait_metric_sum(
         "sensor_oom_kills_total",
         &kill_labels,

@@ -245,17 +245,8 @@ fn daemon_with(cfg: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> D
     Daemon::start_with(&args, None, env)
 }
 
-fn series<'a>(result: &'a str, dest: &'a str, cg: &'a MemCgroup) -> [(&'a str, &'a str); 8] {
-    [
-        ("result", result),
-        ("destination", dest),
-        ("cgroup", cg.rel.as_str()),
-        ("container_id", ""),
-        ("pod_uid", ""),
-        ("namespace", ""),
-        ("pod", ""),
-        ("container", ""),
-    ]
+fn series<'a>(result: &'a str, dest: &'a str, cg: &'a MemCgroup) -> Vec<(&'a str, &'a str)> {
+    plain(&[("result", result), ("destination", dest)], cg.rel.as_str())
 }
 
 /// Connects the sensor could not count: an end without its start (`untracked`), no room in a map
@@ -470,15 +461,7 @@ fn successes_and_refusals_with(extra: &[&str], env: &[(&str, &str)], hook: &str)
             1000.0,
             Duration::from_secs(5),
         );
-        let wl = [
-            ("destination", dest),
-            ("cgroup", cg.rel.as_str()),
-            ("container_id", ""),
-            ("pod_uid", ""),
-            ("namespace", ""),
-            ("pod", ""),
-            ("container", ""),
-        ];
+        let wl = plain(&[("destination", dest)], cg.rel.as_str());
         assert_eq!(
             metric(&m, "sensor_tcp_connect_duration_seconds_count", &wl),
             Some(1000.0)
@@ -549,16 +532,7 @@ fn successes_and_refusals_with(extra: &[&str], env: &[(&str, &str)], hook: &str)
             "each refusal counted once (recovered: {})",
             recovered(&m, "refused")
         );
-        let wl = [
-            ("direction", "received"),
-            ("destination", dest),
-            ("cgroup", cg.rel.as_str()),
-            ("container_id", ""),
-            ("pod_uid", ""),
-            ("namespace", ""),
-            ("pod", ""),
-            ("container", ""),
-        ];
+        let wl = plain(&[("direction", "received"), ("destination", dest)], cg.rel.as_str());
         assert_eq!(metric(&m, "sensor_tcp_resets_total", &wl), Some(200.0));
         // Coalesced: the first at once, the rest summed per interval, every refusal counted.
         let ev = wait_failures(&d, closed.port(), 200);
@@ -782,18 +756,7 @@ fn a_vanished_workload_over_the_cap_is_retired_into_other() {
     let retired = |m: &str, map: &str| metric(m, "sensor_workload_keys_retired_total", &[("map", map)]);
     let m = d.metrics();
     let (hists0, counts0) = (retired(&m, "tcp_hists").unwrap(), retired(&m, "tcp_counts").unwrap());
-    let other = |result: &'static str, dest: &'static str| {
-        [
-            ("result", result),
-            ("destination", dest),
-            ("cgroup", "other"),
-            ("container_id", ""),
-            ("pod_uid", ""),
-            ("namespace", ""),
-            ("pod", ""),
-            ("container", ""),
-        ]
-    };
+    let other = |result: &'static str, dest: &'static str| plain(&[("result", result), ("destination", dest)], "other");
     let cg = MemCgroup::new("sensor-it-tcp-retire", 1 << 30);
     assert_eq!(connect(&cg, None, srv, 100, 1, None), [100, 0, 0, 0]);
     assert_eq!(connect(&cg, None, closed, 30, 1, None), [0, 30, 0, 0]);

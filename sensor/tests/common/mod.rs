@@ -22,6 +22,7 @@ pub mod tls;
 pub use kit::{
     host::{cap_eff, ci, vmstat_oom_kill},
     lock::KERNEL_LOCK_FILE,
+    promtext::plain,
 };
 
 pub const SENSOR: &str = env!("CARGO_BIN_EXE_sensor");

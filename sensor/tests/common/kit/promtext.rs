@@ -49,6 +49,15 @@ pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .map(|s| s.value)
 }
 
+/// The label set of a series of `cgroup` outside any container or pod (their labels empty),
+/// after `first`: the shape of every per-workload series of a plain cgroup.
+pub fn plain<'a>(first: &[(&'a str, &'a str)], cgroup: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut l = first.to_vec();
+    l.push(("cgroup", cgroup));
+    l.extend(["container_id", "pod_uid", "namespace", "pod", "container"].map(|n| (n, "")));
+    l
+}
+
 /// The sum over the series of `name` that carry at least `labels`.
 pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     samples(text)
