@@ -72,6 +72,10 @@ pub fn load(kctx: &mut KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOpti
         return Err(LoadError::Seccomp(why.clone()));
     }
     let mut plan = LoadPlan::default();
+    plan.task_note = plan.task_layout(kctx);
+    if let Some(note) = &plan.task_note {
+        tracing::warn!(%note, "programs that find a task's cgroup attribute without the task layout");
+    }
     for p in probes {
         p.prepare(kctx, &mut plan);
     }
@@ -89,6 +93,7 @@ pub fn load(kctx: &mut KernelContext, probes: &[Arc<dyn Probe>], opts: &LoadOpti
         globals,
         map_sizes,
         patches,
+        task_note: _,
     } = plan;
     // Only a `--btf-path` file is handed to aya. aya parses the running kernel's BTF in
     // `EbpfLoader::new` for CO-RE relocations, which the object has none of (Rust eBPF has no

@@ -264,7 +264,7 @@ pub trait Probe: Send + Sync {
     /// What the programs need before the object loads on this kernel: globals (layouts from
     /// tracefs and BTF), map sizes, object patches. Called for every probe, enabled or not (one
     /// object holds them all). Blocking: reads tracefs, BTF and cgroupfs.
-    fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan);
+    fn prepare(&self, _kctx: &KernelContext, _plan: &mut LoadPlan) {}
     /// The running half, built once the programs are attached (for enabled probes; `ctx.report`
     /// says whether its kernel part runs). Blocking: may read /proc and cgroupfs.
     fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError>;
@@ -312,6 +312,9 @@ pub struct LoadPlan {
     pub(crate) globals: Vec<(&'static str, Vec<u8>)>,
     pub(crate) map_sizes: Vec<(&'static str, u32)>,
     pub(crate) patches: Vec<ObjectPatch>,
+    /// Why `TASK_LAYOUT` is unusable on this kernel, if it is (set by the loader before any
+    /// probe prepares).
+    pub task_note: Option<String>,
 }
 
 /// Rewrites the eBPF object's bytes before loading (e.g. kfunc call placeholders).
@@ -339,7 +342,7 @@ impl LoadPlan {
 
     /// Sets `TASK_LAYOUT`, shared by every program that finds a task's cgroup; returns why
     /// it is unusable, if it is.
-    pub fn task_layout(&mut self, kctx: &KernelContext) -> Option<String> {
+    pub(crate) fn task_layout(&mut self, kctx: &KernelContext) -> Option<String> {
         let (layout, note) = match &kctx.btf {
             Ok(btf) => match crate::kernel::task::layout(btf) {
                 Ok(l) => (l, None),

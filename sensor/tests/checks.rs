@@ -314,6 +314,23 @@ struct Pki {
     ca_der: rustls::pki_types::CertificateDer<'static>,
 }
 
+/// An exporter-toolkit web config serving `p`'s server certificate, with `user` allowed in by the
+/// password `s3cret`.
+fn tls_web_config(p: &Pki, file: &str, user: &str) -> PathBuf {
+    let web = tmp(file);
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  {user}: '{hash}'\n",
+            p.server_pem.display(),
+            p.server_key.display()
+        ),
+    )
+    .unwrap();
+    web
+}
+
 fn pki() -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
@@ -1130,17 +1147,7 @@ fn bad_check_config_names_file_check_key_and_reason() {
 #[test]
 fn web_config_serves_tls_and_basic_auth() {
     let p = pki();
-    let web = tmp("web.yml");
-    let hash = bcrypt::hash("s3cret", 4).unwrap();
-    std::fs::write(
-        &web,
-        format!(
-            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  alice: '{hash}'\n",
-            p.server_pem.display(),
-            p.server_key.display()
-        ),
-    )
-    .unwrap();
+    let web = tls_web_config(&p, "web.yml", "alice");
     let port = free_port();
     let daemon_cfg = write_config(
         "web-daemon.yaml",
@@ -1266,17 +1273,7 @@ fn remediate_honours_the_web_config_tls_and_basic_auth() {
     // `sensor remediate` takes the same web config file as `sensor run`: HTTPS with the PKI's
     // certificate, and basic auth on every route.
     let p = pki();
-    let web = tmp("remediate-web.yml");
-    let hash = bcrypt::hash("s3cret", 4).unwrap();
-    std::fs::write(
-        &web,
-        format!(
-            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  alertmanager: '{hash}'\n",
-            p.server_pem.display(),
-            p.server_key.display()
-        ),
-    )
-    .unwrap();
+    let web = tls_web_config(&p, "remediate-web.yml", "alertmanager");
     let port = free_port();
     let mut child = std::process::Command::new(SENSOR)
         .args([

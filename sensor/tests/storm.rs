@@ -26,8 +26,11 @@ fn stress_ng_present(test: &str) -> bool {
 }
 
 /// A `stress-ng --vm` OOM storm inside `cg` (64 MiB) for `secs` seconds: six workers keep 60 MiB
-/// each, the kernel kills them over and over and stress-ng restarts them.
-fn storm(cg: &MemCgroup, secs: u32) {
+/// each, the kernel kills them over and over and stress-ng restarts them. Returns the host's
+/// kills since `vm0` (its `oom_kill` count before) and the storm's length in seconds, after
+/// checking they were all in `cg`.
+fn storm(cg: &MemCgroup, secs: u32, vm0: u64) -> (u64, f64) {
+    let started = Instant::now();
     let t = format!("{secs}s");
     let out = cg.exec(
         None,
@@ -46,6 +49,14 @@ fn storm(cg: &MemCgroup, secs: u32) {
     );
     // stress-ng reports its killed workers as failures; the kills are what we want.
     let _ = out;
+    let secs = started.elapsed().as_secs_f64();
+    let caused = vmstat_oom_kill() - vm0;
+    assert_eq!(
+        cg.kernel_oom_kills(),
+        caused,
+        "every kill on the host was in the storm's cgroup"
+    );
+    (caused, secs)
 }
 
 /// (write end, read end) of a new pipe.
@@ -186,15 +197,7 @@ fn oom_storm_every_kill_counted() {
     let d = Daemon::start(&[]);
     let scraper = Scraper::start(d.port);
     let vm0 = vmstat_oom_kill();
-    let started = Instant::now();
-    storm(&cg, 10);
-    let secs = started.elapsed().as_secs_f64();
-    let caused = vmstat_oom_kill() - vm0;
-    assert_eq!(
-        cg.kernel_oom_kills(),
-        caused,
-        "every kill on the host was in the storm's cgroup"
-    );
+    let (caused, secs) = storm(&cg, 10, vm0);
     assert!(caused >= 50, "a storm: only {caused} kills in {secs:.1} s");
     let (counted, lost) = settle(&d, caused);
     let (scrapes, slowest) = scraper.finish();
@@ -238,10 +241,7 @@ fn oom_storm_with_a_stalled_then_closed_log_pipe() {
     let scraper = Scraper::start(d.port);
     let vm0 = vmstat_oom_kill();
 
-    let started = Instant::now();
-    storm(&cg, 10);
-    let secs = started.elapsed().as_secs_f64();
-    let caused = vmstat_oom_kill() - vm0;
+    let (caused, secs) = storm(&cg, 10, vm0);
     assert!(caused >= 50, "a storm: only {caused} kills in {secs:.1} s");
     assert!(
         pipe_fill(&read_end) > 2048,
@@ -259,15 +259,7 @@ fn oom_storm_with_a_stalled_then_closed_log_pipe() {
 
     // The log reader goes away: writes now fail (EPIPE), and the next storm is counted as well.
     drop(read_end);
-    let started = Instant::now();
-    storm(&cg, 5);
-    let secs2 = started.elapsed().as_secs_f64();
-    let caused_all = vmstat_oom_kill() - vm0;
-    assert_eq!(
-        cg.kernel_oom_kills(),
-        caused_all,
-        "every kill on the host was in the storm's cgroup"
-    );
+    let (caused_all, secs2) = storm(&cg, 5, vm0);
     let (counted_all, lost_all) = settle(&d, caused_all);
     let (scrapes, slowest) = scraper.finish();
     eprintln!(

@@ -164,16 +164,26 @@ fn parse_field_line(line: &str) -> Option<TpField> {
 mod tests {
     use super::*;
 
-    /// `oom:mark_victim` on 6.18 (this project's CI kernel).
-    pub const MARK_VICTIM_6_18: &str = "name: mark_victim
-ID: 609
-format:
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+    /// The fields every tracepoint's format starts with, as the kernel prints them.
+    macro_rules! common_fields {
+        () => {
+            "\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
 \tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
 \tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
 \tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
 
-\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;
+"
+        };
+    }
+
+    /// `oom:mark_victim` on 6.18 (this project's CI kernel).
+    pub const MARK_VICTIM_6_18: &str = concat!(
+        "name: mark_victim
+ID: 609
+format:
+",
+        common_fields!(),
+        "\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;
 \tfield:__data_loc char[] comm;\toffset:12;\tsize:4;\tsigned:0;
 \tfield:unsigned long total_vm;\toffset:16;\tsize:8;\tsigned:0;
 \tfield:unsigned long anon_rss;\toffset:24;\tsize:8;\tsigned:0;
@@ -184,21 +194,21 @@ format:
 \tfield:short oom_score_adj;\toffset:64;\tsize:2;\tsigned:1;
 
 print fmt: \"pid=%d comm=%s\", REC->pid, __get_str(comm)
-";
+"
+    );
 
     /// `oom:mark_victim` before 6.8 had only the pid.
-    pub const MARK_VICTIM_6_1: &str = "name: mark_victim
+    pub const MARK_VICTIM_6_1: &str = concat!(
+        "name: mark_victim
 ID: 500
 format:
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
-\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
-\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
-\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
-
-\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;
+",
+        common_fields!(),
+        "\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;
 
 print fmt: \"pid=%d\", REC->pid
-";
+"
+    );
 
     #[test]
     fn parses_6_18_mark_victim() {

@@ -29,7 +29,7 @@ use sensor_common::names::maps;
 use self::{config::MemcgConfig, running::MemcgRunning};
 use crate::{
     cgroup::Hierarchies,
-    probe::{DoctorSection, KernelContext, LoadPlan, Probe, ProbeSpec, Running, Section, StartContext, StartError},
+    probe::{DoctorSection, Probe, ProbeSpec, Running, Section, StartContext, StartError},
 };
 
 /// The memcg probe: reclaim stalls from the vmscan tracepoints, PSI triggers, memory.events.
@@ -50,12 +50,6 @@ impl Probe for MemcgProbe {
 
     fn section(&self) -> &dyn Section {
         &self.cfg
-    }
-
-    fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan) {
-        if let Some(note) = plan.task_layout(kctx) {
-            tracing::debug!(%note, "memcg: reclaim stalls are attributed without the task layout");
-        }
     }
 
     /// The cgroupfs half (memory.events, PSI) runs whether or not the reclaim programs attached.

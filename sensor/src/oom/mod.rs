@@ -73,7 +73,7 @@ impl Probe for OomProbe {
 
     fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan) {
         let mut layouts = Layouts::discover(kctx);
-        layouts.notes.extend(plan.task_layout(kctx));
+        layouts.notes.extend(plan.task_note.clone());
 
         for n in &layouts.notes {
             tracing::warn!(note = %n, "OOM layout is partial");

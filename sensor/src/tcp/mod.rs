@@ -61,9 +61,6 @@ impl Probe for TcpProbe {
     }
 
     fn prepare(&self, kctx: &KernelContext, plan: &mut LoadPlan) {
-        if let Some(note) = plan.task_layout(kctx) {
-            tracing::debug!(%note, "tcp: connects are attributed without the task layout");
-        }
         let memory_on_v2 = !crate::cgroup::Hierarchies::discover().memory_is_v1();
         let (tp, mut sock, notes) = layouts(kctx, dest_group_bits(&self.cfg.destinations), memory_on_v2);
         let slots = self.cfg.conn_slots();
