@@ -551,6 +551,13 @@ trait Pod {
 
 /// Waits for the readiness probe within the startup probe's budget; panics with the logs when
 /// the container exits first.
+/// `/proc/<pid>/status` of the pod's sensor once it is ready: its seccomp and privilege state.
+fn ready_status(pod: &dyn Pod, run: &PodRun) -> String {
+    wait_ready(pod, run);
+    let pid = pod.pid().expect("a ready pod has a process");
+    std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the sensor's /proc status")
+}
+
 fn wait_ready(pod: &dyn Pod, run: &PodRun) {
     let start = Instant::now();
     loop {
@@ -1040,9 +1047,7 @@ fn privileged_overlay_runs_under_podman() {
     let run = PodRun::from_daemonset(&daemonset(Some("privileged")), &tag());
     assert!(run.privileged);
     let pod = PodmanPod::start(&run, &format!("sensor-{}-privileged", tag()), &[]);
-    wait_ready(&pod, &run);
-    let pid = pod.pid().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let status = ready_status(&pod, &run);
     assert!(
         status.lines().any(|l| l == "Seccomp:\t0"),
         "privileged: no filter\n{status}"
@@ -1283,9 +1288,7 @@ fn daemonset_runs_under_containerd_with_its_default_seccomp() {
         let run = PodRun::from_daemonset(&daemonset(overlay), &tag());
         let check = self_check_flag(run.ready_port);
         let pod = CtrPod::start(&ctd, &run, &["--checks", &check]);
-        wait_ready(&pod, &run);
-        let pid = pod.pid().unwrap();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let status = ready_status(&pod, &run);
         assert!(
             status.lines().any(|l| l == "Seccomp:\t2"),
             "{overlay:?}: a filter is on\n{status}"

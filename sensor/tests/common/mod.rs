@@ -280,19 +280,27 @@ impl Daemon {
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        // SAFETY: kill(2) on our own child's pid with a valid signal number.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                return st;
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill();
-                panic!("sensor did not exit within 20s of SIGTERM:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        terminate(&mut child, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("sensor did not exit within 20s of SIGTERM:\n{}", self.log()))
+    }
+}
+
+/// SIGTERM to `child`, then its exit status once it exits; after `limit`, SIGKILL (waited for)
+/// and `None`.
+pub fn terminate(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
         }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -698,17 +706,7 @@ impl Service {
     /// SIGTERM, then SIGKILL after 20 s; returns once it has exited.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid with a valid signal number.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let start = Instant::now();
-            while !matches!(c.try_wait(), Ok(Some(_))) {
-                if start.elapsed() > Duration::from_secs(20) {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let _ = terminate(&mut c, Duration::from_secs(20));
         }
     }
 }

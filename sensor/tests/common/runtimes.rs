@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{require_tool, Service};
+use super::{kit::host::remove_cgroup_tree, require_tool, Service};
 
 /// The test victim image: `/bin/busybox` (static) and nothing else. Run applets by path, e.g.
 /// `/bin/busybox tail /dev/zero`.
@@ -461,37 +461,6 @@ impl Containerd {
             {
                 std::thread::sleep(Duration::from_millis(50));
             }
-        }
-    }
-}
-
-/// Removes `root` (e.g. `/sensor-identity-123`) and everything below it from every cgroup
-/// hierarchy (v1 controllers and v2), deepest first. Best effort: cleanup.
-pub fn remove_cgroup_tree(root: &str) {
-    let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") else {
-        return;
-    };
-    let mut bases: Vec<PathBuf> = mounts.filter_map(Result::ok).map(|e| e.path()).collect();
-    bases.push(PathBuf::from("/sys/fs/cgroup"));
-    for base in bases {
-        let top = base.join(root.trim_start_matches('/'));
-        if !top.is_dir() {
-            continue;
-        }
-        let mut dirs = Vec::new();
-        let mut stack = vec![top];
-        while let Some(d) = stack.pop() {
-            if let Ok(rd) = std::fs::read_dir(&d) {
-                stack.extend(
-                    rd.filter_map(Result::ok)
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-            dirs.push(d);
-        }
-        for d in dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
         }
     }
 }

@@ -219,30 +219,7 @@ impl Env {
     }
 
     fn remove_cgroups(&self) {
-        for base in std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .chain([PathBuf::from("/sys/fs/cgroup")])
-        {
-            let top = base.join(self.cgroup_root.trim_start_matches('/'));
-            let mut dirs = Vec::new();
-            let mut stack = vec![top];
-            while let Some(d) = stack.pop() {
-                if let Ok(rd) = std::fs::read_dir(&d) {
-                    stack.extend(
-                        rd.flatten()
-                            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                            .map(|e| e.path()),
-                    );
-                    dirs.push(d);
-                }
-            }
-            for d in dirs.iter().rev() {
-                let _ = std::fs::remove_dir(d);
-            }
-        }
+        crate::kit::host::remove_cgroup_tree(&self.cgroup_root);
     }
 }
 
