@@ -18,9 +18,10 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bench::kit::{cpu_split, metric_sum, oom_victim, pid_cpu, CgroupParent, KernelLock, Served},
+    bench::kit::{cpu_split, metric_sum, oom_victim, pid_cpu, CgroupParent, Served},
     bench::kit::{in_fresh_netns, stats},
-    bench::report::{machine, store, Goal, Row},
+    bench::report::Bench,
+    bench::report::{store, Goal, Row},
     net::http_get,
 };
 
@@ -154,11 +155,9 @@ fn storm_round(sensor: &Served, o: &Opts) -> Result<Storm> {
 }
 
 pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
-    let m = machine();
-    eprintln!("==> bench events on {m}");
-    let _lock = KernelLock::acquire("bench events")?;
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
+    // Held to the end: the kernel lock.
+    let bench = Bench::start(root, "events")?;
+    let (m, dir) = (bench.machine.clone(), bench.dir.clone());
     let sensor = Served::sensor(sensor_bin, &[], &dir.join("sensor-events.log"))?;
     std::thread::sleep(Duration::from_secs(1));
     let mut rounds = Vec::new();
@@ -440,11 +439,9 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 pub fn run_oom(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
-    let m = machine();
-    eprintln!("==> bench oom-latency on {m}");
-    let _lock = KernelLock::acquire("bench oom-latency")?;
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
+    // Held to the end: the kernel lock.
+    let bench = Bench::start(root, "oom-latency")?;
+    let (m, dir) = (bench.machine.clone(), bench.dir.clone());
     let sensor = Served::sensor(sensor_bin, &[], &dir.join("sensor-oom.log"))?;
     let mut events = Command::new(sensor_bin)
         .arg("events")

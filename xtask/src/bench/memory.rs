@@ -11,10 +11,9 @@ use anyhow::Result;
 
 use crate::{
     bench::kit::stats,
-    bench::kit::{
-        mib, pid_cpu, rss_kib, series_count, smaps_breakdown, CgroupParent, KernelLock, Listener, Served, Workloads,
-    },
-    bench::report::{machine, spread, store, Goal, Row},
+    bench::kit::{mib, pid_cpu, rss_kib, series_count, smaps_breakdown, CgroupParent, Listener, Served, Workloads},
+    bench::report::Bench,
+    bench::report::{spread, store, Goal, Row},
 };
 
 /// Bytes of anonymous memory each workload process touches (its memcg activity, with the
@@ -94,11 +93,9 @@ pub fn run_memory(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     // SENSOR_BENCH_SENSOR measures another build (e.g. the one before a change), as `bench tcp`.
     let other = std::env::var_os("SENSOR_BENCH_SENSOR").map(std::path::PathBuf::from);
     let sensor_bin = other.as_deref().unwrap_or(sensor_bin);
-    let m = machine();
-    eprintln!("==> bench memory on {m}");
-    let _lock = KernelLock::acquire("bench memory")?;
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
+    // Held to the end: the kernel lock.
+    let bench = Bench::start(root, "memory")?;
+    let (m, dir) = (bench.machine.clone(), bench.dir.clone());
     let started = Instant::now();
     let node = Served::node_exporter(&dir.join("node-exporter-memory.log"))?;
     let sensor = Served::sensor(sensor_bin, &[], &dir.join("sensor-memory.log"))?;

@@ -89,6 +89,29 @@ impl Row {
     }
 }
 
+/// What a benchmark on the kernel holds while it runs: the machine it describes, the kernel lock
+/// (benchmarks and privileged tests must not share the kernel), and target/bench for its logs.
+pub struct Bench {
+    pub machine: String,
+    pub dir: std::path::PathBuf,
+    _lock: crate::bench::kit::KernelLock,
+}
+
+impl Bench {
+    pub fn start(root: &Path, name: &str) -> Result<Bench> {
+        let machine = machine();
+        eprintln!("==> bench {name} on {machine}");
+        let lock = crate::bench::kit::KernelLock::acquire(&format!("bench {name}"))?;
+        let dir = root.join("target/bench");
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        Ok(Bench {
+            machine,
+            dir,
+            _lock: lock,
+        })
+    }
+}
+
 /// Machine, kernel, OS, commit and time: printed by every benchmark and kept with its section.
 pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

@@ -10,9 +10,10 @@ use anyhow::Result;
 
 use crate::{
     bench::kit::stats,
-    bench::kit::{pid_cpu, series_count, CgroupParent, KernelLock, Listener, Served, Workloads},
+    bench::kit::{pid_cpu, series_count, CgroupParent, Listener, Served, Workloads},
     bench::memory::{workloads_seen, Opts, DISCOVERY_WAIT, TOUCH},
-    bench::report::{machine, store, Goal, Row},
+    bench::report::Bench,
+    bench::report::{store, Goal, Row},
     net::http_get,
 };
 
@@ -87,11 +88,9 @@ fn scrape_rounds(
 }
 
 pub fn run_scrape(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
-    let m = machine();
-    eprintln!("==> bench scrape on {m}");
-    let _lock = KernelLock::acquire("bench scrape")?;
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
+    // Held to the end: the kernel lock.
+    let bench = Bench::start(root, "scrape")?;
+    let (m, dir) = (bench.machine.clone(), bench.dir.clone());
     let node = Served::node_exporter(&dir.join("node-exporter-scrape.log"))?;
     let sensor = Served::sensor(sensor_bin, &[], &dir.join("sensor-scrape.log"))?;
     std::thread::sleep(DISCOVERY_WAIT);
