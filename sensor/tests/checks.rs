@@ -46,6 +46,12 @@ fn tmp(name: &str) -> PathBuf {
     d.join(name)
 }
 
+/// A daemon started with the config `body` (written to `name`).
+fn daemon_with(name: &str, body: &str) -> Daemon {
+    let cfg = write_config(name, body);
+    Daemon::start(&["--config", cfg.to_str().unwrap()])
+}
+
 fn write_config(name: &str, body: &str) -> PathBuf {
     let p = tmp(name);
     std::fs::write(&p, format!("{NO_PROBES}{body}")).unwrap();
@@ -164,7 +170,7 @@ fn http_phases_status_and_refused() {
     assert_eq!(w["error"], "body does not match /healthy/", "{w}");
 
     // The same checks in the daemon: counters by result and by code.
-    let cfg = write_config(
+    let d = daemon_with(
         "http-daemon.yaml",
         &format!(
             "checks:
@@ -173,7 +179,6 @@ fn http_phases_status_and_refused() {
 "
         ),
     );
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let m = loop {
         let m = d.metrics();
@@ -251,7 +256,7 @@ fn hanging_server() -> SocketAddr {
 fn a_hanging_target_delays_no_other_check() {
     let hang = hanging_server();
     let fast = http_server(200, Duration::ZERO, "ok");
-    let cfg = write_config(
+    let d = daemon_with(
         "hang.yaml",
         &format!(
             "checks:
@@ -260,7 +265,6 @@ fn a_hanging_target_delays_no_other_check() {
 "
         ),
     );
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
     let runs = |m: &str, c: &str, r: &str| {
         metric(
             m,
@@ -525,7 +529,7 @@ fn websocket_stream_gauges_and_error_close() {
         Duration::from_millis(20),
     );
     let (echo, _) = ws_server(vec![], None, Duration::ZERO);
-    let cfg = write_config(
+    let d = daemon_with(
         "ws.yaml",
         &format!(
             "checks:
@@ -552,7 +556,6 @@ fn websocket_stream_gauges_and_error_close() {
 "
         ),
     );
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
     let m = d.wait_metric(
         "inventory",
         &[("store", "berlin"), ("model", "x1")],
@@ -768,7 +771,7 @@ fn webhook() -> (SocketAddr, Arc<Mutex<Vec<serde_json::Value>>>, Arc<AtomicUsize
 fn availability_alert_fires_and_recovers_on_a_real_daemon() {
     let target = switchable();
     let (hook, delivered, attempts) = webhook();
-    let cfg = write_config(
+    let d = daemon_with(
         "alert.yaml",
         &format!(
             "alerting: {{availability_threshold: 0.8, window: 2s, min_samples: 4, webhook: 'http://{hook}/alerts'}}
@@ -778,7 +781,6 @@ checks:
             target.addr
         ),
     );
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
     let alerts = |d: &Daemon| -> Vec<serde_json::Value> {
         let (_, body) = d.get("/api/v1/checks");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -984,7 +986,7 @@ impl Pty {
 fn sensor_top_in_a_terminal() {
     let up = http_server(200, Duration::ZERO, "ok");
     let closed = free_port();
-    let cfg = write_config(
+    let d = daemon_with(
         "top.yaml",
         &format!(
             "alerting: {{window: 1s, min_samples: 2}}
@@ -994,7 +996,6 @@ checks:
 "
         ),
     );
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
     // Let the alert fire before the dashboard starts.
     d.wait_metric(
         "sensor_check_alert_firing",

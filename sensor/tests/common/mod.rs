@@ -93,12 +93,17 @@ pub fn get_on(mut s: impl Read + Write, host: &str, path: &str) -> std::io::Resu
     write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
+    Ok(status_and_body(&raw))
+}
+
+/// An HTTP/1 response's status code (0 when there is none) and body.
+fn status_and_body(raw: &str) -> (u16, String) {
     let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = raw
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    Ok((status, body))
+    (status, body)
 }
 
 /// Value of the series `name{labels}` (labels in any order, all must match exactly).
@@ -579,13 +584,7 @@ pub fn request_on(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
         Err(e) => return Err(e),
     }
-    let raw = String::from_utf8_lossy(&raw);
-    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    Ok(status_and_body(&String::from_utf8_lossy(&raw)))
 }
 
 /// True when `bin` runs; else fails under CI=true (CI must not go green without it) or prints

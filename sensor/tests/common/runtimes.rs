@@ -6,7 +6,6 @@
 //! tool is missing, and panics with the tool's output when a started component misbehaves.
 
 use std::{
-    io::Read,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -14,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use super::kit::ids::{container_id, pod_uid, random_hex};
 use super::{kit::host::remove_cgroup_tree, require_tool, Service};
 
 /// The test victim image: `/bin/busybox` (static) and nothing else. Run applets by path, e.g.
@@ -29,33 +29,6 @@ pub const K8S_NAMESPACE: &str = "k8s.io";
 /// A unique-enough tag for names, cgroups and temp dirs of this test process.
 pub fn tag() -> String {
     format!("identity-{}", std::process::id())
-}
-
-/// `n` random bytes as lowercase hex (2n digits), from /dev/urandom.
-pub fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .expect("read /dev/urandom");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A random 64-hex container id, as kubelet's runtimes make them.
-pub fn container_id() -> String {
-    random_hex(32)
-}
-
-/// A random pod uid (UUID v4 layout).
-pub fn pod_uid() -> String {
-    let h = random_hex(16);
-    format!(
-        "{}-{}-4{}-a{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..32]
-    )
 }
 
 /// containers.conf for podman here: no default ulimits (podman's exceed the hard limit of a

@@ -22,6 +22,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::bench::report::{Goal, Row};
+use crate::kit::ids::{pod_uid, random_hex};
 use crate::net::{free_port, http_get, loopback, stop_child};
 
 const IMAGE: &str = "localhost/sensor-victim:busybox";
@@ -46,24 +47,6 @@ impl Opts {
         self.churn = 10;
         self.window = 5.0;
     }
-}
-
-fn hex(bytes: usize) -> Result<String> {
-    let mut b = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
-fn uuid() -> Result<String> {
-    let h = hex(16)?;
-    Ok(format!(
-        "{}-{}-4{}-a{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..32]
-    ))
 }
 
 fn out(cmd: &mut Command) -> Result<String> {
@@ -183,7 +166,7 @@ impl Env {
                 self.podman_names.push(name);
                 ids.push(id);
             } else {
-                let id = hex(32)?;
+                let id = random_hex(32);
                 out(self
                     .ctr()
                     .args(["containers", "create"])
@@ -424,8 +407,8 @@ fn churn(env: &mut Env, sensor: &Path, n: usize) -> Result<(f64, f64)> {
     );
     let d = Daemon::start(sensor, &env.dir, "churn", &config)?;
     for i in 0..n {
-        let id = hex(32)?;
-        let cgroup = format!("{}/kubepods/burstable/pod{}/{id}", env.cgroup_root, uuid()?);
+        let id = random_hex(32);
+        let cgroup = format!("{}/kubepods/burstable/pod{}/{id}", env.cgroup_root, pod_uid());
         env.ctrd_ids.push(id.clone());
         let o = env
             .ctr()

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod host;
+pub mod ids;
 pub mod kernels;
 pub mod lock;
 pub mod promtext;
