@@ -46,6 +46,19 @@ fn tmp(name: &str) -> PathBuf {
     d.join(name)
 }
 
+/// `sensor check` on `cfg` until its check `authorized` succeeds (the server under test may
+/// still be starting), for at most 15 s; the last results.
+fn check_until_authorized(cfg: &PathBuf) -> Vec<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let r = sensor_check(cfg);
+        if by_name(&r, "authorized")["success"] == true || start.elapsed() > Duration::from_secs(15) {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A daemon started with the config `body` (written to `name`).
 fn daemon_with(name: &str, body: &str) -> Daemon {
     let cfg = write_config(name, body);
@@ -1185,14 +1198,7 @@ fn web_config_serves_tls_and_basic_auth() {
             bad = auth("alice", "guess"),
         ),
     );
-    let start = Instant::now();
-    let results = loop {
-        let r = sensor_check(&probe_cfg);
-        if by_name(&r, "authorized")["success"] == true || start.elapsed() > Duration::from_secs(15) {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let results = check_until_authorized(&probe_cfg);
     // `sensor top` against the protected daemon: with the CA and the user it shows the check;
     // without the password it says what is missing.
     let url = format!("https://127.0.0.1:{port}");
@@ -1300,14 +1306,7 @@ fn remediate_honours_the_web_config_tls_and_basic_auth() {
 "
         ),
     );
-    let start = Instant::now();
-    let results = loop {
-        let r = sensor_check(&probe_cfg);
-        if by_name(&r, "authorized")["success"] == true || start.elapsed() > Duration::from_secs(15) {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let results = check_until_authorized(&probe_cfg);
     let _ = child.kill();
     let _ = child.wait();
     for n in ["authorized", "audit"] {

@@ -551,6 +551,18 @@ trait Pod {
 
 /// Waits for the readiness probe within the startup probe's budget; panics with the logs when
 /// the container exits first.
+/// A kubelet-style container (pod shop/cart-7f9c, container cart) with a 16 MiB limit that
+/// reads /dev/zero into memory until the kernel kills it.
+fn cart_victim() -> KubeContainer {
+    KubeContainer::new(
+        "shop",
+        "cart-7f9c",
+        "cart",
+        16 << 20,
+        &[runtimes::BUSYBOX, "tail", "/dev/zero"],
+    )
+}
+
 /// `/proc/<pid>/status` of the pod's sensor once it is ready: its seccomp and privilege state.
 fn ready_status(pod: &dyn Pod, run: &PodRun) -> String {
     wait_ready(pod, run);
@@ -1297,13 +1309,7 @@ fn daemonset_runs_under_containerd_with_its_default_seccomp() {
         assert_probes_match_host(&pod);
 
         // An OOM kill in a kubelet-style container of the same containerd.
-        let mut victim = KubeContainer::new(
-            "shop",
-            "cart-7f9c",
-            "cart",
-            16 << 20,
-            &[runtimes::BUSYBOX, "tail", "/dev/zero"],
-        );
+        let mut victim = cart_victim();
         let before = vmstat_oom_kill();
         let out = ctd.run(&mut victim, runtimes::VICTIM_IMAGE);
         assert_eq!(out.status.code(), Some(137), "{}", text(&out));
@@ -1374,13 +1380,7 @@ fn daemonset_runs_under_containerd_with_its_default_seccomp() {
                 let m = pod.metrics();
                 let degraded =
                     metric(&m, "sensor_probe_state", &[("probe", "oom"), ("state", "degraded")]) == Some(1.0);
-                let mut victim = KubeContainer::new(
-                    "shop",
-                    "cart-7f9c",
-                    "cart",
-                    16 << 20,
-                    &[runtimes::BUSYBOX, "tail", "/dev/zero"],
-                );
+                let mut victim = cart_victim();
                 let out = ctd.run(&mut victim, runtimes::VICTIM_IMAGE);
                 assert_eq!(out.status.code(), Some(137), "{}", text(&out));
                 assert_oom_counted(&pod, &victim.id, if degraded { "unknown" } else { "memcg" });
