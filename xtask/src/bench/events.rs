@@ -108,9 +108,28 @@ struct Storm {
     secs: f64,
 }
 
+/// The head of the rounds' table ([`Storm::row`]).
+const ROUND_HEADER: &str = "| round | refused (generator) | other results | events decoded | events lost | refusals counted | coalesced | journal records | daemon CPU s | µs/event |\n|---|---|---|---|---|---|---|---|---|---|\n";
+
 impl Storm {
     fn us_per_event(&self) -> f64 {
         1e6 * self.cpu / self.events.max(1.0)
+    }
+
+    /// Round `n`'s line of the report's table (also its progress line).
+    fn row(&self, n: usize) -> String {
+        format!(
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.3} |",
+            self.generated,
+            self.other,
+            self.events,
+            self.lost,
+            self.refused,
+            self.coalesced,
+            self.journaled,
+            self.cpu,
+            self.us_per_event()
+        )
     }
 }
 
@@ -161,20 +180,14 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     let sensor = Served::sensor(sensor_bin, &[], &dir.join("sensor-events.log"))?;
     std::thread::sleep(Duration::from_secs(1));
     let mut rounds = Vec::new();
+    eprintln!("    {}", ROUND_HEADER.lines().next().unwrap_or_default());
     for r in 1..=o.event_rounds {
         let s = storm_round(&sensor, o)?;
         eprintln!(
-            "    round {r}/{}: {} refused connects generated ({}/s), {} kernel events decoded, {} lost, {} refusals counted, {} coalesced, {} events journaled; daemon CPU {:.2} s -> {:.3} µs/event",
+            "    round {r}/{} ({} refused connects/s): {}",
             o.event_rounds,
-            s.generated,
             (s.generated as f64 / s.secs) as u64,
-            s.events,
-            s.lost,
-            s.refused,
-            s.coalesced,
-            s.journaled,
-            s.cpu,
-            s.us_per_event()
+            s.row(r)
         );
         rounds.push(s);
     }
@@ -229,21 +242,11 @@ pub fn run_events(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
         rounds.iter().map(|s| 100.0 * s.cpu / s.secs).collect(),
         1,
     ));
-    t.push_str("\n| round | refused (generator) | other results | events decoded | events lost | refusals counted | coalesced | journal records | daemon CPU s | µs/event |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    t.push('\n');
+    t.push_str(ROUND_HEADER);
     for (i, s) in rounds.iter().enumerate() {
-        t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.3} |\n",
-            i + 1,
-            s.generated,
-            s.other,
-            s.events,
-            s.lost,
-            s.refused,
-            s.coalesced,
-            s.journaled,
-            s.cpu,
-            s.us_per_event()
-        ));
+        t.push_str(&s.row(i + 1));
+        t.push('\n');
     }
     if let Some(p) = &profile {
         t.push_str(&profile_table(p));
