@@ -46,6 +46,10 @@ pub struct Opts {
     /// Only build the targets (CI builds them in the background while the tests run).
     #[arg(long)]
     pub build_only: bool,
+    /// Targets fuzzed at once (each is one single-threaded libFuzzer process); default: one per
+    /// CPU.
+    #[arg(long)]
+    pub jobs: Option<usize>,
 }
 
 /// What one target's run showed.
@@ -84,14 +88,29 @@ pub fn run_all(root: &Path, opts: &Opts) -> Result<()> {
     if opts.build_only {
         return Ok(());
     }
+    let jobs = opts
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
     let mut results = Vec::new();
-    for t in &targets {
-        step(&format!("fuzzing {t} for {} s", opts.seconds));
-        let o = fuzz_one(root, t, opts)?;
-        if let Some((kind, input)) = &o.crash {
-            eprintln!("==> {t}: {kind}, input kept at {input}");
+    for batch in targets.chunks(jobs) {
+        step(&format!("fuzzing {} for {} s", batch.join(", "), opts.seconds));
+        let outcomes: Vec<Result<Outcome>> = std::thread::scope(|s| {
+            let runs: Vec<_> = batch.iter().map(|t| s.spawn(move || fuzz_one(root, t, opts))).collect();
+            runs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("the fuzzing thread panicked")))
+                })
+                .collect()
+        });
+        for (t, o) in batch.iter().zip(outcomes) {
+            let o = o?;
+            if let Some((kind, input)) = &o.crash {
+                eprintln!("==> {t}: {kind}, input kept at {input}");
+            }
+            results.push((*t, o));
         }
-        results.push((*t, o));
     }
     println!(
         "{:<16} {:>6} {:>12} {:>9} {:>14} {:>9}  crash",
