@@ -328,60 +328,33 @@ pub fn run_sensor(args: &[&str]) -> Output {
     Command::new(SENSOR).args(args).output().expect("run sensor")
 }
 
-/// A child memory cgroup under this process's own, removed on drop. Works on v1, hybrid (memory
-/// controller on v1) and v2 hosts.
-pub struct MemCgroup {
-    pub dir: PathBuf,
-    pub v2: bool,
-    /// Path relative to the memory hierarchy root, as the sensor labels it.
-    pub rel: String,
+/// A child memory cgroup under this process's own (the kit's [`kit::cgroup::Cgroup`]), removed
+/// on drop, with what the tests do in it.
+pub struct MemCgroup(kit::cgroup::Cgroup);
+
+impl std::ops::Deref for MemCgroup {
+    type Target = kit::cgroup::Cgroup;
+    fn deref(&self) -> &kit::cgroup::Cgroup {
+        &self.0
+    }
 }
 
 impl MemCgroup {
+    /// `name`, made unique to this process, with memory limit `limit_bytes` and no swap.
     pub fn new(name: &str, limit_bytes: u64) -> MemCgroup {
         let unique = format!("{name}-{}", std::process::id());
-        let own = kit::host::own_memory_cgroup().expect("this process's memory cgroup");
-        let (dir, v2, rel) = (own.dir.join(&unique), own.v2, format!("{}/{unique}", own.rel));
-        let _ = std::fs::remove_dir(&dir);
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        let cg = MemCgroup { dir, v2, rel };
-        if v2 {
-            cg.write("memory.max", &limit_bytes.to_string());
-            let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
-        } else {
-            cg.write("memory.limit_in_bytes", &limit_bytes.to_string());
-            // Without swap accounting this file is absent; without swap it does not matter.
-            let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), limit_bytes.to_string());
-        }
-        cg
+        MemCgroup(kit::cgroup::Cgroup::under_own(&unique, Some(limit_bytes)).unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// A child of `parent` named exactly `name` (e.g. a 64-hex container id), with its own
     /// limit; drop it before its parent.
     pub fn child(parent: &MemCgroup, name: &str, limit_bytes: u64) -> MemCgroup {
-        if parent.v2 {
-            let _ = std::fs::write(parent.dir.join("cgroup.subtree_control"), "+memory");
-        }
-        let dir = parent.dir.join(name);
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        let cg = MemCgroup {
-            dir,
-            v2: parent.v2,
-            rel: format!("{}/{name}", parent.rel),
-        };
-        if cg.v2 {
-            cg.write("memory.max", &limit_bytes.to_string());
-            let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
-        } else {
-            cg.write("memory.limit_in_bytes", &limit_bytes.to_string());
-            let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), limit_bytes.to_string());
-        }
-        cg
-    }
-
-    fn write(&self, file: &str, value: &str) {
-        std::fs::write(self.dir.join(file), value)
-            .unwrap_or_else(|e| panic!("write {value} to {}/{file}: {e}", self.dir.display()));
+        MemCgroup(
+            parent
+                .0
+                .child(name, Some(limit_bytes))
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
     }
 
     /// The workload labels its series carry (a plain cgroup: no container, no names), in
@@ -403,41 +376,17 @@ impl MemCgroup {
         [("scope", "memcg"), a, b, c, d, e, f]
     }
 
-    pub fn limit(&self) -> u64 {
-        let f = if self.v2 { "memory.max" } else { "memory.limit_in_bytes" };
-        std::fs::read_to_string(self.dir.join(f))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// The kernel's own count of OOM kills in this cgroup.
-    pub fn kernel_oom_kills(&self) -> u64 {
-        let file = if self.v2 {
-            "memory.events.local"
-        } else {
-            "memory.oom_control"
-        };
-        let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
     /// Runs `argv` inside the cgroup (optionally inside network namespace `netns`) and returns
     /// its output.
     pub fn exec(&self, netns: Option<&str>, argv: &[&str], env: &[(&str, String)]) -> std::process::Output {
         // Join the cgroup first: `ip netns exec` remounts /sys for the namespace.
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg("echo $$ > \"$1\" && shift && exec \"$@\"")
-            .arg("sh")
-            .arg(self.dir.join("cgroup.procs"));
-        if let Some(ns) = netns {
-            cmd.args(["ip", "netns", "exec", ns]);
-        }
-        cmd.args(argv);
+        let mut full: Vec<&str> = match netns {
+            Some(ns) => vec!["ip", "netns", "exec", ns],
+            None => Vec::new(),
+        };
+        full.extend_from_slice(argv);
+        let mut cmd = self.command(&full);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -446,15 +395,7 @@ impl MemCgroup {
 
     /// Runs a shell script inside the cgroup and waits for it.
     pub fn run(&self, script: &str) -> std::process::ExitStatus {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("echo $$ > \"$1\" && {script}"))
-            .arg("sh")
-            .arg(self.dir.join("cgroup.procs"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("run in cgroup")
+        self.command(&["sh", "-c", script]).status().expect("run in cgroup")
     }
 
     /// Pushes `mb` MiB of file data through the page cache from inside the cgroup, which makes
@@ -486,31 +427,13 @@ impl MemCgroup {
 
     /// Starts `python3 -c script` inside the cgroup (output discarded).
     pub fn spawn_python(&self, script: &str) -> Child {
-        Command::new("sh")
-            .arg("-c")
-            .arg("echo $$ > \"$1\" && exec python3 -c \"$2\"")
-            .arg("sh")
-            .arg(self.dir.join("cgroup.procs"))
-            .arg(script)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3")
+        self.command(&["python3", "-c", script]).spawn().expect("python3")
     }
 
     /// Runs `tail /dev/zero` (which buffers without bound) inside the cgroup until the kernel
     /// kills it; returns its pid after checking it died of SIGKILL.
     pub fn cause_oom_kill(&self) -> u32 {
-        let procs = self.dir.join("cgroup.procs");
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg("echo $$ > \"$1\" && exec tail /dev/zero")
-            .arg("sh")
-            .arg(&procs)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn allocator");
+        let mut child = self.command(&["tail", "/dev/zero"]).spawn().expect("spawn allocator");
         let pid = child.id();
         let st = child.wait().expect("wait allocator");
         use std::os::unix::process::ExitStatusExt;
@@ -520,17 +443,6 @@ impl MemCgroup {
             "allocator should be OOM-killed, got {st}"
         );
         pid
-    }
-}
-
-impl Drop for MemCgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bench::kit::{cpu_split, metric_sum, oom_victim, pid_cpu, CgroupParent, Served},
+    bench::kit::{cpu_split, metric_sum, oom_victim, pid_cpu, Served},
     bench::kit::{in_fresh_netns, stats},
     bench::report::Bench,
     bench::report::{store, Goal, Row},
@@ -452,8 +452,9 @@ pub fn run_oom(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("start sensor events")?;
-    let parent = CgroupParent::new("oom")?;
-    let victim_dir = parent.child("victim", Some(32 << 20))?;
+    let parent = crate::bench::kit::bench_cgroup("oom")?;
+    let victim = parent.child("victim", Some(32 << 20))?;
+    let victim_dir = victim.dir.clone();
     let cgroup = format!("{}/victim", parent.rel);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(AtomicBool::new(false));

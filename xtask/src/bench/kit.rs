@@ -19,7 +19,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::net::{free_port, http_get, loopback, stop_child};
+use crate::{
+    kit::cgroup::Cgroup,
+    net::{free_port, http_get, loopback, stop_child},
+};
 
 pub use crate::kit::lock::KERNEL_LOCK_FILE;
 
@@ -252,85 +255,25 @@ pub const NODE_EXPORTER: &str = "prometheus-node-exporter";
 // ---------------------------------------------------------------------------------------------
 // Cgroups
 
-/// A uniquely named parent cgroup (memory controller) for one benchmark, under this process's
-/// own memory cgroup; on v1 and hybrid hosts in the v1 memory hierarchy, else in v2. Its
-/// children and itself are removed on drop.
-pub struct CgroupParent {
-    pub dir: PathBuf,
-    pub v2: bool,
-    /// Path relative to the hierarchy root, as the sensor labels workloads.
-    pub rel: String,
+/// `sensor-bench-<what>-<pid>` under this process's own memory cgroup: where a benchmark makes
+/// its workloads' cgroups.
+pub fn bench_cgroup(what: &str) -> Result<Cgroup> {
+    Ok(Cgroup::under_own(
+        &format!("sensor-bench-{what}-{}", std::process::id()),
+        None,
+    )?)
 }
 
-impl CgroupParent {
-    /// `sensor-bench-<what>-<pid>`, the branch's and the benchmark's name in it.
-    pub fn new(what: &str) -> Result<CgroupParent> {
-        let name = format!("sensor-bench-{what}-{}", std::process::id());
-        let own = crate::kit::host::own_memory_cgroup().context("this process's memory cgroup")?;
-        let v2 = own.v2;
-        let rel = format!("{}/{name}", own.rel);
-        let dir = own.dir.join(&name);
-        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        if v2 {
-            std::fs::write(dir.join("cgroup.subtree_control"), "+memory")
-                .with_context(|| format!("enable memory under {}", dir.display()))?;
-        }
-        Ok(CgroupParent { dir, v2, rel })
-    }
-
-    /// Creates child `name` with memory limit `limit` (bytes; None = unlimited, no swap).
-    pub fn child(&self, name: &str, limit: Option<u64>) -> Result<PathBuf> {
-        let dir = self.dir.join(name);
-        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        if let Some(l) = limit {
-            let (f, swap) = if self.v2 {
-                ("memory.max", "memory.swap.max")
-            } else {
-                ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
-            };
-            std::fs::write(dir.join(f), l.to_string()).with_context(|| format!("{}/{f}", dir.display()))?;
-            // Absent without swap accounting; without swap it does not matter.
-            let _ = std::fs::write(dir.join(swap), if self.v2 { "0".into() } else { l.to_string() });
-        }
-        Ok(dir)
-    }
-
-    /// The file that makes the kernel reclaim in `dir` when written (memory.reclaim on v2,
-    /// memory.force_empty on v1) and what to write: real memcg reclaim, which the memcg probe
-    /// times and attributes to the writer's cgroup.
-    fn reclaim_file(&self, dir: &Path) -> Result<(CString, &'static [u8])> {
-        let (f, v): (&str, &'static [u8]) = if self.v2 {
-            ("memory.reclaim", b"1M")
-        } else {
-            ("memory.force_empty", b"0")
-        };
-        Ok((CString::new(dir.join(f).into_os_string().into_encoded_bytes())?, v))
-    }
-}
-
-/// rmdir with retries: a cgroup whose last task just died can be busy for a moment.
-pub fn remove_cgroup(dir: &Path) {
-    for _ in 0..100 {
-        match std::fs::remove_dir(dir) {
-            Ok(()) => return,
-            Err(e) if e.kind() == ErrorKind::NotFound => return,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    eprintln!("==> could not remove {}", dir.display());
-}
-
-impl Drop for CgroupParent {
-    fn drop(&mut self) {
-        if let Ok(rd) = std::fs::read_dir(&self.dir) {
-            for e in rd.flatten() {
-                if e.path().is_dir() {
-                    remove_cgroup(&e.path());
-                }
-            }
-        }
-        remove_cgroup(&self.dir);
-    }
+/// The file that makes the kernel reclaim in `cg` when written (memory.reclaim on v2,
+/// memory.force_empty on v1) and what to write: real memcg reclaim, which the memcg probe times
+/// and attributes to the writer's cgroup.
+fn reclaim_file(cg: &Cgroup) -> Result<(CString, &'static [u8])> {
+    let (f, v): (&str, &'static [u8]) = if cg.v2 {
+        ("memory.reclaim", b"1M")
+    } else {
+        ("memory.force_empty", b"0")
+    };
+    Ok((CString::new(cg.dir.join(f).into_os_string().into_encoded_bytes())?, v))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -540,13 +483,13 @@ impl Drop for Ready {
 /// `touch` bytes and made the kernel reclaim in its cgroup. Killed and removed by
 /// [`Workloads::remove`] (or on drop).
 pub struct Workloads<'a> {
-    parent: &'a CgroupParent,
-    members: Vec<(i32, PathBuf)>,
+    parent: &'a Cgroup,
+    members: Vec<(i32, Cgroup)>,
 }
 
 impl<'a> Workloads<'a> {
     pub fn start(
-        parent: &'a CgroupParent,
+        parent: &'a Cgroup,
         prefix: &str,
         n: usize,
         connect: SocketAddr,
@@ -559,18 +502,18 @@ impl<'a> Workloads<'a> {
         };
         let dst = sockaddr(connect);
         for i in 0..n {
-            let dir = parent.child(&format!("{prefix}{i:05}"), None)?;
-            let procs = CString::new(dir.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+            let cg = parent.child(&format!("{prefix}{i:05}"), None)?;
+            let procs = CString::new(cg.dir.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
             let plan = Plan {
                 procs,
                 connect: Some(dst),
                 touch,
-                reclaim: Some(parent.reclaim_file(&dir)?),
+                reclaim: Some(reclaim_file(&cg)?),
                 ready: ready.w,
                 stay: true,
             };
             let pid = spawn(&plan)?;
-            w.members.push((pid, dir));
+            w.members.push((pid, cg));
         }
         ready.wait(n, Duration::from_secs(60 + n as u64 / 20))?;
         Ok(w)
@@ -587,12 +530,13 @@ impl<'a> Workloads<'a> {
             unsafe { libc::kill(*pid, libc::SIGKILL) };
         }
         let mut killed = 0;
-        for (pid, dir) in self.members.drain(..) {
+        for (pid, cg) in self.members.drain(..) {
             let st = reap(pid);
             if libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL {
                 killed += 1;
             }
-            remove_cgroup(&dir);
+            // Removed now that its process is gone.
+            drop(cg);
         }
         let _ = self.parent;
         killed

@@ -11,7 +11,7 @@ use anyhow::Result;
 
 use crate::{
     bench::kit::stats,
-    bench::kit::{mib, pid_cpu, rss_kib, series_count, smaps_breakdown, CgroupParent, Listener, Served, Workloads},
+    bench::kit::{mib, pid_cpu, rss_kib, series_count, smaps_breakdown, Listener, Served, Workloads},
     bench::report::Bench,
     bench::report::{spread, store, Goal, Row},
 };
@@ -73,7 +73,7 @@ fn sample(sensor: &Served, node: &Served) -> Result<Sample> {
 }
 
 /// Distinct workload cgroups under `parent` that have TCP series in `metrics`.
-pub(crate) fn workloads_seen(metrics: &str, parent: &CgroupParent) -> usize {
+pub(crate) fn workloads_seen(metrics: &str, parent: &crate::kit::cgroup::Cgroup) -> usize {
     let needle = format!("cgroup=\"{}/", parent.rel);
     let mut seen: Vec<&str> = metrics
         .lines()
@@ -132,7 +132,7 @@ pub fn run_memory(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     let idle_maps = smaps_breakdown(sensor.pid());
     let idle_hwm = sample(&sensor, &node)?.sensor_hwm;
 
-    let parent = CgroupParent::new("memory")?;
+    let parent = crate::bench::kit::bench_cgroup("memory")?;
     let listener = Listener::start()?;
     let mut batches = Vec::new();
     let mut end_maps = Vec::new();

@@ -10,7 +10,7 @@ use anyhow::Result;
 
 use crate::{
     bench::kit::stats,
-    bench::kit::{pid_cpu, series_count, CgroupParent, Listener, Served, Workloads},
+    bench::kit::{pid_cpu, series_count, Listener, Served, Workloads},
     bench::memory::{workloads_seen, Opts, DISCOVERY_WAIT, TOUCH},
     bench::report::Bench,
     bench::report::{store, Goal, Row},
@@ -95,7 +95,7 @@ pub fn run_scrape(root: &Path, sensor_bin: &Path, o: &Opts) -> Result<()> {
     let sensor = Served::sensor(sensor_bin, &[], &dir.join("sensor-scrape.log"))?;
     std::thread::sleep(DISCOVERY_WAIT);
     let before = series_count(&sensor.metrics()?);
-    let parent = CgroupParent::new("scrape")?;
+    let parent = crate::bench::kit::bench_cgroup("scrape")?;
     let listener = Listener::start()?;
     eprintln!("==> starting {} workloads", o.workloads);
     let w = Workloads::start(&parent, "w", o.workloads, listener.addr, TOUCH)?;

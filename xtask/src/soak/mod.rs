@@ -27,6 +27,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
+    kit::cgroup::Cgroup as Cg,
     kit::promtext::sum as metric_sum,
     net::{free_port, http_get, loopback, stop_child},
     step,
@@ -62,13 +63,12 @@ pub struct Opts {
     pub report: PathBuf,
 }
 
-mod cg;
 mod findings;
 mod load;
 
+use findings::*;
 pub use load::load;
 use load::*;
-use {cg::*, findings::*};
 
 fn config(path: &Path, flap_port: u16, journal: &Path) -> Result<()> {
     let journal = journal.display();
@@ -146,10 +146,10 @@ pub fn run(root: &Path, bin: &Path, opts: &Opts) -> Result<()> {
     let _lock = crate::bench::kit::KernelLock::acquire("soak")?;
     let dir = root.join("target/soak");
     fs::create_dir_all(&dir)?;
-    let parent = Cg::parent(&format!("sensor-soak-{}-{}", branch(), std::process::id()))?;
+    let parent = Cg::under_own(&format!("sensor-soak-{}-{}", branch(), std::process::id()), None)?;
     let oom: Vec<Cg> = (0..OOM_CGROUPS)
         .map(|i| parent.child(&format!("oom-{i}"), Some(OOM_LIMIT)))
-        .collect::<Result<_>>()?;
+        .collect::<std::io::Result<_>>()?;
     let load_cg = parent.child("connect", None)?;
     let churn_parent = parent.child("churn", None)?;
     if churn_parent.v2 {

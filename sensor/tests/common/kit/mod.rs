@@ -4,6 +4,7 @@
 //! are in tests.rs, which only xtask compiles.
 #![allow(dead_code)]
 
+pub mod cgroup;
 pub mod host;
 pub mod ids;
 pub mod kernels;
