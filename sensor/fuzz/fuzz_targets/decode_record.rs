@@ -24,8 +24,8 @@ fn kinds() -> &'static (KindTable, Vec<RecordKind>) {
         let mut t = KindTable::default();
         let mut all = Vec::new();
         for (i, p) in sensor::probes::all(&Probes::default()).iter().enumerate() {
-            t.add(p.records(), i);
-            all.extend_from_slice(p.records());
+            t.add(p.spec().records, i);
+            all.extend_from_slice(p.spec().records);
         }
         (t, all)
     })
