@@ -58,7 +58,7 @@ pub const BENCH_PACKAGES: &[&str] = &[
 ];
 
 /// kubernetes-validate (PyPI) bundles the Kubernetes JSON schemas, so the manifest test
-/// (sensor/tests/deploy.rs, deploy/kubernetes/validate.py) validates offline. Pinned, in a venv
+/// (sensor/tests/deploy/, deploy/kubernetes/validate.py) validates offline. Pinned, in a venv
 /// under target/ so it touches neither Debian's Python nor the network once installed.
 pub const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 pub const VENV: &str = "target/deploy-venv";
