@@ -133,15 +133,6 @@ mod tls;
 mod top;
 mod ws;
 
+// Each part sees the others' helpers through `use super::*`.
 #[allow(unused_imports)]
-use alert::*;
-#[allow(unused_imports)]
-use configs::*;
-#[allow(unused_imports)]
-use http::*;
-#[allow(unused_imports)]
-use tls::*;
-#[allow(unused_imports)]
-use top::*;
-#[allow(unused_imports)]
-use ws::*;
+use self::{alert::*, configs::*, http::*, tls::*, top::*, ws::*};

@@ -52,15 +52,6 @@ mod podman;
 mod pods;
 mod template;
 
+// Each part sees the others' helpers through `use super::*`.
 #[allow(unused_imports)]
-use containerd::*;
-#[allow(unused_imports)]
-use fields::*;
-#[allow(unused_imports)]
-use observe::*;
-#[allow(unused_imports)]
-use podman::*;
-#[allow(unused_imports)]
-use pods::*;
-#[allow(unused_imports)]
-use template::*;
+use self::{containerd::*, fields::*, observe::*, podman::*, pods::*, template::*};

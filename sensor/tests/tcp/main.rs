@@ -371,15 +371,6 @@ mod storms;
 mod table;
 mod timeouts;
 
+// Each part sees the others' helpers through `use super::*`.
 #[allow(unused_imports)]
-use counts::*;
-#[allow(unused_imports)]
-use netns::*;
-#[allow(unused_imports)]
-use retire::*;
-#[allow(unused_imports)]
-use storms::*;
-#[allow(unused_imports)]
-use table::*;
-#[allow(unused_imports)]
-use timeouts::*;
+use self::{counts::*, netns::*, retire::*, storms::*, table::*, timeouts::*};
