@@ -168,8 +168,17 @@ impl OomKill {
     }
 }
 
-pub(super) fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
-    v.as_ref().map_or_else(|| "-".to_string(), ToString::to_string)
+/// Displays a value as its JSON: the OOM log line carries the kill exactly as the event API
+/// serves it, so a field added to [`OomKill`] is logged without being written a second time.
+pub(super) struct AsJson<'a, T>(pub &'a T);
+
+impl<T: Serialize> std::fmt::Display for AsJson<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match serde_json::to_string(self.0) {
+            Ok(s) => f.write_str(&s),
+            Err(e) => write!(f, "(not serializable: {e})"),
+        }
+    }
 }
 
 #[cfg(test)]

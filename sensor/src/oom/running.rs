@@ -16,7 +16,7 @@ use sensor_common::oom::{field, OomKillRecord};
 
 use super::{
     config, down,
-    event::{opt, OomKill, UNKNOWN_CGROUP},
+    event::{AsJson, OomKill, UNKNOWN_CGROUP},
     history,
     history::History,
     imminent, limit, pending,
@@ -324,43 +324,8 @@ impl OomSlice {
                 last.set(kill.time);
             }
         }
-        tracing::info!(
-            target: "sensor::oom",
-            event = "oom_kill",
-            scope = kill.scope.label(),
-            victim_pid = %opt(&kill.victim_pid),
-            victim_tgid = %opt(&kill.victim_tgid),
-            victim_comm = %opt(&kill.victim_comm),
-            victim_uid = %opt(&kill.victim_uid),
-            cgroup = %opt(&kill.cgroup),
-            container_id = %opt(&kill.container_id),
-            pod_uid = %opt(&kill.pod_uid),
-            namespace = %kill.names.namespace,
-            pod = %kill.names.pod,
-            container = %kill.names.container,
-            image = %kill.names.image,
-            runtime = %kill.names.runtime,
-            owner_kind = %kill.names.owner_kind,
-            owner = %kill.names.owner,
-            memcg_id = %opt(&kill.memcg_id),
-            total_vm_bytes = %opt(&kill.total_vm_bytes),
-            anon_rss_bytes = %opt(&kill.anon_rss_bytes),
-            file_rss_bytes = %opt(&kill.file_rss_bytes),
-            shmem_rss_bytes = %opt(&kill.shmem_rss_bytes),
-            pgtables_bytes = %opt(&kill.pgtables_bytes),
-            oom_score_adj = %opt(&kill.oom_score_adj),
-            memory_limit_bytes = %opt(&kill.memory_limit_bytes),
-            memory_usage_bytes = %opt(&kill.memory_usage_bytes),
-            limit_cgroup = %opt(&kill.limit_cgroup),
-            limit_scope = kill.limit_scope.map_or("-", limit::LimitScope::label),
-            trigger_pid = kill.trigger_pid,
-            trigger_comm = %kill.trigger_comm,
-            constraint = %opt(&kill.constraint),
-            totalpages = %opt(&kill.totalpages),
-            reason = kill.reason.label(),
-            verdict = %kill.lead_up.as_ref().map_or("-", |l| l.verdict.as_str()),
-            "OOM kill"
-        );
+        // The kill as the event API serves it: a field added to `OomKill` is logged with it.
+        tracing::info!(target: "sensor::oom", event = "oom_kill", kill = %AsJson(&kill), "OOM kill");
         self.hub.publish_as("oom_kill", &kill);
         drop(cross);
     }
