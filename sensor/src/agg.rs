@@ -543,6 +543,11 @@ impl<K: aya::Pod + Send + Sync, const N: usize> HistogramMapCollector<K, N> {
         n
     }
 
+    /// Part `i`'s bucket layout.
+    pub fn layout(&self, i: usize) -> &HistLayout {
+        &self.families[i].layout
+    }
+
     /// The totals of retired keys by their labels.
     pub fn retired(&self) -> Vec<(Vec<String>, [Log2Hist; N])> {
         let r = self.retired.locked();

@@ -330,41 +330,40 @@ impl LostCollector {
     }
 }
 
+impl LostCollector {
+    /// Every `(probe, reason, count)` series, zeros included: what is exported and what the
+    /// web summary shows.
+    pub fn rows(&self) -> Vec<(&'static str, &'static str, u64)> {
+        // Reading counters cannot leave them inconsistent: a poisoned lock is still usable,
+        // and the family never silently disappears.
+        let counters = self.counters.locked();
+        let mut rows = Vec::new();
+        for (probe, id) in &self.probes {
+            for (which, reason) in LOST_REASONS {
+                rows.push((*probe, *reason, counters.get(*id, *which)));
+            }
+            rows.push((*probe, "recursion", self.misses.misses(probe)));
+            rows.push((*probe, "internal_error", self.daemon.get(probe)));
+        }
+        let unknown = self.daemon.get("unknown");
+        if unknown > 0 {
+            rows.push(("unknown", "internal_error", unknown));
+        }
+        rows
+    }
+}
+
 impl Collector for LostCollector {
     fn desc(&self) -> Vec<&Desc> {
         self.desc.iter().collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        // Reading counters cannot leave them inconsistent: a poisoned lock is still usable,
-        // and the family never silently disappears.
-        let counters = self.counters.locked();
-        let mut series = Vec::new();
-        for (probe, id) in &self.probes {
-            for (which, reason) in LOST_REASONS {
-                let v = counters.get(*id, *which);
-                series.push((
-                    vec![(*probe).to_string(), (*reason).to_string()],
-                    counter_metric(v as f64),
-                ));
-            }
-            let skipped = self.misses.misses(probe);
-            series.push((
-                vec![(*probe).to_string(), "recursion".to_string()],
-                counter_metric(skipped as f64),
-            ));
-            series.push((
-                vec![(*probe).to_string(), "internal_error".to_string()],
-                counter_metric(self.daemon.get(probe) as f64),
-            ));
-        }
-        let unknown = self.daemon.get("unknown");
-        if unknown > 0 {
-            series.push((
-                vec!["unknown".to_string(), "internal_error".to_string()],
-                counter_metric(unknown as f64),
-            ));
-        }
+        let series = self
+            .rows()
+            .into_iter()
+            .map(|(probe, reason, v)| (vec![probe.to_string(), reason.to_string()], counter_metric(v as f64)))
+            .collect();
         vec![family(
             Self::NAME,
             Self::HELP,

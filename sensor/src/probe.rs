@@ -90,6 +90,8 @@ pub struct ProbeSpec {
     /// The kernel record kinds its running half handles, with the length and version each must
     /// have.
     pub records: &'static [RecordKind],
+    /// Its section of the web summary, if it has one.
+    pub view: Option<&'static ViewSpec>,
 }
 
 /// What every probe's configuration section (`probes.<name>`) has besides its own keys.
@@ -296,6 +298,38 @@ pub trait Running: Send + Sync {
     }
     /// At shutdown, after the readers' final drain: publish what is still held (blocking).
     fn finish(&self) {}
+    /// Its part of the web view's summary, read from the same state its collectors export
+    /// (blocking: may read kernel maps); `None` when it shows nothing.
+    fn view(&self) -> Option<View> {
+        None
+    }
+}
+
+/// What a probe's section of the web view's summary (`/api/v1/summary`) holds besides its
+/// [`View`]: what the web view keeps of the probe's events. The web view never names a probe.
+#[derive(Debug, Clone, Copy)]
+pub struct ViewSpec {
+    /// The section's key in the summary (`oom`, `memory`, `tcp`).
+    pub key: &'static str,
+    /// `(field, event kind)`: the kind's recent events listed under `field`, newest first.
+    pub recent: &'static [(&'static str, &'static str)],
+    /// An event kind counted per minute, hour and day (`per_minute`, `per_hour`, `per_day`).
+    pub timeline: Option<&'static str>,
+    /// `(field, event kind)`: the newest event of the kind for each cgroup in
+    /// [`View::holding`].
+    pub holding: Option<(&'static str, &'static str)>,
+}
+
+/// A probe's numbers in its section of the web summary, read from the same running state its
+/// collectors export.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// The section's fields.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// Lines for the page's red banner.
+    pub problems: Vec<String>,
+    /// The cgroups whose newest event of [`ViewSpec::holding`]'s kind is listed.
+    pub holding: Vec<String>,
 }
 
 /// A kernel record kind: its header must carry exactly this length and version.

@@ -28,7 +28,7 @@ use crate::{
     http,
     kernel::{self, privileges},
     loader::{self, LoadOptions},
-    metrics::{LostCollector, SelfMetrics},
+    metrics::{LostCollector, SelfMetrics, Shared},
     probe::{Probe, ProbeReport, ProbeSpec, ProbeState, RecordKind, Running, StartContext},
     transport::{self, KernelCounters},
 };
@@ -54,6 +54,8 @@ pub struct Pipeline {
     background: Vec<JoinHandle<()>>,
     /// The probes' running halves, told to finish after the readers' final drain.
     running: Vec<Arc<dyn Running>>,
+    /// What the web view's summary reads of the probes and of the losses.
+    pub sources: crate::web::Sources,
     stop_tx: watch::Sender<bool>,
     pub stop_rx: watch::Receiver<bool>,
 }
@@ -116,6 +118,8 @@ struct Started {
     records: &'static [RecordKind],
     discovery: Option<Duration>,
     running: Arc<dyn Running>,
+    /// Its section of the web summary.
+    view: Option<&'static crate::probe::ViewSpec>,
 }
 
 /// Starts the running half of every enabled probe and the kernel-loss collector, off the async
@@ -128,7 +132,7 @@ fn start_probes(
     metrics: &SelfMetrics,
     hub: &Arc<EventHub>,
     discovery: &Arc<Discovery>,
-) -> anyhow::Result<(Ebpf, Vec<Started>)> {
+) -> anyhow::Result<(Ebpf, Vec<Started>, Arc<LostCollector>)> {
     let mut started = Vec::new();
     for (p, report) in probes.iter().zip(reports) {
         if !p.section().enabled() {
@@ -151,6 +155,7 @@ fn start_probes(
             records: p.spec().records,
             discovery: p.discovery_interval(),
             running,
+            view: p.spec().view,
         });
     }
     let counters = Arc::new(Mutex::new(KernelCounters::new(
@@ -159,13 +164,14 @@ fn start_probes(
     let specs: Vec<&ProbeSpec> = probes.iter().map(|p| p.spec()).collect();
     let ids = specs.iter().map(|s| (s.name, s.counter_id)).collect();
     let misses = Arc::new(crate::progstats::ProgramMisses::collect(&ebpf, &specs, reports));
-    metrics.registry.register(Box::new(LostCollector::new(
+    let lost = Arc::new(LostCollector::new(
         counters,
         ids,
         misses,
         Arc::clone(&metrics.daemon_lost),
-    )))?;
-    Ok((ebpf, started))
+    ));
+    metrics.registry.register(Box::new(Shared(Arc::clone(&lost))))?;
+    Ok((ebpf, started, lost))
 }
 
 /// Runs `work` off the async threads every `interval` until `stop`; a failure (panic) is
@@ -273,7 +279,7 @@ impl Pipeline {
         discovery.left_out_metrics().register(&metrics.registry)?;
         journal_metrics.register(&metrics.registry)?;
         let hub = Arc::new(EventHub::with_journal(cfg.events.history, journal));
-        let (ebpf, started) = {
+        let (ebpf, started, lost) = {
             let (cfg, probes, reports) = (cfg.clone(), probes.clone(), reports.clone());
             let (metrics, hub, discovery) = (Arc::clone(&metrics), Arc::clone(&hub), Arc::clone(&discovery));
             tokio::task::spawn_blocking(move || start_probes(ebpf, &cfg, &probes, &reports, &metrics, &hub, &discovery))
@@ -311,6 +317,19 @@ impl Pipeline {
             readers,
             background,
             running: started.iter().map(|s| Arc::clone(&s.running)).collect(),
+            sources: crate::web::Sources {
+                parts: started
+                    .iter()
+                    .filter_map(|s| {
+                        s.view.map(|spec| crate::web::Part {
+                            probe: s.name,
+                            spec,
+                            running: Arc::clone(&s.running),
+                        })
+                    })
+                    .collect(),
+                lost: Some(lost),
+            },
             stop_tx,
             stop_rx,
         })
@@ -380,6 +399,7 @@ struct Core {
     health: Arc<Health>,
     reports: Vec<ProbeReport>,
     kernel_release: String,
+    sources: crate::web::Sources,
 }
 
 async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
@@ -391,6 +411,7 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
             health: Arc::clone(&p.health),
             reports: p.reports.clone(),
             kernel_release: p.kernel_release.clone(),
+            sources: p.sources.clone(),
             pipeline: Some(p),
         });
     }
@@ -414,6 +435,7 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
         hub: Arc::new(EventHub::with_journal(cfg.events.history, journal)),
         reports: Vec::new(),
         kernel_release,
+        sources: crate::web::Sources::default(),
     })
 }
 
@@ -462,7 +484,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let view = crate::web::routes(
         state.clone(),
-        crate::web::Live::start(&core.hub, &core.kernel_release, stop_rx.clone()),
+        crate::web::Live::start(&core.hub, &core.kernel_release, core.sources.clone(), stop_rx.clone()),
     );
     let listener = crate::http::listen(cfg.listen, cfg.http.max_connections)
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;

@@ -50,4 +50,5 @@ pub const SPEC: ProbeSpec = ProbeSpec {
     ],
     configure: None,
     records: &[],
+    view: Some(&super::view::VIEW),
 };

@@ -16,6 +16,8 @@ pub mod psi;
 
 pub mod running;
 
+mod view;
+
 pub use event::PressureEvent;
 pub use hooks::SPEC;
 pub use psi::{sources, Sources, HOST_PSI};

@@ -36,13 +36,15 @@ use crate::{
 
 /// The userspace half of the memcg probe.
 pub struct MemcgSlice {
-    disc: Arc<Discovery>,
+    pub(super) disc: Arc<Discovery>,
     /// Per-workload cgroup file values, refreshed after each rescan.
-    files: Arc<files::FileCache>,
+    pub(super) files: Arc<files::FileCache>,
     cfg: MemcgConfig,
     pressure_events: IntCounterVec,
     hub: Arc<EventHub>,
-    reclaim: Option<Arc<HistogramMapCollector<u64>>>,
+    pub(super) reclaim: Option<Arc<HistogramMapCollector<u64>>>,
+    /// Host PSI of the last 10 minutes, for the web summary.
+    pub(super) psi: super::view::PsiHistory,
     /// Per-cgroup trigger stoppers (cgroup v2 only).
     triggers: Mutex<HashMap<String, watch::Sender<bool>>>,
     /// Deletes reclaim map keys of vanished cgroups after the grace period.
@@ -128,6 +130,7 @@ impl MemcgSlice {
             triggers: Mutex::new(HashMap::new()),
             janitor: Mutex::new(Janitor::default()),
             grace,
+            psi: Default::default(),
         }))
     }
 
@@ -248,8 +251,12 @@ pub(super) struct MemcgRunning(pub(super) Arc<MemcgSlice>);
 
 impl Running for MemcgRunning {
     fn spawn(&self, stop: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
-        self.0.start(stop);
-        Vec::new()
+        self.0.start(stop.clone());
+        vec![super::view::spawn_sampler(Arc::clone(&self.0), stop)]
+    }
+
+    fn view(&self) -> Option<crate::probe::View> {
+        Some(self.0.summary())
     }
 
     fn after_discovery(&self, stop: &watch::Receiver<bool>) {

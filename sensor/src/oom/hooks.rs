@@ -65,6 +65,7 @@ pub const SPEC: ProbeSpec = ProbeSpec {
         len: sensor_common::oom::OomKillRecord::LEN,
         version: sensor_common::oom::RECORD_VERSION,
     }],
+    view: Some(&super::view::VIEW),
 };
 
 pub(super) fn check_oom_control(k: &KernelContext) -> Result<(), String> {

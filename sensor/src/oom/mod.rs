@@ -1,7 +1,8 @@
 //! OOM kills: the probe. Its parts: `hooks` (the ladder), `layout` (kernel offsets), `config`,
 //! `event` (a kill as published), `running` (attribution, explanation, counting), `history`
 //! (the bounded lead-up), `verdict` (why), `limit` (which limit fired), `imminent` (the warning
-//! before a kill), `down` (kills while the sensor was down), `scope`, `pending`.
+//! before a kill), `down` (kills while the sensor was down), `view` (its part of the web summary), `scope`,
+//! `pending`.
 
 pub mod config;
 
@@ -25,6 +26,8 @@ pub mod running;
 pub mod scope;
 
 pub mod verdict;
+
+mod view;
 
 pub use event::{OomKill, UNKNOWN_CGROUP};
 pub use hooks::SPEC;

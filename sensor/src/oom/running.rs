@@ -66,6 +66,8 @@ pub(super) struct CrossCheck {
     pub(super) last: HashMap<String, i64>,
     /// The labels each cgroup's gauge carries (its names may arrive after its first refresh).
     pub(super) labelled: HashMap<String, crate::cgroup::WorkloadLabels>,
+    /// What the last refresh set the discrepancy gauges to: `(source, cgroup, value)`.
+    pub(super) shown: Vec<(&'static str, String, i64)>,
 }
 
 /// Userspace half of the OOM slice: turns records into metrics, events and log lines.
@@ -170,6 +172,7 @@ impl OomSlice {
             seen_total: 0,
             last: HashMap::new(),
             labelled: HashMap::new(),
+            shown: Vec::new(),
         };
         let history = History::with_left_out(
             history_cfg.capacity(),
@@ -420,11 +423,14 @@ impl OomSlice {
             let seen = c.seen.get(&cg).copied().unwrap_or(0);
             diffs.push((cg, now.saturating_sub(base) as i64 - seen as i64));
         }
+        c.shown.clear();
         for (cg, d) in diffs {
             // The kernel bumps its counters just before the tracepoint fires; a difference that
             // is still there one refresh later is real.
             let prev = c.last.insert(cg.clone(), d).unwrap_or(0);
             let shown = if d > 0 { d.min(prev.max(0)) } else { d };
+            let source = if cg.is_empty() { "vmstat" } else { "memcg" };
+            c.shown.push((source, cg.clone(), shown));
             if cg.is_empty() {
                 self.discrepancy
                     .with_label_values(&["vmstat", "", "", "", "", "", ""])
@@ -467,6 +473,7 @@ impl OomSlice {
             c.labelled.remove(cg);
             c.seen.remove(cg);
             c.last.remove(cg);
+            c.shown.retain(|(_, shown, _)| shown != cg);
         }
     }
 }
@@ -514,6 +521,10 @@ impl Running for OomSlice {
             // The dispatcher checked the length; this cannot happen, but must not panic.
             None => tracing::error!(len = bytes.len(), "OOM record shorter than checked"),
         }
+    }
+
+    fn view(&self) -> Option<crate::probe::View> {
+        Some(self.summary())
     }
 
     fn upkeep_interval(&self) -> Option<Duration> {

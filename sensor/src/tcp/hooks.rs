@@ -140,6 +140,7 @@ pub const SPEC: ProbeSpec = ProbeSpec {
         len: sensor_common::tcp::TcpFailureRecord::LEN,
         version: sensor_common::tcp::FAILURE_VERSION,
     }],
+    view: Some(&super::view::VIEW),
 };
 
 /// The programs with the compare-and-swap connect table.

@@ -134,6 +134,33 @@ impl CountCollector {
         entries
     }
 
+    /// Connects by result, destination and workload, as `sensor_tcp_connects_total` counts
+    /// them (for the web summary).
+    pub(super) fn connects(&self) -> super::view::Connects {
+        let mut out = super::view::Connects::new();
+        let success = result_label(result::SUCCESS);
+        for (k, [h, _]) in self.hists.snapshot_shared().iter() {
+            let key = (success, self.dest(k.dest), self.disc.labels_for_id(k.cgroup_id));
+            *out.entry(key).or_default() += h.buckets.iter().sum::<u64>();
+        }
+        // Retired histograms are labelled destination first, then the workload.
+        for (l, [h, _]) in self.hists.retired() {
+            let dest = l.first().cloned().unwrap_or_default();
+            let wl = crate::cgroup::workload_labels_from(l.get(1..).unwrap_or_default());
+            *out.entry((success, dest, wl)).or_default() += h.buckets.iter().sum::<u64>();
+        }
+        let live = self
+            .entries()
+            .into_iter()
+            .map(|(k, v)| ((k.dest, k.kind, self.disc.labels_for_id(k.cgroup_id)), v));
+        for ((d, k, wl), v) in live.chain(self.retired_counts()) {
+            if k < result::COUNT {
+                *out.entry((result_label(k), self.dest(d), wl)).or_default() += v;
+            }
+        }
+        out
+    }
+
     /// Counts of retired keys by destination group, kind and the workload labels they had.
     fn retired_counts(&self) -> Vec<((u16, u16, WorkloadLabels), u64)> {
         let r = self.retired.locked();

@@ -1,7 +1,8 @@
 //! TCP connects: destination groups, per-workload counters and histograms read from the
 //! kernel's aggregation maps, connect-failure events. The probe's parts: `hooks` (programs and
 //! their fallbacks), `layout` (kernel offsets), `config`, `destinations`, `event`, `metrics`,
-//! `running` (the attached probe's state), `coalesce` and `kfunc`.
+//! `running` (the attached probe's state), `view` (its part of the web summary), `coalesce`
+//! and `kfunc`.
 
 pub mod coalesce;
 pub mod config;
@@ -12,6 +13,8 @@ pub mod kfunc;
 pub mod layout;
 pub mod metrics;
 pub mod running;
+
+mod view;
 
 pub use event::TcpFailure;
 pub use hooks::SPEC;

@@ -52,10 +52,12 @@ pub struct TcpSlice {
     interval: Duration,
     /// `sensor_events_coalesced_total{probe="tcp",reason}`: `interval`, `key_limit`.
     coalesced: [IntCounter; 2],
-    counts: Arc<CountCollector>,
-    hists: Arc<HistogramMapCollector<FlowKey, 2>>,
+    pub(super) counts: Arc<CountCollector>,
+    pub(super) hists: Arc<HistogramMapCollector<FlowKey, 2>>,
     janitor: Mutex<Janitor<u64>>,
     grace: Duration,
+    /// Connect totals at each web summary, for its rates.
+    pub(super) rates: super::view::Rates,
 }
 
 impl TcpSlice {
@@ -134,6 +136,7 @@ impl TcpSlice {
             hists,
             janitor: Mutex::new(Janitor::default()),
             grace,
+            rates: Default::default(),
         }))
     }
 
@@ -286,5 +289,9 @@ impl Running for TcpSlice {
 
     fn finish(&self) {
         self.flush_failures();
+    }
+
+    fn view(&self) -> Option<crate::probe::View> {
+        Some(self.summary())
     }
 }

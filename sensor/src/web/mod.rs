@@ -3,17 +3,18 @@
 //! page never disagree.
 //!
 //! Everything the page needs is embedded in the binary (`assets/`: HTML, CSS and a small
-//! hand-written script that draws its charts as SVG); no request ever leaves the daemon. The
-//! module keeps a few bounded rings the metrics registry cannot answer: recent kills and
-//! connect failures (newest 100 each), kill times (30 days) for kills per minute / hour / day,
-//! host PSI every 5 s for 10 minutes, and TCP connect totals at each summary (for rates).
+//! hand-written script that draws its charts as SVG); no request ever leaves the daemon. Each
+//! probe gives its own section (`Running::view`, from the state its metrics export) and says
+//! in its `ViewSpec` which of its events the section lists; this module keeps those in bounded
+//! rings (newest 100 of each kind, and 30 days of times of the kinds counted per minute / hour
+//! / day) and never names a probe.
 
 mod assets;
 mod checks;
 mod summary;
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -30,54 +31,65 @@ use tokio::sync::{broadcast::error::RecvError, watch};
 use crate::{
     events::{EventHub, Sequenced},
     http::AppState,
+    metrics::LostCollector,
+    probe::{Running, ViewSpec},
     sync::{Lock as _, ReadWrite as _},
 };
 
 pub use summary::Summary;
 
-/// Recent kills and failures kept for the page.
+/// Recent events of each listed kind kept for the page.
 const RECENT: usize = 100;
-/// Kill times kept for the per-day chart.
-const KILL_DAYS: f64 = 30.0 * 86400.0;
-const KILL_TIMES: usize = 100_000;
-/// Host PSI sampling.
-const PSI_EVERY: Duration = Duration::from_secs(5);
-/// Samples kept for the 10-minute charts.
-const SAMPLE_WINDOW: f64 = 600.0;
+/// Event times kept for the per-day chart.
+const TIMELINE_DAYS: f64 = 30.0 * 86400.0;
+const TIMELINE_TIMES: usize = 100_000;
 /// A summary is computed at most this often, however many pages and consoles ask.
 const SUMMARY_CACHE: Duration = Duration::from_secs(2);
 
-/// One host PSI reading: totals of stalled time (microseconds), as read.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PsiSample {
-    pub at: f64,
-    pub some_us: u64,
-    pub full_us: Option<u64>,
+/// A started probe with a section in the summary.
+#[derive(Clone)]
+pub struct Part {
+    pub probe: &'static str,
+    pub spec: &'static ViewSpec,
+    pub running: Arc<dyn Running>,
 }
 
-/// TCP connect totals by result at one summary.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TcpSample {
-    pub at: f64,
-    pub totals: BTreeMap<String, f64>,
+/// Where the summary's probe sections and lost-event totals come from.
+#[derive(Clone, Default)]
+pub struct Sources {
+    pub parts: Vec<Part>,
+    /// The lost-event counters, as exported (none in a checks-only daemon).
+    pub lost: Option<Arc<LostCollector>>,
 }
 
 /// What the rings hold; every one is bounded.
 #[derive(Default)]
 pub struct Rings {
-    pub kills: VecDeque<Arc<Sequenced>>,
-    /// `oom_imminent` warnings, newest last.
-    pub imminent: VecDeque<Arc<Sequenced>>,
-    pub kill_times: VecDeque<f64>,
-    pub tcp_failures: VecDeque<Arc<Sequenced>>,
-    pub psi: VecDeque<PsiSample>,
-    pub tcp: VecDeque<TcpSample>,
+    /// The newest events of each kind a section lists, newest last.
+    pub recent: HashMap<&'static str, VecDeque<Arc<Sequenced>>>,
+    /// The times of each timeline kind's events (30 days at most), oldest first.
+    pub times: HashMap<&'static str, VecDeque<f64>>,
     /// Events the page's subscriber fell behind on and could not recover from the history.
     pub missed: u64,
     last_seq: u64,
 }
 
 impl Rings {
+    /// Rings for the kinds the sections list and count.
+    pub fn for_specs<'a>(specs: impl IntoIterator<Item = &'a ViewSpec>) -> Rings {
+        let mut r = Rings::default();
+        for s in specs {
+            let listed = s.recent.iter().map(|(_, k)| *k).chain(s.holding.map(|(_, k)| k));
+            for k in listed {
+                r.recent.entry(k).or_default();
+            }
+            if let Some(k) = s.timeline {
+                r.times.entry(k).or_default();
+            }
+        }
+        r
+    }
+
     /// Files one event from the hub (once: events at or below the last seen `seq` are skipped).
     pub fn add(&mut self, ev: &Arc<Sequenced>) {
         if ev.seq <= self.last_seq {
@@ -87,41 +99,23 @@ impl Rings {
             self.missed += ev.seq - self.last_seq - 1;
         }
         self.last_seq = ev.seq;
-        match ev.event.kind {
-            "oom_kill" => {
-                let time = ev
-                    .event
-                    .fields
-                    .get("time")
-                    .and_then(serde_json::Value::as_f64)
-                    .unwrap_or(0.0);
-                push_bounded(&mut self.kills, Arc::clone(ev), RECENT);
-                push_bounded(&mut self.kill_times, time, KILL_TIMES);
-                let oldest = time - KILL_DAYS;
-                while self.kill_times.front().is_some_and(|t| *t < oldest) {
-                    self.kill_times.pop_front();
-                }
+        let kind = ev.event.kind;
+        if let Some(q) = self.recent.get_mut(kind) {
+            push_bounded(q, Arc::clone(ev), RECENT);
+        }
+        if let Some(q) = self.times.get_mut(kind) {
+            let time = ev
+                .event
+                .fields
+                .get("time")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(0.0);
+            push_bounded(q, time, TIMELINE_TIMES);
+            let oldest = time - TIMELINE_DAYS;
+            while q.front().is_some_and(|t| *t < oldest) {
+                q.pop_front();
             }
-            "tcp_connect_failure" => push_bounded(&mut self.tcp_failures, Arc::clone(ev), RECENT),
-            "oom_imminent" => push_bounded(&mut self.imminent, Arc::clone(ev), RECENT),
-            _ => {}
         }
-    }
-
-    pub fn add_psi(&mut self, s: PsiSample) {
-        push_bounded(&mut self.psi, s, 2 + (SAMPLE_WINDOW / PSI_EVERY.as_secs_f64()) as usize);
-    }
-
-    /// Keeps TCP totals at most once a second, for 10 minutes.
-    pub fn add_tcp(&mut self, s: TcpSample) {
-        if self.tcp.back().is_some_and(|b| s.at - b.at < 1.0) {
-            return;
-        }
-        let oldest = s.at - SAMPLE_WINDOW - 10.0;
-        while self.tcp.front().is_some_and(|f| f.at < oldest) {
-            self.tcp.pop_front();
-        }
-        push_bounded(&mut self.tcp, s, 1000);
     }
 }
 
@@ -138,6 +132,7 @@ pub struct Live {
     pub started_unix: f64,
     pub hostname: String,
     pub kernel: String,
+    sources: Sources,
     rings: Mutex<Rings>,
     cache: Mutex<Option<(Instant, bytes::Bytes)>>,
 }
@@ -147,8 +142,8 @@ fn now_unix() -> f64 {
 }
 
 impl Live {
-    /// Starts the event subscriber and the PSI sampler; both end when `stop` turns true.
-    pub fn start(hub: &Arc<EventHub>, kernel: &str, stop: watch::Receiver<bool>) -> Arc<Live> {
+    /// Starts the event subscriber; it ends when `stop` turns true.
+    pub fn start(hub: &Arc<EventHub>, kernel: &str, sources: Sources, stop: watch::Receiver<bool>) -> Arc<Live> {
         let live = Arc::new(Live {
             started: Instant::now(),
             started_unix: now_unix(),
@@ -156,14 +151,14 @@ impl Live {
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into()),
             kernel: kernel.to_string(),
-            rings: Mutex::new(Rings::default()),
+            rings: Mutex::new(Rings::for_specs(sources.parts.iter().map(|p| p.spec))),
+            sources,
             cache: Mutex::new(None),
         });
         // Subscribe before reading the history, so nothing falls between the two.
         let rx = hub.subscribe();
         live.catch_up(hub);
-        tokio::spawn(subscriber(Arc::clone(&live), Arc::clone(hub), rx, stop.clone()));
-        tokio::spawn(psi_sampler(Arc::clone(&live), stop));
+        tokio::spawn(subscriber(Arc::clone(&live), Arc::clone(hub), rx, stop));
         live
     }
 
@@ -196,25 +191,6 @@ async fn subscriber(
             // Behind: what is still in the hub's history is taken from there.
             Err(RecvError::Lagged(_)) => live.catch_up(&hub),
             Err(RecvError::Closed) => return,
-        }
-    }
-}
-
-async fn psi_sampler(live: Arc<Live>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(PSI_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        // A procfs read of a few hundred bytes: no need to leave the async worker.
-        if let Some(p) = crate::memcg::psi::read(std::path::Path::new(crate::memcg::HOST_PSI)) {
-            live.rings().add_psi(PsiSample {
-                at: now_unix(),
-                some_us: p.some.total_us,
-                full_us: p.full.map(|f| f.total_us),
-            });
         }
     }
 }
@@ -274,13 +250,26 @@ async fn summary_handler(State(WebState { app: s, live }): State<WebState>) -> R
             }
         }
     }
-    // Gathering reads kernel maps; keep it off the async workers.
+    // The probes' views read kernel maps; keep them off the async workers.
     let built = tokio::task::spawn_blocking(move || {
-        let families = s.registry.gather();
+        let sections = live
+            .sources
+            .parts
+            .iter()
+            .map(|p| (p.probe, p.spec, p.running.view()))
+            .collect();
+        let lost = live.sources.lost.as_ref().map(|l| l.rows()).unwrap_or_default();
         let reports = s.reports.read_locked().clone();
         let (ready, down) = s.health.status();
         let checks = s.checks.as_deref().map(checks::counts).unwrap_or_default();
-        let sum = summary::build(&live, &families, &reports, (ready, down), checks, now_unix());
+        let inputs = summary::Inputs {
+            sections,
+            lost,
+            reports,
+            ready: (ready, down),
+            checks,
+        };
+        let sum = summary::build(&live, inputs, now_unix());
         let body = serde_json::to_vec(&sum).map(bytes::Bytes::from);
         if let Ok(b) = &body {
             *live.cache.locked() = Some((Instant::now(), b.clone()));
@@ -320,66 +309,37 @@ async fn checks_handler(
 mod tests {
     use super::*;
 
-    fn failure(seq: u64) -> Arc<Sequenced> {
+    const SPEC: ViewSpec = ViewSpec {
+        key: "s",
+        recent: &[("recent", "failure")],
+        timeline: Some("kill"),
+        holding: None,
+    };
+
+    fn event(seq: u64, kind: &'static str) -> Arc<Sequenced> {
         Arc::new(Sequenced {
             seq,
-            event: crate::events::Event::new(
-                "tcp_connect_failure",
-                &crate::tcp::TcpFailure {
-                    time: seq as f64,
-                    result: "refused",
-                    errno: 111,
-                    address: "127.0.0.1".into(),
-                    port: 9,
-                    destination: "other".into(),
-                    duration_seconds: 0.0,
-                    pid: 1,
-                    comm: "c".into(),
-                    cgroup: None,
-                    container_id: None,
-                    pod_uid: None,
-                    names: Default::default(),
-                    count: 1,
-                    first_time: seq as f64,
-                    interval_seconds: 0.0,
-                    overflow: false,
-                },
-            )
-            .expect("a TcpFailure is a JSON object"),
+            event: crate::events::Event::new(kind, &serde_json::json!({"time": seq as f64})).expect("an object"),
         })
     }
 
     #[test]
-    fn rings_take_each_event_once_and_stay_bounded() {
-        let mut r = Rings::default();
+    fn rings_take_each_listed_event_once_and_stay_bounded() {
+        let mut r = Rings::for_specs([&SPEC]);
         for seq in 1..=150 {
-            r.add(&failure(seq));
+            r.add(&event(seq, "failure"));
         }
         // Replayed from the history after a lag: already seen, skipped.
-        r.add(&failure(120));
-        assert_eq!(r.tcp_failures.len(), RECENT);
-        assert_eq!(r.tcp_failures.back().map(|e| e.seq), Some(150));
+        r.add(&event(120, "failure"));
+        assert_eq!(r.recent["failure"].len(), RECENT);
+        assert_eq!(r.recent["failure"].back().map(|e| e.seq), Some(150));
         assert_eq!(r.missed, 0);
         // A gap the history could not fill is counted.
-        r.add(&failure(160));
+        r.add(&event(160, "other"));
         assert_eq!(r.missed, 9);
-        for i in 0..500 {
-            r.add_psi(PsiSample {
-                at: f64::from(i) * 5.0,
-                some_us: 0,
-                full_us: None,
-            });
-            r.add_tcp(TcpSample {
-                at: f64::from(i) * 0.5,
-                totals: BTreeMap::new(),
-            });
-        }
-        assert_eq!(r.psi.len(), 122, "10 minutes of 5-second samples");
-        assert_eq!(r.tcp.len(), 250, "at most one a second");
-        r.add_tcp(TcpSample {
-            at: 2000.0,
-            totals: BTreeMap::new(),
-        });
-        assert_eq!(r.tcp.len(), 1, "10 minutes and a little more");
+        assert!(!r.recent.contains_key("other"), "kinds no section lists are not kept");
+        r.add(&event(161, "kill"));
+        r.add(&event(161 + 31 * 86400, "kill"));
+        assert_eq!(r.times["kill"].len(), 1, "30 days of times");
     }
 }
