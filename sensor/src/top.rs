@@ -38,12 +38,12 @@ pub struct Model {
     pub alerts: Vec<Value>,
     pub threshold: Option<f64>,
     pub probes: Vec<(String, String)>,
-    /// `sensor_oom_kills_total` and the newest kill, from `/api/v1/summary`.
+    /// Kills counted and the newest kill (`oom` in `/api/v1/summary`).
     pub oom_kills_total: f64,
     pub last_kill: Option<Value>,
     /// `oom_imminent` warnings holding now, newest first.
     pub imminent: Vec<Value>,
-    /// Failed connects by result (`sensor_tcp_connects_total`), from `/api/v1/summary`.
+    /// Failed connects by result (`tcp.totals` in `/api/v1/summary`).
     pub tcp_failures: std::collections::BTreeMap<String, u64>,
     pub tcp_failures_total: u64,
     pub updated: Option<String>,
