@@ -7,10 +7,14 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
-use crate::admission::{Level, Rank};
+use crate::{
+    admission::{Level, Rank},
+    sync::Lock as _,
+};
 
 /// How long a change keeps a cgroup active.
 pub const ACTIVE_FOR: Duration = Duration::from_secs(300);
@@ -33,6 +37,25 @@ struct State {
     base: Reading,
     populated: bool,
     last_active: Option<Instant>,
+}
+
+/// Cumulative reclaim time (ns) per cgroup path, as the probe that measures it (memcg) last
+/// published it; read by others (an OOM kill's lead-up, the registry's ranks). The pipeline
+/// makes one and gives it to every probe in their start context.
+#[derive(Debug, Default)]
+pub struct ReclaimTimes(Mutex<Option<HashMap<String, u64>>>);
+
+impl ReclaimTimes {
+    /// Replaces the published times.
+    pub fn publish(&self, by_path: HashMap<String, u64>) {
+        *self.0.locked() = Some(by_path);
+    }
+
+    /// The last published time of `cgroup` (ns): 0 for a cgroup that has not reclaimed yet,
+    /// `None` while nothing measures it.
+    pub fn of(&self, cgroup: &str) -> Option<u64> {
+        self.0.locked().as_ref().map(|m| m.get(cgroup).copied().unwrap_or(0))
+    }
 }
 
 /// Activity per cgroup path, from successive scans.

@@ -13,6 +13,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 pub use crate::kernel::context::KernelContext;
 use crate::{
+    activity::ReclaimTimes,
     cgroup::{Discovery, Hierarchies},
     events::EventHub,
 };
@@ -403,6 +404,9 @@ pub struct StartContext<'a> {
     pub workloads_per_metric: usize,
     /// `limits.vanished_grace`.
     pub vanished_grace: Duration,
+    /// Reclaim time per workload: the memcg probe publishes it, others read it (an OOM kill's
+    /// lead-up).
+    pub reclaim: &'a Arc<ReclaimTimes>,
 }
 
 impl StartContext<'_> {

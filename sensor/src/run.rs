@@ -20,6 +20,7 @@ use tokio::{
 };
 
 use crate::{
+    activity::ReclaimTimes,
     cgroup::{Discovery, Hierarchies},
     config::Config,
     dispatch::Dispatcher,
@@ -133,6 +134,9 @@ fn start_probes(
     hub: &Arc<EventHub>,
     discovery: &Arc<Discovery>,
 ) -> anyhow::Result<(Ebpf, Vec<Started>, Arc<LostCollector>)> {
+    // What one probe measures and others read goes through the start context, not the registry.
+    let reclaim = Arc::new(ReclaimTimes::default());
+    discovery.rank_by_reclaim(Arc::clone(&reclaim));
     let mut started = Vec::new();
     for (p, report) in probes.iter().zip(reports) {
         if !p.section().enabled() {
@@ -146,6 +150,7 @@ fn start_probes(
             discovery,
             workloads_per_metric: cfg.limits.workloads_per_metric,
             vanished_grace: cfg.limits.vanished_grace,
+            reclaim: &reclaim,
         };
         let running = p
             .start(&mut ctx)

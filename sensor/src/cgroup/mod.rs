@@ -16,5 +16,4 @@ pub use hierarchies::{read_activity, walk, Hierarchies};
 pub(crate) use identity::render_labels;
 pub use identity::{with_names, workload, workload_labels_from, Workload, WorkloadLabels, OTHER, WORKLOAD_LABELS};
 pub use registry::Discovery;
-pub use retirement::Janitor;
 pub use set::WorkloadSet;

@@ -10,25 +10,30 @@ use std::{
 use super::{
     hierarchies::{read_activity, walk, Hierarchies},
     identity::{render_labels, with_names, workload, WorkloadLabels, OTHER},
-    retirement::{forget_vanished, track_containers},
+    retirement::{track_containers, Retirement},
     set::WorkloadSet,
 };
 use crate::{
-    activity::{Reading, Tracker},
+    activity::{Reading, ReclaimTimes, Tracker},
     admission::{LeftOutMetrics, Rank},
     sync::Lock as _,
     workloads::{Names, Resolver},
 };
 
-/// Cgroups of the memory hierarchy, shared by every slice that labels workloads: paths,
-/// kernfs ids (what the kernel programs report) and the bounded workload set.
+/// The one registry of workloads, shared by every probe: the cgroups of the memory hierarchy,
+/// their kernfs ids (what the kernel programs report), the bounded label set and the sets it
+/// holds for probes, and the lifetime of vanished ids: its scheduled rescans retire each id
+/// once, for every probe (see [`Self::retired`]).
 pub struct Discovery {
     pub hier: Hierarchies,
     state: Mutex<Discovered>,
     workloads: Mutex<WorkloadSet>,
-    /// Cumulative reclaim time (ns) per cgroup path, as the probe that measures it last
-    /// published it (`None` until it does); read by others (an OOM kill's lead-up).
-    reclaim_ns: Mutex<Option<HashMap<String, u64>>>,
+    /// The bounded sets probes hold through the registry (see [`Self::bounded_set`]).
+    held: Mutex<Vec<Arc<Mutex<WorkloadSet>>>>,
+    /// `limits.workloads_per_metric`.
+    per_metric: usize,
+    /// Reclaim times the activity ranks count, once the pipeline gave them.
+    reclaim: OnceLock<Arc<ReclaimTimes>>,
     /// Names from the container runtimes, once the daemon set them up.
     resolver: OnceLock<Arc<Resolver>>,
     grace: Duration,
@@ -56,9 +61,10 @@ struct LabelText {
 struct Discovered {
     /// Paths relative to the hierarchy root, in walk order.
     cgroups: Vec<String>,
-    /// kernfs id (= directory inode) -> path. Ids of vanished cgroups stay while kernel map keys
-    /// may still name them (see [`forget_vanished`]).
+    /// kernfs id (= directory inode) -> path. Ids of vanished cgroups stay until retired (see
+    /// [`Retirement`]).
     by_id: HashMap<u64, Known>,
+    retirement: Retirement,
     live: HashSet<u64>,
     last_scan: Option<Instant>,
     /// Container ids of the cgroups seen, with when they were first seen gone.
@@ -93,7 +99,9 @@ impl Discovery {
         let d = Discovery {
             hier,
             state: Mutex::new(Discovered::default()),
-            reclaim_ns: Mutex::new(None),
+            held: Mutex::new(Vec::new()),
+            per_metric: workloads_per_metric,
+            reclaim: OnceLock::new(),
             workloads: Mutex::new(WorkloadSet::with_left_out(
                 workloads_per_metric,
                 grace,
@@ -211,6 +219,10 @@ impl Discovery {
             self.rescan_if_older(Duration::from_secs(1));
             self.path_of(id)
         });
+        if path.is_none() {
+            // Its keys are retired like a vanished cgroup's (see `Retirement`).
+            self.state.locked().retirement.note_unknown(id, Instant::now());
+        }
         Some(path.unwrap_or_else(|| "unknown".to_string()))
     }
 
@@ -329,9 +341,9 @@ impl Discovery {
         self.scan(true);
     }
 
-    /// A walk; `scheduled` for the discovery loop's. Only those age vanished ids (see
-    /// [`forget_vanished`]): a walk forced by a scrape between two of them is followed by no
-    /// slice's upkeep, so it must not count as one.
+    /// A walk; `scheduled` for the discovery loop's. Only those retire vanished ids (see
+    /// [`Retirement::step`]): a walk forced by a scrape between two of them is followed by no
+    /// probe's `after_discovery`, so it must not count as one.
     fn scan(&self, scheduled: bool) {
         let found = walk(&self.hier, WALK_LIMIT);
         let live: HashSet<u64> = found.iter().map(|(_, id)| *id).collect();
@@ -340,6 +352,9 @@ impl Discovery {
             let mut w = self.workloads.locked();
             w.sweep(|cg| paths.contains(cg), Instant::now());
             self.label_texts.locked().retain(|cg, _| w.contains(cg));
+        }
+        for set in self.held.locked().iter() {
+            set.locked().sweep_for_owner(|cg| paths.contains(cg), Instant::now());
         }
         let ids: HashSet<String> = found
             .iter()
@@ -371,7 +386,13 @@ impl Discovery {
             let now = Instant::now();
             if scheduled {
                 let w = self.workloads.locked();
-                forget_vanished(&mut s.by_id, &live, now, self.grace, |p| w.contains(p));
+                let s = &mut *s;
+                let retired = s
+                    .retirement
+                    .step(&mut s.by_id, &live, now, self.grace, |p| w.contains(p));
+                if !retired.is_empty() {
+                    tracing::debug!(ids = retired.len(), "vanished cgroup ids retired");
+                }
             }
             // After a burst of removals the table gives its room back.
             let keep = s.by_id.len() * 2;
@@ -399,49 +420,61 @@ impl Discovery {
         let readings: Vec<(String, Reading)> = found
             .iter()
             .filter(|(p, _)| p.as_str() != "/")
-            .map(|(p, _)| (p.clone(), read_activity(&self.hier, p, self.reclaim_ns(p))))
+            .map(|(p, _)| {
+                let reclaim_ns = self.reclaim.get().and_then(|r| r.of(p));
+                (p.clone(), read_activity(&self.hier, p, reclaim_ns))
+            })
             .collect();
         let now = Instant::now();
         {
             let mut a = self.activity.locked();
             a.scan(readings, now);
         }
+        let held = self.held.locked().clone();
         let mut w = self.workloads.locked();
         let a = self.activity.locked();
         w.refresh(|c| a.rank(c, now));
-    }
-
-    /// Publishes cumulative reclaim time per cgroup id (ns); ids without a known path are left
-    /// out.
-    pub fn set_reclaim_ns(&self, totals: impl IntoIterator<Item = (u64, u64)>) {
-        let by_path: HashMap<String, u64> = {
-            let st = self.state.locked();
-            totals
-                .into_iter()
-                .filter(|(id, _)| st.live.contains(id))
-                .filter_map(|(id, ns)| st.by_id.get(&id).map(|k| (k.path.clone(), ns)))
-                .collect()
-        };
-        *self.reclaim_ns.locked() = Some(by_path);
-    }
-
-    /// The last published cumulative reclaim time of `cgroup` (ns): 0 for a cgroup that has not
-    /// reclaimed yet, `None` while nothing measures it.
-    pub fn reclaim_ns(&self, cgroup: &str) -> Option<u64> {
-        self.reclaim_ns
-            .locked()
-            .as_ref()
-            .map(|m| m.get(cgroup).copied().unwrap_or(0))
-    }
-
-    /// Forgets the path of an id whose kernel entries were dropped.
-    pub fn forget(&self, id: u64) {
-        {
-            let mut s = self.state.locked();
-            if !s.live.contains(&id) {
-                s.by_id.remove(&id);
-            }
+        for set in held {
+            set.locked().refresh(|c| a.rank(c, now));
         }
+    }
+
+    /// Counts the reclaim times the pipeline shares among probes in the activity ranks.
+    pub fn rank_by_reclaim(&self, times: Arc<ReclaimTimes>) {
+        let _ = self.reclaim.set(times);
+    }
+
+    /// The paths of the live ids among `items`, with their values (ids without a known path are
+    /// left out).
+    pub fn by_live_path<V>(&self, items: impl IntoIterator<Item = (u64, V)>) -> HashMap<String, V> {
+        let s = self.state.locked();
+        items
+            .into_iter()
+            .filter(|(id, _)| s.live.contains(id))
+            .filter_map(|(id, v)| s.by_id.get(&id).map(|k| (k.path.clone(), v)))
+            .collect()
+    }
+
+    /// The cgroup ids the last scheduled rescan retired: gone long enough (see
+    /// [`Retirement::step`]), or never found. Each probe drops its kernel map keys and state for
+    /// them in `Running::after_discovery`, which follows every scheduled rescan: all probes see
+    /// the same ids, once, and their paths stay known until the next rescan.
+    pub fn retired(&self) -> Arc<[u64]> {
+        self.state.locked().retirement.retired()
+    }
+
+    /// A bounded set of `limits.workloads_per_metric` workloads for a probe's own series (what is
+    /// left out counted under `set`). The registry's rescans rank its members and release those
+    /// gone past the grace period; the probe takes them (`WorkloadSet::take_expired`) and drops
+    /// their series.
+    pub fn bounded_set(&self, set: &str) -> Arc<Mutex<WorkloadSet>> {
+        let s = Arc::new(Mutex::new(WorkloadSet::with_left_out(
+            self.per_metric,
+            self.grace,
+            self.left_out.for_set(set),
+        )));
+        self.held.locked().push(Arc::clone(&s));
+        s
     }
 }
 
@@ -505,10 +538,35 @@ mod tests {
         assert!(!d.is_folded_vanished(a), "live");
         assert_eq!(d.path_of(c).as_deref(), Some("/c"));
         assert_eq!(d.known_ids(), 4);
+        assert!(d.retired().is_empty(), "first found gone");
         d.rescan();
+        // Retired once, for every probe: their upkeep after this rescan still labels its keys.
+        assert_eq!(&*d.retired(), [c]);
+        assert_eq!(d.path_of(c).as_deref(), Some("/c"));
+        d.rescan();
+        assert!(d.retired().is_empty(), "retired once");
         assert_eq!(d.path_of(c), None, "folded and gone: forgotten");
         assert_eq!(d.path_of(b).as_deref(), Some("/b"), "named: kept for the grace period");
         assert_eq!(d.known_ids(), 3, "root, a and b");
         assert_eq!(d.labels_for_id(b)[0], "/b");
+    }
+
+    #[test]
+    fn a_set_held_for_a_probe_is_bounded_and_released_by_the_rescan() {
+        let h = FakeHierarchy::new("held", &["a", "b"]);
+        let d = Discovery::new(h.hier(), 1, Duration::ZERO);
+        let set = d.bounded_set("test");
+        assert_eq!(set.locked().labels("/a")[0], "/a");
+        assert_eq!(
+            set.locked().labels("/b")[0],
+            OTHER,
+            "bounded by limits.workloads_per_metric"
+        );
+        d.rescan();
+        assert!(set.locked().take_expired().is_empty(), "live");
+        h.remove("a");
+        d.rescan();
+        assert_eq!(set.locked().take_expired(), ["/a"]);
+        assert_eq!(set.locked().labels("/b")[0], "/b", "slot freed");
     }
 }

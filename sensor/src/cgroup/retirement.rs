@@ -1,42 +1,91 @@
-//! When vanished cgroups are forgotten: their ids, their container ids, kernel map keys.
+//! When vanished cgroups are forgotten: their ids (and with them every probe's kernel map keys
+//! and state), their container ids.
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use super::registry::Known;
 
-/// Forgets the paths of vanished cgroup ids no series needs any more. The first rescan that
-/// finds an id gone keeps it: the slices' upkeep after that rescan still labels (and, for a
-/// workload folded into `other`, retires) its kernel map keys. A workload with series of its
-/// own (`named` when it vanished) keeps its path for twice the grace period, so its series keep
-/// their labels until the slices drop them (after the grace period); a folded one is forgotten
-/// at the next rescan.
-pub(super) fn forget_vanished(
-    by_id: &mut HashMap<u64, Known>,
-    live: &HashSet<u64>,
-    now: Instant,
-    grace: Duration,
-    named: impl Fn(&str) -> bool,
-) {
-    by_id.retain(|id, k| {
-        if live.contains(id) {
-            k.gone = None;
-            return true;
+/// The one lifetime of cgroup ids after they vanish, for every probe: an id is retired once, by
+/// the scheduled rescan that finds it gone long enough, and every probe drops its state for the
+/// ids of that rescan's batch (`Running::after_discovery`); no probe keeps a clock of its own.
+#[derive(Default)]
+pub(super) struct Retirement {
+    /// Ids asked for that no walk found (they came and went between two), since when.
+    unknown: HashMap<u64, Instant>,
+    /// The ids the last scheduled rescan retired; their paths are forgotten at the next one, so
+    /// the probes' upkeep after the retiring rescan still labels their keys.
+    retired: Arc<[u64]>,
+}
+
+/// Ids asked for but never found that are tracked at most (beyond, they are not retired).
+const UNKNOWN_MAX: usize = 20_000;
+
+impl Retirement {
+    /// The ids the last scheduled rescan retired.
+    pub(super) fn retired(&self) -> Arc<[u64]> {
+        Arc::clone(&self.retired)
+    }
+
+    /// Notes an id a probe asked for that no walk found.
+    pub(super) fn note_unknown(&mut self, id: u64, now: Instant) {
+        if self.unknown.len() < UNKNOWN_MAX {
+            self.unknown.entry(id).or_insert(now);
         }
-        match k.gone {
-            None => {
-                k.gone = Some((now, named(&k.path)));
-                true
-            }
-            Some((since, ref mut was_named)) => {
-                // Admitted after it vanished (its kernel keys labelled it first): named too.
-                *was_named = *was_named || named(&k.path);
-                *was_named && now.duration_since(since) < grace.saturating_mul(2)
+    }
+
+    /// One scheduled rescan's step. Forgets the paths of the ids the previous step retired,
+    /// then retires: an id whose workload is folded into `other` at the second rescan that finds
+    /// it gone (the upkeep after the first moved its keys' counts into `other`); one with series
+    /// of its own (`named` when it vanished, or since) `grace` after it was first found gone, so
+    /// its series keep their labels until then; an id no walk found `grace` after it was first
+    /// asked for. A live id is never retired.
+    pub(super) fn step(
+        &mut self,
+        by_id: &mut HashMap<u64, Known>,
+        live: &HashSet<u64>,
+        now: Instant,
+        grace: Duration,
+        named: impl Fn(&str) -> bool,
+    ) -> Arc<[u64]> {
+        for id in self.retired.iter() {
+            if !live.contains(id) {
+                by_id.remove(id);
             }
         }
-    });
+        let mut retired = Vec::new();
+        for (id, k) in by_id.iter_mut() {
+            if live.contains(id) {
+                k.gone = None;
+                continue;
+            }
+            match k.gone {
+                None => k.gone = Some((now, named(&k.path))),
+                Some((since, ref mut was_named)) => {
+                    // Admitted after it vanished (its kernel keys labelled it first): named too.
+                    *was_named = *was_named || named(&k.path);
+                    if !*was_named || now.duration_since(since) >= grace {
+                        retired.push(*id);
+                    }
+                }
+            }
+        }
+        self.unknown.retain(|id, since| {
+            if live.contains(id) || by_id.contains_key(id) {
+                return false;
+            }
+            let due = now.duration_since(*since) >= grace;
+            if due {
+                retired.push(*id);
+            }
+            !due
+        });
+        self.retired = retired.into();
+        Arc::clone(&self.retired)
+    }
 }
 
 /// Notes which container ids are live; returns those gone for `grace` (then forgotten).
@@ -61,66 +110,81 @@ pub(super) fn track_containers(
     expired
 }
 
-/// Decides when kernel map keys of vanished cgroups are deleted: `grace` after the cgroup was
-/// first seen gone.
-#[derive(Debug, Default)]
-pub struct Janitor<K: std::hash::Hash + Eq + Clone> {
-    gone: HashMap<K, Instant>,
-}
-
-impl<K: std::hash::Hash + Eq + Clone> Janitor<K> {
-    /// Returns the keys to delete now.
-    pub fn sweep(&mut self, keys: impl IntoIterator<Item = K>, live: impl Fn(&K) -> bool, grace: Duration) -> Vec<K> {
-        let now = Instant::now();
-        let mut expired = Vec::new();
-        let mut seen = HashSet::new();
-        for k in keys {
-            seen.insert(k.clone());
-            if live(&k) {
-                self.gone.remove(&k);
-                continue;
-            }
-            let since = *self.gone.entry(k.clone()).or_insert(now);
-            if now.duration_since(since) >= grace {
-                expired.push(k);
-            }
-        }
-        self.gone.retain(|k, _| seen.contains(k));
-        for k in &expired {
-            self.gone.remove(k);
-        }
-        expired
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn vanished_ids_are_forgotten_after_twice_the_grace_period() {
-        let mut by_id = HashMap::new();
-        let known = |p: &str| Known {
+    fn known(p: &str) -> Known {
+        Known {
             path: p.into(),
             gone: None,
-        };
-        by_id.insert(1, known("/named"));
-        by_id.insert(2, known("/folded"));
-        by_id.insert(3, known("/live"));
+        }
+    }
+
+    #[test]
+    fn an_id_is_retired_once_then_forgotten() {
+        let mut r = Retirement::default();
+        let mut by_id: HashMap<u64, Known> = [(1, known("/named")), (2, known("/folded")), (3, known("/live"))].into();
         let live: HashSet<u64> = [3].into();
         let g = Duration::from_secs(60);
         let t0 = Instant::now();
         let named = |p: &str| p == "/named";
-        forget_vanished(&mut by_id, &live, t0, g, named);
-        assert_eq!(by_id.len(), 3, "first seen gone: all kept");
-        forget_vanished(&mut by_id, &live, t0 + Duration::from_secs(5), g, named);
-        assert!(!by_id.contains_key(&2));
-        // Still named or not (its slot expired after the grace period), the path stays twice
-        // the grace period, so the slices can drop its keys with their labels.
-        forget_vanished(&mut by_id, &live, t0 + Duration::from_secs(119), g, |_| false);
-        assert!(by_id.contains_key(&1));
-        forget_vanished(&mut by_id, &live, t0 + Duration::from_secs(120), g, |_| false);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(r.step(&mut by_id, &live, t0, g, named).is_empty(), "first seen gone");
+        assert_eq!(by_id.len(), 3);
+        // Folded into `other`: retired at the next rescan, its path kept one more.
+        assert_eq!(&*r.step(&mut by_id, &live, at(5), g, named), [2]);
+        assert!(by_id.contains_key(&2), "its keys are still labelled after this rescan");
+        assert!(r.step(&mut by_id, &live, at(10), g, named).is_empty(), "retired once");
+        assert!(!by_id.contains_key(&2), "then forgotten");
+        // Named: after the grace period, whatever its set says by then.
+        assert!(r.step(&mut by_id, &live, at(59), g, |_| false).is_empty());
+        assert_eq!(&*r.step(&mut by_id, &live, at(60), g, |_| false), [1]);
+        assert_eq!(r.retired().len(), 1, "every probe reads the same batch");
+        assert!(r.step(&mut by_id, &live, at(65), g, |_| false).is_empty());
         assert_eq!(by_id.keys().copied().collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn a_live_id_is_never_retired() {
+        let mut r = Retirement::default();
+        let mut by_id: HashMap<u64, Known> = [(3, known("/live"))].into();
+        let live: HashSet<u64> = [3].into();
+        let t0 = Instant::now();
+        for s in [0, 100, 10_000] {
+            let retired = r.step(&mut by_id, &live, t0 + Duration::from_secs(s), Duration::ZERO, |_| {
+                false
+            });
+            assert!(retired.is_empty());
+        }
+        // Asked for while unknown, then found by a walk: live, not retired.
+        r.note_unknown(3, t0);
+        assert!(r
+            .step(&mut by_id, &live, t0 + Duration::from_secs(99), Duration::ZERO, |_| {
+                false
+            })
+            .is_empty());
+        assert!(by_id.contains_key(&3));
+    }
+
+    #[test]
+    fn an_id_no_walk_found_is_retired_after_the_grace_period() {
+        let mut r = Retirement::default();
+        let mut by_id = HashMap::new();
+        let live = HashSet::new();
+        let (t0, g) = (Instant::now(), Duration::from_secs(60));
+        r.note_unknown(7, t0);
+        r.note_unknown(7, t0 + Duration::from_secs(30));
+        assert!(r
+            .step(&mut by_id, &live, t0 + Duration::from_secs(59), g, |_| false)
+            .is_empty());
+        assert_eq!(
+            &*r.step(&mut by_id, &live, t0 + Duration::from_secs(60), g, |_| false),
+            [7]
+        );
+        assert!(r
+            .step(&mut by_id, &live, t0 + Duration::from_secs(120), g, |_| false)
+            .is_empty());
     }
 
     #[test]

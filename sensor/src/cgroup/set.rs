@@ -11,13 +11,17 @@ use crate::admission::{Admission, Admit, LeftOut, Rank};
 /// Bounds the workloads one metric family may label under the admission rule (see
 /// `admission`): members get their own series, the rest fold into `cgroup="other"`; a more
 /// active cgroup displaces an idle member. Cgroups whose directory is gone are released after
-/// `grace`, and the caller drops their series.
+/// `grace`, and the caller drops their series. Probes hold theirs through the registry
+/// (`Discovery::bounded_set`), whose rescans release them.
 #[derive(Debug)]
 pub struct WorkloadSet {
     grace: Duration,
     admission: Admission,
     /// Members whose directory vanished, since when.
     gone: HashMap<String, Instant>,
+    /// Members the registry's rescans released, for the owner to drop their series (see
+    /// [`Self::take_expired`]).
+    expired: Vec<String>,
 }
 
 impl WorkloadSet {
@@ -31,6 +35,7 @@ impl WorkloadSet {
             grace,
             admission: Admission::new(max, left_out),
             gone: HashMap::new(),
+            expired: Vec::new(),
         }
     }
 
@@ -103,6 +108,19 @@ impl WorkloadSet {
         expired
     }
 
+    /// [`Self::sweep`] for a set the registry holds for a probe: the expired members are kept
+    /// until the probe takes them.
+    pub(super) fn sweep_for_owner(&mut self, exists: impl Fn(&str) -> bool, now: Instant) {
+        let expired = self.sweep(exists, now);
+        self.expired.extend(expired);
+    }
+
+    /// The members released since the last call (gone past the grace period): the owner drops
+    /// their series.
+    pub fn take_expired(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.expired)
+    }
+
     pub fn len(&self) -> usize {
         self.admission.len()
     }
@@ -149,5 +167,17 @@ mod tests {
         assert!(s.sweep(|_| false, t0 + Duration::from_secs(30)).is_empty());
         s.labels("/a");
         assert_eq!(s.sweep(|_| false, t0 + Duration::from_secs(60)), ["/a"]);
+    }
+
+    #[test]
+    fn a_held_set_keeps_its_expired_members_for_its_owner() {
+        let mut s = WorkloadSet::new(1, Duration::ZERO);
+        assert_eq!(s.labels("/a")[0], "/a");
+        assert_eq!(s.labels("/b")[0], OTHER, "bounded at one");
+        s.sweep_for_owner(|c| c == "/b", Instant::now());
+        assert_eq!(s.take_expired(), ["/a"]);
+        assert!(s.take_expired().is_empty(), "taken once");
+        assert!(s.is_empty());
+        assert_eq!(s.labels("/b")[0], "/b", "slot freed");
     }
 }

@@ -66,7 +66,7 @@ impl Probe for MemcgProbe {
             Arc::clone(ctx.hub),
             self.cfg.clone(),
             Arc::clone(ctx.discovery),
-            ctx.vanished_grace,
+            Arc::clone(ctx.reclaim),
             reclaim,
         )?;
         Ok(Arc::new(MemcgRunning(slice)))

@@ -5,7 +5,6 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use aya::maps::{MapData, PerCpuHashMap};
@@ -25,8 +24,9 @@ use super::{
     psi::HOST_PSI,
 };
 use crate::{
+    activity::ReclaimTimes,
     agg::{HistFamily, HistLayout, HistogramMapCollector},
-    cgroup::{Discovery, Janitor, OTHER, WORKLOAD_LABELS},
+    cgroup::{Discovery, OTHER, WORKLOAD_LABELS},
     events::EventHub,
     kernel::clock,
     metrics::Shared,
@@ -47,9 +47,8 @@ pub struct MemcgSlice {
     pub(super) psi: super::view::PsiHistory,
     /// Per-cgroup trigger stoppers (cgroup v2 only).
     triggers: Mutex<HashMap<String, watch::Sender<bool>>>,
-    /// Deletes reclaim map keys of vanished cgroups after the grace period.
-    janitor: Mutex<Janitor<u64>>,
-    grace: Duration,
+    /// Each workload's reclaim time, published for other probes after each rescan.
+    reclaim_times: Arc<ReclaimTimes>,
 }
 
 impl MemcgSlice {
@@ -58,7 +57,7 @@ impl MemcgSlice {
         hub: Arc<EventHub>,
         cfg: MemcgConfig,
         disc: Arc<Discovery>,
-        grace: Duration,
+        reclaim_times: Arc<ReclaimTimes>,
         reclaim_map: Option<PerCpuHashMap<MapData, u64, [sensor_common::agg::Log2Hist; 1]>>,
     ) -> prometheus::Result<Arc<MemcgSlice>> {
         let descs = [
@@ -128,8 +127,7 @@ impl MemcgSlice {
             hub,
             reclaim,
             triggers: Mutex::new(HashMap::new()),
-            janitor: Mutex::new(Janitor::default()),
-            grace,
+            reclaim_times,
             psi: Default::default(),
         }))
     }
@@ -196,15 +194,12 @@ impl MemcgSlice {
             let mut totals = Vec::new();
             r.for_each(|k, h| totals.push((k, h[0].sum)));
             // Other probes read each workload's reclaim time (an OOM kill's lead-up).
-            self.disc.set_reclaim_ns(totals.iter().copied());
-            let keys: Vec<u64> = totals.into_iter().map(|(k, _)| k).collect();
-            let expired = self
-                .janitor
-                .locked()
-                .sweep(keys, |id| *id == 0 || self.disc.is_live(*id), self.grace);
-            for id in expired {
-                r.remove(&id);
-                self.disc.forget(id);
+            self.reclaim_times
+                .publish(self.disc.by_live_path(totals.iter().copied()));
+            // Ids the registry retired (gone past the grace period) lose their keys.
+            let retired: HashSet<u64> = self.disc.retired().iter().copied().collect();
+            for (id, _) in totals.iter().filter(|(id, _)| retired.contains(id)) {
+                r.remove(id);
             }
         }
     }

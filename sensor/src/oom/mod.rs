@@ -2,7 +2,7 @@
 //! `event` (a kill as published), `running` (attribution, explanation, counting), `history`
 //! (the bounded lead-up), `verdict` (why), `limit` (which limit fired), `imminent` (the warning
 //! before a kill), `down` (kills while the sensor was down), `view` (its part of the web summary), `scope`,
-//! `pending`.
+//! `pending`, `series` (each workload's series, dropped when it leaves the kill series' set).
 
 pub mod config;
 
@@ -24,6 +24,8 @@ mod pending;
 pub mod running;
 
 pub mod scope;
+
+mod series;
 
 pub mod verdict;
 
@@ -90,9 +92,10 @@ impl Probe for OomProbe {
         }
     }
 
-    /// The history follows new and vanished workloads.
+    /// The history follows new and vanished workloads, and the registry's rescans release the
+    /// kill series' vanished workloads (history or not).
     fn discovery_interval(&self) -> Option<Duration> {
-        self.cfg.history.enabled.then_some(HISTORY_DISCOVERY)
+        Some(HISTORY_DISCOVERY)
     }
 
     fn start(&self, ctx: &mut StartContext<'_>) -> Result<Arc<dyn Running>, StartError> {
@@ -101,10 +104,10 @@ impl Probe for OomProbe {
             ctx.registry,
             Arc::clone(ctx.hub),
             ctx.workloads_per_metric,
-            ctx.vanished_grace,
             scopes,
             Arc::clone(ctx.discovery),
             self.cfg.history.clone(),
+            Arc::clone(ctx.reclaim),
         )?;
         let slice = Arc::new(OomSlice {
             imminent_horizon: self.cfg.imminent_horizon,

@@ -21,9 +21,11 @@ use super::{
     history::History,
     imminent, limit, pending,
     scope::{Scope, ScopeResolver},
+    series::Series,
     verdict,
 };
 use crate::{
+    activity::ReclaimTimes,
     cgroup::{with_names, Discovery, Hierarchies, WorkloadSet, WORKLOAD_LABELS},
     events::EventHub,
     kernel::clock,
@@ -78,7 +80,12 @@ pub struct OomSlice {
     pub(super) discrepancy: GaugeVec,
     pub(super) scopes: Option<ScopeResolver>,
     pub(super) cgroups: Hierarchies,
-    pub(super) workloads: Mutex<WorkloadSet>,
+    /// The kill series' bounded set, held through the registry (whose rescans release it).
+    pub(super) workloads: Arc<Mutex<WorkloadSet>>,
+    /// The label values of each workload's series (see `series`).
+    pub(super) series: Mutex<Series>,
+    /// Reclaim time per workload, from the memcg probe (a kill's lead-up).
+    pub(super) reclaim: Arc<ReclaimTimes>,
     pub(super) cross: Mutex<CrossCheck>,
     pub(super) host_seen: AtomicU64,
     pub(super) hub: Arc<EventHub>,
@@ -112,10 +119,10 @@ impl OomSlice {
         registry: &Registry,
         hub: Arc<EventHub>,
         workloads_per_metric: usize,
-        grace: Duration,
         scopes: Option<ScopeResolver>,
         disc: Arc<Discovery>,
         history_cfg: config::HistoryConfig,
+        reclaim: Arc<ReclaimTimes>,
     ) -> prometheus::Result<OomSlice> {
         let mut labels = vec!["scope", "reason"];
         labels.extend(WORKLOAD_LABELS);
@@ -189,11 +196,9 @@ impl OomSlice {
             discrepancy,
             scopes,
             cgroups,
-            workloads: Mutex::new(WorkloadSet::with_left_out(
-                workloads_per_metric,
-                grace,
-                disc.left_out_metrics().for_set("oom_kills"),
-            )),
+            workloads: disc.bounded_set("oom_kills"),
+            series: Mutex::new(Series::default()),
+            reclaim,
             cross: Mutex::new(cross),
             host_seen: AtomicU64::new(0),
             hub,
@@ -309,6 +314,11 @@ impl OomSlice {
         kill_labels.extend(wl_ref);
         kill_labels.extend([names.owner_kind.as_str(), names.owner.as_str()]);
         self.kills.with_label_values(&kill_labels).inc();
+        {
+            let mut s = self.series.locked();
+            s.note_kill(&kill_labels);
+            s.note_workload(&wl);
+        }
         if let Some(rss) = kill.rss_bytes() {
             self.victim_rss.with_label_values(&wl_ref).observe(rss as f64);
         }
@@ -343,7 +353,7 @@ impl OomSlice {
         let after = (kill.cgroup.is_some())
             .then(|| {
                 let now = clock::unix_seconds(std::time::SystemTime::now());
-                history::read_sample(&self.cgroups, cg, now, self.disc.reclaim_ns(cg))
+                history::read_sample(&self.cgroups, cg, now, self.reclaim.of(cg))
             })
             .flatten();
         let global = kill.scope == Scope::Global;
@@ -386,7 +396,7 @@ impl OomSlice {
         let now = clock::unix_seconds(std::time::SystemTime::now());
         let read: Vec<(&str, history::Sample)> = watched
             .into_iter()
-            .filter_map(|cg| history::read_sample(&self.cgroups, cg, now, self.disc.reclaim_ns(cg)).map(|s| (cg, s)))
+            .filter_map(|cg| history::read_sample(&self.cgroups, cg, now, self.reclaim.of(cg)).map(|s| (cg, s)))
             .collect();
         self.sample_host();
         let mut h = self.history.locked();
@@ -439,23 +449,21 @@ impl OomSlice {
                 let mut w = self.workloads.locked();
                 let l = self.disc.named(w.labels(&cg));
                 drop(w);
-                if c.labelled.get(&cg).is_some_and(|old| *old != l) {
-                    remove_cgroup(&self.discrepancy, &cg);
+                if let Some(old) = c.labelled.get(&cg).filter(|old| **old != l) {
+                    let _ = self
+                        .discrepancy
+                        .remove_label_values(&["memcg", &old[0], &old[1], &old[2], &old[3], &old[4], &old[5]]);
                 }
                 self.discrepancy
                     .with_label_values(&["memcg", &l[0], &l[1], &l[2], &l[3], &l[4], &l[5]])
                     .set(shown as f64);
+                self.series.locked().note_workload(&l);
                 c.labelled.insert(cg, l);
             }
         }
         drop(c);
-        let expired = {
-            let mut w = self.workloads.locked();
-            w.sweep(
-                |cg| self.cgroups.memory_dir(cg).is_some_and(|d| d.exists()),
-                Instant::now(),
-            )
-        };
+        // Members the registry's rescans found gone past the grace period.
+        let expired = self.workloads.locked().take_expired();
         for cg in expired {
             self.drop_series(&cg);
         }
@@ -464,29 +472,25 @@ impl OomSlice {
     /// Drops the series of a workload that vanished or was displaced from the kill series' set.
     fn drop_series(&self, cg: &str) {
         // Whatever names its series carried (empty before the lookup ended, then named).
-        remove_cgroup(&self.kills, cg);
-        remove_cgroup(&self.victim_rss, cg);
-        remove_cgroup(&self.last_kill, cg);
-        remove_cgroup(&self.discrepancy, cg);
+        let (kills, workloads) = self.series.locked().take(cg);
+        for l in &kills {
+            let l: Vec<&str> = l.iter().map(String::as_str).collect();
+            let _ = self.kills.remove_label_values(&l);
+        }
+        for l in &workloads {
+            let l: [&str; 6] = std::array::from_fn(|i| l[i].as_str());
+            let _ = self.victim_rss.remove_label_values(&l);
+            let _ = self.last_kill.remove_label_values(&l);
+            let _ = self
+                .discrepancy
+                .remove_label_values(&["memcg", l[0], l[1], l[2], l[3], l[4], l[5]]);
+        }
         {
             let mut c = self.cross.locked();
             c.labelled.remove(cg);
             c.seen.remove(cg);
             c.last.remove(cg);
             c.shown.retain(|(_, shown, _)| shown != cg);
-        }
-    }
-}
-
-/// Removes every series of `vec` labelled `cgroup="<cg>"`.
-pub(super) fn remove_cgroup<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricVec<T>, cg: &str) {
-    use prometheus::core::Collector as _;
-    for mf in vec.collect() {
-        for m in mf.get_metric() {
-            if m.get_label().iter().any(|l| l.name() == "cgroup" && l.value() == cg) {
-                let labels: HashMap<&str, &str> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
-                let _ = vec.remove(&labels);
-            }
         }
     }
 }

@@ -128,7 +128,6 @@ impl Probe for TcpProbe {
             &self.cfg,
             Arc::clone(ctx.discovery),
             maps,
-            ctx.vanished_grace,
         )?;
         Ok(slice)
     }

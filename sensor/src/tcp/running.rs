@@ -24,12 +24,7 @@ use super::{
     },
 };
 use crate::{
-    agg::HistogramMapCollector,
-    cgroup::{Discovery, Janitor},
-    events::EventHub,
-    metrics::Shared,
-    probe::Running,
-    sync::Lock as _,
+    agg::HistogramMapCollector, cgroup::Discovery, events::EventHub, metrics::Shared, probe::Running, sync::Lock as _,
 };
 
 /// The kernel maps the TCP slice reads.
@@ -54,8 +49,6 @@ pub struct TcpSlice {
     coalesced: [IntCounter; 2],
     pub(super) counts: Arc<CountCollector>,
     pub(super) hists: Arc<HistogramMapCollector<FlowKey, 2>>,
-    janitor: Mutex<Janitor<u64>>,
-    grace: Duration,
     /// Connect totals at each web summary, for its rates.
     pub(super) rates: super::view::Rates,
 }
@@ -67,7 +60,6 @@ impl TcpSlice {
         cfg: &TcpConfig,
         disc: Arc<Discovery>,
         maps: TcpMaps,
-        grace: Duration,
     ) -> prometheus::Result<Arc<TcpSlice>> {
         let names = group_names(&cfg.destinations);
         let descs = [
@@ -134,8 +126,6 @@ impl TcpSlice {
             coalesced: ["interval", "key_limit"].map(|r| coalesced.with_label_values(&["tcp", r])),
             counts,
             hists,
-            janitor: Mutex::new(Janitor::default()),
-            grace,
             rates: Default::default(),
         }))
     }
@@ -198,7 +188,7 @@ impl TcpSlice {
     }
 
     /// Drops vanished cgroups' series: a workload folded into `other` at once (its counts move
-    /// into userspace, still in `other`), one with series of its own after the grace period.
+    /// into userspace, still in `other`), every other when the registry retires its id.
     /// (Connects whose outcome was missed age in the kernel: a new connect takes over their
     /// slot after `connect_max_age`.)
     pub fn maintain(&self) {
@@ -235,22 +225,12 @@ impl TcpSlice {
             self.disc.note_retired("tcp_counts", self.counts.retire(&folded));
             keys = kept;
         }
-        // Ids with failure counts but no success have keys in the count map only.
-        let ids: Vec<u64> = keys
-            .iter()
-            .map(|k| k.cgroup_id)
-            .chain(count_ids.into_iter().filter(|id| !folded.contains(id)))
-            .collect::<HashSet<u64>>()
-            .into_iter()
-            .collect();
-        let expired = self
-            .janitor
-            .locked()
-            .sweep(ids, |id| *id == 0 || self.disc.is_live(*id), self.grace);
-        if expired.is_empty() {
+        // Ids the registry retired (gone past the grace period, for every probe) lose their keys.
+        let retired: HashSet<u64> = self.disc.retired().iter().copied().collect();
+        if retired.is_empty() {
             return;
         }
-        for k in keys.iter().filter(|k| expired.contains(&k.cgroup_id)) {
+        for k in keys.iter().filter(|k| retired.contains(&k.cgroup_id)) {
             self.hists.remove(k);
         }
         {
@@ -258,7 +238,7 @@ impl TcpSlice {
             let keys: Vec<FlowCountKey> = m
                 .keys()
                 .filter_map(Result::ok)
-                .filter(|k| expired.contains(&k.cgroup_id))
+                .filter(|k| retired.contains(&k.cgroup_id))
                 .collect();
             for k in keys {
                 let _ = m.remove(&k);
