@@ -185,9 +185,12 @@ fn all_at_once_is_a_spike_and_the_third_kill_a_repeat() {
     );
     assert_eq!(reason_count(&d, &cg, "spike"), 2.0);
     assert_eq!(reason_count(&d, &cg, "repeat"), 1.0);
+    // The log line is the kill's event JSON, lead-up and all.
+    let log = d.log();
+    assert!(log.contains("\"reason\":\"repeat\""), "the log line carries the reason");
     assert!(
-        d.log().contains("reason=\"repeat\" verdict=killed 3 times"),
-        "the log line carries the reason"
+        log.contains("\"verdict\":\"killed 3 times in the last hour (crash loop)\""),
+        "the log line carries the verdict"
     );
     assert_eq!(d.stop().code(), Some(0));
 }

@@ -68,7 +68,7 @@ fn fixture() -> &'static Fixture {
             // Never stopped: the fixture lives as long as the process.
             let (_tx, stop) = tokio::sync::watch::channel(false);
             std::mem::forget(_tx);
-            let live = web::Live::start(&hub, "fuzz", stop);
+            let live = web::Live::start(&hub, "fuzz", web::Sources::default(), stop);
             router(state.clone(), web::routes(state, live), None)
         });
         Fixture { rt, app }
