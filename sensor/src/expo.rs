@@ -1,25 +1,25 @@
-//! Direct text exposition for the families with a series per workload.
+//! The text exposition of the families with a series per workload.
 //!
 //! `Registry::gather` builds a protobuf `MetricFamily` for every series (two `String`s per
 //! label, eight labels per workload series) and the text encoder then walks them again; with
-//! 1,000 workloads that is 25,000 protobuf messages per scrape. During [`capture`] (called by
-//! `metrics::render` around the gather), a collector that supports it writes its families here
-//! as exposition text instead, from pre-rendered label fragments, and returns no protobuf
-//! families; outside a capture (the web view's summary, tests) it builds them as before.
-//! Everything lives in a thread-local for the one call: `gather` runs every collector on the
-//! calling thread.
+//! 1,000 workloads that is 25,000 protobuf messages per scrape. The map collectors
+//! ([`Source`]) write their families into a [`Scrape`] as exposition text instead,
+//! from pre-rendered label fragments; the scrape also carries what its writers share (a map
+//! read once, label text rendered once per workload).
 
 use std::{
     any::Any,
-    cell::RefCell,
     collections::HashMap,
     fmt::Write as _,
     rc::Rc,
+    sync::Arc,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Mutex,
     },
 };
+
+use prometheus::proto::MetricFamily;
 
 use crate::sync::Lock as _;
 
@@ -32,15 +32,42 @@ pub struct Chunk {
     pub series: usize,
 }
 
-#[derive(Default)]
-struct Capture {
-    chunks: Vec<Chunk>,
-    /// Values shared by the collectors of one scrape (a map read once, label text rendered once).
-    memo: HashMap<(usize, &'static str), Rc<dyn Any>>,
+/// A part of the daemon whose families have a series per workload (or are read from kernel
+/// maps at scrape): it writes them itself into the scrape as exposition text, with no
+/// per-series protobuf (see the module doc). Its families are in no registry.
+pub trait Source: Send + Sync {
+    fn write(&self, scrape: &mut Scrape);
+
+    /// The same families as protobuf, for the web view's summary only (until it reads them
+    /// another way); not used by `/metrics`.
+    fn families(&self) -> Vec<MetricFamily> {
+        Vec::new()
+    }
 }
 
-thread_local! {
-    static CAPTURE: RefCell<Option<Capture>> = const { RefCell::new(None) };
+/// Every registered [`Source`], in the order they were added; cloned handles share them.
+#[derive(Clone, Default)]
+pub struct Sources(Arc<Mutex<Vec<Arc<dyn Source>>>>);
+
+impl Sources {
+    pub fn add(&self, s: Arc<dyn Source>) {
+        self.0.locked().push(s);
+    }
+
+    /// Every source's families written into `scrape`.
+    pub fn write(&self, scrape: &mut Scrape) {
+        // Cloned out so a slow map read holds no lock another scrape needs.
+        let all: Vec<Arc<dyn Source>> = self.0.locked().clone();
+        for s in all {
+            s.write(scrape);
+        }
+    }
+
+    /// Every source's families as protobuf (see [`Source::families`]).
+    pub fn families(&self) -> Vec<MetricFamily> {
+        let all: Vec<Arc<dyn Source>> = self.0.locked().clone();
+        all.iter().flat_map(|s| s.families()).collect()
+    }
 }
 
 /// Family bodies of the last scrape, cleared, by family name: the next scrape writes into the
@@ -81,83 +108,44 @@ pub fn note_size(n: usize) {
     LAST_SIZE.store(n, Ordering::Relaxed);
 }
 
-/// Runs `f` (the registry's gather) with direct writers enabled; returns its result and the
-/// families written as text.
-pub fn capture<T>(f: impl FnOnce() -> T) -> (T, Vec<Chunk>) {
-    let outer = CAPTURE.with(|c| c.borrow_mut().replace(Capture::default()));
-    // A collector that panics must not leave the thread capturing.
-    struct Restore(Option<Option<Capture>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            if let Some(outer) = self.0.take() {
-                CAPTURE.with(|c| *c.borrow_mut() = outer);
-            }
+/// A family's type, as `# TYPE` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Type {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Type::Counter => "counter",
+            Type::Gauge => "gauge",
+            Type::Histogram => "histogram",
         }
     }
-    let mut restore = Restore(Some(outer));
-    let out = f();
-    let mine = CAPTURE.with(|c| c.borrow_mut().take());
-    if let Some(outer) = restore.0.take() {
-        CAPTURE.with(|c| *c.borrow_mut() = outer);
-    }
-    (out, mine.map(|c| c.chunks).unwrap_or_default())
 }
 
-/// Whether a capture is under way on this thread.
-pub fn capturing() -> bool {
-    CAPTURE.with(|c| c.borrow().is_some())
-}
-
-/// Lets `f` write families when a capture is under way; `false` (and `f` not called) when not.
-pub fn write(f: impl FnOnce(&mut Writer)) -> bool {
-    let Some(mut cap) = CAPTURE.with(|c| c.borrow_mut().take()) else {
-        return false;
-    };
-    let mut w = Writer {
-        chunks: std::mem::take(&mut cap.chunks),
-    };
-    // Put the memo back first: `f` may use it.
-    CAPTURE.with(|c| *c.borrow_mut() = Some(cap));
-    f(&mut w);
-    CAPTURE.with(|c| {
-        if let Some(cap) = c.borrow_mut().as_mut() {
-            let mut chunks = w.chunks;
-            chunks.append(&mut cap.chunks);
-            cap.chunks = chunks;
-        }
-    });
-    true
-}
-
-/// A value computed once per capture for `(owner, what)` (`owner`: the address of the object
-/// it belongs to); `None` outside a capture, where the caller computes it itself.
-pub fn memo<T: 'static>(owner: usize, what: &'static str, init: impl FnOnce() -> T) -> Option<Rc<T>> {
-    let found = CAPTURE.with(|c| c.borrow().as_ref().map(|cap| cap.memo.get(&(owner, what)).cloned()))?;
-    if let Some(v) = found.and_then(|v| v.downcast::<T>().ok()) {
-        return Some(v);
-    }
-    // Computed outside the borrow: `init` may itself use memos.
-    let v = Rc::new(init());
-    CAPTURE.with(|c| {
-        if let Some(cap) = c.borrow_mut().as_mut() {
-            cap.memo.insert((owner, what), Rc::clone(&v) as Rc<dyn Any>);
-        }
-    });
-    Some(v)
-}
-
-/// Writes families into the capture.
-pub struct Writer {
+/// One scrape: the families written so far, and values computed once for all its writers (a
+/// map read once, label text rendered once per workload). Made by `metrics::render` for each
+/// scrape and handed to every [`Source`].
+#[derive(Default)]
+pub struct Scrape {
     chunks: Vec<Chunk>,
+    memo: HashMap<(usize, &'static str), Rc<dyn Any>>,
 }
 
-impl Writer {
-    /// Opens family `name` (`kind`: counter, gauge or histogram); a family opened twice in one
-    /// capture goes on in the same chunk.
-    pub fn family(&mut self, name: &'static str, help: &str, kind: &str) -> Family<'_> {
+impl Scrape {
+    pub fn new() -> Scrape {
+        Scrape::default()
+    }
+
+    /// Opens family `name`; a family opened twice in one scrape goes on in the same chunk.
+    pub fn family(&mut self, name: &'static str, help: &str, kind: Type) -> Family<'_> {
         let i = match self.chunks.iter().position(|c| c.name == name) {
             Some(i) => i,
             None => {
+                let kind = kind.as_str();
                 let mut header = String::with_capacity(help.len() + 2 * name.len() + 24);
                 header.push_str("# HELP ");
                 header.push_str(name);
@@ -180,6 +168,28 @@ impl Writer {
         Family {
             chunk: &mut self.chunks[i],
         }
+    }
+
+    /// A value computed once per scrape for `(owner, what)` (`owner`: the address of the
+    /// object it belongs to).
+    pub fn memo<T: 'static>(&mut self, owner: usize, what: &'static str, init: impl FnOnce() -> T) -> Rc<T> {
+        let key = (owner, what);
+        if let Some(v) = self.memo.get(&key).and_then(|v| Rc::clone(v).downcast::<T>().ok()) {
+            return v;
+        }
+        let v = Rc::new(init());
+        self.memo.insert(key, Rc::clone(&v) as Rc<dyn Any>);
+        v
+    }
+
+    /// The families written, in the order they were opened.
+    pub fn into_chunks(self) -> Vec<Chunk> {
+        self.chunks
+    }
+
+    /// The scrape's text, families in the order they were opened (for tests).
+    pub fn text(&self) -> String {
+        self.chunks.iter().map(|c| format!("{}{}", c.header, c.body)).collect()
     }
 }
 
@@ -306,30 +316,61 @@ pub fn le_values(bounds: impl IntoIterator<Item = f64>) -> Vec<String> {
     bounds.into_iter().map(|b| b.to_string()).collect()
 }
 
+/// The kit's strict reader of the text format, for the sources' unit tests.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../tests/common/kit/promtext.rs"]
+pub(crate) mod promtext;
+
+/// For the sources' tests: `text` read strictly (see [`promtext`]), each family with one
+/// `# HELP` and then one `# TYPE` before its samples, and every sample named as its family's
+/// type allows (a histogram's `_bucket`, `_sum`, `_count`). Returns the samples.
+#[cfg(test)]
+pub(crate) fn valid(text: &str) -> Vec<promtext::Sample> {
+    let samples = promtext::samples(text);
+    let mut seen = std::collections::HashSet::new();
+    let (mut help, mut family): (Option<&str>, Option<(&str, &str)>) = (None, None);
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap_or_default();
+            assert!(seen.insert(name), "a second HELP for {name}:\n{text}");
+            help = Some(name);
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert_eq!(help.take(), Some(name), "TYPE without its HELP:\n{text}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            family = Some((name, kind));
+        } else if !line.is_empty() {
+            let (fam, kind) = family.unwrap_or_else(|| panic!("a sample before any TYPE: {line}"));
+            let name = &line[..line.find(['{', ' ']).unwrap_or(line.len())];
+            let suffix = name.strip_prefix(fam);
+            let ok =
+                suffix == Some("") || (kind == "histogram" && matches!(suffix, Some("_bucket" | "_sum" | "_count")));
+            assert!(ok, "{name} is not a sample of {fam} ({kind})");
+        }
+    }
+    samples
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn writes_families_only_inside_a_capture() {
-        assert!(!write(|_| panic!("not capturing")));
-        let ((), chunks) = capture(|| {
-            assert!(capturing());
-            assert!(write(|w| {
-                let wl = labels([("cgroup", "/a\"b\\c\nd"), ("pod", "")]);
-                let mut f = w.family("t_total", "Help with \\ and\nnewline.", "counter");
-                f.int(&["result=\"ok\"", &wl], 3);
-                f.float(&[], 0.5);
-                let mut h = w.family("t_seconds", "h", "histogram");
-                h.histogram(&[&wl], &le_values([0.001, 1.0]), &[1, 2], 3, 2.5);
-            }));
-            // A second writer appends to the same family.
-            assert!(write(|w| w.family("t_total", "ignored", "counter").int(&[], 1)));
-            let n = memo(1, "x", || 41).unwrap();
-            assert_eq!(*memo(1, "x", || 0).unwrap(), *n);
-        });
-        assert!(!capturing());
-        assert!(memo(1, "x", || 0).is_none());
+    fn writes_families_and_shares_memos() {
+        let mut scrape = Scrape::new();
+        let wl = labels([("cgroup", "/a\"b\\c\nd"), ("pod", "")]);
+        let mut f = scrape.family("t_total", "Help with \\ and\nnewline.", Type::Counter);
+        f.int(&["result=\"ok\"", &wl], 3);
+        f.float(&[], 0.5);
+        let mut h = scrape.family("t_seconds", "h", Type::Histogram);
+        h.histogram(&[&wl], &le_values([0.001, 1.0]), &[1, 2], 3, 2.5);
+        // A second writer appends to the same family.
+        scrape.family("t_total", "ignored", Type::Counter).int(&[], 1);
+        let n = scrape.memo(1, "x", || 41);
+        assert_eq!(*scrape.memo(1, "x", || 0), *n);
+        assert_eq!(*scrape.memo(2, "x", || 7), 7, "another owner's");
+        let chunks = scrape.into_chunks();
         assert_eq!(chunks.len(), 2);
         let c = &chunks[0];
         assert_eq!(

@@ -18,6 +18,8 @@ use crate::{events::EventHub, probe::ProbeReport};
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Registry,
+    /// The collectors that write their own text, rendered with the registry.
+    pub sources: crate::expo::Sources,
     pub hub: Arc<EventHub>,
     pub reports: Arc<RwLock<Vec<ProbeReport>>>,
     /// Ready once probes are attached, and while every reader runs.
@@ -83,7 +85,7 @@ async fn metrics(
     let gz = wants_gzip(&headers, peer.as_deref());
     // Gathering reads kernel maps; keep it off the async workers (and the compression too).
     let answer = tokio::task::spawn_blocking(move || {
-        let text = crate::metrics::render_pooled(&s.registry);
+        let text = crate::metrics::render_pooled(&s.registry, &s.sources);
         if gz {
             match gzip(text.as_ref()) {
                 Ok(z) => return (Some(z), text),
@@ -481,6 +483,7 @@ mod tests {
         let errors = prometheus::IntCounterVec::new(prometheus::Opts::new("e_total", "h"), &["task"]).unwrap();
         AppState {
             registry,
+            sources: crate::expo::Sources::default(),
             hub: Arc::new(EventHub::new(4)),
             reports: Arc::default(),
             health: Arc::new(crate::health::Health::new(errors)),

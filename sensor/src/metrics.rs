@@ -4,13 +4,13 @@
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    core::{Collector, Desc},
+    core::Collector,
     proto::{self, MetricFamily, MetricType},
     IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 use crate::{
-    expo,
+    expo::{self, Scrape, Source, Type},
     probe::{ProbeReport, ProbeSpec},
     sync::Lock as _,
     transport::{KernelCounters, LOST_REASONS},
@@ -30,6 +30,9 @@ pub struct SelfMetrics {
     pub internal_errors: IntCounterVec,
     /// Records lost inside the daemon, exported with the kernel's losses.
     pub daemon_lost: Arc<DaemonLosses>,
+    /// The collectors that write their own text at each scrape (map readers), rendered with
+    /// the registry.
+    pub sources: expo::Sources,
 }
 
 /// Records the daemon received but could not handle (handling panicked), per probe; exported
@@ -52,37 +55,17 @@ impl DaemonLosses {
 }
 
 /// `sensor_log_lines_dropped_total`, read from the logger at scrape time.
-struct LogDropsCollector {
-    desc: Vec<Desc>,
-}
+struct LogDrops;
 
-impl LogDropsCollector {
-    const NAME: &'static str = "sensor_log_lines_dropped_total";
-    const HELP: &'static str = "Log lines not written: the queue to the log writer was full (stderr's reader too slow or stalled) or the write failed.";
-
-    fn new() -> LogDropsCollector {
-        let desc = vec![must(
-            Desc::new(Self::NAME.into(), Self::HELP.into(), vec![], Default::default()),
-            Self::NAME,
-        )];
-        LogDropsCollector { desc }
-    }
-}
-
-impl Collector for LogDropsCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.desc.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let v = crate::logging::lines_dropped() as f64;
-        vec![family(
-            Self::NAME,
-            Self::HELP,
-            MetricType::COUNTER,
-            &[],
-            vec![(vec![], counter_metric(v))],
-        )]
+impl Source for LogDrops {
+    fn write(&self, scrape: &mut Scrape) {
+        scrape
+            .family(
+                "sensor_log_lines_dropped_total",
+                "Log lines not written: the queue to the log writer was full (stderr's reader too slow or stalled) or the write failed.",
+                Type::Counter,
+            )
+            .int(&[], crate::logging::lines_dropped());
     }
 }
 
@@ -158,13 +141,14 @@ impl SelfMetrics {
             Box::new(events_total.clone()),
             Box::new(decode_errors_total.clone()),
             Box::new(internal_errors.clone()),
-            Box::new(LogDropsCollector::new()),
             // The sensor's own footprint (process_resident_memory_bytes, CPU, fds, threads), so
             // fleet dashboards can show what it costs per host.
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             must(registry.register(c), "registration");
         }
+        let sources = expo::Sources::default();
+        sources.add(Arc::new(LogDrops));
         build_info.with_label_values(&[VERSION, kernel]).set(1);
         for p in probes {
             events_total.with_label_values(&[*p]).reset();
@@ -181,6 +165,7 @@ impl SelfMetrics {
             decode_errors_total,
             internal_errors,
             daemon_lost: Arc::default(),
+            sources,
         }
     }
 
@@ -298,7 +283,6 @@ pub struct LostCollector {
     probes: Vec<(&'static str, u32)>,
     misses: Arc<crate::progstats::ProgramMisses>,
     daemon: Arc<DaemonLosses>,
-    desc: Vec<Desc>,
 }
 
 impl LostCollector {
@@ -311,26 +295,14 @@ impl LostCollector {
         misses: Arc<crate::progstats::ProgramMisses>,
         daemon: Arc<DaemonLosses>,
     ) -> LostCollector {
-        let desc = vec![must(
-            Desc::new(
-                Self::NAME.into(),
-                Self::HELP.into(),
-                vec!["probe".into(), "reason".into()],
-                Default::default(),
-            ),
-            Self::NAME,
-        )];
         LostCollector {
             counters,
             probes,
             misses,
             daemon,
-            desc,
         }
     }
-}
 
-impl LostCollector {
     /// Every `(probe, reason, count)` series, zeros included: what is exported and what the
     /// web summary shows.
     pub fn rows(&self) -> Vec<(&'static str, &'static str, u64)> {
@@ -353,55 +325,31 @@ impl LostCollector {
     }
 }
 
-impl Collector for LostCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.desc.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let series = self
-            .rows()
-            .into_iter()
-            .map(|(probe, reason, v)| (vec![probe.to_string(), reason.to_string()], counter_metric(v as f64)))
-            .collect();
-        vec![family(
-            Self::NAME,
-            Self::HELP,
-            MetricType::COUNTER,
-            &["probe", "reason"],
-            series,
-        )]
+impl Source for LostCollector {
+    fn write(&self, scrape: &mut Scrape) {
+        let rows = self.rows();
+        let mut f = scrape.family(Self::NAME, Self::HELP, Type::Counter);
+        for (probe, reason, v) in rows {
+            f.int(&[&expo::labels([("probe", probe), ("reason", reason)])], v);
+        }
     }
 }
 
-/// Registers an `Arc`'d collector, so a slice keeps its own handle for maintenance.
-pub struct Shared<C: Collector>(pub Arc<C>);
-
-impl<C: Collector> Collector for Shared<C> {
-    fn desc(&self) -> Vec<&Desc> {
-        self.0.desc()
-    }
-    fn collect(&self) -> Vec<MetricFamily> {
-        self.0.collect()
-    }
-}
-
-/// Renders the registry in the Prometheus text format, with `sensor_series` computed from
-/// this very scrape. Collectors with a series per workload write their text directly while the
-/// registry is gathered (see [`crate::expo`]); the rest goes through the crate's encoder. Families come
-/// out sorted by name, each with its HELP and TYPE once.
-pub fn render(registry: &Registry) -> String {
+/// Renders the registry (through the crate's encoder) and every source (as they write
+/// themselves) in the Prometheus text format, with `sensor_series` computed from this very
+/// scrape. Families come out sorted by name, each with its HELP and TYPE once.
+pub fn render(registry: &Registry, sources: &expo::Sources) -> String {
     let mut out = String::with_capacity(expo::size_hint());
-    render_into(registry, &mut out);
+    render_into(registry, sources, &mut out);
     expo::note_size(out.len());
     out
 }
 
 /// The exposition in a buffer kept from one scrape to the next (see [`Exposition`]).
-pub fn render_pooled(registry: &Registry) -> Exposition {
+pub fn render_pooled(registry: &Registry, sources: &expo::Sources) -> Exposition {
     let mut out = OUT.locked().take().unwrap_or_default();
     out.clear();
-    render_into(registry, &mut out);
+    render_into(registry, sources, &mut out);
     Exposition(out)
 }
 
@@ -428,8 +376,11 @@ impl Drop for Exposition {
 }
 
 /// [`render`] into `out` (appended).
-fn render_into(registry: &Registry, out: &mut String) {
-    let (families, chunks) = expo::capture(|| registry.gather());
+fn render_into(registry: &Registry, sources: &expo::Sources, out: &mut String) {
+    let families = registry.gather();
+    let mut scrape = expo::Scrape::new();
+    sources.write(&mut scrape);
+    let chunks = scrape.into_chunks();
     enum Part<'a> {
         Proto(&'a MetricFamily),
         Text(&'a expo::Chunk),
@@ -442,6 +393,8 @@ fn render_into(registry: &Registry, out: &mut String) {
             chunks
                 .iter()
                 .filter(|c| c.series > 0)
+                // A family is the registry's or a source's; never written twice.
+                .filter(|c| !registered(&families, c.name))
                 .map(|c| (c.name, c.series, Part::Text(c))),
         )
         .collect();
@@ -463,6 +416,18 @@ fn render_into(registry: &Registry, out: &mut String) {
         }
     }
     expo::recycle(chunks);
+}
+
+/// Whether the registry has family `name` (`families` sorted by name, as `gather` returns them).
+fn registered(families: &[MetricFamily], name: &str) -> bool {
+    let found = families.binary_search_by(|f| f.name().cmp(name)).is_ok();
+    if found {
+        tracing::error!(
+            family = name,
+            "a family both registered and written by a source; the source's is left out"
+        );
+    }
+    found
 }
 
 #[cfg(test)]
@@ -491,7 +456,7 @@ mod tests {
             h.with_label_values(&[w]).observe(0.5);
         }
         g.set(1);
-        let text = super::render(&reg);
+        let text = super::render(&reg, &crate::expo::Sources::default());
         let value = |family: &str| super::tests_support::metric(&text, family);
         assert_eq!(value("t_connects_total"), Some(3.0));
         assert_eq!(value("t_duration_seconds"), Some(2.0 * (2.0 + 1.0 + 2.0)));
@@ -499,6 +464,62 @@ mod tests {
         assert_eq!(value(super::SERIES), Some(4.0), "three families and itself");
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
         assert_eq!(samples, 3 + 10 + 1 + 4, "{text}");
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    use std::sync::Arc;
+
+    use prometheus::{IntCounter, Registry};
+
+    use crate::expo::{Scrape, Source, Sources, Type};
+
+    struct Fixed(&'static str);
+
+    impl Source for Fixed {
+        fn write(&self, scrape: &mut Scrape) {
+            let mut f = scrape.family(self.0, "h", Type::Gauge);
+            f.int(&["w=\"a\""], 1);
+            f.int(&["w=\"b\""], 2);
+        }
+    }
+
+    /// Registry and sources in one exposition: families sorted by name, each once (a source's
+    /// family also in the registry is left out), `sensor_series` counting the sources' too.
+    #[test]
+    fn sources_render_with_the_registry() {
+        let reg = Registry::new();
+        let c = IntCounter::new("m_total", "h").unwrap();
+        reg.register(Box::new(c.clone())).unwrap();
+        c.inc();
+        let sources = Sources::default();
+        sources.add(Arc::new(Fixed("z_gauge")));
+        sources.add(Arc::new(Fixed("a_gauge")));
+        sources.add(Arc::new(Fixed("m_total")));
+        let text = super::render(&reg, &sources);
+        let samples = crate::expo::valid(&text);
+        let names: Vec<&str> = samples.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "a_gauge",
+                "a_gauge",
+                "m_total",
+                "sensor_series",
+                "sensor_series",
+                "sensor_series",
+                "sensor_series",
+                "z_gauge",
+                "z_gauge"
+            ],
+            "{text}"
+        );
+        let v = |name: &str, l: &[(&str, &str)]| crate::expo::promtext::value(&text, name, l);
+        assert_eq!(v("m_total", &[]), Some(1.0));
+        assert_eq!(v("z_gauge", &[("w", "b")]), Some(2.0));
+        assert_eq!(v(super::SERIES, &[("family", "a_gauge")]), Some(2.0));
+        assert_eq!(v(super::SERIES, &[("family", "m_total")]), Some(1.0));
     }
 }
 

@@ -397,7 +397,10 @@ impl LoadPlan {
 pub struct StartContext<'a> {
     pub ebpf: &'a mut Ebpf,
     pub report: &'a ProbeReport,
+    /// Where plain metrics (counters, gauges, histograms observed in userspace) go.
     pub registry: &'a Registry,
+    /// Where collectors that write their families at each scrape go (map readers).
+    pub sources: &'a crate::expo::Sources,
     pub hub: &'a Arc<EventHub>,
     pub discovery: &'a Arc<Discovery>,
     /// `limits.workloads_per_metric`.

@@ -29,7 +29,7 @@ use crate::{
     http,
     kernel::{self, privileges},
     loader::{self, LoadOptions},
-    metrics::{LostCollector, SelfMetrics, Shared},
+    metrics::{LostCollector, SelfMetrics},
     probe::{Probe, ProbeReport, ProbeSpec, ProbeState, RecordKind, Running, StartContext},
     transport::{self, KernelCounters},
 };
@@ -146,6 +146,7 @@ fn start_probes(
             ebpf: &mut ebpf,
             report,
             registry: &metrics.registry,
+            sources: &metrics.sources,
             hub,
             discovery,
             workloads_per_metric: cfg.limits.workloads_per_metric,
@@ -175,7 +176,7 @@ fn start_probes(
         misses,
         Arc::clone(&metrics.daemon_lost),
     ));
-    metrics.registry.register(Box::new(Shared(Arc::clone(&lost))))?;
+    metrics.sources.add(Arc::clone(&lost) as Arc<dyn crate::expo::Source>);
     Ok((ebpf, started, lost))
 }
 
@@ -400,6 +401,8 @@ fn any_probe_enabled(cfg: &Config) -> bool {
 struct Core {
     pipeline: Option<Pipeline>,
     registry: prometheus::Registry,
+    /// What /metrics renders besides the registry.
+    metric_sources: crate::expo::Sources,
     hub: Arc<EventHub>,
     health: Arc<Health>,
     reports: Vec<ProbeReport>,
@@ -412,6 +415,7 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
         let p = Pipeline::start(cfg, true).await?;
         return Ok(Core {
             registry: p.metrics.registry.clone(),
+            metric_sources: p.metrics.sources.clone(),
             hub: Arc::clone(&p.hub),
             health: Arc::clone(&p.health),
             reports: p.reports.clone(),
@@ -437,6 +441,7 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
         pipeline: None,
         health: Arc::new(Health::new(m.internal_errors.clone())),
         registry: m.registry,
+        metric_sources: m.sources,
         hub: Arc::new(EventHub::with_journal(cfg.events.history, journal)),
         reports: Vec::new(),
         kernel_release,
@@ -451,6 +456,7 @@ type RunningChecks = (Arc<crate::checks::Engine>, Vec<JoinHandle<()>>);
 fn start_checks(
     cfg: &Config,
     registry: &prometheus::Registry,
+    sources: &crate::expo::Sources,
     hub: &Arc<EventHub>,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Option<RunningChecks>> {
@@ -465,7 +471,7 @@ fn start_checks(
         node = %vantage.node,
         "synthetic checks running"
     );
-    let engine = crate::checks::Engine::new(registry, &checks, &cfg.alerting, vantage)?;
+    let engine = crate::checks::Engine::new(registry, sources, &checks, &cfg.alerting, vantage)?;
     engine.publish_alerts_to(Arc::clone(hub));
     let tasks = engine.spawn(stop.clone());
     Ok(Some((engine, tasks)))
@@ -479,9 +485,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let core = start_core(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let checks = start_checks(&cfg, &core.registry, &core.hub, &stop_rx)?;
+    let checks = start_checks(&cfg, &core.registry, &core.metric_sources, &core.hub, &stop_rx)?;
     let state = http::AppState {
         registry: core.registry.clone(),
+        sources: core.metric_sources.clone(),
         hub: Arc::clone(&core.hub),
         reports: Arc::new(RwLock::new(core.reports.clone())),
         health: Arc::clone(&core.health),

@@ -53,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
     let series: usize = families.iter().map(|f| f.get_metric().len()).sum();
     assert!(series <= spec.max_series, "{series} series > {}", spec.max_series);
     // The scrape also carries `sensor_series{family}`, a series count per family of it.
-    let text = sensor::metrics::render(&reg);
+    let text = sensor::metrics::render(&reg, &sensor::expo::Sources::default());
     let rendered = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.starts_with("sensor_series{"))

@@ -228,8 +228,8 @@ impl Discovery {
 
     /// [`Self::labels_for_id`] rendered as a label fragment for the text exposition
     /// (`cgroup="...",container_id="...",...`), once per id and scrape (and once per path).
-    pub fn label_text_for_id(&self, id: u64) -> Arc<str> {
-        self.memo_text("label_text_for_id", id, |d, id| match d.path_for_id(*id) {
+    pub fn label_text_for_id(&self, id: u64, scrape: &mut crate::expo::Scrape) -> Arc<str> {
+        self.memo_text(scrape, "label_text_for_id", id, |d, id| match d.path_for_id(*id) {
             None => render_labels(&WorkloadLabels::default()),
             Some(path) => d.label_text(&path),
         })
@@ -271,15 +271,13 @@ impl Discovery {
 
     fn memo_text<Q: std::hash::Hash + Eq + 'static>(
         &self,
+        scrape: &mut crate::expo::Scrape,
         what: &'static str,
         key: Q,
         render: impl Fn(&Self, &Q) -> Arc<str>,
     ) -> Arc<str> {
         let owner = self as *const Self as usize;
-        let Some(memo) = crate::expo::memo(owner, what, || std::cell::RefCell::new(HashMap::<Q, Arc<str>>::new()))
-        else {
-            return render(self, &key);
-        };
+        let memo = scrape.memo(owner, what, || std::cell::RefCell::new(HashMap::<Q, Arc<str>>::new()));
         if let Some(t) = memo.borrow().get(&key) {
             return Arc::clone(t);
         }

@@ -70,6 +70,7 @@ impl Engine {
     /// location when it has one); errors name the check.
     pub fn new(
         registry: &Registry,
+        sources: &crate::expo::Sources,
         checks: &[Check],
         alerting: &Alerting,
         vantage: VantageView,
@@ -101,7 +102,7 @@ impl Engine {
                 }),
             }));
         }
-        registry.register(Box::new(WindowCollector::new(runtimes.clone(), &vantage.location)?))?;
+        sources.add(Arc::new(WindowCollector::new(runtimes.clone(), &vantage.location)));
         let (webhook, rx) = match &alerting.webhook {
             Some(_) => {
                 let (tx, rx) = mpsc::channel(1024);

@@ -6,18 +6,17 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use prometheus::{
-    core::{Collector, Desc},
-    proto::{self, MetricFamily, MetricType},
-    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::{
     config::{Check, GaugeSpec},
     CheckRuntime, RunResult,
 };
 
-use crate::sync::Lock as _;
+use crate::{
+    expo::{self, Scrape, Source, Type},
+    sync::Lock as _,
+};
 
 /// Seconds: 5 ms .. 30 s, enough resolution around typical SLOs (100 ms .. 1 s).
 const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -165,97 +164,49 @@ impl CheckMetrics {
 /// computed from the result rings at scrape time so the windows slide even between runs.
 pub struct WindowCollector {
     pub checks: Vec<Arc<CheckRuntime>>,
-    /// `vantage.location`, a label of every series when not empty.
+    /// `location="..."` (`vantage.location`) when it is set, a label of every series; else empty.
     location: String,
-    desc: Vec<Desc>,
 }
 
 impl WindowCollector {
-    pub fn new(checks: Vec<Arc<CheckRuntime>>, location: &str) -> prometheus::Result<WindowCollector> {
-        let consts: std::collections::HashMap<String, String> = if location.is_empty() {
-            Default::default()
+    pub fn new(checks: Vec<Arc<CheckRuntime>>, location: &str) -> WindowCollector {
+        let location = if location.is_empty() {
+            String::new()
         } else {
-            [("location".to_string(), location.to_string())].into()
+            expo::labels([("location", location)])
         };
-        let desc = vec![
-            Desc::new(
-                "sensor_check_availability_ratio".into(),
-                "Share of successful runs over the window (10m, 1h); absent without runs.".into(),
-                vec!["check".into(), "window".into()],
-                consts.clone(),
-            )?,
-            Desc::new(
-                "sensor_check_alert_firing".into(),
-                "1 while the check's availability alert fires.".into(),
-                vec!["check".into()],
-                consts,
-            )?,
-        ];
-        Ok(WindowCollector {
-            checks,
-            location: location.to_string(),
-            desc,
-        })
-    }
-
-    /// Label names of a family: `location` first when set, then `names`.
-    fn names<'a>(&self, names: &[&'a str]) -> Vec<&'a str> {
-        let loc = (!self.location.is_empty()).then_some("location");
-        loc.into_iter().chain(names.iter().copied()).collect()
-    }
-
-    /// Label values of a series, in the order of [`WindowCollector::names`].
-    fn values(&self, values: &[&str]) -> Vec<String> {
-        let loc = (!self.location.is_empty()).then_some(self.location.as_str());
-        loc.into_iter()
-            .chain(values.iter().copied())
-            .map(str::to_string)
-            .collect()
+        WindowCollector { checks, location }
     }
 }
 
-fn gauge(v: f64) -> proto::Metric {
-    let mut g = proto::Gauge::default();
-    g.set_value(v);
-    let mut m = proto::Metric::default();
-    m.set_gauge(g);
-    m
-}
-
-impl Collector for WindowCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.desc.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
+impl Source for WindowCollector {
+    fn write(&self, scrape: &mut Scrape) {
         let now = super::now_unix();
-        let mut avail = Vec::new();
-        let mut firing = Vec::new();
-        for rt in &self.checks {
-            let snap = rt.windows(now);
-            for (label, st) in [("10m", &snap.short), ("1h", &snap.long)] {
+        let rows: Vec<(String, super::runtime::WindowSnapshot)> = self
+            .checks
+            .iter()
+            .map(|rt| (expo::labels([("check", rt.name())]), rt.windows(now)))
+            .collect();
+        let mut f = scrape.family(
+            "sensor_check_availability_ratio",
+            "Share of successful runs over the window (10m, 1h); absent without runs.",
+            Type::Gauge,
+        );
+        for (check, snap) in &rows {
+            for (window, st) in [("window=\"10m\"", &snap.short), ("window=\"1h\"", &snap.long)] {
                 if let Some(a) = st.availability {
-                    avail.push((self.values(&[rt.name(), label]), gauge(a)));
+                    f.float(&[&self.location, check, window], a);
                 }
             }
-            firing.push((self.values(&[rt.name()]), gauge(f64::from(u8::from(snap.alert_firing)))));
         }
-        vec![
-            crate::metrics::family(
-                "sensor_check_availability_ratio",
-                "Share of successful runs over the window (10m, 1h); absent without runs.",
-                MetricType::GAUGE,
-                &self.names(&["check", "window"]),
-                avail,
-            ),
-            crate::metrics::family(
-                "sensor_check_alert_firing",
-                "1 while the check's availability alert fires.",
-                MetricType::GAUGE,
-                &self.names(&["check"]),
-                firing,
-            ),
-        ]
+        let mut f = scrape.family(
+            "sensor_check_alert_firing",
+            "1 while the check's availability alert fires.",
+            Type::Gauge,
+        );
+        for (check, snap) in &rows {
+            f.int(&[&self.location, check], u64::from(snap.alert_firing));
+        }
     }
 }
 
@@ -379,7 +330,7 @@ mod tests {
                 ExtractError::SeriesLimit
             ]
         );
-        let text = crate::metrics::render(&reg);
+        let text = crate::metrics::render(&reg, &crate::expo::Sources::default());
         assert!(text.contains("inventory{model=\"x1\",store=\"berlin\"} 10"), "{text}");
         assert!(text.contains("inventory{model=\"7\",store=\"paris\"} 3.5"), "{text}");
         assert!(!text.contains("bonn"), "{text}");
@@ -387,7 +338,8 @@ mod tests {
         assert!(x
             .apply(&serde_json::json!({"store": "berlin", "model": "x1", "inventory": 9}))
             .is_empty());
-        assert!(crate::metrics::render(&reg).contains("inventory{model=\"x1\",store=\"berlin\"} 9"));
+        assert!(crate::metrics::render(&reg, &crate::expo::Sources::default())
+            .contains("inventory{model=\"x1\",store=\"berlin\"} 9"));
     }
 
     #[test]
@@ -404,6 +356,54 @@ mod tests {
         assert!(x
             .apply(&serde_json::json!({"q": "a", "stats": {"depth": 4}}))
             .is_empty());
-        assert!(crate::metrics::render(&reg).contains("depth{q=\"a\"} 4"));
+        assert!(crate::metrics::render(&reg, &crate::expo::Sources::default()).contains("depth{q=\"a\"} 4"));
+    }
+
+    /// The windows' gauges as text: the location and check labels escaped, availability
+    /// only once there are runs, firing always.
+    #[test]
+    fn window_gauges_are_written_per_check() {
+        let c: Check =
+            serde_yaml_ng::from_str("{name: 'shop \"eu\"', type: http, url: 'http://127.0.0.1:1/'}").unwrap();
+        let sources = crate::expo::Sources::default();
+        let vantage = crate::checks::vantage::VantageView {
+            location: "eu-1".into(),
+            ..Default::default()
+        };
+        let engine = super::super::Engine::new(&Registry::new(), &sources, &[c], &Default::default(), vantage).unwrap();
+        let render = || crate::metrics::render(&Registry::new(), &sources);
+        let text = render();
+        crate::expo::valid(&text);
+        let labels = [("location", "eu-1"), ("check", "shop \"eu\"")];
+        let v = |text: &str, name: &str, l: &[(&str, &str)]| crate::expo::promtext::value(text, name, l);
+        assert_eq!(v(&text, "sensor_check_alert_firing", &labels), Some(0.0), "{text}");
+        assert!(!text.contains("sensor_check_availability_ratio{"), "{text}");
+        let rt = Arc::clone(&engine.checks[0]);
+        for success in [true, false] {
+            let r = RunResult {
+                check: rt.name().to_string(),
+                kind: "http",
+                at: crate::checks::now_unix(),
+                success,
+                error: None,
+                phases: Default::default(),
+                status: Some(200),
+                ws: None,
+            };
+            engine.record(&rt, r, true);
+        }
+        let text = render();
+        crate::expo::valid(&text);
+        let window = |w| [labels[0], labels[1], ("window", w)];
+        assert_eq!(
+            v(&text, "sensor_check_availability_ratio", &window("10m")),
+            Some(0.5),
+            "{text}"
+        );
+        assert_eq!(
+            v(&text, "sensor_check_availability_ratio", &window("1h")),
+            Some(0.5),
+            "{text}"
+        );
     }
 }

@@ -92,7 +92,13 @@ pub async fn run_all_once(checks: &[Check], alerting: &Alerting, names: &[String
     }
     let mut alerting = alerting.clone();
     alerting.webhook = None;
-    let engine = Engine::new(&Registry::new(), &selected, &alerting, VantageView::default())?;
+    let engine = Engine::new(
+        &Registry::new(),
+        &crate::expo::Sources::default(),
+        &selected,
+        &alerting,
+        VantageView::default(),
+    )?;
     let runs = engine.checks.iter().map(|rt| {
         let engine = Arc::clone(&engine);
         let rt = Arc::clone(rt);

@@ -3,15 +3,13 @@
 
 use std::{collections::HashMap, path::Path, sync::Arc};
 
-use prometheus::{
-    core::{Collector, Desc},
-    proto::{self, MetricFamily, MetricType},
-};
+use prometheus::proto::{self, MetricFamily, MetricType};
 
 use super::{files, psi, psi::HOST_PSI};
 use crate::{
     agg::HistogramMapCollector,
     cgroup::{Discovery, WorkloadLabels, WORKLOAD_LABELS},
+    expo::{Scrape, Source, Type},
     metrics::{counter_metric, family},
 };
 
@@ -28,7 +26,6 @@ pub(super) const EVENTS_HELP: &str = "memory.events counters per workload (low, 
 pub(super) struct FileCollector {
     pub(super) disc: Arc<Discovery>,
     pub(super) cache: Arc<files::FileCache>,
-    pub(super) descs: Vec<Desc>,
 }
 
 pub(super) fn labelled(labels: Vec<(&str, String)>, mut m: proto::Metric) -> proto::Metric {
@@ -75,15 +72,14 @@ pub(super) fn age(snap: &files::Snapshot) -> f64 {
     snap.at.map_or(0.0, |t| t.elapsed().as_secs_f64())
 }
 
-impl Collector for FileCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
+impl Source for FileCollector {
+    /// The families from label fragments rendered once per workload, values summed per
+    /// fragment (workloads folded into `other` share one).
+    fn write(&self, scrape: &mut Scrape) {
+        self.write_text(psi::read(Path::new(HOST_PSI)), scrape);
     }
 
-    fn collect(&self) -> Vec<MetricFamily> {
-        if crate::expo::write(|w| self.write_text(w)) {
-            return Vec::new();
-        }
+    fn families(&self) -> Vec<MetricFamily> {
         let mut waiting = Vec::new();
         let mut stalled = Vec::new();
         if let Some(p) = psi::read(Path::new(HOST_PSI)) {
@@ -135,33 +131,31 @@ impl Collector for FileCollector {
 /// The reclaim histogram's label fragment: none (per host) or the workload's.
 pub(super) fn reclaim_text_labels(disc: Arc<Discovery>) -> crate::agg::TextLabelFn<u64> {
     let empty: Arc<str> = Arc::from("");
-    Box::new(move |id: &u64, kept: usize| {
+    Box::new(move |id: &u64, kept: usize, scrape: &mut Scrape| {
         let wl = if kept == 0 {
             Arc::clone(&empty)
         } else {
-            disc.label_text_for_id(*id)
+            disc.label_text_for_id(*id, scrape)
         };
         Some([wl, Arc::clone(&empty)])
     })
 }
 
 impl FileCollector {
-    /// The families as exposition text (see `expo`): label fragments rendered once per
-    /// workload, values summed per fragment (workloads folded into `other` share one).
-    fn write_text(&self, w: &mut crate::expo::Writer) {
-        let host = psi::read(Path::new(HOST_PSI));
+    /// The families with the host's PSI totals `host`.
+    fn write_text(&self, host: Option<psi::Psi>, scrape: &mut Scrape) {
         let snap = self.cache.snapshot();
         let (psi_sum, ev_sum) = sums(&snap, |cg| self.disc.label_text(cg));
         let mut psi_rows: Vec<(Arc<str>, (u64, u64))> = psi_sum.into_iter().collect();
         psi_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut f = w.family(WAITING, WAITING_HELP, "counter");
+        let mut f = scrape.family(WAITING, WAITING_HELP, Type::Counter);
         if let Some(p) = host {
             f.float(&[], p.some.total_us as f64 / 1e6);
         }
         for (l, (some, _)) in &psi_rows {
             f.float(&[l], *some as f64 / 1e6);
         }
-        let mut f = w.family(STALLED, STALLED_HELP, "counter");
+        let mut f = scrape.family(STALLED, STALLED_HELP, Type::Counter);
         if let Some(full) = host.and_then(|p| p.full) {
             f.float(&[], full.total_us as f64 / 1e6);
         }
@@ -171,11 +165,13 @@ impl FileCollector {
         let mut rows: Vec<((&'static str, Arc<str>), u64)> =
             ev_sum.into_iter().map(|((l, event), v)| ((event, l), v)).collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut f = w.family(EVENTS, EVENTS_HELP, "counter");
+        let mut f = scrape.family(EVENTS, EVENTS_HELP, Type::Counter);
         for ((event, l), v) in rows {
             f.int(&[event_frag(event), &l], v);
         }
-        w.family(files::AGE, files::AGE_HELP, "gauge").float(&[], age(&snap));
+        scrape
+            .family(files::AGE, files::AGE_HELP, Type::Gauge)
+            .float(&[], age(&snap));
     }
 }
 
@@ -199,19 +195,17 @@ pub(super) const RECLAIM_TOTAL_HELP: &str = "Time tasks spent in direct or memcg
 pub(super) struct ReclaimTotals {
     pub(super) hist: Arc<HistogramMapCollector<u64>>,
     pub(super) disc: Arc<Discovery>,
-    pub(super) desc: Vec<Desc>,
 }
 
 impl ReclaimTotals {
     /// Nanoseconds per key, for keys that counted something.
-    fn totals(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let snap = self.hist.snapshot_shared();
+    fn totals(&self, snap: &crate::agg::Snapshot<u64, 1>) -> Vec<(u64, u64)> {
         let totals: Vec<(u64, u64)> = snap
             .iter()
             .filter(|(_, [h])| h.buckets.iter().any(|&b| b != 0))
             .map(|(id, [h])| (*id, h.sum))
             .collect();
-        totals.into_iter()
+        totals
     }
 
     /// Nanoseconds of retired keys (vanished workloads folded into `other`) by the labels they
@@ -224,35 +218,30 @@ impl ReclaimTotals {
             .map(|(l, [h])| (crate::cgroup::workload_labels_from(&l), h.sum))
             .collect()
     }
+}
 
-    fn write_text(&self, w: &mut crate::expo::Writer) {
+impl Source for ReclaimTotals {
+    /// One series per workload, from the map read once per scrape with the histogram.
+    fn write(&self, scrape: &mut Scrape) {
         let mut sums: foldhash::HashMap<Arc<str>, u64> = foldhash::HashMap::default();
-        for (id, ns) in self.totals() {
-            *sums.entry(self.disc.label_text_for_id(id)).or_default() += ns;
+        let snap = self.hist.snapshot_shared(scrape);
+        for (id, ns) in self.totals(&snap) {
+            *sums.entry(self.disc.label_text_for_id(id, scrape)).or_default() += ns;
         }
         for (l, ns) in self.retired() {
             *sums.entry(crate::cgroup::render_labels(&l)).or_default() += ns;
         }
         let mut rows: Vec<(Arc<str>, u64)> = sums.into_iter().collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut f = w.family(RECLAIM_TOTAL, RECLAIM_TOTAL_HELP, "counter");
+        let mut f = scrape.family(RECLAIM_TOTAL, RECLAIM_TOTAL_HELP, Type::Counter);
         for (l, ns) in rows {
             f.float(&[&l], ns as f64 / 1e9);
         }
     }
-}
 
-impl Collector for ReclaimTotals {
-    fn desc(&self) -> Vec<&Desc> {
-        self.desc.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        if crate::expo::write(|w| self.write_text(w)) {
-            return Vec::new();
-        }
+    fn families(&self) -> Vec<MetricFamily> {
         let mut sums: HashMap<WorkloadLabels, u64> = HashMap::new();
-        for (id, ns) in self.totals() {
+        for (id, ns) in self.totals(&self.hist.snapshot()) {
             *sums.entry(self.disc.labels_for_id(id)).or_default() += ns;
         }
         for (l, ns) in self.retired() {
@@ -280,7 +269,7 @@ mod tests {
     use crate::cgroup::Hierarchies;
 
     #[test]
-    fn events_text_equals_the_encoders() {
+    fn file_values_are_written_per_workload() {
         let root = std::env::temp_dir().join(format!("sensor-scrape-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         for (cg, failcnt, kills) in [("a", 3, 1), ("b\"q", 5, 0), ("c", 7, 2)] {
@@ -302,39 +291,38 @@ mod tests {
         let c = FileCollector {
             cache: Arc::new(files::FileCache::new(Arc::clone(&disc)).unwrap()),
             disc,
-            descs: Vec::new(),
         };
-        let mut want = String::new();
-        // The cache's age differs between two calls: compared apart.
-        let proto: Vec<MetricFamily> = c
-            .collect()
-            .into_iter()
-            .filter(|f| !f.get_metric().is_empty() && f.name() != files::AGE)
-            .collect();
-        // The registry sorts series by label values; so does the text.
-        let mut sorted = proto.clone();
-        for f in &mut sorted {
-            f.mut_metric().sort_by(|a, b| {
-                let v = |m: &proto::Metric| m.get_label().iter().map(|l| l.value().to_string()).collect::<Vec<_>>();
-                v(a).cmp(&v(b))
-            });
-        }
-        prometheus::TextEncoder::new().encode_utf8(&sorted, &mut want).unwrap();
-        let ((), chunks) = crate::expo::capture(|| assert!(c.collect().is_empty()));
-        let got: String = chunks
-            .iter()
-            .filter(|c| c.series > 0 && c.name != files::AGE)
-            .map(|c| format!("{}{}", c.header, c.body))
-            .collect();
-        let age = chunks.iter().find(|c| c.name == files::AGE).expect("the age gauge");
-        assert!(age.body.starts_with("sensor_memcg_cache_age_seconds "), "{}", age.body);
+        let host = psi::Psi {
+            some: psi::PsiLine {
+                total_us: 1_500_000,
+                ..Default::default()
+            },
+            full: Some(psi::PsiLine {
+                total_us: 250_000,
+                ..Default::default()
+            }),
+        };
+        let mut scrape = Scrape::new();
+        c.write_text(Some(host), &mut scrape);
+        let got = scrape.text();
         std::fs::remove_dir_all(&root).unwrap();
-        assert_eq!(got, want);
-        assert!(got.contains("sensor_memcg_events_total{event=\"max\",cgroup=\"/a\",container_id=\"\",pod_uid=\"\",namespace=\"\",pod=\"\",container=\"\"} 3\n"), "{got}");
-        assert!(got.contains("cgroup=\"/b\\\"q\""), "escaped: {got}");
-        assert!(
-            got.contains("sensor_memcg_events_total{event=\"oom_kill\",cgroup=\"other\""),
-            "{got}"
+        let samples = crate::expo::valid(&got);
+        let plain = crate::expo::promtext::plain;
+        let v = |name: &str, labels: &[(&str, &str)]| crate::expo::promtext::value(&got, name, labels);
+        assert_eq!(v(EVENTS, &plain(&[("event", "max")], "/a")), Some(3.0), "{got}");
+        assert_eq!(v(EVENTS, &plain(&[("event", "oom_kill")], "/a")), Some(1.0), "{got}");
+        assert_eq!(
+            v(EVENTS, &plain(&[("event", "max")], "/b\"q")),
+            Some(5.0),
+            "escaped: {got}"
         );
+        // The third workload folds into `other`.
+        assert_eq!(v(EVENTS, &plain(&[("event", "oom_kill")], "other")), Some(2.0), "{got}");
+        assert_eq!(v(EVENTS, &plain(&[("event", "max")], "other")), Some(7.0), "{got}");
+        assert_eq!(v(WAITING, &[]), Some(1.5));
+        assert_eq!(v(STALLED, &[]), Some(0.25));
+        assert!(v(files::AGE, &[]).is_some(), "{got}");
+        // Two events each for three label sets, the host's PSI twice, the age.
+        assert_eq!(samples.len(), 6 + 2 + 1, "{got}");
     }
 }

@@ -63,6 +63,7 @@ impl Probe for MemcgProbe {
         };
         let slice = MemcgSlice::new(
             ctx.registry,
+            ctx.sources,
             Arc::clone(ctx.hub),
             self.cfg.clone(),
             Arc::clone(ctx.discovery),

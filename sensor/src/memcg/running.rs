@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuHashMap};
-use prometheus::{core::Desc, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::sync::watch;
 
 use super::{
@@ -16,10 +16,7 @@ use super::{
     config::{MemcgConfig, PsiTrigger},
     event::PressureEvent,
     files,
-    metrics::{
-        reclaim_text_labels, FileCollector, ReclaimTotals, EVENTS, EVENTS_HELP, RECLAIM_TOTAL, RECLAIM_TOTAL_HELP,
-        STALLED, STALLED_HELP, WAITING, WAITING_HELP,
-    },
+    metrics::{reclaim_text_labels, FileCollector, ReclaimTotals},
     psi,
     psi::HOST_PSI,
 };
@@ -28,8 +25,8 @@ use crate::{
     agg::{HistFamily, HistLayout, HistogramMapCollector},
     cgroup::{Discovery, OTHER, WORKLOAD_LABELS},
     events::EventHub,
+    expo::{Source, Sources},
     kernel::clock,
-    metrics::Shared,
     probe::Running,
     sync::Lock as _,
 };
@@ -54,28 +51,19 @@ pub struct MemcgSlice {
 impl MemcgSlice {
     pub fn new(
         registry: &Registry,
+        sources: &Sources,
         hub: Arc<EventHub>,
         cfg: MemcgConfig,
         disc: Arc<Discovery>,
         reclaim_times: Arc<ReclaimTimes>,
         reclaim_map: Option<PerCpuHashMap<MapData, u64, [sensor_common::agg::Log2Hist; 1]>>,
     ) -> prometheus::Result<Arc<MemcgSlice>> {
-        let descs = [
-            (WAITING, WAITING_HELP),
-            (STALLED, STALLED_HELP),
-            (EVENTS, EVENTS_HELP),
-            (files::AGE, files::AGE_HELP),
-        ]
-        .into_iter()
-        .map(|(n, h)| Desc::new(n.into(), h.into(), vec![], Default::default()))
-        .collect::<prometheus::Result<Vec<_>>>()?;
         let cache = Arc::new(files::FileCache::new(Arc::clone(&disc))?);
         registry.register(Box::new(cache.failures_metric()))?;
-        registry.register(Box::new(FileCollector {
+        sources.add(Arc::new(FileCollector {
             disc: Arc::clone(&disc),
             cache: Arc::clone(&cache),
-            descs,
-        }))?;
+        }));
         let pressure_events = IntCounterVec::new(
             Opts::new(
                 "sensor_memory_pressure_events_total",
@@ -101,19 +89,13 @@ impl MemcgSlice {
                     &WORKLOAD_LABELS,
                     map,
                     Box::new(move |id: &u64| Some(d.labels_for_id(*id).to_vec())),
-                )?
+                )
                 .with_text_labels(reclaim_text_labels(Arc::clone(&disc))));
-                registry.register(Box::new(Shared(Arc::clone(&c))))?;
-                registry.register(Box::new(ReclaimTotals {
+                sources.add(Arc::clone(&c) as Arc<dyn Source>);
+                sources.add(Arc::new(ReclaimTotals {
                     hist: Arc::clone(&c),
                     disc: Arc::clone(&disc),
-                    desc: vec![Desc::new(
-                        RECLAIM_TOTAL.into(),
-                        RECLAIM_TOTAL_HELP.into(),
-                        WORKLOAD_LABELS.iter().map(|l| (*l).to_string()).collect(),
-                        Default::default(),
-                    )?],
-                }))?;
+                }));
                 disc.note_retired("memcg_reclaim", 0);
                 Some(c)
             }

@@ -148,7 +148,7 @@ impl MemcgSlice {
     pub(super) fn workloads(&self) -> Workloads {
         let mut w = Workloads::default();
         if let Some(hist) = &self.reclaim {
-            for (id, [h]) in hist.snapshot_shared().iter() {
+            for (id, [h]) in hist.snapshot().iter() {
                 if h.buckets.iter().all(|&b| b == 0) {
                     continue;
                 }

@@ -388,7 +388,7 @@ async fn remediations(State(runner): State<Arc<Runner>>) -> impl IntoResponse {
 async fn metrics(State(runner): State<Arc<Runner>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        crate::metrics::render(&runner.metrics.registry),
+        crate::metrics::render(&runner.metrics.registry, &crate::expo::Sources::default()),
     )
 }
 

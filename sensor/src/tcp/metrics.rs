@@ -7,16 +7,14 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use prometheus::{
-    core::{Collector, Desc},
-    proto::{MetricFamily, MetricType},
-};
+use prometheus::proto::{MetricFamily, MetricType};
 use sensor_common::tcp::{kind, result, FlowCountKey, FlowKey};
 
 use super::event::result_label;
 use crate::{
     agg::{DefaultPer, HistFamily, HistLayout, HistogramConfig, HistogramMapCollector},
     cgroup::{Discovery, WorkloadLabels, WORKLOAD_LABELS},
+    expo::{Scrape, Source, Type},
     metrics::{counter_metric, family},
     sync::Lock as _,
 };
@@ -33,15 +31,58 @@ pub(super) const HIST_LABELS: [&str; 7] = [
 
 pub(super) const COALESCED: &str = "sensor_events_coalesced_total";
 pub(super) const COALESCED_HELP: &str = "Kernel records not published as an event of their own but summed into a later event's count: reason interval (the same workload, destination and result within probes.tcp.failure_events.interval), key_limit (more keys than failure_events.max_keys: summed into the interval's overflow event).";
-pub(super) const CONNECTS: &str = "sensor_tcp_connects_total";
-pub(super) const CONNECTS_HELP: &str = "TCP active opens by result (success, refused, timeout, reset, unreachable, error), destination group and workload.";
-pub(super) const RETRANS: &str = "sensor_tcp_retransmits_total";
-pub(super) const RETRANS_HELP: &str = "TCP segments retransmitted (tcp:tcp_retransmit_skb); by destination group and workload while the connection is being opened (SYN retransmits), else host-level (destination other, empty workload).";
-pub(super) const RECOVERED: &str = "sensor_tcp_recovered_total";
-pub(super) const RECOVERED_HELP: &str = "TCP connect ends the kernel skipped in the inet_sock_set_state program (recursion) and the inet_sk_error_report program recovered, by result: failures are counted in sensor_tcp_connects_total and sent as events like any other; result=success are connects established unseen, whose table slot was freed (the success itself is not counted).";
-pub(super) const RESETS: &str = "sensor_tcp_resets_total";
-pub(super) const RESETS_HELP: &str =
-    "TCP resets sent and received; by destination group and workload while the connection is being opened (refused connects), else host-level (destination other, empty workload).";
+/// A counter family of the flow counts: its name, help, type and first label (if any).
+pub(super) struct CountFamily {
+    pub(super) name: &'static str,
+    pub(super) help: &'static str,
+    pub(super) kind: Type,
+    pub(super) first: Option<&'static str>,
+}
+
+/// The counter families the flow count map's record kinds go to (see [`counted_in`]).
+pub(super) const COUNT_FAMILIES: [CountFamily; 3] = [
+    CountFamily {
+        name: "sensor_tcp_connects_total",
+        help: "TCP active opens by result (success, refused, timeout, reset, unreachable, error), destination group and workload.",
+        kind: Type::Counter,
+        first: Some("result"),
+    },
+    CountFamily {
+        name: "sensor_tcp_retransmits_total",
+        help: "TCP segments retransmitted (tcp:tcp_retransmit_skb); by destination group and workload while the connection is being opened (SYN retransmits), else host-level (destination other, empty workload).",
+        kind: Type::Counter,
+        first: None,
+    },
+    CountFamily {
+        name: "sensor_tcp_resets_total",
+        help: "TCP resets sent and received; by destination group and workload while the connection is being opened (refused connects), else host-level (destination other, empty workload).",
+        kind: Type::Counter,
+        first: Some("direction"),
+    },
+];
+
+pub(super) const RECOVERED: CountFamily = CountFamily {
+    name: "sensor_tcp_recovered_total",
+    help: "TCP connect ends the kernel skipped in the inet_sock_set_state program (recursion) and the inet_sk_error_report program recovered, by result: failures are counted in sensor_tcp_connects_total and sent as events like any other; result=success are connects established unseen, whose table slot was freed (the success itself is not counted).",
+    kind: Type::Counter,
+    first: Some("result"),
+};
+
+/// [`COUNT_FAMILIES`]' `sensor_tcp_connects_total`.
+pub(super) const CONNECTS: usize = 0;
+
+/// Where a count of record kind `kind` is exported: the family (an index into
+/// [`COUNT_FAMILIES`]) and its first label's value and fragment; `None` for kinds not counted.
+/// The one table every writer uses.
+pub(super) fn counted_in(kind: u16) -> Option<(usize, Option<(&'static str, &'static str)>)> {
+    match kind {
+        r if r < result::COUNT => Some((CONNECTS, Some((result_label(r), result_frag(r))))),
+        kind::RETRANSMIT => Some((1, None)),
+        kind::RESET_RECEIVED => Some((2, Some(("received", "direction=\"received\"")))),
+        kind::RESET_SENT => Some((2, Some(("sent", "direction=\"sent\"")))),
+        _ => None,
+    }
+}
 
 pub(super) struct CountCollector {
     pub(super) map: Mutex<PerCpuHashMap<MapData, FlowCountKey, u64>>,
@@ -55,7 +96,6 @@ pub(super) struct CountCollector {
     pub(super) disc: Arc<Discovery>,
     pub(super) names: Vec<String>,
     pub(super) dest_frags: Vec<Arc<str>>,
-    pub(super) descs: Vec<Desc>,
     /// Counts of retired keys (vanished workloads folded into `other`) by destination group,
     /// kind and workload labels, still exported.
     pub(super) retired: Mutex<BTreeMap<(u16, u16, WorkloadLabels), u64>>,
@@ -94,18 +134,15 @@ impl CountCollector {
             .unwrap_or_else(|| "other".to_string())
     }
 
-    /// Every result, at 0 until something is recovered (also where the hook is not attached).
-    fn recovered_series(&self) -> BTreeMap<Vec<String>, u64> {
+    /// Every result's count, at 0 until something is recovered (also where the hook is not
+    /// attached).
+    fn recovered_counts(&self) -> [u64; result::COUNT as usize] {
         let map = self.recovered.locked();
-        (0..result::COUNT)
-            .map(|r| {
-                let v = map
-                    .get(&u32::from(r), 0)
-                    .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
-                    .unwrap_or(0);
-                (vec![result_label(r).to_string()], v)
-            })
-            .collect()
+        std::array::from_fn(|r| {
+            map.get(&(r as u32), 0)
+                .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
+                .unwrap_or(0)
+        })
     }
 
     /// Every key's total over the CPUs, plus the host-level resets and retransmits.
@@ -139,7 +176,7 @@ impl CountCollector {
     pub(super) fn connects(&self) -> super::view::Connects {
         let mut out = super::view::Connects::new();
         let success = result_label(result::SUCCESS);
-        for (k, [h, _]) in self.hists.snapshot_shared().iter() {
+        for (k, [h, _]) in self.hists.snapshot().iter() {
             let key = (success, self.dest(k.dest), self.disc.labels_for_id(k.cgroup_id));
             *out.entry(key).or_default() += h.buckets.iter().sum::<u64>();
         }
@@ -154,8 +191,8 @@ impl CountCollector {
             .into_iter()
             .map(|(k, v)| ((k.dest, k.kind, self.disc.labels_for_id(k.cgroup_id)), v));
         for ((d, k, wl), v) in live.chain(self.retired_counts()) {
-            if k < result::COUNT {
-                *out.entry((result_label(k), self.dest(d), wl)).or_default() += v;
+            if let Some((CONNECTS, Some((result, _)))) = counted_in(k) {
+                *out.entry((result, self.dest(d), wl)).or_default() += v;
             }
         }
         out
@@ -166,69 +203,124 @@ impl CountCollector {
         let r = self.retired.locked();
         r.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
+}
 
-    /// The three counter families as exposition text (see `expo`), from label
-    /// fragments rendered once per workload and scrape.
-    fn write_text(&self, w: &mut crate::expo::Writer) {
-        type Key = (&'static str, Arc<str>, Arc<str>);
-        let mut connects: HashMap<Key, u64> = HashMap::new();
-        let mut retrans: HashMap<Key, u64> = HashMap::new();
-        let mut resets: HashMap<Key, u64> = HashMap::new();
+/// A series of the counter families by its label fragments: the first label's, the
+/// destination's, the workload's.
+type Key = (&'static str, Arc<str>, Arc<str>);
+
+/// The counter families' totals as one scrape sums them (keys folded into `other` share a
+/// series).
+#[derive(Default)]
+struct Totals([HashMap<Key, u64>; 3]);
+
+impl Totals {
+    fn add(&mut self, kind: u16, dest: Arc<str>, workload: Arc<str>, v: u64) {
+        if let Some((family, first)) = counted_in(kind) {
+            let first = first.map_or("", |(_, frag)| frag);
+            *self.0[family].entry((first, dest, workload)).or_default() += v;
+        }
+    }
+
+    /// The three families, series sorted by their label text.
+    fn write(self, scrape: &mut Scrape) {
+        for (f, m) in COUNT_FAMILIES.iter().zip(self.0) {
+            let mut rows: Vec<(Key, u64)> = m.into_iter().collect();
+            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let mut fam = scrape.family(f.name, f.help, f.kind);
+            for ((first, dest, wl), v) in rows {
+                fam.int(&[first, &dest, &wl], v);
+            }
+        }
+    }
+}
+
+/// `sensor_tcp_recovered_total`, every result.
+fn write_recovered(scrape: &mut Scrape, counts: &[u64]) {
+    let mut fam = scrape.family(RECOVERED.name, RECOVERED.help, RECOVERED.kind);
+    for (r, v) in counts.iter().enumerate() {
+        fam.int(&[result_frag(r as u16)], *v);
+    }
+}
+
+impl Source for CountCollector {
+    /// The counter families from label fragments rendered once per workload and scrape.
+    fn write(&self, scrape: &mut Scrape) {
+        let mut totals = Totals::default();
         let dest = |id: u16| Arc::clone(dest_frag(&self.dest_frags, id));
-        for (k, [h, _]) in self.hists.snapshot_shared().iter() {
-            let key = (RESULT_FRAGS[0], dest(k.dest), self.disc.label_text_for_id(k.cgroup_id));
-            *connects.entry(key).or_default() += h.buckets.iter().sum::<u64>();
+        for (k, [h, _]) in self.hists.snapshot_shared(scrape).iter() {
+            let wl = self.disc.label_text_for_id(k.cgroup_id, scrape);
+            totals.add(result::SUCCESS, dest(k.dest), wl, h.buckets.iter().sum::<u64>());
         }
         for (k, v) in self.entries() {
-            let (target, first) = match k.kind {
-                r if r < result::COUNT => (&mut connects, result_frag(r)),
-                kind::RETRANSMIT => (&mut retrans, ""),
-                kind::RESET_RECEIVED => (&mut resets, "direction=\"received\""),
-                kind::RESET_SENT => (&mut resets, "direction=\"sent\""),
-                _ => continue,
-            };
-            let key = (first, dest(k.dest), self.disc.label_text_for_id(k.cgroup_id));
-            *target.entry(key).or_default() += v;
+            let wl = self.disc.label_text_for_id(k.cgroup_id, scrape);
+            totals.add(k.kind, dest(k.dest), wl, v);
         }
         // Retired keys (vanished workloads folded into `other`), under the labels they had.
         for (l, [h, _]) in self.hists.retired() {
             let Some((d, wl)) = l.split_first() else { continue };
-            let key = (
-                RESULT_FRAGS[0],
-                Arc::from(crate::expo::labels([("destination", d.as_str())])),
-                crate::cgroup::render_labels(&crate::cgroup::workload_labels_from(wl)),
-            );
-            *connects.entry(key).or_default() += h.buckets.iter().sum::<u64>();
+            let dest = Arc::from(crate::expo::labels([("destination", d.as_str())]));
+            let wl = crate::cgroup::render_labels(&crate::cgroup::workload_labels_from(wl));
+            totals.add(result::SUCCESS, dest, wl, h.buckets.iter().sum::<u64>());
         }
         for ((d, k, wl), v) in self.retired_counts() {
-            let (target, first) = match k {
-                r if r < result::COUNT => (&mut connects, result_frag(r)),
-                kind::RETRANSMIT => (&mut retrans, ""),
-                kind::RESET_RECEIVED => (&mut resets, "direction=\"received\""),
-                kind::RESET_SENT => (&mut resets, "direction=\"sent\""),
-                _ => continue,
-            };
-            *target
-                .entry((first, dest(d), crate::cgroup::render_labels(&wl)))
-                .or_default() += v;
+            totals.add(k, dest(d), crate::cgroup::render_labels(&wl), v);
         }
-        for (name, help, m) in [
-            (CONNECTS, CONNECTS_HELP, connects),
-            (RETRANS, RETRANS_HELP, retrans),
-            (RESETS, RESETS_HELP, resets),
-        ] {
-            let mut rows: Vec<(Key, u64)> = m.into_iter().collect();
-            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            let mut f = w.family(name, help, "counter");
-            for ((first, dest, wl), v) in rows {
-                f.int(&[first, &dest, &wl], v);
+        totals.write(scrape);
+        write_recovered(scrape, &self.recovered_counts());
+    }
+
+    fn families(&self) -> Vec<MetricFamily> {
+        let mut counts: [BTreeMap<Vec<String>, u64>; 3] = Default::default();
+        let mut add = |kind: u16, dest: String, wl: Vec<String>, v: u64| {
+            if let Some((family, first)) = counted_in(kind) {
+                let mut labels: Vec<String> = first.map(|(value, _)| value.to_string()).into_iter().collect();
+                labels.push(dest);
+                labels.extend(wl);
+                *counts[family].entry(labels).or_default() += v;
             }
+        };
+        for (k, [h, _]) in self.hists.snapshot() {
+            let wl = self.disc.labels_for_id(k.cgroup_id).to_vec();
+            add(result::SUCCESS, self.dest(k.dest), wl, h.buckets.iter().sum::<u64>());
         }
-        let mut f = w.family(RECOVERED, RECOVERED_HELP, "counter");
-        for (labels, v) in self.recovered_series() {
-            let text = crate::expo::labels(["result"].into_iter().zip(labels.iter().map(String::as_str)));
-            f.int(&[&text], v);
+        // Retired histograms are labelled destination first, then the workload.
+        for (l, [h, _]) in self.hists.retired() {
+            let Some((d, wl)) = l.split_first() else { continue };
+            add(result::SUCCESS, d.clone(), wl.to_vec(), h.buckets.iter().sum::<u64>());
         }
+        let live = self
+            .entries()
+            .into_iter()
+            .map(|(k, v)| ((k.dest, k.kind, self.disc.labels_for_id(k.cgroup_id)), v));
+        for ((d, k, wl), v) in live.chain(self.retired_counts()) {
+            add(k, self.dest(d), wl.to_vec(), v);
+        }
+        let series =
+            |m: BTreeMap<Vec<String>, u64>| m.into_iter().map(|(l, v)| (l, counter_metric(v as f64))).collect();
+        let wl = WORKLOAD_LABELS;
+        let mut out: Vec<MetricFamily> = COUNT_FAMILIES
+            .iter()
+            .zip(counts)
+            .map(|(f, m)| {
+                let names: Vec<&str> = f.first.into_iter().chain(["destination"]).chain(wl).collect();
+                family(f.name, f.help, MetricType::COUNTER, &names, series(m))
+            })
+            .collect();
+        let recovered = self
+            .recovered_counts()
+            .iter()
+            .enumerate()
+            .map(|(r, v)| (vec![result_label(r as u16).to_string()], *v))
+            .collect();
+        out.push(family(
+            RECOVERED.name,
+            RECOVERED.help,
+            MetricType::COUNTER,
+            &["result"],
+            series(recovered),
+        ));
+        out
     }
 }
 
@@ -261,93 +353,15 @@ pub(super) fn dest_frag(frags: &[Arc<str>], id: u16) -> &Arc<str> {
     &frags[usize::from(id).min(last)]
 }
 
-impl Collector for CountCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        if crate::expo::write(|w| self.write_text(w)) {
-            return Vec::new();
-        }
-        let mut connects: BTreeMap<Vec<String>, u64> = BTreeMap::new();
-        let mut retrans: BTreeMap<Vec<String>, u64> = BTreeMap::new();
-        let mut resets: BTreeMap<Vec<String>, u64> = BTreeMap::new();
-        let entries = self.entries();
-        for (k, [h, _]) in self.hists.snapshot_shared().iter() {
-            let mut labels = vec![result_label(result::SUCCESS).to_string(), self.dest(k.dest)];
-            labels.extend(self.disc.labels_for_id(k.cgroup_id));
-            *connects.entry(labels).or_default() += h.buckets.iter().sum::<u64>();
-        }
-        // Retired histograms are labelled destination first, then the workload.
-        for (l, [h, _]) in self.hists.retired() {
-            let mut labels = vec![result_label(result::SUCCESS).to_string()];
-            labels.extend(l);
-            *connects.entry(labels).or_default() += h.buckets.iter().sum::<u64>();
-        }
-        let live = entries
-            .into_iter()
-            .map(|(k, v)| ((k.dest, k.kind, self.disc.labels_for_id(k.cgroup_id)), v));
-        for ((d, k, wl), v) in live.chain(self.retired_counts()) {
-            let dest = self.dest(d);
-            let (target, first) = match k {
-                r if r < result::COUNT => (&mut connects, Some(result_label(r).to_string())),
-                kind::RETRANSMIT => (&mut retrans, None),
-                kind::RESET_RECEIVED => (&mut resets, Some("received".to_string())),
-                kind::RESET_SENT => (&mut resets, Some("sent".to_string())),
-                _ => continue,
-            };
-            let mut labels: Vec<String> = first.into_iter().collect();
-            labels.push(dest);
-            labels.extend(wl);
-            *target.entry(labels).or_default() += v;
-        }
-        let recovered = self.recovered_series();
-        let series =
-            |m: BTreeMap<Vec<String>, u64>| m.into_iter().map(|(l, v)| (l, counter_metric(v as f64))).collect();
-        let wl = WORKLOAD_LABELS;
-        vec![
-            family(
-                CONNECTS,
-                CONNECTS_HELP,
-                MetricType::COUNTER,
-                &["result", "destination", wl[0], wl[1], wl[2], wl[3], wl[4], wl[5]],
-                series(connects),
-            ),
-            family(
-                RETRANS,
-                RETRANS_HELP,
-                MetricType::COUNTER,
-                &["destination", wl[0], wl[1], wl[2], wl[3], wl[4], wl[5]],
-                series(retrans),
-            ),
-            family(
-                RESETS,
-                RESETS_HELP,
-                MetricType::COUNTER,
-                &["direction", "destination", wl[0], wl[1], wl[2], wl[3], wl[4], wl[5]],
-                series(resets),
-            ),
-            family(
-                RECOVERED,
-                RECOVERED_HELP,
-                MetricType::COUNTER,
-                &["result"],
-                series(recovered),
-            ),
-        ]
-    }
-}
-
 /// The flow histograms' label fragments: none, the destination group, or it and the workload.
 pub(super) fn text_label_fn(disc: Arc<Discovery>, frags: Vec<Arc<str>>) -> crate::agg::TextLabelFn<FlowKey> {
     let empty: Arc<str> = Arc::from("");
-    Box::new(move |k: &FlowKey, kept: usize| {
+    Box::new(move |k: &FlowKey, kept: usize, scrape: &mut Scrape| {
         let dest = Arc::clone(dest_frag(&frags, k.dest));
         Some(match kept {
             0 => [Arc::clone(&empty), Arc::clone(&empty)],
             1 => [dest, Arc::clone(&empty)],
-            _ => [dest, disc.label_text_for_id(k.cgroup_id)],
+            _ => [dest, disc.label_text_for_id(k.cgroup_id, scrape)],
         })
     })
 }
@@ -378,5 +392,60 @@ mod tests {
         let frags = dest_frags(&["other".into(), "db".into()]);
         assert_eq!(&**dest_frag(&frags, 1), "destination=\"db\"");
         assert_eq!(&**dest_frag(&frags, 9), "destination=\"other\"");
+    }
+
+    /// Kinds sum into their table's family with their first label; keys of one label set
+    /// (a workload folded into `other`) share a series; unknown kinds are left out.
+    #[test]
+    fn counts_write_one_family_per_table_row() {
+        let frags = dest_frags(&["db".into()]);
+        let wl = |cg: &str| crate::cgroup::render_labels(&crate::cgroup::workload_labels_from(&[cg.to_string()]));
+        let mut t = Totals::default();
+        t.add(result::SUCCESS, Arc::clone(&frags[0]), wl("/a"), 5);
+        t.add(result::REFUSED, Arc::clone(&frags[0]), wl("/a"), 2);
+        t.add(result::REFUSED, Arc::clone(&frags[0]), wl("/a"), 1);
+        t.add(kind::RETRANSMIT, Arc::clone(&frags[1]), wl(""), 7);
+        t.add(kind::RESET_SENT, Arc::clone(&frags[1]), wl("other"), 4);
+        t.add(kind::RESET_RECEIVED, Arc::clone(&frags[1]), wl("other"), 3);
+        t.add(99, Arc::clone(&frags[1]), wl("/a"), 100);
+        let mut scrape = Scrape::new();
+        t.write(&mut scrape);
+        write_recovered(&mut scrape, &[0, 1, 0, 0, 0, 0]);
+        let text = scrape.text();
+        let samples = crate::expo::valid(&text);
+        let v = |name: &str, labels: &[(&str, &str)]| crate::expo::promtext::value(&text, name, labels);
+        let plain = crate::expo::promtext::plain;
+        let (connects, retrans, resets) = (
+            "sensor_tcp_connects_total",
+            "sensor_tcp_retransmits_total",
+            "sensor_tcp_resets_total",
+        );
+        let db = ("destination", "db");
+        let other = ("destination", "other");
+        assert_eq!(v(connects, &plain(&[("result", "success"), db], "/a")), Some(5.0));
+        assert_eq!(v(connects, &plain(&[("result", "refused"), db], "/a")), Some(3.0));
+        assert_eq!(v(retrans, &plain(&[other], "")), Some(7.0));
+        assert_eq!(v(resets, &plain(&[("direction", "sent"), other], "other")), Some(4.0));
+        assert_eq!(
+            v(resets, &plain(&[("direction", "received"), other], "other")),
+            Some(3.0)
+        );
+        assert_eq!(v("sensor_tcp_recovered_total", &[("result", "refused")]), Some(1.0));
+        assert_eq!(v("sensor_tcp_recovered_total", &[("result", "error")]), Some(0.0));
+        assert_eq!(samples.len(), 2 + 1 + 2 + 6, "{text}");
+        assert!(text.contains("# TYPE sensor_tcp_resets_total counter\n"), "{text}");
+    }
+
+    #[test]
+    fn every_counted_kind_has_a_family_and_its_label() {
+        for k in (0..result::COUNT).chain([kind::RETRANSMIT, kind::RESET_RECEIVED, kind::RESET_SENT]) {
+            let (family, first) = counted_in(k).expect("counted");
+            let f = &COUNT_FAMILIES[family];
+            assert_eq!(f.first.is_some(), first.is_some(), "{k}");
+            if let (Some(name), Some((value, frag))) = (f.first, first) {
+                assert_eq!(frag, format!("{name}=\"{value}\""));
+            }
+        }
+        assert!(counted_in(kind::RETRANSMIT - 1).is_none());
     }
 }

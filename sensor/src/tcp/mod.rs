@@ -124,6 +124,7 @@ impl Probe for TcpProbe {
         // The loaded program references both tries, so they outlive these handles.
         let slice = TcpSlice::new(
             ctx.registry,
+            ctx.sources,
             Arc::clone(ctx.hub),
             &self.cfg,
             Arc::clone(ctx.discovery),

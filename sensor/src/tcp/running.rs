@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use prometheus::{core::Desc, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use sensor_common::{
     agg::Log2Hist,
     tcp::{FlowCountKey, FlowKey, TcpFailureRecord},
@@ -18,13 +18,15 @@ use super::{
     config::TcpConfig,
     destinations::group_names,
     event::TcpFailure,
-    metrics::{
-        dest_frags, hist_family, text_label_fn, CountCollector, COALESCED, COALESCED_HELP, CONNECTS, CONNECTS_HELP,
-        HIST_LABELS, RECOVERED, RECOVERED_HELP, RESETS, RESETS_HELP, RETRANS, RETRANS_HELP,
-    },
+    metrics::{dest_frags, hist_family, text_label_fn, CountCollector, COALESCED, COALESCED_HELP, HIST_LABELS},
 };
 use crate::{
-    agg::HistogramMapCollector, cgroup::Discovery, events::EventHub, metrics::Shared, probe::Running, sync::Lock as _,
+    agg::HistogramMapCollector,
+    cgroup::Discovery,
+    events::EventHub,
+    expo::{Source, Sources},
+    probe::Running,
+    sync::Lock as _,
 };
 
 /// The kernel maps the TCP slice reads.
@@ -56,21 +58,13 @@ pub struct TcpSlice {
 impl TcpSlice {
     pub fn new(
         registry: &Registry,
+        sources: &Sources,
         hub: Arc<EventHub>,
         cfg: &TcpConfig,
         disc: Arc<Discovery>,
         maps: TcpMaps,
     ) -> prometheus::Result<Arc<TcpSlice>> {
         let names = group_names(&cfg.destinations);
-        let descs = [
-            (CONNECTS, CONNECTS_HELP),
-            (RETRANS, RETRANS_HELP),
-            (RESETS, RESETS_HELP),
-            (RECOVERED, RECOVERED_HELP),
-        ]
-        .into_iter()
-        .map(|(n, h)| Desc::new(n.into(), h.into(), vec![], Default::default()))
-        .collect::<prometheus::Result<Vec<_>>>()?;
         let label_fn = |disc: Arc<Discovery>, names: Vec<String>| {
             Box::new(move |k: &FlowKey| {
                 let mut l = vec![names
@@ -97,7 +91,7 @@ impl TcpSlice {
             &HIST_LABELS,
             maps.hists,
             label_fn(Arc::clone(&disc), names.clone()),
-        )?
+        )
         .with_text_labels(text_label_fn(Arc::clone(&disc), dest_frags(&names))));
         let counts = Arc::new(CountCollector {
             map: Mutex::new(maps.counts),
@@ -107,11 +101,10 @@ impl TcpSlice {
             disc: Arc::clone(&disc),
             names: names.clone(),
             dest_frags: dest_frags(&names),
-            descs,
             retired: Mutex::new(BTreeMap::new()),
         });
-        registry.register(Box::new(Shared(Arc::clone(&counts))))?;
-        registry.register(Box::new(Shared(Arc::clone(&hists))))?;
+        sources.add(Arc::clone(&counts) as Arc<dyn Source>);
+        sources.add(Arc::clone(&hists) as Arc<dyn Source>);
         disc.note_retired("tcp_hists", 0);
         disc.note_retired("tcp_counts", 0);
         let coalesced = IntCounterVec::new(Opts::new(COALESCED, COALESCED_HELP), &["probe", "reason"])?;

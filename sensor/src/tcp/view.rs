@@ -127,7 +127,7 @@ impl TcpSlice {
 
     /// Connect latency summed over every flow (live and retired) at the exported bounds.
     fn latency(&self) -> Vec<(Option<f64>, u64)> {
-        let snap = self.hists.snapshot_shared();
+        let snap = self.hists.snapshot();
         let retired = self.hists.retired();
         let live = snap.iter().map(|(_, [h, _])| h);
         let all = crate::agg::sum_percpu(live.chain(retired.iter().map(|(_, [h, _])| h)));
