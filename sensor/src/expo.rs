@@ -19,8 +19,6 @@ use std::{
     },
 };
 
-use prometheus::proto::MetricFamily;
-
 use crate::sync::Lock as _;
 
 /// One family's text: `# HELP` and `# TYPE` once, then its samples.
@@ -37,12 +35,6 @@ pub struct Chunk {
 /// per-series protobuf (see the module doc). Its families are in no registry.
 pub trait Source: Send + Sync {
     fn write(&self, scrape: &mut Scrape);
-
-    /// The same families as protobuf, for the web view's summary only (until it reads them
-    /// another way); not used by `/metrics`.
-    fn families(&self) -> Vec<MetricFamily> {
-        Vec::new()
-    }
 }
 
 /// Every registered [`Source`], in the order they were added; cloned handles share them.
@@ -61,12 +53,6 @@ impl Sources {
         for s in all {
             s.write(scrape);
         }
-    }
-
-    /// Every source's families as protobuf (see [`Source::families`]).
-    pub fn families(&self) -> Vec<MetricFamily> {
-        let all: Vec<Arc<dyn Source>> = self.0.locked().clone();
-        all.iter().flat_map(|s| s.families()).collect()
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::{
     core::Collector,
-    proto::{self, MetricFamily, MetricType},
+    proto::{MetricFamily, MetricType},
     IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
@@ -193,39 +193,6 @@ impl SelfMetrics {
     }
 }
 
-/// Builds one metric family from `(label values, value)` pairs.
-pub fn family(
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    label_names: &[&str],
-    series: Vec<(Vec<String>, proto::Metric)>,
-) -> MetricFamily {
-    let mut mf = MetricFamily::default();
-    mf.set_name(name.to_string());
-    mf.set_help(help.to_string());
-    mf.set_field_type(kind);
-    let metrics = series
-        .into_iter()
-        .map(|(values, mut m)| {
-            let labels = label_names
-                .iter()
-                .zip(values)
-                .map(|(n, v)| {
-                    let mut lp = proto::LabelPair::default();
-                    lp.set_name((*n).to_string());
-                    lp.set_value(v);
-                    lp
-                })
-                .collect();
-            m.set_label(labels);
-            m
-        })
-        .collect();
-    mf.set_metric(metrics);
-    mf
-}
-
 /// `sensor_series{family}`: what each family costs the Prometheus that scrapes this host.
 pub const SERIES: &str = "sensor_series";
 const SERIES_HELP: &str = "Series this scrape exposes per metric family, as Prometheus stores them (a histogram: one per bucket including +Inf, plus _sum and _count; a summary: one per quantile plus _sum and _count); includes itself.";
@@ -248,32 +215,16 @@ fn series_of(mf: &MetricFamily) -> usize {
 
 /// The `sensor_series` family for families of the given `(name, series)` (computed at scrape,
 /// so it is exact for it).
-pub fn series_family<'a>(families: impl IntoIterator<Item = (&'a str, usize)>) -> MetricFamily {
-    let mut series: Vec<(Vec<String>, proto::Metric)> = families
-        .into_iter()
-        .filter(|(name, _)| *name != SERIES)
-        .map(|(name, n)| (vec![name.to_string()], gauge_metric(n as f64)))
-        .collect();
-    let own = series.len() + 1;
-    series.push((vec![SERIES.to_string()], gauge_metric(own as f64)));
-    series.sort_by(|a, b| a.0.cmp(&b.0));
-    family(SERIES, SERIES_HELP, MetricType::GAUGE, &["family"], series)
-}
-
-pub fn gauge_metric(v: f64) -> proto::Metric {
-    let mut g = proto::Gauge::default();
-    g.set_value(v);
-    let mut m = proto::Metric::default();
-    m.set_gauge(g);
-    m
-}
-
-pub fn counter_metric(v: f64) -> proto::Metric {
-    let mut c = proto::Counter::default();
-    c.set_value(v);
-    let mut m = proto::Metric::default();
-    m.set_counter(c);
-    m
+fn series_chunk<'a>(families: impl IntoIterator<Item = (&'a str, usize)>) -> Option<expo::Chunk> {
+    let mut rows: Vec<(&str, usize)> = families.into_iter().filter(|(name, _)| *name != SERIES).collect();
+    rows.push((SERIES, rows.len() + 1));
+    rows.sort_unstable();
+    let mut scrape = Scrape::new();
+    let mut f = scrape.family(SERIES, SERIES_HELP, Type::Gauge);
+    for (name, n) in rows {
+        f.int(&[&expo::labels([("family", name)])], n as u64);
+    }
+    scrape.into_chunks().pop()
 }
 
 /// `sensor_events_lost_total{probe,reason}` read from the kernel's per-CPU counters at scrape
@@ -392,14 +343,16 @@ fn render_into(registry: &Registry, sources: &expo::Sources, out: &mut String) {
         .chain(
             chunks
                 .iter()
-                .filter(|c| c.series > 0)
+                .filter(|c| c.series > 0 && c.name != SERIES)
                 // A family is the registry's or a source's; never written twice.
                 .filter(|c| !registered(&families, c.name))
                 .map(|c| (c.name, c.series, Part::Text(c))),
         )
         .collect();
-    let series = series_family(parts.iter().map(|(n, s, _)| (*n, *s)));
-    parts.push((SERIES, 0, Part::Proto(&series)));
+    let series = series_chunk(parts.iter().map(|(n, s, _)| (*n, *s)));
+    if let Some(c) = &series {
+        parts.push((SERIES, 0, Part::Text(c)));
+    }
     parts.sort_by(|a, b| a.0.cmp(b.0));
     let encoder = prometheus::TextEncoder::new();
     for (_, _, part) in parts {
@@ -416,6 +369,7 @@ fn render_into(registry: &Registry, sources: &expo::Sources, out: &mut String) {
         }
     }
     expo::recycle(chunks);
+    expo::recycle(series.into_iter().collect());
 }
 
 /// Whether the registry has family `name` (`families` sorted by name, as `gather` returns them).

@@ -8,10 +8,9 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuHashMap};
-use prometheus::proto::{self, MetricFamily, MetricType};
 use sensor_common::agg::Log2Hist;
 
-use super::{batch::lookup_batch, cumulative, sum_percpu, to_prometheus, HistLayout};
+use super::{batch::lookup_batch, cumulative, sum_percpu, HistLayout};
 use crate::{
     expo::{Scrape, Source, Type},
     sync::Lock as _,
@@ -280,51 +279,6 @@ impl<K: aya::Pod + Send + Sync + 'static, const N: usize> Source for HistogramMa
                 );
             }
         }
-    }
-
-    fn families(&self) -> Vec<MetricFamily> {
-        let mut merged: [std::collections::BTreeMap<Vec<String>, Log2Hist>; N] =
-            std::array::from_fn(|_| Default::default());
-        let families = &self.families;
-        let mut add = |labels: &[String], parts: &[Log2Hist; N]| {
-            // Several keys may map to the same labels (e.g. folded into "other").
-            for ((m, h), f) in merged.iter_mut().zip(parts.iter()).zip(families.iter()) {
-                if h.buckets.iter().all(|&b| b == 0) {
-                    continue;
-                }
-                let kept = &labels[..f.labels.min(labels.len())];
-                match m.get_mut(kept) {
-                    Some(e) => *e = sum_percpu([&*e, h]),
-                    None => {
-                        m.insert(kept.to_vec(), *h);
-                    }
-                }
-            }
-        };
-        self.for_each(|k, parts| {
-            if let Some(labels) = (self.labels)(&k) {
-                add(&labels, &parts);
-            }
-        });
-        for (labels, parts) in self.retired() {
-            add(&labels, &parts);
-        }
-        merged
-            .into_iter()
-            .zip(self.families.iter())
-            .map(|(m, f)| {
-                let series = m
-                    .into_iter()
-                    .map(|(labels, h)| {
-                        let mut metric = proto::Metric::default();
-                        metric.set_histogram(to_prometheus(&h, &f.layout));
-                        (labels, metric)
-                    })
-                    .collect();
-                let names = &self.label_names[..f.labels.min(self.label_names.len())];
-                crate::metrics::family(f.name, f.help, MetricType::HISTOGRAM, names, series)
-            })
-            .collect()
     }
 }
 

@@ -6,7 +6,6 @@ mod batch;
 mod buckets;
 mod hist;
 
-use prometheus::proto;
 use sensor_common::agg::{Log2Hist, LOG2_BUCKETS};
 use serde::{Deserialize, Serialize};
 
@@ -153,28 +152,6 @@ impl HistLayout {
             .filter(|s| **s < LOG2_BUCKETS)
             .map(|&slot| ((1u64 << (slot + 1)) - 1) as f64 / self.divisor)
     }
-}
-
-/// Converts to a Prometheus histogram with cumulative buckets at the layout's slots.
-pub fn to_prometheus(h: &Log2Hist, layout: &HistLayout) -> proto::Histogram {
-    let mut cumulative = 0u64;
-    let mut next = 0usize;
-    let mut buckets = Vec::with_capacity(layout.slots.len());
-    for &slot in layout.slots.iter().filter(|s| **s < LOG2_BUCKETS) {
-        cumulative += h.buckets[next..=slot].iter().sum::<u64>();
-        next = slot + 1;
-        let mut b = proto::Bucket::default();
-        b.set_cumulative_count(cumulative);
-        b.set_upper_bound(((1u64 << (slot + 1)) - 1) as f64 / layout.divisor);
-        buckets.push(b);
-    }
-    let mut out = proto::Histogram::default();
-    // The bucket total, not `count`, so +Inf always equals the sum of buckets even if the two
-    // per-CPU fields were read between updates.
-    out.set_sample_count(h.buckets.iter().sum());
-    out.set_sample_sum(h.sum as f64 / layout.divisor);
-    out.set_bucket(buckets);
-    out
 }
 
 #[cfg(test)]

@@ -1,16 +1,13 @@
 //! The memcg families: pressure and memory.events per workload from the cgroup files'
 //! snapshot (`files`), reclaim time per workload from the kernel's histogram map.
 
-use std::{collections::HashMap, path::Path, sync::Arc};
-
-use prometheus::proto::{self, MetricFamily, MetricType};
+use std::{path::Path, sync::Arc};
 
 use super::{files, psi, psi::HOST_PSI};
 use crate::{
     agg::HistogramMapCollector,
-    cgroup::{Discovery, WorkloadLabels, WORKLOAD_LABELS},
+    cgroup::{Discovery, WorkloadLabels},
     expo::{Scrape, Source, Type},
-    metrics::{counter_metric, family},
 };
 
 pub(super) const WAITING: &str = "sensor_memory_pressure_waiting_seconds_total";
@@ -26,21 +23,6 @@ pub(super) const EVENTS_HELP: &str = "memory.events counters per workload (low, 
 pub(super) struct FileCollector {
     pub(super) disc: Arc<Discovery>,
     pub(super) cache: Arc<files::FileCache>,
-}
-
-pub(super) fn labelled(labels: Vec<(&str, String)>, mut m: proto::Metric) -> proto::Metric {
-    m.set_label(
-        labels
-            .into_iter()
-            .map(|(k, v)| {
-                let mut lp = proto::LabelPair::default();
-                lp.set_name(k.to_string());
-                lp.set_value(v);
-                lp
-            })
-            .collect(),
-    );
-    m
 }
 
 /// PSI totals per label key and event counts per `(label key, event)`: workloads folded into
@@ -77,54 +59,6 @@ impl Source for FileCollector {
     /// fragment (workloads folded into `other` share one).
     fn write(&self, scrape: &mut Scrape) {
         self.write_text(psi::read(Path::new(HOST_PSI)), scrape);
-    }
-
-    fn families(&self) -> Vec<MetricFamily> {
-        let mut waiting = Vec::new();
-        let mut stalled = Vec::new();
-        if let Some(p) = psi::read(Path::new(HOST_PSI)) {
-            waiting.push(labelled(vec![], counter_metric(p.some.total_us as f64 / 1e6)));
-            if let Some(f) = p.full {
-                stalled.push(labelled(vec![], counter_metric(f.total_us as f64 / 1e6)));
-            }
-        }
-        let snap = self.cache.snapshot();
-        let (psi_sum, ev_sum) = sums(&snap, |cg| self.disc.labels(cg));
-        let wl = |l: &WorkloadLabels| {
-            WORKLOAD_LABELS
-                .iter()
-                .zip(l.iter())
-                .map(|(k, v)| (*k, v.clone()))
-                .collect::<Vec<_>>()
-        };
-        for (l, (some, full)) in psi_sum {
-            waiting.push(labelled(wl(&l), counter_metric(some as f64 / 1e6)));
-            stalled.push(labelled(wl(&l), counter_metric(full as f64 / 1e6)));
-        }
-        let mut events = Vec::new();
-        for ((l, event), v) in ev_sum {
-            let mut labels = vec![("event", event.to_string())];
-            labels.extend(wl(&l));
-            events.push(labelled(labels, counter_metric(v as f64)));
-        }
-        let mk = |name: &str, help: &str, metrics: Vec<proto::Metric>| {
-            let mut mf = family(name, help, MetricType::COUNTER, &[], Vec::new());
-            mf.set_metric(metrics);
-            mf
-        };
-        let age = family(
-            files::AGE,
-            files::AGE_HELP,
-            MetricType::GAUGE,
-            &[],
-            vec![(vec![], crate::metrics::gauge_metric(age(&snap)))],
-        );
-        vec![
-            mk(WAITING, WAITING_HELP, waiting),
-            mk(STALLED, STALLED_HELP, stalled),
-            mk(EVENTS, EVENTS_HELP, events),
-            age,
-        ]
     }
 }
 
@@ -237,27 +171,6 @@ impl Source for ReclaimTotals {
         for (l, ns) in rows {
             f.float(&[&l], ns as f64 / 1e9);
         }
-    }
-
-    fn families(&self) -> Vec<MetricFamily> {
-        let mut sums: HashMap<WorkloadLabels, u64> = HashMap::new();
-        for (id, ns) in self.totals(&self.hist.snapshot()) {
-            *sums.entry(self.disc.labels_for_id(id)).or_default() += ns;
-        }
-        for (l, ns) in self.retired() {
-            *sums.entry(l).or_default() += ns;
-        }
-        let series = sums
-            .into_iter()
-            .map(|(l, ns)| (l.to_vec(), counter_metric(ns as f64 / 1e9)))
-            .collect();
-        vec![family(
-            RECLAIM_TOTAL,
-            RECLAIM_TOTAL_HELP,
-            MetricType::COUNTER,
-            &WORKLOAD_LABELS,
-            series,
-        )]
     }
 }
 

@@ -7,7 +7,6 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use prometheus::proto::{MetricFamily, MetricType};
 use sensor_common::tcp::{kind, result, FlowCountKey, FlowKey};
 
 use super::event::result_label;
@@ -15,7 +14,6 @@ use crate::{
     agg::{DefaultPer, HistFamily, HistLayout, HistogramConfig, HistogramMapCollector},
     cgroup::{Discovery, WorkloadLabels, WORKLOAD_LABELS},
     expo::{Scrape, Source, Type},
-    metrics::{counter_metric, family},
     sync::Lock as _,
 };
 
@@ -31,12 +29,11 @@ pub(super) const HIST_LABELS: [&str; 7] = [
 
 pub(super) const COALESCED: &str = "sensor_events_coalesced_total";
 pub(super) const COALESCED_HELP: &str = "Kernel records not published as an event of their own but summed into a later event's count: reason interval (the same workload, destination and result within probes.tcp.failure_events.interval), key_limit (more keys than failure_events.max_keys: summed into the interval's overflow event).";
-/// A counter family of the flow counts: its name, help, type and first label (if any).
+/// A counter family of the flow counts.
 pub(super) struct CountFamily {
     pub(super) name: &'static str,
     pub(super) help: &'static str,
     pub(super) kind: Type,
-    pub(super) first: Option<&'static str>,
 }
 
 /// The counter families the flow count map's record kinds go to (see [`counted_in`]).
@@ -45,19 +42,16 @@ pub(super) const COUNT_FAMILIES: [CountFamily; 3] = [
         name: "sensor_tcp_connects_total",
         help: "TCP active opens by result (success, refused, timeout, reset, unreachable, error), destination group and workload.",
         kind: Type::Counter,
-        first: Some("result"),
     },
     CountFamily {
         name: "sensor_tcp_retransmits_total",
         help: "TCP segments retransmitted (tcp:tcp_retransmit_skb); by destination group and workload while the connection is being opened (SYN retransmits), else host-level (destination other, empty workload).",
         kind: Type::Counter,
-        first: None,
     },
     CountFamily {
         name: "sensor_tcp_resets_total",
         help: "TCP resets sent and received; by destination group and workload while the connection is being opened (refused connects), else host-level (destination other, empty workload).",
         kind: Type::Counter,
-        first: Some("direction"),
     },
 ];
 
@@ -65,7 +59,6 @@ pub(super) const RECOVERED: CountFamily = CountFamily {
     name: "sensor_tcp_recovered_total",
     help: "TCP connect ends the kernel skipped in the inet_sock_set_state program (recursion) and the inet_sk_error_report program recovered, by result: failures are counted in sensor_tcp_connects_total and sent as events like any other; result=success are connects established unseen, whose table slot was freed (the success itself is not counted).",
     kind: Type::Counter,
-    first: Some("result"),
 };
 
 /// [`COUNT_FAMILIES`]' `sensor_tcp_connects_total`.
@@ -269,59 +262,6 @@ impl Source for CountCollector {
         totals.write(scrape);
         write_recovered(scrape, &self.recovered_counts());
     }
-
-    fn families(&self) -> Vec<MetricFamily> {
-        let mut counts: [BTreeMap<Vec<String>, u64>; 3] = Default::default();
-        let mut add = |kind: u16, dest: String, wl: Vec<String>, v: u64| {
-            if let Some((family, first)) = counted_in(kind) {
-                let mut labels: Vec<String> = first.map(|(value, _)| value.to_string()).into_iter().collect();
-                labels.push(dest);
-                labels.extend(wl);
-                *counts[family].entry(labels).or_default() += v;
-            }
-        };
-        for (k, [h, _]) in self.hists.snapshot() {
-            let wl = self.disc.labels_for_id(k.cgroup_id).to_vec();
-            add(result::SUCCESS, self.dest(k.dest), wl, h.buckets.iter().sum::<u64>());
-        }
-        // Retired histograms are labelled destination first, then the workload.
-        for (l, [h, _]) in self.hists.retired() {
-            let Some((d, wl)) = l.split_first() else { continue };
-            add(result::SUCCESS, d.clone(), wl.to_vec(), h.buckets.iter().sum::<u64>());
-        }
-        let live = self
-            .entries()
-            .into_iter()
-            .map(|(k, v)| ((k.dest, k.kind, self.disc.labels_for_id(k.cgroup_id)), v));
-        for ((d, k, wl), v) in live.chain(self.retired_counts()) {
-            add(k, self.dest(d), wl.to_vec(), v);
-        }
-        let series =
-            |m: BTreeMap<Vec<String>, u64>| m.into_iter().map(|(l, v)| (l, counter_metric(v as f64))).collect();
-        let wl = WORKLOAD_LABELS;
-        let mut out: Vec<MetricFamily> = COUNT_FAMILIES
-            .iter()
-            .zip(counts)
-            .map(|(f, m)| {
-                let names: Vec<&str> = f.first.into_iter().chain(["destination"]).chain(wl).collect();
-                family(f.name, f.help, MetricType::COUNTER, &names, series(m))
-            })
-            .collect();
-        let recovered = self
-            .recovered_counts()
-            .iter()
-            .enumerate()
-            .map(|(r, v)| (vec![result_label(r as u16).to_string()], *v))
-            .collect();
-        out.push(family(
-            RECOVERED.name,
-            RECOVERED.help,
-            MetricType::COUNTER,
-            &["result"],
-            series(recovered),
-        ));
-        out
-    }
 }
 
 /// `result="..."` fragments in `result::*` order (`result_label`).
@@ -438,12 +378,12 @@ mod tests {
 
     #[test]
     fn every_counted_kind_has_a_family_and_its_label() {
+        let first = ["result", "", "direction"];
         for k in (0..result::COUNT).chain([kind::RETRANSMIT, kind::RESET_RECEIVED, kind::RESET_SENT]) {
-            let (family, first) = counted_in(k).expect("counted");
-            let f = &COUNT_FAMILIES[family];
-            assert_eq!(f.first.is_some(), first.is_some(), "{k}");
-            if let (Some(name), Some((value, frag))) = (f.first, first) {
-                assert_eq!(frag, format!("{name}=\"{value}\""));
+            let (family, label) = counted_in(k).expect("counted");
+            match label {
+                Some((value, frag)) => assert_eq!(frag, format!("{}=\"{value}\"", first[family])),
+                None => assert_eq!(first[family], "", "{k}"),
             }
         }
         assert!(counted_in(kind::RETRANSMIT - 1).is_none());
