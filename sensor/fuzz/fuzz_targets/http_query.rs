@@ -57,9 +57,12 @@ fn fixture() -> &'static Fixture {
         let errors =
             prometheus::IntCounterVec::new(prometheus::Opts::new("e_total", "e"), &["task"]).expect("a counter");
         let app = rt.block_on(async {
-            let engine = Engine::new(&registry, &cfg.checks, &cfg.alerting, Default::default()).expect("the engine starts");
+            let sources = sensor::expo::Sources::default();
+            let engine = Engine::new(&registry, &sources, &cfg.checks, &cfg.alerting, Default::default())
+                .expect("the engine starts");
             let state = AppState {
                 registry,
+                sources,
                 hub: Arc::clone(&hub),
                 reports: Arc::new(RwLock::new(Vec::new())),
                 health: Arc::new(Health::new(errors)),
