@@ -12,10 +12,9 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     rc::Rc,
-    sync::Arc,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
 };
 
