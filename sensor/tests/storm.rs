@@ -25,30 +25,37 @@ fn stress_ng_present(test: &str) -> bool {
     require(test, ok, "stress-ng is missing (`cargo xtask deps` installs it)")
 }
 
-/// A `stress-ng --vm` OOM storm inside `cg` (64 MiB) for `secs` seconds: six workers keep 60 MiB
-/// each, the kernel kills them over and over and stress-ng restarts them. Returns the host's
-/// kills since `vm0` (its `oom_kill` count before) and the storm's length in seconds, after
-/// checking they were all in `cg`.
-fn storm(cg: &MemCgroup, secs: u32, vm0: u64) -> (u64, f64) {
+/// A `stress-ng --vm` OOM storm inside `cg` (64 MiB) in rounds of `secs` seconds: six workers
+/// keep 60 MiB each, the kernel kills them over and over and stress-ng restarts them. A loaded
+/// machine kills more slowly, so rounds go on (four at most) until this storm made `at_least`
+/// kills. Returns the host's kills since `vm0` (its `oom_kill` count before) and the storm's
+/// length in seconds, after checking they were all in `cg`.
+fn storm(cg: &MemCgroup, secs: u32, vm0: u64, at_least: u64) -> (u64, f64) {
     let started = Instant::now();
+    let before = vmstat_oom_kill();
     let t = format!("{secs}s");
-    let out = cg.exec(
-        None,
-        &[
-            "stress-ng",
-            "--vm",
-            "6",
-            "--vm-bytes",
-            "60M",
-            "--vm-keep",
-            "-t",
-            &t,
-            "--quiet",
-        ],
-        &[],
-    );
-    // stress-ng reports its killed workers as failures; the kills are what we want.
-    let _ = out;
+    for _ in 0..4 {
+        let out = cg.exec(
+            None,
+            &[
+                "stress-ng",
+                "--vm",
+                "6",
+                "--vm-bytes",
+                "60M",
+                "--vm-keep",
+                "-t",
+                &t,
+                "--quiet",
+            ],
+            &[],
+        );
+        // stress-ng reports its killed workers as failures; the kills are what we want.
+        let _ = out;
+        if vmstat_oom_kill() - before >= at_least {
+            break;
+        }
+    }
     let secs = started.elapsed().as_secs_f64();
     let caused = vmstat_oom_kill() - vm0;
     assert_eq!(
@@ -197,7 +204,7 @@ fn oom_storm_every_kill_counted() {
     let d = Daemon::start(&[]);
     let scraper = Scraper::start(d.port);
     let vm0 = vmstat_oom_kill();
-    let (caused, secs) = storm(&cg, 10, vm0);
+    let (caused, secs) = storm(&cg, 10, vm0, 50);
     assert!(caused >= 50, "a storm: only {caused} kills in {secs:.1} s");
     let (counted, lost) = settle(&d, caused);
     let (scrapes, slowest) = scraper.finish();
@@ -241,7 +248,7 @@ fn oom_storm_with_a_stalled_then_closed_log_pipe() {
     let scraper = Scraper::start(d.port);
     let vm0 = vmstat_oom_kill();
 
-    let (caused, secs) = storm(&cg, 10, vm0);
+    let (caused, secs) = storm(&cg, 10, vm0, 50);
     assert!(caused >= 50, "a storm: only {caused} kills in {secs:.1} s");
     assert!(
         pipe_fill(&read_end) > 2048,
@@ -259,7 +266,7 @@ fn oom_storm_with_a_stalled_then_closed_log_pipe() {
 
     // The log reader goes away: writes now fail (EPIPE), and the next storm is counted as well.
     drop(read_end);
-    let (caused_all, secs2) = storm(&cg, 5, vm0);
+    let (caused_all, secs2) = storm(&cg, 5, vm0, 20);
     let (counted_all, lost_all) = settle(&d, caused_all);
     let (scrapes, slowest) = scraper.finish();
     eprintln!(
