@@ -319,6 +319,9 @@ pub struct ViewSpec {
     /// `(field, event kind)`: the newest event of the kind for each cgroup in
     /// [`View::holding`].
     pub holding: Option<(&'static str, &'static str)>,
+    /// The section's fields when the probe has nothing to show (not started, or its kernel part
+    /// did not attach): the same keys, empty, so the summary's shape never depends on them.
+    pub idle: fn() -> View,
 }
 
 /// A probe's numbers in its section of the web summary, read from the same running state its

@@ -119,8 +119,6 @@ struct Started {
     records: &'static [RecordKind],
     discovery: Option<Duration>,
     running: Arc<dyn Running>,
-    /// Its section of the web summary.
-    view: Option<&'static crate::probe::ViewSpec>,
 }
 
 /// Starts the running half of every enabled probe and the kernel-loss collector, off the async
@@ -161,7 +159,6 @@ fn start_probes(
             records: p.spec().records,
             discovery: p.discovery_interval(),
             running,
-            view: p.spec().view,
         });
     }
     let counters = Arc::new(Mutex::new(KernelCounters::new(
@@ -324,16 +321,7 @@ impl Pipeline {
             background,
             running: started.iter().map(|s| Arc::clone(&s.running)).collect(),
             sources: crate::web::Sources {
-                parts: started
-                    .iter()
-                    .filter_map(|s| {
-                        s.view.map(|spec| crate::web::Part {
-                            probe: s.name,
-                            spec,
-                            running: Arc::clone(&s.running),
-                        })
-                    })
-                    .collect(),
+                parts: view_parts(&probes, &started),
                 lost: Some(lost),
             },
             stop_tx,
@@ -445,8 +433,30 @@ async fn start_core(cfg: &Config) -> anyhow::Result<Core> {
         hub: Arc::new(EventHub::with_journal(cfg.events.history, journal)),
         reports: Vec::new(),
         kernel_release,
-        sources: crate::web::Sources::default(),
+        sources: crate::web::Sources {
+            parts: view_parts(&crate::probes::all(&cfg.probes), &[]),
+            lost: None,
+        },
     })
+}
+
+/// The web summary's parts: every probe with a section, started or not (then `running` is
+/// `None`), so the summary's shape does not depend on the configuration.
+fn view_parts(probes: &[Arc<dyn Probe>], started: &[Started]) -> Vec<crate::web::Part> {
+    probes
+        .iter()
+        .filter_map(|p| {
+            let spec = p.spec();
+            spec.view.map(|view| crate::web::Part {
+                probe: spec.name,
+                spec: view,
+                running: started
+                    .iter()
+                    .find(|s| s.name == spec.name)
+                    .map(|s| Arc::clone(&s.running)),
+            })
+        })
+        .collect()
 }
 
 /// The synthetic checks' engine and its tasks.

@@ -74,3 +74,34 @@ fn summary_counts_what_the_scrape_counts() {
     );
     assert_eq!(d.stop().code(), Some(0));
 }
+
+/// A probe that is not started keeps its section, empty and `running: false`: the summary's
+/// shape does not depend on the configuration (the page and `sensor top` read the same keys).
+#[test]
+fn a_disabled_probe_keeps_its_section_empty() {
+    let Some(_k) = privileged("a_disabled_probe_keeps_its_section_empty") else {
+        return;
+    };
+    let d = Daemon::start(&["--probes.tcp.enabled", "false", "--probes.memcg.enabled", "false"]);
+    let sum = summary(&d);
+    assert_eq!(sum["oom"]["running"], true, "{}", sum["oom"]);
+    let tcp = &sum["tcp"];
+    assert_eq!(tcp["running"], false, "{tcp}");
+    for key in [
+        "rate",
+        "latency",
+        "top_destinations",
+        "top_workloads",
+        "recent_failures",
+    ] {
+        assert_eq!(tcp[key], serde_json::json!([]), "tcp.{key}: {tcp}");
+    }
+    assert_eq!(tcp["totals"], serde_json::json!({}), "{tcp}");
+    let memory = &sum["memory"];
+    assert_eq!(memory["running"], false, "{memory}");
+    for key in ["psi", "top_reclaim", "top_max_events"] {
+        assert_eq!(memory[key], serde_json::json!([]), "memory.{key}: {memory}");
+    }
+    assert_eq!(memory["workloads"], 0, "{memory}");
+    assert_eq!(d.stop().code(), Some(0));
+}

@@ -24,6 +24,7 @@ pub(super) const VIEW: ViewSpec = ViewSpec {
     recent: &[],
     timeline: None,
     holding: None,
+    idle: || section(&Workloads::default(), Vec::new()),
 };
 
 /// Host PSI sampling.

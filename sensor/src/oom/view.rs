@@ -15,6 +15,7 @@ pub(super) const VIEW: ViewSpec = ViewSpec {
     recent: &[("recent", "oom_kill")],
     timeline: Some("oom_kill"),
     holding: Some(("imminent", "oom_imminent")),
+    idle: || section(0, &[], Vec::new()),
 };
 
 /// The section from the counted kills, the cross-check's `(source, cgroup, difference)` rows

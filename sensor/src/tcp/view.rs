@@ -18,6 +18,7 @@ pub(super) const VIEW: ViewSpec = ViewSpec {
     recent: &[("recent_failures", "tcp_connect_failure")],
     timeline: None,
     holding: None,
+    idle: || section(&Connects::new(), Vec::new(), Vec::new()),
 };
 
 /// Rows in each top-N list.

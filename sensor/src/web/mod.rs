@@ -51,7 +51,8 @@ const SUMMARY_CACHE: Duration = Duration::from_secs(2);
 pub struct Part {
     pub probe: &'static str,
     pub spec: &'static ViewSpec,
-    pub running: Arc<dyn Running>,
+    /// `None` when the probe did not start.
+    pub running: Option<Arc<dyn Running>>,
 }
 
 /// Where the summary's probe sections and lost-event totals come from.
@@ -256,7 +257,10 @@ async fn summary_handler(State(WebState { app: s, live }): State<WebState>) -> R
             .sources
             .parts
             .iter()
-            .map(|p| (p.probe, p.spec, p.running.view()))
+            .map(|p| {
+                let view = p.running.as_ref().and_then(|r| r.view());
+                (p.probe, p.spec, view.unwrap_or_else(p.spec.idle))
+            })
             .collect();
         let lost = live.sources.lost.as_ref().map(|l| l.rows()).unwrap_or_default();
         let reports = s.reports.read_locked().clone();
@@ -314,6 +318,7 @@ mod tests {
         recent: &[("recent", "failure")],
         timeline: Some("kill"),
         holding: None,
+        idle: crate::probe::View::default,
     };
 
     fn event(seq: u64, kind: &'static str) -> Arc<Sequenced> {

@@ -26,16 +26,17 @@ pub struct Summary {
     /// Why the page shows its red banner: losses, degraded probes, firing alerts. Empty when
     /// all is well.
     pub problems: Vec<String>,
-    /// Each started probe's section by its key (`oom`, `memory`, `tcp`); the page and `sensor
-    /// top` take a missing one as not running.
+    /// Each probe's section by its key (`oom`, `memory`, `tcp`), `running` false and empty when
+    /// the probe did not start.
     #[serde(flatten)]
     pub sections: BTreeMap<&'static str, Map<String, Value>>,
 }
 
 /// What a summary is built from.
 pub struct Inputs {
-    /// Each started probe with a section: its name, spec and view.
-    pub sections: Vec<(&'static str, &'static ViewSpec, Option<View>)>,
+    /// Each probe with a section: its name, spec and view (its spec's `idle` one when it has
+    /// nothing to show).
+    pub sections: Vec<(&'static str, &'static ViewSpec, View)>,
     /// `(probe, reason, count)`, as `sensor_events_lost_total` exports them.
     pub lost: Vec<(&'static str, &'static str, u64)>,
     pub reports: Vec<ProbeReport>,
@@ -197,7 +198,6 @@ pub fn build(live: &Live, inputs: Inputs, now: f64) -> Summary {
     {
         let rings = live.rings();
         for (probe, spec, view) in parts {
-            let view = view.unwrap_or_default();
             problems.extend(view.problems.iter().cloned());
             sections.insert(spec.key, section(&rings, spec, view, running(&reports, probe), now));
         }
@@ -267,6 +267,7 @@ mod tests {
             recent: &[("recent", "kill")],
             timeline: Some("kill"),
             holding: Some(("warnings", "warn")),
+            idle: View::default,
         };
         let ev = |seq: u64, kind: &'static str, cgroup: &str| {
             let body = serde_json::json!({"time": 100.0, "cgroup": cgroup, "anon_rss_bytes": 3, "file_rss_bytes": 4});
@@ -305,7 +306,7 @@ mod tests {
             groups: vec![],
         }];
         let inputs = Inputs {
-            sections: vec![("probe", &SPEC, Some(view))],
+            sections: vec![("probe", &SPEC, view)],
             lost: vec![("probe", "buffer_full", 2), ("probe", "map_full", 0)],
             reports,
             ready: (true, vec![]),

@@ -354,18 +354,6 @@
         h('td', {}, f.destination), h('td', {}, `${f.comm} (pid ${f.pid})`), h('td', { class: 'wrap' }, workload(f)))), none);
   }
 
-  // A probe that did not start has no section in the summary: shown as not running.
-  const zeros = (n) => Array.from({ length: n }, () => 0);
-  const NOT_RUNNING = {
-    oom: () => ({ running: false, kills_total: 0, recent: [], per_minute: zeros(60), per_hour: zeros(24), per_day: zeros(30), unseen: [], unseen_total: 0, imminent: [] }),
-    memory: () => ({ running: false, psi: [], top_reclaim: [], top_max_events: [], workloads: 0 }),
-    tcp: () => ({ running: false, totals: {}, rate: [], latency: [], top_destinations: [], top_workloads: [], recent_failures: [] }),
-  };
-  function sections(sum) {
-    for (const [k, empty] of Object.entries(NOT_RUNNING)) sum[k] = Object.assign(empty(), sum[k] || {});
-    return sum;
-  }
-
   async function get(path) {
     const r = await fetch(path, { cache: 'no-store', credentials: 'same-origin' });
     if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
@@ -379,7 +367,6 @@
       const q = new URLSearchParams({ offset: state.offset, limit: PAGE, series: '10m', alerts: 100 });
       if (state.filter) q.set('q', state.filter);
       const [sum, rep] = await Promise.all([get('/api/v1/summary'), get('/api/v1/checks?' + q)]);
-      sections(sum);
       header(sum);
       checks(rep);
       oom(sum);
