@@ -272,6 +272,8 @@ impl LostCollector {
         if unknown > 0 {
             rows.push(("unknown", "internal_error", unknown));
         }
+        // In label order, as the registry's encoder orders series.
+        rows.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         rows
     }
 }

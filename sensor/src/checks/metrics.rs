@@ -182,11 +182,13 @@ impl WindowCollector {
 impl Source for WindowCollector {
     fn write(&self, scrape: &mut Scrape) {
         let now = super::now_unix();
-        let rows: Vec<(String, super::runtime::WindowSnapshot)> = self
+        let mut rows: Vec<(String, super::runtime::WindowSnapshot)> = self
             .checks
             .iter()
             .map(|rt| (expo::labels([("check", rt.name())]), rt.windows(now)))
             .collect();
+        // In label order, as the registry's encoder orders series.
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
         let mut f = scrape.family(
             "sensor_check_availability_ratio",
             "Share of successful runs over the window (10m, 1h); absent without runs.",

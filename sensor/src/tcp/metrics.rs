@@ -228,11 +228,18 @@ impl Totals {
     }
 }
 
-/// `sensor_tcp_recovered_total`, every result.
+/// `sensor_tcp_recovered_total`, every result, in label order (as the registry's encoder
+/// orders series).
 fn write_recovered(scrape: &mut Scrape, counts: &[u64]) {
+    let mut rows: Vec<(&str, u64)> = counts
+        .iter()
+        .enumerate()
+        .map(|(r, v)| (result_frag(r as u16), *v))
+        .collect();
+    rows.sort_unstable();
     let mut fam = scrape.family(RECOVERED.name, RECOVERED.help, RECOVERED.kind);
-    for (r, v) in counts.iter().enumerate() {
-        fam.int(&[result_frag(r as u16)], *v);
+    for (frag, v) in rows {
+        fam.int(&[frag], v);
     }
 }
 
@@ -371,6 +378,16 @@ mod tests {
             Some(3.0)
         );
         assert_eq!(v("sensor_tcp_recovered_total", &[("result", "refused")]), Some(1.0));
+        // Series in label order, as the registry's encoder wrote them (byte-for-byte scrapes).
+        let results: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("sensor_tcp_recovered_total{result=\""))
+            .filter_map(|l| l.split('"').next())
+            .collect();
+        assert_eq!(
+            results,
+            ["error", "refused", "reset", "success", "timeout", "unreachable"]
+        );
         assert_eq!(v("sensor_tcp_recovered_total", &[("result", "error")]), Some(0.0));
         assert_eq!(samples.len(), 2 + 1 + 2 + 6, "{text}");
         assert!(text.contains("# TYPE sensor_tcp_resets_total counter\n"), "{text}");
