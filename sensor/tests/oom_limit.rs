@@ -83,7 +83,11 @@ fn a_parent_limit_over_an_unlimited_child_is_the_ancestor() {
         "journal: {journaled}"
     );
     assert!(
-        log.contains(&format!("limit_cgroup={} limit_scope=\"ancestor\"", parent.rel)),
+        // The log line is the kill's event JSON.
+        log.contains(&format!(
+            "\"limit_cgroup\":\"{}\",\"limit_scope\":\"ancestor\"",
+            parent.rel
+        )),
         "{log}"
     );
     drop(child);
@@ -107,7 +111,8 @@ fn the_smaller_own_limit_under_a_limited_parent_is_self() {
     assert_eq!(journaled["limit_scope"], "self", "{journaled}");
     assert_eq!(journaled["limit_cgroup"], child.rel.as_str(), "{journaled}");
     assert!(
-        log.contains(&format!("limit_cgroup={} limit_scope=\"self\"", child.rel)),
+        // The log line is the kill's event JSON.
+        log.contains(&format!("\"limit_cgroup\":\"{}\",\"limit_scope\":\"self\"", child.rel)),
         "{log}"
     );
     drop(child);
