@@ -152,6 +152,34 @@ fn build_initramfs(dir: &Path, guest: &Guest, with_tests: bool) -> PathBuf {
     cpio
 }
 
+/// VMs that run at once: each is a 2-vCPU TCG guest, and with four of them on a 2-CPU host one
+/// guest's wget loop ran 40 times slower than alone and hit its 600 s timeout (CI, 5.10).
+const VM_SLOTS: usize = 2;
+
+static VMS: (std::sync::Mutex<usize>, std::sync::Condvar) = (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// One of the [`VM_SLOTS`], held while a VM runs.
+struct VmSlot;
+
+impl VmSlot {
+    fn take() -> VmSlot {
+        let mut n = VMS.0.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= VM_SLOTS {
+            n = VMS.1.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        VmSlot
+    }
+}
+
+impl Drop for VmSlot {
+    fn drop(&mut self) {
+        let mut n = VMS.0.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        VMS.1.notify_one();
+    }
+}
+
 /// Boots `k` with init.sh running `passes` (comma-separated); returns the serial console's
 /// text, or `None` when a piece of the set-up is missing (skipped, or failed under CI).
 pub fn boot(k: &Kernel, passes: &str) -> Option<String> {
@@ -183,6 +211,8 @@ pub fn boot_with(k: &Kernel, passes: &str, with_tests: bool) -> Option<String> {
     std::fs::create_dir_all(&work).unwrap();
     let initrd = build_initramfs(&work, &guest, with_tests);
     let serial = work.join("serial.log");
+    // The clock of the VM's timeout starts once it has a slot.
+    let _slot = VmSlot::take();
     let started = Instant::now();
     let st = Command::new("timeout")
         // TCG: KVM inside a VM (as here) can hang at boot.
