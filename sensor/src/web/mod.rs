@@ -46,7 +46,7 @@ const TIMELINE_TIMES: usize = 100_000;
 /// A summary is computed at most this often, however many pages and consoles ask.
 const SUMMARY_CACHE: Duration = Duration::from_secs(2);
 
-/// A started probe with a section in the summary.
+/// A probe with a section in the summary, started or not.
 #[derive(Clone)]
 pub struct Part {
     pub probe: &'static str,
